@@ -1,0 +1,90 @@
+"""Key backends behind one interface; a key is named by a URI whose scheme picks the backend.
+
+- ``file:keys/<id>.key``   software key, PKCS#8 encrypted with the keystore master key (``soft``)
+- ``tpm:...``              TPM 2.0 key (``tpm``; only that module imports tpm2_pytss)
+- ``pkcs11:...``           PKCS#11 token object, RFC 7512 (``pkcs11``)
+
+Backends are imported lazily: a board without a TPM never imports tpm2_pytss.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import Any
+
+from keystore.errors import KeyBackendError
+
+_MODULES = {"file": "keystore.backends.soft", "tpm": "keystore.backends.tpm", "pkcs11": "keystore.backends.pkcs11"}
+BACKEND_NAMES = {"soft": "file", "software": "file", "file": "file", "tpm": "tpm", "pkcs11": "pkcs11"}
+
+
+class KeyBackend(abc.ABC):
+    """Where keys live. Implementations must never log or return private key bytes unless exportable."""
+
+    scheme: str = ""
+    exportable: bool = False
+
+    def __init__(self, context: "BackendContext"):
+        self.ctx = context
+
+    @abc.abstractmethod
+    def generate(self, key_type: str, label: str) -> str:
+        """Generate a key of ``key_type`` inside the backend; return its URI."""
+
+    @abc.abstractmethod
+    def load(self, uri: str) -> Any:
+        """Return a ``cryptography`` private-key object that signs inside the backend."""
+
+    def public_key(self, uri: str):
+        return self.load(uri).public_key()
+
+    @abc.abstractmethod
+    def delete(self, uri: str) -> None:
+        """Destroy the key (secure-delete, evict, or destroy the token object). Missing key: no error."""
+
+    def import_key(self, private_key, label: str) -> str:
+        raise KeyBackendError(f"the {self.scheme} backend cannot import private keys")
+
+    def export_pem(self, uri: str, password: bytes | None) -> bytes:
+        from keystore.errors import ExportRefusedError
+
+        raise ExportRefusedError(f"the private key {uri} lives in {self.scheme} and is non-exportable")
+
+    def key_file(self, uri: str) -> tuple[str, bytes] | None:
+        """(path of an encrypted PEM, password) for TLS stacks that need a key file; None if impossible."""
+        return None
+
+    def close(self) -> None:
+        """Release sessions/contexts."""
+
+
+class BackendContext:
+    """What backends may use: the keystore directory, its master key (lazily), and per-backend options."""
+
+    def __init__(self, root, master_key_fn, options: dict | None = None):
+        self.root = root
+        self._master_key_fn = master_key_fn
+        self.options = options or {}
+
+    @property
+    def master_key(self) -> bytes:
+        return self._master_key_fn()
+
+
+def scheme_of(uri: str) -> str:
+    scheme, sep, _ = uri.partition(":")
+    if not sep or scheme not in _MODULES:
+        raise KeyBackendError(f"unknown key URI {uri!r}; expected file:, tpm: or pkcs11:")
+    return scheme
+
+
+def backend_class(scheme: str) -> type[KeyBackend]:
+    try:
+        mod = importlib.import_module(_MODULES[scheme])
+    except KeyError:
+        raise KeyBackendError(f"unknown key backend {scheme!r} (known: soft, tpm, pkcs11)") from None
+    except ImportError as e:
+        extra = {"tpm": "tpm2-pytss (pip install 'devagent[tpm]')",
+                 "pkcs11": "python-pkcs11 (pip install 'devagent[pkcs11]')"}.get(scheme, str(e))
+        raise KeyBackendError(f"the {scheme} key backend is not available: install {extra} ({e})") from e
+    return mod.Backend

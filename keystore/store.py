@@ -1,0 +1,708 @@
+"""The devid keystore: IDevIDs, one LDevID per domain, application credentials, truststores, pending keys.
+
+On-disk layout (directory 0700, files 0600; master.key 0400)::
+
+    keystore.json                 tinydb index: metadata and key URIs only, never key bytes
+    .lock                         flock serialising writers across processes
+    master.key                    random 256-bit key encrypting software keys (or sealed by the TPM)
+    keys/<id>.key                 software keys, encrypted PKCS#8
+    creds/<name>/<NNNN>/cert.pem  immutable archive of versions (certificate, then chain.pem)
+    trust/<domain>/<sha256>.pem   trust anchors per domain
+    audit.log                     one JSON line per change: who, what, when (never secrets)
+
+Invariants:
+- Verify before store: a certificate is stored only if it carries our key, chains to the domain's trust
+  anchor, and its validity and key usage are sane.
+- A version's files are written and fsynced before the index points at them, and the index is replaced in
+  one atomic write. A crash at any instant leaves the previous complete version live; files the index does
+  not reference are garbage, removed under the lock by ``gc``.
+- Old keys are destroyed only after the index no longer references them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import getpass
+import json
+import os
+import re
+import secrets as _secrets
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from tinydb import Query, TinyDB
+
+from keystore import fsutil
+from keystore.backends import BACKEND_NAMES, BackendContext, KeyBackend, backend_class, scheme_of
+from keystore.certs import describe, fingerprint, load_certificates, pem, same_public_key
+from keystore.errors import (
+    AlreadyExistsError,
+    CorruptFileError,
+    KeystoreError,
+    KeystoreNotInitializedError,
+    NotFoundError,
+    ReadOnlyError,
+    VerificationError,
+)
+from keystore.keytypes import key_type_of, parse_key_type
+from keystore.storage import AtomicJSONStorage, KeystoreLock
+from keystore.verify import build_path, verify_ca_chain, verify_certificate
+
+INDEX = "keystore.json"
+MASTER_KEY = "master.key"
+AUDIT_LOG = "audit.log"
+FORMAT = 1
+KINDS = ("idevid", "ldevid", "app")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEEP_VERSIONS = 3
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting "
+                         "with a punctuation character")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """A stored credential: its live certificate version, chain and key reference."""
+
+    name: str
+    kind: str
+    domain: str | None
+    key_uri: str
+    key_type: str
+    version: int
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    record: dict
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def not_before(self) -> datetime.datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def readonly(self) -> bool:
+        return self.kind == "idevid"
+
+    def seconds_left(self, now: datetime.datetime | None = None) -> float:
+        return (self.not_after - (now or _now())).total_seconds()
+
+    def summary(self, now: datetime.datetime | None = None) -> dict:
+        """JSON-friendly view (stable keys, documented in README)."""
+        d = describe(self.certificate)
+        left = self.seconds_left(now)
+        d.update(
+            name=self.name, kind=self.kind, domain=self.domain, key_uri=self.key_uri, key_type=self.key_type,
+            version=self.version, days_left=round(left / 86400, 2), expired=left <= 0,
+            profile=self.record.get("profile"), protocol=self.record.get("protocol"),
+            server=self.record.get("server"), chain=[describe(c)["subject"] for c in self.chain],
+            next_renewal=self.record.get("meta", {}).get("next_renewal"),
+            last_error=self.record.get("meta", {}).get("last_error"),
+        )
+        return d
+
+
+class Keystore:
+    """Open with ``Keystore.open(path)``; create with ``Keystore.init(path)``."""
+
+    def __init__(self, root: str | os.PathLike, backend_options: dict | None = None):
+        self.root = Path(root)
+        self._lock = KeystoreLock(self.root)
+        self._storage = AtomicJSONStorage(self.root / INDEX)
+        self._db = TinyDB(storage=lambda *a, **k: self._storage)
+        self._backend_options = backend_options or {}
+        self._backends: dict[str, KeyBackend] = {}
+        self._master: bytes | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | os.PathLike, backend_options: dict | None = None) -> "Keystore":
+        """Create a keystore (idempotent: an existing one is opened, never overwritten)."""
+        root = Path(root)
+        fsutil.ensure_dir(root)
+        ks = cls(root, backend_options)
+        with ks._lock:
+            if not (root / MASTER_KEY).exists():
+                fsutil.atomic_write(root / MASTER_KEY, _secrets.token_hex(32).encode() + b"\n", mode=0o400)
+            if ks._storage.read() is None:
+                ks._storage.write({"meta": {"1": {"format": FORMAT, "created": _now().isoformat(),
+                                                  "master_key": "file"}}})
+                ks.audit("keystore-init", path=str(root))
+        return ks
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, backend_options: dict | None = None) -> "Keystore":
+        """Open an existing keystore, refusing one whose directory or master key others can read.
+
+        Raises:
+            KeystoreNotInitializedError, KeystorePermissionError, CorruptFileError.
+        """
+        root = Path(root)
+        if not (root / INDEX).exists():
+            raise KeystoreNotInitializedError(f"no keystore at {root}: run 'devagent keystore init' "
+                                              "(or pass --state-dir / DEVAGENT_STATE_DIR)")
+        fsutil.check_private(root, "keystore directory")
+        ks = cls(root, backend_options)
+        meta = ks.meta()
+        if meta.get("format", 0) > FORMAT:
+            raise KeystoreError(f"keystore {root} has format {meta['format']}, newer than this devagent ({FORMAT})")
+        return ks
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+
+    def meta(self) -> dict:
+        data = self._storage.read() or {}
+        return dict((data.get("meta") or {}).get("1") or {})
+
+    # ---- master key and backends ----------------------------------------------------------------
+    def _master_key(self) -> bytes:
+        if self._master is None:
+            provider = self.meta().get("master_key", "file")
+            if provider == "file":
+                p = self.root / MASTER_KEY
+                try:
+                    fsutil.check_private(p, "keystore master key")
+                    self._master = p.read_bytes().strip()
+                except FileNotFoundError:
+                    raise KeystoreError(f"keystore master key {p} is missing: software keys cannot be "
+                                        "decrypted") from None
+            else:
+                from keystore.backends import tpm  # only when the master key is sealed to the TPM
+
+                self._master = tpm.unseal_master_key(self.root, self.meta(), self._backend_options.get("tpm", {}))
+        return self._master
+
+    def backend(self, name_or_scheme: str) -> KeyBackend:
+        scheme = BACKEND_NAMES.get(name_or_scheme, name_or_scheme)
+        if scheme not in self._backends:
+            ctx = BackendContext(self.root, self._master_key, self._backend_options.get(
+                {"file": "soft"}.get(scheme, scheme), {}))
+            self._backends[scheme] = backend_class(scheme)(ctx)
+        return self._backends[scheme]
+
+    def _backend_for(self, uri: str) -> KeyBackend:
+        return self.backend(scheme_of(uri))
+
+    # ---- index transactions -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _txn(self):
+        """Read the whole index under the lock, let the caller mutate it, write it back in one replace."""
+        with self._lock:
+            data = self._storage.read() or {}
+            for t in ("credentials", "keys", "trust", "meta"):
+                data.setdefault(t, {})
+            yield data
+            self._storage.write(data)
+
+    @staticmethod
+    def _find(table: dict, **match) -> tuple[str | None, dict | None]:
+        for doc_id, doc in table.items():
+            if all(doc.get(k) == v for k, v in match.items()):
+                return doc_id, doc
+        return None, None
+
+    @staticmethod
+    def _next_id(table: dict) -> str:
+        return str(max((int(k) for k in table), default=0) + 1)
+
+    def _table(self, name: str):
+        return self._db.table(name, cache_size=0)
+
+    # ---- audit --------------------------------------------------------------------------------
+    def audit(self, action: str, **details) -> None:
+        """Append an audit record (who/what/when). Callers never pass secrets."""
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = str(os.geteuid())
+        entry = {"ts": _now().isoformat(), "uid": os.geteuid(), "user": user, "pid": os.getpid(),
+                 "action": action, **details}
+        fsutil.append_line(self.root / AUDIT_LOG, json.dumps(entry, sort_keys=True, default=str).encode())
+
+    def audit_entries(self) -> list[dict]:
+        out = []
+        try:
+            lines = (self.root / AUDIT_LOG).read_text().splitlines()
+        except FileNotFoundError:
+            return out
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line after a crash
+        return out
+
+    # ---- keys ---------------------------------------------------------------------------------
+    def generate_key(self, key_type: str, *, backend: str = "soft", label: str = "", pending_for: dict | None = None,
+                     allow_weak: bool = False) -> str:
+        """Generate a key in ``backend`` and record it as pending (not yet certified). Returns its URI."""
+        kt = parse_key_type(key_type, allow_weak=allow_weak)
+        be = self.backend(backend)
+        with self._lock:
+            uri = be.generate(kt, label)
+            try:
+                with self._txn() as data:
+                    data["keys"][self._next_id(data["keys"])] = {
+                        "uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
+                        "state": "pending", "label": label, "pending_for": pending_for or {}}
+            except BaseException:
+                be.delete(uri)
+                raise
+        self.audit("key-generate", key_uri=uri, key_type=kt, label=label)
+        return uri
+
+    def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
+        """Store an externally generated private key (server-side keygen, IDevID import) as a software key."""
+        kt = key_type_of(private_key)
+        be = self.backend("soft")
+        with self._lock:
+            uri = be.import_key(private_key, label)
+            try:
+                with self._txn() as data:
+                    data["keys"][self._next_id(data["keys"])] = {
+                        "uri": uri, "key_type": kt, "backend": "file", "created": _now().isoformat(),
+                        "state": state, "label": label, "pending_for": {}}
+            except BaseException:
+                be.delete(uri)
+                raise
+        self.audit("key-import", key_uri=uri, key_type=kt, label=label)
+        return uri
+
+    def register_key(self, uri: str, *, label: str = "", state: str = "pending") -> str:
+        """Record a key that already exists in a backend (e.g. a TPM persistent handle holding the IDevID key)."""
+        pub = self.public_key(uri)
+        with self._txn() as data:
+            _, existing = self._find(data["keys"], uri=uri)
+            if existing is None:
+                data["keys"][self._next_id(data["keys"])] = {
+                    "uri": uri, "key_type": key_type_of(pub), "backend": scheme_of(uri),
+                    "created": _now().isoformat(), "state": state, "label": label, "pending_for": {}}
+        return uri
+
+    def private_key(self, uri: str):
+        return self._backend_for(uri).load(uri)
+
+    def public_key(self, uri: str):
+        return self._backend_for(uri).public_key(uri)
+
+    def key_file(self, uri: str):
+        return self._backend_for(uri).key_file(uri)
+
+    def key_record(self, uri: str) -> dict | None:
+        return self._table("keys").get(Query().uri == uri)
+
+    def pending_keys(self) -> list[dict]:
+        return self._table("keys").search(Query().state == "pending")
+
+    def discard_key(self, uri: str) -> None:
+        """Destroy a key that no credential references (a pending key after a failed enrollment)."""
+        with self._txn() as data:
+            for c in data["credentials"].values():
+                if c["key_uri"] == uri:
+                    raise KeystoreError(f"key {uri} is in use by credential {c['name']}; delete the credential")
+            doc_id, _ = self._find(data["keys"], uri=uri)
+            if doc_id is not None:
+                del data["keys"][doc_id]
+        self._backend_for(uri).delete(uri)
+        self.audit("key-discard", key_uri=uri)
+
+    # ---- trust anchors ------------------------------------------------------------------------
+    def trust_anchors(self, domain: str) -> list[x509.Certificate]:
+        out = []
+        for rec in self._table("trust").search(Query().domain == domain):
+            p = self.root / rec["file"]
+            try:
+                out.extend(load_certificates(p.read_bytes(), str(p)))
+            except FileNotFoundError:
+                raise CorruptFileError(f"trust anchor file {p} for domain {domain} is missing") from None
+        return out
+
+    def trust_records(self, domain: str | None = None) -> list[dict]:
+        t = self._table("trust")
+        return t.search(Query().domain == domain) if domain else t.all()
+
+    def add_trust_anchors(self, domain: str, certs: Sequence[x509.Certificate], *, source: str,
+                          role: str = "root", verified_by: str = "operator") -> list[str]:
+        """Add CA certificates to a domain's truststore (the caller has established trust in them).
+
+        Returns the fingerprints added (existing ones are kept, not duplicated).
+        """
+        check_name(domain, "domain")
+        if not certs:
+            raise ValueError("no certificate to add")
+        for c in certs:
+            bc = None
+            try:
+                bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+            except x509.ExtensionNotFound:
+                pass
+            if bc is None or not bc.ca:
+                raise VerificationError("not-a-ca", f"{c.subject.rfc4514_string()} is not a CA certificate; "
+                                        "a trust anchor must be a CA")
+        added = []
+        tdir = fsutil.ensure_dir(self.root / "trust")
+        fsutil.ensure_dir(tdir / domain)
+        with self._txn() as data:
+            for c in certs:
+                fp = fingerprint(c)
+                if self._find(data["trust"], domain=domain, fingerprint=fp)[1] is not None:
+                    continue
+                rel = f"trust/{domain}/{fp.split(':')[1][:32]}.pem"
+                fsutil.atomic_write(self.root / rel, pem([c]))
+                data["trust"][self._next_id(data["trust"])] = {
+                    "domain": domain, "fingerprint": fp, "subject": c.subject.rfc4514_string(),
+                    "not_after": c.not_valid_after_utc.isoformat(), "file": rel, "role": role,
+                    "source": source, "verified_by": verified_by, "added": _now().isoformat()}
+                added.append(fp)
+        if added:
+            self.audit("trust-add", domain=domain, fingerprints=added, source=source, verified_by=verified_by)
+        return added
+
+    def remove_trust_anchor(self, domain: str, fp: str) -> None:
+        with self._txn() as data:
+            doc_id, rec = self._find(data["trust"], domain=domain, fingerprint=fp)
+            if doc_id is None:
+                raise NotFoundError(f"no trust anchor {fp} in domain {domain}")
+            del data["trust"][doc_id]
+        self.audit("trust-remove", domain=domain, fingerprint=fp)
+
+    def update_ca_certs(self, domain: str, certs: Sequence[x509.Certificate], *, source: str,
+                        now: datetime.datetime | None = None, check_validity: bool = True) -> list[str]:
+        """Add CA certificates that chain to the current anchors (issuing CA update; a new root needs
+        a verified link or an operator's fingerprint: see agent.lifecycle.ca_update)."""
+        anchors = self.trust_anchors(domain)
+        verify_ca_chain(list(certs), anchors, now=now, check_validity=check_validity)
+        return self.add_trust_anchors(domain, certs, source=source, role="ca", verified_by="chain")
+
+    # ---- credentials --------------------------------------------------------------------------
+    def _load_credential(self, rec: dict) -> Credential:
+        vdir = self.root / "creds" / rec["name"] / f"{rec['version']:04d}"
+        try:
+            cert = load_certificates((vdir / "cert.pem").read_bytes(), str(vdir / "cert.pem"))[0]
+            chain_file = vdir / "chain.pem"
+            chain = tuple(load_certificates(chain_file.read_bytes(), str(chain_file))) if chain_file.exists() and \
+                chain_file.stat().st_size else ()
+        except FileNotFoundError as e:
+            raise CorruptFileError(f"credential {rec['name']}: version {rec['version']} file missing: {e.filename}") from e
+        return Credential(rec["name"], rec["kind"], rec.get("domain"), rec["key_uri"], rec["key_type"],
+                          rec["version"], cert, chain, rec)
+
+    def get(self, name: str) -> Credential:
+        rec = self._table("credentials").get(Query().name == name)
+        if rec is None:
+            raise NotFoundError(f"no credential named {name!r} (see 'devagent keystore list')")
+        return self._load_credential(dict(rec))
+
+    def exists(self, name: str) -> bool:
+        return self._table("credentials").contains(Query().name == name)
+
+    def list(self, kind: str | None = None, domain: str | None = None) -> list[Credential]:
+        out = []
+        for rec in sorted(self._table("credentials").all(), key=lambda r: r["name"]):
+            if (kind and rec["kind"] != kind) or (domain and rec.get("domain") != domain):
+                continue
+            out.append(self._load_credential(dict(rec)))
+        return out
+
+    def find_domain_credential(self, domain: str) -> Credential | None:
+        for c in self.list(kind="ldevid", domain=domain):
+            return c
+        return None
+
+    def store_certificate(
+        self,
+        name: str,
+        certificate: x509.Certificate,
+        chain: Iterable[x509.Certificate] = (),
+        *,
+        key_uri: str,
+        kind: str = "ldevid",
+        domain: str | None = None,
+        profile: str | None = None,
+        purpose: str | None = None,
+        protocol: str | None = None,
+        server: str | None = None,
+        meta: dict | None = None,
+        now: datetime.datetime | None = None,
+        check_validity: bool = True,
+        allow_new: bool = True,
+    ) -> Credential:
+        """Verify ``certificate`` against our key and the domain's anchors, then make it the live version.
+
+        A renewal of an existing credential adds a new version; the previous one stays live until this
+        commit, and its key (if different) is destroyed afterwards.
+
+        Raises:
+            VerificationError: rejected (nothing written).
+            ReadOnlyError: ``name`` is an IDevID.
+        """
+        check_name(name, "credential name")
+        if kind not in KINDS or kind == "idevid":
+            raise ValueError(f"kind must be 'ldevid' or 'app' (IDevIDs are imported), not {kind!r}")
+        if domain is None:
+            raise ValueError("a domain is required for LDevID and application credentials")
+        chain = tuple(chain)
+        pub = self.public_key(key_uri)
+        anchors = self.trust_anchors(domain)
+        path = verify_certificate(certificate, public_key=pub, chain=chain, trust_anchors=anchors, now=now,
+                                  check_validity=check_validity, purpose=purpose)
+        # Store the path the device presents: the chain as received minus anything not on the verified path
+        # is dropped, so a peer cannot plant extra certificates.
+        stored_chain = tuple(path[1:])
+        with self._lock:
+            existing = self._table("credentials").get(Query().name == name)
+            if existing is not None and existing["kind"] == "idevid":
+                raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
+            if existing is None and not allow_new:
+                raise NotFoundError(f"no credential named {name!r}")
+            self.gc(locked=True)
+            version = (existing["version"] + 1) if existing else 1
+            vdir = fsutil.ensure_dir(self.root / "creds" / name / f"{version:04d}")
+            fsutil.ensure_dir(self.root / "creds" / name)
+            fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain))
+            fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+            old_key = existing["key_uri"] if existing else None
+            with self._txn() as data:
+                now_s = _now().isoformat()
+                doc_id, rec = self._find(data["credentials"], name=name)
+                rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})
+                versions = [v for v in rec.get("versions", []) if v != version] + [version]
+                rec.update(
+                    kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
+                    key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
+                    updated=now_s, protocol=protocol or rec.get("protocol"), server=server or rec.get("server"),
+                    purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()})
+                m = dict(rec.get("meta") or {})
+                m.update(meta or {})
+                m.pop("last_error", None)
+                rec["meta"] = m
+                data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
+                kid, krec = self._find(data["keys"], uri=key_uri)
+                if krec is None:
+                    kid = self._next_id(data["keys"])
+                    krec = {"uri": key_uri, "key_type": key_type_of(pub), "backend": scheme_of(key_uri),
+                            "created": now_s, "label": name}
+                krec = dict(krec, state="active", pending_for={}, credential=name)
+                data["keys"][kid] = krec
+                if old_key and old_key != key_uri:
+                    oid, _ = self._find(data["keys"], uri=old_key)
+                    if oid is not None:
+                        del data["keys"][oid]
+            # Committed. Destroy the superseded key and prune old versions.
+            if old_key and old_key != key_uri and not self._key_in_use(old_key):
+                self._backend_for(old_key).delete(old_key)
+        self.audit("certificate-store", name=name, kind=kind, domain=domain, version=version,
+                   serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
+                   not_after=certificate.not_valid_after_utc.isoformat(), rekeyed=bool(old_key and old_key != key_uri))
+        self._prune_versions(name)
+        return self.get(name)
+
+    def _key_in_use(self, uri: str) -> bool:
+        return self._table("credentials").contains(Query().key_uri == uri)
+
+    def _prune_versions(self, name: str) -> None:
+        with self._txn() as data:
+            doc_id, rec = self._find(data["credentials"], name=name)
+            if rec is None:
+                return
+            versions = rec.get("versions", [])
+            drop = versions[:-KEEP_VERSIONS]
+            if not drop:
+                return
+            rec["versions"] = versions[-KEEP_VERSIONS:]
+        for v in drop:
+            fsutil.remove_tree(self.root / "creds" / name / f"{v:04d}")
+
+    def set_meta(self, name: str, **fields) -> None:
+        """Update daemon bookkeeping for a credential (next_renewal, last_error, failures...)."""
+        with self._txn() as data:
+            doc_id, rec = self._find(data["credentials"], name=name)
+            if rec is None:
+                raise NotFoundError(f"no credential named {name!r}")
+            m = dict(rec.get("meta") or {})
+            for k, v in fields.items():
+                if v is None:
+                    m.pop(k, None)
+                else:
+                    m[k] = v
+            rec["meta"] = m
+
+    def import_idevid(self, name: str, certificate: x509.Certificate, chain: Sequence[x509.Certificate] = (), *,
+                      private_key=None, key_uri: str | None = None, force: bool = False,
+                      source: str = "") -> Credential:
+        """Import the manufacturer's IDevID (read-only afterwards).
+
+        Give either ``private_key`` (stored encrypted as a software key) or ``key_uri`` (a key that already
+        lives in a TPM/PKCS#11 token). The chain must be consistent (each certificate signed by the next);
+        its self-signed root, if present, becomes the ``idevid-<name>`` truststore.
+
+        Raises:
+            VerificationError("key-mismatch"): key and certificate do not belong together.
+            AlreadyExistsError: the name is taken (``force`` replaces an IDevID).
+        """
+        check_name(name, "credential name")
+        if (private_key is None) == (key_uri is None):
+            raise ValueError("give exactly one of private_key or key_uri")
+        pub = private_key.public_key() if private_key is not None else self.public_key(key_uri)
+        if not same_public_key(certificate.public_key(), pub):
+            raise VerificationError("key-mismatch", f"IDevID certificate {certificate.subject.rfc4514_string()} "
+                                    "does not match the private key (public key mismatch)")
+        key_type_of(pub)
+        chain = list(chain)
+        roots = [c for c in chain if c.subject == c.issuer]
+        if chain:
+            build_path(certificate, chain, roots or chain[-1:])
+        existing = self._table("credentials").get(Query().name == name)
+        if existing is not None and not (force and existing["kind"] == "idevid"):
+            raise AlreadyExistsError(f"credential {name} exists already" + (
+                "; use --force to replace an IDevID" if existing["kind"] == "idevid" else ""))
+        if private_key is not None:
+            key_uri = self.import_key(private_key, label=name, state="active")
+        else:
+            self.register_key(key_uri, label=name, state="active")
+        with self._lock:
+            version = (existing["version"] + 1) if existing else 1
+            vdir = fsutil.ensure_dir(self.root / "creds" / name / f"{version:04d}")
+            fsutil.atomic_write(vdir / "chain.pem", pem(chain))
+            fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+            old_key = existing["key_uri"] if existing else None
+            with self._txn() as data:
+                doc_id, _ = self._find(data["credentials"], name=name)
+                now_s = _now().isoformat()
+                rec = {"name": name, "kind": "idevid", "domain": None, "key_uri": key_uri,
+                       "key_type": key_type_of(pub), "version": version, "versions": [version], "created": now_s,
+                       "updated": now_s, "source": source, "meta": {}, **describe(certificate)}
+                data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
+                kid, krec = self._find(data["keys"], uri=key_uri)
+                if kid is not None:
+                    data["keys"][kid] = dict(krec, state="active", credential=name)
+            if old_key and old_key != key_uri and scheme_of(old_key) == "file":
+                self._backend_for(old_key).delete(old_key)
+        if roots:
+            self.add_trust_anchors(f"idevid-{name}", roots[-1:], source=source or "idevid import",
+                                   verified_by="manufacturer chain")
+        self.audit("idevid-import", name=name, serial=format(certificate.serial_number, "x"),
+                   fingerprint=fingerprint(certificate), key_uri=key_uri, source=source, replaced=bool(existing))
+        return self.get(name)
+
+    def delete(self, name: str, *, force: bool = False, reason: str = "") -> None:
+        """Delete a credential: its key is destroyed (secure delete / evict) and its files removed.
+
+        Raises:
+            ReadOnlyError: an IDevID without ``force``.
+        """
+        cred = self.get(name)
+        if cred.readonly and not force:
+            raise ReadOnlyError(f"credential {name} is the manufacturer's IDevID: it is read-only and is deleted "
+                                "only with --force")
+        with self._txn() as data:
+            doc_id, _ = self._find(data["credentials"], name=name)
+            if doc_id is not None:
+                del data["credentials"][doc_id]
+            kid, _ = self._find(data["keys"], uri=cred.key_uri)
+            if kid is not None and not any(c["key_uri"] == cred.key_uri for c in data["credentials"].values()):
+                del data["keys"][kid]
+        if not self._key_in_use(cred.key_uri):
+            self._backend_for(cred.key_uri).delete(cred.key_uri)
+        fsutil.remove_tree(self.root / "creds" / name)
+        self.audit("credential-delete", name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
+                   serial=format(cred.certificate.serial_number, "x"))
+
+    def purge_expired(self, now: datetime.datetime | None = None, include_idevid: bool = False) -> list[str]:
+        """Delete credentials whose live certificate has expired (seed 000 §II.I). Returns their names."""
+        now = now or _now()
+        removed = []
+        for cred in self.list():
+            if cred.not_after < now and (include_idevid or not cred.readonly):
+                self.delete(cred.name, force=include_idevid, reason="expired (purge)")
+                removed.append(cred.name)
+        return removed
+
+    def export(self, name: str, fmt: str = "pem", *, password: bytes | None = None, with_key: bool = False) -> bytes:
+        """Export a credential. PEM: certificate + chain (+ encrypted key with ``with_key``); PKCS#12 always
+        includes the key and requires a password. Hardware keys refuse (ExportRefusedError)."""
+        cred = self.get(name)
+        if fmt == "pem":
+            out = pem([cred.certificate, *cred.chain])
+            if with_key:
+                if not password:
+                    raise ValueError("exporting a private key needs --password (the key is written encrypted)")
+                out = self._backend_for(cred.key_uri).export_pem(cred.key_uri, password) + out
+        elif fmt == "p12":
+            from cryptography.hazmat.primitives.serialization import pkcs12, BestAvailableEncryption
+
+            if not password:
+                raise ValueError("PKCS#12 export needs --password")
+            be = self._backend_for(cred.key_uri)
+            if not be.exportable:
+                be.export_pem(cred.key_uri, password)  # raises ExportRefusedError with the reason
+            key = be.load(cred.key_uri)
+            out = pkcs12.serialize_key_and_certificates(name.encode(), key, cred.certificate, list(cred.chain),
+                                                        BestAvailableEncryption(password))
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; use pem or p12")
+        if with_key or fmt == "p12":
+            self.audit("private-key-export", name=name, format=fmt)
+        return out
+
+    # ---- housekeeping -------------------------------------------------------------------------
+    def gc(self, locked: bool = False) -> list[str]:
+        """Remove files no index entry references (left by a crash between file write and commit)."""
+        ctx = contextlib.nullcontext() if locked else self._lock
+        removed = []
+        with ctx:
+            data = self._storage.read() or {}
+            creds = {c["name"]: c for c in (data.get("credentials") or {}).values()}
+            key_uris = {k["uri"] for k in (data.get("keys") or {}).values()}
+            key_uris |= {c["key_uri"] for c in creds.values()}
+            keydir = self.root / "keys"
+            if keydir.is_dir():
+                for p in keydir.iterdir():
+                    if p.name.startswith("."):
+                        if p.name.endswith(".tmp"):
+                            fsutil.secure_delete(p)
+                            removed.append(str(p))
+                        continue
+                    if f"file:keys/{p.name}" not in key_uris:
+                        fsutil.secure_delete(p)
+                        removed.append(str(p))
+            cdir = self.root / "creds"
+            if cdir.is_dir():
+                for d in cdir.iterdir():
+                    rec = creds.get(d.name)
+                    keep = set(rec.get("versions", [])) | {rec["version"]} if rec else set()
+                    for v in d.iterdir():
+                        if not v.name.isdigit() or int(v.name) not in keep:
+                            fsutil.remove_tree(v) if v.is_dir() else fsutil.secure_delete(v)
+                            removed.append(str(v))
+                    if rec is None:
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
+        return removed
+
+    def check(self) -> list[str]:
+        """Consistency check: every credential loads and its key matches. Returns problems found."""
+        problems = []
+        for rec in self._table("credentials").all():
+            try:
+                cred = self._load_credential(dict(rec))
+                if not same_public_key(cred.certificate.public_key(), self.public_key(cred.key_uri)):
+                    problems.append(f"{rec['name']}: certificate does not match key {cred.key_uri}")
+            except KeystoreError as e:
+                problems.append(f"{rec['name']}: {e}")
+        return problems
