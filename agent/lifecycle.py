@@ -1,0 +1,309 @@
+"""Credential lifecycle flows: enroll, request, renew, revoke, CA update.
+
+This is where keystore and enrollment clients meet. Each flow:
+- creates any new key as *pending* in the keystore (generated where it lives: software, TPM, PKCS#11),
+- builds the request (CSR in the keystore), lets the protocol client talk to the server,
+- stores the result only through ``Keystore.store_certificate`` (verify-before-store),
+- on any failure destroys the pending key and leaves the previously live credential untouched.
+The enrollment parameters (protocol, server, label, profile, non-secret options) are remembered in the
+credential record so that ``renew`` and the daemon can rebuild the client without the operator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from typing import Sequence
+
+from cryptography import x509
+
+from enroll_clients.base import (
+    CaCertsResult,
+    CertRequest,
+    ClientAuth,
+    EnrollError,
+    EnrollmentClient,
+    EnrollOptions,
+)
+from keystore.certs import fingerprint
+from keystore.csr import build_csr, default_key_usage
+from keystore.errors import KeystoreError, NotFoundError, VerificationError
+from keystore.store import Credential, Keystore, check_name
+from keystore.verify import signed_by
+
+log = logging.getLogger("devagent.lifecycle")
+CLOCK_SKEW_TOLERANCE_S = 300
+
+# Remembered per credential (never secrets): enough to rebuild the client for renewal.
+REMEMBERED = ("protocol", "server", "label", "profile", "mac", "implicit_confirm", "timeout_s", "recipient",
+              "server_trust_domain", "key_backend", "rekey")
+
+
+class LifecycleError(KeystoreError):
+    """A lifecycle step that cannot proceed (no LDevID for the domain, no trust anchor, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+    """Where the new key comes from: generated (type + backend), an existing URI, or server-generated."""
+
+    key_type: str = "p256"
+    backend: str = "soft"
+    key_uri: str | None = None
+    server_keygen: bool = False
+    allow_weak: bool = False
+
+
+def _sans_of(cert: x509.Certificate) -> tuple:
+    try:
+        return tuple(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return ()
+
+
+def auth_for(ks: Keystore, cred: Credential) -> ClientAuth:
+    """Client authentication material for a stored credential (key stays in its backend)."""
+    kf = ks.key_file(cred.key_uri)
+    return ClientAuth(certificate=cred.certificate, private_key=ks.private_key(cred.key_uri), chain=cred.chain,
+                      key_file=kf[0] if kf else None, key_password=kf[1] if kf else None)
+
+
+def _new_key(ks: Keystore, spec: KeySpec, label: str, pending_for: dict):
+    """Returns (key_uri, private_key, created_here)."""
+    if spec.server_keygen:
+        return None, None, False
+    if spec.key_uri:
+        return spec.key_uri, ks.private_key(spec.key_uri), False
+    uri = ks.generate_key(spec.key_type, backend=spec.backend, label=label, pending_for=pending_for,
+                          allow_weak=spec.allow_weak)
+    return uri, ks.private_key(uri), True
+
+
+async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, domain: str, kind: str,
+                 subject: x509.Name, sans: Sequence[x509.GeneralName], key: KeySpec, auth: ClientAuth,
+                 profile: str | None, purpose: str | None, remember: dict, extensions=(),
+                 challenge_password: bytes | None = None, now: datetime.datetime | None = None,
+                 check_validity: bool = True) -> Credential:
+    key_uri, private_key, created = _new_key(ks, key, name, {"name": name, "domain": domain, "op": op})
+    try:
+        csr = None
+        if private_key is not None:
+            kt = ks.key_record(key_uri)["key_type"] if ks.key_record(key_uri) else key.key_type
+            csr = build_csr(private_key, subject, sans, key_usage=default_key_usage(kt), extensions=extensions,
+                            challenge_password=challenge_password)
+        req = CertRequest(subject=subject, private_key=private_key, csr=csr, sans=tuple(sans),
+                          extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
+                          profile=profile)
+        result = await getattr(client, op)(req, auth)
+        if key.server_keygen:
+            if result.private_key is None:
+                raise EnrollError("server-side key generation was requested but the server returned no key")
+            key_uri = ks.import_key(result.private_key, label=name, state="pending")
+            created = True
+            ks.audit("server-keygen", name=name, domain=domain, protocol=client.protocol,
+                     server=remember.get("server"))
+        eff_now = now
+        if result.server_time is not None:
+            local = now or datetime.datetime.now(datetime.timezone.utc)
+            skew = (local - result.server_time).total_seconds()
+            if abs(skew) > CLOCK_SKEW_TOLERANCE_S:
+                # Devices without an RTC: trust the CA's clock for this check rather than reject a fresh
+                # certificate because our own clock is obviously wrong.
+                log.warning("local clock differs from the CA's by %.0f s; checking validity against the CA's "
+                            "time %s", skew, result.server_time.isoformat())
+                eff_now = result.server_time
+        cred = ks.store_certificate(name, result.certificate, result.chain, key_uri=key_uri, kind=kind,
+                                    domain=domain, profile=profile, purpose=purpose, protocol=client.protocol,
+                                    server=remember.get("server"), meta={"enroll": remember, "last_success":
+                                    datetime.datetime.now(datetime.timezone.utc).isoformat()},
+                                    now=eff_now, check_validity=check_validity)
+        return cred
+    except BaseException:
+        if created and key_uri is not None:
+            try:
+                ks.discard_key(key_uri)
+            except KeystoreError as e:  # pragma: no cover - best effort cleanup, reported
+                log.error("could not discard pending key %s: %s", key_uri, e)
+        raise
+
+
+async def enroll(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,
+                 sans: Sequence[x509.GeneralName] = (), key: KeySpec = KeySpec(), auth: ClientAuth = ClientAuth(),
+                 profile: str | None = None, remember: dict | None = None, **kw) -> Credential:
+    """Obtain the domain credential (LDevID): CMP ir / EST simpleenroll, authenticated by a shared secret,
+    HTTP Basic, or the IDevID (``auth``)."""
+    check_name(name, "credential name")
+    check_name(domain, "domain")
+    if ks.exists(name) and ks.get(name).readonly:
+        raise LifecycleError(f"{name} is an IDevID; choose another name for the domain credential")
+    return await _issue(ks, "enroll", client, name=name, domain=domain, kind="ldevid", subject=subject, sans=sans,
+                        key=key, auth=auth, profile=profile, purpose="clientAuth", remember=remember or {}, **kw)
+
+
+async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,
+                  sans: Sequence[x509.GeneralName] = (), key: KeySpec = KeySpec(), profile: str | None = None,
+                  remember: dict | None = None, auth: ClientAuth | None = None, **kw) -> Credential:
+    """Application credential (CMP cr / EST simpleenroll) authenticated with the domain's LDevID."""
+    check_name(name, "credential name")
+    if auth is None:
+        ldevid = ks.find_domain_credential(domain)
+        if ldevid is None:
+            raise LifecycleError(f"no domain credential (LDevID) for domain {domain}: run 'devagent enroll "
+                                 f"--domain {domain} ...' first")
+        auth = auth_for(ks, ldevid)
+    return await _issue(ks, "request", client, name=name, domain=domain, kind="app", subject=subject, sans=sans,
+                        key=key, auth=auth, profile=profile, purpose=None, remember=remember or {}, **kw)
+
+
+async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: bool = True,
+                now: datetime.datetime | None = None, check_validity: bool = True) -> Credential:
+    """Renew ``name`` (CMP kur / EST simplereenroll) authenticated by its current certificate and key.
+
+    With ``rekey`` a new key of the same type is generated in the same backend; the old credential stays
+    live until the new certificate is verified and stored, then the old key is destroyed.
+    """
+    cred = ks.get(name)
+    if cred.readonly:
+        raise LifecycleError(f"{name} is an IDevID: it is issued by the manufacturer and cannot be renewed")
+    backend = {"file": "soft"}.get(cred.key_uri.partition(":")[0], cred.key_uri.partition(":")[0])
+    spec = KeySpec(key_type=cred.key_type, backend=backend, key_uri=None if rekey else cred.key_uri,
+                   allow_weak=True)
+    remember = dict(cred.record.get("meta", {}).get("enroll") or {})
+    try:
+        return await _issue(ks, "renew", client, name=name, domain=cred.domain, kind=cred.kind,
+                            subject=cred.certificate.subject, sans=_sans_of(cred.certificate), key=spec,
+                            auth=auth_for(ks, cred), profile=cred.record.get("profile"),
+                            purpose=cred.record.get("purpose"), remember=remember, now=now,
+                            check_validity=check_validity)
+    except (EnrollError, KeystoreError) as e:
+        ks.set_meta(name, last_error=f"{type(e).__name__}: {e}",
+                    last_failure=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        raise
+
+
+async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: str = "unspecified",
+                 auth: ClientAuth | None = None) -> None:
+    """Revoke ``name``'s certificate (CMP rr), signed with its own key (or ``auth``)."""
+    cred = ks.get(name)
+    await client.revoke(cred.certificate, auth or auth_for(ks, cred), reason)
+    ks.set_meta(name, revoked=reason, revoked_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    ks.audit("revoke", name=name, serial=format(cred.certificate.serial_number, "x"), reason=reason)
+
+
+def _is_self_signed(c: x509.Certificate) -> bool:
+    return c.subject == c.issuer and signed_by(c, c)
+
+
+def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fingerprint: str | None = None,
+                    confirmed: bool = False, now: datetime.datetime | None = None) -> list[str]:
+    """Decide which received CA certificates to trust (pure policy + keystore writes).
+
+    - No anchors yet (bootstrap, RFC 7030 §4.1.1): trust only if ``ca_fingerprint`` matches one received
+      root (then everything chaining to it), or the operator ``confirmed`` after seeing the fingerprints.
+    - Anchors exist: certificates that chain to them are added; a new self-signed root only through a
+      verified link (newWithOld signed by a current anchor and carrying the new root's key, and the new root
+      self-signed) or an operator fingerprint. Old anchors are kept while certificates still use them.
+
+    Returns the fingerprints added. Raises VerificationError when nothing can be trusted.
+    """
+    anchors = ks.trust_anchors(domain)
+    received = list(result.ca_certs) + [c for c in (result.new_root,) if c is not None]
+    if not received:
+        raise VerificationError("malformed", "the server sent no CA certificate")
+    fps = {fingerprint(c): c for c in received}
+    want = ca_fingerprint.lower() if ca_fingerprint else None
+    if want and not want.startswith("sha256:"):
+        want = "sha256:" + want.replace(":", "")
+    added: list[str] = []
+    if want:
+        if want not in fps:
+            raise VerificationError("untrusted", f"none of the received CA certificates has fingerprint {want}; "
+                                    f"received: {', '.join(fps)}")
+        root = fps[want]
+        added += ks.add_trust_anchors(domain, [root], source="ca-update", verified_by="operator fingerprint")
+        anchors = ks.trust_anchors(domain)
+    elif not anchors:
+        if not confirmed:
+            raise VerificationError("untrusted", f"domain {domain} has no trust anchor yet: check the fingerprints "
+                                    "out of band and pass --ca-fingerprint sha256:HEX (or confirm interactively): "
+                                    + "; ".join(f"{c.subject.rfc4514_string()} {fp}" for fp, c in fps.items()))
+        roots = [c for c in received if _is_self_signed(c)] or received[-1:]
+        added += ks.add_trust_anchors(domain, roots, source="ca-update", verified_by="operator confirmation")
+        anchors = ks.trust_anchors(domain)
+    if result.new_root is not None and fingerprint(result.new_root) not in {fingerprint(a) for a in anchors}:
+        nwo = result.new_with_old
+        if nwo is None or not _is_self_signed(result.new_root):
+            raise VerificationError("untrusted", "root CA update offered without a verifiable newWithOld link")
+        from keystore.certs import same_public_key
+
+        if not same_public_key(nwo.public_key(), result.new_root.public_key()) or not any(
+                signed_by(nwo, a) for a in anchors):
+            raise VerificationError("bad-signature", "root CA update rejected: newWithOld does not verify with "
+                                    "the current root or does not carry the new root's key")
+        added += ks.add_trust_anchors(domain, [result.new_root], source="ca-update",
+                                      verified_by="newWithOld link")
+        anchors = ks.trust_anchors(domain)
+    # Intermediates and any further roots: only if they chain to what we trust now.
+    rest = [c for c in received if fingerprint(c) not in {fingerprint(a) for a in anchors}]
+    chaining = []
+    for c in rest:
+        try:
+            from keystore.verify import build_path
+
+            build_path(c, rest, anchors)
+            chaining.append(c)
+        except VerificationError:
+            log.warning("ignoring CA certificate %s: it does not chain to domain %s's anchors",
+                        c.subject.rfc4514_string(), domain)
+    if chaining:
+        added += ks.add_trust_anchors(domain, chaining, source="ca-update", role="ca", verified_by="chain")
+    return added
+
+
+async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_fingerprint: str | None = None,
+                    confirm=None) -> list[str]:
+    """Fetch CA certificates (EST /cacerts, CMP genm) and apply the trust policy above.
+
+    ``confirm`` is an optional callable(list[(subject, fingerprint)]) -> bool used for interactive bootstrap.
+    """
+    ldevid = ks.find_domain_credential(domain)
+    result = await client.ca_certs(auth_for(ks, ldevid) if ldevid else None)
+    confirmed = False
+    if not ks.trust_anchors(domain) and not ca_fingerprint and confirm is not None:
+        confirmed = bool(confirm([(c.subject.rfc4514_string(), fingerprint(c)) for c in result.ca_certs]))
+    return apply_ca_update(ks, domain, result, ca_fingerprint=ca_fingerprint, confirmed=confirmed)
+
+
+def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> tuple[str, EnrollOptions]:
+    """Rebuild (protocol, EnrollOptions) for a stored credential from what its record remembers."""
+    remembered = dict(cred.record.get("meta", {}).get("enroll") or {})
+    remembered.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    protocol = remembered.get("protocol") or cred.record.get("protocol")
+    server = remembered.get("server") or cred.record.get("server")
+    if not protocol or not server:
+        raise LifecycleError(f"credential {cred.name} does not record how it was enrolled; give --protocol and "
+                             "--server")
+    trust_domain = remembered.get("server_trust_domain") or cred.domain
+    trust = tuple(ks.trust_anchors(trust_domain)) if trust_domain else ()
+    recipient = remembered.get("recipient")
+    opts = EnrollOptions(
+        server=server, trust_anchors=trust, domain=cred.domain, profile=remembered.get("profile"),
+        label=remembered.get("label"), timeout_s=float(remembered.get("timeout_s") or 30.0),
+        implicit_confirm=bool(remembered.get("implicit_confirm")), mac=remembered.get("mac") or "pbm",
+        recipient=x509.Name.from_rfc4514_string(recipient) if recipient else None,
+        extra={k: v for k, v in remembered.items() if k.startswith("x_")})
+    return protocol, opts
+
+
+def client_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> EnrollmentClient:
+    from enroll_clients import client_for
+
+    protocol, opts = options_for_credential(ks, cred, overrides)
+    return client_for(protocol, opts)
+
+
+def get_or_none(ks: Keystore, name: str) -> Credential | None:
+    try:
+        return ks.get(name)
+    except NotFoundError:
+        return None
