@@ -93,8 +93,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) ->
         _fault("replace", p)
         os.replace(tmp, p)
         tmp = None
-        _fault("fsync-dir", p)
-        fsync_dir(p.parent)
+        try:
+            _fault("fsync-dir", p)
+            fsync_dir(p.parent)
+        except OSError as e:
+            raise StorageError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change may "
+                               "not survive a power cut") from e
     except OSError as e:
         raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
     finally:

@@ -472,37 +472,23 @@ class Keystore:
                 raise NotFoundError(f"no credential named {name!r}")
             self.gc(locked=True)
             version = (existing["version"] + 1) if existing else 1
-            vdir = fsutil.ensure_dir(self.root / "creds" / name / f"{version:04d}")
-            fsutil.ensure_dir(self.root / "creds" / name)
-            fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain))
-            fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+            cdir_existed = (self.root / "creds" / name).exists()
+            vdir = self.root / "creds" / name / f"{version:04d}"
             old_key = existing["key_uri"] if existing else None
-            with self._txn() as data:
-                now_s = _now().isoformat()
-                doc_id, rec = self._find(data["credentials"], name=name)
-                rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})
-                versions = [v for v in rec.get("versions", []) if v != version] + [version]
-                rec.update(
-                    kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
-                    key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
-                    updated=now_s, protocol=protocol or rec.get("protocol"), server=server or rec.get("server"),
-                    purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()})
-                m = dict(rec.get("meta") or {})
-                m.update(meta or {})
-                m.pop("last_error", None)
-                rec["meta"] = m
-                data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
-                kid, krec = self._find(data["keys"], uri=key_uri)
-                if krec is None:
-                    kid = self._next_id(data["keys"])
-                    krec = {"uri": key_uri, "key_type": key_type_of(pub), "backend": scheme_of(key_uri),
-                            "created": now_s, "label": name}
-                krec = dict(krec, state="active", pending_for={}, credential=name)
-                data["keys"][kid] = krec
-                if old_key and old_key != key_uri:
-                    oid, _ = self._find(data["keys"], uri=old_key)
-                    if oid is not None:
-                        del data["keys"][oid]
+            try:
+                fsutil.ensure_dir(self.root / "creds")
+                fsutil.ensure_dir(vdir)
+                fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain))
+                fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+                self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server, meta,
+                                         key_uri, pub, certificate, old_key)
+            except BaseException:
+                # Not committed: the previous version is still live; remove what this attempt wrote.
+                with contextlib.suppress(OSError, KeystoreError):
+                    fsutil.remove_tree(vdir)
+                    if not cdir_existed:
+                        (self.root / "creds" / name).rmdir()
+                raise
             # Committed. Destroy the superseded key and prune old versions.
             if old_key and old_key != key_uri and not self._key_in_use(old_key):
                 self._backend_for(old_key).delete(old_key)
@@ -511,6 +497,36 @@ class Keystore:
                    not_after=certificate.not_valid_after_utc.isoformat(), rekeyed=bool(old_key and old_key != key_uri))
         self._prune_versions(name)
         return self.get(name)
+
+    def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
+                        pub, certificate, old_key) -> None:
+        """One atomic index write making ``version`` live (see module invariants)."""
+        with self._txn() as data:
+            now_s = _now().isoformat()
+            doc_id, rec = self._find(data["credentials"], name=name)
+            rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})
+            versions = [v for v in rec.get("versions", []) if v != version] + [version]
+            rec.update(
+                kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
+                key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
+                updated=now_s, protocol=protocol or rec.get("protocol"), server=server or rec.get("server"),
+                purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()})
+            m = dict(rec.get("meta") or {})
+            m.update(meta or {})
+            m.pop("last_error", None)
+            rec["meta"] = m
+            data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
+            kid, krec = self._find(data["keys"], uri=key_uri)
+            if krec is None:
+                kid = self._next_id(data["keys"])
+                krec = {"uri": key_uri, "key_type": key_type_of(pub), "backend": scheme_of(key_uri),
+                        "created": now_s, "label": name}
+            krec = dict(krec, state="active", pending_for={}, credential=name)
+            data["keys"][kid] = krec
+            if old_key and old_key != key_uri:
+                oid, _ = self._find(data["keys"], uri=old_key)
+                if oid is not None:
+                    del data["keys"][oid]
 
     def _key_in_use(self, uri: str) -> bool:
         return self._table("credentials").contains(Query().key_uri == uri)

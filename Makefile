@@ -1,0 +1,83 @@
+# devagent — build, test, demo, benchmark. `make test` installs what it needs by itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST := $(PY) -m pytest
+
+# Debian 12 / Raspberry Pi OS bookworm packages used by tests and the real peers (shared in README).
+APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
+	swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 tpm2-openssl \
+	softhsm2 opensc libcoap3-bin autoconf automake libtool pkg-config gcc
+
+APT_STAMP := $(VENV)/.apt-stamp
+DEPS_STAMP := $(VENV)/.deps-stamp
+
+.PHONY: all deps apt venv test test-fast lint bench bench-ci demo clean help
+
+all: test
+
+help:
+	@echo "make demo      run the main job on this machine: keystore + lab CA on loopback, EST, CMP, CoAP delegated enrollment"
+	@echo "make test      install what is needed, run the whole test suite, then the benchmark smoke run"
+	@echo "make bench     full benchmarks (figures + benchmarks/REPORT.md)"
+	@echo "make bench-ci  benchmark smoke run (few rounds)"
+	@echo "make lint      ruff"
+
+# ---- dependencies --------------------------------------------------------------------------------
+$(APT_STAMP):
+	@mkdir -p $(VENV)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "error: need root or sudo to install: $$missing (apt-get install -y $$missing)"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+apt: $(APT_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(DEPS_STAMP): setup.cfg pyproject.toml $(APT_STAMP) | $(PY)
+	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy]"
+	@touch $@
+
+venv: $(DEPS_STAMP)
+deps: $(DEPS_STAMP)
+
+# ---- tests ---------------------------------------------------------------------------------------
+test: deps
+	$(PYTEST) -q tests
+	$(MAKE) bench-ci
+
+test-fast: deps
+	$(PYTEST) -q -x tests/unit
+
+lint: deps
+	$(VENV)/bin/ruff check agent keystore enroll_clients coap_services board_profiles tests benchmarks
+
+# ---- benchmarks ----------------------------------------------------------------------------------
+BENCH_JSON ?= benchmarks/results/latest.json
+
+bench: deps
+	@mkdir -p benchmarks/results
+	$(PYTEST) benchmarks -q --benchmark-only --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md; fi
+
+bench-ci: deps
+	@mkdir -p benchmarks/results
+	DEVAGENT_BENCH_CI=1 $(PYTEST) benchmarks -q --benchmark-only --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
+	  --benchmark-warmup=off --benchmark-json=benchmarks/results/ci.json
+	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py benchmarks/results/ci.json --out benchmarks/results/REPORT-ci.md; fi
+
+# ---- demo ----------------------------------------------------------------------------------------
+demo: deps
+	$(PY) -m agent.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/results demo-state

@@ -1,0 +1,663 @@
+"""The ``devagent`` command line (click).
+
+Parses options, calls the lifecycle layer with one ``asyncio.run``, prints results (text or ``--json``), and
+maps each error root to a documented exit code. Heavy modules (cryptography, pyasn1, httpx, aiocoap) are
+imported inside commands so that ``devagent --help`` starts fast on a Raspberry Pi Zero.
+
+Exit codes (README "Exit codes"): 0 ok, 1 internal error, 2 usage, 3 keystore, 4 certificate rejected,
+5 server refused / protocol error, 6 network, 7 configuration, 130 interrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_KEYSTORE, EXIT_REJECTED, EXIT_SERVER, EXIT_NETWORK, EXIT_CONFIG = range(8)
+EXIT_INTERRUPTED = 130
+
+# Subcommands that live in their own modules, imported only when used.
+LAZY_COMMANDS = {
+    "serve": "agent.cli_coap:serve",
+    "coap": "agent.cli_coap:coap",
+    "clm": "agent.cli_coap:clm",
+    "run": "agent.cli_ops:run",
+    "profile": "agent.cli_ops:profile",
+    "decommission": "agent.cli_ops:decommission",
+    "mpy": "agent.cli_mpy:mpy",
+}
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("DEVAGENT_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/devagent")
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "devagent"
+
+
+@dataclasses.dataclass
+class App:
+    state_dir: Path
+    json: bool = False
+    verbose: bool = False
+    config_path: str | None = None
+    board_profile: str | None = None
+
+    def keystore(self):
+        from keystore.store import Keystore
+
+        return Keystore.open(self.state_dir, self.backend_options())
+
+    def backend_options(self) -> dict:
+        """Key backend options (TPM TCTI, PKCS#11 module/token/PIN) from config and board profile."""
+        try:
+            cfg = self.config()
+        except ImportError:
+            return {}
+        opts = getattr(cfg, "backend_options", None)
+        return opts() if callable(opts) else (opts or {})
+
+    def config(self):
+        from agent import config as config_mod
+
+        return config_mod.load_config({"state_dir": str(self.state_dir), "profile": self.board_profile},
+                                      config_path=self.config_path)
+
+    def out(self, data, text: str | None = None) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif text is not None:
+            click.echo(text)
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in LAZY_COMMANDS:
+            return cmd
+        mod, _, attr = LAZY_COMMANDS[name].partition(":")
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            # Help must still render when an optional part is missing; running it reports why.
+            reason = str(e)
+
+            @click.command(name, help=f"(unavailable: {reason})")
+            def unavailable():
+                raise click.ClickException(f"'{name}' is unavailable in this installation: {reason}")
+
+            return unavailable
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # map error roots to exit codes; traceback only with -v
+            app = ctx.obj if isinstance(ctx.obj, App) else None
+            code, label = classify(e)
+            click.echo(f"devagent: {label}: {e}", err=True)
+            if app is not None and app.verbose:
+                import traceback
+
+                traceback.print_exc()
+            elif code == EXIT_INTERNAL:
+                click.echo("(run with -v for the traceback; please report this)", err=True)
+            sys.exit(code)
+
+
+def classify(e: BaseException) -> tuple[int, str]:
+    """Map an exception to (exit code, label) by its package root."""
+    mods = {type(x).__module__.split(".")[0] for x in type(e).__mro__}
+    names = {x.__name__ for x in type(e).__mro__}
+    if "VerificationError" in names:
+        return EXIT_REJECTED, "certificate rejected"
+    if "ConfigError" in names:
+        return EXIT_CONFIG, "configuration error"
+    if "TransportError" in names:
+        return EXIT_NETWORK, "network error"
+    if "EnrollError" in names or "CoapServiceError" in names:
+        return EXIT_SERVER, "enrollment failed"
+    if "KeystoreError" in names or "keystore" in mods:
+        return EXIT_KEYSTORE, "keystore error"
+    if isinstance(e, (ValueError,)) and "agent" not in mods:
+        return EXIT_USAGE, "invalid value"
+    return EXIT_INTERNAL, f"internal error ({type(e).__name__})"
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keystore directory [default: $DEVAGENT_STATE_DIR, /var/lib/devagent as root, else XDG data dir].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, see README).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.option("--config", "config_path", default=None, envvar="DEVAGENT_CONFIG",
+              help="Config file [default: /etc/devagent/agent.toml].")
+@click.option("--board-profile", default=None, envvar="DEVAGENT_PROFILE", help="Board profile name (see 'profile list').")
+@click.version_option(package_name="devagent", prog_name="devagent")
+@click.pass_context
+def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
+    """devagent: the device identity agent (IDevID/LDevID keystore, EST, CMP, CoAP delegated enrollment)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = App(state_dir=state_dir or default_state_dir(), json=as_json, verbose=verbose,
+                  config_path=config_path, board_profile=board_profile)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def run_async(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+# ---- keystore ---------------------------------------------------------------------------------------
+@cli.group()
+def keystore():
+    """Manage the devid keystore (credentials, keys, truststores)."""
+
+
+@keystore.command("init")
+@pass_app
+def keystore_init(app: App):
+    """Create the keystore (idempotent)."""
+    from keystore.store import Keystore
+
+    ks = Keystore.init(app.state_dir, app.backend_options())
+    app.out({"state_dir": str(ks.root), "created": True}, f"keystore ready at {ks.root}")
+
+
+def _cred_line(s: dict) -> str:
+    left = "EXPIRED" if s["expired"] else f"{s['days_left']:.1f} d"
+    return f"{s['name']:<20} {s['kind']:<7} {str(s['domain'] or '-'):<12} {left:>10}  {s['subject']}"
+
+
+@keystore.command("list")
+@pass_app
+def keystore_list(app: App):
+    """List credentials."""
+    ks = app.keystore()
+    items = [c.summary() for c in ks.list()]
+    pending = ks.pending_keys()
+    text = "\n".join([f"{'NAME':<20} {'KIND':<7} {'DOMAIN':<12} {'LEFT':>10}  SUBJECT"] + [_cred_line(s) for s in items])
+    if pending:
+        text += f"\n({len(pending)} pending key(s) awaiting a certificate)"
+    app.out({"credentials": items, "pending_keys": [{"key_uri": k["uri"], "key_type": k["key_type"],
+                                                     "created": k["created"]} for k in pending]}, text)
+
+
+@keystore.command("show")
+@click.argument("name")
+@click.option("--pem", "show_pem", is_flag=True, help="Print the certificate and chain as PEM.")
+@pass_app
+def keystore_show(app: App, name, show_pem):
+    """Show one credential in detail."""
+    from keystore.certs import pem
+
+    cred = app.keystore().get(name)
+    s = cred.summary()
+    if show_pem and not app.json:
+        click.echo(pem([cred.certificate, *cred.chain]).decode(), nl=False)
+        return
+    app.out(s, "\n".join(f"{k:<13} {v}" for k, v in s.items()))
+
+
+@keystore.command("import-idevid")
+@click.argument("name")
+@click.option("--p12", "p12_file", type=click.Path(exists=True, dir_okay=False), help="PKCS#12 with key + cert + chain.")
+@click.option("--password", help="PKCS#12 password: env:VAR, file:PATH or pass:TEXT.")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False), help="PEM/DER private key.")
+@click.option("--key-password", help="Password of an encrypted --key (env:/file:/pass:).")
+@click.option("--key-uri", help="Key already in a TPM/PKCS#11 token (tpm:..., pkcs11:...).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False), help="IDevID certificate (PEM/DER).")
+@click.option("--chain", "chain_file", type=click.Path(exists=True, dir_okay=False), help="Manufacturer chain (PEM).")
+@click.option("--force", is_flag=True, help="Replace an existing IDevID of that name.")
+@pass_app
+def keystore_import_idevid(app: App, name, p12_file, password, key_file, key_password, key_uri, cert_file,
+                           chain_file, force):
+    """Import the manufacturer's IDevID (read-only afterwards)."""
+    from keystore.certs import load_certificate_file, load_pkcs12, load_private_key
+    from keystore.secrets import resolve_secret
+
+    ks = app.keystore()
+    chain = load_certificate_file(chain_file) if chain_file else []
+    if p12_file:
+        if key_file or key_uri or cert_file:
+            raise click.UsageError("--p12 excludes --key/--key-uri/--cert")
+        with open(p12_file, "rb") as f:
+            key, cert, extra = load_pkcs12(f.read(), p12_file, resolve_secret(password, "--password"))
+        cred = ks.import_idevid(name, cert, extra + chain, private_key=key, force=force, source=p12_file)
+    else:
+        if not cert_file or not (key_file or key_uri):
+            raise click.UsageError("give --p12, or --cert with --key or --key-uri")
+        cert = load_certificate_file(cert_file)[0]
+        if key_uri:
+            cred = ks.import_idevid(name, cert, chain, key_uri=key_uri, force=force, source=cert_file)
+        else:
+            with open(key_file, "rb") as f:
+                key = load_private_key(f.read(), key_file, resolve_secret(key_password, "--key-password"))
+            cred = ks.import_idevid(name, cert, chain, private_key=key, force=force, source=cert_file)
+    app.out(cred.summary(), f"imported IDevID {name}: {cred.certificate.subject.rfc4514_string()}")
+
+
+@keystore.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["pem", "p12"]), default="pem", show_default=True)
+@click.option("--with-key", is_flag=True, help="PEM: include the private key (encrypted with --password).")
+@click.option("--password", help="Password protecting the exported key: env:VAR, file:PATH or pass:TEXT.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (0600) instead of stdout.")
+@pass_app
+def keystore_export(app: App, name, fmt, with_key, password, output):
+    """Export a credential (certificate + chain; the key only for software keys, encrypted)."""
+    from keystore import fsutil
+    from keystore.secrets import resolve_secret
+
+    data = app.keystore().export(name, fmt, password=resolve_secret(password, "--password"), with_key=with_key)
+    if output:
+        fsutil.atomic_write(output, data)
+        app.out({"written": output}, f"wrote {output}")
+    elif fmt == "p12":
+        raise click.UsageError("PKCS#12 is binary: give -o FILE")
+    else:
+        click.echo(data.decode(), nl=False)
+
+
+@keystore.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Required to delete an IDevID.")
+@pass_app
+def keystore_delete(app: App, name, force):
+    """Delete a credential and destroy its key."""
+    app.keystore().delete(name, force=force, reason="operator")
+    app.out({"deleted": name}, f"deleted {name}")
+
+
+@keystore.command("purge")
+@click.option("--expired", is_flag=True, required=True, help="Remove credentials whose certificate has expired.")
+@pass_app
+def keystore_purge(app: App, expired):
+    """Remove expired credentials and their keys (IDevIDs are kept)."""
+    removed = app.keystore().purge_expired()
+    app.out({"removed": removed}, "removed: " + (", ".join(removed) or "nothing"))
+
+
+@keystore.command("trust")
+@click.option("--domain", required=True)
+@click.option("--add", "add_file", type=click.Path(exists=True, dir_okay=False), help="Add CA certificate(s) from this file.")
+@pass_app
+def keystore_trust(app: App, domain, add_file):
+    """List (or add to) a domain's trust anchors."""
+    from keystore.certs import load_certificate_file
+
+    ks = app.keystore()
+    if add_file:
+        ks.add_trust_anchors(domain, load_certificate_file(add_file), source=add_file)
+    recs = ks.trust_records(domain)
+    app.out({"domain": domain, "anchors": recs},
+            "\n".join(f"{r['fingerprint']}  {r['role']:<4} {r['subject']}" for r in recs) or "(none)")
+
+
+@keystore.command("audit")
+@click.option("-n", "count", default=20, show_default=True, help="Last N entries.")
+@pass_app
+def keystore_audit(app: App, count):
+    """Show the audit log (who/what/when)."""
+    entries = app.keystore().audit_entries()[-count:]
+    app.out(entries, "\n".join(f"{e['ts']} {e['user']:<8} {e['action']:<18} "
+                               + " ".join(f"{k}={v}" for k, v in e.items()
+                                          if k not in ("ts", "user", "action", "uid", "pid")) for e in entries))
+
+
+@keystore.command("check")
+@pass_app
+def keystore_check(app: App):
+    """Check every credential loads and matches its key; remove leftovers of interrupted writes."""
+    ks = app.keystore()
+    removed = ks.gc()
+    problems = ks.check()
+    app.out({"problems": problems, "removed": removed},
+            "\n".join(problems) if problems else f"keystore OK ({len(removed)} leftover file(s) removed)")
+    if problems:
+        sys.exit(EXIT_KEYSTORE)
+
+
+# ---- status -----------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name", required=False)
+@pass_app
+def status(app: App, name):
+    """Every credential: kind, domain, subject, issuer, key URI, not-after, days left, next renewal, last error."""
+    ks = app.keystore()
+    creds = [ks.get(name)] if name else ks.list()
+    items = [c.summary() for c in creds]
+    lines = []
+    for s in items:
+        lines.append(_cred_line(s))
+        lines.append(f"    issuer {s['issuer']}; key {s['key_uri']} ({s['key_type']}); not after {s['not_after']}")
+        if s.get("next_renewal"):
+            lines.append(f"    next renewal {s['next_renewal']}")
+        if s.get("last_error"):
+            lines.append(f"    last error: {s['last_error']}")
+    app.out({"credentials": items}, "\n".join(lines) or "no credentials (run 'devagent enroll')")
+
+
+# ---- enrollment ---------------------------------------------------------------------------------------
+def _server_options(f):
+    opts = [
+        click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Enrollment protocol."),
+        click.option("--server", help="CMP: http(s)://host/path (RFC 6712); EST: https://host[:port][/base]."),
+        click.option("--profile", help="Certificate profile (EST/CMP path segment, Trustpoint-style)."),
+        click.option("--label", help="EST label: /.well-known/est/<label>/..."),
+        click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="CA certificate(s) of the domain to trust (PEM/DER); repeatable."),
+        click.option("--ca-fingerprint", help="sha256:HEX of the root to accept at bootstrap (EST /cacerts)."),
+        click.option("--ref", help="CMP: reference (senderKID) for MAC protection."),
+        click.option("--secret", help="CMP: shared secret for MAC protection: env:VAR, file:PATH or pass:TEXT."),
+        click.option("--mac", type=click.Choice(["pbm", "pbmac1"]), default=None,
+                     help="CMP MAC algorithm: RFC 4210 PasswordBasedMac or RFC 9481 PBMAC1 [pbm]."),
+        click.option("--recipient", help="CMP: recipient DN (RFC 4514) [default: NULL-DN]."),
+        click.option("--implicit-confirm/--no-implicit-confirm", default=None, help="CMP implicitConfirm."),
+        click.option("--username", help="EST: HTTP Basic user name."),
+        click.option("--password", help="EST: HTTP Basic password: env:VAR, file:PATH or pass:TEXT."),
+        click.option("--reqout", type=click.Path(dir_okay=False), help="CMP file transport: write the request here."),
+        click.option("--rspin", type=click.Path(dir_okay=False), help="CMP file transport: read the response from here."),
+        click.option("--timeout", "timeout_s", type=float, default=None, help="Network timeout per request, seconds [30]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _key_options(f):
+    opts = [
+        click.option("--key-type", default=None, help="p256 (default), p384, rsa2048, rsa3072, rsa4096, ed25519."),
+        click.option("--key-backend", type=click.Choice(["soft", "tpm", "pkcs11"]), default=None,
+                     help="Where to generate the key [board profile; soft]."),
+        click.option("--key", "key_ref", help="Use an existing key: a URI (tpm:/pkcs11:/file:) or a PEM file to import."),
+        click.option("--server-keygen", is_flag=True, help="Let the server generate the key (EST serverkeygen, CMP central keygen)."),
+        click.option("--allow-weak-keys", is_flag=True, help="Allow RSA-1024 (weak; benchmarks only)."),
+        click.option("--subject", help="Subject DN (RFC 4514), e.g. 'CN=pump-7,O=Plant' [CN=<hostname>]."),
+        click.option("--san", "sans", multiple=True, help="dns:NAME, ip:ADDR, uri:URI or email:ADDR; repeatable."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _options_from(app: App, ks, *, protocol, server, domain, profile, label, trust_files, ca_fingerprint, mac,
+                  recipient, implicit_confirm, reqout, rspin, timeout_s, **_):
+    from cryptography import x509
+
+    from enroll_clients.base import EnrollOptions
+    from keystore.certs import load_certificate_file
+
+    trust = []
+    for f in trust_files or ():
+        trust.extend(load_certificate_file(f))
+    anchors = tuple(trust) or tuple(ks.trust_anchors(domain)) if domain else tuple(trust)
+    return EnrollOptions(
+        server=server, trust_anchors=anchors, domain=domain, profile=profile, label=label,
+        timeout_s=timeout_s or 30.0, recipient=x509.Name.from_rfc4514_string(recipient) if recipient else None,
+        implicit_confirm=bool(implicit_confirm), mac=mac or "pbm", reqout=reqout, rspin=rspin,
+        ca_fingerprint=ca_fingerprint)
+
+
+def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s, recipient, key_backend) -> dict:
+    d = dict(protocol=protocol, server=server, label=label, profile=profile, mac=mac,
+             implicit_confirm=implicit_confirm, timeout_s=timeout_s, recipient=recipient, key_backend=key_backend)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, label):
+    from agent.lifecycle import KeySpec
+    from keystore.certs import load_private_key
+
+    if key_ref and server_keygen:
+        raise click.UsageError("--key and --server-keygen exclude each other")
+    key_uri = None
+    if key_ref:
+        if key_ref.split(":", 1)[0] in ("tpm", "pkcs11", "file") and not os.path.exists(key_ref):
+            key_uri = ks.register_key(key_ref, label=label)
+        else:
+            with open(key_ref, "rb") as f:
+                key_uri = ks.import_key(load_private_key(f.read(), key_ref), label=label)
+    return KeySpec(key_type=key_type or "p256", backend=key_backend or "soft", key_uri=key_uri,
+                   server_keygen=server_keygen, allow_weak=allow_weak), bool(key_ref and not key_uri.startswith(("tpm", "pkcs11")))
+
+
+def _subject_sans(subject, sans):
+    import socket
+
+    from keystore.csr import parse_san, parse_subject
+
+    return parse_subject(subject or f"CN={socket.gethostname()}"), tuple(parse_san(s) for s in sans)
+
+
+def _add_trust(ks, domain, trust_files):
+    from keystore.certs import load_certificate_file
+
+    for f in trust_files or ():
+        certs = [c for c in load_certificate_file(f) if _is_ca(c)]
+        if certs:
+            ks.add_trust_anchors(domain, certs, source=f)
+
+
+def _is_ca(c) -> bool:
+    from cryptography import x509
+
+    try:
+        return c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _print_cred(app: App, cred, verb: str):
+    s = cred.summary()
+    app.out(s, f"{verb} {s['name']} ({s['kind']}, domain {s['domain']}): {s['subject']}\n"
+               f"    issuer {s['issuer']}, serial {s['serial']}, valid until {s['not_after']} ({s['days_left']} d)")
+
+
+@cli.command()
+@click.option("--domain", required=True, help="PKI domain this LDevID belongs to.")
+@click.option("--name", help="Credential name [ldevid-<domain>].")
+@click.option("--idevid", help="Authenticate with this IDevID (CMP signature / EST TLS client cert): zero-touch.")
+@_server_options
+@_key_options
+@pass_app
+def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, username, password, key_type, key_backend,
+           key_ref, server_keygen, allow_weak_keys, subject, sans, **kw):
+    """Obtain the domain credential (LDevID) over CMP (ir) or EST (simpleenroll)."""
+    from agent import lifecycle
+    from enroll_clients import client_for
+    from enroll_clients.base import ClientAuth
+
+    if not protocol or not server:
+        raise click.UsageError("--protocol and --server are required")
+    ks = app.keystore()
+    name = name or f"ldevid-{domain}"
+    _add_trust(ks, domain, kw.get("trust_files"))
+    if protocol == "est" and not ks.trust_anchors(domain):
+        _bootstrap_est(app, ks, domain, server, kw)
+    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain, **kw)
+    if idevid:
+        auth = lifecycle.auth_for(ks, ks.get(idevid))
+    else:
+        auth = ClientAuth()
+    auth = _with_secrets(auth, ref, secret, username, password)
+    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    subj, san_list = _subject_sans(subject, sans)
+    remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend)
+    cred = run_async(lifecycle.enroll(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
+                                      sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember))
+    _print_cred(app, cred, "enrolled")
+
+
+def _with_secrets(auth, ref, secret, username, password):
+    import dataclasses as dc
+
+    from keystore.secrets import resolve_secret
+
+    return dc.replace(auth, reference=ref.encode() if ref else None, secret=resolve_secret(secret, "--secret"),
+                      username=username, password=resolve_secret(password, "--password"))
+
+
+def _bootstrap_est(app, ks, domain, server, kw):
+    """RFC 7030 §4.1.1: fetch /cacerts without a trust anchor; store only after fingerprint check/confirmation."""
+    from agent import lifecycle
+    from enroll_clients import client_for
+    from enroll_clients.base import EnrollOptions
+
+    fp = kw.get("ca_fingerprint")
+    client = client_for("est", EnrollOptions(server=server, domain=domain, label=kw.get("label"),
+                                             profile=kw.get("profile"), ca_fingerprint=fp,
+                                             timeout_s=kw.get("timeout_s") or 30.0))
+    result = run_async(client.ca_certs(None))
+
+    def confirm(items):
+        click.echo("The EST server offered these CA certificates (check the fingerprints out of band):", err=True)
+        for subj, f in items:
+            click.echo(f"  {subj}\n    {f}", err=True)
+        if not sys.stdin.isatty():
+            return False
+        return click.confirm("Trust them for domain " + domain + "?", default=False, err=True)
+
+    confirmed = False if fp else confirm([(c.subject.rfc4514_string(), __import__("keystore.certs").certs.fingerprint(c))
+                                          for c in result.ca_certs])
+    added = lifecycle.apply_ca_update(ks, domain, result, ca_fingerprint=fp, confirmed=confirmed)
+    click.echo(f"trust anchors for {domain}: {len(added)} added", err=True)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--domain", required=True, help="Domain whose LDevID authenticates the request.")
+@_server_options
+@_key_options
+@pass_app
+def request(app: App, name, domain, protocol, server, ref, secret, username, password, key_type, key_backend, key_ref,
+            server_keygen, allow_weak_keys, subject, sans, **kw):
+    """Obtain an application credential (CMP cr / EST simpleenroll), authenticated by the domain's LDevID."""
+    from agent import lifecycle
+    from enroll_clients import client_for
+
+    ks = app.keystore()
+    ldevid = ks.find_domain_credential(domain)
+    if ldevid is None:
+        raise lifecycle.LifecycleError(f"no LDevID for domain {domain}: run 'devagent enroll --domain {domain}' first")
+    protocol = protocol or ldevid.record.get("protocol")
+    server = server or ldevid.record.get("server")
+    remembered = ldevid.record.get("meta", {}).get("enroll", {})
+    for k in ("label", "mac", "recipient", "timeout_s"):
+        if kw.get(k) is None and remembered.get(k) is not None:
+            kw[k] = remembered[k]
+    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain, **kw)
+    auth = _with_secrets(lifecycle.auth_for(ks, ldevid), ref, secret, username, password)
+    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    subj, san_list = _subject_sans(subject, sans)
+    remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend)
+    cred = run_async(lifecycle.request(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
+                                       sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember))
+    _print_cred(app, cred, "issued")
+
+
+def _override_dict(protocol, server, kw) -> dict:
+    return {"protocol": protocol, "server": server, **{k: kw.get(k) for k in ("label", "profile", "mac", "recipient",
+                                                                              "timeout_s")}}
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--rekey/--no-rekey", default=True, show_default=True, help="Generate a new key for the renewal.")
+@click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Override the remembered protocol.")
+@click.option("--server", help="Override the remembered server URL.")
+@click.option("--timeout", "timeout_s", type=float, default=None)
+@pass_app
+def renew(app: App, name, rekey, protocol, server, timeout_s):
+    """Renew a credential (CMP kur / EST simplereenroll) with its current certificate."""
+    from agent import lifecycle
+
+    ks = app.keystore()
+    cred = ks.get(name)
+    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "timeout_s": timeout_s})
+    new = run_async(lifecycle.renew(ks, name, client=client, rekey=rekey))
+    _print_cred(app, new, "renewed")
+
+
+REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+           "cessationOfOperation", "certificateHold", "privilegeWithdrawn")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--reason", type=click.Choice(REASONS), default="unspecified", show_default=True)
+@click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Override the remembered protocol.")
+@click.option("--server", help="Override the remembered server URL.")
+@pass_app
+def revoke(app: App, name, reason, protocol, server):
+    """Revoke a credential's certificate (CMP rr). EST has no revocation."""
+    from agent import lifecycle
+
+    ks = app.keystore()
+    cred = ks.get(name)
+    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server})
+    run_async(lifecycle.revoke(ks, name, client=client, reason=reason))
+    app.out({"revoked": name, "reason": reason}, f"revoked {name} ({reason})")
+
+
+@cli.command("ca-update")
+@click.option("--domain", required=True)
+@click.option("--protocol", type=click.Choice(["cmp", "est"]))
+@click.option("--server")
+@click.option("--label")
+@click.option("--profile")
+@click.option("--ca-fingerprint", help="sha256:HEX of a new root to accept (bootstrap or rollover).")
+@click.option("--timeout", "timeout_s", type=float, default=None)
+@pass_app
+def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint, timeout_s):
+    """Fetch the CA certificates (EST /cacerts, CMP genm caCerts/rootCaCert) and update the truststore."""
+    from agent import lifecycle
+    from enroll_clients import client_for
+    from enroll_clients.base import EnrollOptions
+
+    ks = app.keystore()
+    cred = ks.find_domain_credential(domain)
+    if cred is not None:
+        client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "label": label,
+                                                            "profile": profile, "timeout_s": timeout_s})
+    else:
+        if not protocol or not server:
+            raise click.UsageError(f"no LDevID for {domain}: give --protocol and --server")
+        client = client_for(protocol, EnrollOptions(server=server, trust_anchors=tuple(ks.trust_anchors(domain)),
+                                                    domain=domain, label=label, profile=profile,
+                                                    ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0))
+    added = run_async(lifecycle.ca_update(ks, domain, client=client, ca_fingerprint=ca_fingerprint))
+    app.out({"domain": domain, "added": added}, f"{domain}: {len(added)} CA certificate(s) added")
+
+
+def main(argv=None):
+    """Console-script entry point."""
+    try:
+        cli.main(args=argv, prog_name="devagent", standalone_mode=True)
+    except SystemExit as e:
+        raise SystemExit(e.code)
+
+
+if __name__ == "__main__":
+    main()
