@@ -1,0 +1,187 @@
+"""EST transport: one HTTPS request over httpx with a TLS context built from explicit trust anchors.
+
+Invariants:
+- The server is authenticated against the EST trust anchors given by the caller and the host name in the URL;
+  the system trust store is used only when explicitly asked (``system_trust``). TLS 1.2 is the minimum.
+- Unverified TLS exists only for the RFC 7030 §4.1.1 bootstrap of /cacerts, and then no credential is sent.
+- A client certificate's key reaches OpenSSL only as a file: the keystore's encrypted PEM (``key_file``), or a
+  software key written encrypted under a random one-time passphrase to a 0600 file in a 0700 temp directory that
+  is removed as soon as OpenSSL has read it.
+- Every foreign exception is wrapped once, here: ``TransportError`` (retryable) or ``ProtectionError`` (TLS trust).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import ssl
+import tempfile
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enroll_clients.base import EnrollError, ProtectionError, TransportError
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    reason: str
+    headers: dict  # lower-case names
+    body: bytes
+    url: str
+    peer_certificate: x509.Certificate | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """What the TLS layer needs for one request."""
+
+    trust_anchors: tuple[x509.Certificate, ...] = ()
+    verify: bool = True
+    system_trust: bool = False
+    client_certificate: x509.Certificate | None = None
+    client_chain: tuple[x509.Certificate, ...] = ()
+    client_key: Any = None
+    key_file: str | None = None
+    key_password: bytes | None = dataclasses.field(default=None, repr=False)
+
+
+class Transport(Protocol):
+    async def request(self, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig,
+                      timeout_s: float, basic: tuple[str, bytes] | None) -> HttpResponse: ...
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """A 0700 temporary directory (mkdtemp's mode) removed on exit, whatever happens."""
+    d = tempfile.mkdtemp(prefix="devagent-est-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_private(directory: str, name: str, data: bytes) -> str:
+    fd, path = tempfile.mkstemp(prefix=name, dir=directory)  # mkstemp creates 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """An SSLContext: TLS ≥ 1.2, server verified against ``tls.trust_anchors`` and host name, client cert loaded.
+
+    Raises:
+        EnrollError: no trust anchor (and no bootstrap / system trust), or a client key OpenSSL cannot use.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.verify:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in tls.trust_anchors)
+        if pem:
+            ctx.load_verify_locations(cadata=pem)
+        if tls.system_trust:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if not pem and not tls.system_trust:
+            raise EnrollError("no EST trust anchor: give the server's CA certificate (--ca-file), or bootstrap "
+                              "/cacerts with --ca-fingerprint sha256:HEX (RFC 7030 §4.1.1); the system trust "
+                              "store is used only when asked for explicitly")
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.client_certificate is not None:
+        _load_client_credential(ctx, tls)
+    return ctx
+
+
+def _load_client_credential(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
+    pem = serialization.Encoding.PEM
+    chain_pem = tls.client_certificate.public_bytes(pem) + b"".join(c.public_bytes(pem) for c in tls.client_chain)
+    with private_tempdir() as d:
+        cert_path = _write_private(d, "cert", chain_pem)
+        key_path, password = tls.key_file, tls.key_password
+        if key_path is None:
+            if tls.client_key is None:
+                raise EnrollError("TLS client authentication needs the private key of "
+                                  f"{tls.client_certificate.subject.rfc4514_string()!r} (ClientAuth.key_file or "
+                                  "private_key)")
+            password = secrets.token_bytes(32)
+            try:
+                key_pem = tls.client_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                       serialization.BestAvailableEncryption(password))
+            except Exception as e:  # TPM/PKCS#11 keys cannot be exported
+                raise EnrollError(
+                    "TLS client authentication with a non-exportable (TPM/PKCS#11) key is not supported by the "
+                    "EST client yet: Python's ssl needs the key as a file or through an OpenSSL provider "
+                    f"(tpm2-openssl); give ClientAuth.key_file for such a key ({type(e).__name__})") from None
+            key_path = _write_private(d, "key", key_pem)
+        try:
+            ctx.load_cert_chain(cert_path, key_path, password=password)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise EnrollError(f"cannot load the TLS client credential "
+                              f"{tls.client_certificate.subject.rfc4514_string()!r} with key "
+                              f"{tls.key_file or '(in memory)'}: {e}") from None
+
+
+def _tls_error(url: str, e: BaseException) -> EnrollError:
+    text = str(e)
+    chain = e
+    while chain is not None and not isinstance(chain, ssl.SSLError):
+        chain = chain.__cause__ or chain.__context__
+    if isinstance(chain, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = getattr(chain, "verify_message", "") or text
+        if "Hostname mismatch" in text or "hostname" in detail.lower() or "IP address mismatch" in text:
+            return ProtectionError(f"TLS to {url}: the server certificate is not valid for this host name "
+                                   f"({detail}); check the URL")
+        return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
+                               f"({detail}); check --ca-file or bootstrap with --ca-fingerprint")
+    if isinstance(chain, ssl.SSLError):
+        return ProtectionError(f"TLS to {url} failed: {chain}")
+    return TransportError(f"{url}: {type(e).__name__}: {text or 'connection failed'}")
+
+
+class HttpxTransport:
+    """The production transport: httpx over TLS, one connection per request (EST exchanges are rare)."""
+
+    async def request(self, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig,
+                      timeout_s: float, basic: tuple[str, bytes] | None) -> HttpResponse:
+        import httpx
+
+        ctx = make_ssl_context(tls)
+        auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
+        try:
+            async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
+                                         trust_env=False, http2=False) as client:
+                req = client.build_request(method, url, headers=headers, content=body)
+                resp = await client.send(req, auth=auth, stream=True)
+                try:
+                    peer = None
+                    stream = resp.extensions.get("network_stream")
+                    sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
+                    if sslobj is not None:
+                        der = sslobj.getpeercert(binary_form=True)
+                        peer = x509.load_der_x509_certificate(der) if der else None
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_RESPONSE_BYTES:
+                            raise TransportError(f"{method} {url}: response larger than {MAX_RESPONSE_BYTES} bytes")
+                        chunks.append(chunk)
+                finally:
+                    await resp.aclose()
+        except EnrollError:
+            raise
+        except httpx.HTTPError as e:
+            raise _tls_error(f"{method} {url}", e) from e
+        except (ssl.SSLError, OSError) as e:
+            raise _tls_error(f"{method} {url}", e) from e
+        return HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
+                            b"".join(chunks), url, peer)
