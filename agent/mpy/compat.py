@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 MICROPYTHON = hasattr(time, "ticks_ms")
 
 _seed_source = None
+_os_urandom = getattr(os, "urandom", None)  # None on boards without a CSPRNG (tests clear it too)
 
 
 class NoRandomError(Exception):
@@ -51,7 +52,7 @@ def urandom(n):
         NoRandomError: neither os.urandom nor a configured seed source exists. We refuse to make keys
             from a guessable source.
     """
-    fn = getattr(os, "urandom", None) or _seed_source
+    fn = _os_urandom or _seed_source
     if fn is None:
         raise NoRandomError("no CSPRNG: this board has no os.urandom; configure compat.set_seed_source()")
     b = fn(n)

@@ -107,7 +107,11 @@ class Store:
         """
         gen = max(self.latest("key"), self.latest("cert")) + 1
         self._write("key.%d" % gen, key_der)
-        self._write("cert.%d" % gen, cert_der)
+        try:
+            self._write("cert.%d" % gen, cert_der)
+        except StorageError:
+            compat.remove(self._path("key.%d" % gen))  # orphan: never live without its certificate
+            raise
         self.prune("key", gen)
         self.prune("cert", gen)
         self.clean_tmp()
