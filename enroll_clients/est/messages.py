@@ -567,6 +567,7 @@ def encode_csrattrs(items: Sequence[CsrAttrItem]) -> bytes:
 
     univ, CsrAttrs, AttrOrOID, Attribute = _asn1()
     seq = CsrAttrs()
+    seq.clear()  # an empty SEQUENCE OF is a valid (empty) CsrAttrs, not an unset value
     for i, it in enumerate(items):
         choice = AttrOrOID()
         try:
@@ -579,6 +580,7 @@ def encode_csrattrs(items: Sequence[CsrAttrItem]) -> bytes:
             attr = Attribute()
             attr["type"] = oid
             vals = attr["values"]
+            vals.clear()
             for j, v in enumerate(it.values):
                 try:
                     _, rest = decoder.decode(v)
