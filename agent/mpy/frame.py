@@ -52,19 +52,30 @@ def decode_body(body):
 
 
 class FrameReader:
-    """Reads frames from ``read(n)`` (returns up to n bytes, b"" on timeout or end of file)."""
+    """Reads frames from ``read(n)`` (returns up to n bytes, b"" on timeout or end of file).
 
-    def __init__(self, read, max_body=MAX_BODY):
+    It asks for at most ``chunk`` bytes at a time (1 by default, right for a blocking board console
+    that would otherwise wait for bytes that never come) and gives up on a frame as soon as a new "~"
+    shows up inside it, so a truncated frame never swallows the next good one.
+    """
+
+    def __init__(self, read, max_body=MAX_BODY, chunk=1):
         self._read = read
         self._buf = b""
         self.max_body = max_body
+        self.chunk = chunk
 
     def _fill(self, n):
         while len(self._buf) < n:
-            c = self._read(n - len(self._buf))
+            c = self._read(min(n - len(self._buf), self.chunk))
             if not c:
                 return False
+            start = len(self._buf)
             self._buf += bytes(c)
+            j = self._buf.find(SOF, start if start else 1)
+            if j > 0:  # a new frame starts inside this one: this one was cut short
+                self._buf = self._buf[j:]
+                raise FrameError("truncated frame")
         return True
 
     def read(self):
