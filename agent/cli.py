@@ -51,6 +51,7 @@ class App:
     verbose: bool = False
     config_path: str | None = None
     board_profile: str | None = None
+    _config: object = None
 
     def keystore(self):
         from keystore.store import Keystore
@@ -58,19 +59,24 @@ class App:
         return Keystore.open(self.state_dir, self.backend_options())
 
     def backend_options(self) -> dict:
-        """Key backend options (TPM TCTI, PKCS#11 module/token/PIN) from config and board profile."""
-        try:
-            cfg = self.config()
-        except ImportError:
-            return {}
-        opts = getattr(cfg, "backend_options", None)
-        return opts() if callable(opts) else (opts or {})
+        """Key backend options (TPM TCTI; PKCS#11 module/token/PIN from DEVAGENT_PKCS11_*) from config/profile."""
+        opts: dict = {}
+        cfg = self.config()
+        if cfg.key.tcti:
+            opts["tpm"] = {"tcti": cfg.key.tcti}
+        p11 = {k[len("DEVAGENT_PKCS11_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVAGENT_PKCS11_")}
+        if p11:
+            opts["pkcs11"] = p11
+        return opts
 
     def config(self):
-        from agent import config as config_mod
+        """Effective configuration: CLI > DEVAGENT_* env > config file > board profile (agent.config)."""
+        if self._config is None:
+            from agent import config as config_mod
 
-        return config_mod.load_config({"state_dir": str(self.state_dir), "profile": self.board_profile},
-                                      config_path=self.config_path)
+            overrides = {"profile": self.board_profile} if self.board_profile else {}
+            self._config = config_mod.load_config(overrides, config_path=self.config_path)
+        return self._config
 
     def out(self, data, text: str | None = None) -> None:
         if self.json:

@@ -109,11 +109,19 @@ def pem(certs) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+NAME_OVERRIDES = {x509.oid.NameOID.SERIAL_NUMBER: "serialNumber"}
+
+
+def dn(name: x509.Name) -> str:
+    """RFC 4514 string with readable attribute names (serialNumber instead of 2.5.4.5)."""
+    return name.rfc4514_string(NAME_OVERRIDES)
+
+
 def describe(cert: x509.Certificate) -> dict:
     """A JSON-friendly summary of a certificate (no secrets)."""
     return {
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
+        "subject": dn(cert.subject),
+        "issuer": dn(cert.issuer),
         "serial": format(cert.serial_number, "x"),
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),

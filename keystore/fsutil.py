@@ -9,6 +9,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -53,7 +54,15 @@ def ensure_dir(path: str | os.PathLike, mode: int = DIR_MODE) -> Path:
     """Create ``path`` (and parents) with ``mode``; tighten an existing directory we own to ``mode``."""
     p = Path(path)
     try:
-        p.mkdir(mode=mode, parents=True, exist_ok=True)
+        missing = []
+        q = p
+        while not q.exists():
+            missing.append(q)
+            q = q.parent
+        for d in reversed(missing):  # parents too: mkdir(parents=True) would give them the umask's mode
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=mode)
+            os.chmod(d, mode)
         st = p.stat()
         if stat.S_IMODE(st.st_mode) != mode and st.st_uid == os.geteuid():
             os.chmod(p, mode)

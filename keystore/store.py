@@ -457,6 +457,9 @@ class Keystore:
         if domain is None:
             raise ValueError("a domain is required for LDevID and application credentials")
         chain = tuple(chain)
+        current = self._table("credentials").get(Query().name == name)
+        if current is not None and current["kind"] == "idevid":
+            raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
         pub = self.public_key(key_uri)
         anchors = self.trust_anchors(domain)
         path = verify_certificate(certificate, public_key=pub, chain=chain, trust_anchors=anchors, now=now,

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from keystore.certs import fingerprint, same_public_key
+from keystore.certs import dn, fingerprint, same_public_key
 from keystore.errors import VerificationError
 
 MAX_PATH_LEN = 8
@@ -31,7 +31,7 @@ KNOWN_CRITICAL = {
 
 
 def _name(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    return dn(cert.subject) or "(empty subject)"
 
 
 def _utcnow() -> datetime.datetime:
@@ -108,7 +108,7 @@ def build_path(cert: x509.Certificate, intermediates: Sequence[x509.Certificate]
                                 "this domain (add one with 'devagent ca-update' or '--trust CA.pem')")
     raise VerificationError(
         "untrusted",
-        f"certificate {_name(cert)} (issuer {cert.issuer.rfc4514_string()}) does not chain to the trust anchor(s) "
+        f"certificate {_name(cert)} (issuer {dn(cert.issuer)}) does not chain to the trust anchor(s) "
         f"{', '.join(_name(a) for a in anchors)}")
 
 

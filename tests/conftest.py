@@ -1,0 +1,39 @@
+"""Shared fixtures: a session lab CA and fresh keystores. Protocol peers live in tests/peers/."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.lab.ca import LabCA
+from keystore.store import Keystore
+
+DOMAIN = "plant"
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory) -> LabCA:
+    """A lab CA with domains 'plant' (P-256) and 'other' (a second, unrelated hierarchy)."""
+    return LabCA.create(tmp_path_factory.mktemp("lab"), domains=(DOMAIN, "other"))
+
+
+@pytest.fixture
+def ks(tmp_path, lab) -> Keystore:
+    """A fresh keystore trusting the lab's 'plant' root."""
+    k = Keystore.init(tmp_path / "state")
+    k.add_trust_anchors(DOMAIN, [lab.domain(DOMAIN).root_cert], source="test")
+    return k
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with its SHA-256: compare before/after to prove nothing was stored."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if f == ".lock":
+                continue
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
