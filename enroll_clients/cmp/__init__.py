@@ -1,0 +1,88 @@
+"""CMP client (RFC 9483 lightweight CMP profile; RFC 4210/9810, 4211, 6712, 9480, 9481).
+
+Cheap to import: nothing here (or in ``client``/``transport``) imports pyasn1 or httpx; the ASN.1 layer
+loads on the first CMP message and httpx on the first HTTP request.
+
+Public API::
+
+    client_from_options(options: EnrollOptions) -> CmpClient      # an EnrollmentClient
+    CmpClient(transport, *, trust_anchors=(), recipient=None, implicit_confirm=False, mac="pbm", ...)
+    HttpTransport(url, *, timeout_s=30, retries=2) / FileTransport(reqout, rspin, *, wait_s=300)
+    CallableTransport(handler)
+
+See docs/cmp.md.
+"""
+from __future__ import annotations
+
+from enroll_clients.base import EnrollOptions
+
+__all__ = ["client_from_options", "CmpClient", "HttpTransport", "FileTransport", "CallableTransport", "Transport"]
+
+
+def client_from_options(options: EnrollOptions):
+    """Build a ``CmpClient`` from ``EnrollOptions``.
+
+    Transport: a file transport when ``options.reqout`` or ``options.rspin`` is set (both are then
+    needed), else HTTP to ``options.server`` (``http://`` or ``https://`` URL of the CMP endpoint).
+
+    ``options.extra`` keys understood (all optional):
+        ``old_root`` (x509.Certificate): current root; ``ca_certs()`` then asks for a root CA key update.
+        ``max_clock_skew_s`` (float): the device clock is trusted; reject responses whose messageTime
+            differs more. Default None (clock not trusted, e.g. a Pi without RTC before NTP).
+        ``cert_template`` (bool): ask for and apply the server's certReqTemplate before ir/cr.
+        ``mac_iterations`` (int): iteration count of our PBM/PBMAC1 (default 10000).
+        ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = system CAs).
+        ``http_keep_alive`` (bool): reuse the HTTP connection between messages (default False).
+        ``file_wait_s`` (float): how long the file transport waits for a response file
+            (default ``options.max_wait_s``).
+
+    Raises:
+        ValueError: inconsistent options (e.g. only one of reqout/rspin, a non-HTTP server URL).
+        TypeError: wrong option types.
+    """
+    if not isinstance(options, EnrollOptions):
+        raise TypeError(f"options must be EnrollOptions, not {type(options).__name__}")
+    from enroll_clients.cmp.client import CmpClient
+    from enroll_clients.cmp.transport import FileTransport, HttpTransport
+
+    extra = dict(options.extra or {})
+    if options.reqout or options.rspin:
+        if not (options.reqout and options.rspin):
+            raise ValueError("the CMP file transport needs both reqout (requests) and rspin (responses)")
+        transport = FileTransport(options.reqout, options.rspin,
+                                  wait_s=float(extra.get("file_wait_s", options.max_wait_s)))
+    else:
+        transport = HttpTransport(options.server, timeout_s=options.timeout_s, retries=options.retries,
+                                  verify=extra.get("tls_verify", True),
+                                  keep_alive=bool(extra.get("http_keep_alive", False)))
+    old_root = extra.get("old_root")
+    if old_root is not None:
+        from cryptography import x509
+
+        if not isinstance(old_root, x509.Certificate):
+            raise TypeError("options.extra['old_root'] must be an x509.Certificate")
+    return CmpClient(
+        transport,
+        trust_anchors=tuple(options.trust_anchors),
+        recipient=options.recipient,
+        implicit_confirm=options.implicit_confirm,
+        mac=options.mac,
+        mac_iterations=extra.get("mac_iterations"),
+        max_clock_skew_s=extra.get("max_clock_skew_s"),
+        max_wait_s=options.max_wait_s,
+        profile=options.profile,
+        old_root=old_root,
+        use_cert_template=bool(extra.get("cert_template", False)),
+    )
+
+
+def __getattr__(name):  # lazy re-exports
+    if name == "CmpClient":
+        from enroll_clients.cmp.client import CmpClient
+
+        return CmpClient
+    if name in ("HttpTransport", "FileTransport", "CallableTransport", "Transport"):
+        from enroll_clients.cmp import transport
+
+        return getattr(transport, name)
+    raise AttributeError(name)

@@ -1,0 +1,335 @@
+"""The CMP client (RFC 9483 lightweight CMP profile over RFC 4210/9810, 4211, 6712).
+
+Steps, as in OpenSSL's apps/cmp.c: credentials (``ClientAuth`` -> ``Protector``), transport (``Transport``),
+request template (``messages.cert_template`` + optional server certReqTemplate), then the exchange
+(``_cert_exchange``: request -> [poll] -> response -> checks -> certConf/pkiConf or implicit confirm).
+
+Invariants:
+- Every response goes through ``Transaction.accept`` (protection, transactionID, nonces, time) before any
+  field is used; an error that is not verifiably protected is reported (``CmpServerError.protected``
+  False) and changes nothing.
+- A certificate is returned only if its public key is the one we asked for; otherwise the client rejects it
+  with a negative certConf (when confirmation is pending) and raises ``KeyMismatchError``.
+- Keys are used only through ``key.sign``; nothing is stored.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import importlib
+from typing import Sequence
+
+from cryptography import x509
+
+from enroll_clients.base import (
+    CaCertsResult,
+    CertRequest,
+    ClientAuth,
+    EnrollError,
+    EnrollmentClient,
+    EnrollResult,
+    ProtocolError,
+    UnsupportedError,
+)
+from enroll_clients.cmp import verify as V
+from enroll_clients.cmp.errors import STATUS_NAMES, CmpServerError, KeyMismatchError
+from enroll_clients.cmp.transport import Transport
+
+REPLY_TYPE = {"ir": "ip", "cr": "cp", "p10cr": "cp", "kur": "kup"}
+CHECK_AFTER_MIN_S = 0.0
+INCORRECT_DATA_BIT = 7
+
+
+class _LazyModule:
+    """A module imported on first attribute access. The ASN.1 layer (pyasn1, ~50-130 ms to import on x86,
+    several times that on a Pi Zero 2 W) loads on the first CMP message, so building a client and
+    ``devagent`` start-up do not pay for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+A = _LazyModule("enroll_clients.cmp.asn1")
+M = _LazyModule("enroll_clients.cmp.messages")
+T = _LazyModule("enroll_clients.cmp.template")
+
+
+class PollingTimeoutError(EnrollError):
+    """The server kept answering 'waiting' longer than ``max_wait_s``."""
+
+
+class CmpClient(EnrollmentClient):
+    """CMP over one ``Transport``.
+
+    Args:
+        transport: HTTP, file or in-memory transport.
+        trust_anchors: CMP trust anchors for signature-protected responses.
+        recipient: the CA's name for the header (NULL-DN if unknown, RFC 9483 3.1).
+        implicit_confirm: ask for implicitConfirm (certConf is skipped only if the server grants it).
+        mac: "pbm" (RFC 4210 PasswordBasedMac) or "pbmac1" (RFC 9481) for MAC-protected requests.
+        mac_iterations: iteration count for our MAC (default 10000).
+        max_clock_skew_s: when set (the clock is trusted), responses whose messageTime differs more are
+            rejected and signer certificates are checked for validity now; None = clock not trusted.
+        max_wait_s: bound on polling (status waiting, pollRep checkAfter).
+        profile: certProfile to put in generalInfo (RFC 9483 3.1), None for the server's default.
+        old_root: our current root; ``ca_certs()`` then also asks for a root CA key update (rootCaCert).
+        use_cert_template: ``enroll``/``request`` first ask the server for its certReqTemplate and apply it.
+    """
+
+    protocol = "cmp"
+
+    def __init__(self, transport: Transport, *, trust_anchors: Sequence[x509.Certificate] = (),
+                 recipient: x509.Name | None = None, implicit_confirm: bool = False, mac: str = "pbm",
+                 mac_iterations: int | None = None, max_clock_skew_s: float | None = None,
+                 max_wait_s: float = 300.0, profile: str | None = None,
+                 old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None):
+        if mac not in ("pbm", "pbmac1"):
+            raise ValueError(f"unknown MAC {mac!r} (expected 'pbm' or 'pbmac1')")
+        self.transport = transport
+        self.trust_anchors = tuple(trust_anchors)
+        self.recipient = recipient
+        self.implicit_confirm = implicit_confirm
+        self.mac = mac
+        self.mac_iterations = mac_iterations
+        self.max_clock_skew_s = max_clock_skew_s
+        self.max_wait_s = max_wait_s
+        self.profile = profile
+        self.old_root = old_root
+        self.use_cert_template = use_cert_template
+        self._now = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self._sleep = sleep or asyncio.sleep
+
+    # --- public API (EnrollmentClient) -----------------------------------------------------------
+    async def enroll(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
+        """Initial enrollment: ir (CRMF, POP by ``request.private_key``), or p10cr when only ``request.csr``
+        is given. Protected by MAC (``auth.reference``+``auth.secret``) or by the IDevID signature
+        (``auth.certificate``+``auth.private_key``, ``auth.chain`` in extraCerts)."""
+        if request.server_keygen:
+            raise UnsupportedError("central key generation over CMP is not supported by this client; "
+                                   "generate the key on the device (the default)")
+        if request.private_key is None and request.csr is not None:
+            return await self._p10cr(request, auth)
+        return await self._crmf("ir", request, auth)
+
+    async def request(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
+        """Additional certificate: cr signed with an existing credential (normally the LDevID)."""
+        if request.server_keygen:
+            raise UnsupportedError("central key generation over CMP is not supported by this client")
+        if request.private_key is None and request.csr is not None:
+            return await self._p10cr(request, auth)
+        return await self._crmf("cr", request, auth)
+
+    async def renew(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
+        """kur for ``auth.certificate``: signed by the old certificate's key, POP by ``request.private_key``
+        (the new key, or the old one to renew without rekeying); oldCertID names the old certificate."""
+        if auth.certificate is None or auth.private_key is None:
+            raise ValueError("renew (kur) needs auth.certificate and auth.private_key (the certificate to update)")
+        if request.private_key is None:
+            raise ValueError("renew (kur) needs request.private_key (the new key, or the old one)")
+        return await self._crmf("kur", request, auth, controls=(M.old_cert_id_control(auth.certificate),))
+
+    async def revoke(self, certificate: x509.Certificate, auth: ClientAuth, reason: str = "unspecified") -> None:
+        """rr for ``certificate`` (normally signed by its own key via ``auth``). Returns once the server
+        reports the revocation accepted (status accepted, revocationWarning or revocationNotification)."""
+        txn = self._transaction(auth, sender=certificate.subject)
+        der = txn.request("rr", M.rr_body(certificate, reason))
+        resp = await self._send(txn, der, ("rp",), "revocation request (rr)")
+        statuses = list(resp.body["status"])
+        if len(statuses) != 1:
+            raise ProtocolError(f"rp carries {len(statuses)} statuses for our one revocation request")
+        status, fail, text = M.status_of(statuses[0])
+        if status not in (0, 4, 5):
+            raise CmpServerError("revocation request (rr) refused", status=status, fail_info=fail, text=text,
+                                 protected=resp.protected)
+
+    async def ca_certs(self, auth: ClientAuth | None = None) -> CaCertsResult:
+        """genm caCerts, plus rootCaCert when ``old_root`` is configured (RFC 9483 4.3.1/4.3.2). The genp must
+        be protected (MAC with ``auth.secret`` or a signature chaining to ``trust_anchors``). A new root is
+        returned only after ``verify_root_update`` bound it to the old root."""
+        items = [(A.id_it_caCerts, None)]
+        if self.old_root is not None:
+            items.append((A.id_it_rootCaCert, M.cert_to_asn1(self.old_root)))
+        txn = self._transaction(auth)
+        der = txn.request("genm", M.genm_body(items))
+        resp = await self._send(txn, der, ("genp",), "general message (genm caCerts)")
+        values = M.genp_values(resp.body)
+        cas = M.decode_ca_certs(values.get(str(A.id_it_caCerts)))
+        new_root = nwo = own = None
+        update = M.decode_root_ca_key_update(values.get(str(A.id_it_rootCaKeyUpdate)))
+        if update is not None:
+            if self.old_root is None:
+                raise ProtocolError("genp carries a rootCaKeyUpdate we did not ask for")
+            nwn, nwo, own = update
+            V.verify_root_update(self.old_root, nwn, nwo, own)
+            new_root = nwn
+        return CaCertsResult(ca_certs=cas, new_root=new_root, new_with_old=nwo, old_with_new=own,
+                             server_time=resp.server_time)
+
+    async def cert_req_template(self, auth: ClientAuth | None = None):
+        """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none."""
+        txn = self._transaction(auth)
+        der = txn.request("genm", M.genm_body([(A.id_it_certReqTemplate, None)]))
+        resp = await self._send(txn, der, ("genp",), "general message (genm certReqTemplate)")
+        return T.decode_template(M.genp_values(resp.body).get(str(A.id_it_certReqTemplate)))
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    # --- internals --------------------------------------------------------------------------------
+    def _protector(self, auth: ClientAuth | None) -> M.Protector:
+        if auth is None:
+            return M.Protector(unprotected=True, trust_anchors=self.trust_anchors)
+        if not isinstance(auth, ClientAuth):
+            raise TypeError(f"auth must be a ClientAuth, not {type(auth).__name__}")
+        if auth.certificate is not None and auth.private_key is not None:
+            return M.Protector(certificate=auth.certificate, private_key=auth.private_key, chain=tuple(auth.chain),
+                               secret=auth.secret, trust_anchors=self.trust_anchors)
+        if auth.secret is not None:
+            if not auth.reference:
+                raise ValueError("MAC protection needs auth.reference (sent as senderKID) with auth.secret")
+            return M.Protector(reference=auth.reference, secret=auth.secret, mac_kind=self.mac,
+                               mac_iterations=self.mac_iterations, trust_anchors=self.trust_anchors)
+        raise ValueError("no CMP credentials in auth: give reference+secret (MAC) or certificate+private_key")
+
+    def _transaction(self, auth, sender: x509.Name | None = None) -> M.Transaction:
+        return M.Transaction(self._protector(auth), sender=sender, recipient=self.recipient,
+                             max_clock_skew_s=self.max_clock_skew_s, now=self._now)
+
+    def _general_info(self):
+        gi = []
+        if self.implicit_confirm:
+            gi.append((A.id_it_implicitConfirm, A.Null("")))
+        if self.profile:
+            v = A.CertProfileValue()
+            v.setComponentByPosition(0, self.profile)
+            gi.append((A.id_it_certProfile, v))
+        return gi
+
+    async def _send(self, txn: M.Transaction, der: bytes, expected, what: str) -> M.Response:
+        rsp = await self.transport.exchange(der)
+        resp = txn.accept(rsp, expected)
+        if resp.body_type == "error":
+            content = resp.body
+            status, fail, text = M.status_of(content["pKIStatusInfo"])
+            code = int(content["errorCode"]) if content["errorCode"].isValue else None
+            details = "; ".join(str(t) for t in content["errorDetails"]) if content["errorDetails"].isValue else ""
+            if resp.protection_problem:
+                details = (details + "; " if details else "") + f"response protection: {resp.protection_problem}"
+            raise CmpServerError(f"{what} refused by the CMP server ({self.transport.describe()})", status=status,
+                                 fail_info=fail, text=text, protected=resp.protected, error_code=code,
+                                 details=details)
+        return resp
+
+    async def _crmf(self, body_type: str, request: CertRequest, auth: ClientAuth, controls=()) -> EnrollResult:
+        key = request.private_key
+        if key is None:
+            raise ValueError(f"{body_type} needs request.private_key (keys are generated on the device)")
+        subject, extensions = request.subject, tuple(request.extensions)
+        if self.use_cert_template and body_type in ("ir", "cr"):
+            tpl = await self.cert_req_template(auth)
+            if tpl is not None:
+                subject, extensions = T.apply_template(tpl, subject, request.sans, extensions, key)
+                request = CertRequest(subject=subject, private_key=key, extensions=extensions,
+                                      key_type=request.key_type, profile=request.profile)
+        template = M.cert_template(subject, key.public_key(), request.sans, extensions)
+        body = M.cert_req_messages(template, key, controls=controls)
+        sender = auth.certificate.subject if auth.certificate is not None else subject
+        txn = self._transaction(auth, sender=sender)
+        return await self._cert_exchange(txn, body_type, body, key.public_key())
+
+    async def _p10cr(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
+        csr = request.csr
+        if not csr.is_signature_valid:
+            raise ValueError("request.csr has an invalid signature")
+        sender = auth.certificate.subject if auth.certificate is not None else csr.subject
+        txn = self._transaction(auth, sender=sender)
+        return await self._cert_exchange(txn, "p10cr", M.p10cr_body(csr), csr.public_key())
+
+    async def _cert_exchange(self, txn: M.Transaction, body_type: str, body, public_key) -> EnrollResult:
+        what = f"certificate request ({body_type})"
+        reply = REPLY_TYPE[body_type]
+        der = txn.request(body_type, body, general_info=self._general_info())
+        resp = await self._send(txn, der, (reply,), what)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        polls = 0
+        while True:
+            cert_resp = _single_response(resp.body, body_type)
+            req_id = int(cert_resp["certReqId"])
+            status, fail, text = M.status_of(cert_resp["status"])
+            if status != 3:  # not waiting
+                break
+            # Polling (RFC 9483 4.4): pollReq -> pollRep(checkAfter) ... -> final response.
+            check_after = 1.0
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise PollingTimeoutError(f"{what}: server still 'waiting' after {self.max_wait_s:g} s "
+                                              f"({polls} polls); giving up (transaction {txn.tid.hex()})")
+                await self._sleep(max(CHECK_AFTER_MIN_S, min(check_after, remaining)))
+                polls += 1
+                der = txn.request("pollReq", M.poll_req_body(req_id))
+                resp = await self._send(txn, der, ("pollRep", reply), f"polling request for {body_type}")
+                if resp.body_type == reply:
+                    break
+                entries = list(resp.body)
+                if len(entries) != 1 or int(entries[0]["certReqId"]) != req_id:
+                    raise ProtocolError("pollRep does not answer our certReqId")
+                check_after = float(int(entries[0]["checkAfter"]))
+                if check_after < 0:
+                    raise ProtocolError(f"pollRep checkAfter {check_after:g} is negative")
+        if status not in (0, 1):
+            raise CmpServerError(f"{what} refused by the CMP server ({self.transport.describe()})", status=status,
+                                 fail_info=fail, text=text, protected=resp.protected)
+        if not resp.protected:  # positive content must be protected (accept() guarantees it; belt and braces)
+            raise ProtocolError(f"{what}: unprotected positive response")
+        ckp = cert_resp["certifiedKeyPair"]
+        if not ckp.isValue:
+            raise ProtocolError(f"{what}: status {STATUS_NAMES[status]} but no certificate in the response")
+        coe = ckp["certOrEncCert"]
+        if coe.getName() != "certificate":
+            raise UnsupportedError(f"{what}: the server returned an encrypted certificate (indirect POP), "
+                                   "which this client does not request or support")
+        cert = M.asn1_to_cert(coe.getComponent())
+        ca_pubs = ()
+        if resp.body["caPubs"].isValue:
+            ca_pubs = tuple(M.asn1_to_cert(c) for c in resp.body["caPubs"])
+        implicit = self.implicit_confirm and resp.implicit_confirm_granted
+        if V.spki(cert) != V.spki(public_key):
+            if not implicit:
+                try:
+                    cbody, pvno = M.cert_conf_body(cert, req_id, accept=False, reason="public key mismatch",
+                                                   fail_bits=(INCORRECT_DATA_BIT,))
+                    await self._send(txn, txn.request("certConf", cbody, pvno=pvno), ("pkiconf",), "certConf")
+                except EnrollError:
+                    pass  # the rejection is what matters; the server's answer to it changes nothing here
+            raise KeyMismatchError(
+                f"{what}: public key mismatch: the certificate {cert.subject.rfc4514_string()} (serial "
+                f"{cert.serial_number:x}) returned by {self.transport.describe()} is not for the key we "
+                "requested; rejected")
+        if not implicit:
+            cbody, pvno = M.cert_conf_body(cert, req_id)
+            await self._send(txn, txn.request("certConf", cbody, pvno=pvno), ("pkiconf",), "certificate confirmation (certConf)")
+        pool = list(resp.extra_certs) + list(ca_pubs)
+        chain = V.issuing_chain(cert, pool)
+        return EnrollResult(
+            certificate=cert, chain=chain, ca_certs=ca_pubs, server_time=resp.server_time,
+            info={"transaction_id": txn.tid.hex(), "status": STATUS_NAMES[status], "implicit_confirm": implicit,
+                  "polls": polls, "body": body_type, "protection": "signature" if txn.protector.uses_signature else "mac",
+                  "response_signer": resp.signer.subject.rfc4514_string() if resp.signer is not None else None})
+
+
+def _single_response(body, body_type: str):
+    responses = list(body["response"])
+    if len(responses) != 1:
+        raise ProtocolError(f"response carries {len(responses)} CertResponses for our one request")
+    r = responses[0]
+    req_id = int(r["certReqId"])
+    allowed = (0, -1) if body_type == "p10cr" else (0,)
+    if req_id not in allowed:
+        raise ProtocolError(f"response certReqId {req_id} does not match our request (expected {allowed[0]})")
+    return r

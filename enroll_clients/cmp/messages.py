@@ -1,0 +1,549 @@
+"""CMP messages: build requests and check responses. Pure and synchronous: bytes in, objects out.
+
+A ``Transaction`` carries the state RFC 4210/9483 bind a transaction with (transactionID, the nonces, the
+protection credentials) and is the only way to build requests and accept responses, so every response is
+checked the same way, in this order, before any of its fields is used:
+
+1. DER decodes to a PKIMessage with no trailing bytes; pvno is 2 or 3.
+2. Protection verifies: MAC with our shared secret (PasswordBasedMac or PBMAC1), or a signature by
+   extraCerts[0] that chains to the configured CMP trust anchor, with sender == that certificate's subject.
+   Missing/invalid protection is tolerated only on error content (``Response.protected`` is then False and
+   the caller reports the error without trusting it).
+3. transactionID equals ours; recipNonce equals the senderNonce of our last request; senderNonce is present,
+   at least 128 bits and not seen before in this transaction.
+4. messageTime is within ``max_clock_skew_s`` of our clock, when the clock is trusted (a set tolerance).
+5. The body type is one the caller expects (or error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Callable, Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from enroll_clients.base import ProtectionError, ProtocolError
+from enroll_clients.cmp import asn1 as A
+from enroll_clients.cmp import protection as P
+from enroll_clients.cmp import verify as V
+
+NONCE_BYTES = 16
+PVNO_CMP2000 = 2
+PVNO_CMP2021 = 3
+
+REQUEST_TYPES = ("ir", "cr", "p10cr", "kur", "rr", "genm", "certConf", "pollReq", "error")
+REASONS = {"unspecified": 0, "keyCompromise": 1, "cACompromise": 2, "affiliationChanged": 3, "superseded": 4,
+           "cessationOfOperation": 5, "certificateHold": 6, "removeFromCRL": 8, "privilegeWithdrawn": 9,
+           "aACompromise": 10}
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+# --- conversions between cryptography and pyasn1 ---------------------------------------------------
+def cert_to_asn1(cert: x509.Certificate, spec=None):
+    return A.der_decode(cert.public_bytes(Encoding.DER), spec if spec is not None else A.CMPCertificate())
+
+
+def asn1_to_cert(value) -> x509.Certificate:
+    if value.tagSet != A.CMPCertificate.tagSet:  # e.g. certOrEncCert's [0] EXPLICIT certificate
+        value = _fill(A.CMPCertificate(), value)
+    try:
+        return x509.load_der_x509_certificate(A.der_encode(value))
+    except ValueError as e:
+        raise ProtocolError(f"a certificate in the response does not parse: {e}") from None
+
+
+def name_to_asn1(name: x509.Name):
+    return A.der_decode(name.public_bytes(), A.Name())
+
+
+def _rdns(name: x509.Name):
+    # pyasn1-modules' rfc2459.Name names its only alternative '' (RDNSequence): use the position.
+    return name_to_asn1(name).getComponentByPosition(0)
+
+
+def name_der(value) -> bytes:
+    """DER of a pyasn1 Name (possibly implicitly tagged), comparable with ``x509.Name.public_bytes()``."""
+    return A.der_encode(value.getComponent())
+
+
+def directory_name(name: x509.Name | None):
+    """GeneralName directoryName; None -> NULL-DN (RFC 9483 3.1 'the NULL-DN')."""
+    gn = A.GeneralName()
+    dn = gn.setComponentByName("directoryName").getComponentByName("directoryName")
+    dn.setComponentByPosition(0, _rdns(name if name is not None else x509.Name([])))
+    return gn
+
+
+def spki_to_asn1(public_key):
+    return A.der_decode(V.spki(public_key), A.SubjectPublicKeyInfo())
+
+
+def parse_generalized_time(value) -> datetime.datetime | None:
+    try:
+        return value.asDateTime.astimezone(datetime.timezone.utc)
+    except Exception:
+        return None
+
+
+# --- protection credentials -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Protector:
+    """How requests are protected and which responses are acceptable.
+
+    MAC (``reference``+``secret``) or signature (``certificate``+``private_key``, ``chain`` sent as
+    extraCerts after the protection certificate). ``trust_anchors`` are the CMP trust anchors for signed
+    responses; ``secret`` also verifies MAC-protected responses.
+    """
+
+    reference: bytes | None = None
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    mac_kind: str = "pbm"
+    mac_iterations: int | None = None
+    certificate: x509.Certificate | None = None
+    private_key: object = None
+    chain: tuple[x509.Certificate, ...] = ()
+    trust_anchors: tuple[x509.Certificate, ...] = ()
+    unprotected: bool = False  # testing/diagnostics only: send without protection
+
+    @property
+    def uses_signature(self) -> bool:
+        return self.certificate is not None and self.private_key is not None
+
+    def check(self) -> None:
+        if self.unprotected:
+            return
+        if self.uses_signature:
+            if V.spki(self.certificate) != V.spki(self.private_key):
+                raise ValueError("protection certificate and private key do not match")
+            return
+        if self.secret is None:
+            raise ValueError("no CMP protection credentials: give a reference + shared secret (MAC) or a "
+                             "certificate + private key (signature)")
+        if self.mac_kind not in ("pbm", "pbmac1"):
+            raise ValueError(f"unknown MAC {self.mac_kind!r} (expected 'pbm' or 'pbmac1')")
+
+
+# --- responses ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Response:
+    msg: object  # pyasn1 PKIMessage
+    body_type: str
+    body: object
+    protected: bool  # protection present and verified
+    protection_problem: str = ""
+    signer: x509.Certificate | None = None
+    extra_certs: tuple[x509.Certificate, ...] = ()
+    server_time: datetime.datetime | None = None
+    implicit_confirm_granted: bool = False
+    general_info: dict = dataclasses.field(default_factory=dict)
+
+
+def decode_message(der: bytes):
+    """PKIMessage from DER. Raises ProtocolError for anything that is not exactly one DER PKIMessage."""
+    if not isinstance(der, (bytes, bytearray)):
+        raise TypeError("CMP message must be bytes")
+    if not der:
+        raise ProtocolError("empty CMP response")
+    try:
+        return A.der_decode(bytes(der), A.PKIMessage())
+    except ValueError as e:
+        raise ProtocolError(f"response is not a CMP PKIMessage (truncated or garbage DER, {len(der)} bytes): {e}") from None
+
+
+def _protected_part(msg) -> bytes:
+    pp = A.ProtectedPart()
+    pp["header"] = msg["header"]
+    pp["body"] = msg["body"]
+    return A.der_encode(pp)
+
+
+def _extra_certs(msg) -> tuple[x509.Certificate, ...]:
+    if not msg["extraCerts"].isValue:
+        return ()
+    return tuple(asn1_to_cert(c) for c in msg["extraCerts"])
+
+
+def _general_info(header) -> dict:
+    out = {}
+    if header["generalInfo"].isValue:
+        for itav in header["generalInfo"]:
+            out[str(itav["infoType"])] = bytes(itav["infoValue"]) if itav["infoValue"].isValue else None
+    return out
+
+
+def _is_error_content(body_type: str, body) -> bool:
+    if body_type == "error":
+        return True
+    if body_type in ("ip", "cp", "kup"):
+        return any(int(r["status"]["status"]) == 2 for r in body["response"])
+    if body_type == "rp":
+        return any(int(s["status"]) == 2 for s in body["status"])
+    return False
+
+
+class Transaction:
+    """One CMP transaction: builds its requests and checks its responses (see the module docstring)."""
+
+    def __init__(self, protector: Protector, *, sender: x509.Name | None = None, recipient: x509.Name | None = None,
+                 max_clock_skew_s: float | None = None, now: Callable[[], datetime.datetime] = _utcnow,
+                 pvno: int = PVNO_CMP2000, transaction_id: bytes | None = None):
+        protector.check()
+        self.protector = protector
+        self.tid = transaction_id or os.urandom(NONCE_BYTES)
+        self.pvno = pvno
+        if protector.uses_signature:
+            sender = protector.certificate.subject  # RFC 9483 3.1: sender = subject of the protection cert
+        self.sender = sender
+        self.recipient = recipient
+        self.max_clock_skew_s = max_clock_skew_s
+        self.now = now
+        self.sender_nonce: bytes | None = None  # of our last request
+        self.recip_nonce: bytes | None = None  # the server's last senderNonce
+        self._seen_nonces: set[bytes] = set()
+        self.last_request_type = ""
+
+    # -- requests --
+    def request(self, body_type: str, body_value, *, general_info: Sequence[tuple] = (), pvno: int | None = None) -> bytes:
+        """DER of a protected request. ``general_info``: (oid, pyasn1 value or None) pairs."""
+        if body_type not in REQUEST_TYPES:
+            raise ValueError(f"not a CMP request type: {body_type}")
+        msg = A.PKIMessage()
+        h = msg.setComponentByName("header").getComponentByName("header")
+        h["pvno"] = pvno or self.pvno
+        h["sender"] = directory_name(self.sender)
+        h["recipient"] = directory_name(self.recipient)
+        h["messageTime"] = h["messageTime"].clone(self.now().strftime("%Y%m%d%H%M%SZ"))
+        pr = self.protector
+        if not pr.unprotected:
+            if pr.uses_signature:
+                alg, sign = P.signature_alg_for(pr.private_key)
+            else:
+                alg = P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
+            h["protectionAlg"] = _tagged(h, "protectionAlg", alg)
+            kid = self._sender_kid()
+            if kid is not None:
+                h["senderKID"] = h["senderKID"].clone(kid)
+        h["transactionID"] = h["transactionID"].clone(self.tid)
+        self.sender_nonce = os.urandom(NONCE_BYTES)
+        h["senderNonce"] = h["senderNonce"].clone(self.sender_nonce)
+        if self.recip_nonce is not None:
+            h["recipNonce"] = h["recipNonce"].clone(self.recip_nonce)
+        if general_info:
+            gi = h.setComponentByName("generalInfo").getComponentByName("generalInfo")
+            for i, (oid, value) in enumerate(general_info):
+                itav = gi.componentType.clone()
+                itav["infoType"] = A.ObjectIdentifier(str(oid))
+                if value is not None:
+                    itav["infoValue"] = A.Any(A.der_encode(value))
+                gi.setComponentByPosition(i, itav)
+        body = msg.setComponentByName("body").getComponentByName("body")
+        _fill(body.setComponentByName(body_type).getComponentByName(body_type), body_value)
+        if not pr.unprotected:
+            data = _protected_part(msg)
+            if pr.uses_signature:
+                prot = sign(data)
+            else:
+                prot = P.compute_mac(alg, pr.secret, data)
+            msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
+            if pr.uses_signature:
+                ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
+                for i, c in enumerate((pr.certificate,) + tuple(pr.chain)):
+                    ec.setComponentByPosition(i, cert_to_asn1(c))
+        self.last_request_type = body_type
+        return A.der_encode(msg)
+
+    def _sender_kid(self) -> bytes | None:
+        pr = self.protector
+        if pr.uses_signature:
+            try:
+                return pr.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            except x509.ExtensionNotFound:
+                return None
+        return pr.reference
+
+    # -- responses --
+    def accept(self, der: bytes, expected: Iterable[str]) -> Response:
+        """Decode and check a response (module docstring, steps 1-5). Raises ProtocolError/ProtectionError."""
+        msg = decode_message(der)
+        h = msg["header"]
+        pvno = int(h["pvno"])
+        if pvno not in (PVNO_CMP2000, PVNO_CMP2021):
+            raise ProtocolError(f"response pvno {pvno} is not supported (expected 2 or 3)")
+        body_type = msg["body"].getName()
+        body = msg["body"].getComponent()
+        extra = _extra_certs(msg)
+        resp = Response(msg=msg, body_type=body_type, body=body, protected=False, extra_certs=extra)
+        try:
+            resp.signer = self._verify_protection(msg, extra)
+            resp.protected = True
+        except ProtectionError as e:
+            if not _is_error_content(body_type, body):
+                raise
+            resp.protection_problem = str(e)
+        # Binding to our request (checked on error content too: an unrelated error is no answer to us).
+        if not h["transactionID"].isValue or bytes(h["transactionID"]) != self.tid:
+            raise ProtocolError("response transactionID does not match our request (replayed or for another "
+                                "transaction); discarded")
+        if not h["recipNonce"].isValue or bytes(h["recipNonce"]) != self.sender_nonce:
+            raise ProtocolError("response recipNonce does not match the senderNonce of our request (replay?); discarded")
+        if not h["senderNonce"].isValue or len(bytes(h["senderNonce"])) < NONCE_BYTES:
+            raise ProtocolError("response senderNonce missing or shorter than 128 bits")
+        nonce = bytes(h["senderNonce"])
+        if nonce in self._seen_nonces:
+            raise ProtocolError("response senderNonce repeats one already seen in this transaction (replay)")
+        self._seen_nonces.add(nonce)
+        self.recip_nonce = nonce
+        if h["messageTime"].isValue:
+            resp.server_time = parse_generalized_time(h["messageTime"])
+            if self.max_clock_skew_s is not None and resp.server_time is not None:
+                skew = abs((resp.server_time - self.now()).total_seconds())
+                if skew > self.max_clock_skew_s:
+                    raise ProtocolError(f"response messageTime {resp.server_time:%Y-%m-%dT%H:%M:%SZ} is {skew:.0f} s "
+                                        f"from our clock (tolerance {self.max_clock_skew_s:.0f} s)")
+        resp.general_info = _general_info(h)
+        resp.implicit_confirm_granted = str(A.id_it_implicitConfirm) in resp.general_info
+        expected = tuple(expected)
+        if body_type != "error" and body_type not in expected:
+            raise ProtocolError(f"unexpected response type {body_type} to {self.last_request_type} "
+                                f"(expected {' or '.join(expected)})")
+        return resp
+
+    def _verify_protection(self, msg, extra) -> x509.Certificate | None:
+        h = msg["header"]
+        if not h["protectionAlg"].isValue or not msg["protection"].isValue:
+            raise ProtectionError("response is not protected")
+        alg = h["protectionAlg"]
+        data = _protected_part(msg)
+        value = msg["protection"].asOctets()
+        if P.is_mac_alg(alg):
+            if self.protector.secret is None:
+                raise ProtectionError("response is MAC-protected but no shared secret is configured to verify it")
+            if not P.mac_equal(P.compute_mac(alg, self.protector.secret, data), value):
+                raise ProtectionError("response MAC does not verify with our shared secret (wrong secret, or the "
+                                      "message was altered)")
+            return None
+        if not extra:
+            raise ProtectionError("signature-protected response without extraCerts: the signer certificate "
+                                  "must come first in extraCerts (RFC 9483 3.3)")
+        signer = extra[0]
+        P.verify_signature(signer.public_key(), alg, value, data)
+        s = h["sender"]
+        if s.getName() != "directoryName" or name_der(s["directoryName"]) != signer.subject.public_bytes():
+            raise ProtectionError("response sender is not the subject of its protection certificate")
+        at = self.now() if self.max_clock_skew_s is not None else None
+        V.verify_signer(signer, extra[1:], self.protector.trust_anchors, at)
+        return signer
+
+
+def _tagged(seq, field: str, value):
+    """``value`` copied into a fresh instance of ``seq``'s (EXPLICIT-tagged) ``field`` type."""
+    return _fill(seq.getComponentByName(field).clone(), value)
+
+
+def _fill(target, value):
+    """Copy the content of ``value`` into ``target``, a differently tagged instance of the same type."""
+    if isinstance(value, A.univ.SequenceOf):
+        for i, v in enumerate(value):
+            target.setComponentByPosition(i, v)
+    else:
+        for i in range(len(value.componentType)):
+            c = value.getComponentByPosition(i, instantiate=False)
+            if c is not None and c is not A.univ.noValue and c.isValue:
+                target.setComponentByPosition(i, c)
+    return target
+
+
+# --- request bodies -------------------------------------------------------------------------------
+def cert_template(subject: x509.Name | None, public_key=None, sans=(), extensions=(), *,
+                  issuer: x509.Name | None = None, serial: int | None = None, empty_key_alg=None):
+    tpl = A.CertTemplate()
+    if serial is not None:
+        tpl["serialNumber"] = tpl["serialNumber"].clone(serial)
+    if issuer is not None:
+        tpl["issuer"].setComponentByPosition(0, _rdns(issuer))
+    if subject is not None:
+        tpl["subject"].setComponentByPosition(0, _rdns(subject))
+    if public_key is not None:
+        spki = spki_to_asn1(public_key)
+        tpl["publicKey"]["algorithm"] = spki["algorithm"]
+        tpl["publicKey"]["subjectPublicKey"] = spki["subjectPublicKey"]
+    elif empty_key_alg is not None:  # central key generation: algorithm only, empty key (RFC 9483 4.1.6)
+        tpl["publicKey"]["algorithm"] = empty_key_alg
+        tpl["publicKey"]["subjectPublicKey"] = A.BitString(hexValue="")
+    exts = list(extensions)
+    if sans and not any(isinstance(e.value, x509.SubjectAlternativeName) for e in exts):
+        exts.append(x509.Extension(x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False,
+                                   x509.SubjectAlternativeName(list(sans))))
+    if exts:
+        ext_field = tpl["extensions"]
+        for i, e in enumerate(exts):
+            ext = A.Extension()
+            ext["extnID"] = A.ObjectIdentifier(e.oid.dotted_string)
+            if e.critical:
+                ext["critical"] = True
+            ext["extnValue"] = e.value.public_bytes()
+            ext_field.setComponentByPosition(i, ext)
+    return tpl
+
+
+def old_cert_id_control(old_cert: x509.Certificate):
+    """regCtrl oldCertID (RFC 4211 6.5) naming the certificate a kur replaces."""
+    cid = A.CertId()
+    cid["issuer"] = directory_name(old_cert.issuer)
+    cid["serialNumber"] = old_cert.serial_number
+    atv = A.AttributeTypeAndValue()
+    atv["type"] = A.id_regCtrl_oldCertID
+    atv["value"] = A.Any(A.der_encode(cid))
+    return atv
+
+
+def cert_req_messages(template, pop_key=None, *, cert_req_id: int = 0, controls=()):
+    """CertReqMessages with one CertReqMsg; POP by signature with ``pop_key`` over the DER CertRequest
+    (RFC 4211 4.1, no poposkInput since subject and publicKey are in the template). Without a key (central
+    key generation) the POP is omitted (RFC 9483 4.1.6)."""
+    req = A.CertRequest()
+    req["certReqId"] = cert_req_id
+    req["certTemplate"] = template
+    if controls:
+        ctl = req.setComponentByName("controls").getComponentByName("controls")
+        for i, c in enumerate(controls):
+            ctl.setComponentByPosition(i, c)
+    msg = A.CertReqMsg()
+    msg["certReq"] = req
+    if pop_key is not None:
+        alg, sign = P.signature_alg_for(pop_key)
+        pop = msg.setComponentByName("pop").getComponentByName("pop")
+        sk = pop.setComponentByName("signature").getComponentByName("signature")
+        sk["algorithmIdentifier"] = alg
+        sk["signature"] = A.BitString.fromOctetString(sign(A.der_encode(req)))
+    msgs = A.CertReqMessages()
+    msgs.setComponentByPosition(0, msg)
+    return msgs
+
+
+def p10cr_body(csr: x509.CertificateSigningRequest):
+    return A.der_decode(csr.public_bytes(Encoding.DER), A.CertificationRequest())
+
+
+def cert_conf_body(cert: x509.Certificate, cert_req_id: int, *, accept: bool = True, reason: str = "",
+                   fail_bits: Sequence[int] = ()):
+    """certConf for one certificate; certHash uses the certificate's own signature hash (RFC 9480 2.10).
+    Returns (body, pvno) -- pvno 3 when hashAlg had to be given (EdDSA)."""
+    digest, hash_cls, needs_alg = P.cert_hash(cert)
+    cs = A.CertStatus()
+    cs["certHash"] = digest
+    cs["certReqId"] = cert_req_id
+    if not accept:
+        si = cs.setComponentByName("statusInfo").getComponentByName("statusInfo")
+        si["status"] = 2
+        if reason:
+            st = si.setComponentByName("statusString").getComponentByName("statusString")
+            st.setComponentByPosition(0, reason)
+        if fail_bits:
+            n = max(fail_bits) + 1
+            si["failInfo"] = si["failInfo"].clone(tuple(1 if i in fail_bits else 0 for i in range(n)))
+    pvno = PVNO_CMP2000
+    if needs_alg:
+        cs["hashAlg"] = _tagged(cs, "hashAlg", P.alg_id(P.hash_oid(hash_cls)))
+        pvno = PVNO_CMP2021
+    body = A.CertConfirmContent()
+    body.setComponentByPosition(0, cs)
+    return body, pvno
+
+
+def poll_req_body(cert_req_id: int):
+    body = A.PollReqContent()
+    item = body.componentType.clone()
+    item["certReqId"] = cert_req_id
+    body.setComponentByPosition(0, item)
+    return body
+
+
+def rr_body(cert: x509.Certificate, reason: str):
+    if reason not in REASONS:
+        raise ValueError(f"unknown revocation reason {reason!r} (one of {', '.join(REASONS)})")
+    rd = A.RevDetails()
+    rd["certDetails"] = cert_template(None, issuer=cert.issuer, serial=cert.serial_number)
+    ext = A.Extension()
+    ext["extnID"] = A.id_ce_cRLReasons
+    ext["extnValue"] = A.der_encode(A.ReasonFlags(REASONS[reason]))
+    rd["crlEntryDetails"].setComponentByPosition(0, ext)
+    body = A.RevReqContent()
+    body.setComponentByPosition(0, rd)
+    return body
+
+
+def genm_body(items: Sequence[tuple]):
+    """items: (oid, pyasn1 value or None)."""
+    body = A.GenMsgContent()
+    for i, (oid, value) in enumerate(items):
+        itav = A.InfoTypeAndValue()
+        itav["infoType"] = A.ObjectIdentifier(str(oid))
+        if value is not None:
+            itav["infoValue"] = A.Any(A.der_encode(value))
+        body.setComponentByPosition(i, itav)
+    return body
+
+
+# --- response content -----------------------------------------------------------------------------
+def status_of(si) -> tuple[int, tuple[str, ...], str]:
+    from enroll_clients.cmp.errors import fail_info_names
+
+    status = int(si["status"])
+    fail = fail_info_names(si["failInfo"]) if si["failInfo"].isValue else ()
+    text = "; ".join(str(t) for t in si["statusString"]) if si["statusString"].isValue else ""
+    return status, fail, text
+
+
+def genp_values(body) -> dict:
+    """{infoType dotted string: DER of infoValue or None} from GenRepContent."""
+    out = {}
+    for itav in body:
+        out[str(itav["infoType"])] = bytes(itav["infoValue"]) if itav["infoValue"].isValue else None
+    return out
+
+
+def decode_ca_certs(der: bytes | None) -> tuple[x509.Certificate, ...]:
+    if der is None:
+        return ()
+    try:
+        seq = A.der_decode(der, A.CaCertsValue())
+    except ValueError as e:
+        raise ProtocolError(f"genp caCerts value is malformed: {e}") from None
+    return tuple(asn1_to_cert(c) for c in seq)
+
+
+def decode_root_ca_key_update(der: bytes | None):
+    """(newWithNew, newWithOld, oldWithNew) or None when the server has no update (absent value)."""
+    if der is None:
+        return None
+    try:
+        v = A.der_decode(der, A.RootCaKeyUpdateContent())
+    except ValueError as e:
+        raise ProtocolError(f"genp rootCaKeyUpdate value is malformed: {e}") from None
+    nwn = asn1_to_cert(v["newWithNew"])
+    nwo = asn1_to_cert(v["newWithOld"]) if v["newWithOld"].isValue else None
+    own = asn1_to_cert(v["oldWithNew"]) if v["oldWithNew"].isValue else None
+    return nwn, nwo, own
+
+
+def encode_root_ca_key_update(new_with_new, new_with_old=None, old_with_new=None):
+    v = A.RootCaKeyUpdateContent()
+    v["newWithNew"] = cert_to_asn1(new_with_new)
+    if new_with_old is not None:
+        v["newWithOld"] = _tagged(v, "newWithOld", cert_to_asn1(new_with_old))
+    if old_with_new is not None:
+        v["oldWithNew"] = _tagged(v, "oldWithNew", cert_to_asn1(old_with_new))
+    return v
+
+
+def encode_ca_certs(certs):
+    v = A.CaCertsValue()
+    for i, c in enumerate(certs):
+        v.setComponentByPosition(i, cert_to_asn1(c))
+    return v

@@ -1,0 +1,234 @@
+"""CMP transports behind one small interface: ``await transport.exchange(request_der) -> response_der``.
+
+- ``HttpTransport``: RFC 6712 HTTP POST of ``application/pkixcmp`` (httpx, imported on first use), with a
+  timeout per message and retries on transport errors only (connect/read failures, timeouts); an HTTP error
+  status, a wrong Content-Type or an empty body is a ``ServerError``/``ProtocolError`` and is never retried.
+  One connection per message unless ``keep_alive=True``.
+- ``FileTransport``: writes each request to a file and waits for the response file (air-gapped, serial or
+  USB-stick onboarding, and OpenSSL's socket-less mock server). Requests are written atomically.
+- ``CallableTransport``: an in-memory peer (``fn(bytes) -> bytes``, sync or async) for simulators and tests.
+
+Transports move bytes only; they never interpret CMP content (that is ``messages``' job).
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+import os
+import tempfile
+
+from enroll_clients.base import ProtocolError, ServerError, TransportError
+
+CONTENT_TYPE = "application/pkixcmp"
+RETRY_BASE_S = 0.5
+MAX_RESPONSE_BYTES = 1 << 20  # a CMP response larger than 1 MiB is not something a device should parse
+FILE_POLL_S = 0.05
+
+
+class Transport(abc.ABC):
+    """Moves one CMP request to the server and returns its response bytes."""
+
+    @abc.abstractmethod
+    async def exchange(self, request: bytes) -> bytes:
+        """Send ``request`` (DER PKIMessage), return the response DER. Raises TransportError/ServerError."""
+
+    async def aclose(self) -> None:
+        """Release connections/files. Idempotent."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class HttpTransport(Transport):
+    """RFC 6712 over HTTP(S). ``url`` is the full CMP endpoint, e.g. ``http://ca:8080/pkix/``."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
+                 retry_base_s: float = RETRY_BASE_S, headers: dict | None = None, keep_alive: bool = False):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"CMP URL must start with http:// or https://: {url!r}")
+        if timeout_s <= 0 or retries < 0:
+            raise ValueError("timeout_s must be > 0 and retries >= 0")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.verify = verify
+        self.retry_base_s = retry_base_s
+        self.headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, "Cache-Control": "no-cache",
+                        **(headers or {})}
+        if not keep_alive:
+            # One connection per message by default: OpenSSL 3.0's CMP server loses the transaction when the
+            # certConf arrives on an HTTP/1.1 persistent connection ("unexpected pkibody"); seen in
+            # tests/interop. A CMP message is self-contained, so nothing is lost but a TCP handshake.
+            self.headers.setdefault("Connection", "close")
+        self._client = None
+
+    def describe(self) -> str:
+        return self.url
+
+    async def exchange(self, request: bytes) -> bytes:
+        import httpx  # lazy: ~80-150 ms
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=self.verify)
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.retry_base_s * (2 ** (attempt - 1)))
+            try:
+                rsp = await self._client.post(self.url, content=request, headers=self.headers)
+            except httpx.TimeoutException as e:
+                last = TransportError(f"POST {self.url}: no response within {self.timeout_s:g} s "
+                                      f"({type(e).__name__}); attempt {attempt + 1} of {self.retries + 1}")
+                continue
+            except httpx.TransportError as e:
+                last = TransportError(f"POST {self.url}: {type(e).__name__}: {e or 'connection failed'}; "
+                                      f"attempt {attempt + 1} of {self.retries + 1}")
+                continue
+            return self._check(rsp)
+        raise last
+
+    def _check(self, rsp) -> bytes:
+        ctype = rsp.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = rsp.content
+        if rsp.status_code != 200:
+            snippet = _printable(body[:200]) if ctype.startswith("text/") else f"{len(body)} bytes of {ctype or 'unknown type'}"
+            hint = ""
+            if rsp.status_code == 404:
+                hint = " -- check the CMP path/alias in the URL"
+            elif rsp.status_code >= 500:
+                hint = " -- server failure; retry later"
+            raise ServerError(f"POST {self.url}: HTTP {rsp.status_code} {rsp.reason_phrase}: {snippet}{hint}",
+                              status=rsp.status_code, text=snippet)
+        if ctype != CONTENT_TYPE:
+            raise ProtocolError(f"POST {self.url}: server answered Content-Type {ctype or '(none)'!r}, not "
+                                f"{CONTENT_TYPE!r} (RFC 6712); is this a CMP endpoint? First bytes: "
+                                f"{_printable(body[:80])!r}")
+        if not body:
+            raise ProtocolError(f"POST {self.url}: empty {CONTENT_TYPE} response")
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise ProtocolError(f"POST {self.url}: response of {len(body)} bytes exceeds {MAX_RESPONSE_BYTES}")
+        return body
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+def _printable(b: bytes) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in b.decode("utf-8", "replace")).strip()
+
+
+class FileTransport(Transport):
+    """Request n (1-based) is written to ``reqout[n]`` and the response read from ``rspin[n]``.
+
+    ``reqout``/``rspin``: a comma-separated list (as ``openssl cmp -reqout a.der,b.der``), a list, or one
+    template containing ``{n}`` (``req-{n}.der``). A single plain name is used for message 1 and gets
+    ``.n`` inserted before the suffix for later messages. The transport waits up to ``wait_s`` for the
+    response file to appear (someone carries the request to the CA and brings the answer back); a response
+    file that exists already is used as is.
+    """
+
+    def __init__(self, reqout, rspin, *, wait_s: float = 300.0, poll_s: float = FILE_POLL_S):
+        self.reqout = _names(reqout)
+        self.rspin = _names(rspin)
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.count = 0
+
+    def describe(self) -> str:
+        return f"files {self.reqout[0]} -> {self.rspin[0]}"
+
+    async def exchange(self, request: bytes) -> bytes:
+        self.count += 1
+        req_path = _nth(self.reqout, self.count)
+        rsp_path = _nth(self.rspin, self.count)
+        try:
+            await asyncio.to_thread(_write_atomic, req_path, request)
+        except OSError as e:
+            raise TransportError(f"writing CMP request to {req_path}: {e}") from e
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            try:
+                data = await asyncio.to_thread(_read_stable, rsp_path)
+                if data is not None:
+                    return data
+            except OSError as e:
+                raise TransportError(f"reading CMP response from {rsp_path}: {e}") from e
+            if loop.time() >= deadline:
+                raise TransportError(f"no CMP response in {rsp_path} within {self.wait_s:g} s "
+                                     f"(request written to {req_path})")
+            await asyncio.sleep(self.poll_s)
+
+
+def _names(spec) -> list[str]:
+    if isinstance(spec, (list, tuple)):
+        names = [os.fspath(s) for s in spec]
+    else:
+        names = [s.strip() for s in os.fspath(spec).split(",") if s.strip()]
+    if not names:
+        raise ValueError("file transport needs at least one file name")
+    return names
+
+
+def _nth(names: list[str], n: int) -> str:
+    if len(names) > 1:
+        if n > len(names):
+            raise TransportError(f"file transport: message {n} but only {len(names)} file names given")
+        return names[n - 1]
+    name = names[0]
+    if "{n}" in name:
+        return name.replace("{n}", str(n))
+    if n == 1:
+        return name
+    root, ext = os.path.splitext(name)
+    return f"{root}.{n}{ext}"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cmp-req-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_stable(path: str) -> bytes | None:
+    """The file's bytes once it exists and is not growing (a writer that is not atomic), else None."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb") as f:
+        data = f.read(MAX_RESPONSE_BYTES + 1)
+    if len(data) != size:
+        return None
+    return data
+
+
+class CallableTransport(Transport):
+    """An in-memory peer: ``handler(request_bytes) -> response_bytes`` (plain or async function)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests: list[bytes] = []
+
+    async def exchange(self, request: bytes) -> bytes:
+        self.requests.append(request)
+        rsp = self.handler(request)
+        if inspect.isawaitable(rsp):
+            rsp = await rsp
+        return rsp
