@@ -160,6 +160,9 @@ def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
     """devagent: the device identity agent (IDevID/LDevID keystore, EST, CMP, CoAP delegated enrollment)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # per-request lines of HTTP/CoAP libraries are debugging noise for an operator
+        for noisy in ("httpx", "httpcore", "coap", "aiocoap"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = App(state_dir=state_dir or default_state_dir(), json=as_json, verbose=verbose,
                   config_path=config_path, board_profile=board_profile)
 
