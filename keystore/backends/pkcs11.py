@@ -39,7 +39,13 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from keystore.backends import KeyBackend
-from keystore.errors import ExportRefusedError, KeyBackendError, NotFoundError, UnsupportedKeyTypeError
+from keystore.errors import (
+    ExportRefusedError,
+    KeyBackendError,
+    NotFoundError,
+    SecretSourceError,
+    UnsupportedKeyTypeError,
+)
 from keystore.secrets import resolve_secret
 
 MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -284,7 +290,10 @@ class Backend(KeyBackend):
         if self._pin_spec is None:
             raise Pkcs11PinError(f"no PIN for PKCS#11 token {label!r}: set the pkcs11 'pin' option "
                                  "(env:VAR or file:PATH)")
-        pin = resolve_secret(self._pin_spec, f"PIN for PKCS#11 token {label!r}")
+        try:
+            pin = resolve_secret(self._pin_spec, f"PIN for PKCS#11 token {label!r}")
+        except SecretSourceError as e:
+            raise Pkcs11PinError(str(e)) from e
         try:
             s = token.open(user_pin=pin.decode(), rw=True)
         except pkcs11.UserAlreadyLoggedIn:

@@ -64,8 +64,10 @@ from tpm2_pytss.types import (  # noqa: E402
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPMS_ECC_PARMS,
+    TPMS_KEYEDHASH_PARMS,
     TPMS_RSA_PARMS,
     TPMT_ECC_SCHEME,
+    TPMT_KEYEDHASH_SCHEME,
     TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
     TPMT_RSA_SCHEME,
@@ -125,7 +127,8 @@ def _template(key_type: str) -> TPMT_PUBLIC:
 
 def _seal_template() -> TPMT_PUBLIC:
     return TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=_SEAL_ATTRS,
-                       authPolicy=b"")
+                       authPolicy=b"", parameters=TPMU_PUBLIC_PARMS(keyedHashDetail=TPMS_KEYEDHASH_PARMS(
+                           scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL))))
 
 
 def _parse_handle(value, what: str) -> int:
