@@ -128,6 +128,73 @@ class Protector:
             raise ValueError(f"unknown MAC {self.mac_kind!r} (expected 'pbm' or 'pbmac1')")
 
 
+def sender_kid(pr: Protector) -> bytes | None:
+    """senderKID: the reference for MAC (RFC 9483 3.1), the SubjectKeyIdentifier for signatures."""
+    if pr.uses_signature:
+        try:
+            return pr.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            return None
+    return pr.reference
+
+
+def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVNO_CMP2000,
+                   sender: x509.Name | None = None, recipient: x509.Name | None = None,
+                   transaction_id: bytes | None = None, sender_nonce: bytes | None = None,
+                   recip_nonce: bytes | None = None, general_info: Sequence[tuple] = (),
+                   now: datetime.datetime | None = None) -> bytes:
+    """DER of a PKIMessage of any type, protected per ``pr`` (requests here; responses in tests and the lab
+    server). With signature protection, sender is the protection certificate's subject and extraCerts
+    carry that certificate first, then ``pr.chain``."""
+    if pr.uses_signature:
+        sender = pr.certificate.subject
+    msg = A.PKIMessage()
+    h = msg.setComponentByName("header").getComponentByName("header")
+    h["pvno"] = pvno
+    h["sender"] = directory_name(sender)
+    h["recipient"] = directory_name(recipient)
+    if now is not None:
+        h["messageTime"] = h["messageTime"].clone(now.strftime("%Y%m%d%H%M%SZ"))
+    if not pr.unprotected:
+        if pr.uses_signature:
+            alg, sign = P.signature_alg_for(pr.private_key)
+        else:
+            alg = P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
+        h["protectionAlg"] = _tagged(h, "protectionAlg", alg)
+        kid = sender_kid(pr)
+        if kid is not None:
+            h["senderKID"] = h["senderKID"].clone(kid)
+    if transaction_id is not None:
+        h["transactionID"] = h["transactionID"].clone(transaction_id)
+    if sender_nonce is not None:
+        h["senderNonce"] = h["senderNonce"].clone(sender_nonce)
+    if recip_nonce is not None:
+        h["recipNonce"] = h["recipNonce"].clone(recip_nonce)
+    if general_info:
+        gi = h.setComponentByName("generalInfo").getComponentByName("generalInfo")
+        for i, (oid, value) in enumerate(general_info):
+            itav = gi.componentType.clone()
+            itav["infoType"] = A.ObjectIdentifier(str(oid))
+            if value is not None:
+                itav["infoValue"] = A.Any(A.der_encode(value))
+            gi.setComponentByPosition(i, itav)
+    body = msg.setComponentByName("body").getComponentByName("body")
+    if isinstance(body_value, A.Null):
+        body.setComponentByName(body_type, body.componentType.getTypeByPosition(
+            body.componentType.getPositionByName(body_type)).clone(""))
+    else:
+        _fill(body.setComponentByName(body_type).getComponentByName(body_type), body_value)
+    if not pr.unprotected:
+        data = _protected_part(msg)
+        prot = sign(data) if pr.uses_signature else P.compute_mac(alg, pr.secret, data)
+        msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
+        if pr.uses_signature:
+            ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
+            for i, c in enumerate((pr.certificate,) + tuple(pr.chain)):
+                ec.setComponentByPosition(i, cert_to_asn1(c))
+    return A.der_encode(msg)
+
+
 # --- responses ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Response:
@@ -212,59 +279,12 @@ class Transaction:
         """DER of a protected request. ``general_info``: (oid, pyasn1 value or None) pairs."""
         if body_type not in REQUEST_TYPES:
             raise ValueError(f"not a CMP request type: {body_type}")
-        msg = A.PKIMessage()
-        h = msg.setComponentByName("header").getComponentByName("header")
-        h["pvno"] = pvno or self.pvno
-        h["sender"] = directory_name(self.sender)
-        h["recipient"] = directory_name(self.recipient)
-        h["messageTime"] = h["messageTime"].clone(self.now().strftime("%Y%m%d%H%M%SZ"))
-        pr = self.protector
-        if not pr.unprotected:
-            if pr.uses_signature:
-                alg, sign = P.signature_alg_for(pr.private_key)
-            else:
-                alg = P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
-            h["protectionAlg"] = _tagged(h, "protectionAlg", alg)
-            kid = self._sender_kid()
-            if kid is not None:
-                h["senderKID"] = h["senderKID"].clone(kid)
-        h["transactionID"] = h["transactionID"].clone(self.tid)
         self.sender_nonce = os.urandom(NONCE_BYTES)
-        h["senderNonce"] = h["senderNonce"].clone(self.sender_nonce)
-        if self.recip_nonce is not None:
-            h["recipNonce"] = h["recipNonce"].clone(self.recip_nonce)
-        if general_info:
-            gi = h.setComponentByName("generalInfo").getComponentByName("generalInfo")
-            for i, (oid, value) in enumerate(general_info):
-                itav = gi.componentType.clone()
-                itav["infoType"] = A.ObjectIdentifier(str(oid))
-                if value is not None:
-                    itav["infoValue"] = A.Any(A.der_encode(value))
-                gi.setComponentByPosition(i, itav)
-        body = msg.setComponentByName("body").getComponentByName("body")
-        _fill(body.setComponentByName(body_type).getComponentByName(body_type), body_value)
-        if not pr.unprotected:
-            data = _protected_part(msg)
-            if pr.uses_signature:
-                prot = sign(data)
-            else:
-                prot = P.compute_mac(alg, pr.secret, data)
-            msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
-            if pr.uses_signature:
-                ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
-                for i, c in enumerate((pr.certificate,) + tuple(pr.chain)):
-                    ec.setComponentByPosition(i, cert_to_asn1(c))
+        der = encode_message(self.protector, body_type, body_value, pvno=pvno or self.pvno, sender=self.sender,
+                             recipient=self.recipient, transaction_id=self.tid, sender_nonce=self.sender_nonce,
+                             recip_nonce=self.recip_nonce, general_info=general_info, now=self.now())
         self.last_request_type = body_type
-        return A.der_encode(msg)
-
-    def _sender_kid(self) -> bytes | None:
-        pr = self.protector
-        if pr.uses_signature:
-            try:
-                return pr.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-            except x509.ExtensionNotFound:
-                return None
-        return pr.reference
+        return der
 
     # -- responses --
     def accept(self, der: bytes, expected: Iterable[str]) -> Response:
