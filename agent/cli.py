@@ -22,7 +22,7 @@ import click
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_KEYSTORE, EXIT_REJECTED, EXIT_SERVER, EXIT_NETWORK, EXIT_CONFIG = range(8)
 EXIT_INTERRUPTED = 130
 
-# Subcommands that live in their own modules, imported only when used.
+# Subcommands that live in their own modules, imported only when used (not even for --help).
 LAZY_COMMANDS = {
     "serve": "agent.cli_coap:serve",
     "coap": "agent.cli_coap:coap",
@@ -31,6 +31,15 @@ LAZY_COMMANDS = {
     "profile": "agent.cli_ops:profile",
     "decommission": "agent.cli_ops:decommission",
     "mpy": "agent.cli_mpy:mpy",
+}
+LAZY_HELP = {
+    "serve": "Run the CoAP device services (/csr, /verify, /status) for delegated enrollment.",
+    "coap": "CoAP security material: provision OSCORE contexts / DTLS PSKs.",
+    "clm": "Edge CLM role: device inventory, delegated enrollment and renewal over CoAP.",
+    "run": "Lifecycle daemon: renew credentials before expiry, CA rollover, hooks, metrics.",
+    "profile": "Board profiles: list, show, detect.",
+    "decommission": "Revoke, delete keys, wipe the keystore (audit record kept).",
+    "mpy": "MicroPython boards: serial bridge (CLM over USB/UART) and deployment.",
 }
 
 
@@ -88,6 +97,20 @@ class App:
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_HELP.get(name, "")))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=formatter.width - 6 - max(len(n) for n in
+                                                                                          self.list_commands(ctx)))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
