@@ -1,0 +1,440 @@
+"""The edge CLM role (Astorga et al. 2021, §IV-A, §V): delegated enrollment on behalf of constrained devices.
+
+For each device in the inventory the CLM asks the device over CoAP for a fresh CSR (the key stays on the
+device), enrolls the CSR upstream (EST simpleenroll / CMP p10cr through ``enroll_clients`` with the CLM's own
+credential, or the in-process lab CA in tests), pre-verifies the certificate with everything that needs no
+private key (structure, CA signature and chain, validity by the CLM's clock, public key / subject / SAN equal to
+the CSR), pushes it to the device's /verify and marks the device operational. ``Clm.run`` renews before expiry
+(fraction of lifetime + jitter), so devices without a real-time clock never check dates themselves.
+
+Invariants:
+- The CLM never holds a device's private key: it sees CSRs and certificates only; nothing it stores (inventory,
+  certificate copies) contains key material.
+- Inventory writes are atomic (``keystore.storage.AtomicJSONStorage``) and serialised across processes
+  (``KeystoreLock`` on the CLM directory); a crash leaves the previous inventory.
+- ``enroll`` returns the per-stage durations of seed 003's Table 1, measured with ``time.perf_counter`` on the
+  production path (the device reports its own key+CSR and verification times).
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import shlex
+import time
+from pathlib import Path
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from keystore import fsutil
+from keystore.storage import AtomicJSONStorage, KeystoreLock
+
+log = logging.getLogger("devagent.clm")
+
+INVENTORY = "inventory.json"
+STATES = ("not operational", "operational")
+DEFAULT_RETRIES = 3
+RENEW_FRACTION = 0.66
+RENEW_JITTER = 0.05
+RETRY_BASE_S = 30.0
+RETRY_MAX_S = 3600.0
+HOOK_TIMEOUT_S = 30.0
+
+
+class ClmError(Exception):
+    """Root of CLM errors (inventory, upstream, pre-verification, device refusals after retries)."""
+
+
+class InventoryError(ClmError):
+    pass
+
+
+class PreVerificationError(ClmError):
+    """The certificate from upstream failed the CLM's pre-verification; it was not sent to the device."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+# ---- inventory --------------------------------------------------------------------------------------------------
+class Inventory:
+    """Devices the CLM manages, in ``<clm_dir>/inventory.json`` (0600, atomic writes, flock-serialised)."""
+
+    FIELDS = ("id", "uri", "security", "context", "state", "not_after", "last_error", "subject", "san", "key_type",
+              "name", "domain", "profile", "failures", "enrolled_at", "next_renewal", "next_attempt", "serial")
+
+    def __init__(self, clm_dir: str | os.PathLike):
+        self.dir = fsutil.ensure_dir(clm_dir)
+        self._lock = KeystoreLock(self.dir)
+        self._storage = AtomicJSONStorage(self.dir / INVENTORY)
+
+    def _read(self) -> dict:
+        return dict((self._storage.read() or {}).get("devices") or {})
+
+    @contextlib.contextmanager
+    def _txn(self):
+        with self._lock:
+            data = self._storage.read() or {}
+            devices = data.setdefault("devices", {})
+            yield devices
+            self._storage.write(data)
+
+    def add(self, device_id: str, uri: str, *, security: str = "none", context: str | None = None,
+            subject: str | None = None, san: Sequence[str] = (), key_type: str | None = None,
+            name: str | None = None, domain: str | None = None, profile: str | None = None,
+            replace: bool = False) -> dict:
+        from keystore.store import check_name
+
+        check_name(device_id, "device id")
+        if not uri.startswith(("coap://", "coaps://")):
+            raise InventoryError(f"device URI {uri!r} must start with coap:// or coaps://")
+        if security not in ("oscore", "dtls-psk", "none"):
+            raise InventoryError(f"unknown security method {security!r}; use oscore, dtls-psk or none")
+        with self._txn() as devices:
+            if device_id in devices and not replace:
+                raise InventoryError(f"device {device_id} is already in the inventory (use --replace)")
+            rec = {"id": device_id, "uri": uri.rstrip("/"), "security": security, "context": context,
+                   "state": "not operational", "not_after": None, "last_error": None, "subject": subject,
+                   "san": list(san), "key_type": key_type, "name": name, "domain": domain, "profile": profile,
+                   "failures": 0, "enrolled_at": None, "next_renewal": None, "next_attempt": None, "serial": None,
+                   "added": _now().isoformat()}
+            devices[device_id] = rec
+        return rec
+
+    def get(self, device_id: str) -> dict:
+        rec = self._read().get(device_id)
+        if rec is None:
+            raise InventoryError(f"no device {device_id!r} in the inventory at {self.dir} (see 'devagent clm list')")
+        return rec
+
+    def list(self) -> list[dict]:
+        return [v for _, v in sorted(self._read().items())]
+
+    def update(self, device_id: str, **fields) -> dict:
+        with self._txn() as devices:
+            if device_id not in devices:
+                raise InventoryError(f"no device {device_id!r} in the inventory")
+            devices[device_id].update(fields)
+            return dict(devices[device_id])
+
+    def remove(self, device_id: str) -> None:
+        with self._txn() as devices:
+            devices.pop(device_id, None)
+
+    def save_certificate(self, device_id: str, cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> Path:
+        from keystore.certs import pem
+
+        cdir = fsutil.ensure_dir(self.dir / "certs")
+        p = cdir / f"{device_id}.pem"
+        fsutil.atomic_write(p, pem([cert, *chain]))
+        return p
+
+
+# ---- upstream -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class UpstreamResult:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
+
+
+class Upstream(abc.ABC):
+    """Where the CLM sends a device's CSR: EST, CMP or the lab CA. One interface, identical path otherwise."""
+
+    name = ""
+
+    @abc.abstractmethod
+    async def enroll(self, csr: x509.CertificateSigningRequest, *, domain: str,
+                     profile: str | None = None) -> UpstreamResult:
+        """Raises ClmError (wrapping the protocol client's EnrollError)."""
+
+    @abc.abstractmethod
+    def trust_anchors(self, domain: str) -> list[x509.Certificate]:
+        """Roots the issued certificate must chain to (pre-verification, and the "ca" sent to the device)."""
+
+
+class LabUpstream(Upstream):
+    """The in-process test CA (``agent.lab.ca.LabCA.issue_from_csr``), for tests and fleet benchmarks."""
+
+    name = "lab"
+
+    def __init__(self, lab, lifetime_s: int | None = None):
+        self.lab = lab
+        self.lifetime_s = lifetime_s
+
+    async def enroll(self, csr, *, domain, profile=None) -> UpstreamResult:
+        from agent.lab.ca import LabCAError
+
+        try:
+            cert = await asyncio.to_thread(self.lab.issue_from_csr, domain, csr, profile or "ldevid", self.lifetime_s)
+        except LabCAError as e:
+            raise ClmError(f"lab CA refused the CSR: {e}") from e
+        dom = self.lab.domain(domain)
+        return UpstreamResult(cert, (dom.ca_cert, dom.root_cert))
+
+    def trust_anchors(self, domain):
+        return [self.lab.domain(domain).root_cert]
+
+
+class EnrollClientUpstream(Upstream):
+    """EST simpleenroll or CMP p10cr through ``enroll_clients``, authenticated with the CLM's own credential."""
+
+    def __init__(self, protocol: str, options, auth, anchors: Sequence[x509.Certificate]):
+        self.name = protocol
+        self.protocol = protocol
+        self.options = options
+        self.auth = auth
+        self._anchors = list(anchors)
+        self._client = None
+
+    async def enroll(self, csr, *, domain, profile=None) -> UpstreamResult:
+        import enroll_clients
+        from enroll_clients.base import CertRequest, EnrollError
+
+        try:
+            if self._client is None:
+                self._client = enroll_clients.client_for(self.protocol, self.options)
+            sans = ()
+            with contextlib.suppress(x509.ExtensionNotFound):
+                sans = tuple(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+            res = await self._client.enroll(CertRequest(subject=csr.subject, csr=csr, sans=sans,
+                                                        profile=profile or self.options.profile), self.auth)
+        except EnrollError as e:
+            raise ClmError(f"{self.protocol} enrollment at {self.options.server} failed: {e}") from e
+        return UpstreamResult(res.certificate, tuple(res.chain) or tuple(res.ca_certs))
+
+    def trust_anchors(self, domain):
+        return list(self._anchors)
+
+
+# ---- pre-verification (pure) ----------------------------------------------------------------------------------
+def _sans(obj) -> set:
+    try:
+        return set(obj.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def pre_verify(csr: x509.CertificateSigningRequest, cert: x509.Certificate, chain: Sequence[x509.Certificate],
+               anchors: Sequence[x509.Certificate], now: datetime.datetime | None = None) -> list[x509.Certificate]:
+    """Everything that needs no private key: structure, CA signature and chain to ``anchors``, validity by the
+    CLM's clock, and that public key, subject and SAN are the ones the device requested in its CSR.
+
+    Returns the verified path. Raises PreVerificationError(reason, message).
+    """
+    from keystore.errors import VerificationError
+    from keystore.verify import verify_certificate
+
+    if not anchors:
+        raise PreVerificationError("untrusted", "no trust anchor for pre-verification: give the CLM the CA root "
+                                   "(--trust) or use an upstream that knows it")
+    try:
+        path = verify_certificate(cert, public_key=csr.public_key(), chain=list(chain), trust_anchors=list(anchors),
+                                  now=now)
+    except VerificationError as e:
+        raise PreVerificationError(e.reason, str(e)) from e
+    if cert.subject != csr.subject:
+        raise PreVerificationError("subject-mismatch", f"certificate subject {cert.subject.rfc4514_string()} is not "
+                                   f"the requested {csr.subject.rfc4514_string()}")
+    if _sans(cert) != _sans(csr):
+        raise PreVerificationError("san-mismatch", "certificate subjectAltName differs from the CSR's")
+    return path
+
+
+def renewal_time(cert: x509.Certificate, fraction: float = RENEW_FRACTION, jitter: float = RENEW_JITTER,
+                 rng: random.Random | None = None) -> datetime.datetime:
+    """When to renew: ``fraction`` of the lifetime after notBefore, +- ``jitter`` of the lifetime, always
+    before notAfter."""
+    rng = rng or random
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    life = (na - nb).total_seconds()
+    at = life * min(max(fraction + rng.uniform(-jitter, jitter), 0.05), 0.95)
+    return nb + datetime.timedelta(seconds=at)
+
+
+def _verify_payload(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> tuple[bytes, int]:
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from coap_services import codec
+
+    # Send the issuing chain without self-signed roots: the device has (or adopts) the root as its anchor.
+    inter = [c for c in chain if c.subject != c.issuer]
+    if not inter:
+        return cert.public_bytes(serialization.Encoding.DER), codec.CF_PKIX_CERT
+    return pkcs7.serialize_certificates([cert, *inter], serialization.Encoding.DER), codec.CF_PKCS7_CERTS
+
+
+# ---- the CLM --------------------------------------------------------------------------------------------------
+class Clm:
+    """``async with CoapClient() as c: await Clm(inventory, upstream, c).enroll("dev1")``."""
+
+    def __init__(self, inventory: Inventory, upstream: Upstream, coap, *, retries: int = DEFAULT_RETRIES,
+                 notify: str | None = None, fraction: float = RENEW_FRACTION, jitter: float = RENEW_JITTER,
+                 retry_delay_s: float = 1.0, default_domain: str | None = None, default_key_type: str | None = None,
+                 on_message=None):
+        self.inventory = inventory
+        self.upstream = upstream
+        self.coap = coap
+        self.retries = max(1, retries)
+        self.notify = notify
+        self.fraction = fraction
+        self.jitter = jitter
+        self.retry_delay_s = retry_delay_s
+        self.default_domain = default_domain
+        self.default_key_type = default_key_type
+        self.on_message = on_message  # test hook: called with every payload the CLM sends or receives
+
+    def _seen(self, direction: str, payload: bytes) -> None:
+        if self.on_message is not None:
+            self.on_message(direction, payload)
+
+    async def enroll_once(self, rec: dict) -> dict:
+        """One delegated enrollment, no retries. Returns the stage durations (seconds) and the certificate."""
+        from coap_services import codec
+
+        t_total = time.perf_counter()
+        domain = rec.get("domain") or self.default_domain
+        if not domain:
+            raise ClmError(f"device {rec['id']}: no domain (set it with 'clm add-device --domain' or --domain)")
+        anchors = self.upstream.trust_anchors(domain)
+        dev = self.coap.device(rec["uri"], rec.get("security") or "none", rec.get("context"))
+        req = codec.CsrRequest(subject=rec.get("subject"), san=tuple(rec.get("san") or ()),
+                               key_type=rec.get("key_type") or self.default_key_type, name=rec.get("name"),
+                               domain=domain, ca=tuple(a.public_bytes(serialization.Encoding.DER) for a in anchors))
+        self._seen("csr-request", codec.encode_csr_request(req))
+        csr, csr_der, rtt_csr, dev_keygen = await dev.csr(req)
+        self._seen("csr-response", csr_der)
+        t_enroll = time.perf_counter()
+        if not csr.is_signature_valid:
+            raise PreVerificationError("bad-csr", "the device's CSR signature does not verify")
+        up = await self.upstream.enroll(csr, domain=domain, profile=rec.get("profile"))
+        t_pre = time.perf_counter()
+        pre_verify(csr, up.certificate, up.chain, anchors)
+        t_enrolled = time.perf_counter()
+        payload, cf = _verify_payload(up.certificate, up.chain)
+        self._seen("verify-request", payload)
+        answer, rtt_verify, dev_verify = await dev.verify(payload, cf)
+        t_end = time.perf_counter()
+        dev_keygen = dev_keygen or 0.0
+        dev_verify = dev_verify or 0.0
+        stages = {
+            "coap_csr_s": max(rtt_csr - dev_keygen, 0.0),
+            "keygen_csr_s": dev_keygen,
+            "enroll_s": t_enrolled - t_enroll,
+            "pre_verify_s": t_enrolled - t_pre,
+            "coap_verify_s": max(rtt_verify - dev_verify, 0.0),
+            "cert_verify_s": dev_verify,
+            "total_s": t_end - t_total,
+        }
+        return {"stages": stages, "certificate": up.certificate, "chain": up.chain, "answer": answer}
+
+    async def enroll(self, device_id: str) -> dict:
+        """Delegated enrollment with up to ``retries`` attempts; then the notification hook runs.
+
+        Returns the stage durations of the successful attempt (plus ``attempts``).
+        Raises:
+            ClmError: every attempt failed (the device stays/becomes "not operational" unless its old
+            certificate is still valid; ``last_error`` says why).
+        """
+        from coap_services.errors import CoapServiceError
+
+        rec = self.inventory.get(device_id)
+        last = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                res = await self.enroll_once(rec)
+            except (ClmError, CoapServiceError) as e:
+                last = e
+                log.warning("device %s: enrollment attempt %d/%d failed: %s", device_id, attempt, self.retries, e)
+                if attempt < self.retries:
+                    await asyncio.sleep(self.retry_delay_s * attempt)
+                continue
+            cert = res["certificate"]
+            self.inventory.save_certificate(device_id, cert, res["chain"])
+            self.inventory.update(
+                device_id, state="operational", not_after=cert.not_valid_after_utc.isoformat(), last_error=None,
+                failures=0, enrolled_at=_now().isoformat(), serial=format(cert.serial_number, "x"),
+                next_renewal=renewal_time(cert, self.fraction, self.jitter).isoformat(), next_attempt=None)
+            stages = dict(res["stages"], attempts=attempt)
+            log.info("device %s operational: certificate %x until %s (%s)", device_id, cert.serial_number,
+                     cert.not_valid_after_utc.isoformat(),
+                     ", ".join(f"{k}={v * 1000:.1f}ms" for k, v in stages.items() if k.endswith("_s")))
+            return stages
+        rec = self.inventory.get(device_id)
+        still_valid = rec.get("not_after") and datetime.datetime.fromisoformat(rec["not_after"]) > _now()
+        failures = int(rec.get("failures") or 0) + 1
+        delay = min(RETRY_BASE_S * 2 ** (failures - 1), RETRY_MAX_S)
+        self.inventory.update(device_id, state="operational" if still_valid else "not operational",
+                              last_error=str(last)[:500], failures=failures,
+                              next_attempt=(_now() + datetime.timedelta(seconds=delay)).isoformat())
+        await self._notify(device_id, str(last))
+        raise ClmError(f"device {device_id}: enrollment failed after {self.retries} attempt(s): {last}") from last
+
+    async def _notify(self, device_id: str, message: str) -> None:
+        if not self.notify:
+            return
+        env = dict(os.environ, DEVAGENT_EVENT="enroll-failed", DEVAGENT_DEVICE=device_id,
+                   DEVAGENT_ERROR=message[:1000])
+        try:
+            proc = await asyncio.create_subprocess_exec(*shlex.split(self.notify), env=env,
+                                                        stdin=asyncio.subprocess.DEVNULL)
+            rc = await asyncio.wait_for(proc.wait(), HOOK_TIMEOUT_S)
+            if rc != 0:
+                log.warning("notification hook %r exited with %d", self.notify, rc)
+        except asyncio.TimeoutError:
+            proc.kill()
+            log.warning("notification hook %r timed out after %.0f s", self.notify, HOOK_TIMEOUT_S)
+        except OSError as e:
+            log.warning("notification hook %r could not run: %s", self.notify, e.strerror or e)
+
+    def due(self, now: datetime.datetime | None = None) -> list[str]:
+        """Devices to (re)enroll now: not operational (unless backing off) or past their renewal time."""
+        now = now or _now()
+        out = []
+        for rec in self.inventory.list():
+            if rec.get("next_attempt") and datetime.datetime.fromisoformat(rec["next_attempt"]) > now:
+                continue
+            if rec.get("state") != "operational" or not rec.get("next_renewal") or \
+                    datetime.datetime.fromisoformat(rec["next_renewal"]) <= now:
+                out.append(rec["id"])
+        return out
+
+    async def run(self, *, interval_s: float = 30.0, parallel: int = 4, once: bool = False,
+                  stop: asyncio.Event | None = None) -> dict:
+        """Renew every due device, then sleep ``interval_s``; until ``stop`` is set (or one pass with ``once``).
+        Returns {device: "ok" | error text} of the last pass."""
+        stop = stop or asyncio.Event()
+        sem = asyncio.Semaphore(max(1, parallel))
+        results: dict = {}
+
+        async def one(dev_id):
+            async with sem:
+                try:
+                    await self.enroll(dev_id)
+                    results[dev_id] = "ok"
+                except ClmError as e:
+                    results[dev_id] = str(e)
+
+        while True:
+            results = {}
+            due = self.due()
+            if due:
+                log.info("renewal pass: %s", ", ".join(due))
+                await asyncio.gather(*(one(d) for d in due))
+            if once or stop.is_set():
+                return results
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            if stop.is_set():
+                return results

@@ -1,0 +1,150 @@
+"""The CLM's CoAP clients for the device services (the paper's CSR_generation_request and verify_certificate
+clients), on one shared aiocoap client context.
+
+Every request is bounded by a timeout: with a wrong DTLS PSK the device simply does not answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cryptography import x509
+
+from coap_services import codec
+from coap_services.errors import DeviceError, DeviceUnreachableError, PayloadError
+from coap_services.security import client_credentials
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def _timing_s(msg) -> float | None:
+    for o in msg.opt.get_option(codec.TIMING_OPTION):
+        try:
+            return int.from_bytes(o.encode(), "big") / 1e6
+        except Exception:
+            return None
+    return None
+
+
+class CoapClient:
+    """``async with CoapClient() as c: dev = c.device(uri, method, context_dir)``."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self._ctx = None
+        self._loaded: set[str] = set()
+
+    async def __aenter__(self) -> "CoapClient":
+        import aiocoap
+
+        self._ctx = await aiocoap.Context.create_client_context(transports=["oscore", "udp6", "tinydtls"])
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._ctx is not None:
+            await self._ctx.shutdown()
+            self._ctx = None
+
+    def device(self, uri: str, method: str = "none", context_dir=None) -> "DeviceClient":
+        """Raises SecurityConfigError for missing or unsafe context files."""
+        uri = uri.rstrip("/")
+        key = f"{uri}|{method}|{context_dir}"
+        if key not in self._loaded:
+            creds = client_credentials(uri, method, context_dir)
+            if creds:
+                self._ctx.client_credentials.load_from_dict(creds)
+            self._loaded.add(key)
+        return DeviceClient(self, uri)
+
+    async def request(self, uri: str, code, payload: bytes = b"", content_format: int | None = None,
+                      accept: int | None = None):
+        """Send one request, return (response, round-trip seconds).
+
+        Raises:
+            DeviceUnreachableError: no answer in time, or the transport failed.
+        """
+        import aiocoap
+        from aiocoap import error as coap_error
+
+        msg = aiocoap.Message(code=code, uri=uri, payload=payload)
+        if content_format is not None:
+            msg.opt.content_format = content_format
+        if accept is not None:
+            msg.opt.accept = accept
+        t0 = time.perf_counter()
+        req = self._ctx.request(msg)
+        try:
+            resp = await asyncio.wait_for(req.response, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DeviceUnreachableError(f"{uri}: no answer within {self.timeout_s:.0f} s (device down, wrong "
+                                         "address, or a wrong DTLS PSK: DTLS fails silently)") from None
+        except coap_error.Error as e:
+            raise DeviceUnreachableError(f"{uri}: {type(e).__name__}: {e}") from e
+        except OSError as e:
+            raise DeviceUnreachableError(f"{uri}: {e.strerror or e}") from e
+        return resp, time.perf_counter() - t0
+
+
+class DeviceClient:
+    """One device: ``csr()``, ``verify()``, ``status()``; each returns timings for the benchmark stages."""
+
+    def __init__(self, client: CoapClient, uri: str):
+        self.client = client
+        self.uri = uri
+
+    def _check(self, resp, path):
+        if not resp.code.is_successful():
+            diag = codec.decode_diagnostic(resp.payload) if resp.opt.content_format in (None, codec.CF_CBOR) \
+                else {"error": "unknown", "message": ""}
+            raise DeviceError(f"{self.uri}{path}", resp.code.dotted, diag["error"], diag["message"],
+                              resp.opt.max_age if resp.opt.max_age != 60 else None)
+
+    async def csr(self, req: codec.CsrRequest) -> tuple[x509.CertificateSigningRequest, bytes, float, float | None]:
+        """POST /csr. Returns (CSR, DER, round trip s, device key+CSR s).
+
+        Raises:
+            DeviceError, DeviceUnreachableError, PayloadError (the device sent something that is not a CSR).
+        """
+        from aiocoap.numbers.codes import Code
+
+        resp, rtt = await self.client.request(f"{self.uri}/csr", Code.POST, codec.encode_csr_request(req),
+                                              codec.CF_CBOR)
+        self._check(resp, "/csr")
+        if resp.opt.content_format not in (None, codec.CF_PKCS10):
+            raise PayloadError("bad-response", f"{self.uri}/csr: answered content-format "
+                               f"{resp.opt.content_format}, expected {codec.CF_PKCS10}")
+        try:
+            csr = x509.load_der_x509_csr(resp.payload)
+        except ValueError as e:
+            raise PayloadError("bad-response", f"{self.uri}/csr: the answer is not a DER PKCS#10 CSR") from e
+        return csr, resp.payload, rtt, _timing_s(resp)
+
+    async def verify(self, payload: bytes, content_format: int) -> tuple[dict, float, float | None]:
+        """POST /verify with a DER certificate (287) or certs-only PKCS#7 (281). Returns (answer, rtt, device s).
+
+        Raises:
+            DeviceError (4.03 rejected, 4.09 no pending key, ...), DeviceUnreachableError.
+        """
+        from aiocoap.numbers.codes import Code
+
+        resp, rtt = await self.client.request(f"{self.uri}/verify", Code.POST, payload, content_format)
+        self._check(resp, "/verify")
+        try:
+            answer = codec.decode_map(resp.payload, "verify answer") if resp.payload else {}
+        except PayloadError:
+            answer = {}
+        return answer, rtt, _timing_s(resp)
+
+    async def status(self) -> dict:
+        from aiocoap.numbers.codes import Code
+
+        resp, _ = await self.client.request(f"{self.uri}/status", Code.GET)
+        self._check(resp, "/status")
+        return codec.decode_map(resp.payload, "status")
+
+    async def well_known_core(self) -> str:
+        from aiocoap.numbers.codes import Code
+
+        resp, _ = await self.client.request(f"{self.uri}/.well-known/core", Code.GET)
+        self._check(resp, "/.well-known/core")
+        return resp.payload.decode("utf-8", "replace")

@@ -1,0 +1,296 @@
+"""The device side of delegated enrollment (Astorga et al. 2021, §IV-B, §V-B), independent of CoAP.
+
+``DeviceService.csr`` is the CSR_generation_request service: a new key pair is generated in the keystore (state
+"pending", never leaving the device) and a PKCS#10 CSR signed with it is returned. ``DeviceService.verify`` is the
+verify_certificate service: the certificate must carry one of our pending keys and pass the keystore's
+verify-before-store against the domain trust anchor; only then is it stored.
+
+Invariants:
+- Nothing is stored when a check fails; every refusal is a ``ServiceError`` with a CoAP code, a stable reason and
+  a message built from facts (never internal exception text).
+- At most one key generation runs at a time, /csr is rate limited, and at most ``max_pending`` keys made for the
+  CLM are pending: a new /csr for a credential supersedes (destroys) the earlier pending key for that name.
+- Blocking work (key generation, keystore fsyncs) runs in a worker thread, one keystore operation at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import time
+
+from coap_services import codec
+from coap_services.errors import (
+    BAD_REQUEST, CONFLICT, FORBIDDEN, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, ServiceError,
+)
+from coap_services.ratelimit import TokenBucket
+
+log = logging.getLogger("devagent.coap")
+
+PENDING_SOURCE = "coap"
+# VerificationError reasons that mean "not acceptable" (4.03) rather than "not understood" (4.00).
+FORBIDDEN_REASONS = {"key-mismatch", "untrusted", "bad-signature", "expired", "not-yet-valid", "not-a-ca",
+                     "bad-key-usage", "bad-eku", "is-ca", "unknown-critical-extension", "subject-mismatch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """Defaults the device applies when the CLM's request leaves a field out, and service bounds."""
+
+    device_id: str = "device"
+    default_subject: str | None = None  # None: CN=<device_id>
+    default_san: tuple[str, ...] = ()
+    default_key_type: str = "p256"
+    default_name: str = "ldevid"
+    default_domain: str | None = None
+    key_backend: str = "soft"
+    csr_rate_per_min: float = 12.0
+    csr_burst: int = 3
+    max_pending: int = 4
+    check_validity: bool = True  # False on boards without a real-time clock: the CLM checked the dates
+    accept_ca_from_clm: bool = False  # a domain without anchor adopts the root the CLM sent, once it verifies
+    allow_weak_keys: bool = False  # rsa1024, only to reproduce seed 003's Table 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CsrResult:
+    csr_der: bytes
+    key_uri: str
+    name: str
+    domain: str
+    elapsed_s: float  # key generation + CSR creation on the device
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    version: int
+    not_after: datetime.datetime
+    elapsed_s: float  # certificate verification + store
+
+    def to_cbor(self) -> bytes:
+        return codec.encode_map({"stored": self.name, "version": self.version,
+                                 "not_after": int(self.not_after.timestamp()),
+                                 "verify_us": codec.timing_us(self.elapsed_s)})
+
+
+def _refuse(code, reason, message, **kw):
+    return ServiceError(code, reason, message, **kw)
+
+
+class DeviceService:
+    """Binds a keystore to the two services. ``keystore`` is a ``keystore.store.Keystore``."""
+
+    def __init__(self, keystore, config: DeviceConfig = DeviceConfig(), clock=time.monotonic):
+        self.ks = keystore
+        self.config = config
+        self.bucket = TokenBucket(config.csr_rate_per_min / 60.0, config.csr_burst, clock)
+        self._keygen = asyncio.Lock()
+        self._store = asyncio.Lock()
+
+    # ---- CSR_generation_request ----------------------------------------------------------------------------
+    def _plan_csr(self, req: codec.CsrRequest):
+        """Validate a request against the device's rules; returns everything needed to generate."""
+        from cryptography import x509
+
+        from keystore.csr import parse_san, parse_subject
+        from keystore.errors import UnsupportedKeyTypeError
+        from keystore.keytypes import parse_key_type
+        from keystore.store import check_name
+
+        c = self.config
+        try:
+            kt = parse_key_type(req.key_type or c.default_key_type, allow_weak=c.allow_weak_keys)
+        except UnsupportedKeyTypeError:
+            raise _refuse(BAD_REQUEST, "unknown-key-type", f"key type {req.key_type!r} is not supported by this "
+                          "device (p256, p384, ed25519, rsa2048, rsa3072, rsa4096)") from None
+        try:
+            subject = parse_subject(req.subject or c.default_subject or f"CN={c.device_id}")
+        except ValueError:
+            raise _refuse(BAD_REQUEST, "bad-subject", "subject is not an RFC 4514 DN (e.g. CN=dev1,O=Plant)") from None
+        try:
+            sans = [parse_san(s) for s in (req.san or c.default_san)]
+        except ValueError:
+            raise _refuse(BAD_REQUEST, "bad-san", "a SAN entry is malformed; use dns:NAME, ip:ADDR, uri:URI or "
+                          "email:ADDR") from None
+        name = req.name or c.default_name
+        domain = req.domain or c.default_domain
+        if domain is None:
+            raise _refuse(BAD_REQUEST, "no-domain", "no domain: send \"domain\" or start the device service with "
+                          "--domain")
+        for what, v in (("credential name", name), ("domain", domain)):
+            try:
+                check_name(v, what)
+            except ValueError:
+                raise _refuse(BAD_REQUEST, "bad-name", f"{what} must be 1-64 letters, digits, '.', '_' or '-'") \
+                    from None
+        cas = []
+        for i, der in enumerate(req.ca):
+            try:
+                cert = x509.load_der_x509_certificate(der)
+                bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            except (ValueError, x509.ExtensionNotFound):
+                raise _refuse(BAD_REQUEST, "malformed-ca", f"'ca' entry {i} is not a DER CA certificate") from None
+            if not bc.ca:
+                raise _refuse(BAD_REQUEST, "malformed-ca", f"'ca' entry {i} is not a CA certificate")
+            cas.append(cert)
+        offered_roots = []
+        if not self.ks.trust_anchors(domain):
+            offered_roots = [x for x in cas if x.subject == x.issuer]
+            if not (c.accept_ca_from_clm and offered_roots):
+                raise _refuse(CONFLICT, "no-trust-anchor", f"the device has no trust anchor for domain {domain}: "
+                              "commission one, or run the service with --accept-ca-from-clm and send the root "
+                              "in \"ca\"")
+        return kt, subject, sans, name, domain, cas, offered_roots
+
+    def _pending(self) -> list[dict]:
+        return [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE]
+
+    def _make_room(self, name: str) -> None:
+        pending = sorted(self._pending(), key=lambda k: k.get("created", ""))
+        for k in pending:
+            if k["pending_for"].get("name") == name:
+                self.ks.discard_key(k["uri"])  # superseded by this new request
+                log.info("discarded superseded pending key for %s", name)
+        pending = sorted(self._pending(), key=lambda k: k.get("created", ""))
+        while len(pending) >= self.config.max_pending:
+            self.ks.discard_key(pending.pop(0)["uri"])
+            log.info("discarded oldest pending key (bound %d)", self.config.max_pending)
+
+    def _generate(self, plan, peer) -> CsrResult:
+        from cryptography.hazmat.primitives import serialization
+
+        from keystore.certs import fingerprint
+        from keystore.csr import build_csr, default_key_usage
+
+        kt, subject, sans, name, domain, cas, offered_roots = plan
+        t0 = time.perf_counter()
+        self._make_room(name)
+        pending_for = {"source": PENDING_SOURCE, "name": name, "domain": domain, "peer": peer,
+                       "subject": subject.rfc4514_string(), "ca_fps": [fingerprint(x) for x in cas],
+                       "offered_roots": [x.public_bytes(serialization.Encoding.DER).hex() for x in offered_roots]}
+        uri = self.ks.generate_key(kt, backend=self.config.key_backend, label=name, pending_for=pending_for,
+                                   allow_weak=self.config.allow_weak_keys)
+        try:
+            csr = build_csr(self.ks.private_key(uri), subject, sans, key_usage=default_key_usage(kt))
+        except Exception:
+            self.ks.discard_key(uri)
+            raise
+        der = csr.public_bytes(serialization.Encoding.DER)
+        return CsrResult(der, uri, name, domain, time.perf_counter() - t0)
+
+    async def csr(self, req: codec.CsrRequest, peer: str | None = None) -> CsrResult:
+        """Generate a pending key and a CSR for it.
+
+        Raises:
+            ServiceError: 4.00 bad request field, 4.09 no trust anchor, 5.03 rate limited or busy.
+        """
+        plan = await asyncio.to_thread(self._plan_csr, req)
+        wait = self.bucket.take()
+        if wait > 0:
+            raise _refuse(SERVICE_UNAVAILABLE, "rate-limited", f"key generation is rate limited; retry in "
+                          f"{TokenBucket.max_age(wait)} s", max_age=TokenBucket.max_age(wait))
+        if self._keygen.locked():
+            self.bucket.give_back()
+            raise _refuse(SERVICE_UNAVAILABLE, "busy", "a key is being generated; retry shortly", max_age=2)
+        async with self._keygen, self._store:
+            try:
+                res = await asyncio.to_thread(self._generate, plan, peer)
+            except ServiceError:
+                raise
+            except Exception as e:
+                log.error("key/CSR generation failed: %s: %s", type(e).__name__, e)
+                raise _refuse(INTERNAL_SERVER_ERROR, "keygen-failed", "key or CSR generation failed on the device; "
+                              "see its log") from e
+        log.info("CSR for %s (domain %s, %s) issued to %s in %.3f s", res.name, res.domain, plan[0], peer or "-",
+                 res.elapsed_s)
+        return res
+
+    # ---- verify_certificate ---------------------------------------------------------------------------------
+    def _verify_and_store(self, certs, peer) -> VerifyResult:
+        from cryptography import x509
+
+        from keystore.certs import fingerprint, same_public_key
+        from keystore.errors import KeystoreError, VerificationError
+        from keystore.verify import verify_certificate
+
+        t0 = time.perf_counter()
+        pending = self._pending()
+        if not pending:
+            raise _refuse(CONFLICT, "no-pending-key", "the device has no pending key: request a CSR (POST /csr) "
+                          "first")
+        match = None
+        for rec in pending:
+            pub = self.ks.public_key(rec["uri"])
+            for cert in certs:
+                if same_public_key(cert.public_key(), pub):
+                    match = (cert, rec, pub)
+                    break
+            if match:
+                break
+        if match is None:
+            raise _refuse(FORBIDDEN, "key-mismatch", "the certificate is for another key: its public key matches "
+                          "none of the device's pending keys")
+        cert, rec, pub = match
+        pf = rec["pending_for"]
+        chain = [c for c in certs if c is not cert]
+        name, domain = pf["name"], pf["domain"]
+        if pf.get("subject") and cert.subject.rfc4514_string() != pf["subject"]:
+            raise _refuse(FORBIDDEN, "subject-mismatch", f"certificate subject {cert.subject.rfc4514_string()} is "
+                          f"not the requested {pf['subject']}")
+        try:
+            anchors = self.ks.trust_anchors(domain)
+            adopt = []
+            if not anchors and pf.get("offered_roots"):
+                adopt = [x509.load_der_x509_certificate(bytes.fromhex(h)) for h in pf["offered_roots"]]
+                anchors = adopt
+            path = verify_certificate(cert, public_key=pub, chain=chain, trust_anchors=anchors,
+                                      check_validity=self.config.check_validity)
+            if pf.get("ca_fps") and not {fingerprint(p) for p in path[1:]} & set(pf["ca_fps"]):
+                raise _refuse(FORBIDDEN, "unexpected-ca", "the certificate does not chain through the CA "
+                              "certificate(s) announced in the CSR request")
+            if adopt:
+                self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
+            cred = self.ks.store_certificate(name, cert, chain, key_uri=rec["uri"], kind="ldevid", domain=domain,
+                                             check_validity=self.config.check_validity, protocol="coap-delegated",
+                                             server=peer, meta={"via": "clm"})
+        except VerificationError as e:
+            code = FORBIDDEN if e.reason in FORBIDDEN_REASONS else BAD_REQUEST
+            raise _refuse(code, e.reason, str(e)) from None
+        except KeystoreError as e:
+            log.error("storing the certificate failed: %s", e)
+            raise _refuse(INTERNAL_SERVER_ERROR, "store-failed", "the device could not store the certificate; see "
+                          "its log") from e
+        return VerifyResult(cred.name, cred.version, cred.not_after, time.perf_counter() - t0)
+
+    async def verify(self, certs, peer: str | None = None) -> VerifyResult:
+        """Verify a certificate (plus chain) against a pending key and the domain anchor; store it.
+
+        Raises:
+            ServiceError: 4.09 no pending key, 4.03 rejected (reason = keystore VerificationError reason).
+        """
+        async with self._store:
+            res = await asyncio.to_thread(self._verify_and_store, certs, peer)
+        log.info("stored certificate %s v%d (not after %s) from %s, verified in %.3f s", res.name, res.version,
+                 res.not_after.isoformat(), peer or "-", res.elapsed_s)
+        return res
+
+    # ---- status -------------------------------------------------------------------------------------------
+    def _status(self) -> dict:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        creds = []
+        operational = False
+        for c in self.ks.list():
+            creds.append({"name": c.name, "kind": c.kind, "domain": c.domain or "",
+                          "subject": c.certificate.subject.rfc4514_string(),
+                          "serial": format(c.certificate.serial_number, "x"),
+                          "not_after": int(c.not_after.timestamp())})
+            if c.kind != "idevid" and (c.not_after > now or not self.config.check_validity):
+                operational = True
+        return {"device": self.config.device_id, "state": "operational" if operational else "not operational",
+                "pending": len(self._pending()), "credentials": creds}
+
+    async def status(self) -> dict:
+        async with self._store:
+            return await asyncio.to_thread(self._status)
