@@ -416,7 +416,8 @@ class EstClient(EnrollmentClient):
 
     def _implicit(self) -> tuple[x509.Certificate, ...]:
         # Roots from /cacerts received over TLS authenticated by the explicit TA (RFC 7030 §4.1.3 implicit TA).
-        return tuple(c for c in (self._cacerts or ()) if m.self_signed(c))
+        have = set(self._anchors) | set(self._ca_anchors)
+        return tuple(c for c in (self._cacerts or ()) if c not in have and m.self_signed(c))
 
 
 def _sans(obj) -> list:

@@ -144,8 +144,20 @@ def _tls_error(url: str, e: BaseException) -> EnrollError:
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
                                f"({detail}); check --ca-file or bootstrap with --ca-fingerprint")
     if isinstance(chain, ssl.SSLError):
+        if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
+                                   "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
+            return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "
+                                   "check that it is issued by a CA the server trusts and still valid")
         return ProtectionError(f"TLS to {url} failed: {chain}")
-    return TransportError(f"{url}: {type(e).__name__}: {text or 'connection failed'}")
+    name = type(e).__name__
+    if name in ("ReadError", "RemoteProtocolError"):
+        return TransportError(f"{url}: the connection broke while reading the response "
+                              f"({name}: {text or 'reset by peer'}); retry later")
+    if name == "ConnectError":
+        return TransportError(f"{url}: cannot connect ({text or 'refused'}); is the EST server running?")
+    if "Timeout" in name:
+        return TransportError(f"{url}: timed out ({name}); the server did not answer in time")
+    return TransportError(f"{url}: {name}: {text or 'connection failed'}")
 
 
 class HttpxTransport:
