@@ -1,0 +1,204 @@
+"""PKCS#11 key backend against a real token (SoftHSM2, token directory in a temp dir).
+
+The keystore's enrollment path runs once per key type: generate on the token -> CSR -> lab CA -> store ->
+renew with rekey -> delete. Bad input (wrong PIN, missing token/module, missing key) must fail with a
+KeyBackendError naming the token, and leave the keystore's files and the token's objects untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+
+from agent.lab.ca import LabCA
+from keystore.backends import pkcs11 as p11
+from keystore.csr import build_csr, default_key_usage, parse_san, parse_subject
+from keystore.errors import ExportRefusedError, KeyBackendError, NotFoundError, UnsupportedKeyTypeError
+from keystore.store import Keystore
+from tests.peers.pkcs11 import pkcs11_options, softhsm  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.peer
+
+
+def snapshot(root: Path) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return LabCA.create(tmp_path_factory.mktemp("lab"), domains=("plant", "mfg"))
+
+
+@pytest.fixture
+def keystore(tmp_path, pkcs11_options, softhsm, lab):  # noqa: F811
+    ks = Keystore.init(tmp_path / "ks", backend_options={"pkcs11": pkcs11_options})
+    ks.add_trust_anchors("plant", [lab.domain("plant").root_cert], source="lab", verified_by="test")
+    yield ks
+    for rec in ks.pending_keys():  # a failed test must not leave objects for the next one
+        ks.discard_key(rec["uri"])
+    ks.close()
+
+
+def enroll(ks: Keystore, lab: LabCA, key_uri: str, name: str = "plant", kt: str = "p256"):
+    key = ks.private_key(key_uri)
+    csr = build_csr(key, parse_subject(f"CN=dev1-{kt},O=Plant"), [parse_san("dns:dev1.plant.example")],
+                    key_usage=default_key_usage(kt))
+    assert csr.is_signature_valid
+    cert = lab.issue_from_csr("plant", csr)
+    return ks.store_certificate(name, cert, [lab.domain("plant").ca_cert], key_uri=key_uri, domain="plant",
+                                protocol="test")
+
+
+@pytest.mark.parametrize("kt", ["p256", "p384", "rsa2048", "rsa3072"])
+def test_enroll_renew_rekey_delete(keystore, lab, softhsm, kt):  # noqa: F811
+    assert softhsm.objects() == []
+    uri = keystore.generate_key(kt, backend="pkcs11", label=f"plant-{kt}")
+    attrs = p11.parse_uri(uri)
+    assert attrs["token"] == softhsm.label and attrs["object"] == f"plant-{kt}" and len(attrs["id"]) == 16
+    cred = enroll(keystore, lab, uri, kt=kt)
+    assert cred.key_uri == uri and cred.key_type == kt
+
+    uri2 = keystore.generate_key(kt, backend="pkcs11", label=f"plant-{kt}")
+    assert uri2 != uri  # same label, different id
+    cred2 = enroll(keystore, lab, uri2, kt=kt)
+    assert cred2.version == 2 and cred2.key_uri == uri2
+    # The superseded key is destroyed on the token once the new certificate is live.
+    assert len(softhsm.objects()) == 2
+    with pytest.raises(p11.Pkcs11KeyNotFoundError):
+        keystore.backend("pkcs11").load(uri)
+    assert keystore.check() == []
+
+    keystore.delete("plant")
+    assert softhsm.objects() == []
+
+
+def test_token_keys_are_non_extractable(keystore, softhsm):  # noqa: F811
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    uri = keystore.generate_key("p256", backend="pkcs11", label="attrs")
+    key_id = p11.parse_uri(uri)["id"]
+    tok = pkcs11.lib(softhsm.module).get_token(token_label=softhsm.label)
+    with tok.open() as s:  # the backend's session holds the login
+        priv = next(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}))
+        assert priv[Attribute.EXTRACTABLE] is False and priv[Attribute.NEVER_EXTRACTABLE] is True
+        assert priv[Attribute.SENSITIVE] is True and priv[Attribute.ALWAYS_SENSITIVE] is True
+        assert priv[Attribute.TOKEN] is True and priv[Attribute.PRIVATE] is True
+        assert priv[Attribute.DECRYPT] is False and priv[Attribute.SIGN] is True
+    key = keystore.private_key(uri)
+    with pytest.raises(ExportRefusedError, match="non-extractable"):
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    with pytest.raises(ExportRefusedError):
+        keystore.backend("pkcs11").export_pem(uri, b"pw")
+    assert keystore.key_file(uri) is None
+
+
+def test_signatures(keystore):
+    eck = keystore.private_key(keystore.generate_key("p256", backend="pkcs11"))
+    assert isinstance(eck, ec.EllipticCurvePrivateKey)
+    sig = eck.sign(b"msg", ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(sig)  # DER, as cryptography produces
+    assert r > 0 and s > 0
+    eck.public_key().verify(sig, b"msg", ec.ECDSA(hashes.SHA256()))
+    h = hashes.Hash(hashes.SHA256())
+    h.update(b"msg")
+    sig = eck.sign(h.finalize(), ec.ECDSA(Prehashed(hashes.SHA256())))
+    eck.public_key().verify(sig, b"msg", ec.ECDSA(hashes.SHA256()))
+
+    rk = keystore.private_key(keystore.generate_key("rsa2048", backend="pkcs11"))
+    assert isinstance(rk, rsa.RSAPrivateKey) and rk.key_size == 2048
+    for alg in (hashes.SHA256(), hashes.SHA384()):
+        # SoftHSM2 requires the MGF1 hash to equal the message hash (CKR_ARGUMENTS_BAD otherwise).
+        pads = [padding.PKCS1v15(), padding.PSS(padding.MGF1(alg), padding.PSS.DIGEST_LENGTH),
+                padding.PSS(padding.MGF1(alg), padding.PSS.MAX_LENGTH), padding.PSS(padding.MGF1(alg), 20)]
+        for pad in pads:
+            sig = rk.sign(b"msg", pad, alg)
+            verify_pad = pad if isinstance(pad, padding.PKCS1v15) else \
+                padding.PSS(padding.MGF1(alg), padding.PSS.AUTO)
+            rk.public_key().verify(sig, b"msg", verify_pad, alg)
+
+
+def test_idevid_on_token(keystore, lab):
+    uri = keystore.generate_key("p256", backend="pkcs11", label="idevid")
+    mfg = lab.domain("mfg")
+    cert = lab.issue("mfg", keystore.public_key(uri), parse_subject("CN=dev1,serialNumber=SN-1"))
+    cred = keystore.import_idevid("idevid", cert, [mfg.ca_cert, mfg.root_cert], key_uri=uri)
+    assert cred.readonly
+    sig = keystore.private_key(uri).sign(b"PKIHeader||PKIBody", ec.ECDSA(hashes.SHA256()))
+    cert.public_key().verify(sig, b"PKIHeader||PKIBody", ec.ECDSA(hashes.SHA256()))
+    keystore.delete("idevid", force=True)
+
+
+def test_uri_round_trip():
+    uri = p11.make_uri("my token;1", "key/é 100%", b"\x00\xff;")
+    assert ";" not in uri.split("token=")[1].split(";")[0]
+    a = p11.parse_uri(uri)
+    assert a == {"token": "my token;1", "object": "key/é 100%", "id": b"\x00\xff;", "type": "private"}
+    assert p11.parse_uri("pkcs11:object=k1?pin-source=file:/x")["object"] == "k1"
+    for bad in ("pkcs11:", "pkcs11:token=t", "pkcs11:object=k;type=public", "pkcs11:object"):
+        with pytest.raises(KeyBackendError):
+            p11.parse_uri(bad)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+def _fails_cleanly(tmp_path, softhsm, options, exc, *needles):  # noqa: F811
+    ks = Keystore.init(tmp_path / "ks", backend_options={"pkcs11": options})
+    before, objs = snapshot(ks.root), softhsm.objects()
+    try:
+        with pytest.raises(exc) as ei:
+            ks.generate_key("p256", backend="pkcs11", label="bad")
+        assert isinstance(ei.value, KeyBackendError)
+        for n in needles:
+            assert n in str(ei.value)
+        assert snapshot(ks.root) == before and softhsm.objects() == objs
+    finally:
+        ks.close()
+    return ei.value
+
+
+def test_wrong_pin(tmp_path, softhsm, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WRONG_PIN", "0000")
+    err = _fails_cleanly(tmp_path, softhsm, dict(softhsm.options, pin="env:WRONG_PIN"), p11.Pkcs11PinError,
+                         "wrong PIN", softhsm.label)
+    assert "0000" not in str(err)  # never echo the PIN
+
+
+def test_pin_source_unset(tmp_path, softhsm, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("NO_SUCH_PIN_VAR", raising=False)
+    _fails_cleanly(tmp_path, softhsm, dict(softhsm.options, pin="env:NO_SUCH_PIN_VAR"), p11.Pkcs11PinError,
+                   "NO_SUCH_PIN_VAR")
+
+
+def test_token_missing(tmp_path, softhsm):  # noqa: F811
+    _fails_cleanly(tmp_path, softhsm, dict(softhsm.options, token_label="no-such-token"),
+                   p11.Pkcs11TokenNotFoundError, "no-such-token", softhsm.label, softhsm.module)
+
+
+def test_module_missing(tmp_path, softhsm):  # noqa: F811
+    _fails_cleanly(tmp_path, softhsm, dict(softhsm.options, module="/nonexistent/libpkcs11.so"),
+                   p11.Pkcs11ModuleError, "/nonexistent/libpkcs11.so")
+
+
+def test_key_missing_and_unsupported_type(keystore, softhsm, lab):  # noqa: F811
+    before = snapshot(keystore.root)
+    uri = p11.make_uri(softhsm.label, "ghost", b"\x01" * 16)
+    with pytest.raises(p11.Pkcs11KeyNotFoundError) as ei:
+        keystore.register_key(uri)
+    assert isinstance(ei.value, NotFoundError) and softhsm.label in str(ei.value)
+    mfg = lab.domain("mfg")
+    dummy = lab.issue("mfg", ec.generate_private_key(ec.SECP256R1()).public_key(), parse_subject("CN=x"))
+    with pytest.raises(p11.Pkcs11KeyNotFoundError):
+        keystore.import_idevid("idevid", dummy, [mfg.ca_cert, mfg.root_cert], key_uri=uri)
+    with pytest.raises(UnsupportedKeyTypeError):
+        keystore.generate_key("ed25519", backend="pkcs11")
+    keystore.backend("pkcs11").delete(uri)  # missing key: no error
+    assert snapshot(keystore.root) == before
