@@ -685,10 +685,7 @@ def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint
 
 def main(argv=None):
     """Console-script entry point."""
-    try:
-        cli.main(args=argv, prog_name="devagent", standalone_mode=True)
-    except SystemExit as e:
-        raise SystemExit(e.code)
+    cli.main(args=argv, prog_name="devagent", standalone_mode=True)
 
 
 if __name__ == "__main__":

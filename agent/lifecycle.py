@@ -128,7 +128,7 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
 
 
 async def enroll(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,
-                 sans: Sequence[x509.GeneralName] = (), key: KeySpec = KeySpec(), auth: ClientAuth = ClientAuth(),
+                 sans: Sequence[x509.GeneralName] = (), key: KeySpec = KeySpec(), auth: ClientAuth | None = None,
                  profile: str | None = None, remember: dict | None = None, **kw) -> Credential:
     """Obtain the domain credential (LDevID): CMP ir / EST simpleenroll, authenticated by a shared secret,
     HTTP Basic, or the IDevID (``auth``)."""
@@ -137,7 +137,7 @@ async def enroll(ks: Keystore, client: EnrollmentClient, *, name: str, domain: s
     if ks.exists(name) and ks.get(name).readonly:
         raise LifecycleError(f"{name} is an IDevID; choose another name for the domain credential")
     return await _issue(ks, "enroll", client, name=name, domain=domain, kind="ldevid", subject=subject, sans=sans,
-                        key=key, auth=auth, profile=profile, purpose="clientAuth", remember=remember or {}, **kw)
+                        key=key, auth=auth or ClientAuth(), profile=profile, purpose="clientAuth", remember=remember or {}, **kw)
 
 
 async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,

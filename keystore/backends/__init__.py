@@ -54,7 +54,7 @@ class KeyBackend(abc.ABC):
         """(path of an encrypted PEM, password) for TLS stacks that need a key file; None if impossible."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release sessions/contexts."""
 
 
