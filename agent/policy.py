@@ -1,0 +1,135 @@
+"""The lifecycle daemon's scheduling policy: pure functions of certificate validity, failures and clock readings.
+
+Nothing here does I/O or reads the clock; callers pass ``now`` and a uniform random ``u`` in [0, 1), so every rule
+is testable with hypothesis.
+
+Invariants (tests/unit/test_policy.py checks them):
+- A renewal is scheduled inside the certificate's validity, never later than ``fraction`` of it; jitter only moves
+  it earlier, by at most ``jitter`` of the lifetime, and never before ``fraction / 2``.
+- A retry delay after ``n`` failures lies in [base/2, cap], grows with ``n`` up to the cap, and while the current
+  certificate is still valid it is at most half of the remaining time (but not below ``base / 2``), so the device
+  keeps trying ever more often before expiry instead of sleeping through it.
+- A clock is "obviously wrong" when it is before ``CLOCK_FLOOR`` (an RTC-less board after power-up) or differs from
+  a CA's time by more than the tolerance; then CA time plus monotonic elapsed time is used instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+DEFAULT_FRACTION = 2 / 3
+DEFAULT_JITTER = 0.05
+RETRY_BASE_S = 60.0
+RETRY_CAP_S = 3600.0
+CLOCK_TOLERANCE_S = 300.0
+# Earlier than any certificate this software can meet: a reading before it is a clock that was never set.
+CLOCK_FLOOR = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+_MAX_EXP = 60  # 2**60 * base overflows nothing and exceeds any cap
+
+
+def _check_u(u: float) -> None:
+    if not 0.0 <= u <= 1.0:
+        raise ValueError(f"u must be in [0, 1], not {u}")
+
+
+def renewal_time(not_before: datetime.datetime, not_after: datetime.datetime, *,
+                 fraction: float = DEFAULT_FRACTION, jitter: float = DEFAULT_JITTER,
+                 u: float = 0.0) -> datetime.datetime:
+    """When to renew a certificate valid from ``not_before`` to ``not_after``.
+
+    Args:
+        fraction: point of the lifetime to renew at (0 < fraction < 1).
+        jitter: share of the lifetime by which to renew earlier at most (spreads a fleet's load on the CA).
+        u: uniform random number in [0, 1]; 0 means no jitter.
+    Returns:
+        ``not_before + lifetime * max(fraction - jitter * u, fraction / 2)``; ``not_before`` for an empty lifetime.
+    Raises:
+        ValueError: fraction, jitter or u out of range.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"renewal fraction must be between 0 and 1 (exclusive), not {fraction}")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be in [0, 1), not {jitter}")
+    _check_u(u)
+    lifetime = (not_after - not_before).total_seconds()
+    if lifetime <= 0:
+        return not_before
+    f = max(fraction - jitter * u, fraction / 2)
+    return not_before + datetime.timedelta(seconds=lifetime * f)
+
+
+def retry_delay(failures: int, *, base_s: float = RETRY_BASE_S, cap_s: float = RETRY_CAP_S,
+                u: float = 0.5) -> float:
+    """Seconds to wait after the ``failures``-th consecutive failure: capped exponential backoff, jittered
+    in its upper half (``d/2 + d/2*u`` with ``d = min(cap, base * 2**(failures-1))``).
+
+    Raises:
+        ValueError: failures < 1, base <= 0, cap < base, u out of range.
+    """
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, not {failures}")
+    if base_s <= 0 or cap_s < base_s:
+        raise ValueError(f"need 0 < base_s <= cap_s (got base {base_s}, cap {cap_s})")
+    _check_u(u)
+    d = min(cap_s, base_s * 2.0 ** min(failures - 1, _MAX_EXP))
+    return d / 2 + d / 2 * u
+
+
+def next_retry(now: datetime.datetime, failures: int, not_after: datetime.datetime, *,
+               base_s: float = RETRY_BASE_S, cap_s: float = RETRY_CAP_S, u: float = 0.5) -> datetime.datetime:
+    """When to try again after a failed renewal. While the certificate is valid the wait is at most half the time
+    left (floored at ``base_s / 2``), so attempts get denser towards expiry; after expiry plain backoff applies."""
+    d = retry_delay(failures, base_s=base_s, cap_s=cap_s, u=u)
+    left = (not_after - now).total_seconds()
+    if left > 0:
+        d = min(d, max(left / 2, base_s / 2))
+    return now + datetime.timedelta(seconds=d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockEstimate:
+    """Offset of trusted time from the local wall clock, learnt from a CA response at ``observed_mono``."""
+
+    offset_s: float = 0.0
+    source: str = "system clock"
+    observed_mono: float | None = None
+
+    def now(self, local_now: datetime.datetime) -> datetime.datetime:
+        return local_now + datetime.timedelta(seconds=self.offset_s)
+
+
+def clock_obviously_wrong(local_now: datetime.datetime, reference: datetime.datetime | None = None, *,
+                          tolerance_s: float = CLOCK_TOLERANCE_S) -> bool:
+    """True for a local clock before ``CLOCK_FLOOR`` or more than ``tolerance_s`` away from ``reference``."""
+    if local_now < CLOCK_FLOOR:
+        return True
+    return reference is not None and abs((local_now - reference).total_seconds()) > tolerance_s
+
+
+def observe_server_time(estimate: ClockEstimate, local_now: datetime.datetime, server_time: datetime.datetime,
+                        mono: float, *, source: str, trusted_clock: bool = False,
+                        tolerance_s: float = CLOCK_TOLERANCE_S) -> ClockEstimate:
+    """Fold a CA's time (CMP messageTime, HTTP Date) into the estimate.
+
+    With a trusted clock the estimate stays at zero offset. Otherwise a server time that disagrees with the local
+    clock by more than ``tolerance_s`` (or any server time when the local clock is before ``CLOCK_FLOOR``) becomes
+    the new reference; small differences (network delay, HTTP Date's one-second resolution) are ignored.
+    """
+    if server_time.tzinfo is None:
+        raise ValueError("server_time must be timezone-aware")
+    if trusted_clock:
+        return ClockEstimate()
+    if clock_obviously_wrong(local_now, server_time, tolerance_s=tolerance_s):
+        return ClockEstimate((server_time - local_now).total_seconds(), source, mono)
+    return ClockEstimate(0.0, "system clock", mono)
+
+
+def plausible_now(local_now: datetime.datetime, estimate: ClockEstimate,
+                  fresh_not_before: datetime.datetime | None = None) -> datetime.datetime:
+    """The time to check a certificate against: the estimate, and for a certificate the CA has just issued never
+    earlier than its ``not_before`` when the clock is obviously wrong (a fresh certificate is valid by
+    construction; rejecting it would only keep the device on an older one)."""
+    t = estimate.now(local_now)
+    if fresh_not_before is not None and clock_obviously_wrong(t) and t < fresh_not_before:
+        return fresh_not_before
+    return t
