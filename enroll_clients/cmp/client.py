@@ -150,30 +150,29 @@ class CmpClient(EnrollmentClient):
         """genm caCerts, plus rootCaCert when ``old_root`` is configured (RFC 9483 4.3.1/4.3.2). The genp must
         be protected (MAC with ``auth.secret`` or a signature chaining to ``trust_anchors``). A new root is
         returned only after ``verify_root_update`` bound it to the old root."""
-        items = [(A.id_it_caCerts, None)]
-        if self.old_root is not None:
-            items.append((A.id_it_rootCaCert, M.cert_to_asn1(self.old_root)))
-        txn = self._transaction(auth)
-        der = txn.request("genm", M.genm_body(items))
-        resp = await self._send(txn, der, ("genp",), "general message (genm caCerts)")
-        values = M.genp_values(resp.body)
-        cas = M.decode_ca_certs(values.get(str(A.id_it_caCerts)))
+        # One ITAV per genm (RFC 9483 4.3; OpenSSL refuses a genm with two), so two transactions.
+        resp = await self._genm(auth, A.id_it_caCerts, None, "general message (genm caCerts)")
+        cas = M.decode_ca_certs(M.genp_values(resp.body).get(str(A.id_it_caCerts)))
         new_root = nwo = own = None
-        update = M.decode_root_ca_key_update(values.get(str(A.id_it_rootCaKeyUpdate)))
-        if update is not None:
-            if self.old_root is None:
-                raise ProtocolError("genp carries a rootCaKeyUpdate we did not ask for")
-            nwn, nwo, own = update
-            V.verify_root_update(self.old_root, nwn, nwo, own)
-            new_root = nwn
+        server_time = resp.server_time
+        if self.old_root is not None:
+            resp = await self._genm(auth, A.id_it_rootCaCert, M.cert_to_asn1(self.old_root),
+                                    "general message (genm rootCaCert)")
+            update = M.decode_root_ca_key_update(M.genp_values(resp.body).get(str(A.id_it_rootCaKeyUpdate)))
+            if update is not None:
+                nwn, nwo, own = update
+                V.verify_root_update(self.old_root, nwn, nwo, own)
+                new_root = nwn
         return CaCertsResult(ca_certs=cas, new_root=new_root, new_with_old=nwo, old_with_new=own,
-                             server_time=resp.server_time)
+                             server_time=server_time)
+
+    async def _genm(self, auth, info_type, value, what: str):
+        txn = self._transaction(auth)
+        return await self._send(txn, txn.request("genm", M.genm_body([(info_type, value)])), ("genp",), what)
 
     async def cert_req_template(self, auth: ClientAuth | None = None):
         """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none."""
-        txn = self._transaction(auth)
-        der = txn.request("genm", M.genm_body([(A.id_it_certReqTemplate, None)]))
-        resp = await self._send(txn, der, ("genp",), "general message (genm certReqTemplate)")
+        resp = await self._genm(auth, A.id_it_certReqTemplate, None, "general message (genm certReqTemplate)")
         return T.decode_template(M.genp_values(resp.body).get(str(A.id_it_certReqTemplate)))
 
     async def aclose(self) -> None:
