@@ -25,7 +25,8 @@ Invariants:
   ``decrypt``): the private part never exists outside the TPM and cannot be duplicated. ``private_bytes``,
   ``export_pem`` and PKCS#12 export refuse with ``ExportRefusedError``.
 - A key is loaded for one operation and flushed right after (swtpm and many firmware TPMs hold only ~3
-  transient objects); the key objects handed out keep only the URI and the public key.
+  transient objects); the key objects handed out keep only the URI and the public key. Its saved context
+  (encrypted by the TPM, valid until the next TPM reset) is cached in memory so that the next load is cheap.
 - One ESAPI context per backend, used under a lock (ESAPI is not thread-safe); blocking calls are the
   caller's to move off the event loop (``asyncio.to_thread``).
 """
@@ -298,6 +299,9 @@ class Backend(KeyBackend):
             raise KeyBackendError(f"TPM option persist={self.persist!r}: use 'blob' or 'handle'")
         self.handle_base = _parse_handle(opts.get("handle_base", DEFAULT_HANDLE_BASE), "TPM handle_base")
         self._publics: dict[str, object] = {}
+        # uri -> TPMS_CONTEXT of the key after its last use: the TPM-encrypted saved context, kept in memory
+        # only. Loading it is much cheaper than re-creating the primary and loading the blob.
+        self._saved: dict[str, object] = {}
 
     @property
     def tcti(self) -> str:
@@ -333,15 +337,25 @@ class Backend(KeyBackend):
         tss = self._read_blob(uri, ref) if kind == "blob" else None
         with self._tpm.session(f"{doing} with {uri}") as ectx:
             if kind == "blob":
-                try:
-                    tr = tss.load(ectx)
-                except TSS2_Exception as e:
-                    if "tcti" in str(e):
-                        raise
-                    raise TpmError(f"the TPM cannot load key {uri} ({e}): the blob was made by another TPM, "
-                                   f"for another parent, or the TPM was cleared (TCTI {self.tcti!r})") from e
+                tr = None
+                saved = self._saved.pop(uri, None)
+                if saved is not None:
+                    # A saved context skips re-deriving the primary key (tens of ms on swtpm, far more on an
+                    # SPI TPM); it is invalid after a TPM reset, and then we load from the blob again.
+                    with contextlib.suppress(TSS2_Exception):
+                        tr = ectx.context_load(saved)
+                if tr is None:
+                    try:
+                        tr = tss.load(ectx)
+                    except TSS2_Exception as e:
+                        if "tcti" in str(e):
+                            raise
+                        raise TpmError(f"the TPM cannot load key {uri} ({e}): the blob was made by another TPM, "
+                                       f"for another parent, or the TPM was cleared (TCTI {self.tcti!r})") from e
                 try:
                     yield ectx, tr
+                    with contextlib.suppress(TSS2_Exception):
+                        self._saved[uri] = ectx.context_save(tr)
                 finally:
                     with contextlib.suppress(Exception):
                         ectx.flush_context(tr)
@@ -418,6 +432,7 @@ class Backend(KeyBackend):
     def delete(self, uri: str) -> None:
         kind, ref = self._parse(uri)
         self._publics.pop(uri, None)
+        self._saved.pop(uri, None)
         if kind == "blob":
             fsutil.secure_delete(ref)  # without its blob the TPM cannot load the key again
             return
@@ -447,6 +462,7 @@ class Backend(KeyBackend):
             return [int(h) for h in data.data.handles]
 
     def close(self) -> None:
+        self._saved.clear()
         self._tpm.close()
 
 
