@@ -1,0 +1,618 @@
+"""Render pytest-benchmark JSON into a Markdown report with plots (``make bench`` / ``make bench-ci`` call this).
+
+    python benchmarks/report.py benchmarks/results/latest.json --out benchmarks/REPORT.md
+
+Sections, each present only when its suite ran:
+
+- Host: CPU model, cores, Python, OpenSSL (``ssl`` and ``cryptography``), board profile (``conftest.host_facts``).
+- Table 1: per stage, every configuration with n, mean, sd and the 95 % confidence interval (Student t, n-1 degrees
+  of freedom) from the raw per-run samples in ``extra_info["stages"]``, and seed 003's Raspberry Pi 3 figures for
+  the matching paper cell in adjacent columns. Plots like the paper's Fig. 5: means with 95 % CI bars per stage.
+- Fleet, footprint, keystore: the figures the suites put in ``extra_info``, and plots of how they grow.
+- Every other benchmark group (other suites' JSON entries): a generic table from pytest-benchmark's statistics.
+
+Missing suites are left out; a malformed entry is reported in the "Notes" section, never fatal. Figures only:
+nothing here judges a time as pass or fail. PNGs are written next to the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+# Seed 003 (Astorga et al. 2021, IEEE Access 9, Table 1): Raspberry Pi 3 Model B, 100 runs per cell, seconds.
+# stage -> (auth, rsa bits, aes bits) -> (mean, sd, ci_low, ci_high). Same numbers as shared/data/astorga2021_table1.csv.
+PAPER_CSV = """\
+key_and_csr_creation,PSK,1024,128,0.575,0.265,0.523,0.628
+key_and_csr_creation,PSK,1024,256,0.5731,0.368,0.500,0.646
+key_and_csr_creation,PSK,2048,128,2.307,1.276,2.054,2.560
+key_and_csr_creation,PSK,2048,256,2.317,1.509,2.017,2.616
+key_and_csr_creation,RPK,1024,128,0.627,0.38,0.551,0.702
+key_and_csr_creation,RPK,1024,256,0.591,0.317,0.528,0.654
+key_and_csr_creation,RPK,2048,128,2.363,1.61,2.044,2.682
+key_and_csr_creation,RPK,2048,256,2.244,1.387,1.968,2.519
+delegated_enrolment,PSK,1024,128,2.333,0.146,2.304,2.362
+delegated_enrolment,PSK,1024,256,2.257,0.112,2.235,2.280
+delegated_enrolment,PSK,2048,128,2.26,0.118,2.236,2.283
+delegated_enrolment,PSK,2048,256,2.394,0.156,2.363,2.425
+delegated_enrolment,RPK,1024,128,2.285,0.169,2.252,2.319
+delegated_enrolment,RPK,1024,256,2.212,0.092,2.194,2.231
+delegated_enrolment,RPK,2048,128,2.343,0.127,2.317,2.368
+delegated_enrolment,RPK,2048,256,2.364,0.174,2.330,2.390
+process_certificate,PSK,1024,128,0.029211,0.002864,0.028643,0.029780
+process_certificate,PSK,1024,256,0.030345,0.001841,0.029980,0.030710
+process_certificate,PSK,2048,128,0.043706,0.004075,0.042897,0.044514
+process_certificate,PSK,2048,256,0.043039,0.002154,0.042611,0.043466
+process_certificate,RPK,1024,128,0.029304,0.003183,0.028673,0.029936
+process_certificate,RPK,1024,256,0.029809,0.003775,0.029060,0.030558
+process_certificate,RPK,2048,128,0.043197,0.005914,0.042024,0.044370
+process_certificate,RPK,2048,256,0.044103,0.006829,0.042748,0.045458
+coap_csr_request,PSK,1024,128,2.236,0.503,2.136,2.335
+coap_csr_request,PSK,1024,256,2.203,0.446,2.115,2.292
+coap_csr_request,PSK,2048,128,2.386,0.834,2.220,2.551
+coap_csr_request,PSK,2048,256,2.312,0.493,2.214,2.410
+coap_csr_request,RPK,1024,128,3.044,0.684,2.908,3.180
+coap_csr_request,RPK,1024,256,2.949,0.573,2.835,3.063
+coap_csr_request,RPK,2048,128,2.981,0.597,2.862,3.099
+coap_csr_request,RPK,2048,256,3.06,0.747,2.912,3.208
+coap_verify_certificate,PSK,1024,128,2.383,0.481,2.288,2.479
+coap_verify_certificate,PSK,1024,256,2.399,0.488,2.303,2.496
+coap_verify_certificate,PSK,2048,128,2.52,0.516,2.417,2.622
+coap_verify_certificate,PSK,2048,256,2.605,0.673,2.471,2.738
+coap_verify_certificate,RPK,1024,128,3.161,0.772,3.008,3.314
+coap_verify_certificate,RPK,1024,256,3.18,0.684,3.044,3.315
+coap_verify_certificate,RPK,2048,128,3.015,0.589,2.898,3.131
+coap_verify_certificate,RPK,2048,256,3.248,0.648,3.119,3.376
+total,PSK,1024,128,7.557,0.798,7.399,7.715
+total,PSK,1024,256,7.463,0.735,7.317,7.609
+total,PSK,2048,128,9.516,1.662,9.186,9.846
+total,PSK,2048,256,9.67,1.644,9.344,9.996
+total,RPK,1024,128,9.146,1.153,8.918,9.375
+total,RPK,1024,256,8.962,0.907,8.782,9.142
+total,RPK,2048,128,10.744,1.826,10.382,11.106
+total,RPK,2048,256,10.96,1.705,10.622,11.299
+"""
+
+STAGES = [
+    ("coap_csr_request", "(1) First CoAP exchange: CSR request"),
+    ("key_and_csr_creation", "(2) Private key and CSR creation (device)"),
+    ("delegated_enrolment", "(3) Delegated enrolment CLM <-> CA"),
+    ("coap_verify_certificate", "(4) Second CoAP exchange: verify certificate"),
+    ("process_certificate", "(5) Certificate verification (device)"),
+    ("total", "Total"),
+]
+
+
+def paper_table() -> dict:
+    out: dict = {}
+    for line in PAPER_CSV.strip().splitlines():
+        stage, auth, rsa, aes, *vals = line.split(",")
+        out[(stage, auth, int(rsa), int(aes))] = tuple(float(v) for v in vals)
+    return out
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (Numerical Recipes, 6.4)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / (c if abs(c) > tiny else tiny)
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / (c if abs(c) > tiny else tiny)
+        de = d * c
+        h *= de
+        if abs(de - 1.0) < 3e-14:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    x = df / (df + t * t)
+    p = 0.5 * _betainc(df / 2, 0.5, x)
+    return 1 - p if t > 0 else p
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student-t quantile by bisection on the CDF (no SciPy on a Pi Zero)."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def summarize(samples) -> dict | None:
+    xs = [float(x) for x in samples if x is not None and math.isfinite(float(x))]
+    if not xs:
+        return None
+    n = len(xs)
+    mean = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if n > 1 else 0.0
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    srt = sorted(xs)
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "min": srt[0], "max": srt[-1],
+            "p50": _pct(srt, 50), "p99": _pct(srt, 99)}
+
+
+def _pct(srt, q):
+    if not srt:
+        return float("nan")
+    k = (len(srt) - 1) * q / 100
+    f = math.floor(k)
+    c = min(f + 1, len(srt) - 1)
+    return srt[f] + (srt[c] - srt[f]) * (k - f)
+
+
+# ---- formatting -----------------------------------------------------------------------------------------------
+def ms(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    v = x * 1000
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.{digits}f}"
+
+
+def auto_time(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if x >= 1:
+        return f"{x:.3f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.3f} ms"
+    return f"{x * 1e6:.1f} µs"
+
+
+def table(headers, rows, align=None) -> list[str]:
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return out
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+def load(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def groups_of(data: dict) -> dict[str, list[dict]]:
+    g: dict[str, list[dict]] = {}
+    for b in data.get("benchmarks") or []:
+        g.setdefault(b.get("group") or "(no group)", []).append(b)
+    return g
+
+
+def config_label(cfg: dict) -> str:
+    if cfg.get("backend") == "micropython":
+        return "P-256, MicroPython agent (unix port)"
+    kt = {"rsa1024": "RSA-1024", "rsa2048": "RSA-2048", "p256": "P-256", "p384": "P-384",
+          "ed25519": "Ed25519"}.get(cfg.get("key_type"), str(cfg.get("key_type")))
+    ch = {"dtls-psk": "DTLS-PSK", "oscore": "OSCORE", "none": "plain CoAP"}.get(cfg.get("channel"), cfg.get("channel"))
+    aes = f" AES-{cfg['aes_bits']}" if cfg.get("aes_bits") else ""
+    extra = []
+    if cfg.get("backend") not in (None, "soft"):
+        extra.append({"tpm": "TPM (swtpm)", "pkcs11": "PKCS#11 (SoftHSM2)"}.get(cfg["backend"], cfg["backend"]))
+    if cfg.get("upstream") not in (None, "lab"):
+        extra.append(f"{cfg['upstream'].upper()} upstream")
+    return f"{kt}, {ch}{aes}" + (f", {', '.join(extra)}" if extra else "")
+
+
+def paper_cell(cfg: dict):
+    """The paper's PSK cell a configuration corresponds to (RSA key length x AES length), or None."""
+    if not cfg.get("paper"):
+        return None
+    kt = cfg.get("key_type", "")
+    if kt not in ("rsa1024", "rsa2048") or cfg.get("aes_bits") not in (128, 256):
+        return None
+    return ("PSK", int(kt[3:]), int(cfg["aes_bits"]))
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+class Report:
+    def __init__(self, data: dict, out: Path, source: Path):
+        self.data = data
+        self.out = out
+        self.source = source
+        self.lines: list[str] = []
+        self.notes: list[str] = []
+        self.plots: list[str] = []
+        self.headline: list[str] = []
+
+    def w(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def header(self) -> None:
+        mi = self.data.get("machine_info") or {}
+        h = mi.get("devagent_host") or {}
+        ci = h.get("ci_mode")
+        self.w("# devagent benchmark report" + (" (CI smoke run: few samples, figures not representative)"
+                                               if ci else ""), "")
+        self.w(f"Generated from `{self.source.name}` by `benchmarks/report.py`; run "
+               f"{self.data.get('datetime', '?')}; commit {h.get('devagent_commit') or (self.data.get('commit_info') or {}).get('id', '?')[:10]}.",
+               "")
+        rows = [
+            ("CPU", h.get("cpu_model") or (mi.get("cpu") or {}).get("brand_raw", "?")),
+            ("Cores", h.get("cores", "?")),
+            ("Memory", f"{h['mem_total_mb']} MB" if "mem_total_mb" in h else "?"),
+            ("Machine / kernel", f"{h.get('machine', mi.get('machine', '?'))} / {h.get('kernel', mi.get('release', '?'))}"),
+            ("Python", f"{h.get('python_impl', mi.get('python_implementation', ''))} {h.get('python', mi.get('python_version', '?'))}"),
+            ("OpenSSL (Python ssl)", h.get("ssl_openssl", "?")),
+            ("OpenSSL (cryptography)", f"{h.get('cryptography_openssl', '?')} (cryptography {h.get('cryptography', '?')})"),
+            ("aiocoap", h.get("aiocoap", "?")),
+            ("Board profile", h.get("board_profile", "?")),
+        ]
+        self.w(*table(["Host", ""], rows, ["l", "l"]), "")
+
+    # -- Table 1 --
+    def table1(self, benches: list[dict]) -> None:
+        paper = paper_table()
+        cfgs = []
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            if not isinstance(ei.get("stages"), dict) or not isinstance(ei.get("config"), dict):
+                self.notes.append(f"table1 entry {b.get('name')} has no stage samples; left out")
+                continue
+            stats = {s: summarize(v) for s, v in ei["stages"].items()}
+            cfgs.append((ei["config"], stats, b))
+        if not cfgs:
+            return
+        self.w("## Table 1: delegated enrollment stages (seed 003) on this host", "")
+        self.w("Each configuration ran n delegated enrollments through the production path: `agent.clm.Clm.enroll` "
+               "(a fresh CoAP client context per enrollment) against a `coap_services` device server on loopback "
+               "with its own keystore, key backend and security layer, and an upstream CA (lab CA in-process, or the "
+               "lab EST server over TLS). Stages are measured by the CLM and the device as in the paper's §VII-B; "
+               "stage (1) includes the DTLS handshake, stage (4) reuses the DTLS session. 95 % CI: Student t with "
+               "n-1 degrees of freedom. All times in **milliseconds**; the paper's Raspberry Pi 3 figures "
+               "(PSK column matching key length and AES length) are converted to ms.", "")
+        self.w("Channels: aiocoap's tinydtls offers only `TLS_PSK_WITH_AES_128_CCM_8`, so the paper's AES-256 "
+               "cells are compared with OSCORE using AES-CCM-16-64-256 (object security, no handshake). The paper's "
+               "RPK (raw public key) DTLS is not available in aiocoap; its RPK columns are not compared.", "")
+        # summary of means
+        hdr = ["Configuration", "n"] + [s for s, _ in STAGES]
+        rows = []
+        for cfg, stats, _ in cfgs:
+            n = max((st["n"] for st in stats.values() if st), default=0)
+            rows.append([config_label(cfg), n] + [ms(stats[s]["mean"]) if stats.get(s) else "–" for s, _ in STAGES])
+        self.w("### Means per stage (ms)", "", *table(hdr, rows), "")
+        for stage, title in STAGES:
+            hdr = ["Configuration", "n", "mean", "sd", "95 % CI", "Pi 3 mean", "Pi 3 sd", "Pi 3 95 % CI",
+                   "Pi 3 / here"]
+            rows = []
+            for cfg, stats, _ in cfgs:
+                st = stats.get(stage)
+                if not st:
+                    continue
+                cell = paper_cell(cfg)
+                p = paper.get((stage, *cell)) if cell else None
+                ratio = f"{p[0] / st['mean']:,.0f}×" if p and st["mean"] > 0 else "–"
+                rows.append([config_label(cfg), st["n"], ms(st["mean"]), ms(st["sd"]), f"{ms(st['lo'])} – {ms(st['hi'])}",
+                             ms(p[0]) if p else "–", ms(p[1]) if p else "–",
+                             f"{ms(p[2])} – {ms(p[3])}" if p else "–", ratio])
+            if rows:
+                self.w(f"### {title}", "", *table(hdr, rows), "")
+        # headline
+        for cfg, stats, _ in cfgs:
+            cell = paper_cell(cfg)
+            if cell and cfg.get("channel") == "dtls-psk" and stats.get("total"):
+                p = paper.get(("total", *cell))
+                self.headline.append(f"{config_label(cfg)}: total {ms(stats['total']['mean'])} ms here "
+                                     f"(95 % CI {ms(stats['total']['lo'])}–{ms(stats['total']['hi'])}) vs "
+                                     f"{p[0]:.3f} s on the paper's Pi 3")
+            elif cfg.get("key_type") == "p256" and cfg.get("channel") == "dtls-psk" and \
+                    cfg.get("backend") == "soft" and cfg.get("upstream") == "lab" and stats.get("total"):
+                self.headline.append(f"{config_label(cfg)}: total {ms(stats['total']['mean'])} ms "
+                                     f"(95 % CI {ms(stats['total']['lo'])}–{ms(stats['total']['hi'])})")
+        self.plot_table1(cfgs, paper)
+
+    def plot_table1(self, cfgs, paper) -> None:
+        plt = _pyplot()
+        if plt is None:
+            self.notes.append("matplotlib is not installed: no plots")
+            return
+        fig, axes = plt.subplots(2, 3, figsize=(16, 10))
+        for ax, (stage, title) in zip(axes.flat, STAGES):
+            labels, means, errs = [], [], []
+            for cfg, stats, _ in cfgs:
+                st = stats.get(stage)
+                if not st:
+                    continue
+                labels.append(config_label(cfg))
+                means.append(st["mean"] * 1000)
+                half = (st["hi"] - st["mean"]) * 1000 if math.isfinite(st["hi"]) else 0
+                errs.append(half)
+            y = list(range(len(labels)))
+            ax.barh(y, means, xerr=errs, capsize=3, color="#4c72b0")
+            ax.set_yticks(y)
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("ms (mean, 95 % CI)")
+        fig.suptitle("Delegated enrollment stages on this host (cf. seed 003 Fig. 5)")
+        fig.tight_layout()
+        self._save(fig, "table1_stages.png", "Stages per configuration, means with 95 % CI (like the paper's Fig. 5)")
+        # against the Pi 3
+        pairs = [(cfg, stats) for cfg, stats, _ in cfgs if paper_cell(cfg)]
+        if pairs:
+            fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+            for ax, (stage, title) in zip(axes.flat, STAGES):
+                labels, here, herr, pi, pierr = [], [], [], [], []
+                for cfg, stats in pairs:
+                    st, p = stats.get(stage), paper.get((stage, *paper_cell(cfg)))
+                    if not st or not p:
+                        continue
+                    labels.append(config_label(cfg).replace(", ", "\n", 1))
+                    here.append(st["mean"] * 1000)
+                    herr.append((st["hi"] - st["mean"]) * 1000 if math.isfinite(st["hi"]) else 0)
+                    pi.append(p[0] * 1000)
+                    pierr.append((p[3] - p[0]) * 1000)
+                x = list(range(len(labels)))
+                ax.bar([i - 0.2 for i in x], pi, 0.4, yerr=pierr, capsize=3, label="paper, Raspberry Pi 3",
+                       color="#dd8452")
+                ax.bar([i + 0.2 for i in x], here, 0.4, yerr=herr, capsize=3, label="this host", color="#4c72b0")
+                ax.set_yscale("log")
+                ax.set_xticks(x)
+                ax.set_xticklabels(labels, fontsize=7)
+                ax.set_title(title, fontsize=10)
+                ax.set_ylabel("ms (log scale)")
+            axes.flat[0].legend(fontsize=8)
+            fig.suptitle("Paper configurations: Raspberry Pi 3 (seed 003, Table 1) vs this host")
+            fig.tight_layout()
+            self._save(fig, "table1_vs_pi3.png", "The paper's configurations next to its Raspberry Pi 3 figures "
+                       "(log scale)")
+
+    # -- fleet --
+    def fleet(self, benches: list[dict]) -> None:
+        rows, pts = [], []
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            if "devices" not in ei:
+                self.notes.append(f"fleet entry {b.get('name')} has no figures; left out")
+                continue
+            lat = summarize(ei.get("latencies_s") or [])
+            pts.append((ei["devices"], ei, lat))
+        if not pts:
+            return
+        pts.sort(key=lambda t: t[0])
+        for n, ei, lat in pts:
+            rows.append([n, ei.get("channel", "?"), ei.get("parallel", "?"), f"{ei['renewals']}/{ei['attempted']}",
+                         f"{ei['wall_s']:.2f}", f"{ei['renewals_per_s']:.1f}", ms(lat["p50"]) if lat else "–",
+                         ms(lat["p99"]) if lat else "–", f"{ei['cpu_s']:.2f}",
+                         f"{ei['cpu_s'] / max(ei['renewals'], 1) * 1000:.1f}",
+                         f"{ei['rss_start_mb']:.0f} → {ei['rss_end_mb']:.0f}", f"{ei['rss_peak_mb']:.0f}"])
+        self.w("## Fleet: one CLM renewing N devices (the paper's open question)", "")
+        self.w("One CLM (`Clm.run(once=True)`, bounded parallelism) re-enrolls N devices that already hold a "
+               "certificate; the devices are in-process `coap_services` device servers (one keystore and one CoAP "
+               "endpoint each, the same code as `devagent serve`) on loopback, the CA is the lab CA. CPU and memory "
+               "are of the whole process (CLM + all devices + CA), so per-renewal CPU is an upper bound for the CLM.",
+               "")
+        self.w(*table(["N", "channel", "parallel", "ok/attempted", "wall s", "renewals/s", "p50 ms", "p99 ms",
+                       "CPU s", "CPU ms/renewal", "RSS MB start → end", "peak RSS MB"], rows), "")
+        if len(pts) > 1:
+            a, b = pts[0], pts[-1]
+            grow = b[0] / a[0]
+            self.w(f"From N={a[0]} to N={b[0]} (×{grow:g}): throughput ×{b[1]['renewals_per_s'] / a[1]['renewals_per_s']:.2f}, "
+                   f"p99 latency ×{(b[2]['p99'] / a[2]['p99']) if a[2] and b[2] else float('nan'):.2f}, "
+                   f"CPU per renewal ×{(b[1]['cpu_s'] / b[1]['renewals']) / max(a[1]['cpu_s'] / a[1]['renewals'], 1e-9):.2f}.",
+                   "")
+            self.headline.append(f"fleet: {b[1]['renewals_per_s']:.1f} renewals/s at N={b[0]} "
+                                 f"(p50 {ms(b[2]['p50'])} ms, p99 {ms(b[2]['p99'])} ms)")
+        plt = _pyplot()
+        if plt is None:
+            return
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
+        ns = [p[0] for p in pts]
+        a1.plot(ns, [p[1]["renewals_per_s"] for p in pts], "o-")
+        a1.set_title("renewals per second")
+        a2.plot(ns, [p[2]["p50"] * 1000 for p in pts], "o-", label="p50")
+        a2.plot(ns, [p[2]["p99"] * 1000 for p in pts], "s-", label="p99")
+        a2.set_title("renewal latency (ms)")
+        a2.legend()
+        a3.plot(ns, [p[1]["rss_peak_mb"] for p in pts], "o-", label="peak RSS MB")
+        a3.plot(ns, [p[1]["cpu_s"] / p[1]["renewals"] * 1000 for p in pts], "s-", label="CPU ms / renewal")
+        a3.set_title("memory and CPU")
+        a3.legend()
+        for ax in (a1, a2, a3):
+            ax.set_xscale("log")
+            ax.set_xlabel("devices N")
+        fig.tight_layout()
+        self._save(fig, "fleet.png", "Fleet renewal: throughput, latency, CPU and memory against N")
+
+    # -- footprint --
+    def footprint(self, benches: list[dict]) -> None:
+        rows = []
+        for b in sorted(benches, key=lambda b: b.get("name", "")):
+            ei = b.get("extra_info") or {}
+            st = b.get("stats") or {}
+            what = ei.get("what", b.get("name"))
+            if "rss_mb" in ei:
+                val = f"{ei['rss_mb']:.1f} MB RSS" + (f" (peak {ei['hwm_mb']:.1f} MB)" if "hwm_mb" in ei else "")
+            else:
+                s = summarize(ei.get("samples_s") or []) or {"mean": st.get("mean"), "sd": st.get("stddev"),
+                                                             "lo": float("nan"), "hi": float("nan"),
+                                                             "n": st.get("rounds")}
+                val = f"{ms(s['mean'])} ms ± {ms(s['sd'])} (n={s['n']}, 95 % CI {ms(s['lo'])}–{ms(s['hi'])})"
+            rows.append([what, val, ei.get("note", "")])
+        if rows:
+            self.w("## Footprint: `devagent` memory and start-up", "")
+            self.w(*table(["measure", "value", "how"], rows, ["l", "l", "l"]), "")
+            for r in rows:
+                if "idle" in r[0] or "--help" in r[0]:
+                    self.headline.append(f"{r[0]}: {r[1]}")
+
+    # -- keystore --
+    def keystore(self, benches: list[dict]) -> None:
+        cells: dict = {}
+        for b in benches:
+            cfg = (b.get("extra_info") or {}).get("config") or {}
+            if "op" not in cfg:
+                continue
+            st = b.get("stats") or {}
+            cells[(cfg["op"], cfg["size"])] = st
+        if not cells:
+            return
+        ops = [o for o in ("add", "load", "list") if any(k[0] == o for k in cells)]
+        sizes = sorted({k[1] for k in cells})
+        rows = []
+        for op in ops:
+            row = [op]
+            for n in sizes:
+                st = cells.get((op, n))
+                row.append(f"{ms(st['mean'])} ± {ms(st['stddev'])} (n={st['rounds']})" if st else "–")
+            first, last = cells.get((op, sizes[0])), cells.get((op, sizes[-1]))
+            row.append(f"×{last['mean'] / first['mean']:.1f}" if first and last and first["mean"] else "–")
+            rows.append(row)
+        self.w("## Keystore operations against the number of credentials", "")
+        self.w("add = `store_certificate` of a new credential (verify-before-store, fsynced files, atomic index "
+               "replace); load = `get`; list = `list` of all credentials. Mean ± sd in ms.", "")
+        self.w(*table(["operation"] + [f"{n} credentials" for n in sizes] + [f"growth {sizes[0]}→{sizes[-1]}"], rows),
+               "")
+        plt = _pyplot()
+        if plt is None:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for op in ops:
+            xs = [n for n in sizes if (op, n) in cells]
+            ax.errorbar(xs, [cells[(op, n)]["mean"] * 1000 for n in xs],
+                        yerr=[cells[(op, n)]["stddev"] * 1000 for n in xs], marker="o", capsize=3, label=op)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("credentials in the keystore")
+        ax.set_ylabel("ms per operation")
+        ax.legend()
+        fig.tight_layout()
+        self._save(fig, "keystore.png", "Keystore operation time against the number of credentials")
+
+    # -- anything else --
+    def generic(self, group: str, benches: list[dict]) -> None:
+        rows = []
+        for b in sorted(benches, key=lambda b: b.get("name", "")):
+            st = b.get("stats") or {}
+            n = st.get("rounds") or 0
+            mean, sd = st.get("mean"), st.get("stddev") or 0.0
+            if mean is None:
+                self.notes.append(f"{group}: {b.get('name')} has no statistics")
+                continue
+            if n > 1:
+                half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+                ci = f"{auto_time(mean - half)} – {auto_time(mean + half)}"
+            else:
+                ci = "–"
+            extra = b.get("extra_info") or {}
+            ex = ", ".join(f"{k}={v}" for k, v in extra.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40)
+            rows.append([b.get("name", "?"), n, auto_time(mean), auto_time(sd), ci, auto_time(st.get("min")),
+                         auto_time(st.get("max")), ex[:120]])
+        if rows:
+            self.w(f"## {group}", "", *table(["benchmark", "rounds", "mean", "sd", "95 % CI", "min", "max",
+                                              "extra"], rows), "")
+
+    def _save(self, fig, name: str, caption: str) -> None:
+        path = self.out.parent / name
+        fig.savefig(path, dpi=90)
+        _pyplot().close(fig)
+        self.plots.append((name, caption))
+
+    def render(self) -> str:
+        self.header()
+        groups = groups_of(self.data)
+        known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore}
+        body_start = len(self.lines)
+        for g, fn in known.items():
+            if g in groups:
+                try:
+                    fn(groups[g])
+                except Exception as e:  # a broken entry must not hide the rest of the report
+                    self.notes.append(f"section {g} could not be rendered: {type(e).__name__}: {e}")
+        for g in sorted(groups):
+            if g not in known:
+                self.generic(g, groups[g])
+        if not groups:
+            self.notes.append("the JSON holds no benchmarks")
+        body = self.lines[body_start:]
+        self.lines = self.lines[:body_start]
+        if self.headline:
+            self.w("## Headline", "", *[f"- {h}" for h in self.headline], "")
+        self.lines.extend(body)
+        if self.plots:
+            self.w("## Plots", "")
+            for name, caption in self.plots:
+                self.w(f"![{caption}]({name})", "", f"*{caption}*", "")
+        if self.notes:
+            self.w("## Notes", "", *[f"- {n}" for n in self.notes], "")
+        return "\n".join(self.lines).rstrip() + "\n"
+
+
+_PLT = None
+
+
+def _pyplot():
+    global _PLT
+    if _PLT is None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            _PLT = plt
+        except ImportError:
+            _PLT = False
+    return _PLT or None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    p.add_argument("--out", type=Path, default=None, help="Markdown output (default: REPORT.md next to the JSON)")
+    a = p.parse_args(argv)
+    out = a.out or a.json.with_name("REPORT.md")
+    try:
+        data = load(a.json)
+    except (OSError, ValueError) as e:
+        print(f"report: cannot read {a.json}: {e}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rep = Report(data, out, a.json)
+    text = rep.render()
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print(f"report: wrote {out}" + "".join(f", {out.parent / n}" for n, _ in rep.plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
