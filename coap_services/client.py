@@ -42,8 +42,13 @@ class CoapClient:
 
     async def __aexit__(self, *exc) -> None:
         if self._ctx is not None:
-            await self._ctx.shutdown()
-            self._ctx = None
+            from coap_services.security import release_oscore_contexts
+
+            try:
+                await self._ctx.shutdown()
+            finally:
+                release_oscore_contexts(self._ctx.client_credentials)
+                self._ctx = None
 
     def device(self, uri: str, method: str = "none", context_dir=None) -> "DeviceClient":
         """Raises SecurityConfigError for missing or unsafe context files."""
@@ -97,7 +102,7 @@ class DeviceClient:
             diag = codec.decode_diagnostic(resp.payload) if resp.opt.content_format in (None, codec.CF_CBOR) \
                 else {"error": "unknown", "message": ""}
             raise DeviceError(f"{self.uri}{path}", resp.code.dotted, diag["error"], diag["message"],
-                              resp.opt.max_age if resp.opt.max_age != 60 else None)
+                              resp.opt.max_age)
 
     async def csr(self, req: codec.CsrRequest) -> tuple[x509.CertificateSigningRequest, bytes, float, float | None]:
         """POST /csr. Returns (CSR, DER, round trip s, device key+CSR s).

@@ -257,3 +257,15 @@ def client_credentials(uri: str, method: str, context_dir: str | os.PathLike | N
         p = _read_secret_json(d / "dtls.json", "DTLS PSK file")
         return {base: {"dtls": {"psk": {"ascii": p["psk_ascii"]}, "client-identity": {"ascii": p["identity"]}}}}
     raise SecurityConfigError(f"unknown security method {method!r}; use oscore, dtls-psk or none")
+
+
+def release_oscore_contexts(credentials_map) -> None:
+    """Persist sequence numbers and release the lock of every OSCORE context in an aiocoap CredentialsMap.
+
+    aiocoap 0.4.17 does this only when the context object is garbage-collected (``_destroy`` from ``__del__``),
+    so a service that stops, or a CLM that opens the same context again in the same process, would find it
+    locked. This is the one place that calls that private method.
+    """
+    for item in list(credentials_map.values()):
+        if getattr(item, "lockfile", None) is not None and hasattr(item, "_destroy"):
+            item._destroy()

@@ -51,6 +51,7 @@ class _Guarded(resource.Resource):
 
     max_bytes = 1024
     needs_auth = True
+    path = ""
 
     def __init__(self, app: "DeviceApp"):
         super().__init__()
@@ -92,15 +93,13 @@ class _Guarded(resource.Resource):
                 raise coap_error.UnallowedMethod()
             return await handler(request, peer)
         except ServiceError as e:
-            if e.code >= INTERNAL_SERVER_ERROR:
-                log.warning("%s %s: %s", request.code, "/".join(request.opt.uri_path), e)
-            else:
-                log.info("%s /%s refused: %s", request.code, "/".join(request.opt.uri_path), e)
+            (log.warning if e.code == INTERNAL_SERVER_ERROR else log.info)("%s %s refused: %s", request.code,
+                                                                             self.path, e)
             return error_message(e)
         except coap_error.RenderableError:
             raise
         except Exception:
-            log.exception("internal error in /%s", "/".join(request.opt.uri_path))
+            log.exception("internal error in %s", self.path)
             return error_message(ServiceError(INTERNAL_SERVER_ERROR, "internal", "internal error; see the device log"))
 
 
@@ -117,6 +116,7 @@ class CsrResource(_Guarded):
     """POST /csr: CSR_generation_request."""
 
     max_bytes = codec.MAX_CSR_REQUEST_BYTES
+    path = "/csr"
     ct = codec.CF_PKCS10
     rt = "devagent.csr"
 
@@ -131,6 +131,7 @@ class VerifyResource(_Guarded):
     """POST /verify: verify_certificate."""
 
     max_bytes = codec.MAX_VERIFY_BYTES
+    path = "/verify"
     ct = f"{codec.CF_PKIX_CERT} {codec.CF_PKCS7_CERTS}"
     rt = "devagent.verify"
 
@@ -145,11 +146,12 @@ class StatusResource(_Guarded):
     """GET /status: credentials, not-after, operational state."""
 
     max_bytes = 0
+    path = "/status"
     ct = codec.CF_CBOR
     rt = "devagent.status"
 
     async def render_get(self, request, peer):
-        return aiocoap.Message(payload=codec.encode_map(await self.app.service.status()),
+        return aiocoap.Message(code=Code.CONTENT, payload=codec.encode_map(await self.app.service.status()),
                                content_format=codec.CF_CBOR)
 
 
@@ -216,7 +218,12 @@ class DeviceServer:
         return cls(ctx, app, (host, port))
 
     async def stop(self) -> None:
-        await self.context.shutdown()
+        from coap_services.security import release_oscore_contexts
+
+        try:
+            await self.context.shutdown()
+        finally:
+            release_oscore_contexts(self.context.server_credentials)
 
 
 async def serve_forever(service: DeviceService, layers, *, host: str, port: int, insecure: bool,
