@@ -388,7 +388,7 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
         else:
             prof = board_profiles.load(pname)
     except board_profiles.BoardProfileError as e:
-        raise ConfigError(f"board profile: {e}") from e
+        raise ConfigError(f"board profile (from {sources.get('profile', 'detection')}): {e}") from e
     prof_vals = {k: v for k, v in prof.settings().items() if k in KEY_BY_NAME}
 
     vals: dict[str, Any] = {}
@@ -409,8 +409,9 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
                           f"must be >= renewal.retry_base_s ({vals['renewal.retry_base_s']:g}, from "
                           f"{sources['renewal.retry_base_s']})")
     if vals["renewal.jitter"] >= vals["renewal.fraction"]:
-        raise ConfigError(f"renewal.jitter ({vals['renewal.jitter']:g}) must be smaller than renewal.fraction "
-                          f"({vals['renewal.fraction']:g})")
+        raise ConfigError(f"renewal.jitter ({vals['renewal.jitter']:g}, from {sources['renewal.jitter']}) must be "
+                          f"smaller than renewal.fraction ({vals['renewal.fraction']:g}, from "
+                          f"{sources['renewal.fraction']})")
     fp = vals["ca.fingerprint"]
     if fp and not (fp.startswith("sha256:") and len(fp) == 71 and all(c in "0123456789abcdefABCDEF" for c in fp[7:])):
         raise ConfigError(f"ca.fingerprint ({sources['ca.fingerprint']}): {fp!r} must be sha256: followed by 64 hex "

@@ -122,14 +122,3 @@ def observe_server_time(estimate: ClockEstimate, local_now: datetime.datetime, s
     if clock_obviously_wrong(local_now, server_time, tolerance_s=tolerance_s):
         return ClockEstimate((server_time - local_now).total_seconds(), source, mono)
     return ClockEstimate(0.0, "system clock", mono)
-
-
-def plausible_now(local_now: datetime.datetime, estimate: ClockEstimate,
-                  fresh_not_before: datetime.datetime | None = None) -> datetime.datetime:
-    """The time to check a certificate against: the estimate, and for a certificate the CA has just issued never
-    earlier than its ``not_before`` when the clock is obviously wrong (a fresh certificate is valid by
-    construction; rejecting it would only keep the device on an older one)."""
-    t = estimate.now(local_now)
-    if fresh_not_before is not None and clock_obviously_wrong(t) and t < fresh_not_before:
-        return fresh_not_before
-    return t

@@ -132,6 +132,9 @@ def _validate(data: dict, where: str) -> None:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise BoardProfileError(f"{where}: {section} must be a [section] table")
+        sections = {s for s, _ in SCHEMA}
+        if section not in sections:
+            raise BoardProfileError(f"{where}: unknown section [{section}]; known sections: {', '.join(sorted(sections))}")
         for key, value in table.items():
             if section == "timings" and key != "source":
                 err = _num(0.0, 3600.0)(value)
@@ -139,9 +142,8 @@ def _validate(data: dict, where: str) -> None:
                     err = "timing figures are seconds: name them *_s"
             elif (section, key) not in SCHEMA:
                 known = sorted(k for s, k in SCHEMA if s == section)
-                hint = f"; known keys in [{section}]: {', '.join(known)}" if known else \
-                    f"; known sections: {', '.join(sorted({s for s, _ in SCHEMA}))}"
-                raise BoardProfileError(f"{where}: unknown key [{section}] {key}{hint}")
+                raise BoardProfileError(f"{where}: unknown key [{section}] {key}; known keys in [{section}]: "
+                                        f"{', '.join(known)}")
             else:
                 err = SCHEMA[(section, key)][0](value)
             if err:
