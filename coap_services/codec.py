@@ -209,7 +209,9 @@ def timing_us(seconds: float) -> int:
     """Duration in whole microseconds for ``TIMING_OPTION`` (non-negative, bounded to 32 bits)."""
     if not math.isfinite(seconds) or seconds < 0:
         return 0
-    return min(int(round(seconds * 1e6)), 0xFFFFFFFF)
+    if seconds >= 0xFFFFFFFF / 1e6:
+        return 0xFFFFFFFF
+    return int(round(seconds * 1e6))
 
 
 __all__ = ["CsrRequest", "encode_csr_request", "decode_csr_request", "decode_certificates",
