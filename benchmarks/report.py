@@ -344,7 +344,7 @@ class Report:
             self.notes.append("matplotlib is not installed: no plots")
             return
         fig, axes = plt.subplots(2, 3, figsize=(16, 10))
-        for ax, (stage, title) in zip(axes.flat, STAGES):
+        for ax, (stage, title) in zip(axes.flat, STAGES, strict=False):
             labels, means, errs = [], [], []
             for cfg, stats, _ in cfgs:
                 st = stats.get(stage)
@@ -368,7 +368,7 @@ class Report:
         pairs = [(cfg, stats) for cfg, stats, _ in cfgs if paper_cell(cfg)]
         if pairs:
             fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-            for ax, (stage, title) in zip(axes.flat, STAGES):
+            for ax, (stage, title) in zip(axes.flat, STAGES, strict=False):
                 labels, here, herr, pi, pierr = [], [], [], [], []
                 for cfg, stats in pairs:
                     st, p = stats.get(stage), paper.get((stage, *paper_cell(cfg)))
