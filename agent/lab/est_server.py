@@ -55,7 +55,8 @@ DEFAULT_CSRATTRS_DER = bytes.fromhex("3021" "06082a8648ce3d040302" "3015" "06072
 
 def _b64(der: bytes) -> bytes:
     b = base64.b64encode(der)
-    return b"".join(b[i:i + 64] + b"\r\n" for i in range(0, len(b), 64))
+    # LF line ends, like `base64` and OpenSSL: GNU `base64 -d` (RFC 7030's own examples) rejects CR.
+    return b"".join(b[i:i + 64] + b"\n" for i in range(0, len(b), 64))
 
 
 def _certs_only(certs) -> bytes:

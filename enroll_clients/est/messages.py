@@ -134,9 +134,10 @@ def match_fingerprint(certs: Iterable[x509.Certificate], wanted: str) -> x509.Ce
 
 # ---- bodies: base64 / PEM / DER -------------------------------------------------------------------
 def encode_base64(der: bytes) -> bytes:
-    """Base64 in 64-character lines with CRLF (RFC 2045 allows up to 76), as RFC 7030 servers expect."""
+    """Base64 in 64-character lines ending in LF, as ``base64``/OpenSSL write it (RFC 7030's examples feed
+    ``base64`` output to curl; some decoders, e.g. GNU ``base64 -d``, reject CR)."""
     b = base64.b64encode(der)
-    return b"".join(b[i:i + 64] + b"\r\n" for i in range(0, len(b), 64))
+    return b"".join(b[i:i + 64] + b"\n" for i in range(0, len(b), 64))
 
 
 def decode_base64(data: bytes, what: str = "body") -> bytes:

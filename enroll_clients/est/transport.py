@@ -173,7 +173,17 @@ class HttpxTransport:
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
                 req = client.build_request(method, url, headers=headers, content=body)
-                resp = await client.send(req, auth=auth, stream=True)
+                try:
+                    resp = await client.send(req, auth=auth, stream=True)
+                except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+                    err = _tls_error(f"{method} {url}", e)
+                    if tls.client_certificate is not None and not isinstance(err, ProtectionError):
+                        # TLS 1.3 rejects a client certificate after the client's handshake finished: the
+                        # alert may arrive as a plain reset before any response.
+                        err = TransportError(f"{err}; the connection closed before any response, which is how a "
+                                             "server rejects a TLS client certificate under TLS 1.3 — check that "
+                                             "the certificate is issued by a CA the server trusts")
+                    raise err from e
                 try:
                     peer = None
                     stream = resp.extensions.get("network_stream")

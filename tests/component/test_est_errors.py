@@ -80,7 +80,7 @@ def test_401_without_credentials_hints(est_server, est_root):
 def test_client_cert_from_other_domain_rejected(est_server, est_root, est_lab):
     key = new_key()
     cert = est_lab.issue("other", key.public_key(), _req().subject)
-    with pytest.raises(ProtectionError, match="server rejected our TLS client certificate"):
+    with pytest.raises((ProtectionError, TransportError), match="reject(ed|s) (our|a) TLS client certificate"):
         run(_client(est_server, [est_root]).request(_req(), ClientAuth(certificate=cert, private_key=key)))
 
 

@@ -122,11 +122,11 @@ def test_decode_body_der_pem_base64(pki):
 
 
 # ---- certs-only -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("encoding", ["b64", "b64-noline", "der", "pem-pkcs7", "pem-certs"])
+@pytest.mark.parametrize("encoding", ["b64", "b64-crlf", "b64-noline", "der", "pem-pkcs7", "pem-certs"])
 def test_parse_certs_body_encodings(pki, encoding):
     certs = [pki["ee"], pki["ca"]]
     der = m.encode_certs_only(certs)
-    body = {"b64": m.encode_base64(der), "b64-noline": base64.b64encode(der), "der": der,
+    body = {"b64": m.encode_base64(der), "b64-crlf": m.encode_base64(der).replace(b"\n", b"\r\n"), "b64-noline": base64.b64encode(der), "der": der,
             "pem-pkcs7": b"-----BEGIN PKCS7-----\n" + base64.encodebytes(der) + b"-----END PKCS7-----\n",
             "pem-certs": b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)}[encoding]
     got = m.parse_certs_body(body, "application/pkcs7-mime; smime-type=certs-only")
