@@ -329,9 +329,14 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
                         password, reference, secret)
+    from agent.clm import InventoryError
+
     inv = _inventory(ctx)
-    for d in devices:
-        inv.get(d)  # fail early on an unknown device
+    try:
+        for d in devices:
+            inv.get(d)  # fail early on an unknown device
+    except InventoryError as e:
+        _fail(f"invalid value: {e}", 2)
 
     async def main():
         out, failed = {}, {}
@@ -346,12 +351,7 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
                     click.echo(f"devagent: enrollment failed: {e}", err=True)
         return out, failed
 
-    from agent.clm import InventoryError
-
-    try:
-        out, failed = _run(main())
-    except InventoryError as e:
-        _fail(f"invalid value: {e}", 2)
+    out, failed = _run(main())
     if ctx.obj.json:
         click.echo(_json.dumps({"enrolled": out, "failed": failed}, indent=1))
     if failed:

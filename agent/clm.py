@@ -60,7 +60,7 @@ class PreVerificationError(ClmError):
     """The certificate from upstream failed the CLM's pre-verification; it was not sent to the device."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        super().__init__(f"pre-verification failed ({reason}): {message}")
         self.reason = reason
 
 
