@@ -4,6 +4,7 @@ certificate verification with an ECDSA and an RSA-2048 issuer (ms), and heap per
 Figures only, never pass/fail on time. Quick run:
     .venv/bin/python -m pytest benchmarks/bench_mpy.py --benchmark-disable -q      (one round each)
     .venv/bin/python -m pytest benchmarks/bench_mpy.py -q -s                        (prints the table)
+MicroPython runs with a 256 KiB heap (Pico W / ESP32 class; a bigger heap makes every GC slower).
 The agent runs from the .mpy files that `devagent mpy deploy --compile` makes. On MicroPython the timing is taken inside the runtime (time.ticks_us, median of rounds) and reported in
 ``extra_info``; pytest-benchmark times the whole subprocess. ``min_heap`` is the smallest
 ``-X heapsize`` (KiB) with which the unix port completes the operation, and ``op_heap_kib`` that minus
@@ -73,7 +74,7 @@ _ENV = dict(os.environ)  # DEVAGENT_MPY_LIB added for MicroPython runs (CPython 
 
 
 def _run(cmd):
-    env = _ENV if cmd[0] == _micropython() else None
+    env = _ENV if cmd[0] == _micropython() else None  # noqa: SIM108
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     return p.returncode, p.stdout, p.stderr
 
@@ -92,9 +93,12 @@ def _min_heap_kib(vectors, op):
     return hi
 
 
+BOARD_HEAP = "256K"  # time MicroPython with a board-class heap: GC cost grows with heap size
+
+
 def _inner(runtime, vectors, op, rounds):
-    exe = _micropython() if runtime == "micropython" else sys.executable
-    rc, out, err = _run([exe, str(BENCH), str(vectors), op, str(rounds)])
+    exe = [_micropython(), "-X", "heapsize=" + BOARD_HEAP] if runtime == "micropython" else [sys.executable]
+    rc, out, err = _run(exe + [str(BENCH), str(vectors), op, str(rounds)])
     if rc != 0:
         pytest.fail(f"{runtime} {op} failed:\n{out}\n{err}")
     return json.loads(out.strip().splitlines()[-1])

@@ -1,8 +1,10 @@
 """Board-side measurements, run under MicroPython or CPython:
 
     micropython bench_board.py VECTOR_DIR OPERATION [ROUNDS]
-Prints one JSON line: {op, runtime, ms (median), ms_min, rounds, heap_alloc (bytes allocated by one run
-with the GC paused: an upper bound of the extra heap it needs), heap_base (heap in use before it)}.
+Prints one JSON line: {op, runtime, ms (median), ms_min, rounds, heap_alloc, heap_base}. On MicroPython
+heap_base is gc.mem_alloc() before the operation and heap_alloc the bytes it allocates with the GC paused
+(its garbage churn; None if that exceeds the heap); the peak that matters for fitting is found by the
+benchmark with -X heapsize. On CPython heap_alloc is tracemalloc's peak.
 OPERATION: noop (imports and setup only), table, keygen, sign, csr, verify_ec, verify_rsa, or "all". ROUNDS 0: run once, GC on, and
 print {"ok": true} (for finding the smallest heap that fits, with -X heapsize=...).
 """
@@ -67,6 +69,8 @@ def heap(fn):
         try:
             fn()
             used = gc.mem_alloc() - base
+        except MemoryError:  # churn larger than this heap: only the base figure is meaningful
+            used = None
         finally:
             gc.enable()
         return base, used
