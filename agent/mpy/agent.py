@@ -28,7 +28,7 @@ def load_config(path):
     except OSError:
         return {}
     except ValueError:
-        raise BadInput("config %s is not valid JSON" % path)
+        raise BadInput("config %s is not valid JSON" % path) from None
     if not isinstance(cfg, dict):
         raise BadInput("config %s must be a JSON object" % path)
     return cfg
@@ -93,7 +93,7 @@ class Agent:
         try:
             return csr.build(key, cn=cn, serial=serial, sans=sans)
         except ValueError as e:
-            raise BadInput("CSR: %s" % e)
+            raise BadInput("CSR: %s" % e) from None
 
     def install(self, data, content_format=None):
         """Verify a DER certificate (287) or certs-only PKCS#7 (281) and make it live.

@@ -64,7 +64,7 @@ def _read(b, i, depth):
             try:
                 s = s.decode()
             except UnicodeError:
-                raise ValueError("CBOR text is not UTF-8")
+                raise ValueError("CBOR text is not UTF-8") from None
         return s, i + n
     if major == 4:
         if n > len(b):

@@ -224,7 +224,7 @@ class Server:
             try:
                 req = cbor.loads(m.payload) if m.payload else {}
             except ValueError:
-                raise BadInput("request is not valid CBOR")
+                raise BadInput("request is not valid CBOR") from None
             if not isinstance(req, dict):
                 raise BadInput("request must be a CBOR map")
             sans = req.get("sans")

@@ -128,7 +128,7 @@ def b64decode(s):
     try:
         return binascii.a2b_base64(s)
     except Exception as e:  # noqa: BLE001 - normalise to ValueError for callers
-        raise ValueError("bad base64: %s" % e)
+        raise ValueError("bad base64: %s" % e) from None
 
 
 def crc32(b):
@@ -143,7 +143,7 @@ def unhexlify(s):
     try:
         return binascii.unhexlify(s)
     except Exception as e:  # noqa: BLE001
-        raise ValueError("bad hex: %s" % e)
+        raise ValueError("bad hex: %s" % e) from None
 
 
 def sync_file(f):

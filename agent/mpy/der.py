@@ -234,7 +234,7 @@ def to_time(buf, tag, s, e):
     try:
         t = bytes(buf[s:e]).decode()
     except Exception:  # noqa: BLE001
-        raise DerError("time is not ASCII")
+        raise DerError("time is not ASCII") from None
     if tag == UTCTIME and len(t) == 13 and t[-1] == "Z":
         y = int(t[0:2])
         y += 1900 if y >= 50 else 2000

@@ -91,7 +91,7 @@ def _batch_affine(pts):
     """Jacobian list -> affine list with one inversion (Montgomery's trick); no point may be infinity."""
     acc = []
     a = 1
-    for X, Y, Z in pts:
+    for _x, _y, Z in pts:
         acc.append(a)
         a = a * Z % P
     ai = inv_mod(a, P)
@@ -197,7 +197,7 @@ def _mul_jac(k, pt):
     for i in range(2, 15):
         X, Y, Z = jac[-1]
         jac.append(_madd(X, Y, Z, x, y) if i % 2 == 0 else _dbl(*jac[i // 2]))
-    for X, Y, Z in jac:
+    for _x, _y, Z in jac:
         if Z == 0:  # only for points of tiny order, which P-256 (cofactor 1) does not have
             raise ValueError("point of small order")
     table = _batch_affine(jac)

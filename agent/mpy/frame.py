@@ -47,7 +47,7 @@ def decode_body(body):
         kind = parts[0].decode()
         payload = compat.b64decode(parts[2]) if parts[2] else b""
     except (ValueError, UnicodeError):
-        raise FrameError("bad base64 payload")
+        raise FrameError("bad base64 payload") from None
     return kind, int(parts[1]), payload
 
 

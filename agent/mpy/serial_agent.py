@@ -21,7 +21,7 @@ def _json(payload):
     try:
         v = json.loads(payload)
     except (ValueError, UnicodeError):
-        raise BadInput("payload is not JSON")
+        raise BadInput("payload is not JSON") from None
     if not isinstance(v, dict):
         raise BadInput("payload must be a JSON object")
     return v

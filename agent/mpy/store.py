@@ -23,7 +23,7 @@ class Store:
         try:
             compat.makedirs(self.root)
         except OSError as e:
-            raise StorageError("cannot create storage directory %s: %s" % (self.root, e))
+            raise StorageError("cannot create storage directory %s: %s" % (self.root, e)) from None
 
     def _path(self, fname):
         return self.root + "/" + fname
@@ -60,7 +60,7 @@ class Store:
             compat.sync_dir(self.root)
         except OSError as e:
             compat.remove(tmp)
-            raise StorageError("writing %s failed (previous version kept): %s" % (fname, e))
+            raise StorageError("writing %s failed (previous version kept): %s" % (fname, e)) from None
 
     def read_gen(self, name, gen):
         try:

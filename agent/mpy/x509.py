@@ -72,9 +72,9 @@ class Certificate:
         try:
             self._parse(bytes(data))
         except ValueError as e:  # DerError and point/key validation
-            raise BadInput("certificate: %s" % e)
+            raise BadInput("certificate: %s" % e) from None
         except IndexError:
-            raise BadInput("certificate: truncated")
+            raise BadInput("certificate: truncated") from None
 
     def _parse(self, buf):
         self.der = buf
@@ -192,13 +192,13 @@ def certs_from_pkcs7(buf):
             raise der.DerError("ContentInfo is not signedData")
         sd_s, sd_e = der.expect(buf, kids[1][1], der.SEQUENCE, kids[1][2], "SignedData")
         out = []
-        for t, cs, ce, ts, te in der.items(buf, sd_s, sd_e):
+        for t, cs, ce, _, _ in der.items(buf, sd_s, sd_e):
             if t == 0xA0:  # [0] IMPLICIT SET OF CertificateChoices
                 for ct, _, _, xs, xe in der.items(buf, cs, ce):
                     if ct == der.SEQUENCE:
                         out.append(bytes(buf[xs:xe]))
     except ValueError as e:
-        raise BadInput("PKCS#7: %s" % e)
+        raise BadInput("PKCS#7: %s" % e) from None
     if not out:
         raise BadInput("PKCS#7 contains no certificates")
     return out
@@ -242,7 +242,7 @@ def verify_for_key(certs, anchor, our_key, now=None):
     if leaf is None:
         raise WrongKey("the certificate is not for this device's pending key")
     cur = leaf
-    for depth in range(MAX_CHAIN + 1):
+    for _depth in range(MAX_CHAIN + 1):
         if cur.critical_unknown:
             raise Untrusted("certificate has an unsupported critical extension")
         if now is not None and not _time_ok(cur, now):
