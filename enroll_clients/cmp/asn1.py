@@ -21,7 +21,22 @@ from __future__ import annotations
 from pyasn1.codec.der import decoder as _der_decoder
 from pyasn1.codec.der import encoder as _der_encoder
 from pyasn1.type import char, constraint, namedtype, namedval, tag, univ, useful
-from pyasn1_modules import rfc2314, rfc2459, rfc2511, rfc4210
+
+
+def _short_repr(self):
+    return f"<NamedTypes {', '.join(self)}>"
+
+
+# pyasn1 builds an error text with the repr of the *whole* type tree each time two components of a type
+# share a tag (a harmless "postponed" error for SEQUENCEs such as PKIMessage, whose body CHOICE and
+# protection both use [0]). During these imports that is most of their cost (rfc2459 + rfc4210: ~110 of
+# ~160 ms here). A short repr while the modules load; restored at once, and nothing else changes.
+_full_repr = namedtype.NamedTypes.__repr__
+namedtype.NamedTypes.__repr__ = _short_repr
+try:
+    from pyasn1_modules import rfc2314, rfc2459, rfc2511, rfc4210
+finally:
+    namedtype.NamedTypes.__repr__ = _full_repr
 
 MAX = float("inf")
 
@@ -55,6 +70,12 @@ RevReqContent = rfc4210.RevReqContent
 GenMsgContent = rfc4210.GenMsgContent
 GenRepContent = rfc4210.GenRepContent
 PBMParameter = rfc4210.PBMParameter
+
+
+class _NamedTypes(namedtype.NamedTypes):
+    """NamedTypes with the short repr (see above) for the types defined here."""
+
+    __repr__ = _short_repr
 
 
 def _ctx(n: int, constructed: bool = True) -> tag.Tag:
@@ -97,14 +118,14 @@ id_ce_cRLReasons = univ.ObjectIdentifier("2.5.29.21")
 class CertId(univ.Sequence):
     """CertId ::= SEQUENCE { issuer GeneralName, serialNumber INTEGER } (RFC 4211)."""
 
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("issuer", rfc2459.GeneralName()),
         namedtype.NamedType("serialNumber", univ.Integer()),
     )
 
 
 class RevRepContent(univ.Sequence):
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("status", univ.SequenceOf(componentType=rfc4210.PKIStatusInfo()).subtype(
             sizeSpec=constraint.ValueSizeConstraint(1, MAX))),
         namedtype.OptionalNamedType("revCerts", univ.SequenceOf(componentType=CertId()).subtype(
@@ -117,7 +138,7 @@ class RevRepContent(univ.Sequence):
 class CertStatus(univ.Sequence):
     """CMPv3 CertStatus: certHash, certReqId, statusInfo OPTIONAL, hashAlg [0] OPTIONAL (RFC 9480 2.10)."""
 
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("certHash", univ.OctetString()),
         namedtype.NamedType("certReqId", univ.Integer()),
         namedtype.OptionalNamedType("statusInfo", rfc4210.PKIStatusInfo()),
@@ -139,7 +160,7 @@ class CaCertsValue(univ.SequenceOf):
 class RootCaKeyUpdateContent(univ.Sequence):
     """RFC 9480 section 2.16: newWithNew, newWithOld [0] OPTIONAL, oldWithNew [1] OPTIONAL."""
 
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("newWithNew", rfc4210.CMPCertificate()),
         namedtype.OptionalNamedType("newWithOld", rfc4210.CMPCertificate().subtype(explicitTag=_ctx(0))),
         namedtype.OptionalNamedType("oldWithNew", rfc4210.CMPCertificate().subtype(explicitTag=_ctx(1))),
@@ -149,7 +170,7 @@ class RootCaKeyUpdateContent(univ.Sequence):
 class CertReqTemplateContent(univ.Sequence):
     """RFC 9480 section 2.14: certTemplate, keySpec Controls OPTIONAL."""
 
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("certTemplate", rfc2511.CertTemplate()),
         namedtype.OptionalNamedType("keySpec", univ.SequenceOf(componentType=rfc2459.AttributeTypeAndValue()).subtype(
             sizeSpec=constraint.ValueSizeConstraint(1, MAX))),
@@ -164,7 +185,7 @@ class CertProfileValue(univ.SequenceOf):
 class PBKDF2Params(univ.Sequence):
     """RFC 8018 PBKDF2-params, restricted to what RFC 9481 uses (salt is 'specified')."""
 
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("salt", univ.OctetString()),
         namedtype.NamedType("iterationCount", univ.Integer().subtype(
             subtypeSpec=constraint.ValueRangeConstraint(1, MAX))),
@@ -175,7 +196,7 @@ class PBKDF2Params(univ.Sequence):
 
 
 class PBMAC1Params(univ.Sequence):
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("keyDerivationFunc", rfc2459.AlgorithmIdentifier()),
         namedtype.NamedType("messageAuthScheme", rfc2459.AlgorithmIdentifier()),
     )
@@ -190,7 +211,7 @@ def _body_types():
     for nt in rfc4210.PKIBody.componentType.namedTypes:
         name = "genp" if nt.name == "gen" else nt.name
         out.append(namedtype.NamedType(name, replace.get(name, nt.asn1Object)))
-    return namedtype.NamedTypes(*out)
+    return _NamedTypes(*out)
 
 
 class PKIBody(univ.Choice):
@@ -198,7 +219,7 @@ class PKIBody(univ.Choice):
 
 
 class PKIMessage(univ.Sequence):
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("header", rfc4210.PKIHeader()),
         namedtype.NamedType("body", PKIBody()),
         namedtype.OptionalNamedType("protection", univ.BitString().subtype(explicitTag=_ctx(0, False))),
@@ -208,7 +229,7 @@ class PKIMessage(univ.Sequence):
 
 
 class ProtectedPart(univ.Sequence):
-    componentType = namedtype.NamedTypes(
+    componentType = _NamedTypes(
         namedtype.NamedType("header", rfc4210.PKIHeader()),
         namedtype.NamedType("body", PKIBody()),
     )

@@ -142,10 +142,11 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
                    sender: x509.Name | None = None, recipient: x509.Name | None = None,
                    transaction_id: bytes | None = None, sender_nonce: bytes | None = None,
                    recip_nonce: bytes | None = None, general_info: Sequence[tuple] = (),
-                   now: datetime.datetime | None = None) -> bytes:
+                   now: datetime.datetime | None = None, mac_alg=None, key_cache: dict | None = None) -> bytes:
     """DER of a PKIMessage of any type, protected per ``pr`` (requests here; responses in tests and the lab
     server). With signature protection, sender is the protection certificate's subject and extraCerts
-    carry that certificate first, then ``pr.chain``."""
+    carry that certificate first, then ``pr.chain``. ``mac_alg``/``key_cache``: reuse one MAC protectionAlg
+    and its derived key (within a transaction); default a fresh salt."""
     if pr.uses_signature:
         sender = pr.certificate.subject
     msg = A.PKIMessage()
@@ -159,7 +160,7 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
         if pr.uses_signature:
             alg, sign = P.signature_alg_for(pr.private_key)
         else:
-            alg = P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
+            alg = mac_alg if mac_alg is not None else P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
         h["protectionAlg"] = _tagged(h, "protectionAlg", alg)
         kid = sender_kid(pr)
         if kid is not None:
@@ -186,7 +187,7 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
         _fill(body.setComponentByName(body_type).getComponentByName(body_type), body_value)
     if not pr.unprotected:
         data = _protected_part(msg)
-        prot = sign(data) if pr.uses_signature else P.compute_mac(alg, pr.secret, data)
+        prot = sign(data) if pr.uses_signature else P.compute_mac(alg, pr.secret, data, key_cache)
         msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
         if pr.uses_signature:
             ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
@@ -273,6 +274,11 @@ class Transaction:
         self.recip_nonce: bytes | None = None  # the server's last senderNonce
         self._seen_nonces: set[bytes] = set()
         self.last_request_type = ""
+        self._key_cache: dict = {}
+        # One MAC protectionAlg (salt) per transaction: the PBM/PBKDF2 key is derived once.
+        self._mac_alg = None
+        if not protector.unprotected and not protector.uses_signature:
+            self._mac_alg = P.new_mac_alg(protector.mac_kind, iterations=protector.mac_iterations)
 
     # -- requests --
     def request(self, body_type: str, body_value, *, general_info: Sequence[tuple] = (), pvno: int | None = None) -> bytes:
@@ -282,7 +288,8 @@ class Transaction:
         self.sender_nonce = os.urandom(NONCE_BYTES)
         der = encode_message(self.protector, body_type, body_value, pvno=pvno or self.pvno, sender=self.sender,
                              recipient=self.recipient, transaction_id=self.tid, sender_nonce=self.sender_nonce,
-                             recip_nonce=self.recip_nonce, general_info=general_info, now=self.now())
+                             recip_nonce=self.recip_nonce, general_info=general_info, now=self.now(),
+                             mac_alg=self._mac_alg, key_cache=self._key_cache)
         self.last_request_type = body_type
         return der
 
@@ -343,7 +350,7 @@ class Transaction:
         if P.is_mac_alg(alg):
             if self.protector.secret is None:
                 raise ProtectionError("response is MAC-protected but no shared secret is configured to verify it")
-            if not P.mac_equal(P.compute_mac(alg, self.protector.secret, data), value):
+            if not P.mac_equal(P.compute_mac(alg, self.protector.secret, data, self._key_cache), value):
                 raise ProtectionError("response MAC does not verify with our shared secret (wrong secret, or the "
                                       "message was altered)")
             return None
