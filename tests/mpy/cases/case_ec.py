@@ -97,7 +97,10 @@ def test_compressed_points(ctx):
 
 
 def test_variable_base_matches_fixed_base(ctx):
-    for k in (1, 2, 15, 16, 17, 0xFFFF, D, ec.N - 2):
+    for k in (1, 2, 3, 15, 16, 17, 31, 0xFFFF, (1 << 128) - 1, 1 << 255, (1 << 255) + 1, D, ec.N - 2):
+        assert ec.mul(k, ec.G) == ec.mul_base(k)
+    for _ in range(5):
+        k = compat.int_from_bytes(compat.urandom(32)) % ec.N
         assert ec.mul(k, ec.G) == ec.mul_base(k)
     q = ec.mul_base(D)
     assert ec.mul(7, q) == ec.mul_base(7 * D % ec.N)
