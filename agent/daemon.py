@@ -217,6 +217,8 @@ class Daemon:
             if pf.get("op") == "renew" or target in names:
                 await asyncio.to_thread(self.ks.discard_key, k["uri"])
                 discarded.append(k["uri"])
+        for pol in self.cfg.credentials:
+            removed += await asyncio.to_thread(hooks.remove_temp_files, pol)
         if removed or discarded:
             self.ks.audit("renewal-recover", garbage=removed, discarded_pending=discarded)
             log.warning("recovered from an interrupted run: removed %d stray file(s), discarded %d pending key(s)",
@@ -269,8 +271,11 @@ class Daemon:
         fp = fingerprint(cred.certificate)
         due = _parse(m.get("next_renewal")) if m.get("schedule_for") == fp else None
         if due is None:
+            # A certificate we have not scheduled yet: first start, or a renewal committed just before a crash
+            # (or by 'devagent renew'); either way any earlier failure streak is over.
             due = self._schedule(cred, pol)
-            await self._meta(cred.name, next_renewal=_iso(due), schedule_for=fp)
+            await self._meta(cred.name, next_renewal=_iso(due), schedule_for=fp,
+                             **({"failures": 0} if m.get("failures") else {}))
         now = self.now()
         if (pol.deploy or pol.hooks) and m.get("deployed") != fp:
             retry_at = _parse(m.get("deploy_retry_at"))

@@ -191,18 +191,38 @@ async def deploy(ks, cred, policy: CredentialPolicy, *, timeout_s: float = 120.0
     return [f.path for f in written]
 
 
+def _target_paths(policy: CredentialPolicy) -> list[Path]:
+    paths = []
+    for t in policy.deploy:
+        paths += [Path(getattr(t, f)) for f in ("cert", "key", "chain", "fullchain", "bundle", "path") if getattr(t, f)]
+        if t.type == "opcua":
+            paths += [Path(t.pki_dir) / "own/private" / f"{policy.name}.pem",
+                      Path(t.pki_dir) / "own/certs" / f"{policy.name}.der"]
+    return paths
+
+
+def remove_temp_files(policy: CredentialPolicy) -> list[str]:
+    """Delete temp files an interrupted deployment left next to ``policy``'s targets (``.NAME.*.tmp``, the
+    pattern of fsutil.atomic_write); they may hold a private key, so they are overwritten first."""
+    removed = []
+    dirs = {p.parent for p in _target_paths(policy)}
+    dirs |= {Path(t.pki_dir) / sub for t in policy.deploy if t.type == "opcua" for sub in OPCUA_DIRS}
+    for d in sorted(dirs):
+        if d.is_dir():
+            for p in d.glob(".*.tmp"):
+                fsutil.secure_delete(p)
+                removed.append(str(p))
+    return removed
+
+
 def undeploy(policy: CredentialPolicy) -> list[str]:
     """Remove the files ``policy`` deploys (decommissioning): key files are overwritten before unlinking.
 
     Returns the paths removed. Shared CA files in an OPC UA trust list are left for the server's operator.
     """
-    removed = []
-    for t in policy.deploy:
-        paths = [getattr(t, f) for f in ("cert", "key", "chain", "fullchain", "bundle", "path") if getattr(t, f)]
-        if t.type == "opcua":
-            paths += [f"{t.pki_dir}/own/private/{policy.name}.pem", f"{t.pki_dir}/own/certs/{policy.name}.der"]
-        for p in paths:
-            if os.path.exists(p):
-                fsutil.secure_delete(p)
-                removed.append(p)
+    removed = remove_temp_files(policy)
+    for p in _target_paths(policy):
+        if p.exists():
+            fsutil.secure_delete(p)
+            removed.append(str(p))
     return removed
