@@ -72,7 +72,7 @@ class BootstrapResult:
     def describe(self) -> str:
         """Lines for a person to compare with the fingerprint published out of band."""
         lines = [f"CA certificates from {self.url} (NOT yet trusted):"]
-        for c, fp in zip(self.ca_certs, self.fingerprints):
+        for c, fp in zip(self.ca_certs, self.fingerprints, strict=True):
             lines.append(f"  subject {c.subject.rfc4514_string()}\n    issuer  {c.issuer.rfc4514_string()}\n"
                          f"    valid   {c.not_valid_before_utc:%Y-%m-%d} .. {c.not_valid_after_utc:%Y-%m-%d}\n"
                          f"    {fp}")

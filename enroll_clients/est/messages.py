@@ -321,7 +321,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
         return True
-    except (ValueError, TypeError, Exception):  # InvalidSignature, unsupported algorithm
+    except Exception:  # InvalidSignature, unsupported algorithm, wrong key type
         return False
 
 
