@@ -187,10 +187,13 @@ def _mul_base_jac(k):
 
 
 def _wnaf(k, w):
-    """Width-w NAF digits of k, least significant first: odd digits in (-2^(w-1), 2^(w-1)) or 0."""
-    out = []
+    """Width-w NAF of k as (digits, count): digits[i] + 128 is the i-th digit, least significant first;
+    digits are odd in (-2^(w-1), 2^(w-1)) or 0. A bytearray, not a growing list: one small allocation
+    that cannot fail on a fragmented heap."""
+    out = bytearray(258)
     full = 1 << w
     half = full >> 1
+    i = 0
     while k:
         if k & 1:
             d = k & (full - 1)
@@ -199,9 +202,10 @@ def _wnaf(k, w):
             k -= d
         else:
             d = 0
-        out.append(d)
+        out[i] = d + 128
+        i += 1
         k >>= 1
-    return out
+    return out, i
 
 
 def _mul_jac(k, pt, w=5):
@@ -217,10 +221,10 @@ def _mul_jac(k, pt, w=5):
         if Z == 0:  # only for points of tiny order, which P-256 (cofactor 1) does not have
             raise ValueError("point of small order")
     table = _batch_affine(jac)
-    digits = _wnaf(k, w)
+    digits, count = _wnaf(k, w)
     p = P
     X, Y, Z = 0, 1, 0
-    for i in range(len(digits) - 1, -1, -1):
+    for i in range(count - 1, -1, -1):
         if Z:  # inline doubling (the hot path: a call costs as much as the arithmetic)
             zz = Z * Z % p
             yy = Y * Y % p
@@ -229,7 +233,7 @@ def _mul_jac(k, pt, w=5):
             X = (m * m - 2 * s) % p
             Z = 2 * Y * Z % p
             Y = (m * (s - X) - 8 * yy * yy) % p
-        d = digits[i]
+        d = digits[i] - 128
         if d:
             if d > 0:
                 x2, y2 = table[d >> 1]
