@@ -318,8 +318,9 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
     """
     cli = dict(cli_overrides or {})
     env = os.environ if env is None else env
-    explicit = config_path is not None or "DEVAGENT_CONFIG" in env
-    path = Path(config_path if config_path is not None else env.get("DEVAGENT_CONFIG", DEFAULT_CONFIG_PATH))
+    env_path = env.get("DEVAGENT_CONFIG") or None  # set but empty counts as unset
+    explicit = config_path is not None or env_path is not None
+    path = Path(config_path if config_path is not None else env_path or DEFAULT_CONFIG_PATH)
     try:
         filedata = _read_file(path)
     except FileNotFoundError:
