@@ -70,7 +70,9 @@ class HttpTransport(Transport):
         import httpx  # lazy: ~80-150 ms
 
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=self.verify)
+            # Plain http:// needs no TLS context; building one loads the CA bundle (~20-80 ms at start-up).
+            verify = self.verify if self.url.startswith("https://") else False
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=verify)
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
