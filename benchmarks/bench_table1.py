@@ -45,6 +45,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.conftest import DOMAIN, REPO, n_samples, record
+from tests.peers.pkcs11 import softhsm  # noqa: F401  (session fixture, shared with the other suites)
+from tests.peers.tpm import swtpm  # noqa: F401  (session fixture)
 
 STAGE_KEYS = {"coap_csr_request": "coap_csr_s", "key_and_csr_creation": "keygen_csr_s",
               "delegated_enrolment": "enroll_s", "coap_verify_certificate": "coap_verify_s",
@@ -187,20 +189,17 @@ class Rig:
 
 
 @contextlib.contextmanager
-def peer_for(cfg: Cfg, lab, tmp: Path):
-    """(backend options, upstream) for a configuration; starts swtpm / SoftHSM2 / the lab EST server."""
+def peer_for(cfg: Cfg, lab, request):
+    """(backend options, upstream) for a configuration. swtpm and SoftHSM2 are the session-scoped peers of
+    ``tests/peers`` (SoftHSM2 reads its configuration once per process, so every suite shares one token)."""
     with contextlib.ExitStack() as stack:
         options, upstream = {}, None
         if cfg.backend == "tpm":
-            from tests.peers.tpm import swtpm_server
-
-            tpm = stack.enter_context(swtpm_server())
+            tpm = request.getfixturevalue("swtpm")
+            tpm.flush_all()
             options["tpm"] = tpm.options
         elif cfg.backend == "pkcs11":
-            from tests.peers.pkcs11 import softhsm_token
-
-            tok = stack.enter_context(softhsm_token(label="devagent-bench"))
-            options["pkcs11"] = tok.options
+            options["pkcs11"] = dict(request.getfixturevalue("softhsm").options)
         if cfg.upstream == "est":
             from agent.clm import EnrollClientUpstream
             from agent.lab.est_server import start_est_server
@@ -216,12 +215,12 @@ def peer_for(cfg: Cfg, lab, tmp: Path):
 
 @pytest.mark.benchmark(group="table1")
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.id)
-def test_table1(benchmark, cfg: Cfg, lab_ca, tmp_path):
+def test_table1(benchmark, cfg: Cfg, lab_ca, tmp_path, request):
     n = n_samples(100, 3)
     samples: list[dict] = []
     loop = asyncio.new_event_loop()
     try:
-        with peer_for(cfg, lab_ca, tmp_path) as (options, upstream):
+        with peer_for(cfg, lab_ca, request) as (options, upstream):
             rig = Rig(cfg, tmp_path, lab_ca, options, upstream)
             loop.run_until_complete(rig.start())
             try:

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def fsync_ms(rounds: int = 20) -> float | None:
+    """Median time of a 4 KiB write + fsync in the temp directory: the keystore's writes are bound by it."""
+    import statistics
+    import tempfile
+
+    times = []
+    try:
+        with tempfile.NamedTemporaryFile() as f:
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+                times.append(time.perf_counter() - t0)
+    except OSError:
+        return None
+    return round(statistics.median(times) * 1000, 3)
+
+
 def host_facts() -> dict:
     import ssl
 
@@ -105,6 +125,7 @@ def host_facts() -> dict:
                                                   capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         facts["devagent_commit"] = ""
+    facts["fsync_ms"] = fsync_ms()
     try:
         mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal:"))

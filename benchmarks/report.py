@@ -274,6 +274,7 @@ class Report:
             ("OpenSSL (cryptography)", f"{h.get('cryptography_openssl', '?')} (cryptography {h.get('cryptography', '?')})"),
             ("aiocoap", h.get("aiocoap", "?")),
             ("Board profile", h.get("board_profile", "?")),
+            ("fsync (4 KiB, median)", f"{h['fsync_ms']} ms" if h.get("fsync_ms") is not None else "?"),
         ]
         self.w(*table(["Host", ""], rows, ["l", "l"]), "")
 
