@@ -33,7 +33,7 @@ class Transport(abc.ABC):
     async def exchange(self, request: bytes) -> bytes:
         """Send ``request`` (DER PKIMessage), return the response DER. Raises TransportError/ServerError."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 -- optional hook, most transports hold nothing
         """Release connections/files. Idempotent."""
 
     def describe(self) -> str:

@@ -256,7 +256,7 @@ def test_openssl_requests_decode_with_our_code(pki, tmp_path, cmd, extra, types)
     if cmd == "genm":
         args = [a for a in args if a not in ("-certout", str(tmp_path / "out.pem"))]
     msgs = _capture(pki, tmp_path, args, len(types), signed=False)
-    for der, t in zip(msgs, types):
+    for der, t in zip(msgs, types, strict=True):
         msg = M.decode_message(der)
         assert msg["body"].getName() == t
         assert A.der_encode(msg) == der  # byte-exact round trip

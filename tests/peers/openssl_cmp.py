@@ -252,10 +252,10 @@ class MockServer:
             try:
                 run_in_netns(self.pid, _probe, self.port)
                 return self
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"openssl cmp mock server did not listen: {self.log()}")
+                    raise RuntimeError(f"openssl cmp mock server did not listen: {self.log()}") from e
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -23,7 +23,10 @@ from enroll_clients.cmp.errors import CmpServerError, describe_status, fail_info
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev")])
 
 
-def cert(key, issuer_key=None, subject=NAME, hash_=hashes.SHA256(), ski=True):
+SHA256 = hashes.SHA256()
+
+
+def cert(key, issuer_key=None, subject=NAME, hash_=SHA256, ski=True):
     issuer_key = issuer_key or key
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
