@@ -73,6 +73,9 @@ class App:
         cfg = self.config()
         if cfg.key.tcti:
             opts["tpm"] = {"tcti": cfg.key.tcti}
+        tpm = {k[len("DEVAGENT_TPM_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVAGENT_TPM_")}
+        if tpm:  # DEVAGENT_TPM_PARENT, DEVAGENT_TPM_PERSIST, DEVAGENT_TPM_HANDLE_BASE (docs/hardware-keys.md)
+            opts.setdefault("tpm", {}).update(tpm)
         p11 = {k[len("DEVAGENT_PKCS11_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVAGENT_PKCS11_")}
         if p11:
             opts["pkcs11"] = p11
@@ -354,6 +357,15 @@ def keystore_audit(app: App, count):
     app.out(entries, "\n".join(f"{e['ts']} {e['user']:<8} {e['action']:<18} "
                                + " ".join(f"{k}={v}" for k, v in e.items()
                                           if k not in ("ts", "user", "action", "uid", "pid")) for e in entries))
+
+
+@keystore.command("seal-master-key")
+@pass_app
+def keystore_seal_master_key(app: App):
+    """Seal the keystore master key to the TPM and remove master.key (TCTI from config/profile)."""
+    ks = app.keystore()
+    ks.seal_master_key("tpm")
+    app.out({"master_key": "tpm"}, "master key sealed to the TPM; master.key removed")
 
 
 @keystore.command("check")

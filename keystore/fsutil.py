@@ -166,7 +166,10 @@ def secure_delete(path: str | os.PathLike) -> None:
     """
     p = Path(path)
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        size = st.st_size
+        if not st.st_mode & stat.S_IWUSR:  # e.g. master.key (0400): make it writable to overwrite it
+            os.chmod(p, FILE_MODE)
         with open(p, "r+b", buffering=0) as f:
             f.write(os.urandom(size))
             os.fsync(f.fileno())

@@ -187,6 +187,16 @@ class Keystore:
                 self._master = tpm.unseal_master_key(self.root, self.meta(), self._backend_options.get("tpm", {}))
         return self._master
 
+    def seal_master_key(self, provider: str = "tpm") -> None:
+        """Move the master key from ``master.key`` into the TPM (sealed object); crash-safe, see
+        ``keystore.backends.tpm.move_master_key_to_tpm``."""
+        if provider != "tpm":
+            raise ValueError(f"unknown master key provider {provider!r} (only 'tpm')")
+        from keystore.backends import tpm
+
+        with self._lock:
+            tpm.move_master_key_to_tpm(self, self._backend_options.get("tpm", {}))
+
     def backend(self, name_or_scheme: str) -> KeyBackend:
         scheme = BACKEND_NAMES.get(name_or_scheme, name_or_scheme)
         if scheme not in self._backends:
@@ -698,6 +708,12 @@ class Keystore:
                             removed.append(str(p))
                         continue
                     if f"file:keys/{p.name}" not in key_uris:
+                        fsutil.secure_delete(p)
+                        removed.append(str(p))
+            tpmdir = self.root / "tpm"
+            if tpmdir.is_dir():  # TSS2 key blobs (tpm:blob/<id>) left by a crash before the commit
+                for p in tpmdir.iterdir():
+                    if p.suffix == ".tss" and f"tpm:blob/{p.stem}" not in key_uris:
                         fsutil.secure_delete(p)
                         removed.append(str(p))
             cdir = self.root / "creds"
