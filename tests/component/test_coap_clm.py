@@ -187,7 +187,7 @@ def test_cli_provision_writes_private_files(tmp_path):
     out = json.loads(res.output)
     assert len(out["files"]) == 4
     for root in (tmp_path / "dev" / "coap", tmp_path / "clm" / "contexts"):
-        for dirpath, dirs, files in os.walk(root):
+        for dirpath, _dirs, files in os.walk(root):
             assert os.stat(dirpath).st_mode & 0o077 == 0
             for f in files:
                 assert os.stat(Path(dirpath) / f).st_mode & 0o077 == 0

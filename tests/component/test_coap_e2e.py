@@ -67,3 +67,16 @@ def test_two_devices_end_to_end(tmp_path, lab):
     for p in procs:
         log = p.log()
         assert "stopped" in log and "Traceback" not in log
+
+
+def test_insecure_serve_warns_and_accepts_plain(tmp_path, lab):
+    from tests.peers.coap import coap_call
+
+    env = device_env(tmp_path, lab, "labdev")
+    proc = serve_process(env, "--insecure", "--no-oscore", "--no-dtls")
+    try:
+        st = coap_call(proc.uri)(lambda d: d.status())
+        assert st["device"] == "labdev"
+    finally:
+        assert proc.stop() == 0
+    assert "WARNING: --insecure" in proc.log()

@@ -66,7 +66,9 @@ def p7(certs):
     return pkcs7.serialize_certificates(list(certs), DER)
 
 
-def enroll_flow(lab, uri, method, context, req=codec.CsrRequest(subject="CN=dev1")):
+def enroll_flow(lab, uri, method, context, req=None):
+    req = req or codec.CsrRequest(subject="CN=dev1")
+
     async def flow(dev):
         csr, der, rtt, dev_s = await dev.csr(req)
         assert csr.is_signature_valid and dev_s is not None and 0 < dev_s < rtt
@@ -290,8 +292,6 @@ def test_accept_ca_from_clm(tmp_path, lab):
                            method="oscore", context=env.context)
         assert resp.code.dotted == "4.09" and _diag(resp)["error"] == "no-trust-anchor"
     with DeviceThread(env, accept_ca_from_clm=True) as dev:
-        # a certificate from another hierarchy does not make the device adopt anything
-        csr = _pending_csr(dev, "x") if False else None
         csr, cert, answer, _, _ = enroll_flow(lab, dev.uri, "oscore", env.context, req=req)
         assert answer["stored"] == "ldevid"
         assert env.keystore().trust_anchors(DOMAIN) == [root]
