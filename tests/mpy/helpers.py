@@ -1,4 +1,4 @@
-"""Fixtures for the MicroPython agent tests: a micropython binary (never skipped), cross-check vectors
+"""Helpers and fixtures for the MicroPython agent tests: a micropython binary (never skipped), cross-check vectors
 made with ``cryptography`` (CAs P-256 and RSA-2048, certificates for the device key and for others),
 and ``run_case`` which runs a shared case module under a real runtime as a subprocess."""
 import datetime

@@ -1,5 +1,5 @@
 """Lifecycle and flash storage under MicroPython and CPython, with injected power cuts."""
-from conftest import run_case
+from tests.mpy.helpers import run_case
 
 
 def test_agent_cases(runtime, vectors, out_dir):

@@ -56,7 +56,7 @@ def test_deploy_dry_run_stages_everything(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from conftest import make_ca
+    from tests.mpy.helpers import make_ca
 
     ca = make_ca(ec.generate_private_key(ec.SECP256R1()), "Deploy CA")
     (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
@@ -86,7 +86,7 @@ def test_deploy_rejects_short_secret():
 
 def test_staged_agent_runs_from_mpy_files(tmp_path):
     """The .mpy files deploy makes import and work on the MicroPython unix port."""
-    from conftest import micropython_binary
+    from tests.mpy.helpers import micropython_binary
 
     stage = cli_mpy.stage(tmp_path, {"device_id": "d", "cn": "d"}, None, "none", compile_mpy=True)
     code = ("import sys; sys.path.insert(0, %r)\nfrom mpy import run\na = run.make_agent(%r)\n"

@@ -2,7 +2,7 @@
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import run_case
+from tests.mpy.helpers import run_case
 
 
 def test_ec_cases(runtime, vectors, out_dir):

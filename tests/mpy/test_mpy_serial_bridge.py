@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import cli_mpy
 from agent.mpy import frame
-from conftest import der, issue, make_ca, micropython_binary
+from tests.mpy.helpers import der, issue, make_ca, micropython_binary
 
 RUNTIMES = ["micropython", "cpython"]
 

@@ -1,5 +1,5 @@
 """Serial frames, CBOR and CoAP+HMAC under MicroPython and CPython (no sockets; see test_transports)."""
-from conftest import run_case
+from tests.mpy.helpers import run_case
 
 
 def test_wire_cases(runtime, vectors, out_dir):
