@@ -1,7 +1,8 @@
 """Board agent figures on the MicroPython unix port and CPython: key generation, CSR creation,
 certificate verification with an ECDSA and an RSA-2048 issuer (ms), and heap per operation.
 
-Figures only, never pass/fail on time. Quick run:
+Figures only, never pass/fail on time. With --benchmark-disable or DEVAGENT_BENCH_CI=1 (make bench-ci) each
+operation runs once and the heap search is skipped. Quick run:
     .venv/bin/python -m pytest benchmarks/bench_mpy.py --benchmark-disable -q      (one round each)
     .venv/bin/python -m pytest benchmarks/bench_mpy.py -q -s                        (prints the table)
 MicroPython runs with a 256 KiB heap (Pico W / ESP32 class; a bigger heap makes every GC slower).
@@ -107,7 +108,7 @@ def _inner(runtime, vectors, op, rounds):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("runtime", ["micropython", "cpython"])
 def test_bench(benchmark, runtime, op, vectors, request):
-    disabled = request.config.getoption("benchmark_disable", False)
+    disabled = request.config.getoption("benchmark_disable", False) or bool(os.environ.get("DEVAGENT_BENCH_CI"))
     rounds = 1 if disabled else 5
     fig = benchmark.pedantic(_inner, args=(runtime, vectors, op, rounds), rounds=1, iterations=1)
     if runtime == "micropython" and not disabled:
