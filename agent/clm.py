@@ -425,6 +425,9 @@ class Clm:
                     results[dev_id] = "ok"
                 except ClmError as e:
                     results[dev_id] = str(e)
+                except Exception as e:  # one broken device record must not stop the fleet's renewals
+                    log.exception("device %s: unexpected error", dev_id)
+                    results[dev_id] = f"internal error: {type(e).__name__}: {e}"
 
         while True:
             results = {}

@@ -276,6 +276,11 @@ class DeviceService:
                  res.not_after.isoformat(), peer or "-", res.elapsed_s)
         return res
 
+    async def drain(self) -> None:
+        """Wait until a key generation or store in progress has finished (clean shutdown)."""
+        async with self._store:
+            pass
+
     # ---- status -------------------------------------------------------------------------------------------
     def _status(self) -> dict:
         now = datetime.datetime.now(datetime.timezone.utc)

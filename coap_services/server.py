@@ -239,8 +239,7 @@ async def serve_forever(service: DeviceService, layers, *, host: str, port: int,
     try:
         await stop.wait()
         log.info("shutting down")
-        async with service._store:  # let a keystore write in progress complete
-            pass
+        await service.drain()  # let a keystore write in progress complete
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -213,3 +213,32 @@ def test_serve_refuses_without_contexts(tmp_path):
     assert res.exit_code == 7 and "coap provision" in res.output
     res = CliRunner().invoke(serve, ["--bind", "0.0.0.0"], obj=obj)
     assert res.exit_code == 2
+
+
+def test_enroll_via_est_upstream(lab, one_device, tmp_path):
+    """The production upstream: EST simpleenroll over TLS (lab EST server) with the CLM's HTTP Basic credential,
+    driven through the CLI options (--upstream est:URL --trust --username --password env:VAR)."""
+    from agent.cli_coap import clm
+    from agent.lab.est_server import start_est_server
+    from keystore.certs import pem
+
+    env, dev = one_device
+    root = tmp_path / "root.pem"
+    root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
+    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    with start_est_server(lab, DOMAIN, users={"clm-edge": b"edge-password"}) as est:
+        r = CliRunner()
+        base = ["--clm-dir", str(env.clm_dir)]
+        assert r.invoke(clm, base + ["add-device", "dev1", "--uri", dev.uri, "--domain", DOMAIN],
+                        obj=obj).exit_code == 0
+        res = r.invoke(clm, base + ["enroll", "dev1", "--upstream", f"est:{est.url}", "--trust", str(root),
+                                    "--username", "clm-edge", "--password", "env:CLM_EST_PW", "--timeout", "10"],
+                       obj=obj, env={"CLM_EST_PW": "edge-password"})
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.output)
+        assert set(out["enrolled"]["dev1"]) >= STAGES
+        bad = r.invoke(clm, base + ["enroll", "dev1", "--upstream", f"est:{est.url}", "--trust", str(root),
+                                    "--username", "clm-edge", "--password", "pass:wrong", "--retries", "1"],
+                       obj=obj)
+        assert bad.exit_code == 5 and "est enrollment" in bad.output
+    assert env.keystore().get("ldevid").version == 1
