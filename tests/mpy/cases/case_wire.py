@@ -151,3 +151,28 @@ def test_coap_verify_codes(ctx):
     st.put("pending", read(ctx, "dev.key"))
     assert call("verify", read(ctx, "leaf.p7b"), 281)[0] == "2.04"
     raises(ValueError, coap.Server, a, b"short", "dev-1")
+
+
+def test_coap_garbage_never_crashes(ctx):
+    """Random datagrams and mutated valid requests: handle() answers or ignores, never raises."""
+    from mpy import compat
+
+    a, st = _agent(ctx, "coapfuzz")
+    srv = coap.Server(a, SECRET, "dev-1")
+    good, _ = _req("csr", cbor.dumps({"cn": "dev-1"}), 60, 10)
+    rnd = compat.urandom(2000)
+    for i in range(120):
+        if i % 2:
+            dg = rnd[i * 8:i * 8 + (rnd[i] % 60)]
+        else:
+            b = bytearray(good)
+            b[rnd[i] % len(b)] ^= rnd[1000 + i] or 1
+            dg = bytes(b)
+        out = srv.handle(dg, "f")
+        if out is not None:
+            m = coap.decode(out)
+            assert m.code >> 5 in (2, 4, 5)
+    assert coap.code_str(coap.decode(srv.handle(
+        coap.encode(coap.Message(coap.CON, coap.POST, 5, b"", [(11, b"\xff\xfe"),
+                                                              (coap.AUTH_OPTION, b"\x01" + bytes(40))], b"")),
+        "f")).code) == "4.00"

@@ -109,3 +109,23 @@ def test_csr_out(ctx):
     write(ctx, "csr_fresh.der", csr.build(fresh, cn="fresh"))
     write(ctx, "fresh.key", csr.key_to_der(fresh))
     raises(ValueError, csr.build, key, serial="bad_serial*")
+
+
+def test_mutations_give_agent_errors_only(ctx):
+    """Random byte flips in certificates and PKCS#7: every outcome is success or an AgentError."""
+    from mpy import compat
+    from mpy.errors import AgentError
+
+    key, ca_ec, ca_rsa = _ctx(ctx)
+    seeds = [(read(ctx, "leaf_ec.der"), ca_ec), (read(ctx, "leaf_rsa.der"), ca_rsa), (read(ctx, "chain.p7b"), ca_rsa)]
+    rnd = compat.urandom(600)
+    for i in range(150):
+        data, anchor = seeds[i % 3]
+        buf = bytearray(data)
+        pos = (rnd[2 * i] << 8 | rnd[2 * i + 1]) % len(buf)
+        buf[pos] ^= rnd[300 + i] or 1
+        try:
+            certs = x509.certs_from_pkcs7(bytes(buf)) if i % 3 == 2 else [bytes(buf)]
+            x509.verify_for_key(certs, anchor, key.public, None)
+        except AgentError:
+            pass
