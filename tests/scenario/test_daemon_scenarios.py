@@ -92,17 +92,17 @@ def steady(w):
 
     def until():
         keys.add(w.ks.get(NAME).key_uri)
-        return version(w) >= 5 and deployed_live(w)
-    return cfg, until, [], 12
+        return version(w) >= 9 and deployed_live(w)
+    return cfg, until, [], 20
 
 
 def check_steady(w, cfg):
     m = meta(w)
     assert m.get("failures_total", 0) == 0 and m["failures"] == 0
     serials = (w.root / "hook.log").read_text().split()
-    assert len(serials) >= 4 and len(set(serials)) == len(serials)  # one hook run per renewal, each new
+    assert len(serials) >= 8 and len(set(serials)) == len(serials)  # one hook run per renewal, each new
     uris = {e["key_uri"] for e in w.ks.audit_entries() if e["action"] == "key-generate"}
-    assert len(uris) >= 5  # rekeyed on every renewal (enrollment + 4 renewals)
+    assert len(uris) >= 9  # rekeyed on every renewal (enrollment + 8 renewals)
     prom = w.metrics.read_text()
     assert f'devagent_renewal_consecutive_failures{{credential="{NAME}"' in prom
     assert "devagent_certificate_expiry_seconds" in prom
@@ -192,8 +192,11 @@ def disk_full(w):
 
     fsutil._FAULT_HOOK = fault  # keystore.fsutil's documented fault-injection point
     w.cleanup = lambda: setattr(fsutil, "_FAULT_HOOK", None)
+    # The disk is full from 1.5 s to 3 s: the first renewal (~2-3 s) cannot be deployed; the enrolled certificate
+    # (valid until >= 4 s) stays deployed meanwhile. A disk full past the deployed certificate's expiry would lose it
+    # whatever the daemon did.
     return cfg, lambda: version(w) >= 3 and deployed_live(w), [
-        (1.0, lambda: state.update(full=True)), (2.5, lambda: state.update(full=False))], 12
+        (1.5, lambda: state.update(full=True)), (3.0, lambda: state.update(full=False))], 12
 
 
 def check_disk_full(w, cfg):
@@ -209,7 +212,7 @@ SCENARIOS = [
     ("clock +3 years",  2, clock_far_ahead, check_clock),
     ("clock in 1970",   2, clock_1970, check_clock),
     ("hook failing",    3, hook_failing, check_hook_failing),
-    ("disk full",       3, disk_full, check_disk_full),
+    ("disk full",       5, disk_full, check_disk_full),
 ]
 
 
