@@ -142,11 +142,13 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
                    sender: x509.Name | None = None, recipient: x509.Name | None = None,
                    transaction_id: bytes | None = None, sender_nonce: bytes | None = None,
                    recip_nonce: bytes | None = None, general_info: Sequence[tuple] = (),
-                   now: datetime.datetime | None = None, mac_alg=None, key_cache: dict | None = None) -> bytes:
+                   now: datetime.datetime | None = None, mac_alg=None, key_cache: dict | None = None,
+                   extra_certs: Sequence[x509.Certificate] = ()) -> bytes:
     """DER of a PKIMessage of any type, protected per ``pr`` (requests here; responses in tests and the lab
     server). With signature protection, sender is the protection certificate's subject and extraCerts
     carry that certificate first, then ``pr.chain``. ``mac_alg``/``key_cache``: reuse one MAC protectionAlg
-    and its derived key (within a transaction); default a fresh salt."""
+    and its derived key (within a transaction); default a fresh salt. ``extra_certs`` are appended to
+    extraCerts (e.g. the issuing chain in a MAC-protected ip)."""
     if pr.uses_signature:
         sender = pr.certificate.subject
     msg = A.PKIMessage()
@@ -189,10 +191,12 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
         data = _protected_part(msg)
         prot = sign(data) if pr.uses_signature else P.compute_mac(alg, pr.secret, data, key_cache)
         msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
-        if pr.uses_signature:
-            ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
-            for i, c in enumerate((pr.certificate,) + tuple(pr.chain)):
-                ec.setComponentByPosition(i, cert_to_asn1(c))
+    certs = ((pr.certificate,) + tuple(pr.chain) if pr.uses_signature and not pr.unprotected else ())
+    certs += tuple(c for c in extra_certs if c not in certs)
+    if certs:
+        ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")
+        for i, c in enumerate(certs):
+            ec.setComponentByPosition(i, cert_to_asn1(c))
     return A.der_encode(msg)
 
 
@@ -218,9 +222,18 @@ def decode_message(der: bytes):
     if not der:
         raise ProtocolError("empty CMP response")
     try:
-        return A.der_decode(bytes(der), A.PKIMessage())
+        msg = A.der_decode(bytes(der), A.PKIMessage())
     except ValueError as e:
         raise ProtocolError(f"response is not a CMP PKIMessage (truncated or garbage DER, {len(der)} bytes): {e}") from None
+    # Strict DER: the protection is computed over re-encoded parts, so what we decoded must re-encode to the
+    # very bytes received (this also rejects values pyasn1 decodes but cannot encode, e.g. a bad time).
+    try:
+        same = A.der_encode(msg) == bytes(der)
+    except Exception:  # pyasn1 raises PyAsn1Error subclasses; nothing from a peer may escape unwrapped
+        same = False
+    if not same:
+        raise ProtocolError("response is not a valid DER CMP PKIMessage (a value does not re-encode identically)")
+    return msg
 
 
 def _protected_part(msg) -> bytes:
