@@ -233,7 +233,11 @@ class Daemon:
         for domain in sorted({c.domain for c in creds if c.domain}):
             if self.mono() >= self._ca_next.get(domain, 0.0):
                 cred = next(c for c in creds if c.domain == domain)
-                await self._ca_check(domain, cred)
+                try:
+                    await self._ca_check(domain, cred)
+                except Exception:  # a broken client must not stop the loop; renewals report it per credential
+                    log.exception("domain %s: CA certificate check failed", domain)
+                    self._ca_next[domain] = self.mono() + self.cfg.renewal.retry_base_s
             waits.append(self._ca_next[domain] - self.mono())
         for cred in creds:
             try:
@@ -252,8 +256,8 @@ class Daemon:
         """Ask the CA for its certificates (rollover; also teaches us its time). Transport errors propagate only
         when ``client`` is given (a renewal is about to use it: the CA is down, count it as a failed renewal)."""
         propagate = client is not None
-        client = client or self._client(cred)
         try:
+            client = client or self._client(cred)
             added = await self.ops.ca_update(self.ks, domain, client=client,
                                              ca_fingerprint=self.cfg.ca_fingerprint or None)
             self._ca_next[domain] = self.mono() + self.cfg.renewal.ca_check_interval_s
