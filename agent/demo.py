@@ -82,7 +82,7 @@ def cmp_demo(lab, domain: str) -> None:
         return
     banner(f"CMP (RFC 9483 lightweight profile) against the lab CA, domain {domain!r}")
     dev = STATE / "device-cmp"
-    with cmp_server.start_cmp_server(lab, domain, secrets={"pump-7": b"cmp-demo-secret"}) as srv:
+    with cmp_server.start_cmp_server(lab, domain, secrets={b"pump-7": b"cmp-demo-secret"}) as srv:
         print(f"lab CMP server {srv.url}")
         devagent("keystore", "init", state=dev)
         trust = lab.dir / domain / "root.pem"
