@@ -710,6 +710,9 @@ class Keystore:
                     if f"file:keys/{p.name}" not in key_uris:
                         fsutil.secure_delete(p)
                         removed.append(str(p))
+            for p in self.root.glob(".*.tmp"):  # an index write killed before its rename
+                fsutil.secure_delete(p)
+                removed.append(str(p))
             tpmdir = self.root / "tpm"
             if tpmdir.is_dir():  # TSS2 key blobs (tpm:blob/<id>) left by a crash before the commit
                 for p in tpmdir.iterdir():
