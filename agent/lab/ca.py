@@ -70,13 +70,9 @@ def _sig_hash(key):
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from keystore import fsutil  # the project's one safe writer (temp, fsync, replace, fsync dir)
+
+    fsutil.atomic_write(path, data)
 
 
 def _ku(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
