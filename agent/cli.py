@@ -482,7 +482,7 @@ def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, lab
             with open(key_ref, "rb") as f:
                 key_uri = ks.import_key(load_private_key(f.read(), key_ref), label=label)
     return KeySpec(key_type=key_type or "p256", backend=key_backend or "soft", key_uri=key_uri,
-                   server_keygen=server_keygen, allow_weak=allow_weak), bool(key_ref and not key_uri.startswith(("tpm", "pkcs11")))
+                   server_keygen=server_keygen, allow_weak=allow_weak, explicit=bool(key_type)), bool(key_ref and not key_uri.startswith(("tpm", "pkcs11")))
 
 
 def _subject_sans(subject, sans):

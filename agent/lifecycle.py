@@ -52,6 +52,7 @@ class KeySpec:
     key_uri: str | None = None
     server_keygen: bool = False
     allow_weak: bool = False
+    explicit: bool = False  # the operator chose key_type; a server's different requirement is then an error
 
 
 def _sans_of(cert: x509.Certificate) -> tuple:
@@ -84,6 +85,8 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
                  profile: str | None, purpose: str | None, remember: dict, extensions=(),
                  challenge_password: bytes | None = None, now: datetime.datetime | None = None,
                  check_validity: bool = True) -> Credential:
+    if op in ("enroll", "request") and not key.server_keygen and not key.key_uri and hasattr(client, "csrattrs"):
+        key, extensions = await _apply_server_attributes(client, auth, key, tuple(extensions), subject)
     key_uri, private_key, created = _new_key(ks, key, name, {"name": name, "domain": domain, "op": op})
     try:
         csr = None
@@ -125,6 +128,36 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             except KeystoreError as e:  # pragma: no cover - best effort cleanup, reported
                 log.error("could not discard pending key %s: %s", key_uri, e)
         raise
+
+
+async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject):
+    """EST /csrattrs (RFC 7030 §4.5): the server's key type and requested extensions, before the key exists."""
+    from keystore.keytypes import KEY_TYPES
+
+    attrs = await client.csrattrs(auth if auth.certificate is not None else None)
+    if attrs is None:
+        return key, extensions
+    from enroll_clients.est.messages import apply_csrattrs
+
+    proto = CertRequest(subject=subject, key_type=key.key_type if key.explicit else None, extensions=extensions)
+    try:
+        applied = apply_csrattrs(proto, attrs)
+    except ValueError as e:
+        raise LifecycleError(f"{e} (from the server's /csrattrs); choose --key-type accordingly") from e
+    kt = applied.key_type
+    if kt == "ec":
+        kt = {"secp384r1": "p384"}.get(getattr(attrs, "curve", None) or "", "p256")
+    elif kt == "rsa":
+        kt = f"rsa{getattr(attrs, 'rsa_key_size', None) or 2048}"
+    if kt and kt != key.key_type and not key.explicit:
+        if kt not in KEY_TYPES:
+            raise LifecycleError(f"the EST server asks for key type {kt}, which devagent does not generate")
+        log.info("EST server requests key type %s (csrattrs)", kt)
+        key = dataclasses.replace(key, key_type=kt)
+    if getattr(attrs, "challenge_password", False):
+        log.warning("EST server asks for a challengePassword (tls-unique, RFC 7030 §3.5): not supported with "
+                    "TLS 1.3; the request is sent without it")
+    return key, tuple(applied.extensions)
 
 
 async def enroll(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,
