@@ -67,7 +67,7 @@ def _run_and_kill(root, lab, seed, delay_s):
 def _commit_time_s(ks, lab) -> float:
     """How long one generate+issue+store cycle takes on this machine now (the kill window scales with it)."""
     t0 = time.perf_counter()
-    for i in range(3):
+    for _ in range(3):
         uri = ks.generate_key("p256")
         csr = build_csr(ks.private_key(uri), parse_subject("CN=calibrate"))
         ks.store_certificate("calibrate", lab.issue(DOMAIN, csr.public_key(), csr.subject), lab.domain(DOMAIN).chain,
