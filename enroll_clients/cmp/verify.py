@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 
 from cryptography import x509
+
+from keystore.verify import signed_by
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -25,16 +27,6 @@ def spki(obj) -> bytes:
     elif hasattr(obj, "public_key"):
         obj = obj.public_key()
     return obj.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-        return True
-    except (InvalidSignature, ValueError, TypeError):
-        return False
 
 
 def _valid_at(cert: x509.Certificate, at: datetime.datetime | None, role: str) -> None:
@@ -76,11 +68,11 @@ def verify_signer(leaf: x509.Certificate, untrusted, anchors, at: datetime.datet
         if current.public_bytes(Encoding.DER) in anchor_ders:
             return path
         for a in anchors:
-            if _issued_by(current, a):
+            if signed_by(current, a):
                 return path + [a]
         nxt = None
         for c in untrusted:
-            if c is not current and _is_ca(c) and _issued_by(current, c):
+            if c is not current and _is_ca(c) and signed_by(current, c):
                 nxt = c
                 break
         if nxt is None:
@@ -98,9 +90,9 @@ def issuing_chain(cert: x509.Certificate, pool) -> tuple[x509.Certificate, ...]:
     out = []
     current = cert
     for _ in range(MAX_PATH):
-        if current.issuer == current.subject and _issued_by(current, current):
+        if current.issuer == current.subject and signed_by(current, current):
             break
-        nxt = next((c for c in pool if c not in out and c != current and _issued_by(current, c)), None)
+        nxt = next((c for c in pool if c not in out and c != current and signed_by(current, c)), None)
         if nxt is None:
             break
         out.append(nxt)
@@ -115,7 +107,7 @@ def verify_root_update(old_root: x509.Certificate, new_with_new: x509.Certificat
 
     Raises ProtocolError naming the failed link.
     """
-    if not _issued_by(new_with_new, new_with_new):
+    if not signed_by(new_with_new, new_with_new):
         raise ProtocolError("rootCaKeyUpdate: newWithNew is not a valid self-signed certificate")
     if new_with_old is None:
         raise ProtocolError("rootCaKeyUpdate: newWithOld is missing, so the new root cannot be linked "
@@ -130,5 +122,5 @@ def verify_root_update(old_root: x509.Certificate, new_with_new: x509.Certificat
     if old_with_new is not None:
         if spki(old_with_new) != spki(old_root):
             raise ProtocolError("rootCaKeyUpdate: oldWithNew does not carry the old root's public key")
-        if not _issued_by(old_with_new, new_with_new):
+        if not signed_by(old_with_new, new_with_new):
             raise ProtocolError("rootCaKeyUpdate: oldWithNew does not verify with the new root")

@@ -58,6 +58,52 @@ class KeyBackend(abc.ABC):
         """Release sessions/contexts."""
 
 
+class HardwareKeyMixin:
+    """What TPM and PKCS#11 key objects share: identity, the public half, and refusing to export.
+
+    Subclasses set ``_where`` ("the TPM", "a PKCS#11 token") and implement ``sign``.
+    """
+
+    _where = "in a hardware module"
+    _refusal = "non-exportable"
+
+    def _init(self, backend, uri: str, public):
+        self._backend = backend
+        self._uri = uri
+        self._public = public
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def public_key(self):
+        return self._public
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def _refuse(self):
+        from keystore.errors import ExportRefusedError
+
+        raise ExportRefusedError(f"the private key {self._uri} lives {self._where} and is {self._refusal}")
+
+    def private_numbers(self):
+        self._refuse()
+
+    def private_bytes(self, encoding, format, encryption_algorithm):
+        self._refuse()
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self._uri}>"
+
+
 class BackendContext:
     """What backends may use: the keystore directory, its master key (lazily), and per-backend options."""
 

@@ -38,7 +38,7 @@ import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from keystore.backends import KeyBackend
+from keystore.backends import HardwareKeyMixin, KeyBackend
 from keystore.errors import (
     ExportRefusedError,
     KeyBackendError,
@@ -144,37 +144,9 @@ def _digest(data: bytes, algorithm) -> tuple[bytes, hashes.HashAlgorithm]:
     return h.finalize(), algorithm
 
 
-class _Pkcs11KeyMixin:
-    def _init(self, backend: "Backend", uri: str, public):
-        self._backend = backend
-        self._uri = uri
-        self._public = public
-
-    @property
-    def uri(self) -> str:
-        return self._uri
-
-    def public_key(self):
-        return self._public
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def private_numbers(self):
-        raise ExportRefusedError(f"the private key {self._uri} lives on a PKCS#11 token and is non-extractable")
-
-    def private_bytes(self, encoding, format, encryption_algorithm):
-        raise ExportRefusedError(f"the private key {self._uri} lives on a PKCS#11 token and is non-extractable")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __repr__(self):
-        return f"<{type(self).__name__} {self._uri}>"
+class _Pkcs11KeyMixin(HardwareKeyMixin):
+    _where = 'on a PKCS#11 token'
+    _refusal = 'non-extractable'
 
 
 class Pkcs11EccPrivateKey(_Pkcs11KeyMixin, ec.EllipticCurvePrivateKey):

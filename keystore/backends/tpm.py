@@ -42,7 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keystore import fsutil
-from keystore.backends import KeyBackend
+from keystore.backends import HardwareKeyMixin, KeyBackend
 from keystore.errors import (
     CorruptFileError,
     ExportRefusedError,
@@ -211,39 +211,9 @@ class _Tpm:
 
 
 # ---- key objects -----------------------------------------------------------------------------------
-class _TpmKeyMixin:
+class _TpmKeyMixin(HardwareKeyMixin):
     """Signing loads the key, signs through tpm2_pytss.cryptography, and flushes it."""
-
-    def _init(self, backend: "Backend", uri: str, public):
-        self._backend = backend
-        self._uri = uri
-        self._public = public
-
-    @property
-    def uri(self) -> str:
-        return self._uri
-
-    def public_key(self):
-        return self._public
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def private_numbers(self):
-        raise ExportRefusedError(f"the private key {self._uri} lives in the TPM and is non-exportable")
-
-    def private_bytes(self, encoding, format, encryption_algorithm):
-        raise ExportRefusedError(f"the private key {self._uri} lives in the TPM and is non-exportable")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __repr__(self):
-        return f"<{type(self).__name__} {self._uri}>"
+    _where = 'in the TPM'
 
 
 class TpmEccPrivateKey(_TpmKeyMixin, ec.EllipticCurvePrivateKey):
