@@ -319,7 +319,8 @@ class Report:
                     continue
                 cell = paper_cell(cfg)
                 p = paper.get((stage, *cell)) if cell else None
-                ratio = f"{p[0] / st['mean']:,.0f}×" if p and st["mean"] > 0 else "–"
+                r = p[0] / st["mean"] if p and st["mean"] > 0 else None
+                ratio = "–" if r is None else (f"{r:,.0f}×" if r >= 10 else f"{r:.2f}×")
                 rows.append([config_label(cfg), st["n"], ms(st["mean"]), ms(st["sd"]), f"{ms(st['lo'])} – {ms(st['hi'])}",
                              ms(p[0]) if p else "–", ms(p[1]) if p else "–",
                              f"{ms(p[2])} – {ms(p[3])}" if p else "–", ratio])
@@ -375,7 +376,7 @@ class Report:
                     st, p = stats.get(stage), paper.get((stage, *paper_cell(cfg)))
                     if not st or not p:
                         continue
-                    labels.append(config_label(cfg).replace(", ", "\n", 1))
+                    labels.append(config_label(cfg).replace(", ", "\n").replace(" AES", "\nAES"))
                     here.append(st["mean"] * 1000)
                     herr.append((st["hi"] - st["mean"]) * 1000 if math.isfinite(st["hi"]) else 0)
                     pi.append(p[0] * 1000)
