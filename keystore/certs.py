@@ -71,16 +71,19 @@ def load_certificate_file(path: str) -> list[x509.Certificate]:
     return load_certificates(data, path)
 
 
-def load_private_key(data: bytes, source: str, password: bytes | None = None):
+def load_private_key(data: bytes, source: str, password: bytes | None = None, *, trusted: bool = False):
     """Load a private key from PEM or DER (PKCS#8, traditional), optionally encrypted.
+
+    ``trusted`` skips RSA key validation (~100 ms for RSA-2048): only for keys this keystore generated and
+    encrypted itself, never for imported files.
 
     Raises:
         CorruptFileError: malformed, wrong password, or not a private key.
     """
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return serialization.load_pem_private_key(data, password)
-        return serialization.load_der_private_key(data, password)
+            return serialization.load_pem_private_key(data, password, unsafe_skip_rsa_key_validation=trusted)
+        return serialization.load_der_private_key(data, password, unsafe_skip_rsa_key_validation=trusted)
     except TypeError as e:
         raise CorruptFileError(f"{source}: {'key is encrypted; give its password' if password is None else e}") from e
     except (ValueError, Exception) as e:  # cryptography raises ValueError or UnsupportedAlgorithm
