@@ -68,17 +68,17 @@ class App:
         return Keystore.open(self.state_dir, self.backend_options())
 
     def backend_options(self) -> dict:
-        """Key backend options (TPM TCTI; PKCS#11 module/token/PIN from DEVAGENT_PKCS11_*) from config/profile."""
-        opts: dict = {}
-        cfg = self.config()
-        if cfg.key.tcti:
-            opts["tpm"] = {"tcti": cfg.key.tcti}
-        tpm = {k[len("DEVAGENT_TPM_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVAGENT_TPM_")}
-        if tpm:  # DEVAGENT_TPM_PARENT, DEVAGENT_TPM_PERSIST, DEVAGENT_TPM_HANDLE_BASE (docs/hardware-keys.md)
-            opts.setdefault("tpm", {}).update(tpm)
-        p11 = {k[len("DEVAGENT_PKCS11_"):].lower(): v for k, v in os.environ.items() if k.startswith("DEVAGENT_PKCS11_")}
-        if p11:
-            opts["pkcs11"] = p11
+        """Key backend options from the effective config ([key] tcti/tpm_*/pkcs11_*, env DEVAGENT_KEY_*, profile).
+
+        The older variables DEVAGENT_TPM_<OPTION> and DEVAGENT_PKCS11_<OPTION> still override single backend
+        options (docs/hardware-keys.md)."""
+        k = self.config().key
+        opts: dict = {"tpm": {"tcti": k.tcti, "parent": k.tpm_parent, "persist": k.tpm_persist,
+                              "handle_base": k.tpm_handle_base}}
+        p11 = {"module": k.pkcs11_module, "token_label": k.pkcs11_token, "pin": k.pkcs11_pin}
+        opts["pkcs11"] = {n: v for n, v in p11.items() if v}
+        for prefix, name in (("DEVAGENT_TPM_", "tpm"), ("DEVAGENT_PKCS11_", "pkcs11")):
+            opts[name].update({var[len(prefix):].lower(): v for var, v in os.environ.items() if var.startswith(prefix)})
         return opts
 
     def config(self):

@@ -49,6 +49,15 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key("key.backend", str, "soft", "where new keys are generated", choices=board_profiles.KEY_BACKENDS),
     Key("key.tcti", str, "device:/dev/tpmrm0", "TPM TCTI for the tpm backend"),
+    Key("key.tpm_parent", str, "owner", "TPM parent of new keys: owner (an ECC P-256 storage primary in the owner "
+        "hierarchy) or a persistent SRK handle 0x81xxxxxx"),
+    Key("key.tpm_persist", str, "blob", "where TPM keys live: blob (TSS2 PRIVATE KEY file in the keystore) or "
+        "handle (a persistent handle from key.tpm_handle_base)", choices=("blob", "handle")),
+    Key("key.tpm_handle_base", str, "0x81100000", "first persistent handle for key.tpm_persist = handle"),
+    Key("key.pkcs11_module", str, "", "PKCS#11 module (.so); empty: SoftHSM2's from the usual Debian paths"),
+    Key("key.pkcs11_token", str, "", "label of the PKCS#11 token new keys are generated on"),
+    Key("key.pkcs11_pin", str, "", "PKCS#11 user PIN source: env:VAR or file:PATH (never the PIN itself in a file "
+        "that others can read)"),
     Key("key.algorithm", str, "p256", "key type for new keys (RSA only where the CA demands it)",
         choices=board_profiles.KEY_ALGORITHMS),
     Key("keystore.path", str, "/var/lib/devagent", "keystore directory (same as --state-dir)"),
@@ -111,6 +120,12 @@ class KeyConfig:
     backend: str
     tcti: str
     algorithm: str
+    tpm_parent: str = "owner"
+    tpm_persist: str = "blob"
+    tpm_handle_base: str = "0x81100000"
+    pkcs11_module: str = ""
+    pkcs11_token: str = ""
+    pkcs11_pin: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +224,18 @@ def coerce(key: Key, value: Any, where: str) -> Any:
     else:
         if not isinstance(v, str):
             raise bad("must be a string")
-        if key.name in ("key.tcti",) and not v:
+        if key.name in ("key.tcti", "key.tpm_parent") and not v:
             raise bad("must not be empty")
+        if key.name in ("key.tpm_handle_base",) or (key.name == "key.tpm_parent" and v != "owner"):
+            try:
+                h = int(v, 16) if v.lower().startswith("0x") else None
+            except ValueError:
+                h = None
+            if h is None or not 0x81000000 <= h <= 0x81FFFFFF:
+                raise bad(f"{v!r} must be a persistent handle 0x81000000-0x81FFFFFF" +
+                          (" or owner" if key.name == "key.tpm_parent" else ""))
+        if key.name == "key.pkcs11_pin" and v and not v.startswith(("env:", "file:")):
+            raise bad("must be a secret source env:VAR or file:PATH, not the PIN itself")
     if key.choices and v not in key.choices:
         raise bad(f"must be one of {', '.join(key.choices)}")
     return v
