@@ -22,6 +22,23 @@ from keystore.errors import CorruptFileError, KeystoreLockError
 LOCK_TIMEOUT_S = 30.0
 
 
+def encode_index(data: dict) -> bytes:
+    """The index as JSON with one record per line (readable, diffable), encoded by the C encoder.
+
+    ``json.dumps(..., indent=N)`` falls back to the pure-Python encoder, which made every keystore change cost
+    ~0.3 ms per stored credential; per-record ``dumps`` without indent is about ten times faster."""
+    tables = []
+    for name in sorted(data):
+        table = data[name]
+        if not isinstance(table, dict):
+            tables.append(f"{json.dumps(name)}: {json.dumps(table, sort_keys=True)}")
+            continue
+        rows = ",\n  ".join(f"{json.dumps(str(k))}: {json.dumps(v, sort_keys=True)}" for k, v in
+                            sorted(table.items(), key=lambda kv: (len(str(kv[0])), str(kv[0]))))
+        tables.append(f"{json.dumps(name)}: {{\n  {rows}\n }}" if rows else f"{json.dumps(name)}: {{}}")
+    return ("{\n " + ",\n ".join(tables) + "\n}\n").encode()
+
+
 class AtomicJSONStorage(Storage):
     def __init__(self, path: str | os.PathLike, **_):
         self.path = Path(path)
@@ -39,7 +56,7 @@ class AtomicJSONStorage(Storage):
             raise CorruptFileError(f"keystore index {self.path} is corrupt: {e}") from e
 
     def write(self, data) -> None:
-        fsutil.atomic_write(self.path, json.dumps(data, sort_keys=True, indent=1).encode())
+        fsutil.atomic_write(self.path, encode_index(data))
 
     def close(self) -> None:
         pass
