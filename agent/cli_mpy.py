@@ -40,11 +40,12 @@ class BridgeError(Exception):
 
 
 class BoardError(BridgeError):
-    """The board answered ERR."""
+    """The board answered ERR: ``code`` (CoAP-style, "4.03"), ``reason`` (as in CoAP diagnostics), ``message``."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(f"board refused ({code}): {message}")
+    def __init__(self, code: str, message: str, reason: str = "unknown"):
+        super().__init__(f"board refused ({code} {reason}): {message}")
         self.code = code
+        self.reason = reason
         self.message = message
 
 
@@ -90,9 +91,12 @@ class BoardLink:
             if rkind == "ERR":
                 try:
                     err = json.loads(rpayload)
-                    raise BoardError(str(err.get("code")), str(err.get("error")))
                 except ValueError:
                     raise BoardError("?", rpayload[:200].decode(errors="replace")) from None
+                if not isinstance(err, dict):
+                    raise BoardError("?", str(err)[:200])
+                raise BoardError(str(err.get("code")), str(err.get("message", err.get("error")))[:500],
+                                 str(err.get("error", "unknown"))[:64])
             return rkind, rpayload
         raise BridgeError(f"no reply from the board to {kind} within {timeout_s or self.timeout_s:.0f} s")
 

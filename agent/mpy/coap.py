@@ -1,9 +1,14 @@
-"""CoAP over UDP (RFC 7252) with the /csr and /verify resources, requests authenticated by HMAC-SHA256.
+"""CoAP over UDP (RFC 7252) with the /csr and /verify resources of ``devagent serve``, requests
+authenticated by HMAC-SHA256.
 
-Resources (same as ``devagent serve``):
-    POST /csr     CBOR map {cn?, serial?, sans?, new_key?} -> 2.04, content-format 286, DER PKCS#10
-    POST /verify  DER certificate (287) or certs-only PKCS#7 (281) -> 2.04 (CBOR {gen, cn, not_after})
-                  else 4.00 malformed / 4.03 untrusted / 4.09 other key / 4.15 format, text diagnostic
+Resources and payloads are the shared schema of docs/coap.md (one CLM drives both agents):
+    POST /csr     CBOR {? subject, ? san, ? key_type, ? name, ? domain, ? profile, ? ca}
+                  -> 2.04, content-format 286, DER PKCS#10 (``agent.Agent.csr_request`` checks the fields)
+    POST /verify  DER certificate (287) or certs-only PKCS#7 (281)
+                  -> 2.04 CBOR {"stored", "version", "not_after", "verify_us"}
+    errors        4.xx/5.xx, content-format 60, CBOR {"error": reason, "message": text}
+The board's own processing time travels in the elective response option TIMING_OPTION (65000, uint
+microseconds), as with ``devagent serve``.
 Authentication (see README.md "CoAP + HMAC"): option AUTH_OPTION (65003: critical, unsafe, experimental
 range) = 0x01 || counter (8 bytes) || tag (32 bytes), where
     tag = HMAC-SHA256(K_req, "DA1q" || code || lp(device_id) || lp(path) || lp(cf) || counter || lp(payload))
@@ -11,12 +16,15 @@ with K_req = HMAC(secret, "devagent-coap-v1 request") and lp(x) = 4-byte length 
 exceed the last accepted one, which is persisted before the request is processed (replay protection
 across reboots). Responses carry 0x01 || counter || HMAC(K_rsp, "DA1r" || code || counter || request tag
 || lp(cf) || lp(payload)), binding each response to its request.
+A request travels in one datagram of at most MAX_DATAGRAM bytes: the board does not do block-wise
+transfer (a Block1/Block2 option gets 4.02, a larger datagram 4.13).
 """
 from . import cbor, compat
-from .errors import AgentError, BadInput, Unauthorized, Unsupported
+from .errors import AgentError, BadInput, BadOption, TooLarge, Unauthorized, Unsupported
 from .hmac256 import hmac_sha256
 
 AUTH_OPTION = 65003
+TIMING_OPTION = 65000
 OPT_URI_PATH = 11
 OPT_CONTENT_FORMAT = 12
 CF_TEXT = 0
@@ -25,6 +33,8 @@ CON, NON, ACK, RST = 0, 1, 2, 3
 POST = 2
 AUTH_VERSION = 1
 MAX_DATAGRAM = 4096
+# Options the board understands; any other critical (odd) option in a request is refused with 4.02.
+KNOWN_OPTIONS = (3, 7, OPT_URI_PATH, OPT_CONTENT_FORMAT, 14, 17, 60, AUTH_OPTION)  # Uri-Host/Port, Max-Age, Accept, Size1
 
 
 def code(s):
@@ -182,6 +192,25 @@ def check_response(secret, datagram, req_tag):
     return m
 
 
+def _error(code_s, reason, message):
+    """The shared diagnostic: CBOR {"error": reason, "message": text} with content-format 60."""
+    return code(code_s), CF_CBOR, cbor.dumps({"error": reason, "message": message})
+
+
+def diagnostic(m):
+    """Client side: (reason, message) of an error response; tolerant of a peer that sends text."""
+    try:
+        d = cbor.loads(m.payload) if m.payload else {}
+    except ValueError:
+        d = None
+    if isinstance(d, dict) and isinstance(d.get("error"), str):
+        return d["error"], str(d.get("message", ""))
+    try:
+        return "unknown", bytes(m.payload[:200]).decode()
+    except UnicodeError:
+        return "unknown", ""
+
+
 class Server:
     """Pure request handler (``handle``) plus a blocking UDP loop (``serve``).
 
@@ -217,32 +246,25 @@ class Server:
     def _route(self, m):
         path = m.path()
         if path not in ("csr", "verify"):
-            return code("4.04"), CF_TEXT, b"no such resource"
+            raise AgentError("no such resource; the board serves /csr and /verify", "not-found")
         if m.code != POST:
-            return code("4.05"), CF_TEXT, b"use POST"
+            raise AgentError("use POST", "method-not-allowed")
         cf = m.content_format()
         if path == "csr":
             if cf not in (None, CF_CBOR):
-                raise Unsupported("/csr takes application/cbor")
+                raise Unsupported("POST /csr: content-format %d is not accepted; use 60 (application/cbor)" % cf)
             try:
                 req = cbor.loads(m.payload) if m.payload else {}
             except ValueError:
-                raise BadInput("request is not valid CBOR") from None
-            if not isinstance(req, dict):
-                raise BadInput("request must be a CBOR map")
-            sans = req.get("sans")
-            if sans is not None and (not isinstance(sans, list) or not all(isinstance(s, str) for s in sans)):
-                raise BadInput("sans must be an array of text strings")
-            for f in ("cn", "serial"):
-                if req.get(f) is not None and not isinstance(req.get(f), str):
-                    raise BadInput("%s must be a text string" % f)
-            der_csr = self.agent.make_csr(cn=req.get("cn"), serial=req.get("serial"), sans=sans,
-                                          new_key=req.get("new_key") is True)
-            return code("2.04"), 286, der_csr
+                raise BadInput("POST /csr: not well-formed CBOR", "malformed-cbor") from None
+            return code("2.04"), 286, self.agent.csr_request(req)
         if cf not in (281, 287):
-            raise Unsupported("/verify takes application/pkix-cert (287) or pkcs7-mime certs-only (281)")
+            raise Unsupported("POST /verify: content-format %s is not accepted; use 287 (application/pkix-cert) "
+                              "or 281 (certs-only PKCS#7)" % cf)
+        if not m.payload:
+            raise BadInput("POST /verify: empty payload, expected a DER certificate", "malformed-certificate")
         info = self.agent.install(m.payload, cf)
-        return code("2.04"), CF_CBOR, cbor.dumps(info)
+        return code("2.04"), CF_CBOR, info
 
     def handle(self, datagram, peer=None):
         """One datagram -> response datagram or None (ignored)."""
@@ -255,16 +277,34 @@ class Server:
         if m.type == CON and self._last and self._last[0] == (peer, m.mid):
             return self._last[1]
         counter, req_tag = 0, b""
+        t0 = compat.ticks_us()
+        opts = []
         try:
+            if len(datagram) > MAX_DATAGRAM:
+                raise TooLarge("request of %d bytes exceeds %d (one datagram; no block-wise transfer)"
+                               % (len(datagram), MAX_DATAGRAM))
+            for n, _ in m.options:
+                if n & 1 and n not in KNOWN_OPTIONS:
+                    raise BadOption("critical option %d is not supported by this board%s" % (
+                        n, " (no block-wise transfer: send the request in one datagram)" if n in (23, 27) else ""))
             counter, req_tag = self._auth(m)
             rcode, cf, payload = self._route(m)
+            if isinstance(payload, dict):  # /verify: the shared answer, with the board's time in it
+                us = compat.ticks_diff(compat.ticks_us(), t0)
+                payload = cbor.dumps({"stored": payload["name"], "version": payload["gen"],
+                                      "not_after": payload["not_after_s"], "verify_us": us})
+            opts.append((TIMING_OPTION, _uint(compat.ticks_diff(compat.ticks_us(), t0) & 0xFFFFFFFF)))
         except AgentError as e:
-            rcode, cf, payload = code(e.code), CF_TEXT, str(e).encode()
+            rcode, cf, payload = _error(e.code, e.reason, str(e))
+            if e.reason == "not-found":
+                rcode = code("4.04")
+            elif e.reason == "method-not-allowed":
+                rcode = code("4.05")
         except MemoryError:
-            rcode, cf, payload = code("5.00"), CF_TEXT, b"out of memory"
+            rcode, cf, payload = _error("5.00", "out-of-memory", "the board ran out of memory")
         except Exception:  # noqa: BLE001 - keep serving; never echo internal text to a peer
-            rcode, cf, payload = code("5.00"), CF_TEXT, b"internal error"
-        opts = [(OPT_CONTENT_FORMAT, _uint(cf))]
+            rcode, cf, payload = _error("5.00", "internal", "internal error on the board")
+        opts.append((OPT_CONTENT_FORMAT, _uint(cf)))
         if req_tag:
             opts.append((AUTH_OPTION, auth_value(counter, response_tag(self.k_rsp, rcode, counter, req_tag, cf,
                                                                          payload))))
@@ -282,7 +322,7 @@ class Server:
         """Blocking loop on a bound UDP socket."""
         n = 0
         while max_requests is None or n < max_requests:
-            data, peer = sock.recvfrom(MAX_DATAGRAM)
+            data, peer = sock.recvfrom(MAX_DATAGRAM + 1)  # one byte more: a larger request gets 4.13
             out = self.handle(data, peer)
             if out is not None:
                 sock.sendto(out, peer)

@@ -30,6 +30,20 @@ def name(cn=None, serial=None, org=None):
     return der.seq(*rdns)
 
 
+def name_rdns(rdns):
+    """An X.501 Name from ``[(oid, value), ...]`` in ASN.1 order, one attribute per RDN (CN as UTF8String,
+    serialNumber as PrintableString, as X.520 requires)."""
+    out = []
+    for o, v in rdns:
+        if o == OID_SERIAL_NUMBER:
+            out.append(der.set_of(der.seq(der.oid(o), der.printable(v))))
+        elif o == OID_CN:
+            out.append(der.set_of(der.seq(der.oid(o), der.utf8(v))))
+        else:
+            raise ValueError("unsupported subject attribute %s" % o)
+    return der.seq(*out)
+
+
 def _ip_bytes(s):
     parts = s.split(".")
     if len(parts) != 4:
@@ -65,8 +79,9 @@ def _ext(oid_s, value, critical=False):
     return der.seq(*parts)
 
 
-def build(key, cn=None, serial=None, sans=(), org=None, key_usage=(0,)):
-    """DER PKCS#10 request signed by key (an ``ecdsa.PrivateKey``).
+def build(key, cn=None, serial=None, sans=(), org=None, key_usage=(0,), rdns=None):
+    """DER PKCS#10 request signed by key (an ``ecdsa.PrivateKey``). ``rdns`` ([(oid, value)] in ASN.1
+    order, see ``name_rdns``) replaces cn/serial/org when given.
 
     Raises:
         ValueError: a subject field that cannot be encoded (e.g. serialNumber not PrintableString).
@@ -79,7 +94,8 @@ def build(key, cn=None, serial=None, sans=(), org=None, key_usage=(0,)):
     attrs = b""
     if exts:
         attrs = der.seq(der.oid(OID_EXTENSION_REQUEST), der.set_of(der.seq(*exts)))
-    info = der.seq(der.integer(0), name(cn, serial, org), spki_ec(key.public), der.ctx(0, attrs))
+    subject = name_rdns(rdns) if rdns is not None else name(cn, serial, org)
+    info = der.seq(der.integer(0), subject, spki_ec(key.public), der.ctx(0, attrs))
     sig = key.sign(info)
     return der.seq(info, der.seq(der.oid(OID_ECDSA_SHA256)), der.bit_string(sig))
 

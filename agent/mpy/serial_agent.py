@@ -6,8 +6,10 @@ Requests (host -> board) and replies (board -> host); payloads are JSON unless n
     CA     DER CA certificate                   -> OK {installed}   (only if none, or the same, is installed)
     CSR    {cn?, serial?, sans?, new_key?}      -> CSR  DER PKCS#10
     CERT   DER certificate or certs-only PKCS#7 -> OK {gen, cn, not_after}
-Any failure -> ERR {code, error} where code is the CoAP-style class ("4.00" bad input, "4.03" untrusted,
-"4.09" wrong key, ...). A corrupt frame is answered with ERR seq 0 and skipped; nothing is stored.
+Any failure -> ERR {code, error, message}: the CoAP code ("4.00" bad input, "4.03" untrusted or a
+certificate for another key, "4.09" no pending key, ...), the reason code and the text of the CoAP
+diagnostic (docs/coap.md), so both transports report a failure the same way. A corrupt frame is
+answered with ERR seq 0 and skipped; nothing is stored.
 """
 import json
 
@@ -55,8 +57,8 @@ def handle(agent, kind, payload):
     raise BadInput("unknown request %s" % kind[:16])
 
 
-def _err(code, msg):
-    return json.dumps({"code": code, "error": msg}).encode()
+def _err(code, reason, msg):
+    return json.dumps({"code": code, "error": reason, "message": msg}).encode()
 
 
 def serve(agent, read, write, max_requests=None):
@@ -69,15 +71,15 @@ def serve(agent, read, write, max_requests=None):
         except frame.FrameTimeout:
             return
         except frame.FrameError as e:
-            write(frame.encode("ERR", 0, _err("4.00", str(e))))
+            write(frame.encode("ERR", 0, _err("4.00", "malformed-frame", str(e))))
             continue
         try:
             rkind, rpayload = handle(agent, kind, payload)
         except AgentError as e:
-            rkind, rpayload = "ERR", _err(e.code, str(e))
+            rkind, rpayload = "ERR", _err(e.code, e.reason, str(e))
         except MemoryError:
-            rkind, rpayload = "ERR", _err("5.00", "out of memory")
+            rkind, rpayload = "ERR", _err("5.00", "out-of-memory", "the board ran out of memory")
         except Exception:  # noqa: BLE001 - keep serving; never echo internal text to the host
-            rkind, rpayload = "ERR", _err("5.00", "internal error")
+            rkind, rpayload = "ERR", _err("5.00", "internal", "internal error on the board")
         write(frame.encode(rkind, seq, rpayload))
         done += 1

@@ -72,9 +72,9 @@ class Certificate:
         try:
             self._parse(bytes(data))
         except ValueError as e:  # DerError and point/key validation
-            raise BadInput("certificate: %s" % e) from None
+            raise BadInput("certificate: %s" % e, "malformed-certificate") from None
         except IndexError:
-            raise BadInput("certificate: truncated") from None
+            raise BadInput("certificate: truncated", "malformed-certificate") from None
 
     def _parse(self, buf):
         self.der = buf
@@ -198,9 +198,9 @@ def certs_from_pkcs7(buf):
                     if ct == der.SEQUENCE:
                         out.append(bytes(buf[xs:xe]))
     except ValueError as e:
-        raise BadInput("PKCS#7: %s" % e) from None
+        raise BadInput("PKCS#7: %s" % e, "malformed-certificate") from None
     if not out:
-        raise BadInput("PKCS#7 contains no certificates")
+        raise BadInput("PKCS#7 contains no certificates", "malformed-certificate")
     return out
 
 
@@ -218,7 +218,7 @@ def _time_ok(cert, now):
     return cert.not_before <= now <= cert.not_after
 
 
-def verify_for_key(certs, anchor, our_key, now=None):
+def verify_for_key(certs, anchor, our_key, now=None, path=None):
     """Find the certificate for our key among certs (DER list) and check it fully.
 
     Args:
@@ -226,6 +226,7 @@ def verify_for_key(certs, anchor, our_key, now=None):
         anchor: the trust anchor ``Certificate``.
         our_key: our public point (ec affine tuple).
         now: UTC tuple if the board clock is known to be set, else None (validity is then not checked).
+        path: a list that receives the verified path (leaf, intermediates..., anchor) as ``Certificate``s.
 
     Returns:
         The leaf ``Certificate``.
@@ -240,16 +241,18 @@ def verify_for_key(certs, anchor, our_key, now=None):
             leaf = c
             break
     if leaf is None:
-        raise WrongKey("the certificate is not for this device's pending key")
+        raise WrongKey("the certificate is for another key: its public key is not this board's pending key")
     cur = leaf
+    walked = [leaf]
     for _depth in range(MAX_CHAIN + 1):
         if cur.critical_unknown:
-            raise Untrusted("certificate has an unsupported critical extension")
+            raise Untrusted("certificate has an unsupported critical extension", "unknown-critical-extension")
         if now is not None and not _time_ok(cur, now):
-            raise Untrusted("certificate is not valid at the current time")
+            raise Untrusted("certificate is not valid at the current time",
+                            "not-yet-valid" if now < cur.not_before else "expired")
         if cur is not leaf and (cur.is_ca is not True or
                                 (cur.key_usage is not None and KU_KEY_CERT_SIGN not in cur.key_usage)):
-            raise Untrusted("intermediate is not a CA certificate")
+            raise Untrusted("intermediate is not a CA certificate", "not-a-ca")
         if check_issued(cur, anchor):
             break
         nxt = None
@@ -260,14 +263,19 @@ def verify_for_key(certs, anchor, our_key, now=None):
         if nxt is None:
             raise Untrusted("certificate does not chain to the trust anchor")
         cur = nxt
+        walked.append(cur)
     else:
         raise Untrusted("chain too long")
     if anchor.is_ca is False:
-        raise Untrusted("trust anchor is not a CA certificate")
+        raise Untrusted("trust anchor is not a CA certificate", "not-a-ca")
     if now is not None and not _time_ok(anchor, now):
-        raise Untrusted("trust anchor is not valid at the current time")
+        raise Untrusted("trust anchor is not valid at the current time",
+                        "not-yet-valid" if now < anchor.not_before else "expired")
     if leaf.is_ca:
-        raise Untrusted("refusing a CA certificate as the device certificate")
+        raise Untrusted("refusing a CA certificate as the device certificate", "is-ca")
     if leaf.key_usage is not None and KU_DIGITAL_SIGNATURE not in leaf.key_usage:
-        raise Untrusted("certificate key usage lacks digitalSignature")
+        raise Untrusted("certificate key usage lacks digitalSignature", "bad-key-usage")
+    if path is not None:
+        path.extend(walked)
+        path.append(anchor)
     return leaf

@@ -111,7 +111,7 @@ def test_bridge_bad_input_on_the_wire(board, ca):
     csr = x509.load_der_x509_csr(der_csr)
     other = ec.generate_private_key(ec.SECP256R1())
     right = issue(ca_cert, ca_key, csr.public_key())
-    for payload, code in ((der(issue(ca_cert, ca_key, other.public_key())), "4.09"), (b"\x30\x03abc", "4.00"),
+    for payload, code in ((der(issue(ca_cert, ca_key, other.public_key())), "4.03"), (b"\x30\x03abc", "4.00"),
                           (der(right)[:-20], "4.00")):
         with pytest.raises(cli_mpy.BoardError) as ei:
             link.call("CERT", payload)

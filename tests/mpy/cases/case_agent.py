@@ -3,7 +3,7 @@ import os
 
 from mpy import csr, store, x509
 from mpy.agent import Agent
-from mpy.errors import BadInput, StorageError, Untrusted, WrongKey
+from mpy.errors import BadInput, Conflict, StorageError, Untrusted, WrongKey
 from util import fresh_dir, raises, read
 
 
@@ -66,9 +66,12 @@ def test_bad_input_stores_nothing(ctx):
 
 def test_no_anchor_or_no_pending(ctx):
     a, st = _agent(ctx, "noca", ca=None)
-    raises(Untrusted, a.install, read(ctx, "leaf_ec.der"))
+    assert raises(Conflict, a.install, read(ctx, "leaf_ec.der")).reason == "no-trust-anchor"
     b, st = _agent(ctx, "nopend", with_key=False)
-    raises(WrongKey, b.install, read(ctx, "leaf_ec.der"))
+    e = raises(Conflict, b.install, read(ctx, "leaf_ec.der"))
+    assert (e.code, e.reason) == ("4.09", "no-pending-key")
+    e = raises(WrongKey, _agent(ctx, "other")[0].install, read(ctx, "leaf_other.der"))
+    assert (e.code, e.reason) == ("4.03", "key-mismatch")
 
 
 def test_trust_anchor_first_use_only(ctx):

@@ -1,6 +1,7 @@
 """Wire formats: CBOR, serial frames (garbage, CRC errors, resync), the serial request handler, and the
 CoAP resources with HMAC authentication (good, forged, replayed, wrong format, bad certificates)."""
 import json
+import os
 
 from mpy import cbor, coap, frame, serial_agent, store
 from mpy.agent import Agent
@@ -88,8 +89,12 @@ def test_serial_handler(ctx):
     assert ("ERR", 0) in kinds  # the corrupt frame
     csr_reply = [p for k, s, p in res if s == 2][0]
     assert csr_reply[:1] == b"\x30"
-    codes = dict((s, json.loads(p)["code"]) for k, s, p in res if k == "ERR" and s)
-    assert codes == {3: "4.00", 4: "4.09", 5: "4.00", 6: "4.00", 7: "4.03"}, codes
+    errs = dict((s, json.loads(p)) for k, s, p in res if k == "ERR" and s)
+    codes = dict((s, e["code"]) for s, e in errs.items())
+    assert codes == {3: "4.00", 4: "4.03", 5: "4.00", 6: "4.00", 7: "4.03"}, codes
+    # the same reason codes as the CoAP diagnostics
+    assert errs[3]["error"] == "malformed-certificate" and errs[4]["error"] == "key-mismatch", errs
+    assert "another key" in errs[4]["message"] or "pending key" in errs[4]["message"], errs[4]
     assert st.credential() is None
 
 
@@ -100,12 +105,12 @@ def _req(path, payload, cf, counter, secret=SECRET, dev="dev-1"):
 def test_coap_csr_and_auth(ctx):
     a, st = _agent(ctx, "coap")
     srv = coap.Server(a, SECRET, "dev-1")
-    dg, tag = _req("csr", cbor.dumps({"cn": "dev-1", "serial": "SN1"}), 60, 100)
+    dg, tag = _req("csr", cbor.dumps({"subject": "CN=dev-1,serialNumber=SN1"}), 60, 100)
     m = coap.check_response(SECRET, srv.handle(dg, "p"), tag)
     assert coap.code_str(m.code) == "2.04" and m.content_format() == 286 and m.payload[:1] == b"\x30"
     assert srv.handle(dg, "p") == srv.handle(dg, "p")  # CON retransmission: same answer, not a replay error
     # replay from another peer, stale counter, forged tag, wrong secret, wrong device id, no auth
-    for d in (_req("csr", cbor.dumps({"cn": "dev-1", "serial": "SN1"}), 60, 100)[0],
+    for d in (_req("csr", cbor.dumps({"subject": "CN=dev-1,serialNumber=SN1"}), 60, 100)[0],
               _req("csr", b"\xa0", 60, 50)[0], _req("csr", b"\xa0", 60, 101, secret=b"x" * 32)[0],
               _req("csr", b"\xa0", 60, 102, dev="dev-2")[0],
               coap.encode(coap.Message(coap.CON, coap.POST, 9, b"", [(11, b"csr")], b"\xa0"))):
@@ -136,13 +141,17 @@ def test_coap_verify_codes(ctx):
         return coap.code_str(m.code), m
 
     assert call("verify", read(ctx, "leaf_ec.der")[:50], 287)[0] == "4.00"
-    assert call("verify", read(ctx, "leaf_other.der"), 287)[0] == "4.09"
+    code, m = call("verify", read(ctx, "leaf_other.der"), 287)
+    assert code == "4.03" and coap.diagnostic(m)[0] == "key-mismatch", coap.diagnostic(m)
+    assert m.content_format() == 60
     assert call("verify", read(ctx, "leaf_rsa.der"), 287)[0] == "4.03"
     assert call("verify", read(ctx, "leaf_ec.der"), 60)[0] == "4.15"
     assert call("csr", b"\xff\xff", 60)[0] == "4.00"
     assert call("nope", b"", None)[0] == "4.04"
     code, m = call("verify", read(ctx, "leaf_ec.der"), 287)
-    assert st.credential() is not None and code == "2.04" and cbor.loads(m.payload)["gen"] == 1
+    ans = cbor.loads(m.payload)
+    assert st.credential() is not None and code == "2.04" and ans["version"] == 1 and ans["stored"] == "ldevid"
+    assert sorted(ans) == ["not_after", "stored", "verify_us", "version"] and ans["not_after"] > 1700000000
     # counter persisted: a new server instance (reboot) still refuses the old counter
     srv2 = coap.Server(a, SECRET, "dev-1")
     dg, _ = _req("csr", b"\xa0", 60, n[0])
@@ -159,7 +168,7 @@ def test_coap_garbage_never_crashes(ctx):
 
     a, st = _agent(ctx, "coapfuzz")
     srv = coap.Server(a, SECRET, "dev-1")
-    good, _ = _req("csr", cbor.dumps({"cn": "dev-1"}), 60, 10)
+    good, _ = _req("csr", cbor.dumps({"subject": "CN=dev-1"}), 60, 10)
     rnd = compat.urandom(2000)
     for i in range(120):
         if i % 2:
@@ -176,3 +185,85 @@ def test_coap_garbage_never_crashes(ctx):
         coap.encode(coap.Message(coap.CON, coap.POST, 5, b"", [(11, b"\xff\xfe"),
                                                               (coap.AUTH_OPTION, b"\x01" + bytes(40))], b"")),
         "f")).code) == "4.00"
+
+
+def test_coap_shared_schema(ctx):
+    """The /csr schema of `devagent serve` (docs/coap.md): accepted fields, refusals with the same
+    {"error", "message"} diagnostic, and the announced-CA check at /verify."""
+    a, st = _agent(ctx, "schema")
+    srv = coap.Server(a, SECRET, "dev-1")
+    n = [300]
+
+    def call(path, payload, cf):
+        n[0] += 1
+        dg, tag = _req(path, payload, cf, n[0])
+        m = coap.check_response(SECRET, srv.handle(dg, "p"), tag)
+        return coap.code_str(m.code), m
+
+    def refused(req, want_code, want_reason, word):
+        before = sorted(os.listdir(st.root))
+        code, m = call("csr", cbor.dumps(req), 60)
+        reason, msg = coap.diagnostic(m)
+        assert (code, reason) == (want_code, want_reason) and word in msg, (req, code, reason, msg)
+        assert m.content_format() == 60
+        assert [f for f in sorted(os.listdir(st.root)) if not f.startswith("ctr.")] == \
+            [f for f in before if not f.startswith("ctr.")], req  # nothing stored but the counter
+
+    refused({"subject": "CN=dev-1,O=Plant"}, "4.00", "bad-subject", "O is not supported")
+    refused({"subject": "CN=a+serialNumber=1"}, "4.00", "bad-subject", "multi-valued")
+    refused({"key_type": "rsa2048"}, "4.00", "unknown-key-type", "rsa2048")
+    refused({"cn": "dev-1"}, "4.00", "schema", "cn")
+    refused({"san": ["ftp:x"]}, "4.00", "bad-san", "ftp:x")
+    refused({"san": ["ip:::1"]}, "4.00", "bad-san", "IPv4")
+    refused({"san": "dns:x"}, "4.00", "schema", "san")
+    refused({"name": "tls"}, "4.00", "bad-name", "ldevid")
+    refused({"subject": 5}, "4.00", "schema", "subject")
+    refused({"ca": [b"garbage"]}, "4.00", "malformed-ca", "entry 0")
+    refused({"ca": [read(ctx, "leaf_ec.der")]}, "4.00", "malformed-ca", "not a CA")
+    code, m = call("csr", b"\xa1", 60)
+    assert (code, coap.diagnostic(m)[0]) == ("4.00", "malformed-cbor")
+    code, m = call("csr", cbor.dumps({}), 0)
+    assert (code, coap.diagnostic(m)[0]) == ("4.15", "unsupported-content-format")
+    # every field at once: accepted; profile is for the CLM; domain is free when the board has none set
+    req = {"subject": "serialNumber=SN1,CN=dev-1", "san": ["dns:dev-1.plant", "ip:10.0.0.5", "uri:urn:x:1",
+                                                          "email:a@b.c"],
+           "key_type": "p256", "name": "ldevid", "domain": "plant", "profile": "ldevid",
+           "ca": [read(ctx, "ca_rsa.der")]}
+    code, m = call("csr", cbor.dumps(req), 60)
+    assert code == "2.04" and m.content_format() == 286 and m.payload[:1] == b"\x30", coap.diagnostic(m)
+    assert m.opt(coap.TIMING_OPTION)  # the board's own time, as devagent serve reports it
+    # the pending key is the vector key, so cryptography's leaf_ec matches it; but the CLM announced the RSA
+    # CA and the path runs through the EC anchor: refused, nothing stored
+    st.put("pending", read(ctx, "dev.key"))
+    a._pending = None
+    code, m = call("verify", read(ctx, "leaf_ec.der"), 287)
+    assert (code, coap.diagnostic(m)[0]) == ("4.03", "unexpected-ca"), coap.diagnostic(m)
+    assert st.credential() is None
+    # announcing the right CA: accepted
+    code, m = call("csr", cbor.dumps({"ca": [read(ctx, "ca_ec.der")]}), 60)
+    assert code == "2.04"
+    code, m = call("verify", read(ctx, "leaf_ec.der"), 287)
+    assert code == "2.04" and cbor.loads(m.payload)["version"] == 1, coap.diagnostic(m)
+    assert not st.latest("pendca") and not st.latest("pending")
+    # a board configured for one domain refuses another with the serve reason
+    b = Agent(st, {"device_id": "dev-1", "domain": "plant"})
+    e = raises(Exception, b.csr_request, {"domain": "other"})
+    assert (e.code, e.reason) == ("4.09", "no-trust-anchor") and "other" in str(e)
+    # no trust anchor at all: 4.09 no-trust-anchor
+    c = Agent(store.Store(fresh_dir(ctx["out"] + "/schema-noca")), {"device_id": "dev-1"})
+    e = raises(Exception, c.csr_request, {})
+    assert (e.code, e.reason) == ("4.09", "no-trust-anchor")
+
+
+def test_coap_transport_limits(ctx):
+    a, st = _agent(ctx, "limits")
+    srv = coap.Server(a, SECRET, "dev-1")
+    dg, _ = _req("csr", b"", None, 400)
+    out = srv.handle(dg[:4] + b"\xb3csr" + b"\xd1\x0b\x0e" + dg[8:], "p")  # noise: must not crash
+    assert out is None or coap.decode(out).code >> 5 in (4, 5)
+    blk = coap.encode(coap.Message(coap.CON, coap.POST, 7, b"", [(11, b"verify"), (27, b"\x0e")], b"x"))
+    m = coap.decode(srv.handle(blk, "p"))
+    assert coap.code_str(m.code) == "4.02" and "block-wise" in coap.diagnostic(m)[1]
+    big, _ = _req("verify", b"\x30" * (coap.MAX_DATAGRAM + 10), 287, 401)
+    m = coap.decode(srv.handle(big, "p"))
+    assert (coap.code_str(m.code), coap.diagnostic(m)[0]) == ("4.13", "too-large")
