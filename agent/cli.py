@@ -43,19 +43,12 @@ LAZY_HELP = {
 }
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get("DEVAGENT_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/devagent")
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "devagent"
-
-
 @dataclasses.dataclass
 class App:
-    state_dir: Path
+    # ``state_dir`` is the --state-dir option (None: not given); reading ``app.state_dir`` gives the effective
+    # keystore directory (the property below): --state-dir > DEVAGENT_STATE_DIR > config file [keystore] path >
+    # board profile > default, resolved by agent.config like every other key, and only when a command needs it.
+    state_dir: Path | None = None
     json: bool = False
     verbose: bool = False
     config_path: str | None = None
@@ -87,14 +80,35 @@ class App:
             from agent import config as config_mod
 
             overrides = {"profile": self.board_profile} if self.board_profile else {}
+            overrides.update(self.state_dir_override())
             self._config = config_mod.load_config(overrides, config_path=self.config_path)
         return self._config
+
+    def state_dir_override(self) -> dict:
+        """``{"keystore.path": DIR}`` when --state-dir was given (the command-line layer), else {}."""
+        opt = self.__dict__.get("_state_dir_option")
+        return {"keystore.path": str(Path(opt).absolute())} if opt is not None else {}
 
     def out(self, data, text: str | None = None) -> None:
         if self.json:
             click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         elif text is not None:
             click.echo(text)
+
+
+def _get_state_dir(self) -> Path:
+    opt = self.__dict__.get("_state_dir_option")
+    if opt is not None:
+        return Path(opt)
+    return Path(self.config().keystore_path)
+
+
+def _set_state_dir(self, value) -> None:
+    self.__dict__["_state_dir_option"] = value
+
+
+# Installed after @dataclass has read the field's default, so App(state_dir=...) still works.
+App.state_dir = property(_get_state_dir, _set_state_dir, doc="effective keystore directory (see App)")
 
 
 class LazyGroup(click.Group):
@@ -174,7 +188,8 @@ def classify(e: BaseException) -> tuple[int, str]:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keystore directory [default: $DEVAGENT_STATE_DIR, /var/lib/devagent as root, else XDG data dir].")
+              help="Keystore directory [default: $DEVAGENT_STATE_DIR, else [keystore] path of the config file, "
+                   "else the board profile's (/var/lib/devagent; as non-root the XDG data dir)].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, see README).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
 @click.option("--config", "config_path", default=None, envvar="DEVAGENT_CONFIG",
@@ -189,7 +204,7 @@ def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
     if not verbose:  # per-request lines of HTTP/CoAP libraries are debugging noise for an operator
         for noisy in ("httpx", "httpcore", "coap", "aiocoap"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    ctx.obj = App(state_dir=state_dir or default_state_dir(), json=as_json, verbose=verbose,
+    ctx.obj = App(state_dir=state_dir, json=as_json, verbose=verbose,
                   config_path=config_path, board_profile=board_profile)
 
 

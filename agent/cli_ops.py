@@ -40,7 +40,8 @@ def _config(app, sets: dict):
     overrides = dict(sets)
     if getattr(app, "board_profile", None):
         overrides.setdefault("profile", app.board_profile)
-    overrides.setdefault("keystore.path", str(app.state_dir))
+    for k, v in app.state_dir_override().items():  # --state-dir is the command-line layer of keystore.path
+        overrides.setdefault(k, v)
     return load_config(overrides, config_path=getattr(app, "config_path", None))
 
 

@@ -328,8 +328,15 @@ def _credential_policies(table: Any, where: str) -> tuple[CredentialPolicy, ...]
     return tuple(out)
 
 
+def user_state_dir(env: Mapping[str, str]) -> str:
+    """The per-user keystore directory of a non-root user: ``$XDG_DATA_HOME/devagent`` (~/.local/share/devagent)."""
+    base = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "devagent")
+
+
 def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-                config_path: str | os.PathLike | None = None, profile_root: str | os.PathLike = "/") -> Config:
+                config_path: str | os.PathLike | None = None, profile_root: str | os.PathLike = "/",
+                euid: int | None = None) -> Config:
     """Build the effective configuration.
 
     Args:
@@ -338,6 +345,12 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
         config_path: the file (default ``$DEVAGENT_CONFIG`` or /etc/devagent/agent.toml; a missing default file is
             fine, a missing explicit one is an error).
         profile_root: where board detection looks for /proc and /dev (tests fake a board there).
+        euid: the effective user id (default ``os.geteuid()``). ``keystore.path`` (the state directory) follows the
+            same precedence as every key (``--state-dir`` is its command-line form, ``DEVAGENT_STATE_DIR`` an alias
+            of ``DEVAGENT_KEYSTORE_PATH`` that wins over it), except that for a non-root user a path that only the
+            board profile or the built-in default names (the system service's /var/lib/devagent) is replaced by
+            the per-user directory (``user_state_dir``). Relative paths from the command line or the
+            environment are taken relative to the working directory; in a file or profile they are an error.
     Raises:
         ConfigError: a bad value or unknown key, naming where it came from; BoardProfileError is wrapped.
     """
@@ -384,6 +397,10 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
             continue
         name = ENV_ALIASES.get(var) or next((k.name for k in KEYS if k.env == var), None)
         if name is not None:
+            if var in ENV_ALIASES and not raw:
+                continue  # DEVAGENT_STATE_DIR= (set but empty) counts as unset, as it always did
+            if name in env_vals and env_vals[name][0] in ENV_ALIASES:
+                continue  # the alias (DEVAGENT_STATE_DIR) wins over DEVAGENT_KEYSTORE_PATH
             env_vals[name] = (var, coerce(KEY_BY_NAME[name], raw, f"environment {var}"))
 
     cli_vals: dict[str, Any] = {}
@@ -442,8 +459,17 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
     if fp and not (fp.startswith("sha256:") and len(fp) == 71 and all(c in "0123456789abcdefABCDEF" for c in fp[7:])):
         raise ConfigError(f"ca.fingerprint ({sources['ca.fingerprint']}): {fp!r} must be sha256: followed by 64 hex "
                           "digits (openssl x509 -noout -fingerprint -sha256, without the colons)")
-    if not os.path.isabs(vals["keystore.path"]):
-        raise ConfigError(f"keystore.path ({sources['keystore.path']}): {vals['keystore.path']!r} must be absolute")
+    ks_src = sources["keystore.path"]
+    if not vals["keystore.path"]:
+        raise ConfigError(f"keystore.path ({ks_src}): must not be empty")
+    if (euid if euid is not None else os.geteuid()) != 0 and (ks_src == "default" or ks_src.startswith("profile ")):
+        # A profile names the system service's directory; a user without root keeps a keystore of their own.
+        vals["keystore.path"], sources["keystore.path"] = user_state_dir(env), f"default for a non-root user ({ks_src})"
+    elif not os.path.isabs(vals["keystore.path"]):
+        if ks_src == "command line" or ks_src.startswith("environment "):
+            vals["keystore.path"] = os.path.abspath(vals["keystore.path"])
+        else:
+            raise ConfigError(f"keystore.path ({ks_src}): {vals['keystore.path']!r} must be absolute")
 
     def sect(cls, section):
         return cls(**{f.name: vals[f"{section}.{f.name}"] for f in dataclasses.fields(cls)})
