@@ -1,0 +1,475 @@
+"""The enrollment suite once per key backend: software, TPM 2.0 (swtpm) and PKCS#11 (SoftHSM2).
+
+For each backend a key generated *in that backend* goes through the production code paths against real peers:
+
+- CMP ``ir`` + ``certConf`` against OpenSSL's ``openssl cmp`` mock server (in a network namespace), CMP signature
+  protection with the backend key (zero-touch ``ir`` signed by an IDevID whose key is in the backend, ``kur`` and
+  ``rr`` signed by the current certificate's key), and a rekey the mock server answers with its fixed certificate
+  (must be rejected, nothing stored, the new backend key destroyed);
+- the same lifecycle against the lab CMP server: ``ir``/``certConf``, ``cr`` signed by the LDevID, ``kur`` with
+  rekey signed by the hardware-held current key, ``rr``, delete;
+- EST ``simpleenroll`` with HTTP Basic and ``simplereenroll`` against the lab EST server; with a TPM/PKCS#11 key the
+  TLS client certificate is a documented limitation: the renewal must fail with the client's clear error and
+  store nothing;
+- CoAP ``/csr`` + ``/verify`` through the real device service with its keys in the backend.
+
+Every issued certificate is checked independently (``openssl verify``), and its public key is checked against the
+key as the *peer* holds it: the TPM loads the blob over its own connection, the token's public-key object, or the
+software key file. Deletion is checked on the peer too (blob gone, token objects gone).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from agent import lifecycle
+from agent.lab.ca import LabCA
+from agent.lab.cmp_server import start_cmp_server
+from enroll_clients.base import CertRequest, ClientAuth, EnrollError, EnrollOptions
+from enroll_clients.cmp import CallableTransport, CmpClient, HttpTransport
+from enroll_clients.cmp import asn1 as A
+from enroll_clients.cmp import client_from_options as cmp_client
+from enroll_clients.cmp.errors import KeyMismatchError
+from keystore.csr import parse_san, parse_subject
+from keystore.store import Keystore
+from tests.conftest import snapshot
+from tests.peers import openssl_cmp as O
+from tests.peers.est import EST_PASSWORD, EST_USER, est_lab, est_server  # noqa: F401  (pytest fixtures)
+from tests.peers.pkcs11 import softhsm  # noqa: F401  (pytest fixture)
+from tests.peers.tpm import swtpm  # noqa: F401  (pytest fixture)
+
+pytestmark = pytest.mark.peer
+
+BACKENDS = ("soft", "tpm", "pkcs11")
+LAB_REF, LAB_SECRET = b"hw-ref", b"hw-secret"
+SUBJECT = parse_subject("CN=device-0001,O=devagent test")
+HW_TLS_LIMITATION = "non-exportable (TPM/PKCS#11) key is not supported"
+
+
+# ---- the backend under test and its peer ---------------------------------------------------------------
+@dataclasses.dataclass
+class Hw:
+    """A keystore whose new keys go to ``backend``, and independent access to the peer holding them."""
+
+    backend: str
+    ks: Keystore
+    options: dict
+    peer: object  # SwtpmServer | SoftHsmToken | None
+
+    @property
+    def hardware(self) -> bool:
+        return self.backend != "soft"
+
+    def peer_public_key(self, uri: str):
+        """The key's public half as the peer itself reports it (not through the keystore's backend object)."""
+        scheme, _, rest = uri.partition(":")
+        assert scheme == {"soft": "file", "tpm": "tpm", "pkcs11": "pkcs11"}[self.backend], uri
+        if scheme == "file":
+            from keystore.backends.soft import Backend
+
+            return Backend(self.ks.backend("soft").ctx).load(uri).public_key()
+        if scheme == "tpm":
+            from tpm2_pytss.internal.crypto import public_to_key
+            from tpm2_pytss.tsskey import TSSPrivKey
+
+            tss = TSSPrivKey.from_pem(self.blob(uri).read_bytes())
+            ectx = self.peer.esapi()
+            try:
+                tr = tss.load(ectx)  # the TPM accepts the blob: the key lives in this TPM
+                try:
+                    public, _, _ = ectx.read_public(tr)
+                finally:
+                    ectx.flush_context(tr)
+            finally:
+                ectx.close()
+            return public_to_key(public.publicArea)
+        objs = self.token_objects(uri)
+        assert sorted(o[0] for o in objs) == ["PRIVATE_KEY", "PUBLIC_KEY"], objs
+        priv = dict(objs)["PRIVATE_KEY"]
+        assert priv["extractable"] is False and priv["sensitive"] is True, priv
+        return dict(objs)["PUBLIC_KEY"]["public"]
+
+    def blob(self, uri: str) -> Path:
+        return self.ks.root / "tpm" / f"{uri.split('/', 1)[1]}.tss"
+
+    def token_objects(self, uri: str) -> list:
+        """(class, attributes) of every token object carrying the URI's CKA_ID, read in a session of our own."""
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, ObjectClass
+        from pkcs11.util.ec import encode_ec_public_key
+
+        from keystore.backends.pkcs11 import parse_uri
+
+        key_id = parse_uri(uri)["id"]
+        tok = pkcs11.lib(self.peer.module).get_token(token_label=self.peer.label)
+        try:
+            session = tok.open(user_pin=self.peer.pin)
+        except pkcs11.UserAlreadyLoggedIn:  # login state is per process: the backend's session holds it
+            session = tok.open()
+        out = []
+        with session as s:
+            for o in s.get_objects({Attribute.ID: key_id}):
+                if o.object_class == ObjectClass.PRIVATE_KEY:
+                    out.append(("PRIVATE_KEY", {"extractable": o[Attribute.EXTRACTABLE],
+                                                "sensitive": o[Attribute.SENSITIVE]}))
+                elif o.object_class == ObjectClass.PUBLIC_KEY and o.key_type == KeyType.EC:
+                    out.append(("PUBLIC_KEY", {"public": serialization.load_der_public_key(encode_ec_public_key(o))}))
+                elif o.object_class == ObjectClass.PUBLIC_KEY:
+                    n = int.from_bytes(o[Attribute.MODULUS], "big")
+                    e = int.from_bytes(o[Attribute.PUBLIC_EXPONENT], "big")
+                    out.append(("PUBLIC_KEY", {"public": rsa.RSAPublicNumbers(e, n).public_key()}))
+                else:
+                    out.append((o.object_class.name, {}))
+        return out
+
+    def key_exists(self, uri: str) -> bool:
+        """Whether the peer still holds the key (file / blob, or any token object with its CKA_ID)."""
+        scheme, _, rest = uri.partition(":")
+        if scheme == "file":
+            return (self.ks.root / rest).exists()
+        if scheme == "tpm":
+            return self.blob(uri).exists()
+        return bool(self.token_objects(uri))
+
+
+@pytest.fixture(params=BACKENDS)
+def hw(request, tmp_path):
+    backend = request.param
+    peer, options = None, {}
+    if backend == "tpm":
+        peer = request.getfixturevalue("swtpm")
+        peer.flush_all()
+        options = {"tpm": dict(peer.options)}
+    elif backend == "pkcs11":
+        peer = request.getfixturevalue("softhsm")
+        options = {"pkcs11": dict(peer.options)}
+    ks = Keystore.init(tmp_path / "ks", backend_options=options)
+    env = Hw(backend, ks, options, peer)
+    yield env
+    # A failed test must not leave keys on the shared token/TPM for the next one.
+    for cred in ks.list():
+        ks.delete(cred.name, force=True)
+    for rec in ks.pending_keys():
+        ks.discard_key(rec["uri"])
+    ks.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return LabCA.create(tmp_path_factory.mktemp("hwlab"), domains=("plant", "mfg"))
+
+
+@pytest.fixture(scope="module")
+def lab_cmp(lab):
+    """The lab CMP server with explicit confirmation (ir -> ip -> certConf -> pkiConf)."""
+    srv = start_cmp_server(lab, "plant", secrets={LAB_REF: LAB_SECRET}, client_cas=(lab.domain("mfg").root_cert,),
+                           grant_implicit_confirm=False)
+    yield srv
+    srv.stop()
+
+
+# ---- independent checks ------------------------------------------------------------------------------
+def openssl_verify(tmp_path: Path, cert: x509.Certificate, root: x509.Certificate, untrusted=(),
+                   purpose: str | None = "sslclient", strict: bool = True) -> None:
+    """``openssl verify`` (an independent implementation) must accept the certificate against the root."""
+    pem = serialization.Encoding.PEM
+    d = tmp_path / f"verify-{cert.serial_number:x}"
+    d.mkdir()
+    (d / "root.pem").write_bytes(root.public_bytes(pem))
+    (d / "cert.pem").write_bytes(cert.public_bytes(pem))
+    # -x509_strict only for the lab CA's certificates: the mock server's test PKI omits AKI on purpose-free certs
+    args = ["openssl", "verify", "-CAfile", str(d / "root.pem")] + (["-x509_strict"] if strict else [])
+    if purpose:
+        args += ["-purpose", purpose]
+    if untrusted:
+        (d / "chain.pem").write_bytes(b"".join(c.public_bytes(pem) for c in untrusted))
+        args += ["-untrusted", str(d / "chain.pem")]
+    r = subprocess.run(args + [str(d / "cert.pem")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith(": OK"), r.stdout + r.stderr
+
+
+def assert_key_is_backends(hw: Hw, cert: x509.Certificate, uri: str) -> None:
+    """The certificate certifies the key the peer holds, and that key (signing in the backend) matches it."""
+    assert uri.partition(":")[0] == {"soft": "file", "tpm": "tpm", "pkcs11": "pkcs11"}[hw.backend]
+    assert cert.public_key() == hw.peer_public_key(uri)
+    key = hw.ks.private_key(uri)
+    challenge = b"proof of possession " + uri.encode()
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        cert.public_key().verify(key.sign(challenge, ec.ECDSA(hashes.SHA256())), challenge, ec.ECDSA(hashes.SHA256()))
+    else:
+        assert isinstance(key, rsa.RSAPrivateKey)
+        cert.public_key().verify(key.sign(challenge, padding.PKCS1v15(), hashes.SHA256()), challenge,
+                                 padding.PKCS1v15(), hashes.SHA256())
+
+
+# ---- CMP against OpenSSL's mock server ----------------------------------------------------------------
+class NetnsLoop:
+    """An event loop on a thread inside the mock server's network namespace.
+
+    Only the HTTP exchange runs there (the production ``HttpTransport``); the lifecycle, keystore and key backends
+    stay in the test's namespace, where swtpm listens (the swtpm TCTI may reconnect per command).
+    """
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.error: BaseException | None = None
+
+        def run():
+            try:
+                O._setns(pid)
+            except BaseException as e:  # reported by the caller
+                self.error = e
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True, name=f"netns-loop-{pid}")
+        self.thread.start()
+        ready.wait(10)
+        if self.error is not None:
+            raise self.error
+
+    async def call(self, coro):
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def recording_client(srv, anchors, netns: NetnsLoop):
+    """A CmpClient whose messages go over the real HTTP transport (in the mock server's namespace); it records
+    the body type of every request it sends."""
+    sent: list[str] = []
+    http = HttpTransport(srv.url, timeout_s=10, retries=0)
+
+    async def fwd(der):
+        sent.append(A.der_decode(der, A.PKIMessage())["body"].getName())
+        return await netns.call(http.exchange(der))
+
+    return CmpClient(CallableTransport(fwd), trust_anchors=tuple(anchors)), http, sent
+
+
+def test_cmp_openssl_mock_server(hw, tmp_path):
+    O.require_tools()
+    ks = hw.ks
+    pki = O.make_pki(tmp_path / "pki")
+    # The mock server answers every request with one fixed certificate: make it (and the IDevID) for keys that
+    # were generated in the backend under test, as a CA would certify them.
+    uri = ks.generate_key("p256", backend=hw.backend, label="ldevid-cmp")
+    idev_uri = ks.generate_key("p256", backend=hw.backend, label="idevid")
+    device_cert = O._cert(O._name("device-0001"), ks.public_key(uri), pki.root.subject, pki.root_key,
+                          eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    idevid_cert = O._cert(O._name("device-0001 IDevID"), ks.public_key(idev_uri), pki.idevid_ca.subject,
+                          pki.idevid_ca_key, days=3650)
+    O._write_cert(tmp_path / "pki" / "device_cert.pem", device_cert)
+    ks.import_idevid("idevid", idevid_cert, [pki.idevid_ca], key_uri=idev_uri, source="factory")
+    ks.add_trust_anchors("cmp", [pki.root], source="test")
+    mac = ClientAuth(reference=O.REF.encode(), secret=O.SECRET.encode())
+
+    with O.MockServer(pki, signed=True) as srv:
+        netns = NetnsLoop(srv.pid)
+
+        async def flow():
+            client, http, sent = recording_client(srv, [pki.root], netns)
+            try:
+                # ir (MAC) + certConf, POP signed in the backend
+                cred = await lifecycle.enroll(ks, client, name="ldevid-cmp", domain="cmp", subject=SUBJECT,
+                                              key=lifecycle.KeySpec(key_uri=uri), auth=mac)
+                steps = {"ir": list(sent)}
+                # zero-touch ir: the message signature is made by the IDevID key in the backend
+                sent.clear()
+                idev = ks.get("idevid")
+                r = await client.enroll(
+                    CertRequest(SUBJECT, ks.private_key(uri)),
+                    ClientAuth(certificate=idev.certificate, private_key=ks.private_key(idev_uri), chain=idev.chain))
+                steps["ir-idevid"] = (list(sent), r.info["protection"], r.certificate == device_cert)
+                # kur signed with the current (backend-held) key; same key, since the mock's answer is fixed
+                sent.clear()
+                renewed = await lifecycle.renew(ks, "ldevid-cmp", client=client, rekey=False)
+                steps["kur"] = list(sent)
+                # a rekey: the mock server returns the old certificate, which our client must reject
+                sent.clear()
+                keys_before = {k["uri"] for k in ks.pending_keys()}
+                try:
+                    await lifecycle.renew(ks, "ldevid-cmp", client=client, rekey=True)
+                except KeyMismatchError as e:
+                    steps["rekey-error"] = str(e)
+                steps["rekey"] = list(sent)
+                steps["pending-after-rekey"] = {k["uri"] for k in ks.pending_keys()} - keys_before
+                # rr signed with the current key
+                sent.clear()
+                await lifecycle.revoke(ks, "ldevid-cmp", client=client, reason="superseded")
+                steps["rr"] = list(sent)
+                return cred, renewed, steps
+            finally:
+                await netns.call(http.aclose())
+
+        try:
+            cred, renewed, steps = asyncio.run(flow())
+        finally:
+            netns.close()
+        log = srv.log()
+
+    assert steps["ir"] == ["ir", "certConf"], log
+    assert steps["ir-idevid"] == (["ir", "certConf"], "signature", True), log
+    assert steps["kur"] == ["kur", "certConf"], log
+    assert "public key mismatch" in steps["rekey-error"] and steps["rekey"] == ["kur", "certConf"]
+    assert steps["pending-after-rekey"] == set()
+    assert steps["rr"] == ["rr"], log
+    assert cred.key_uri == uri and cred.certificate == device_cert and renewed.key_uri == uri
+    assert ks.get("ldevid-cmp").version == renewed.version  # the rejected rekey stored nothing
+    assert ks.get("ldevid-cmp").record["meta"].get("revoked") == "superseded"
+    openssl_verify(tmp_path, cred.certificate, pki.root, strict=False)
+    openssl_verify(tmp_path, idevid_cert, pki.idevid_ca, purpose=None, strict=False)
+    assert_key_is_backends(hw, cred.certificate, uri)
+    assert_key_is_backends(hw, idevid_cert, idev_uri)
+    # Only the two keys we made exist: the rejected rekey's key was destroyed on the peer.
+    assert sorted(r["uri"] for r in ks._table("keys").all()) == sorted([uri, idev_uri])
+    ks.delete("ldevid-cmp")
+    assert not hw.key_exists(uri)
+    ks.delete("idevid", force=True)
+    assert not hw.key_exists(idev_uri)
+
+
+# ---- CMP against the lab CMP server: the whole lifecycle -----------------------------------------------
+@pytest.mark.parametrize("key_type", ["p256", "rsa2048"])
+def test_cmp_lab_server_lifecycle(hw, lab, lab_cmp, tmp_path, key_type):
+    ks = hw.ks
+    dom = lab.domain("plant")
+    ks.add_trust_anchors("plant", [dom.root_cert], source="test")
+    opts = EnrollOptions(server=lab_cmp.url, trust_anchors=(dom.root_cert,), timeout_s=10)
+    mac = ClientAuth(reference=LAB_REF, secret=LAB_SECRET)
+    before = len(lab_cmp.core.requests)
+
+    async def flow():
+        client = cmp_client(opts)
+        try:
+            ldevid = await lifecycle.enroll(
+                ks, client, name="ldevid-plant", domain="plant", subject=parse_subject(f"CN=dev-{hw.backend}"),
+                sans=[parse_san("dns:dev.plant.example")], key=lifecycle.KeySpec(key_type, hw.backend), auth=mac)
+            app = await lifecycle.request(ks, client, name="opcua", domain="plant", subject=parse_subject("CN=opc"),
+                                          key=lifecycle.KeySpec(key_type, hw.backend))
+            renewed = await lifecycle.renew(ks, "ldevid-plant", client=client, rekey=True)
+            await lifecycle.revoke(ks, "opcua", client=client, reason="cessationOfOperation")
+            return ldevid, app, renewed
+        finally:
+            await client.aclose()
+
+    ldevid, app, renewed = asyncio.run(flow())
+    assert lab_cmp.core.requests[before:] == ["ir", "certConf", "cr", "certConf", "kur", "certConf", "rr"]
+    for cred in (ldevid, app, renewed):
+        assert cred.key_type == key_type
+        assert lab.issued("plant", cred.certificate.serial_number) == cred.certificate
+        openssl_verify(tmp_path, cred.certificate, dom.root_cert, [dom.ca_cert])
+        if cred is not ldevid:  # the superseded LDevID key was destroyed once the renewal was live
+            assert_key_is_backends(hw, cred.certificate, cred.key_uri)
+    assert renewed.version == 2 and renewed.key_uri != ldevid.key_uri
+    assert renewed.certificate.subject == ldevid.certificate.subject
+    assert not hw.key_exists(ldevid.key_uri), "rekey: the old key must be gone from the peer"
+    assert lab.is_revoked(app.certificate.serial_number)
+    assert not lab.is_revoked(renewed.certificate.serial_number)
+    assert ks.pending_keys() == [] and ks.check() == []
+    for name, uri in (("opcua", app.key_uri), ("ldevid-plant", renewed.key_uri)):
+        assert hw.key_exists(uri)
+        ks.delete(name)
+        assert not hw.key_exists(uri), f"delete {name}: the key must be gone from the peer"
+
+
+# ---- EST against the lab EST server -----------------------------------------------------------------------
+def test_est_enroll_and_reenroll(hw, est_lab, est_server, tmp_path):  # noqa: F811
+    from enroll_clients.est import client_from_options as est_client
+
+    ks = hw.ks
+    dom = est_lab.domain("plant")
+    ks.add_trust_anchors("plant", [dom.root_cert], source="test")
+    opts = EnrollOptions(server=est_server.url, trust_anchors=(dom.root_cert,), timeout_s=10)
+
+    async def enroll():
+        return await lifecycle.enroll(ks, est_client(opts), name="ldevid-est", domain="plant",
+                                      subject=parse_subject(f"CN=est-{hw.backend}"),
+                                      key=lifecycle.KeySpec("p256", hw.backend),
+                                      auth=ClientAuth(username=EST_USER, password=EST_PASSWORD))
+
+    async def renew():
+        return await lifecycle.renew(ks, "ldevid-est", client=est_client(opts), rekey=True)
+
+    cred = asyncio.run(enroll())
+    openssl_verify(tmp_path, cred.certificate, dom.root_cert, [dom.ca_cert])
+    assert_key_is_backends(hw, cred.certificate, cred.key_uri)
+    if not hw.hardware:
+        renewed = asyncio.run(renew())
+        assert renewed.version == 2 and renewed.key_uri != cred.key_uri
+        assert ("POST", "/.well-known/est/simplereenroll") in est_server.requests
+        openssl_verify(tmp_path, renewed.certificate, dom.root_cert, [dom.ca_cert])
+        assert_key_is_backends(hw, renewed.certificate, renewed.key_uri)
+        assert not hw.key_exists(cred.key_uri)
+        return
+    # TLS client authentication with a TPM/PKCS#11 key is a documented limitation (docs/hardware-keys.md).
+    files = {k: v for k, v in snapshot(ks.root).items() if k not in ("keystore.json", "audit.log")}
+    keys = sorted(r["uri"] for r in ks._table("keys").all())
+    with pytest.raises(EnrollError, match=r"non-exportable \(TPM/PKCS#11\) key is not supported"):
+        asyncio.run(renew())
+    assert {k: v for k, v in snapshot(ks.root).items() if k not in ("keystore.json", "audit.log")} == files
+    assert sorted(r["uri"] for r in ks._table("keys").all()) == keys, "the pending rekey key must be discarded"
+    after = ks.get("ldevid-est")
+    assert after.version == 1 and after.certificate == cred.certificate and after.key_uri == cred.key_uri
+    assert HW_TLS_LIMITATION in after.record["meta"]["last_error"]
+    assert ks.pending_keys() == []
+    assert hw.key_exists(cred.key_uri)  # the live credential's key is untouched
+    ks.delete("ldevid-est")
+    assert not hw.key_exists(cred.key_uri)
+
+
+# ---- CoAP /csr + /verify through the device service ---------------------------------------------------------
+def test_coap_csr_verify(hw, lab, tmp_path):
+    from coap_services import codec
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from tests.peers.coap import DeviceEnv, DeviceThread, coap_call, device_env
+
+    base = device_env(tmp_path / "coap", lab)
+
+    class Env(DeviceEnv):  # the device service's keystore with this backend's options
+        def keystore(self):
+            return Keystore.open(self.state, backend_options=hw.options)
+
+    env = Env(base.device_id, base.state, base.clm_dir)
+    dom = lab.domain("plant")
+
+    async def flow(dev):
+        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject="CN=coap-dev", san=("dns:coap-dev.plant",)))
+        assert csr.is_signature_valid
+        cert = lab.issue_from_csr("plant", csr)
+        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
+        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
+        return csr, cert, answer
+
+    with DeviceThread(env, key_backend=hw.backend) as dev:
+        csr, cert, answer = coap_call(dev.uri, "oscore", env.context)(flow)
+    assert answer["stored"] == "ldevid"
+    ks = env.keystore()
+    try:
+        cred = ks.get("ldevid")
+        assert cred.certificate == cert and ks.pending_keys() == []
+        assert csr.public_key() == cert.public_key()
+        openssl_verify(tmp_path, cert, dom.root_cert, [dom.ca_cert])
+        probe = Hw(hw.backend, ks, hw.options, hw.peer)
+        assert_key_is_backends(probe, cert, cred.key_uri)
+        ks.delete("ldevid")
+        assert not probe.key_exists(cred.key_uri)
+    finally:
+        ks.close()
