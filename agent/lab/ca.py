@@ -8,6 +8,7 @@ TEST-ONLY. Layout of a lab directory (all files 0600, directories 0700)::
       <domain>/ca.pem   ca.key     issuing CA (pathlen 0)
       <domain>/issued/<serial>.pem every certificate issued
       <domain>/old/...             previous generation after a rollover
+      <domain>/generations/G<n>/   every earlier generation (G1 = the original)
 
 Profiles (``profile`` argument of ``issue``): ``ldevid`` (digitalSignature, clientAuth), ``tls-client``,
 ``tls-server`` (serverAuth + clientAuth), ``opcua`` (digitalSignature, keyEncipherment, nonRepudiation,
@@ -285,14 +286,17 @@ class LabCA:
             old = self.domain(domain)
             ddir = self.dir / domain
             old_dir = ddir / "old"
-            old_dir.mkdir(mode=0o700, exist_ok=True)
-            for n in ("root.pem", "root.key", "ca.pem", "ca.key"):
-                _write(old_dir / n, (ddir / n).read_bytes())
+            gens = self._state.setdefault("generations", {})
+            gen = int(gens.get(domain, 1)) + 1
+            for d in (old_dir, ddir / "generations" / f"G{gen - 1}"):  # old/ = previous; generations/ = all
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                for n in ("root.pem", "root.key", "ca.pem", "ca.key"):
+                    _write(d / n, (ddir / n).read_bytes())
             new_root_key = _new_key(key_type)
-            cn = f"devagent lab root CA ({domain}) G{len(list(old_dir.glob('root*.pem'))) + 1}"
+            cn = f"devagent lab root CA ({domain}) G{gen}"
             new_root = self._make_ca_cert(cn, new_root_key, new_root_key.public_key(), None, None, 1)
             new_ca_key = _new_key(key_type)
-            new_ca = self._make_ca_cert(f"devagent lab issuing CA ({domain}) new", new_ca_key,
+            new_ca = self._make_ca_cert(f"devagent lab issuing CA ({domain}) G{gen}", new_ca_key,
                                         new_ca_key.public_key(), new_root_key, new_root, 0)
             # newWithOld: new root's key certified by the old root; oldWithNew: old key by the new root.
             new_with_old = self._cross(new_root, old.root_key, old.root_cert)
@@ -302,6 +306,8 @@ class LabCA:
             _write(ddir / "old_root.pem", old.root_cert.public_bytes(pem))
             _write(ddir / "new_with_old.pem", new_with_old.public_bytes(pem))
             _write(ddir / "old_with_new.pem", old_with_new.public_bytes(pem))
+            gens[domain] = gen
+            self._save()
             return self.domain(domain)
 
     @staticmethod
