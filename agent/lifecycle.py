@@ -69,6 +69,39 @@ def auth_for(ks: Keystore, cred: Credential) -> ClientAuth:
                       key_file=kf[0] if kf else None, key_password=kf[1] if kf else None)
 
 
+def validity_time(certificate: x509.Certificate, server_time: datetime.datetime | None,
+                  now: datetime.datetime | None = None) -> datetime.datetime | None:
+    """The time at which to check a freshly issued certificate's validity (``None``: the system clock as is).
+
+    Devices without an RTC start in 1970, and a fresh certificate must never be rejected for a clock that is
+    obviously wrong; only the validity *time* is replaced, so a certificate that is wrong for any other reason (not
+    for our key, untrusted, wrong key usage) is still rejected:
+    - the CA sent its time (CMP messageTime) and it differs from ours by more than ``CLOCK_SKEW_TOLERANCE_S``:
+      the CA's time;
+    - no CA time, and our clock reads before ``agent.policy.CLOCK_FLOOR`` (no certificate this software meets is
+      that old): the certificate's notBefore, but not before the floor, so a certificate that expired before it
+      is still rejected.
+    Each correction is logged as a warning.
+    """
+    from agent.policy import CLOCK_FLOOR
+
+    local = now or datetime.datetime.now(datetime.timezone.utc)
+    if server_time is not None:
+        skew = (local - server_time).total_seconds()
+        if abs(skew) > CLOCK_SKEW_TOLERANCE_S:
+            log.warning("local clock differs from the CA's by %.0f s; checking validity against the CA's "
+                        "time %s", skew, server_time.isoformat())
+            return server_time
+        return now
+    if local < CLOCK_FLOOR:
+        at = max(certificate.not_valid_before_utc, CLOCK_FLOOR)
+        log.warning("local clock reads %s, before %s: it was never set (no RTC/NTP?) and the CA sent no time; "
+                    "checking the new certificate's validity at %s instead; fix the clock",
+                    local.isoformat(), CLOCK_FLOOR.date().isoformat(), at.isoformat())
+        return at
+    return now
+
+
 def _new_key(ks: Keystore, spec: KeySpec, label: str, pending_for: dict):
     """Returns (key_uri, private_key, created_here)."""
     if spec.server_keygen:
@@ -105,16 +138,7 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             created = True
             ks.audit("server-keygen", name=name, domain=domain, protocol=client.protocol,
                      server=remember.get("server"))
-        eff_now = now
-        if result.server_time is not None:
-            local = now or datetime.datetime.now(datetime.timezone.utc)
-            skew = (local - result.server_time).total_seconds()
-            if abs(skew) > CLOCK_SKEW_TOLERANCE_S:
-                # Devices without an RTC: trust the CA's clock for this check rather than reject a fresh
-                # certificate because our own clock is obviously wrong.
-                log.warning("local clock differs from the CA's by %.0f s; checking validity against the CA's "
-                            "time %s", skew, result.server_time.isoformat())
-                eff_now = result.server_time
+        eff_now = validity_time(result.certificate, result.server_time, now)
         cred = ks.store_certificate(name, result.certificate, result.chain, key_uri=key_uri, kind=kind,
                                     domain=domain, profile=profile, purpose=purpose, protocol=client.protocol,
                                     server=remember.get("server"), meta={"enroll": remember, "last_success":
