@@ -473,3 +473,120 @@ def test_coap_csr_verify(hw, lab, tmp_path):
         assert not probe.key_exists(cred.key_uri)
     finally:
         ks.close()
+
+
+# ---- bad input through the devagent command ------------------------------------------------------------------
+def devagent(state: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real ``devagent`` entry point in a child process (PKCS#11 login state and SoftHSM2's configuration are
+    per process, so an in-process run could reuse this process's login and never check the PIN)."""
+    import os
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DEVAGENT_TPM_", "DEVAGENT_PKCS11_"))}
+    e.update(env or {})
+    config = state.parent / "agent.toml"  # empty: no site configuration or board profile leaks into the test
+    config.touch()
+    e["DEVAGENT_CONFIG"] = str(config)
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--state-dir", str(state), *args], env=e,
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture
+def cli_state(tmp_path, lab):
+    state = tmp_path / "state"
+    root = tmp_path / "root.pem"
+    root.write_bytes(lab.domain("plant").root_cert.public_bytes(serialization.Encoding.PEM))
+    for args in (("keystore", "init"), ("keystore", "trust", "--domain", "plant", "--add", str(root))):
+        r = devagent(state, *args)
+        assert r.returncode == 0, r.stderr
+    return state
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _enroll_args(backend: str) -> list[str]:
+    # The server is never reached: the key is generated (and fails) before the first request is sent.
+    return ["enroll", "--protocol", "cmp", "--server", f"http://127.0.0.1:{_closed_port()}/pkix/", "--domain",
+            "plant", "--ref", "r", "--secret", "pass:s", "--subject", "CN=bad", "--key-backend", backend]
+
+
+@pytest.mark.parametrize("case", ["tpm-down", "tcti-unknown", "tcti-no-device"])
+def test_cli_tpm_unreachable(cli_state, case):
+    tcti = {"tpm-down": f"swtpm:host=127.0.0.1,port={_closed_port()}", "tcti-unknown": "nosuchtcti:x",
+            "tcti-no-device": "device:/dev/nonexistent-tpm"}[case]
+    before = snapshot(cli_state)
+    r = devagent(cli_state, *_enroll_args("tpm"), env={"DEVAGENT_TPM_TCTI": tcti})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stderr.startswith("devagent: keystore error: TPM not reachable via TCTI"), r.stderr
+    assert repr(tcti) in r.stderr
+    if case == "tcti-unknown":
+        assert "unknown TCTI name" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert snapshot(cli_state) == before
+
+
+def test_cli_tpm_handle_not_found(cli_state, swtpm, lab, tmp_path):  # noqa: F811
+    mfg = lab.domain("mfg")
+    cert = lab.issue("mfg", ec.generate_private_key(ec.SECP256R1()).public_key(), parse_subject("CN=x"))
+    pem = tmp_path / "idevid.pem"
+    pem.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, mfg.ca_cert, mfg.root_cert)))
+    assert 0x81020099 not in swtpm.persistent_handles()
+    before = snapshot(cli_state)
+    r = devagent(cli_state, "keystore", "import-idevid", "idevid", "--key-uri", "tpm:handle/0x81020099",
+                 "--cert", str(pem), env={"DEVAGENT_TPM_TCTI": swtpm.tcti})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "no TPM key at persistent handle 0x81020099" in r.stderr and swtpm.tcti in r.stderr, r.stderr
+    assert snapshot(cli_state) == before
+
+
+@pytest.mark.parametrize("case", ["wrong-pin", "token-missing", "pin-unset", "module-missing"])
+def test_cli_pkcs11_bad_input(cli_state, softhsm, case):  # noqa: F811
+    env = {"DEVAGENT_PKCS11_MODULE": softhsm.module, "DEVAGENT_PKCS11_TOKEN_LABEL": softhsm.label,
+           "DEVAGENT_PKCS11_PIN": "env:HW_TEST_PIN", "HW_TEST_PIN": softhsm.pin}
+    expect = {"wrong-pin": f"wrong PIN for PKCS#11 token {softhsm.label!r}",
+              "token-missing": f"no PKCS#11 token labelled 'no-such-token' in module {softhsm.module} "
+                               f"(tokens present: {softhsm.label!r}",
+              "pin-unset": "HW_TEST_PIN",
+              "module-missing": "PKCS#11 module /nonexistent/libp11.so does not exist"}[case]
+    if case == "wrong-pin":
+        env["HW_TEST_PIN"] = "999999"
+    elif case == "token-missing":
+        env["DEVAGENT_PKCS11_TOKEN_LABEL"] = "no-such-token"
+    elif case == "pin-unset":
+        del env["HW_TEST_PIN"]
+    else:
+        env["DEVAGENT_PKCS11_MODULE"] = "/nonexistent/libp11.so"
+    before, objects = snapshot(cli_state), softhsm.objects()
+    r = devagent(cli_state, *_enroll_args("pkcs11"), env=env)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stderr.startswith("devagent: keystore error: ") and expect in r.stderr, r.stderr
+    assert "999999" not in r.stderr + r.stdout  # the PIN is never echoed
+    assert "Traceback" not in r.stderr
+    assert snapshot(cli_state) == before and softhsm.objects() == objects
+
+
+def test_cli_enroll_with_hardware_key_succeeds(cli_state, hw, lab, lab_cmp):
+    """The positive control for the bad-input cases above: the same command line, with the right settings."""
+    env = {"soft": {}, "tpm": {"DEVAGENT_TPM_TCTI": getattr(hw.peer, "tcti", "")},
+           "pkcs11": {"DEVAGENT_PKCS11_MODULE": getattr(hw.peer, "module", ""),
+                      "DEVAGENT_PKCS11_TOKEN_LABEL": getattr(hw.peer, "label", ""),
+                      "DEVAGENT_PKCS11_PIN": "env:DEVAGENT_TEST_PKCS11_PIN"}}[hw.backend]
+    r = devagent(cli_state, "--json", "enroll", "--protocol", "cmp", "--server", lab_cmp.url, "--domain", "plant",
+                 "--ref", LAB_REF.decode(), "--secret", f"pass:{LAB_SECRET.decode()}", "--subject", "CN=cli-hw",
+                 "--key-backend", hw.backend, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ks = Keystore.open(cli_state, backend_options=hw.options)
+    try:
+        cred = ks.get("ldevid-plant")
+        probe = Hw(hw.backend, ks, hw.options, hw.peer)
+        assert_key_is_backends(probe, cred.certificate, cred.key_uri)
+        ks.delete("ldevid-plant")
+        assert not probe.key_exists(cred.key_uri)
+    finally:
+        ks.close()
