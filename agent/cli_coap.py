@@ -176,9 +176,14 @@ def _inventory(ctx):
 
 @clm.command("add-device")
 @click.argument("device_id")
-@click.option("--uri", required=True, help="coap://HOST:PORT (OSCORE/none) or coaps://HOST:PORT+1 (DTLS-PSK).")
-@click.option("--security", type=click.Choice(["auto", "oscore", "dtls-psk", "none"]), default="auto",
-              show_default=True, help="auto: OSCORE for coap://, DTLS-PSK for coaps://, from the context files.")
+@click.option("--uri", required=True, help="coap://HOST:PORT (OSCORE/HMAC/none) or coaps://HOST:PORT+1 (DTLS-PSK).")
+@click.option("--security", type=click.Choice(["auto", "oscore", "dtls-psk", "hmac", "none"]), default="auto",
+              show_default=True, help="auto: from the context files (OSCORE for coap://, DTLS-PSK for coaps://, "
+                                      "HMAC for a MicroPython board). hmac: a board running agent/mpy.")
+@click.option("--hmac-secret", default=None,
+              help="hmac: the board's commissioning secret (hex, as 'devagent mpy deploy --secret-file' wrote it) "
+                   "as env:VAR, file:PATH or pass:HEX; stored 0600 in the context directory.")
+@click.option("--board-id", default=None, help="hmac: the board's device_id (its config.json) [default: DEVICE_ID].")
 @click.option("--context", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Context directory [default: CLM_DIR/contexts/DEVICE_ID].")
 @click.option("--subject", default=None, help="Subject to request (default: the device's).")
@@ -189,19 +194,43 @@ def _inventory(ctx):
 @click.option("--profile", default=None, help="Certificate profile upstream.")
 @click.option("--replace", is_flag=True)
 @click.pass_context
-def add_device(ctx, device_id, uri, security, context, subject, san, key_type, cred_name, domain, profile, replace):
+def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, subject, san, key_type, cred_name,
+               domain, profile, replace):
     """Register a device (state "not operational")."""
     from agent.clm import InventoryError
-    from coap_services.security import detect_method
+    from coap_services.errors import SecurityConfigError
+    from coap_services.security import detect_method, write_hmac_context
 
     inv = _inventory(ctx)
     context = context or inv.dir / "contexts" / device_id
+    if hmac_secret is not None:
+        from keystore.errors import KeystoreError
+        from keystore.secrets import resolve_secret
+
+        if security not in ("auto", "hmac"):
+            raise click.BadParameter("only with --security hmac", param_hint="--hmac-secret")
+        try:
+            raw = resolve_secret(hmac_secret, "--hmac-secret")
+            secret = bytes.fromhex(raw.decode("ascii").strip())
+        except (KeystoreError, ValueError, UnicodeError) as e:
+            raise click.BadParameter(f"the commissioning secret must be hex: {e}", param_hint="--hmac-secret") \
+                from None
+        if not replace and (context / "hmac.json").exists():
+            _fail(f"invalid value: {context / 'hmac.json'} exists already (use --replace)", 2)
+        try:
+            write_hmac_context(context, board_id or device_id, secret)
+        except SecurityConfigError as e:
+            _fail(f"invalid value: {e}", 2)
+        security = "hmac"
+    elif security == "hmac" and not (context / "hmac.json").exists():
+        raise click.BadParameter(f"no {context / 'hmac.json'}: give the board's commissioning secret",
+                                 param_hint="--hmac-secret")
     if security == "auto":
         found = detect_method(context)
         if uri.startswith("coaps://"):
             security = "dtls-psk" if (context / "dtls.json").exists() else "none"
         else:
-            security = "oscore" if found == "oscore" else "none"
+            security = found if found in ("oscore", "hmac") else "none"
         if security == "none":
             click.echo(f"WARNING: no {'DTLS-PSK' if uri.startswith('coaps://') else 'OSCORE'} context in {context}; "
                        "requests to this device are unauthenticated (the device refuses them unless --insecure)",

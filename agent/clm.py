@@ -100,8 +100,11 @@ class Inventory:
         check_name(device_id, "device id")
         if not uri.startswith(("coap://", "coaps://")):
             raise InventoryError(f"device URI {uri!r} must start with coap:// or coaps://")
-        if security not in ("oscore", "dtls-psk", "none"):
-            raise InventoryError(f"unknown security method {security!r}; use oscore, dtls-psk or none")
+        if security not in ("oscore", "dtls-psk", "hmac", "none"):
+            raise InventoryError(f"unknown security method {security!r}; use oscore, dtls-psk, hmac (MicroPython "
+                                 "boards) or none")
+        if security == "hmac" and not uri.startswith("coap://"):
+            raise InventoryError(f"device URI {uri!r}: an HMAC-protected board (agent/mpy) is reached over coap://")
         with self._txn() as devices:
             if device_id in devices and not replace:
                 raise InventoryError(f"device {device_id} is already in the inventory (use --replace)")
@@ -218,6 +221,155 @@ class EnrollClientUpstream(Upstream):
         return list(self._anchors)
 
 
+# ---- MicroPython boards: CoAP with HMAC-SHA256 request authentication ------------------------------------------
+class HmacDevice:
+    """The CLM's client for a board running ``agent/mpy`` (``security: hmac`` in the inventory).
+
+    Same interface as ``coap_services.client.DeviceClient`` (``csr``, ``verify``) and the same payload schema;
+    only the protection differs: each request carries the board's HMAC option (agent/mpy/README.md "CoAP +
+    HMAC"), computed with the one implementation of the scheme (``agent.mpy.coap``) under the commissioning
+    secret in ``<context>/hmac.json``, and each answer must carry the board's matching response tag. The
+    counter is wall-clock microseconds (strictly increasing within this process), so the CLM needs no state.
+    A request is one CON datagram, retransmitted per RFC 7252 until ``timeout_s``; the board does no
+    block-wise transfer, so a payload must fit ``agent.mpy.coap.MAX_DATAGRAM``.
+    """
+
+    ACK_TIMEOUT_S = 2.0
+    _last_counter = 0
+
+    def __init__(self, uri: str, context_dir, timeout_s: float = 30.0):
+        from urllib.parse import urlsplit
+
+        from coap_services.errors import SecurityConfigError
+        from coap_services.security import load_hmac_context
+
+        parts = urlsplit(uri)
+        if parts.scheme != "coap" or not parts.hostname:
+            raise SecurityConfigError(f"HMAC-protected boards are reached over coap://HOST:PORT, not {uri}")
+        self.uri = uri.rstrip("/")
+        self.addr = (parts.hostname, parts.port or 5683)
+        self.board_id, self._secret = load_hmac_context(context_dir)
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"HmacDevice({self.uri!r}, board_id={self.board_id!r})"
+
+    @classmethod
+    def _counter(cls) -> int:
+        cls._last_counter = max(time.time_ns() // 1000, cls._last_counter + 1)
+        return cls._last_counter
+
+    async def _request(self, path: str, payload: bytes, cf: int | None):
+        """POST one request; returns (decoded answer Message, round trip s). Raises CoapServiceError."""
+        from agent.mpy import coap as mcoap
+        from agent.mpy.errors import AgentError
+        from coap_services.errors import DeviceError, DeviceUnreachableError, PayloadError
+
+        where = f"{self.uri}/{path}"
+        counter = self._counter()
+        token = os.urandom(4)
+        mid = int.from_bytes(os.urandom(2), "big")
+        dgram, tag = mcoap.make_request(self._secret, self.board_id, path, payload, cf, counter, mid=mid, token=token)
+        if len(dgram) > mcoap.MAX_DATAGRAM:
+            raise PayloadError("too-large", f"{where}: request of {len(dgram)} bytes exceeds the board's "
+                               f"{mcoap.MAX_DATAGRAM}-byte datagram (no block-wise transfer on agent/mpy)")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future = loop.create_future()
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                if len(data) >= 4 + len(token) and data[4:4 + len(token)] == token and not answer.done():
+                    answer.set_result(data)
+
+            def error_received(self, exc):
+                pass  # ICMP port unreachable while the board boots: keep retransmitting
+
+        try:
+            transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=self.addr)
+        except OSError as e:
+            raise DeviceUnreachableError(f"{where}: {e.strerror or e}") from e
+        t0 = time.perf_counter()
+        deadline = loop.time() + self.timeout_s
+        wait = self.ACK_TIMEOUT_S * random.uniform(1.0, 1.5)
+        try:
+            while True:
+                transport.sendto(dgram)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise DeviceUnreachableError(f"{where}: no answer within {self.timeout_s:.0f} s (board down, "
+                                                 "wrong address or port)")
+                try:
+                    data = await asyncio.wait_for(asyncio.shield(answer), min(wait, left))
+                    break
+                except asyncio.TimeoutError:
+                    wait *= 2
+        finally:
+            transport.close()
+        rtt = time.perf_counter() - t0
+        try:
+            m = mcoap.decode(data)
+        except AgentError as e:
+            raise PayloadError("bad-response", f"{where}: the answer is not a CoAP message ({e})") from None
+        if not m.opt(mcoap.AUTH_OPTION):
+            # 4.01 / 4.02 / 4.13 come before authentication and cannot be bound to the request
+            reason, msg = mcoap.diagnostic(m)
+            code = mcoap.code_str(m.code)
+            if m.code >> 5 == 2:
+                raise PayloadError("bad-response", f"{where}: unauthenticated {code} answer refused")
+            hint = " (wrong commissioning secret or board id in hmac.json?)" if code == "4.01" else ""
+            raise DeviceError(where, code, reason, msg[:500] + hint)
+        try:
+            m = mcoap.check_response(self._secret, data, tag)
+        except AgentError:
+            raise PayloadError("bad-response", f"{where}: response authentication failed (forged or corrupted "
+                               "answer)") from None
+        return m, rtt
+
+    @staticmethod
+    def _timing(m) -> float | None:
+        from agent.mpy import coap as mcoap
+
+        v = m.opt(mcoap.TIMING_OPTION)
+        return int.from_bytes(v[0], "big") / 1e6 if v else None
+
+    def _check(self, m, path):
+        from agent.mpy import coap as mcoap
+        from coap_services.errors import DeviceError
+
+        if m.code >> 5 != 2:
+            reason, msg = mcoap.diagnostic(m)
+            raise DeviceError(f"{self.uri}{path}", mcoap.code_str(m.code), reason, msg[:1000])
+
+    async def csr(self, req) -> tuple[x509.CertificateSigningRequest, bytes, float, float | None]:
+        """POST /csr with the shared schema. Same returns and errors as ``DeviceClient.csr``."""
+        from coap_services import codec
+        from coap_services.errors import PayloadError
+
+        m, rtt = await self._request("csr", codec.encode_csr_request(req), codec.CF_CBOR)
+        self._check(m, "/csr")
+        if m.content_format() not in (None, codec.CF_PKCS10):
+            raise PayloadError("bad-response", f"{self.uri}/csr: answered content-format {m.content_format()}, "
+                               f"expected {codec.CF_PKCS10}")
+        try:
+            csr = x509.load_der_x509_csr(m.payload)
+        except ValueError as e:
+            raise PayloadError("bad-response", f"{self.uri}/csr: the answer is not a DER PKCS#10 CSR") from e
+        return csr, m.payload, rtt, self._timing(m)
+
+    async def verify(self, payload: bytes, content_format: int) -> tuple[dict, float, float | None]:
+        """POST /verify. Same returns and errors as ``DeviceClient.verify``."""
+        from coap_services import codec
+        from coap_services.errors import PayloadError
+
+        m, rtt = await self._request("verify", payload, content_format)
+        self._check(m, "/verify")
+        try:
+            answer = codec.decode_map(m.payload, "verify answer") if m.payload else {}
+        except PayloadError:
+            answer = {}
+        return answer, rtt, self._timing(m)
+
+
 # ---- pre-verification (pure) ----------------------------------------------------------------------------------
 def _sans(obj) -> set:
     try:
@@ -295,6 +447,14 @@ class Clm:
         self.default_key_type = default_key_type
         self.on_message = on_message  # test hook: called with every payload the CLM sends or receives
 
+    def device(self, rec: dict):
+        """The client for one inventory record: aiocoap (OSCORE / DTLS-PSK / none) for ``devagent serve``, or
+        ``HmacDevice`` for a MicroPython board. Both speak the same /csr and /verify schema."""
+        security = rec.get("security") or "none"
+        if security == "hmac":
+            return HmacDevice(rec["uri"], rec.get("context"), timeout_s=getattr(self.coap, "timeout_s", 30.0))
+        return self.coap.device(rec["uri"], security, rec.get("context"))
+
     def _seen(self, direction: str, payload: bytes) -> None:
         if self.on_message is not None:
             self.on_message(direction, payload)
@@ -308,7 +468,7 @@ class Clm:
         if not domain:
             raise ClmError(f"device {rec['id']}: no domain (set it with 'clm add-device --domain' or --domain)")
         anchors = self.upstream.trust_anchors(domain)
-        dev = self.coap.device(rec["uri"], rec.get("security") or "none", rec.get("context"))
+        dev = self.device(rec)
         req = codec.CsrRequest(subject=rec.get("subject"), san=tuple(rec.get("san") or ()),
                                key_type=rec.get("key_type") or self.default_key_type, name=rec.get("name"),
                                domain=domain, ca=tuple(a.public_bytes(serialization.Encoding.DER) for a in anchors))

@@ -8,6 +8,9 @@ security directory and the CLM half under the CLM's ``contexts/<device>/``::
     <device security dir>/dtls/<peer>.json              {"identity", "psk_ascii"} (0600)
     <clm dir>/contexts/<device>/oscore/{settings,secret}.json   the same context with ids swapped
     <clm dir>/contexts/<device>/dtls.json
+    <clm dir>/contexts/<device>/hmac.json               {"device_id", "secret_hex"} (0600): a MicroPython board
+                                                        (agent/mpy), HMAC-SHA256 requests under its commissioning
+                                                        secret (``write_hmac_context``, ``load_hmac_context``)
 
 Directories are 0700, secret files 0600, written through ``keystore.fsutil`` (temp + fsync + replace); loading
 refuses secrets that group/others can read. aiocoap persists OSCORE sequence numbers in ``sequence.json``.
@@ -35,6 +38,8 @@ OSCORE_KDF = "sha256"
 DEVICE_SENDER_ID = b"D"  # the device's OSCORE sender id; the CLM's is CLM_SENDER_ID
 CLM_SENDER_ID = b"C"
 METHODS = ("oscore", "dtls-psk")
+CLIENT_METHODS = ("oscore", "dtls-psk", "hmac", "none")  # what the CLM can speak ("hmac": agent/mpy boards)
+HMAC_MIN_SECRET = 16  # bytes; agent/mpy refuses shorter commissioning secrets
 
 
 def _fsutil():
@@ -227,7 +232,43 @@ def detect_method(context_dir: str | os.PathLike | None) -> str:
         return "oscore"
     if (d / "dtls.json").exists():
         return "dtls-psk"
+    if (d / "hmac.json").exists():
+        return "hmac"
     return "none"
+
+
+def write_hmac_context(context_dir: str | os.PathLike, device_id: str, secret: bytes) -> Path:
+    """Store a MicroPython board's commissioning secret for the CLM (``devagent mpy deploy`` made it).
+
+    Raises:
+        SecurityConfigError: the secret is shorter than ``HMAC_MIN_SECRET`` bytes.
+    """
+    if not isinstance(secret, bytes) or len(secret) < HMAC_MIN_SECRET:
+        raise SecurityConfigError(f"the commissioning secret of {device_id} must be at least {HMAC_MIN_SECRET} "
+                                  "bytes (the hex string 'devagent mpy deploy --secret-file' wrote)")
+    d = _fsutil().ensure_dir(Path(context_dir))
+    _write_json(d / "hmac.json", {"device_id": device_id, "secret_hex": secret.hex()})
+    return d / "hmac.json"
+
+
+def load_hmac_context(context_dir: str | os.PathLike | None) -> tuple[str, bytes]:
+    """(device id on the board, commissioning secret) from ``<context>/hmac.json``.
+
+    Raises:
+        SecurityConfigError: missing, group/world-readable, or malformed.
+    """
+    if not context_dir:
+        raise SecurityConfigError("security method hmac needs a context directory holding hmac.json")
+    p = Path(context_dir) / "hmac.json"
+    d = _read_secret_json(p, "HMAC commissioning secret")
+    try:
+        secret = bytes.fromhex(d["secret_hex"])
+        device_id = d["device_id"]
+    except (KeyError, TypeError, ValueError):
+        raise SecurityConfigError(f"{p} needs 'device_id' and a hex 'secret_hex'") from None
+    if not isinstance(device_id, str) or len(secret) < HMAC_MIN_SECRET:
+        raise SecurityConfigError(f"{p}: device_id must be text and the secret at least {HMAC_MIN_SECRET} bytes")
+    return device_id, secret
 
 
 def client_credentials(uri: str, method: str, context_dir: str | os.PathLike | None) -> dict:
