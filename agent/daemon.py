@@ -44,6 +44,9 @@ from keystore.errors import KeystoreError, NotFoundError
 
 log = logging.getLogger("devagent.daemon")
 MIN_SLEEP_S = 0.05
+# While a CA stays unreachable its check fails every retry_base_s; warn on the first failure and when the error
+# changes, then at most this often (with the count), so a long outage does not flood the journal.
+CA_DOWN_WARN_INTERVAL_S = 900.0
 
 
 def utcnow() -> datetime.datetime:
@@ -130,7 +133,8 @@ class Daemon:
     """
 
     def __init__(self, ks, config: Config, *, client_factory=None, ops=None, wall=utcnow, mono=time.monotonic,
-                 rng: random.Random | None = None, notifier: Notifier | None = None):
+                 rng: random.Random | None = None, notifier: Notifier | None = None,
+                 ca_warn_interval_s: float = CA_DOWN_WARN_INTERVAL_S):
         self.ks = ks
         self.cfg = config
         self._ops = ops
@@ -143,6 +147,9 @@ class Daemon:
         self._ca_next: dict[str, float] = {}  # domain -> monotonic time of the next CA check
         self._clock_warned = False
         self._stop: asyncio.Event | None = None
+        self.ca_warn_interval_s = ca_warn_interval_s
+        # domain -> {"count", "since" (wall ISO), "kind" (error class), "warned" (mono)} while its CA check fails
+        self._ca_failing: dict[str, dict] = {}
 
     # ---- collaborators ---------------------------------------------------------------------------
     @property
@@ -235,8 +242,10 @@ class Daemon:
                 cred = next(c for c in creds if c.domain == domain)
                 try:
                     await self._ca_check(domain, cred)
-                except Exception:  # a broken client must not stop the loop; renewals report it per credential
-                    log.exception("domain %s: CA certificate check failed", domain)
+                except Exception as e:  # a broken client must not stop the loop; renewals report it per credential
+                    if domain not in self._ca_failing:
+                        log.exception("domain %s: CA certificate check failed", domain)
+                    self._ca_check_failed(domain, e)
                     self._ca_next[domain] = self.mono() + self.cfg.renewal.retry_base_s
             waits.append(self._ca_next[domain] - self.mono())
         for cred in creds:
@@ -263,11 +272,43 @@ class Daemon:
             self._ca_next[domain] = self.mono() + self.cfg.renewal.ca_check_interval_s
             if added:
                 log.info("domain %s: new CA certificate(s) accepted: %s", domain, ", ".join(added))
+            self._ca_check_ok(domain)
         except (EnrollError, KeystoreError) as e:
             self._ca_next[domain] = self.mono() + self.cfg.renewal.retry_base_s
-            log.warning("domain %s: CA certificate check failed: %s", domain, e)
+            self._ca_check_failed(domain, e)
             if propagate and isinstance(e, TransportError):
                 raise
+
+    def _ca_check_failed(self, domain: str, e: Exception) -> None:
+        """Log a failed CA check: a warning on the first failure and whenever the kind of error changes, then at
+        most every ``ca_warn_interval_s`` with the count so far; the checks in between go to debug."""
+        kind = type(e).__name__
+        st = self._ca_failing.get(domain)
+        now = self.mono()
+        if st is None or st["kind"] != kind:
+            if st is not None:
+                log.warning("domain %s: CA certificate check now fails differently (%d failure(s) since %s): %s",
+                            domain, st["count"], st["since"], e)
+            else:
+                log.warning("domain %s: CA certificate check failed: %s; retrying every %g s (further failures are "
+                            "reported at most every %g s)", domain, e, self.cfg.renewal.retry_base_s,
+                            self.ca_warn_interval_s)
+            self._ca_failing[domain] = {"count": (st or {}).get("count", 0) + 1, "kind": kind, "warned": now,
+                                        "since": (st or {}).get("since") or _iso(self.now())}
+            return
+        st["count"] += 1
+        if now - st["warned"] >= self.ca_warn_interval_s:
+            log.warning("domain %s: CA certificate check still failing: %d failure(s) since %s; last: %s",
+                        domain, st["count"], st["since"], e)
+            st["warned"] = now
+        else:
+            log.debug("domain %s: CA certificate check failed again (%d): %s", domain, st["count"], e)
+
+    def _ca_check_ok(self, domain: str) -> None:
+        st = self._ca_failing.pop(domain, None)
+        if st is not None:
+            log.info("domain %s: CA reachable again after %d failed check(s) since %s", domain, st["count"],
+                        st["since"])
 
     async def _service(self, cred) -> float:
         pol = self._policy(cred.name)
