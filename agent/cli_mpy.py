@@ -39,6 +39,10 @@ class BridgeError(Exception):
     """The bridge could not complete: board silent or refusing, upstream failure, bad certificate."""
 
 
+class UpstreamError(BridgeError):
+    """The upstream EST/CMP server refused or failed; nothing was sent to the board."""
+
+
 class BoardError(BridgeError):
     """The board answered ERR: ``code`` (CoAP-style, "4.03"), ``reason`` (as in CoAP diagnostics), ``message``."""
 
@@ -117,13 +121,31 @@ class BoardLink:
 
 # ---- enroll strategies ----
 
-def client_strategy(client, auth) -> EnrollStrategy:
-    """Enroll through an ``enroll_clients.EnrollmentClient`` (EST or CMP) with ``ClientAuth`` auth."""
-    from enroll_clients.base import CertRequest
+def client_strategy(client, auth, server: str | None = None) -> EnrollStrategy:
+    """Enroll through an ``enroll_clients.EnrollmentClient`` (EST or CMP) with ``ClientAuth`` auth.
+
+    Returns the leaf and the intermediates (the chain the server sent, else its CA certificates), without
+    self-signed roots: the board has its anchor, and a short PKCS#7 fits a small heap.
+    Raises ``UpstreamError`` naming the protocol and server when the upstream refuses or fails.
+    """
+    import contextlib
+
+    from enroll_clients.base import CertRequest, EnrollError
 
     def enroll(csr):
-        result = asyncio.run(client.enroll(CertRequest(subject=csr.subject, csr=csr), auth))
-        return [result.certificate, *result.chain]
+        sans = ()
+        with contextlib.suppress(Exception):
+            from cryptography import x509
+
+            sans = tuple(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        try:
+            result = asyncio.run(client.enroll(CertRequest(subject=csr.subject, csr=csr, sans=sans), auth))
+        except EnrollError as e:
+            where = server or getattr(getattr(client, "options", None), "server", "") or type(client).__name__
+            raise UpstreamError(f"upstream enrollment at {where} failed: {e}; nothing was sent to the board") \
+                from e
+        chain = list(result.chain) or list(getattr(result, "ca_certs", ()) or ())
+        return [result.certificate, *[c for c in chain if c.subject != c.issuer]]
 
     return enroll
 
@@ -305,9 +327,9 @@ def mpy():
 @click.option("--server", help="EST/CMP server URL.")
 @click.option("--ca-key", type=click.Path(exists=True, dir_okay=False), help="CA key (PEM) for --upstream local.")
 @click.option("--username", help="EST HTTP Basic user.")
-@click.option("--password", envvar="DEVAGENT_MPY_PASSWORD", help="EST password (or DEVAGENT_MPY_PASSWORD).")
+@click.option("--password", help="EST password as env:VAR, file:PATH, pass:TEXT or stdin (never a bare value).")
 @click.option("--reference", help="CMP MAC reference (senderKID).")
-@click.option("--secret", envvar="DEVAGENT_MPY_CMP_SECRET", help="CMP MAC secret (or DEVAGENT_MPY_CMP_SECRET).")
+@click.option("--secret", help="CMP MAC secret as env:VAR, file:PATH, pass:TEXT or stdin (never a bare value).")
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True, help="Seconds per board request.")
 def bridge(port, baud, ca_cert, push_ca, cn, serial, san, new_key, upstream, server, ca_key, username, password,
            reference, secret, timeout_s):
@@ -326,12 +348,18 @@ def bridge(port, baud, ca_cert, push_ca, cn, serial, san, new_key, upstream, ser
             raise click.UsageError(f"--upstream {upstream} needs --server")
         # The lab CA / EST / CMP path: clients come from enroll_clients (wired into the main CLI by the lead).
         from enroll_clients import ClientAuth, EnrollOptions, client_for
+        from keystore.errors import SecretSourceError
+        from keystore.secrets import resolve_secret
 
+        try:
+            password_b = resolve_secret(password, "--password")
+            secret_b = resolve_secret(secret, "--secret")
+        except SecretSourceError as e:
+            raise click.UsageError(str(e)) from e
         client = client_for(upstream, EnrollOptions(server=server, trust_anchors=(anchor,) if anchor else ()))
-        auth = ClientAuth(username=username, password=password.encode() if password else None,
-                          reference=reference.encode() if reference else None,
-                          secret=secret.encode() if secret else None)
-        enroll = client_strategy(client, auth)
+        auth = ClientAuth(username=username, password=password_b,
+                          reference=reference.encode() if reference else None, secret=secret_b)
+        enroll = client_strategy(client, auth, f"{upstream.upper()} {server}")
     try:
         ser = pyserial.serial_for_url(port, baudrate=baud, timeout=0.2)
     except (pyserial.SerialException, ValueError) as e:

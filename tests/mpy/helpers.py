@@ -3,12 +3,15 @@ made with ``cryptography`` (CAs P-256 and RSA-2048, certificates for the device 
 and ``run_case`` which runs a shared case module under a real runtime as a subprocess."""
 import datetime
 import os
+import pty
 import shutil
 import subprocess
 import sys
+import tty
 from pathlib import Path
 
 import pytest
+import serial
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -150,3 +153,30 @@ def runtime(request):
 @pytest.fixture
 def out_dir(tmp_path):
     return tmp_path
+
+
+class Board:
+    """A board agent in a child process whose console is the master side of a pty."""
+
+    def __init__(self, runtime, staged):
+        self.staged = staged
+        m, s = pty.openpty()
+        tty.setraw(s)
+        exe = micropython_binary() if runtime == "micropython" else sys.executable
+        code = ("import sys; sys.path.insert(0, %r); from mpy import run; run.serial_main(%r)"
+                % (str(staged / "lib"), str(staged / "devagent")))
+        self.proc = subprocess.Popen([exe, "-c", code], stdin=m, stdout=m, stderr=subprocess.PIPE,
+                                     close_fds=True)
+        os.close(m)
+        self.tty = os.ttyname(s)
+        self._s = s
+        self.ser = serial.Serial(self.tty, 115200, timeout=0.2)
+
+    def files(self):
+        return sorted(os.listdir(self.staged / "devagent"))
+
+    def close(self):
+        self.ser.close()
+        os.close(self._s)
+        self.proc.kill()
+        self.proc.wait(5)

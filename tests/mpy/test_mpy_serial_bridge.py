@@ -4,11 +4,6 @@ The upstream here is a tiny CA made with cryptography (issuing from the CSR); th
 path goes through the same enroll-strategy hook (``client_strategy``) and is wired by the lead.
 """
 import json
-import os
-import pty
-import subprocess
-import sys
-import tty
 
 import pytest
 import serial
@@ -19,36 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import cli_mpy
 from agent.mpy import frame
-from tests.mpy.helpers import der, issue, make_ca, micropython_binary
+from tests.mpy.helpers import Board, der, issue, make_ca, micropython_binary
 
 RUNTIMES = ["micropython", "cpython"]
-
-
-class Board:
-    """A board agent in a child process whose console is the master side of a pty."""
-
-    def __init__(self, runtime, staged):
-        self.staged = staged
-        m, s = pty.openpty()
-        tty.setraw(s)
-        exe = micropython_binary() if runtime == "micropython" else sys.executable
-        code = ("import sys; sys.path.insert(0, %r); from mpy import run; run.serial_main(%r)"
-                % (str(staged / "lib"), str(staged / "devagent")))
-        self.proc = subprocess.Popen([exe, "-c", code], stdin=m, stdout=m, stderr=subprocess.PIPE,
-                                     close_fds=True)
-        os.close(m)
-        self.tty = os.ttyname(s)
-        self._s = s
-        self.ser = serial.Serial(self.tty, 115200, timeout=0.2)
-
-    def files(self):
-        return sorted(os.listdir(self.staged / "devagent"))
-
-    def close(self):
-        self.ser.close()
-        os.close(self._s)
-        self.proc.kill()
-        self.proc.wait(5)
 
 
 @pytest.fixture
