@@ -5,6 +5,7 @@ Layout under the root directory (default ``/devagent``):
     pending.<n>                  SEC1 key whose CSR is outstanding
     key.<n> + cert.<n>           live credential = the highest n for which both exist
     ctr.<n>                      last accepted CoAP request counter (8 bytes, big-endian)
+    pendca.<n>                   SHA-256 fingerprints of the CA certificates announced with the pending CSR
     config.json                  written by `devagent mpy deploy`; read-only here
 Each write goes to ``<name>.<n>.tmp``, is synced, then renamed to ``<name>.<n>``. The rename target never
 exists, so the rename is atomic on POSIX, LittleFS and FAT alike (FAT cannot rename over an existing
