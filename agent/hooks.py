@@ -7,9 +7,16 @@ details in ``DEVAGENT_*`` environment variables.
 
 Invariants:
 - Every file is written by ``keystore.fsutil.atomic_write`` (temp, fsync, rename, fsync dir): a reader sees the old
-  or the new file, never a torn one. A ``bundle`` (key + certificate + chain in one file) is the only layout that
-  switches atomically as a whole; separate files are written chain, key, cert, and the daemon redeploys at start
-  when the deployed fingerprint differs from the live one, so a crash between them is repaired.
+  or the new file, never a torn one.
+- Files that belong together switch together. When a target has several files (a pem target with two or more of
+  cert/key/chain/fullchain/bundle; an OPC UA target's own certificate and key), each new version is written
+  complete into ``<dir>/.devagent/<credential>-<id>/archive/NNNN/`` and made live by renaming one symlink,
+  ``live -> archive/NNNN``; the configured paths are symlinks through it (``device.crt -> .devagent/…/live/cert.pem``).
+  At every instant all of a target's paths resolve into the same version. The previous version is kept for
+  readers that are still reading it, older ones are securely deleted. Configured paths that are plain files from
+  an earlier deployment are first turned into links to a copy of what they hold, so even that switch is atomic.
+- The daemon redeploys at start when the deployed fingerprint differs from the live one, so a crash at any point
+  of a deployment is repaired (an unfinished archive version is never made live and is removed later).
 - Private keys are written 0600 (``key_mode``); keys that live in a TPM/PKCS#11 token cannot be written and
   the target says so.
 - A failing target or hook raises ``DeployError``; the renewal itself stays committed and the daemon retries the
@@ -18,7 +25,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import shlex
@@ -36,6 +45,13 @@ from keystore.secrets import resolve_secret
 log = logging.getLogger("devagent.hooks")
 OPCUA_DIRS = ("own/certs", "own/private", "trusted/certs", "trusted/crl", "issuers/certs", "issuers/crl",
               "rejected/certs")
+STORE_DIR = ".devagent"  # next to the configured files: <dir>/.devagent/<credential>-<id>/{live,archive/NNNN}
+LIVE = "live"
+ARCHIVE = "archive"
+STORE_DIR_MODE = 0o755  # services read through it; the files inside carry their own modes (key 0600 or key_mode)
+# File name inside a version directory for each role of a linked group.
+LINKED_NAMES = {"cert": "cert.pem", "key": "key.pem", "chain": "chain.pem", "fullchain": "fullchain.pem",
+                "bundle": "bundle.pem", "opcua-cert": "cert.der", "opcua-key": "key.pem"}
 
 
 class DeployError(Exception):
@@ -105,15 +121,93 @@ def render(ks, cred, target: DeployTarget) -> list[FileOut]:
     return out
 
 
-def _write(f: FileOut, opcua_root: Path | None) -> None:
-    parent = f.path.parent
+def _prepare_dir(parent: Path, opcua_root: Path | None) -> None:
     if opcua_root is not None and not opcua_root.exists():
         for d in OPCUA_DIRS:
             fsutil.ensure_dir(opcua_root / d, 0o750)
     if not parent.exists():
         # Only directories we create get a mode; an existing one (/etc/mosquitto/certs) keeps its owner's choice.
         fsutil.ensure_dir(parent, 0o750)
+
+
+def _write(f: FileOut, opcua_root: Path | None) -> None:
+    _prepare_dir(f.path.parent, opcua_root)
     fsutil.atomic_write(f.path, f.data, mode=f.mode)
+
+
+# ---- files that switch together: versioned directories behind one symlink ------------------------------------
+def _group_paths(target: DeployTarget, name: str) -> dict[str, Path]:
+    """role -> configured path of the files of ``target`` that must switch together ({} when there is one file)."""
+    if target.type == "pem":
+        paths = {r: Path(getattr(target, r)) for r in ("chain", "key", "cert", "fullchain", "bundle")
+                 if getattr(target, r)}
+        return paths if len(paths) >= 2 else {}
+    if target.type == "opcua":
+        root = Path(target.pki_dir)
+        return {"opcua-key": root / "own/private" / f"{name}.pem", "opcua-cert": root / "own/certs" / f"{name}.der"}
+    return {}
+
+
+def store_dir(paths: dict[str, Path], name: str) -> Path:
+    """The versioned store of one linked group: ``<common dir>/.devagent/<name>-<id>`` (id: from the paths)."""
+    common = Path(os.path.commonpath([str(p.parent) for p in paths.values()]))
+    ident = hashlib.sha256("\0".join(sorted(str(p) for p in paths.values())).encode()).hexdigest()[:8]
+    return common / STORE_DIR / f"{name}-{ident}"
+
+
+def _versions(store: Path) -> list[int]:
+    adir = store / ARCHIVE
+    if not adir.is_dir():
+        return []
+    return sorted(int(d.name) for d in adir.iterdir() if d.name.isdigit() and not d.is_symlink() and d.is_dir())
+
+
+def _live_version(store: Path) -> int | None:
+    try:
+        v = Path(os.readlink(store / LIVE)).name
+    except OSError:
+        return None
+    return int(v) if v.isdigit() else None
+
+
+def _write_version(store: Path, files: list[FileOut]) -> int:
+    n = max(_versions(store), default=0) + 1
+    vdir = fsutil.ensure_dir(store / ARCHIVE / f"{n:04d}", STORE_DIR_MODE)
+    for f in files:
+        fsutil.atomic_write(vdir / LINKED_NAMES[f.role], f.data, mode=f.mode)
+    return n
+
+
+def _link_paths(store: Path, files: list[FileOut], opcua_root: Path | None) -> None:
+    for f in files:
+        rel = os.path.relpath(store / LIVE / LINKED_NAMES[f.role], f.path.parent)
+        if os.path.islink(f.path) and os.readlink(f.path) == rel:
+            continue
+        _prepare_dir(f.path.parent, opcua_root)
+        fsutil.atomic_symlink(rel, f.path)
+
+
+def _switch_linked(files: list[FileOut], store: Path, opcua_root: Path | None) -> None:
+    """Make ``files`` live together (see the module invariants). Order: adopt plain files from an earlier
+    deployment (copy → live → link), write the new version completely, rename ``live`` onto it, link any configured
+    path that is not linked yet, prune versions older than the previous one."""
+    fsutil.ensure_dir(store.parent, STORE_DIR_MODE)
+    fsutil.ensure_dir(store, STORE_DIR_MODE)
+    fsutil.ensure_dir(store / ARCHIVE, STORE_DIR_MODE)
+    previous = _live_version(store)
+    plain = [f for f in files if f.path.is_file() and not f.path.is_symlink()]
+    if previous is None and plain:
+        # What services read now becomes version 1 first, so that the switch below is atomic for them too.
+        old = [FileOut(f.path, f.path.read_bytes(), f.mode, f.role) for f in plain]
+        previous = _write_version(store, old)
+        fsutil.atomic_symlink(f"{ARCHIVE}/{previous:04d}", store / LIVE)
+        _link_paths(store, old, opcua_root)
+    n = _write_version(store, files)
+    fsutil.atomic_symlink(f"{ARCHIVE}/{n:04d}", store / LIVE)
+    _link_paths(store, files, opcua_root)
+    for v in _versions(store):
+        if v not in (n, previous):
+            fsutil.remove_tree(store / ARCHIVE / f"{v:04d}")
 
 
 def hook_env(cred, files: list[FileOut], event: str = "renewed", base_env: dict | None = None) -> dict[str, str]:
@@ -179,12 +273,22 @@ async def deploy(ks, cred, policy: CredentialPolicy, *, timeout_s: float = 120.0
     for target in policy.deploy:
         files = render(ks, cred, target)
         root = Path(target.pki_dir) if target.type == "opcua" else None
+        group = _group_paths(target, cred.name)
+        linked = [f for f in files if group.get(f.role) == f.path]
         for f in files:
+            if f in linked:
+                continue
             try:
                 await asyncio.to_thread(_write, f, root)
             except KeystoreError as e:
                 raise DeployError(f"credential {cred.name}: {target.type} target: {e}") from e
             written.append(f)
+        if linked:
+            try:
+                await asyncio.to_thread(_switch_linked, linked, store_dir(group, cred.name), root)
+            except (KeystoreError, OSError) as e:
+                raise DeployError(f"credential {cred.name}: {target.type} target: {e}") from e
+            written.extend(linked)
     env = hook_env(cred, written, event)
     for command in policy.hooks:
         await run_command(command, env, timeout_s)
@@ -201,12 +305,19 @@ def _target_paths(policy: CredentialPolicy) -> list[Path]:
     return paths
 
 
+def _stores(policy: CredentialPolicy) -> list[Path]:
+    return [store_dir(g, policy.name) for g in (_group_paths(t, policy.name) for t in policy.deploy) if g]
+
+
 def remove_temp_files(policy: CredentialPolicy) -> list[str]:
-    """Delete temp files an interrupted deployment left next to ``policy``'s targets (``.NAME.*.tmp``, the
-    pattern of fsutil.atomic_write); they may hold a private key, so they are overwritten first."""
+    """Delete temp files an interrupted deployment left next to ``policy``'s targets and in their version stores
+    (``.NAME.*.tmp``, the pattern of fsutil.atomic_write and atomic_symlink); they may hold a private key, so they
+    are overwritten first (a temp symlink is only unlinked)."""
     removed = []
     dirs = {p.parent for p in _target_paths(policy)}
     dirs |= {Path(t.pki_dir) / sub for t in policy.deploy if t.type == "opcua" for sub in OPCUA_DIRS}
+    for store in _stores(policy):
+        dirs |= {store, store / ARCHIVE} | {store / ARCHIVE / f"{v:04d}" for v in _versions(store)}
     for d in sorted(dirs):
         if d.is_dir():
             for p in d.glob(".*.tmp"):
@@ -222,7 +333,13 @@ def undeploy(policy: CredentialPolicy) -> list[str]:
     """
     removed = remove_temp_files(policy)
     for p in _target_paths(policy):
-        if p.exists():
-            fsutil.secure_delete(p)
+        if p.exists() or p.is_symlink():
+            fsutil.secure_delete(p)  # a link into a version store is only unlinked; the store goes below
             removed.append(str(p))
+    for store in _stores(policy):
+        if store.exists():
+            fsutil.remove_tree(store)  # every version: key files are overwritten before unlinking
+            removed.append(str(store))
+            with contextlib.suppress(OSError):
+                store.parent.rmdir()  # .devagent, when no other credential's store is in it
     return removed

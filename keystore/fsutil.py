@@ -120,6 +120,31 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) ->
                 pass
 
 
+def atomic_symlink(target: str, path: str | os.PathLike) -> None:
+    """Make ``path`` a symlink to ``target`` atomically (``ln -sfn`` without its unlink window): a new symlink under
+    a temp name in the same directory, renamed over ``path`` (rename(2) replaces a file or symlink in one step),
+    then the directory is fsynced. A reader opening ``path`` sees the old or the new target, never neither.
+
+    Raises:
+        StorageError: nothing was changed (or, after the rename, the directory could not be synced).
+    """
+    p = Path(path)
+    tmp: Path | None = p.parent / f".{p.name}.{os.urandom(4).hex()}.tmp"
+    try:
+        os.symlink(target, tmp)
+        _fault("replace", p)
+        os.replace(tmp, p)
+        tmp = None
+        _fault("fsync-dir", p)
+        fsync_dir(p.parent)
+    except OSError as e:
+        raise StorageError(f"cannot point {p} at {target}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def append_line(path: str | os.PathLike, line: bytes, mode: int = FILE_MODE) -> None:
     """Append one line durably (audit log). A torn last line is tolerated by readers."""
     p = Path(path)
@@ -166,13 +191,19 @@ def secure_delete(path: str | os.PathLike) -> None:
     """
     p = Path(path)
     try:
-        st = p.stat()
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):  # a symlink holds no secret: never follow it and overwrite what it points to
+            _fault("unlink", p)
+            p.unlink()
+            fsync_dir(p.parent)
+            return
         size = st.st_size
         if not st.st_mode & stat.S_IWUSR:  # e.g. master.key (0400): make it writable to overwrite it
             os.chmod(p, FILE_MODE)
         with open(p, "r+b", buffering=0) as f:
             f.write(os.urandom(size))
             os.fsync(f.fileno())
+        _fault("unlink", p)
         p.unlink()
         fsync_dir(p.parent)
     except FileNotFoundError:
@@ -190,5 +221,8 @@ def remove_tree(path: str | os.PathLike) -> None:
         for f in files:
             secure_delete(Path(root) / f)
         for d in dirs:
-            os.rmdir(Path(root) / d)
+            if os.path.islink(Path(root) / d):  # os.walk lists symlinks to directories here; remove the link only
+                secure_delete(Path(root) / d)
+            else:
+                os.rmdir(Path(root) / d)
     os.rmdir(p)
