@@ -215,8 +215,19 @@ def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, su
         except (KeystoreError, ValueError, UnicodeError) as e:
             raise click.BadParameter(f"the commissioning secret must be hex: {e}", param_hint="--hmac-secret") \
                 from None
+        # Refuse everything the inventory would refuse before the secret is written: bad input stores nothing.
+        if not uri.startswith("coap://"):
+            _fail(f"invalid value: device URI {uri!r}: an HMAC-protected board (agent/mpy) is reached over coap://", 2)
+        if not replace and device_id in {r["id"] for r in inv.list()}:
+            _fail(f"invalid value: device {device_id} is already in the inventory (use --replace)", 2)
         if not replace and (context / "hmac.json").exists():
             _fail(f"invalid value: {context / 'hmac.json'} exists already (use --replace)", 2)
+        try:
+            from keystore.store import check_name
+
+            check_name(device_id, "device id")
+        except ValueError as e:
+            _fail(f"invalid value: {e}", 2)
         try:
             write_hmac_context(context, board_id or device_id, secret)
         except SecurityConfigError as e:

@@ -1,6 +1,7 @@
 """CoAP payload codecs of the delegated-enrollment services: pure and synchronous, bytes in, objects out.
 
-Wire schema (CBOR maps with text keys; documented in docs/coap.md):
+Wire schema (CBOR maps with text keys; documented in docs/coap.md). The MicroPython board agent (agent/mpy/coap.py)
+speaks the same /csr and /verify schema and diagnostics with its own narrower limits, so one CLM drives both:
 
 - ``POST /csr`` request (content-format 60, payload optional)::
 
@@ -9,7 +10,7 @@ Wire schema (CBOR maps with text keys; documented in docs/coap.md):
 
   response 2.04, content-format 286 (application/pkcs10), payload the DER CSR.
 - ``POST /verify`` request: content-format 287 (DER certificate) or 281 (certs-only PKCS#7, DER); response 2.04
-  with ``{"stored": tstr, "version": uint, "not_after": uint}``.
+  with ``{"stored": tstr, "version": uint, "not_after": uint, "verify_us": uint}``.
 - ``GET /status`` response (60): ``{"device": tstr, "state": "operational"/"not operational", "pending": uint,
   "credentials": [* {"name", "kind", "domain", "subject", "serial", "not_after": uint}]}``.
 - Errors (4.xx/5.xx, content-format 60): ``{"error": reason, "message": tstr}``.

@@ -59,7 +59,7 @@ class Board:
                 % (str(self.stage / "lib"), str(self.dir), self.port))
         self.log = tmp_path / "board.log"
         self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen([micropython_binary(), "-X", "heapsize=512K", "-c", code],
+        self.proc = subprocess.Popen([micropython_binary(), "-X", "heapsize=256K", "-c", code],
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def files(self, with_counter=False) -> list[str]:
@@ -220,3 +220,41 @@ def test_one_clm_drives_serve_and_the_board(tmp_path, lab, board):
         assert "p521" in err.device_message
     assert env.keystore().get("ldevid").certificate.subject.rfc4514_string() == "CN=dev1"
     assert "cert.1" in board.files()
+
+
+def test_add_device_hmac_errors_change_nothing(tmp_path):
+    clm_dir = tmp_path / "clm"
+    (tmp_path / "short.secret").write_text("00" * 8 + "\n")
+    (tmp_path / "nothex.secret").write_text("zz" * 32 + "\n")
+    (tmp_path / "good.secret").write_text("11" * 32 + "\n")
+    uri = "coap://127.0.0.1:5683"
+    cases = [
+        (["--security", "hmac"], "give the board's commissioning secret"),
+        (["--hmac-secret", "11" * 32], "pass:"),  # a bare secret is refused, as everywhere in devagent
+        (["--hmac-secret", f"file:{tmp_path / 'nothex.secret'}"], "must be hex"),
+        (["--hmac-secret", f"file:{tmp_path / 'short.secret'}"], "at least 16 bytes"),
+        (["--security", "oscore", "--hmac-secret", f"file:{tmp_path / 'good.secret'}"], "only with --security hmac"),
+        (["--uri", "coaps://127.0.0.1:5684", "--hmac-secret", f"file:{tmp_path / 'good.secret'}"], "coap://"),
+    ]
+    for extra, want in cases:
+        args = ["add-device", BOARD] + (["--uri", uri] if "--uri" not in extra else []) + extra
+        res = _clm_cli(clm_dir, *args)
+        assert res.exit_code != 0 and want in res.output, (extra, res.output)
+        assert Inventory(clm_dir).list() == [], extra
+    # auto-detection from an existing hmac.json
+    res = _clm_cli(clm_dir, "add-device", BOARD, "--uri", uri, "--hmac-secret", f"file:{tmp_path / 'good.secret'}",
+                   "--board-id", "pump-3")
+    assert res.exit_code == 0, res.output
+    from coap_services.security import load_hmac_context
+
+    assert load_hmac_context(clm_dir / "contexts" / BOARD) == ("pump-3", bytes.fromhex("11" * 32))
+    res = _clm_cli(clm_dir, "add-device", BOARD, "--uri", uri, "--replace")
+    assert res.exit_code == 0 and "hmac" in res.output, res.output
+    (tmp_path / "other.secret").write_text("22" * 32 + "\n")
+    res = _clm_cli(clm_dir, "add-device", BOARD, "--uri", uri, "--hmac-secret", f"file:{tmp_path / 'other.secret'}")
+    assert res.exit_code == 2 and "already in the inventory" in res.output, res.output
+    assert load_hmac_context(clm_dir / "contexts" / BOARD) == ("pump-3", bytes.fromhex("11" * 32))  # unchanged
+    res = _clm_cli(clm_dir, "add-device", "board-2", "--uri", uri, "--context", str(clm_dir / "contexts" / BOARD),
+                   "--hmac-secret", f"file:{tmp_path / 'other.secret'}")
+    assert res.exit_code == 2 and "exists already" in res.output, res.output
+    assert load_hmac_context(clm_dir / "contexts" / BOARD) == ("pump-3", bytes.fromhex("11" * 32))
