@@ -137,16 +137,16 @@ def profile_detect(app, root):
 # ---- decommission ------------------------------------------------------------------------------------------
 async def decommission_keystore(ks, cfg, *, client_factory, include_idevid: bool = False,
                                 reason: str = "cessationOfOperation", revoke: bool = True) -> dict:
-    """Revoke (where the protocol allows), undeploy and delete every credential, drop trust anchors and pending
-    keys, and leave an audit record. The IDevID (the manufacturer's identity, needed to onboard again) stays unless
-    ``include_idevid``.
+    """Revoke (where the protocol allows) and undeploy every credential, then wipe the keystore
+    (``Keystore.wipe``): keys destroyed, credentials, trust anchors and pending keys removed, and a ``decommission``
+    audit record left. The IDevID (the manufacturer's identity, needed to onboard again) and what it needs stay
+    unless ``include_idevid``; then the state directory keeps only its audit log.
 
-    Returns a report {revoked, not_revoked: {name: why}, deleted, undeployed, trust_removed}.
+    Returns a report {revoked, not_revoked: {name: why}, deleted, undeployed, trust_removed, keys_destroyed, ...}.
     """
     from agent import hooks, lifecycle
 
-    report = {"revoked": [], "not_revoked": {}, "deleted": [], "undeployed": [], "trust_removed": [],
-              "pending_discarded": []}
+    report = {"revoked": [], "not_revoked": {}, "undeployed": []}
     for cred in ks.list():
         if cred.readonly and not include_idevid:
             continue
@@ -159,20 +159,24 @@ async def decommission_keystore(ks, cfg, *, client_factory, include_idevid: bool
                 log.warning("credential %s (serial %x) not revoked: %s; ask the CA operator to revoke it",
                             cred.name, cred.certificate.serial_number, e)
         report["undeployed"] += hooks.undeploy(cfg.policy_for(cred.name))
-        ks.delete(cred.name, force=include_idevid, reason=f"decommission: {reason}")
-        report["deleted"].append(cred.name)
-    for k in ks.pending_keys():
-        ks.discard_key(k["uri"])
-        report["pending_discarded"].append(k["uri"])
-    for t in ks.trust_records():
-        if include_idevid or not t["domain"].startswith("idevid-"):
-            ks.remove_trust_anchor(t["domain"], t["fingerprint"])
-            report["trust_removed"].append(t["fingerprint"])
-    report["garbage"] = ks.gc()
-    ks.audit("decommission", reason=reason, include_idevid=include_idevid, revoked=report["revoked"],
-             not_revoked=sorted(report["not_revoked"]), deleted=report["deleted"],
-             undeployed=report["undeployed"], trust_removed=len(report["trust_removed"]))
+    wiped = ks.wipe(include_idevid=include_idevid, audit_action="decommission", reason=reason,
+                    revoked=report["revoked"], not_revoked=sorted(report["not_revoked"]),
+                    undeployed=report["undeployed"])
+    report.update(wiped)
     return report
+
+
+def _print_report(app, report: dict, state_dir) -> None:
+    lines = [f"deleted: {', '.join(report['deleted']) or 'nothing'}",
+             f"revoked: {', '.join(report.get('revoked', [])) or 'none'}"]
+    lines += [f"NOT revoked {n}: {why} (ask the CA operator to revoke it)"
+              for n, why in report.get("not_revoked", {}).items()]
+    lines.append(f"destroyed {len(report['keys_destroyed'])} key(s), removed {len(report.get('undeployed', []))} "
+                 f"deployed file(s), {report['trust_removed']} trust anchor(s); audit record written to "
+                 f"{state_dir}/audit.log" + (" (the only file left)" if report["include_idevid"] else ""))
+    if report.get("keys_forgotten"):
+        lines.append(f"kept in their token/TPM (not created by devagent): {', '.join(report['keys_forgotten'])}")
+    _out(app, report, "\n".join(lines))
 
 
 @click.command("decommission")
@@ -188,19 +192,29 @@ def decommission(app, yes, include_idevid, no_revoke, reason):
     copies, wipe credentials and trust anchors, and leave an audit record. The IDevID stays unless
     --include-idevid."""
     from agent import lifecycle
+    from keystore.store import Keystore
 
+    pending = Keystore.wipe_pending(app.state_dir)
+    if pending is not None:
+        # An earlier decommission was killed during its wipe: finish that plan (its revocations are done).
+        if pending["include_idevid"] != include_idevid:
+            log.warning("finishing the interrupted decommission as it was started (include_idevid=%s)",
+                        pending["include_idevid"])
+        report = Keystore.resume_wipe(app.state_dir, app.backend_options())
+        report.update({k: v for k, v in pending.get("details", {}).items() if k in ("revoked", "undeployed")})
+        report["resumed"] = True
+        _print_report(app, report, app.state_dir)
+        return
     ks = app.keystore()
     cfg = _config(app, {})
     names = [c.name for c in ks.list() if include_idevid or not c.readonly]
     if not yes:
         click.confirm(f"Revoke and delete {', '.join(names) or 'nothing'} in {app.state_dir}? This cannot be undone",
                       abort=True)
-    report = asyncio.run(decommission_keystore(
-        ks, cfg, client_factory=lambda cred: lifecycle.client_for_credential(ks, cred, {}),
-        include_idevid=include_idevid, reason=reason, revoke=not no_revoke))
-    lines = [f"deleted: {', '.join(report['deleted']) or 'nothing'}",
-             f"revoked: {', '.join(report['revoked']) or 'none'}"]
-    lines += [f"NOT revoked {n}: {why} (ask the CA operator to revoke it)" for n, why in report["not_revoked"].items()]
-    lines.append(f"removed {len(report['undeployed'])} deployed file(s), {len(report['trust_removed'])} trust "
-                 "anchor(s); audit record written")
-    _out(app, report, "\n".join(lines))
+    try:
+        report = asyncio.run(decommission_keystore(
+            ks, cfg, client_factory=lambda cred: lifecycle.client_for_credential(ks, cred, {}),
+            include_idevid=include_idevid, reason=reason, revoke=not no_revoke))
+    finally:
+        ks.close()
+    _print_report(app, report, app.state_dir)

@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import getpass
 import json
+import logging
 import os
 import re
 import secrets as _secrets
@@ -53,10 +54,12 @@ from keystore.verify import build_path, verify_ca_chain, verify_certificate
 INDEX = "keystore.json"
 MASTER_KEY = "master.key"
 AUDIT_LOG = "audit.log"
+WIPE_MARKER = "wipe-pending.json"  # present from the start of a wipe() until it is complete (see wipe)
 FORMAT = 1
 KINDS = ("idevid", "ldevid", "app")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEEP_VERSIONS = 3
+_log = logging.getLogger("devagent.keystore")
 
 
 def _now() -> datetime.datetime:
@@ -68,6 +71,12 @@ def check_name(name: str, what: str = "name") -> str:
         raise ValueError(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting "
                          "with a punctuation character")
     return name
+
+
+def _refuse_unfinished_wipe(root: Path) -> None:
+    if (root / WIPE_MARKER).exists():
+        raise KeystoreError(f"keystore {root}: a decommissioning wipe was interrupted and is not finished; run "
+                            "'devagent decommission' again to finish it (nothing else may use this keystore)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +140,7 @@ class Keystore:
     def init(cls, root: str | os.PathLike, backend_options: dict | None = None) -> "Keystore":
         """Create a keystore (idempotent: an existing one is opened, never overwritten)."""
         root = Path(root)
+        _refuse_unfinished_wipe(root)
         fsutil.ensure_dir(root)
         ks = cls(root, backend_options)
         with ks._lock:
@@ -150,6 +160,7 @@ class Keystore:
             KeystoreNotInitializedError, KeystorePermissionError, CorruptFileError.
         """
         root = Path(root)
+        _refuse_unfinished_wipe(root)
         if not (root / INDEX).exists():
             raise KeystoreNotInitializedError(f"no keystore at {root}: run 'devagent keystore init' "
                                               "(or pass --state-dir / DEVAGENT_STATE_DIR)")
@@ -301,7 +312,8 @@ class Keystore:
             if existing is None:
                 data["keys"][self._next_id(data["keys"])] = {
                     "uri": uri, "key_type": key_type_of(pub), "backend": scheme_of(uri),
-                    "created": _now().isoformat(), "state": state, "label": label, "pending_for": {}}
+                    "created": _now().isoformat(), "state": state, "label": label, "pending_for": {},
+                    "origin": "external"}  # not created by devagent: wipe() forgets it, never destroys it
         return uri
 
     def private_key(self, uri: str):
@@ -732,6 +744,132 @@ class Keystore:
                         with contextlib.suppress(OSError):
                             d.rmdir()
         return removed
+
+    # ---- wipe (decommissioning) ----------------------------------------------------------------------
+    def wipe(self, *, include_idevid: bool = False, audit_action: str = "keystore-wipe", **details) -> dict:
+        """Destroy every key and credential (decommissioning), leaving an audit record.
+
+        Without ``include_idevid`` the IDevIDs, their keys, their ``idevid-*`` trust anchors, the master key (it
+        encrypts a software IDevID key), the index and the audit log stay, and the keystore stays usable; every
+        other credential, key (pending ones too) and trust anchor goes. With ``include_idevid`` everything goes:
+        afterwards the state directory holds only ``audit.log``, ending with the ``audit_action`` record.
+
+        Keys are destroyed through their backends: software keys and the master key are overwritten and unlinked
+        (fsutil.secure_delete), TPM key blobs likewise and persistent handles devagent allocated are evicted,
+        PKCS#11 objects are destroyed on the token. Keys devagent did not create (registered with ``--key-uri`` /
+        ``register_key``, e.g. a manufacturer's IDevID key in a TPM or token) are forgotten, never destroyed.
+
+        Crash safety: the plan (key URIs, what to keep) is written first to ``wipe-pending.json``; while it exists
+        ``Keystore.open`` refuses the keystore, and ``resume_wipe`` (``devagent decommission`` again) completes the
+        same plan. Every step is idempotent, so a kill at any instant leaves a state that a re-run finishes. The
+        final record is appended to ``audit.log`` before the plan file is removed (after a kill between the two,
+        the re-run appends it again).
+
+        Args:
+            details: non-secret fields for the final audit record (e.g. what was revoked).
+        Returns:
+            ``{"deleted": names, "keys_destroyed": uris, "keys_forgotten": uris, "trust_removed": n,
+            "include_idevid": bool}``.
+        Raises:
+            KeystoreError: a key could not be destroyed (e.g. the TPM is unreachable); the plan stays, re-run.
+        """
+        with self._lock:
+            data = self._storage.read() or {}
+            creds = list((data.get("credentials") or {}).values())
+            keep = [c for c in creds if c["kind"] == "idevid" and not include_idevid]
+            keep_keys = {c["key_uri"] for c in keep}
+            records = {k["uri"]: k for k in (data.get("keys") or {}).values()}
+            uris = sorted(set(records) | {c["key_uri"] for c in creds})
+
+            def external(uri: str) -> bool:
+                # Registered, not generated; for index records older than "origin": an IDevID's hardware key.
+                return (records.get(uri) or {}).get("origin") == "external" or (scheme_of(uri) != "file" and any(
+                    c["key_uri"] == uri and c["kind"] == "idevid" for c in creds))
+
+            plan = {
+                "started": _now().isoformat(), "include_idevid": include_idevid, "audit_action": audit_action,
+                "destroy": [u for u in uris if u not in keep_keys and not external(u)],
+                "forget": [u for u in uris if u not in keep_keys and external(u)],
+                "delete_credentials": sorted(c["name"] for c in creds if c not in keep),
+                "keep_credentials": sorted(c["name"] for c in keep),
+                "trust_removed": sum(1 for t in (data.get("trust") or {}).values()
+                                     if include_idevid or not t["domain"].startswith("idevid-")),
+                "details": details,
+            }
+            fsutil.atomic_write(self.root / WIPE_MARKER, json.dumps(plan, sort_keys=True, default=str).encode())
+            return self._finish_wipe(plan)
+
+    @staticmethod
+    def wipe_pending(root: str | os.PathLike) -> dict | None:
+        """The plan of an interrupted ``wipe`` in ``root``, or None."""
+        try:
+            return json.loads((Path(root) / WIPE_MARKER).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:  # written atomically: only a foreign hand makes it unreadable
+            raise CorruptFileError(f"{Path(root) / WIPE_MARKER} is not the plan of a wipe: {e}") from e
+
+    @classmethod
+    def resume_wipe(cls, root: str | os.PathLike, backend_options: dict | None = None) -> dict:
+        """Finish the interrupted ``wipe`` whose plan is in ``root`` (``devagent decommission`` calls this)."""
+        plan = cls.wipe_pending(root)
+        if plan is None:
+            raise NotFoundError(f"no interrupted wipe in {root}")
+        ks = cls(root, backend_options)
+        with ks._lock:
+            return ks._finish_wipe(plan)
+
+    def _finish_wipe(self, plan: dict) -> dict:
+        """Carry out a wipe plan (under the lock); idempotent, see ``wipe``."""
+        failed = []
+        for uri in plan["destroy"]:
+            try:
+                self._backend_for(uri).delete(uri)
+            except KeystoreError as e:
+                failed.append(f"{uri}: {e}")
+        if failed:
+            raise KeystoreError("decommissioning wipe: could not destroy " + "; ".join(failed) + ". Nothing else "
+                                "was removed; fix the cause and run 'devagent decommission' again")
+        self.close()
+        if plan["include_idevid"]:
+            # Everything but the audit log and the plan; the secrets first, the index and the lock file last.
+            order = ["keys", "tpm", MASTER_KEY, "master.tss", "creds", "trust", INDEX]
+            rest = sorted(p.name for p in self.root.iterdir() if p.name not in (AUDIT_LOG, WIPE_MARKER, ".lock",
+                                                                                 *order))
+            for name in [*order, *rest, ".lock"]:
+                p = self.root / name
+                if p.is_dir() and not p.is_symlink():
+                    fsutil.remove_tree(p)
+                else:
+                    fsutil.secure_delete(p)
+        else:
+            gone = set(plan["delete_credentials"])
+            with self._txn() as data:
+                for table, drop in (
+                        ("credentials", lambda r: r["name"] in gone),
+                        ("keys", lambda r: r["uri"] in plan["destroy"] or r["uri"] in plan["forget"]),
+                        ("trust", lambda r: not r["domain"].startswith("idevid-"))):
+                    data[table] = {k: v for k, v in data[table].items() if not drop(v)}
+            for name in sorted(gone):
+                fsutil.remove_tree(self.root / "creds" / name)
+            tdir = self.root / "trust"
+            if tdir.is_dir():
+                for d in tdir.iterdir():
+                    if not d.name.startswith("idevid-"):
+                        fsutil.remove_tree(d) if d.is_dir() else fsutil.secure_delete(d)
+            self.gc()
+        report = {"deleted": plan["delete_credentials"], "keys_destroyed": plan["destroy"],
+                  "keys_forgotten": plan["forget"], "trust_removed": plan["trust_removed"],
+                  "include_idevid": plan["include_idevid"]}
+        self.audit(plan["audit_action"], **plan["details"], **report, kept=plan["keep_credentials"],
+                   wipe_started=plan["started"])
+        _log.warning("keystore %s wiped (%s): %s", self.root, plan["audit_action"],
+                     json.dumps({**plan["details"], **report}, sort_keys=True, default=str))
+        # The plan holds no secret: a plain unlink, so that a kill cannot leave an overwritten, unreadable plan.
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / WIPE_MARKER).unlink()
+        fsutil.fsync_dir(self.root)
+        return report
 
     def check(self) -> list[str]:
         """Consistency check: every credential loads and its key matches. Returns problems found."""
