@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -70,8 +71,19 @@ class KeystoreLock:
         self.timeout_s = timeout_s
         self._fd = -1
         self._depth = 0
+        self._tlock = threading.RLock()
 
     def __enter__(self):
+        # Threads of one process (asyncio.to_thread around key generation and signing) exclude each other
+        # here; flock alone would not, and the depth counter makes the lock re-entrant per thread only.
+        self._tlock.acquire()
+        try:
+            return self._enter()
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def _enter(self):
         if self._depth:
             self._depth += 1
             return self
@@ -95,9 +107,12 @@ class KeystoreLock:
         return self
 
     def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        try:
+            self._depth -= 1
+            if self._depth == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = -1
+        finally:
+            self._tlock.release()
         return False
