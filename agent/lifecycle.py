@@ -10,6 +10,7 @@ credential record so that ``renew`` and the daemon can rebuild the client withou
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
@@ -120,13 +121,15 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
                  check_validity: bool = True) -> Credential:
     if op in ("enroll", "request") and not key.server_keygen and not key.key_uri and hasattr(client, "csrattrs"):
         key, extensions = await _apply_server_attributes(client, auth, key, tuple(extensions), subject)
-    key_uri, private_key, created = _new_key(ks, key, name, {"name": name, "domain": domain, "op": op})
+    # Key generation and CSR signing block (TPM/PKCS#11 round trips, RSA keygen): keep them off the event loop.
+    key_uri, private_key, created = await asyncio.to_thread(
+        _new_key, ks, key, name, {"name": name, "domain": domain, "op": op})
     try:
         csr = None
         if private_key is not None:
             kt = ks.key_record(key_uri)["key_type"] if ks.key_record(key_uri) else key.key_type
-            csr = build_csr(private_key, subject, sans, key_usage=default_key_usage(kt), extensions=extensions,
-                            challenge_password=challenge_password)
+            csr = await asyncio.to_thread(build_csr, private_key, subject, sans, key_usage=default_key_usage(kt),
+                                          extensions=extensions, challenge_password=challenge_password)
         req = CertRequest(subject=subject, private_key=private_key, csr=csr, sans=tuple(sans),
                           extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
                           profile=profile)
@@ -207,7 +210,7 @@ async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: 
         if ldevid is None:
             raise LifecycleError(f"no domain credential (LDevID) for domain {domain}: run 'devagent enroll "
                                  f"--domain {domain} ...' first")
-        auth = auth_for(ks, ldevid)
+        auth = await asyncio.to_thread(auth_for, ks, ldevid)  # loading a token key is a blocking lookup
     return await _issue(ks, "request", client, name=name, domain=domain, kind="app", subject=subject, sans=sans,
                         key=key, auth=auth, profile=profile, purpose=None, remember=remember or {}, **kw)
 
@@ -229,7 +232,7 @@ async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: boo
     try:
         return await _issue(ks, "renew", client, name=name, domain=cred.domain, kind=cred.kind,
                             subject=cred.certificate.subject, sans=_sans_of(cred.certificate), key=spec,
-                            auth=auth_for(ks, cred), profile=cred.record.get("profile"),
+                            auth=await asyncio.to_thread(auth_for, ks, cred), profile=cred.record.get("profile"),
                             purpose=cred.record.get("purpose"), remember=remember, now=now,
                             check_validity=check_validity)
     except (EnrollError, KeystoreError) as e:
@@ -242,7 +245,7 @@ async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: s
                  auth: ClientAuth | None = None) -> None:
     """Revoke ``name``'s certificate (CMP rr), signed with its own key (or ``auth``)."""
     cred = ks.get(name)
-    await client.revoke(cred.certificate, auth or auth_for(ks, cred), reason)
+    await client.revoke(cred.certificate, auth or await asyncio.to_thread(auth_for, ks, cred), reason)
     ks.set_meta(name, revoked=reason, revoked_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
     ks.audit("revoke", name=name, serial=format(cred.certificate.serial_number, "x"), reason=reason)
 

@@ -136,7 +136,7 @@ class CmpClient(EnrollmentClient):
         """rr for ``certificate`` (normally signed by its own key via ``auth``). Returns once the server
         reports the revocation accepted (status accepted, revocationWarning or revocationNotification)."""
         txn = self._transaction(auth, sender=certificate.subject)
-        der = txn.request("rr", M.rr_body(certificate, reason))
+        der = await _build(txn, "rr", M.rr_body(certificate, reason))
         resp = await self._send(txn, der, ("rp",), "revocation request (rr)")
         statuses = list(resp.body["status"])
         if len(statuses) != 1:
@@ -168,7 +168,7 @@ class CmpClient(EnrollmentClient):
 
     async def _genm(self, auth, info_type, value, what: str):
         txn = self._transaction(auth)
-        return await self._send(txn, txn.request("genm", M.genm_body([(info_type, value)])), ("genp",), what)
+        return await self._send(txn, await _build(txn, "genm", M.genm_body([(info_type, value)])), ("genp",), what)
 
     async def cert_req_template(self, auth: ClientAuth | None = None):
         """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none."""
@@ -235,7 +235,7 @@ class CmpClient(EnrollmentClient):
                 request = CertRequest(subject=subject, private_key=key, extensions=extensions,
                                       key_type=request.key_type, profile=request.profile)
         template = M.cert_template(subject, key.public_key(), request.sans, extensions)
-        body = M.cert_req_messages(template, key, controls=controls)
+        body = await asyncio.to_thread(M.cert_req_messages, template, key, controls=controls)  # POP signature
         sender = auth.certificate.subject if auth.certificate is not None else subject
         txn = self._transaction(auth, sender=sender)
         return await self._cert_exchange(txn, body_type, body, key.public_key())
@@ -251,7 +251,7 @@ class CmpClient(EnrollmentClient):
     async def _cert_exchange(self, txn: M.Transaction, body_type: str, body, public_key) -> EnrollResult:
         what = f"certificate request ({body_type})"
         reply = REPLY_TYPE[body_type]
-        der = txn.request(body_type, body, general_info=self._general_info())
+        der = await _build(txn, body_type, body, general_info=self._general_info())
         resp = await self._send(txn, der, (reply,), what)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
@@ -271,7 +271,7 @@ class CmpClient(EnrollmentClient):
                                               f"({polls} polls); giving up (transaction {txn.tid.hex()})")
                 await self._sleep(max(CHECK_AFTER_MIN_S, min(check_after, remaining)))
                 polls += 1
-                der = txn.request("pollReq", M.poll_req_body(req_id))
+                der = await _build(txn, "pollReq", M.poll_req_body(req_id))
                 resp = await self._send(txn, der, ("pollRep", reply), f"polling request for {body_type}")
                 if resp.body_type == reply:
                     break
@@ -303,7 +303,7 @@ class CmpClient(EnrollmentClient):
                 try:
                     cbody, pvno = M.cert_conf_body(cert, req_id, accept=False, reason="public key mismatch",
                                                    fail_bits=(INCORRECT_DATA_BIT,))
-                    await self._send(txn, txn.request("certConf", cbody, pvno=pvno), ("pkiconf",), "certConf")
+                    await self._send(txn, await _build(txn, "certConf", cbody, pvno=pvno), ("pkiconf",), "certConf")
                 except EnrollError:
                     pass  # the rejection is what matters; the server's answer to it changes nothing here
             raise KeyMismatchError(
@@ -312,7 +312,8 @@ class CmpClient(EnrollmentClient):
                 "requested; rejected")
         if not implicit:
             cbody, pvno = M.cert_conf_body(cert, req_id)
-            await self._send(txn, txn.request("certConf", cbody, pvno=pvno), ("pkiconf",), "certificate confirmation (certConf)")
+            await self._send(txn, await _build(txn, "certConf", cbody, pvno=pvno), ("pkiconf",),
+                             "certificate confirmation (certConf)")
         pool = list(resp.extra_certs) + list(ca_pubs)
         chain = V.issuing_chain(cert, pool)
         return EnrollResult(
@@ -320,6 +321,12 @@ class CmpClient(EnrollmentClient):
             info={"transaction_id": txn.tid.hex(), "status": STATUS_NAMES[status], "implicit_confirm": implicit,
                   "polls": polls, "body": body_type, "protection": "signature" if txn.protector.uses_signature else "mac",
                   "response_signer": resp.signer.subject.rfc4514_string() if resp.signer is not None else None})
+
+
+async def _build(txn: M.Transaction, body_type: str, body, **kw) -> bytes:
+    """``txn.request`` off the event loop: a signature may be a blocking TPM/PKCS#11 call, and a password-based
+    MAC runs thousands of hash iterations."""
+    return await asyncio.to_thread(txn.request, body_type, body, **kw)
 
 
 def _single_response(body, body_type: str):
