@@ -590,3 +590,80 @@ def test_cli_enroll_with_hardware_key_succeeds(cli_state, hw, lab, lab_cmp):
         assert not probe.key_exists(cred.key_uri)
     finally:
         ks.close()
+
+
+# ---- blocking hardware calls stay off the event loop --------------------------------------------------------
+def _hardware_lock(hw: Hw):
+    """The lock a backend holds around every call into the TPM / token."""
+    return hw.ks.backend("tpm")._tpm.lock if hw.backend == "tpm" else hw.ks.backend("pkcs11")._lock
+
+
+def run_while_hardware_busy(lock, coro_fn):
+    """Run ``coro_fn()`` while another thread holds the hardware; the event loop must stay responsive.
+
+    If the coroutine called the TPM/token on the event loop thread, it would block there until the lock is
+    released and the loop could not run the probe; the probe's event is the observation (no timing involved:
+    the bounded wait only keeps a regression from hanging the suite).
+    """
+    import threading
+
+    responsive = threading.Event()
+    box: dict = {}
+
+    async def main():
+        task = asyncio.create_task(coro_fn())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        responsive.set()  # reached only if the task yielded instead of blocking the loop
+        return await task
+
+    def target():
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    lock.acquire()
+    t = threading.Thread(target=target, daemon=True, name="loop-under-test")
+    t.start()
+    try:
+        ok = responsive.wait(30)
+    finally:
+        lock.release()
+    t.join(60)
+    assert ok, "a blocking TPM/PKCS#11 call ran on the event loop thread"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@pytest.mark.parametrize("hw", ["tpm", "pkcs11"], indirect=True)
+def test_hardware_calls_do_not_block_the_event_loop(hw, lab, lab_cmp):
+    ks = hw.ks
+    dom = lab.domain("plant")
+    ks.add_trust_anchors("plant", [dom.root_cert], source="test")
+    opts = EnrollOptions(server=lab_cmp.url, trust_anchors=(dom.root_cert,), timeout_s=10)
+    lock = _hardware_lock(hw)
+
+    async def enroll():  # key generation + CSR/POP signature in the backend
+        client = cmp_client(opts)
+        try:
+            return await lifecycle.enroll(ks, client, name="ldevid-plant", domain="plant", subject=SUBJECT,
+                                          key=lifecycle.KeySpec("p256", hw.backend),
+                                          auth=ClientAuth(reference=LAB_REF, secret=LAB_SECRET))
+        finally:
+            await client.aclose()
+
+    cred = run_while_hardware_busy(lock, enroll)
+    assert_key_is_backends(hw, cred.certificate, cred.key_uri)
+    auth = lifecycle.auth_for(ks, cred)  # loaded now: below, the first hardware call is the rr signature
+
+    async def revoke():  # CMP signature protection by the hardware key
+        client = cmp_client(opts)
+        try:
+            await lifecycle.revoke(ks, "ldevid-plant", client=client, reason="superseded", auth=auth)
+        finally:
+            await client.aclose()
+
+    run_while_hardware_busy(lock, revoke)
+    assert lab.is_revoked(cred.certificate.serial_number)
