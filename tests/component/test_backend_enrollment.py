@@ -215,7 +215,8 @@ class NetnsLoop:
     """An event loop on a thread inside the mock server's network namespace.
 
     Only the HTTP exchange runs there (the production ``HttpTransport``); the lifecycle, keystore and key backends
-    stay in the test's namespace, where swtpm listens (the swtpm TCTI may reconnect per command).
+    stay in the test's namespace, where swtpm listens (signing from a thread inside the namespace failed with a
+    TCTI I/O error even though the TPM connection had been opened outside it).
     """
 
     def __init__(self, pid: int):
