@@ -242,3 +242,35 @@ def test_enroll_via_est_upstream(lab, one_device, tmp_path):
                        obj=obj)
         assert bad.exit_code == 5 and "est enrollment" in bad.output
     assert env.keystore().get("ldevid").version == 1
+
+
+def test_enroll_via_cmp_upstream(lab, one_device, tmp_path):
+    """The CMP upstream: p10cr with PBM protection to the lab CMP server, driven through the CLI options
+    (--upstream cmp:URL --reference --secret env:VAR); a wrong secret is refused upstream and nothing reaches
+    the device."""
+    from agent.cli_coap import clm
+    from agent.lab.cmp_server import start_cmp_server
+    from keystore.certs import pem
+
+    env, dev = one_device
+    root = tmp_path / "root.pem"
+    root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
+    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    with start_cmp_server(lab, DOMAIN, secrets={b"clm-edge": b"edge-secret"}) as ca:
+        r = CliRunner()
+        base = ["--clm-dir", str(env.clm_dir)]
+        assert r.invoke(clm, base + ["add-device", "dev1", "--uri", dev.uri, "--domain", DOMAIN],
+                        obj=obj).exit_code == 0
+        bad = r.invoke(clm, base + ["enroll", "dev1", "--upstream", f"cmp:{ca.url}", "--trust", str(root),
+                                    "--reference", "clm-edge", "--secret", "pass:wrong", "--retries", "1"], obj=obj)
+        assert bad.exit_code == 5 and "cmp enrollment" in bad.output, bad.output
+        assert env.keystore().list() == []  # the device stored nothing
+        res = r.invoke(clm, base + ["enroll", "dev1", "--upstream", f"cmp:{ca.url}", "--trust", str(root),
+                                    "--reference", "clm-edge", "--secret", "env:CLM_CMP_SECRET", "--timeout", "10"],
+                       obj=obj, env={"CLM_CMP_SECRET": "edge-secret"})
+        assert res.exit_code == 0, res.output
+        assert set(json.loads(res.output)["enrolled"]["dev1"]) >= STAGES
+    cred = env.keystore().get("ldevid")
+    assert cred.version == 1
+    cred.certificate.verify_directly_issued_by(lab.domain(DOMAIN).ca_cert)
+    assert cred.certificate.public_key() == env.keystore().public_key(cred.key_uri)
