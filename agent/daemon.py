@@ -144,6 +144,8 @@ class Daemon:
         self.rng = rng or random.Random()
         self.notifier = notifier or Notifier(enabled=config.notify)
         self.clock = policy.ClockEstimate()
+        self._cert_floor: tuple[datetime.datetime, float] | None = None  # (newest notBefore, monotonic when seen)
+        self._floor_warned = False
         self._ca_next: dict[str, float] = {}  # domain -> monotonic time of the next CA check
         self._clock_warned = False
         self._stop: asyncio.Event | None = None
@@ -167,8 +169,28 @@ class Daemon:
 
     # ---- time --------------------------------------------------------------------------------------
     def now(self) -> datetime.datetime:
-        """Best estimate of the true time (system clock, corrected by CA time when it is obviously wrong)."""
-        return self.clock.now(self.wall())
+        """Best estimate of the true time (system clock, corrected by CA time when it is obviously wrong).
+
+        A clock before ``policy.CLOCK_FLOOR`` that no CA time has corrected (EST sends none) is raised to the newest
+        notBefore of our certificates plus the time elapsed since we saw it: the true time is at least that, so
+        renewals still fall due (late rather than never), and each renewal's fresh notBefore sharpens the estimate.
+        """
+        t = self.clock.now(self.wall())
+        if t < policy.CLOCK_FLOOR and not self.cfg.clock_trusted and self._cert_floor is not None:
+            nb, seen_mono = self._cert_floor
+            est = nb + datetime.timedelta(seconds=max(0.0, self.mono() - seen_mono))
+            if est > t:
+                if not self._floor_warned:
+                    log.warning("system clock reads %s (never set?) and no CA time is known: assuming it is at least "
+                                "%s, the newest notBefore of our certificates; fix NTP/RTC", _iso(t), _iso(est))
+                    self._floor_warned = True
+                return est
+        return t
+
+    def _note_not_before(self, creds) -> None:
+        newest = max((c.not_before for c in creds), default=None)
+        if newest is not None and (self._cert_floor is None or newest > self._cert_floor[0]):
+            self._cert_floor = (newest, self.mono())
 
     def _observe_time(self, server_time: datetime.datetime, source: str) -> None:
         if server_time.tzinfo is None:
@@ -237,6 +259,7 @@ class Daemon:
         """Service every managed credential once. Returns seconds until something is next due."""
         waits = [self.cfg.renewal.check_interval_s]
         creds = self.managed()
+        self._note_not_before(creds)
         for domain in sorted({c.domain for c in creds if c.domain}):
             if self.mono() >= self._ca_next.get(domain, 0.0):
                 cred = next(c for c in creds if c.domain == domain)
@@ -362,6 +385,7 @@ class Daemon:
                              schedule_for=fingerprint(cred.certificate))
             return
         now = self.now()
+        self._note_not_before([new])
         nxt = self._schedule(new, pol)
         await self._meta(name, failures=0, last_success=_iso(now), last_attempt=_iso(now), last_error=None,
                          next_renewal=_iso(nxt), schedule_for=fingerprint(new.certificate), deploy_retry_at=None)
@@ -393,7 +417,8 @@ class Daemon:
         if not self.cfg.metrics_textfile:
             return
         try:
-            text = metrics.render(self.ks.list(), self.now(), clock_offset_s=self.clock.offset_s)
+            now = self.now()
+            text = metrics.render(self.ks.list(), now, clock_offset_s=(now - self.wall()).total_seconds())
             metrics.write(self.cfg.metrics_textfile, text)
         except KeystoreError as e:
             log.warning("metrics textfile %s not written: %s", self.cfg.metrics_textfile, e)

@@ -12,6 +12,7 @@ keeps the cycle as short as before: renew at 0.34 of a 6 s validity = ~1 s after
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import errno
 import logging
@@ -22,6 +23,7 @@ import pytest
 from agent import policy
 from keystore import fsutil
 from keystore.certs import fingerprint
+from tests.peers.labsim import LabSimClient
 from tests.scenario.conftest import NAME, utcnow
 
 SAMPLE_S = 0.02
@@ -175,6 +177,31 @@ def clock_1970(w):
     return cfg, lambda: version(w) >= 3 and deployed_live(w), [], {"wall": wall}
 
 
+class TimelessSim(LabSimClient):
+    """The simulator CA without its time in the responses (an EST server's body carries none)."""
+
+    def _issue(self, request):
+        return dataclasses.replace(super()._issue(request), server_time=None)
+
+    async def ca_certs(self, auth=None):
+        return dataclasses.replace(await super().ca_certs(auth), server_time=None)
+
+
+def no_ca_time_1970(w):
+    cfg = w.config(deploy_toml(w), **FAST)
+    w.sim = TimelessSim(w.ca, w.sim.domain, lifetime_s=w.sim.lifetime_s)
+    epoch = utcnow()
+
+    def wall():
+        return datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + (utcnow() - epoch)
+    return cfg, lambda: version(w) >= 3 and deployed_live(w), [], {"wall": wall}
+
+
+def check_no_ca_time(w, cfg):
+    check_clock(w, cfg)  # no failures; the metrics show the clock correction
+    assert len(w.sim.issued) >= 2  # the renewals came from the timeless CA
+
+
 def check_clock(w, cfg):
     assert meta(w).get("failures_total", 0) == 0
     offset = [ln for ln in w.metrics.read_text().splitlines() if ln.startswith("devagent_clock_offset_seconds ")]
@@ -230,6 +257,7 @@ SCENARIOS = [
     ("clock in 1970",   5, clock_1970, check_clock),
     ("hook failing",    5, hook_failing, check_hook_failing),
     ("disk full",       5, disk_full, check_disk_full),
+    ("1970, no CA time", 5, no_ca_time_1970, check_no_ca_time),
 ]
 
 
@@ -247,6 +275,8 @@ def test_scenario(world, story, lifetime, setup, check, caplog):
     check(w, cfg)
     if "clock" in story:
         assert any("using CA time" in r.getMessage() for r in caplog.records)
+    if "no CA time" in story:
+        assert any("newest notBefore of our certificates" in r.getMessage() for r in caplog.records)
 
 
 def test_rollover_without_link_keeps_old_certificate(world, caplog):
