@@ -60,7 +60,8 @@ KEYS: tuple[Key, ...] = (
         "that others can read)"),
     Key("key.algorithm", str, "p256", "key type for new keys (RSA only where the CA demands it)",
         choices=board_profiles.KEY_ALGORITHMS),
-    Key("keystore.path", str, "/var/lib/devagent", "keystore directory (same as --state-dir)"),
+    Key("keystore.path", str, "/var/lib/devagent", "keystore directory (command line: --state-dir; environment "
+        "also DEVAGENT_STATE_DIR)"),
     Key("serial.port", str, "/dev/serial0", "serial port for the CoAP-over-serial transport"),
     Key("coap.bind", str, "[::]:5684", "CoAP server bind address HOST:PORT"),
     Key("coap.security", str, "oscore", "CoAP security mode", choices=board_profiles.COAP_SECURITY),
