@@ -857,6 +857,12 @@ class Keystore:
                 for d in tdir.iterdir():
                     if not d.name.startswith("idevid-"):
                         fsutil.remove_tree(d) if d.is_dir() else fsutil.secure_delete(d)
+            # Anything else in the state directory is not the IDevID's: CoAP security contexts (coap/), a CLM's
+            # device inventory with its secrets (clm/), leftovers.
+            keep = {INDEX, MASTER_KEY, "master.tss", AUDIT_LOG, ".lock", WIPE_MARKER, "keys", "creds", "trust", "tpm"}
+            for p in sorted(self.root.iterdir()):
+                if p.name not in keep:
+                    fsutil.remove_tree(p) if p.is_dir() and not p.is_symlink() else fsutil.secure_delete(p)
             self.gc()
         report = {"deleted": plan["delete_credentials"], "keys_destroyed": plan["destroy"],
                   "keys_forgotten": plan["forget"], "trust_removed": plan["trust_removed"],

@@ -66,6 +66,11 @@ def _with_idevid(w):
     cert = mfg.issue("mfg", key.public_key(), parse_subject("CN=dev1 IDevID,serialNumber=0001"), lifetime_s=86400 * 365)
     w.ks.import_idevid("idevid", cert, mfg.domain("mfg").chain, private_key=key)
     w.ks.generate_key("p256", label="unfinished", pending_for={"name": "x", "domain": "plant", "op": "request"})
+    from keystore import fsutil
+
+    for sub in ("coap/oscore/clm1", "clm/contexts/dev9"):  # CoAP security contexts and a CLM inventory: secrets
+        fsutil.ensure_dir(w.ks.root / sub)
+        fsutil.atomic_write(w.ks.root / sub / "settings.json", b'{"secret_hex": "00112233"}')
     return cert
 
 
@@ -92,6 +97,7 @@ def test_decommission_keeps_the_idevid_and_a_usable_keystore(world):
     assert [f for f in files if f.startswith("keys/")] == [ks.get("idevid").key_uri.split(":", 1)[1]]
     assert {f.split("/")[1] for f in files if f.startswith("creds/")} == {"idevid"}
     assert "wipe-pending.json" not in files
+    assert not (ks.root / "coap").exists() and not (ks.root / "clm").exists()
     # ... and usable: onboard again into the domain
     ks.add_trust_anchors("plant", [w.ca.domain("plant").root_cert], source="test")
     asyncio.run(lifecycle_enroll(ks, w.sim))
@@ -155,7 +161,7 @@ def _check_final(base: Path, include: bool) -> None:
     else:
         ks = Keystore.open(state)
         assert [c.name for c in ks.list()] == ["idevid"] and ks.check() == [] and ks.pending_keys() == []
-        assert ks.gc() == []
+        assert ks.gc() == [] and not (state / "coap").exists() and not (state / "clm").exists()
 
 
 @pytest.fixture
