@@ -56,7 +56,16 @@ from keystore.errors import (
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from tpm2_pytss import ESAPI, TCTILdr  # noqa: E402  (after TSS2_LOG is set)
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_ECC, TPM2_HR, TPMA_OBJECT  # noqa: E402
+from tpm2_pytss.constants import (  # noqa: E402
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_HR,
+    TPM2_SE,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
 from tpm2_pytss.cryptography import tpm_ecc_private_key, tpm_rsa_private_key  # noqa: E402
 from tpm2_pytss.internal.crypto import public_to_key  # noqa: E402
 from tpm2_pytss.TSS2_Exception import TSS2_Exception  # noqa: E402
@@ -72,8 +81,11 @@ from tpm2_pytss.types import (  # noqa: E402
     TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
     TPMT_RSA_SCHEME,
+    TPMT_SYM_DEF,
     TPMT_SYM_DEF_OBJECT,
     TPMU_PUBLIC_PARMS,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
 )
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
@@ -437,8 +449,41 @@ class Backend(KeyBackend):
 
 
 # ---- keystore master key sealed to the TPM ---------------------------------------------------------
+def _encrypted_session(ectx: ESAPI, salt_key):
+    """An HMAC session salted with ``salt_key`` (the storage parent) that encrypts the first command and response
+    parameter with AES-128-CFB: the master key crosses the TPM bus (SPI) only encrypted, in both directions.
+
+    The salt is encrypted to the parent's public key, which a passive bus probe cannot undo. (An active
+    interposer that answers in place of the TPM would need a pinned or EK-certified parent; docs/hardware-keys.md.)
+    """
+    sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                       mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
+    sess = ectx.start_auth_session(tpm_key=salt_key, bind=ESYS_TR.NONE, session_type=TPM2_SE.HMAC,
+                                   symmetric=sym, auth_hash=TPM2_ALG.SHA256)
+    ectx.trsess_set_attributes(sess, TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION)
+    return sess
+
+
+@contextlib.contextmanager
+def _parent_and_session(tpm: "_Tpm", ectx: ESAPI):
+    """The storage parent (created or looked up) and an encrypted session salted with it; both flushed after."""
+    parent = TSSPrivKey._getparent(ectx, TPM2_ALG.KEYEDHASH, tpm.parent)
+    sess = None
+    try:
+        sess = _encrypted_session(ectx, parent)
+        yield parent, sess
+    finally:
+        if sess is not None:
+            ectx.flush_context(sess)
+        if tpm.parent == _OWNER:
+            ectx.flush_context(parent)
+
+
 def seal_master_key(root, master_key: bytes, options: dict) -> dict:
     """Seal ``master_key`` to the TPM and write the sealed blob to ``<root>/master.tss`` (0600).
+
+    The secret goes to the TPM (TPM2_Create) and comes back (the test TPM2_Unseal) only inside a salted,
+    parameter-encrypting session (``_encrypted_session``).
 
     Args:
         root: keystore directory.
@@ -455,20 +500,16 @@ def seal_master_key(root, master_key: bytes, options: dict) -> dict:
         raise ValueError("master key must be 1-128 bytes")
     tpm = _Tpm(options)
     try:
-        with tpm.session("sealing the keystore master key") as ectx:
+        with tpm.session("sealing the keystore master key") as ectx, _parent_and_session(tpm, ectx) as (parent, sess):
             sens = TPM2B_SENSITIVE_CREATE()
             sens.sensitive.data = master_key
-            parent = TSSPrivKey._getparent(ectx, TPM2_ALG.KEYEDHASH, tpm.parent)
-            try:
-                private, public, _, _, _ = ectx.create(parent, sens, TPM2B_PUBLIC(publicArea=_seal_template()))
-            finally:
-                if tpm.parent == _OWNER:
-                    ectx.flush_context(parent)
+            private, public, _, _, _ = ectx.create(parent, sens, TPM2B_PUBLIC(publicArea=_seal_template()),
+                                                   session1=sess)
             blob = TSSPrivKey(private, public, True, tpm.parent)
             # Check we can unseal before the caller removes the plain master key file.
-            tr = blob.load(ectx)
+            tr = ectx.load(parent, private, public, session1=sess)
             try:
-                if bytes(ectx.unseal(tr)) != master_key:
+                if bytes(ectx.unseal(tr, session1=sess)) != master_key:
                     raise TpmError("the TPM returned a different secret when unsealing the master key")
             finally:
                 ectx.flush_context(tr)
@@ -479,7 +520,8 @@ def seal_master_key(root, master_key: bytes, options: dict) -> dict:
 
 
 def unseal_master_key(root, meta: dict, options: dict) -> bytes:
-    """Unseal the keystore master key sealed by ``seal_master_key`` (called by ``Keystore._master_key``).
+    """Unseal the keystore master key sealed by ``seal_master_key`` (called by ``Keystore._master_key``); the
+    secret comes back over the bus encrypted (``_encrypted_session``).
 
     Raises:
         KeystoreError: the sealed blob is missing; TpmUnavailableError / TpmError: the TPM refused.
@@ -495,18 +537,18 @@ def unseal_master_key(root, meta: dict, options: dict) -> bytes:
                             "decrypted") from None
     except ValueError as e:
         raise CorruptFileError(f"sealed keystore master key {path} is not a TSS2 blob: {e}") from e
-    tpm = _Tpm(options)
+    tpm = _Tpm(options if tss.parent == _OWNER else {**options, "parent": f"0x{tss.parent:08x}"})
     try:
-        with tpm.session("unsealing the keystore master key") as ectx:
+        with tpm.session("unsealing the keystore master key") as ectx, _parent_and_session(tpm, ectx) as (parent, sess):
             try:
-                tr = tss.load(ectx)
+                tr = ectx.load(parent, tss.private, tss.public, session1=sess)
             except TSS2_Exception as e:
                 if "tcti" in str(e):
                     raise
                 raise TpmError(f"the TPM cannot load the sealed master key {path} ({e}): it was sealed by "
                                f"another TPM or the TPM was cleared (TCTI {tpm.tcti!r})") from e
             try:
-                return bytes(ectx.unseal(tr))
+                return bytes(ectx.unseal(tr, session1=sess))
             finally:
                 ectx.flush_context(tr)
     finally:
