@@ -282,7 +282,8 @@ class EstClient(EnrollmentClient):
         Raises:
             EnrollError: see ``EnrollmentClient``; ProtectionError for TLS trust failures.
         """
-        if not self._anchors and not self._system_trust and self.options.ca_fingerprint:
+        boot_used = not self._anchors and not self._system_trust and self.options.ca_fingerprint
+        if boot_used:
             boot = await self.bootstrap_cacerts()
             certs = boot.validated
         else:
@@ -293,7 +294,8 @@ class EstClient(EnrollmentClient):
         self._cacerts = tuple(certs)
         links = m.rollover_links(certs, self._anchors)
         return CaCertsResult(tuple(certs), new_root=links.new_root, new_with_old=links.new_with_old,
-                             old_with_new=links.old_with_new)
+                             old_with_new=links.old_with_new,
+                             server_time=None if boot_used else m.http_date(resp.headers.get("date")))
 
     # ---- /csrattrs -------------------------------------------------------------------------------
     async def csrattrs(self, auth: ClientAuth | None = None) -> m.CsrAttrs:
@@ -379,7 +381,7 @@ class EstClient(EnrollmentClient):
         certs = m.parse_certs_body(resp.body, resp.headers.get("content-type"), what)
         ee, rest = m.split_issued(certs, csr.public_key(), what)
         chain = await self._verify_issued(ee, rest, auth, what)
-        return EnrollResult(ee, chain, ca_certs=self._cacerts or (),
+        return EnrollResult(ee, chain, ca_certs=self._cacerts or (), server_time=m.http_date(resp.headers.get("date")),
                             info={"protocol": "est", "operation": op, "url": resp.url,
                                   "basic_auth_used": auth.username is not None,
                                   "tls_client_cert": use_cert})
@@ -398,6 +400,7 @@ class EstClient(EnrollmentClient):
                       "the key was transported over TLS and must be stored as a software key",
                       resp.url, ee.subject.rfc4514_string(), ee.serial_number, m.fingerprint(ee))
         return EnrollResult(ee, chain, ca_certs=self._cacerts or (), private_key=skg.private_key,
+                            server_time=m.http_date(resp.headers.get("date")),
                             info={"protocol": "est", "operation": "serverkeygen", "url": resp.url,
                                   "server_generated_key": True, "basic_auth_used": auth.username is not None,
                                   "tls_client_cert": auth.certificate is not None})

@@ -814,3 +814,21 @@ def parse_retry_after(value: str | None, now: datetime.datetime | None = None) -
         when = when.replace(tzinfo=datetime.timezone.utc)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return max(0.0, (when - now).total_seconds())
+
+
+def http_date(value: str | None) -> datetime.datetime | None:
+    """The server's clock from an HTTP ``Date`` header (RFC 9110 §6.6.1: IMF-fixdate, or the obsolete RFC 850 and
+    asctime forms), as an aware UTC datetime; None when absent or unparseable (it is only a clock hint for boards
+    without a trustworthy clock, never a reason to fail an exchange)."""
+    if not value:
+        return None
+    try:
+        t = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if t is None:
+        return None
+    if t.tzinfo is None:  # asctime form carries no zone: it is GMT by definition
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.astimezone(datetime.timezone.utc)
+

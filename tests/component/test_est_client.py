@@ -1,5 +1,6 @@
 """EST client against the lab EST server over real TLS on loopback: every operation and authentication mode."""
 import dataclasses
+import datetime
 import logging
 
 import pytest
@@ -56,6 +57,9 @@ def test_simpleenroll_basic_auth(est_server, est_root, est_lab, label, kind):
     assert _spki(res.certificate) == _spki(key)
     assert res.chain[-1] == est_root and res.chain[0] == est_lab.domain("plant").ca_cert
     assert res.info["operation"] == "simpleenroll" and res.info["basic_auth_used"]
+    # The server's HTTP Date is reported as its clock (the daemon's time estimate on boards without an RTC).
+    assert res.server_time is not None and res.server_time.tzinfo is not None
+    assert abs((res.server_time - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) < 120
     if label:
         assert f"/.well-known/est/{label}/simpleenroll" in res.info["url"]
 

@@ -266,3 +266,15 @@ def test_server_text_reduces_html():
                       b"<body><h1>Bad Gateway</h1><script>evil()</script></body></html>", "text/html")
     assert t.startswith("502 Bad Gateway") and "evil" not in t and "<" not in t
     assert len(m.server_text(b"x" * 5000)) <= m.SERVER_TEXT_MAX_CHARS
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("Sun, 06 Nov 1994 08:49:37 GMT", "1994-11-06T08:49:37+00:00"),   # IMF-fixdate (RFC 9110 §5.6.7)
+    ("Sunday, 06-Nov-94 08:49:37 GMT", "1994-11-06T08:49:37+00:00"),  # obsolete RFC 850 form
+    ("Sun Nov  6 08:49:37 1994", "1994-11-06T08:49:37+00:00"),        # obsolete asctime form: GMT by definition
+    ("Sun, 06 Nov 1994 10:49:37 +0200", "1994-11-06T08:49:37+00:00"),
+    (None, None), ("", None), ("yesterday", None), ("Sun, 99 Nov 1994 08:49:37 GMT", None),
+])
+def test_http_date(value, expected):
+    t = m.http_date(value)
+    assert (t.isoformat() if t else None) == expected
