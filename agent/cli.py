@@ -45,15 +45,20 @@ LAZY_HELP = {
 
 @dataclasses.dataclass
 class App:
-    # ``state_dir`` is the --state-dir option (None: not given); reading ``app.state_dir`` gives the effective
-    # keystore directory (the property below): --state-dir > DEVAGENT_STATE_DIR > config file [keystore] path >
-    # board profile > default, resolved by agent.config like every other key, and only when a command needs it.
-    state_dir: Path | None = None
+    state_dir_option: Path | None = None  # --state-dir as given (None: not given); see ``state_dir``
     json: bool = False
     verbose: bool = False
     config_path: str | None = None
     board_profile: str | None = None
     _config: object = None
+
+    @property
+    def state_dir(self) -> Path:
+        """The effective keystore directory: --state-dir > DEVAGENT_STATE_DIR > config file [keystore] path >
+        board profile > default, resolved by agent.config like every other key, and only when a command needs it."""
+        if self.state_dir_option is not None:
+            return Path(self.state_dir_option)
+        return Path(self.config().keystore_path)
 
     def keystore(self):
         from keystore.store import Keystore
@@ -86,7 +91,7 @@ class App:
 
     def state_dir_override(self) -> dict:
         """``{"keystore.path": DIR}`` when --state-dir was given (the command-line layer), else {}."""
-        opt = self.__dict__.get("_state_dir_option")
+        opt = self.state_dir_option
         return {"keystore.path": str(Path(opt).absolute())} if opt is not None else {}
 
     def out(self, data, text: str | None = None) -> None:
@@ -94,21 +99,6 @@ class App:
             click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         elif text is not None:
             click.echo(text)
-
-
-def _get_state_dir(self) -> Path:
-    opt = self.__dict__.get("_state_dir_option")
-    if opt is not None:
-        return Path(opt)
-    return Path(self.config().keystore_path)
-
-
-def _set_state_dir(self, value) -> None:
-    self.__dict__["_state_dir_option"] = value
-
-
-# Installed after @dataclass has read the field's default, so App(state_dir=...) still works.
-App.state_dir = property(_get_state_dir, _set_state_dir, doc="effective keystore directory (see App)")
 
 
 class LazyGroup(click.Group):
@@ -204,7 +194,7 @@ def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
     if not verbose:  # per-request lines of HTTP/CoAP libraries are debugging noise for an operator
         for noisy in ("httpx", "httpcore", "coap", "aiocoap"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    ctx.obj = App(state_dir=state_dir, json=as_json, verbose=verbose,
+    ctx.obj = App(state_dir_option=state_dir, json=as_json, verbose=verbose,
                   config_path=config_path, board_profile=board_profile)
 
 

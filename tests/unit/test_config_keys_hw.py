@@ -50,7 +50,7 @@ def test_cli_backend_options(tmp_path, monkeypatch):
     for var in [v for v in __import__("os").environ if v.startswith(("DEVAGENT_", "DEVAGENT_TPM_"))]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("DEVAGENT_PKCS11_PIN", "file:/run/pin")  # the older per-option variable still wins
-    opts = App(state_dir=tmp_path / "ks", config_path=str(f), board_profile="generic-x86_64").backend_options()
+    opts = App(state_dir_option=tmp_path / "ks", config_path=str(f), board_profile="generic-x86_64").backend_options()
     assert opts["tpm"] == {"tcti": "swtpm:host=127.0.0.1,port=2321", "parent": "0x81000001", "persist": "blob",
                            "handle_base": "0x81100000"}
     assert opts["pkcs11"] == {"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "plant", "pin": "file:/run/pin"}
