@@ -27,7 +27,7 @@ def encode_index(data: dict) -> bytes:
     """The index as JSON with one record per line (readable, diffable), encoded by the C encoder.
 
     ``json.dumps(..., indent=N)`` falls back to the pure-Python encoder, which made every keystore change cost
-    ~0.3 ms per stored credential; per-record ``dumps`` without indent is about ten times faster."""
+    ~0.3 ms per stored credential; per-record ``dumps`` without indent is about three times faster."""
     tables = []
     for name in sorted(data):
         table = data[name]
