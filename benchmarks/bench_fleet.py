@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_table1 import free_udp_pair
+from tests.peers.coap import free_port_pair
 from benchmarks.conftest import DOMAIN, record, sizes
 
 FLEET_SIZES = sizes((10, 100, 1000), (10,))
@@ -90,7 +90,7 @@ async def start_fleet(n: int, root: Path, lab):
                                                  csr_rate_per_min=1e9, csr_burst=10 ** 6))
         provision(dev_id, ddir / "security", clm_dir, methods=(CHANNEL,))
         layers = load_server_security(ddir / "security", methods=(CHANNEL,))
-        server = await DeviceServer.start(service, layers, host="127.0.0.1", port=free_udp_pair())
+        server = await DeviceServer.start(service, layers, host="127.0.0.1", port=free_port_pair())
         servers.append(server)
         inventory.add(dev_id, server.uri, security=CHANNEL, context=str(clm_dir / "contexts" / dev_id),
                       key_type="p256", domain=DOMAIN, subject=f"CN={dev_id}")

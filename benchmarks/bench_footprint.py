@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_table1 import free_udp_pair
+from tests.peers.coap import free_port_pair
 from benchmarks.conftest import CI, DOMAIN, n_samples, record
 
 HEAVY = ("cryptography.x509", "aiocoap", "pyasn1", "pyasn1_modules", "pyasn1_alt_modules", "httpx", "tinydb",
@@ -119,7 +119,7 @@ async def _load(uri: str, clm_dir: Path, lab, k: int) -> None:
 def test_serve_memory_idle(benchmark, device_state):
     """Timed: exec of ``devagent serve`` until it answers /.well-known/core; then RSS after an idle second."""
     state, _ = device_state
-    port = free_udp_pair()
+    port = free_port_pair()
     uri = f"coap://127.0.0.1:{port}"
     figures: dict = {}
     with devagent_serve(state, port) as proc:
@@ -137,7 +137,7 @@ def test_serve_memory_idle(benchmark, device_state):
 def test_serve_memory_under_load(benchmark, device_state, lab_ca):
     """The same measurement reported as its own row: RSS after K enrollments, peak (VmHWM), server CPU."""
     state, clm_dir = device_state
-    port = free_udp_pair()
+    port = free_port_pair()
     uri = f"coap://127.0.0.1:{port}"
     with devagent_serve(state, port) as proc:
         asyncio.run(_wait_ready(uri, proc))

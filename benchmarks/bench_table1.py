@@ -36,7 +36,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.conftest import DOMAIN, REPO, n_samples, record
+from tests.peers.coap import free_port_pair
 from tests.peers.pkcs11 import softhsm  # noqa: F401  (session fixture, shared with the other suites)
 from tests.peers.tpm import swtpm  # noqa: F401  (session fixture)
 
@@ -95,25 +95,6 @@ CONFIGS = [
 ]
 
 
-def free_udp_pair(host: str = "127.0.0.1") -> int:
-    """A UDP port P with P+1 also free (the device serves DTLS on its CoAP port + 1)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((host, 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
-                a.bind((host, p))
-                b.bind((host, p + 1))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no two consecutive free UDP ports on loopback")
-
-
 def set_oscore_aes(context_dirs, bits: int) -> None:
     """Switch a provisioned OSCORE context pair to AES-CCM-16-64-``bits`` (both halves, before first use)."""
     for d in context_dirs:
@@ -159,7 +140,7 @@ class Rig:
             if cfg.channel == "oscore" and cfg.aes_bits != 128:
                 set_oscore_aes([dev_sec / "oscore" / "clm", Path(context) / "oscore"], cfg.aes_bits)
             layers = load_server_security(dev_sec, methods=(cfg.channel,))
-        port = free_udp_pair()
+        port = free_port_pair()
         self.server = await DeviceServer.start(service, layers, host="127.0.0.1", port=port,
                                                insecure=cfg.channel == "none")
         uri = self.server.dtls_uri if cfg.channel == "dtls-psk" else self.server.uri
