@@ -34,7 +34,12 @@ def _free_port_pair() -> int:
 
 
 def run(*, lab, domain: str, state: Path, devagent: list[str]) -> dict:
-    """Run the demo; returns the CLM's stage durations (seconds)."""
+    """Run the demo; returns the CLM's stage durations (seconds).
+
+    Raises:
+        SystemExit: a step exited non-zero, the service did not start, or the stored certificate does not pass
+            ``openssl verify`` (every check printed is enforced).
+    """
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     dev, edge, clm_dir = state / "device", state / "edge", state / "edge" / "clm"
@@ -85,9 +90,9 @@ def run(*, lab, domain: str, state: Path, devagent: list[str]) -> dict:
         da("clm", "--clm-dir", str(clm_dir), "list", st=edge)
         cert = state / "pump-7.pem"
         cert.write_bytes((clm_dir / "certs" / "pump-7.pem").read_bytes())
-        v = subprocess.run(["openssl", "verify", "-CAfile", str(root_pem), "-untrusted",
-                            str(lab.dir / domain / "ca.pem"), str(cert)], capture_output=True, text=True)
-        print(f"$ openssl verify -CAfile root.pem -untrusted ca.pem pump-7.pem\n  {(v.stdout + v.stderr).strip()}")
+        from agent.demo import openssl_verify_file
+
+        openssl_verify_file(root_pem, lab.dir / domain / "ca.pem", cert)  # SystemExit unless OpenSSL says OK
         return stages
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,10 @@ A TEST-ONLY lab CA serves EST (HTTPS) and CMP (HTTP, RFC 6712) on 127.0.0.1; a d
 ``demo-state/`` is driven through the real ``devagent`` command line: onboarding (LDevID), an application
 credential, renewal with a new key, revocation where the protocol allows it, and finally a CoAP delegated
 enrollment (seed 003) with per-stage timings. Nothing leaves this machine.
+
+Every check the demo prints is also enforced: a ``devagent`` step with an unexpected exit code, an ``openssl
+verify`` that does not answer OK, or a section that cannot run ends the demo with a non-zero exit status
+(``SystemExit`` naming the failed step), so ``make demo`` fails when what it shows fails.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ def banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def devagent(*args: str, state: Path, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+def devagent(*args: str, state: Path, check: bool = True, quiet: bool = False,
+             expect_exit: int | None = None) -> subprocess.CompletedProcess:
+    """Run one ``devagent`` command and print it. ``check``: exit 0 required; ``expect_exit``: that exit code is
+    required instead (a refusal the demo shows on purpose). Raises SystemExit otherwise."""
     shown = "devagent --state-dir " + shlex.quote(str(state.relative_to(Path.cwd()) if state.is_relative_to(Path.cwd())
                                                        else state)) + " " + " ".join(shlex.quote(a) for a in args)
     print(f"$ {shown}", flush=True)
@@ -38,18 +45,34 @@ def devagent(*args: str, state: Path, check: bool = True, quiet: bool = False) -
     if out and not quiet:
         print("  " + out.replace("\n", "\n  "))
     print(f"  [exit {r.returncode}, {dt * 1000:.0f} ms]", flush=True)
-    if check and r.returncode != 0:
+    if expect_exit is not None:
+        if r.returncode != expect_exit:
+            raise SystemExit(f"demo step failed: {shown} exited {r.returncode}, expected {expect_exit}")
+    elif check and r.returncode != 0:
         raise SystemExit(f"demo step failed: {shown}")
     return r
+
+
+def openssl_verify_file(root: Path, untrusted: Path, leaf: Path) -> str:
+    """``openssl verify -CAfile root -untrusted untrusted leaf``, printed; its output line.
+
+    Raises:
+        SystemExit: openssl's exit status is not 0 or it does not print ``leaf: OK`` (the certificate does not
+            verify with OpenSSL), naming the file and OpenSSL's reason.
+    """
+    r = subprocess.run(["openssl", "verify", "-CAfile", str(root), "-untrusted", str(untrusted), str(leaf)],
+                       capture_output=True, text=True)
+    text = (r.stdout + r.stderr).strip()
+    print(f"$ openssl verify -CAfile {root.name} -untrusted {untrusted.name} {leaf.name}\n  {text}", flush=True)
+    if r.returncode != 0 or f"{leaf}: OK" not in r.stdout:
+        raise SystemExit(f"demo check failed: openssl verify of {leaf} (exit {r.returncode}): {text}")
+    return text
 
 
 def openssl_verify(lab, domain: str, pem_text: str, label: str) -> None:
     leaf = STATE / f"{label}.pem"
     leaf.write_text(pem_text)
-    root = lab.dir / domain / "root.pem"
-    r = subprocess.run(["openssl", "verify", "-CAfile", str(root), "-untrusted", str(lab.dir / domain / "ca.pem"),
-                        str(leaf)], capture_output=True, text=True)
-    print(f"$ openssl verify -CAfile {root.name} ... {leaf.name}\n  {(r.stdout + r.stderr).strip()}")
+    openssl_verify_file(lab.dir / domain / "root.pem", lab.dir / domain / "ca.pem", leaf)
 
 
 def est_demo(lab, domain: str) -> None:
@@ -68,7 +91,8 @@ def est_demo(lab, domain: str) -> None:
         devagent("request", "opcua-server", "--domain", domain, "--subject", "CN=pump-7 OPC UA",
                  "--san", "uri:urn:demo:pump-7", state=dev)
         devagent("renew", f"ldevid-{domain}", state=dev)
-        devagent("revoke", f"ldevid-{domain}", "--reason", "superseded", state=dev, check=False)
+        # EST has no revocation (RFC 7030): the demo shows the refusal, which must be exit 5 (not supported).
+        devagent("revoke", f"ldevid-{domain}", "--reason", "superseded", state=dev, expect_exit=5)
         devagent("status", state=dev)
         pem_text = devagent("keystore", "show", f"ldevid-{domain}", "--pem", state=dev, quiet=True).stdout
         openssl_verify(lab, domain, pem_text, "est-ldevid")
@@ -78,8 +102,7 @@ def cmp_demo(lab, domain: str) -> None:
     try:
         from agent.lab import cmp_server
     except ImportError as e:
-        banner(f"CMP: lab CMP server unavailable ({e})")
-        return
+        raise SystemExit(f"demo section CMP cannot run: lab CMP server unavailable ({e})") from e
     banner(f"CMP (RFC 9483 lightweight profile) against the lab CA, domain {domain!r}")
     dev = STATE / "device-cmp"
     with cmp_server.start_cmp_server(lab, domain, secrets={b"pump-7": b"cmp-demo-secret"}) as srv:
@@ -102,8 +125,7 @@ def delegated_demo(lab, domain: str) -> None:
     try:
         from agent import clm_demo
     except ImportError as e:
-        banner(f"CoAP delegated enrollment unavailable ({e})")
-        return
+        raise SystemExit(f"demo section CoAP delegated enrollment cannot run ({e})") from e
     banner("CoAP delegated enrollment (seed 003): CLM asks the device for a CSR, enrolls it, pushes the certificate")
     clm_demo.run(lab=lab, domain=domain, state=STATE / "delegated", devagent=DEVAGENT)
 
