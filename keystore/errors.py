@@ -55,7 +55,8 @@ class SecretSourceError(KeystoreError, ValueError):
 
 
 class VerificationError(KeystoreError):
-    """A certificate was rejected before storing. ``reason`` is a stable machine-readable code."""
+    """A certificate was rejected (``keystore.validator``). ``reason`` is a stable machine-readable code, listed
+    with its meaning in docs/trust.md."""
 
     REASONS = (
         "key-mismatch",
@@ -70,6 +71,13 @@ class VerificationError(KeystoreError):
         "unknown-critical-extension",
         "malformed",
         "subject-mismatch",
+        "path-length",
+        "name-constraints",
+        "policy",
+        "weak-key",
+        "bad-algorithm",
+        "not-authorized",
+        "root-update",
     )
 
     def __init__(self, reason: str, message: str):

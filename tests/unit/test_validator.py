@@ -1,0 +1,304 @@
+"""keystore.validator: the chain matrix of issue #13, both engines, and OpenSSL's verdict on the same chains.
+
+Every case is judged three ways where possible: pyca's path validator (``engine="pyca"``), the hand-written
+fallback (``engine="fallback"``), and ``openssl verify -x509_strict -purpose ...``; they must agree. Ed25519
+chains (which pyca refuses) are judged by the fallback and OpenSSL.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+from cryptography.x509.oid import NameOID
+
+from keystore.errors import VerificationError
+from keystore.validator import OID_CMC_CA, OID_CMC_RA, Policy, _pyca_can_judge, check_root_update, validate
+from tests.certfactory import DAY, NOW, Spec, chain, key, ku, name, openssl_verify
+
+PAST = dict(not_before=NOW - 30 * DAY, not_after=NOW - DAY)
+FUTURE = dict(not_before=NOW + DAY, not_after=NOW + 30 * DAY)
+UNKNOWN = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
+
+
+def nc(permitted=None, excluded=None):
+    return [(x509.NameConstraints(permitted, excluded), True)]
+
+
+DN_PLANT = x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Plant")]))
+URI_PLANT = x509.UniformResourceIdentifier(".plant.example")
+DNS_PLANT = x509.DNSName("plant.example")
+NET10 = x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))
+
+
+def san(*names):
+    return list(names)
+
+
+# (id, chain kwargs, policy purpose + overrides, expected reason or None, OpenSSL purpose or None = not comparable)
+MATRIX = [
+    ("valid", {}, ("credential", {}), None, "sslclient"),
+    ("valid-depth2", dict(depth=2), ("credential", {}), None, "sslclient"),
+    ("expired-leaf", dict(leaf=Spec(**PAST)), ("credential", {}), "expired", "sslclient"),
+    ("expired-inter", dict(inters=[Spec(**PAST)]), ("credential", {}), "expired", "sslclient"),
+    ("expired-root", dict(root=Spec(**PAST)), ("credential", {}), "expired", "sslclient"),
+    ("notyet-leaf", dict(leaf=Spec(**FUTURE)), ("credential", {}), "not-yet-valid", "sslclient"),
+    ("notyet-inter", dict(inters=[Spec(**FUTURE)]), ("credential", {}), "not-yet-valid", "sslclient"),
+    ("notyet-root", dict(root=Spec(**FUTURE)), ("credential", {}), "not-yet-valid", "sslclient"),
+    ("inter-not-ca", dict(inters=[Spec(ca=False, key_usage=ku(key_cert_sign=True))]), ("credential", {}),
+     "not-a-ca", "sslclient"),
+    ("inter-no-bc", dict(inters=[Spec(bc=False, ca=True)]), ("credential", {}), "not-a-ca", "sslclient"),
+    ("root-not-ca", dict(root=Spec(ca=False, key_usage=ku(key_cert_sign=True))), ("credential", {}),
+     "not-a-ca", "sslclient"),
+    ("pathlen-exceeded", dict(root=Spec(path_length=0)), ("credential", {}), "path-length", "sslclient"),
+    ("pathlen-exceeded-inter", dict(depth=4, inters=[Spec(path_length=0), Spec()]), ("credential", {}),
+     "path-length", "sslclient"),
+    ("pathlen-ok", dict(depth=4, inters=[Spec(path_length=1), Spec(path_length=0)]), ("credential", {}), None,
+     "sslclient"),
+    ("inter-no-keycertsign", dict(inters=[Spec(key_usage=ku(crl_sign=True))]), ("credential", {}),
+     "bad-key-usage", "sslclient"),
+    ("root-no-keycertsign", dict(root=Spec(key_usage=ku(crl_sign=True, digital_signature=True))),
+     ("credential", {}), "bad-key-usage", "sslclient"),
+    ("leaf-no-digitalsignature", dict(leaf=Spec(key_usage=ku(key_encipherment=True))), ("credential", {}),
+     "bad-key-usage", "sslclient"),
+    ("leaf-is-ca", dict(leaf=Spec(ca=True)), ("credential", {}), "is-ca", None),
+    ("nc-dns-ok", dict(inters=[Spec(extra=nc([DNS_PLANT]))], leaf=Spec(san=san(x509.DNSName("a.plant.example")))),
+     ("credential", {}), None, "sslclient"),
+    ("nc-dns-violated", dict(inters=[Spec(extra=nc([DNS_PLANT]))], leaf=Spec(san=san(x509.DNSName("evil.example")))),
+     ("credential", {}), "name-constraints", "sslclient"),
+    ("nc-dns-excluded", dict(inters=[Spec(extra=nc(None, [DNS_PLANT]))],
+                             leaf=Spec(san=san(x509.DNSName("x.plant.example")))),
+     ("credential", {}), "name-constraints", "sslclient"),
+    ("nc-dns-on-root", dict(root=Spec(extra=nc([DNS_PLANT])), leaf=Spec(san=san(x509.DNSName("evil.example")))),
+     ("credential", {}), "name-constraints", "sslclient"),
+    ("nc-ip-ok", dict(inters=[Spec(extra=nc([NET10]))],
+                      leaf=Spec(san=san(x509.IPAddress(ipaddress.ip_address("10.1.2.3"))))),
+     ("credential", {}), None, "sslclient"),
+    ("nc-ip-violated", dict(inters=[Spec(extra=nc([NET10]))],
+                            leaf=Spec(san=san(x509.IPAddress(ipaddress.ip_address("192.0.2.7"))))),
+     ("credential", {}), "name-constraints", "sslclient"),
+    ("nc-uri-ok", dict(inters=[Spec(extra=nc([URI_PLANT]))],
+                       leaf=Spec(san=san(x509.UniformResourceIdentifier("https://dev1.plant.example/x")))),
+     ("credential", {}), None, "sslclient"),
+    ("nc-uri-violated", dict(inters=[Spec(extra=nc([URI_PLANT]))],
+                             leaf=Spec(san=san(x509.UniformResourceIdentifier("https://evil.example/x")))),
+     ("credential", {}), "name-constraints", "sslclient"),
+    ("nc-dn-ok", dict(inters=[Spec(subject=name("Test CA 1", "Plant"), extra=nc([DN_PLANT]))],
+                      leaf=Spec(subject=name("device 1", "Plant"))), ("credential", {}), None, "sslclient"),
+    ("nc-dn-violated", dict(inters=[Spec(subject=name("Test CA 1", "Plant"), extra=nc([DN_PLANT]))],
+                            leaf=Spec(subject=name("device 1", "Evil"))), ("credential", {}), "name-constraints",
+     "sslclient"),
+    ("unknown-critical-leaf", dict(leaf=Spec(extra=[(UNKNOWN, True)])), ("credential", {}),
+     "unknown-critical-extension", "sslclient"),
+    ("unknown-critical-inter", dict(inters=[Spec(extra=[(UNKNOWN, True)])]), ("credential", {}),
+     "unknown-critical-extension", "sslclient"),
+    ("unknown-noncritical-inter", dict(inters=[Spec(extra=[(UNKNOWN, False)])]), ("credential", {}), None,
+     "sslclient"),
+    ("eku-client-ok", dict(leaf=Spec(eku=[EKU.CLIENT_AUTH])), ("credential", dict(eku={"clientAuth"})), None,
+     "sslclient"),
+    ("eku-client-missing", dict(leaf=Spec(eku=[EKU.SERVER_AUTH])), ("credential", dict(eku={"clientAuth"})),
+     "bad-eku", "sslclient"),
+    ("eku-absent-ok", {}, ("credential", dict(eku={"clientAuth"})), None, "sslclient"),
+    ("eku-ca-restricts", dict(inters=[Spec(eku=[EKU.SERVER_AUTH])], leaf=Spec(eku=[EKU.CLIENT_AUTH])),
+     ("credential", dict(eku={"clientAuth"})), "bad-eku", "sslclient"),
+    ("eku-ca-allows", dict(inters=[Spec(eku=[EKU.CLIENT_AUTH, EKU.SERVER_AUTH])], leaf=Spec(eku=[EKU.CLIENT_AUTH])),
+     ("credential", dict(eku={"clientAuth"})), None, "sslclient"),
+    ("tls-server-ok", dict(leaf=Spec(eku=[EKU.SERVER_AUTH], key_usage=ku(digital_signature=True))),
+     ("est-tls-server", {}), None, "sslserver"),
+    ("tls-server-client-cert", dict(leaf=Spec(eku=[EKU.CLIENT_AUTH])), ("est-tls-server", {}), "bad-eku",
+     "sslserver"),
+    ("policy-required-missing", dict(inters=[Spec(extra=[(x509.PolicyConstraints(0, None), True)])]),
+     ("credential", {}), "policy", "sslclient"),
+    ("policy-required-present", dict(
+        inters=[Spec(extra=[(x509.PolicyConstraints(0, None), True), (_cp := x509.CertificatePolicies(
+            [x509.PolicyInformation(x509.ObjectIdentifier("1.3.6.1.4.1.55555.2.1"), None)]), False)])],
+        leaf=Spec(extra=[(_cp, False)])), ("credential", {}), None, "sslclient"),
+    ("policy-required-other", dict(
+        inters=[Spec(extra=[(x509.PolicyConstraints(0, None), True), (_cp, False)])],
+        leaf=Spec(extra=[(x509.CertificatePolicies([x509.PolicyInformation(
+            x509.ObjectIdentifier("1.3.6.1.4.1.55555.2.9"), None)]), False)])), ("credential", {}), "policy",
+     "sslclient"),
+    ("inhibit-any-policy", dict(
+        inters=[Spec(extra=[(x509.PolicyConstraints(0, None), True), (x509.InhibitAnyPolicy(0), True),
+                            (x509.CertificatePolicies([x509.PolicyInformation(
+                                x509.ObjectIdentifier("2.5.29.32.0"), None)]), False)])],
+        leaf=Spec(extra=[(x509.CertificatePolicies([x509.PolicyInformation(
+            x509.ObjectIdentifier("2.5.29.32.0"), None)]), False)])), ("credential", {}), "policy", "sslclient"),
+    ("cmp-signer-other-device", dict(leaf=Spec(eku=[EKU.CLIENT_AUTH])), ("cmp-signer", {}), "not-authorized", None),
+    ("cmp-signer-no-eku", {}, ("cmp-signer", {}), "not-authorized", None),
+    ("cmp-signer-ra", dict(leaf=Spec(eku=[OID_CMC_RA])), ("cmp-signer", {}), None, None),
+    ("cmp-signer-cmcca", dict(leaf=Spec(eku=[OID_CMC_CA])), ("cmp-signer", {}), None, None),
+    ("cmp-signer-ca", dict(leaf=Spec(ca=True, key_usage=ku(digital_signature=True, key_cert_sign=True))),
+     ("cmp-signer", {}), None, None),
+    ("cmp-signer-ca-no-digitalsignature", dict(leaf=Spec(ca=True)), ("cmp-signer", {}), "bad-key-usage", None),
+    ("cmp-signer-ca-ignore-keyusage", dict(leaf=Spec(ca=True)), ("cmp-signer", dict(ignore_key_usage=True)), None,
+     None),
+    ("cmp-signer-expired-ra", dict(leaf=Spec(eku=[OID_CMC_RA], **PAST)), ("cmp-signer", {}), "expired", None),
+    ("ca-cert", dict(leaf=Spec(ca=True)), ("ca-cert", {}), None, None),
+    ("ca-cert-ee", {}, ("ca-cert", {}), "not-a-ca", None),
+]
+KINDS = ["p256", "rsa2048", "ed25519"]
+
+
+def _policy(purpose_overrides, **more):
+    purpose, over = purpose_overrides
+    return Policy.for_purpose(purpose, NOW, **{**over, **more})
+
+
+def _verdict(ch, policy, engine):
+    try:
+        path = validate(ch.leaf, ch.untrusted, [ch.root], policy, engine=engine)
+        return None, path
+    except VerificationError as e:
+        return e.reason, str(e)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", MATRIX, ids=[m[0] for m in MATRIX])
+def test_matrix(case, kind, tmp_path):
+    cid, kw, purpose, expected, ossl_purpose = case
+    ch = chain(kind, **kw)
+    policy = _policy(purpose)
+    pyca_can = _pyca_can_judge(ch.leaf, ch.untrusted, [ch.root], policy)
+    assert pyca_can == (kind != "ed25519" and not cid.startswith(("nc-uri-", "nc-dn-")))
+    engines = ["pyca", "fallback"] if pyca_can else ["fallback"]
+    for engine in [*engines, "auto"]:
+        reason, detail = _verdict(ch, policy, engine)
+        assert reason == expected, f"{engine}: {detail}"
+        if expected is None:
+            assert detail[0] == ch.leaf and detail[-1] == ch.root
+        else:
+            assert detail  # a message for a person
+    if ossl_purpose is not None:
+        ok, out = openssl_verify(ch, tmp_path, ossl_purpose)
+        assert ok == (expected is None), f"OpenSSL disagrees (validator: {expected}): {out}"
+
+
+def test_messages_name_certificate_and_check():
+    ch = chain(inters=[Spec(**PAST)])
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW))
+    assert "Test CA 1" in str(e.value) and "expired at" in str(e.value) and "checked at" in str(e.value)
+
+
+def test_key_mismatch():
+    ch = chain()
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW),
+                 public_key=key("p256", 7).public_key())
+    assert e.value.reason == "key-mismatch"
+    assert validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW),
+                    public_key=ch.leaf_key.public_key())
+
+
+@pytest.mark.parametrize("engine", ["pyca", "fallback"])
+def test_untrusted_and_bad_signature(engine):
+    ch = chain()
+    other = chain(root=Spec(key=key("p256", 5)))
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [other.root], Policy.for_purpose("credential", NOW), engine=engine)
+    assert e.value.reason in ("untrusted", "bad-signature")
+    forged = chain(leaf=Spec(sign_with=key("p256", 6)))
+    with pytest.raises(VerificationError) as e:
+        validate(forged.leaf, forged.untrusted, [forged.root], Policy.for_purpose("credential", NOW), engine=engine)
+    assert e.value.reason == "bad-signature"
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, [], [ch.root], Policy.for_purpose("credential", NOW), engine=engine)
+    assert e.value.reason == "untrusted"  # intermediate missing
+
+
+def test_no_anchor():
+    ch = chain()
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [], Policy.for_purpose("credential", NOW))
+    assert e.value.reason == "untrusted" and "no trust anchor" in str(e.value)
+
+
+def test_pinned_server_certificate():
+    """--cmp-server-cert: an EE without cmcRA from an unknown PKI is accepted when it is the pinned one."""
+    srv = chain(leaf=Spec(eku=[EKU.SERVER_AUTH])).leaf
+    policy = Policy.for_purpose("cmp-signer", NOW, pinned=(srv,))
+    assert validate(srv, [], [], policy) == (srv,)
+    other = chain(leaf=Spec(key=key("p256", 8))).leaf
+    with pytest.raises(VerificationError) as e:
+        validate(other, [], [], policy)
+    assert e.value.reason == "not-authorized"
+    expired = chain(leaf=Spec(**PAST)).leaf
+    with pytest.raises(VerificationError) as e:
+        validate(expired, [], [], Policy.for_purpose("cmp-signer", NOW, pinned=(expired,)))
+    assert e.value.reason == "expired"
+
+
+def test_estimated_clock_window():
+    """A board without a real-time clock: each certificate need only be valid within at +- uncertainty."""
+    ch = chain(leaf=Spec(not_before=NOW + 2 * DAY, not_after=NOW + 30 * DAY))
+    strict = Policy.for_purpose("credential", NOW)
+    with pytest.raises(VerificationError):
+        validate(ch.leaf, ch.untrusted, [ch.root], strict)
+    loose = Policy.for_purpose("credential", NOW, clock="estimate", uncertainty_s=3 * 86400)
+    assert validate(ch.leaf, ch.untrusted, [ch.root], loose)
+    assert not loose.clock_trusted and strict.clock_trusted
+
+
+def test_weak_rsa_only_when_allowed():
+    ch = chain("rsa1024")
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW))
+    assert e.value.reason == "weak-key"
+    assert validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW, min_rsa_bits=1024))
+
+
+def test_extra_intermediates_are_ignored_and_loops_end():
+    ch = chain()
+    unrelated = chain(root=Spec(key=key("p256", 4)))
+    path = validate(ch.leaf, [*unrelated.inters, unrelated.root, *ch.untrusted, ch.leaf], [ch.root],
+                    Policy.for_purpose("credential", NOW), engine="fallback")
+    assert path == (ch.leaf, ch.inters[0], ch.root)
+
+
+def test_max_intermediates():
+    ch = chain(depth=5)
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW, max_intermediates=2),
+                 engine="fallback")
+    assert e.value.reason == "path-length"
+    with pytest.raises(VerificationError):
+        validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", NOW, max_intermediates=2),
+                 engine="pyca")
+
+
+def test_policy_is_frozen_and_checked():
+    p = Policy.for_purpose("credential", NOW)
+    with pytest.raises(AttributeError):
+        p.at = NOW  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        Policy.for_purpose("nonsense", NOW)
+    with pytest.raises(ValueError):
+        Policy.for_purpose("credential", datetime.datetime(2024, 1, 1))
+    with pytest.raises(TypeError):
+        Policy.for_purpose("credential", None)
+    with pytest.raises(ValueError):
+        Policy.for_purpose("credential", NOW, uncertainty_s=10)  # a trusted clock has no uncertainty
+    with pytest.raises(ValueError):
+        Policy.for_purpose("credential", NOW, eku={"bogus"})
+
+
+def test_root_update_link():
+    old = chain(root=Spec(key=key("p256", 1))).root
+    new = chain(root=Spec(key=key("p256", 2), subject=name("Test Root G2"))).root
+    from tests.certfactory import build
+
+    nwo, _ = build(Spec(key=key("p256", 2), subject=name("Test Root G2")), old.subject, key("p256", 1), "inter",
+                   "p256", 2)
+    own, _ = build(Spec(key=key("p256", 1), subject=old.subject), new.subject, key("p256", 2), "inter", "p256", 1)
+    assert check_root_update([old], new, nwo, own) is old
+    with pytest.raises(VerificationError) as e:
+        check_root_update([old], new, None)
+    assert e.value.reason == "root-update"
+    stranger = chain(root=Spec(key=key("p256", 3))).root
+    with pytest.raises(VerificationError):
+        check_root_update([stranger], new, nwo)
+    with pytest.raises(VerificationError):
+        check_root_update([old], new, nwo, nwo)  # oldWithNew must carry the old key
