@@ -56,8 +56,7 @@ def _read_secret_json(path: Path, what: str) -> dict:
     from keystore.errors import KeystorePermissionError
 
     try:
-        _fsutil().check_private(path, what)
-        return json.loads(path.read_text())
+        return json.loads(_fsutil().read_private(path, what))
     except KeystorePermissionError as e:
         raise SecurityConfigError(str(e)) from e
     except FileNotFoundError:

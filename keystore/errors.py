@@ -22,6 +22,16 @@ class StorageError(KeystoreError):
     """Writing to disk failed (ENOSPC, EIO, ...); nothing was changed."""
 
 
+class NotDurableError(StorageError):
+    """The new content is in place (``os.replace`` succeeded: readers see it) but its directory could not be
+    fsynced, so it may not survive a power cut. Unlike every other ``StorageError``, something *was* changed.
+    ``path`` is the file that was replaced."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
 class CorruptFileError(KeystoreError):
     """A file (PEM, DER, PKCS#12, index) could not be parsed."""
 

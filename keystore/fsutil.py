@@ -2,10 +2,13 @@
 
 Invariants:
 - Every write goes to a temp file in the same directory, is fsynced, ``os.replace``d over the target, and the
-  directory is fsynced; on any error the temp file is removed and the target is untouched.
+  directory is fsynced; on any error before the replace the temp file is removed and the target is untouched
+  (``StorageError``). A failure *after* the replace (the directory fsync) is ``NotDurableError``: the new content
+  is live, and callers must treat it as written (never remove what it points at), report it, and retry the sync.
 - Files are created 0600 (or 0400), directories 0700. Nothing else in the project calls ``os.chmod`` or
   ``os.open`` for state files.
-- ``check_private`` refuses secrets readable or writable by group/others, naming the fix.
+- Secrets are read through ``read_private``: opened with ``O_NOFOLLOW`` and checked with ``fstat`` on the opened
+  descriptor (no stat-then-open by path), refusing group/world-accessible files and naming the fix.
 """
 from __future__ import annotations
 
@@ -16,38 +19,24 @@ import stat
 import tempfile
 from pathlib import Path
 
-from keystore.errors import KeystorePermissionError, StorageError
+from keystore.errors import KeystorePermissionError, NotDurableError, StorageError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
-# Test hook for fault injection: a callable(stage: str, path: str) run between write steps. It lets
-# tests/fault make a write fail (ENOSPC, EIO) at each step; None in production.
+# Test hook for fault injection: a callable(stage: str, path: str) run between write steps (stages "write",
+# "fsync", "replace", "fsync-dir", "unlink"). Tests set it in their own process (or in a forked child) to make a
+# step fail with ENOSPC/EIO; it is None in production and nothing outside a test can switch it on (there is no
+# environment variable for it, so an installed devagent never injects faults).
 _FAULT_HOOK = None
 
 
 def _fault(stage: str, path) -> None:
-    hook = _FAULT_HOOK or _env_fault
+    hook = _FAULT_HOOK
     if hook is not None:
         hook(stage, str(path))
-
-
-def _env_fault_from_environ():
-    """DEVAGENT_FAULT=stage:errno (e.g. ``write:ENOSPC``) makes that write step fail. Test use only."""
-    spec = os.environ.get("DEVAGENT_FAULT")
-    if not spec:
-        return None
-    stage, _, name = spec.partition(":")
-    code = getattr(errno, name or "EIO", errno.EIO)
-
-    def hook(s, path):
-        if s == stage:
-            raise OSError(code, os.strerror(code), path)
-
-    return hook
-
-
-_env_fault = _env_fault_from_environ()
 
 
 def ensure_dir(path: str | os.PathLike, mode: int = DIR_MODE) -> Path:
@@ -72,18 +61,29 @@ def ensure_dir(path: str | os.PathLike, mode: int = DIR_MODE) -> Path:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> None:
+def sync_parent(path: str | os.PathLike) -> None:
+    """fsync the directory holding ``path`` (the "fsync-dir" step, fault-injectable). Raises OSError."""
+    p = Path(path)
+    _fault("fsync-dir", p)
+    fsync_dir(p.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
 
+    Returns:
+        ``os.fstat`` of the written file (its inode, size and mtime identify this content: see storage.py).
     Raises:
-        StorageError: the write failed; ``path`` still holds its previous content (or does not exist).
+        StorageError: the write failed before the replace; ``path`` still holds its previous content (or does
+            not exist).
+        NotDurableError: the replace succeeded (``path`` holds ``data``) but the directory fsync failed.
     """
     p = Path(path)
     fd, tmp = -1, None
@@ -97,27 +97,26 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) ->
             view = view[n:]
         _fault("fsync", p)
         os.fsync(fd)
+        st = os.fstat(fd)
         os.close(fd)
         fd = -1
         _fault("replace", p)
         os.replace(tmp, p)
         tmp = None
-        try:
-            _fault("fsync-dir", p)
-            fsync_dir(p.parent)
-        except OSError as e:
-            raise StorageError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change may "
-                               "not survive a power cut") from e
     except OSError as e:
         raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
     finally:
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
+    try:
+        sync_parent(p)
+    except OSError as e:
+        raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is in "
+                              "place but may not survive a power cut", str(p)) from e
+    return st
 
 
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:
@@ -126,7 +125,8 @@ def atomic_symlink(target: str, path: str | os.PathLike) -> None:
     then the directory is fsynced. A reader opening ``path`` sees the old or the new target, never neither.
 
     Raises:
-        StorageError: nothing was changed (or, after the rename, the directory could not be synced).
+        StorageError: nothing was changed.
+        NotDurableError: the rename succeeded (``path`` points at ``target``) but the directory fsync failed.
     """
     p = Path(path)
     tmp: Path | None = p.parent / f".{p.name}.{os.urandom(4).hex()}.tmp"
@@ -135,14 +135,17 @@ def atomic_symlink(target: str, path: str | os.PathLike) -> None:
         _fault("replace", p)
         os.replace(tmp, p)
         tmp = None
-        _fault("fsync-dir", p)
-        fsync_dir(p.parent)
     except OSError as e:
         raise StorageError(f"cannot point {p} at {target}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+    try:
+        sync_parent(p)
+    except OSError as e:
+        raise NotDurableError(f"pointed {p} at {target} but could not sync its directory ({e.strerror or e}): "
+                              "the link is in place but may not survive a power cut", str(p)) from e
 
 
 def append_line(path: str | os.PathLike, line: bytes, mode: int = FILE_MODE) -> None:
@@ -159,19 +162,7 @@ def append_line(path: str | os.PathLike, line: bytes, mode: int = FILE_MODE) -> 
         raise StorageError(f"cannot append to {p}: {e.strerror or e}") from e
 
 
-def check_private(path: str | os.PathLike, what: str = "secret file") -> None:
-    """Refuse a secret that group or others may read or write.
-
-    Raises:
-        KeystorePermissionError: with the ``chmod`` command that fixes it.
-    """
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise KeystorePermissionError(f"cannot access {what} {p}: {e.strerror or e}") from e
+def _refuse_mode(st: os.stat_result, p: Path, what: str) -> None:
     bad = stat.S_IMODE(st.st_mode) & 0o077
     if bad:
         fix = "700" if stat.S_ISDIR(st.st_mode) else "600"
@@ -183,46 +174,126 @@ def check_private(path: str | os.PathLike, what: str = "secret file") -> None:
         raise KeystorePermissionError(f"{what} {p} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
 
 
-def secure_delete(path: str | os.PathLike) -> None:
+def check_private(path: str | os.PathLike, what: str = "secret file") -> None:
+    """Refuse a directory (or file) that group or others may read or write. Secret *files* are read with
+    ``read_private`` instead, which checks the descriptor it reads from.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        KeystorePermissionError: with the ``chmod`` command that fixes it.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise KeystorePermissionError(f"cannot access {what} {p}: {e.strerror or e}") from e
+    _refuse_mode(st, p, what)
+
+
+def read_private(path: str | os.PathLike, what: str = "secret file") -> bytes:
+    """Read a secret file: ``O_NOFOLLOW`` (a symlink planted in its place is refused), then ``fstat`` of the
+    opened descriptor: a regular file, owned by us, not accessible by group/others. What is checked is what is
+    read; there is no window between the check and the read.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        KeystorePermissionError: a symlink, not a regular file, wrong owner or mode (with the fix).
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise KeystorePermissionError(f"{what} {p} is a symbolic link: refusing to follow it for a secret; "
+                                          "put the file itself there") from None
+        raise KeystorePermissionError(f"cannot open {what} {p}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeystorePermissionError(f"{what} {p} is not a regular file")
+        _refuse_mode(st, p, what)
+        chunks = []
+        while chunk := os.read(fd, max(st.st_size, 4096)):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise KeystorePermissionError(f"cannot read {what} {p}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
+def secure_delete(path: str | os.PathLike, *, sync_dir: bool = True) -> None:
     """Overwrite a file with random bytes, fsync, then unlink it.
+
+    The file is opened with ``O_NOFOLLOW`` and its size taken from the opened descriptor: a symlink is unlinked
+    (it holds no secret), never followed to overwrite what it points to. ``sync_dir=False`` skips the directory
+    fsync after the unlink where losing the unlink on a power cut is harmless (the overwritten file is garbage
+    that ``Keystore.gc`` removes); the overwrite itself is always fsynced, or it would never reach the disk.
 
     On flash with wear levelling or on copy-on-write filesystems the old blocks may survive; this is the
     best a userspace process can do, and keys are encrypted at rest anyway.
     """
     p = Path(path)
     try:
-        st = p.lstat()
-        if stat.S_ISLNK(st.st_mode):  # a symlink holds no secret: never follow it and overwrite what it points to
-            _fault("unlink", p)
-            p.unlink()
-            fsync_dir(p.parent)
-            return
-        size = st.st_size
-        if not st.st_mode & stat.S_IWUSR:  # e.g. master.key (0400): make it writable to overwrite it
-            os.chmod(p, FILE_MODE)
-        with open(p, "r+b", buffering=0) as f:
-            f.write(os.urandom(size))
-            os.fsync(f.fileno())
+        try:
+            fd = os.open(p, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EACCES):
+                raise
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):  # a symlink holds no secret: remove the link only
+                _fault("unlink", p)
+                p.unlink()
+                if sync_dir:
+                    fsync_dir(p.parent)
+                return
+            os.chmod(p, FILE_MODE)  # e.g. master.key (0400): make it writable to overwrite it
+            fd = os.open(p, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size:
+                view = memoryview(os.urandom(st.st_size))
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         _fault("unlink", p)
         p.unlink()
-        fsync_dir(p.parent)
+        if sync_dir:
+            fsync_dir(p.parent)
     except FileNotFoundError:
         return
     except OSError as e:
         raise StorageError(f"cannot securely delete {p}: {e.strerror or e}") from e
 
 
-def remove_tree(path: str | os.PathLike) -> None:
-    """Securely delete every file below ``path``, then the directories."""
+def remove_tree(path: str | os.PathLike, *, secret: bool = True) -> None:
+    """Delete every file below ``path`` (securely unless ``secret=False``: certificates are public), then the
+    directories. Entries that vanish meanwhile (removed by another process) are not an error."""
     p = Path(path)
     if not p.exists():
         return
     for root, dirs, files in os.walk(p, topdown=False):
         for f in files:
-            secure_delete(Path(root) / f)
-        for d in dirs:
-            if os.path.islink(Path(root) / d):  # os.walk lists symlinks to directories here; remove the link only
-                secure_delete(Path(root) / d)
+            if secret:
+                secure_delete(Path(root) / f, sync_dir=False)
             else:
-                os.rmdir(Path(root) / d)
-    os.rmdir(p)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(root) / f)
+        for d in dirs:
+            q = Path(root) / d
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.islink(q):  # os.walk lists symlinks to directories here; remove the link only
+                    os.unlink(q)
+                else:
+                    os.rmdir(q)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(p)
+    if secret:
+        with contextlib.suppress(OSError):
+            fsync_dir(p.parent)

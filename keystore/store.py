@@ -43,8 +43,10 @@ from keystore.errors import (
     CorruptFileError,
     KeystoreError,
     KeystoreNotInitializedError,
+    NotDurableError,
     NotFoundError,
     ReadOnlyError,
+    StorageError,
     VerificationError,
 )
 from keystore.keytypes import key_type_of, parse_key_type
@@ -134,6 +136,7 @@ class Keystore:
         self._backend_options = backend_options or {}
         self._backends: dict[str, KeyBackend] = {}
         self._master: bytes | None = None
+        self.unsynced: NotDurableError | None = None  # see _txn
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -187,8 +190,7 @@ class Keystore:
             if provider == "file":
                 p = self.root / MASTER_KEY
                 try:
-                    fsutil.check_private(p, "keystore master key")
-                    self._master = p.read_bytes().strip()
+                    self._master = fsutil.read_private(p, "keystore master key").strip()
                 except FileNotFoundError:
                     raise KeystoreError(f"keystore master key {p} is missing: software keys cannot be "
                                         "decrypted") from None
@@ -228,7 +230,23 @@ class Keystore:
             for t in ("credentials", "keys", "trust", "meta"):
                 data.setdefault(t, {})
             yield data
-            self._storage.write(data)
+            try:
+                self._storage.write(data)
+            except NotDurableError as e:
+                # Replaced, not synced: the change is live. Retry the sync once; if it still fails, remember it
+                # (``durable`` is False) so that nothing the previous index references is destroyed until a
+                # later sync succeeds (every index write and ``gc`` syncs the directory again).
+                self.unsynced = self._retry_sync(e)
+                if self.unsynced is not None:
+                    _log.warning("%s; it is live and is synced again by the next keystore write or 'devagent "
+                                 "keystore check'", self.unsynced)
+            else:
+                self.unsynced = None
+
+    @property
+    def durable(self) -> bool:
+        """False while this process's last index change is live but its directory fsync failed."""
+        return self.unsynced is None
 
     @staticmethod
     def _find(table: dict, **match) -> tuple[str | None, dict | None]:
@@ -495,7 +513,7 @@ class Keystore:
                 raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
             if existing is None and not allow_new:
                 raise NotFoundError(f"no credential named {name!r}")
-            self.gc(locked=True)
+            self._sweep_versions(name, existing)
             version = (existing["version"] + 1) if existing else 1
             cdir_existed = (self.root / "creds" / name).exists()
             vdir = self.root / "creds" / name / f"{version:04d}"
@@ -505,6 +523,8 @@ class Keystore:
                 fsutil.ensure_dir(vdir)
                 fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain))
                 fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+                # Once the index replace succeeded this version is live and its files stay, even if the
+                # directory fsync after it failed (_txn retries it and reports; see ``durable``).
                 self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server, meta,
                                          key_uri, pub, certificate, old_key)
             except BaseException:
@@ -514,9 +534,18 @@ class Keystore:
                     if not cdir_existed:
                         (self.root / "creds" / name).rmdir()
                 raise
-            # Committed. Destroy the superseded key and prune old versions.
-            if old_key and old_key != key_uri and not self._key_in_use(old_key):
+            # Committed. Destroy the superseded key and prune old versions (only once the commit is durable: a
+            # power cut before the sync could bring back the previous index, which still needs both).
+            unsynced = self.unsynced
+            if unsynced is None and old_key and old_key != key_uri and not self._key_in_use(old_key):
                 self._backend_for(old_key).delete(old_key)
+        if unsynced is not None:
+            _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
+                         "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)
+            self.audit("certificate-store", name=name, kind=kind, domain=domain, version=version,
+                       serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
+                       not_after=certificate.not_valid_after_utc.isoformat(), sync_error=str(unsynced))
+            return self.get(name)
         self.audit("certificate-store", name=name, kind=kind, domain=domain, version=version,
                    serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
                    not_after=certificate.not_valid_after_utc.isoformat(), rekeyed=bool(old_key and old_key != key_uri))
@@ -552,6 +581,25 @@ class Keystore:
                 oid, _ = self._find(data["keys"], uri=old_key)
                 if oid is not None:
                     del data["keys"][oid]
+
+    def _sweep_versions(self, name: str, rec: dict | None) -> None:
+        """Under the lock: remove version directories of ``name`` the index does not reference (left by a crash
+        before a commit), so the next version number starts from a clean directory."""
+        d = self.root / "creds" / name
+        if not d.is_dir():
+            return
+        keep = (set(rec.get("versions", [])) | {rec["version"]}) if rec else set()
+        for v in d.iterdir():
+            if not v.name.isdigit() or int(v.name) not in keep:
+                fsutil.remove_tree(v, secret=False) if v.is_dir() else fsutil.secure_delete(v, sync_dir=False)
+
+    def _retry_sync(self, err: NotDurableError) -> NotDurableError | None:
+        """Retry the directory fsync that failed after a replace; None if it succeeded now."""
+        try:
+            fsutil.sync_parent(err.path)
+        except OSError:
+            return err
+        return None
 
     def _key_in_use(self, uri: str) -> bool:
         return self._table("credentials").contains(Query().key_uri == uri)
@@ -658,6 +706,11 @@ class Keystore:
             kid, _ = self._find(data["keys"], uri=cred.key_uri)
             if kid is not None and not any(c["key_uri"] == cred.key_uri for c in data["credentials"].values()):
                 del data["keys"][kid]
+        if not self.durable:  # a power cut could bring the credential back: gc removes its files once synced
+            _log.warning("credential %s deleted; its key and files are removed once the keystore is synced", name)
+            self.audit("credential-delete", name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
+                       serial=format(cred.certificate.serial_number, "x"), sync_error=str(self.unsynced))
+            return
         if not self._key_in_use(cred.key_uri):
             self._backend_for(cred.key_uri).delete(cred.key_uri)
         fsutil.remove_tree(self.root / "creds" / name)
@@ -707,6 +760,14 @@ class Keystore:
         ctx = contextlib.nullcontext() if locked else self._lock
         removed = []
         with ctx:
+            # A commit whose directory fsync failed left its superseded files unreferenced by an index that may not
+            # be durable yet: sync first (StorageError if that still fails), so nothing a power cut could bring
+            # back into use is removed.
+            try:
+                fsutil.sync_parent(self.root / INDEX)
+            except OSError as e:
+                raise StorageError(f"cannot sync keystore directory {self.root} ({e.strerror or e}); nothing was "
+                                   "removed") from e
             data = self._storage.read() or {}
             creds = {c["name"]: c for c in (data.get("credentials") or {}).values()}
             key_uris = {k["uri"] for k in (data.get("keys") or {}).values()}

@@ -23,12 +23,11 @@ class Backend(KeyBackend):
     exportable = True
 
     def _path(self, uri: str) -> Path:
-        rel = uri.partition(":")[2]
-        p = (Path(self.ctx.root) / rel).resolve()
-        keydir = (Path(self.ctx.root) / KEY_DIR).resolve()
-        if p.parent != keydir:
+        # Checked by name, not resolved: a symlink in keys/ is refused when opened (O_NOFOLLOW), never followed.
+        d, sep, name = uri.partition(":")[2].partition("/")
+        if d != KEY_DIR or not sep or not name or "/" in name or name.startswith("."):
             raise KeyBackendError(f"key URI {uri!r} points outside the keystore's {KEY_DIR}/ directory")
-        return p
+        return Path(self.ctx.root) / KEY_DIR / name
 
     def _encrypt(self, key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -49,8 +48,7 @@ class Backend(KeyBackend):
     def load(self, uri: str):
         p = self._path(uri)
         try:
-            fsutil.check_private(p, "private key file")
-            data = p.read_bytes()
+            data = fsutil.read_private(p, "private key file")
         except FileNotFoundError:
             raise NotFoundError(f"private key {uri} is missing ({p})") from None
         try:

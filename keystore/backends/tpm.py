@@ -303,8 +303,7 @@ class Backend(KeyBackend):
 
     def _read_blob(self, uri: str, path: Path) -> TSSPrivKey:
         try:
-            fsutil.check_private(path, "TPM key blob")
-            data = path.read_bytes()
+            data = fsutil.read_private(path, "TPM key blob")
         except FileNotFoundError:
             raise TpmKeyNotFoundError(f"TPM key {uri} is missing: its blob {path} does not exist") from None
         try:
@@ -530,8 +529,7 @@ def unseal_master_key(root, meta: dict, options: dict) -> bytes:
         raise KeystoreError(f"unknown master key provider {meta.get('master_key')!r} in the keystore index")
     path = Path(root) / str(meta.get("master_key_blob") or MASTER_BLOB)
     try:
-        fsutil.check_private(path, "sealed keystore master key")
-        tss = TSSPrivKey.from_pem(path.read_bytes())
+        tss = TSSPrivKey.from_pem(fsutil.read_private(path, "sealed keystore master key"))
     except FileNotFoundError:
         raise KeystoreError(f"the sealed keystore master key {path} is missing: software keys cannot be "
                             "decrypted") from None

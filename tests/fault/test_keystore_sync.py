@@ -1,0 +1,203 @@
+"""Write faults at every step of every keystore write, the directory fsync included (issue 13, hole 5).
+
+``fsutil._FAULT_HOOK`` fails one step (write, fsync, replace, fsync-dir) of one file with ENOSPC or EIO. Before
+the index replace nothing may change (file snapshot); once the index replace succeeded the new version is live
+and a failing directory fsync must neither remove it nor destroy what a power cut could bring back.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from keystore import fsutil
+from keystore.csr import build_csr, parse_subject
+from keystore.errors import KeystorePermissionError, StorageError
+from keystore.store import Keystore
+from tests.conftest import DOMAIN, snapshot
+
+STAGES = ["write", "fsync", "replace", "fsync-dir"]
+ERRNOS = [errno.ENOSPC, errno.EIO]
+
+
+def _issue(ks, lab, name="dev"):
+    uri = ks.generate_key("p256")
+    csr = build_csr(ks.private_key(uri), parse_subject(f"CN={name}"))
+    return uri, lab.issue(DOMAIN, csr.public_key(), csr.subject)
+
+
+class Fault:
+    """Fail ``stage`` of writes whose path ends with ``suffix``: ``times`` times (None: every time)."""
+
+    def __init__(self, stage, suffix, err, times=None):
+        self.stage, self.suffix, self.err, self.left, self.hits = stage, suffix, err, times, 0
+
+    def __call__(self, s, path):
+        if s == self.stage and path.endswith(self.suffix) and (self.left is None or self.left > 0):
+            self.hits += 1
+            if self.left is not None:
+                self.left -= 1
+            raise OSError(self.err, os.strerror(self.err), path)
+
+    def __enter__(self):
+        fsutil._FAULT_HOOK = self
+        return self
+
+    def __exit__(self, *exc):
+        fsutil._FAULT_HOOK = None
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("times", [1, None], ids=["transient", "persistent"])
+def test_failed_dir_sync_after_index_replace_keeps_the_new_version_live(ks, lab, err, times):
+    """Regression (issue 13, hole 5): the commit's directory fsync fails after os.replace of the index.
+
+    Old behaviour: store_certificate's cleanup removed the version the index already pointed at, so the
+    credential no longer loaded (CorruptFileError) and 'keystore check' did not repair it."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    with Fault("fsync-dir", "keystore.json", err, times) as f:
+        cred = ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    assert f.hits >= 1
+    assert cred.version == 2 and cred.key_uri == uri2
+    opened = Keystore.open(ks.root)
+    live = opened.get("dev")
+    assert live.version == 2 and live.certificate == cert2 and live.key_uri == uri2
+    assert opened.check() == []
+    old_key_file = ks.root / uri1.split(":", 1)[1]
+    if times is None:
+        # Not durable: a power cut could bring back the old index, which needs the old key. It stays until a
+        # sync succeeds; the failure is in the audit log.
+        assert old_key_file.exists()
+        assert any(e["action"] == "certificate-store" and e.get("sync_error") for e in opened.audit_entries())
+    else:
+        assert not old_key_file.exists(), "the retried sync succeeded: the superseded key is destroyed as usual"
+    opened.gc()  # syncs the directory again, then removes what nothing references
+    assert not old_key_file.exists()
+    assert opened.check() == [] and opened.get("dev").version == 2
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+def test_gc_removes_nothing_while_the_directory_cannot_be_synced(ks, lab, err):
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    with Fault("fsync-dir", "keystore.json", err):
+        ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    before = snapshot(ks.root)
+    with Fault("fsync-dir", "keystore.json", err):  # the disk keeps failing
+        with pytest.raises(StorageError, match="nothing was removed"):
+            Keystore.open(ks.root).gc()
+    assert snapshot(ks.root) == before
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("target", ["cert.pem", "chain.pem", "keystore.json"])
+def test_store_fault_matrix(ks, lab, stage, target, err):
+    """Renewal with one write step failing: before the index replace nothing changes; after it (fsync-dir of
+    the index) the new version is live. Every outcome leaves a keystore that opens and checks clean."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    before = snapshot(ks.root)
+    committed = stage == "fsync-dir" and target == "keystore.json"
+    with Fault(stage, target, err) as f:
+        if committed:
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+        else:
+            with pytest.raises(StorageError, match=os.strerror(err)):
+                ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    assert f.hits >= 1
+    opened = Keystore.open(ks.root)
+    assert opened.check() == []
+    if committed:
+        assert opened.get("dev").version == 2 and opened.get("dev").key_uri == uri2
+    else:
+        assert snapshot(ks.root) == before, "a failed write must leave the keystore exactly as it was"
+        assert opened.get("dev").version == 1 and opened.get("dev").key_uri == uri1
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("target", [".key", "keystore.json"])
+def test_generate_key_fault_matrix(ks, lab, stage, target, err):
+    """Key generation with one write step failing: no key and no record is left behind (or, when only the
+    directory sync failed after both were in place, a complete pending key that can be discarded)."""
+    before = snapshot(ks.root)
+    with Fault(stage, target, err) as f:
+        try:
+            uri = ks.generate_key("p256")
+        except StorageError as e:
+            assert os.strerror(err) in str(e)
+            uri = None
+    assert f.hits >= 1
+    opened = Keystore.open(ks.root)
+    assert opened.check() == []
+    if uri is None:
+        assert opened.pending_keys() == []
+        opened.gc()
+        assert snapshot(ks.root) == before
+    else:
+        assert [k["uri"] for k in opened.pending_keys()] == [uri]
+        assert build_csr(opened.private_key(uri), parse_subject("CN=x")).is_signature_valid
+        opened.discard_key(uri)
+        after = snapshot(ks.root)
+        assert after.pop("audit.log") != before.pop("audit.log")  # generated and discarded: both recorded
+        assert after == before
+
+
+def test_secret_files_are_not_followed_through_symlinks(ks, tmp_path):
+    """Secrets are opened with O_NOFOLLOW and checked on the opened descriptor: a key file replaced by a
+    symlink (to a file with perfect permissions) is refused, not read."""
+    uri = ks.generate_key("p256")
+    key_path = ks.root / uri.split(":", 1)[1]
+    elsewhere = tmp_path / "planted.key"
+    elsewhere.write_bytes(key_path.read_bytes())
+    os.chmod(elsewhere, 0o600)
+    key_path.unlink()
+    key_path.symlink_to(elsewhere)
+    with pytest.raises(KeystorePermissionError, match="symbolic link"):
+        Keystore.open(ks.root).private_key(uri)
+    master = ks.root / "master.key"
+    real = tmp_path / "master.copy"
+    real.write_bytes(master.read_bytes())
+    os.chmod(real, 0o400)
+    os.chmod(master, 0o600)
+    master.unlink()
+    master.symlink_to(real)
+    with pytest.raises(KeystorePermissionError, match="symbolic link"):
+        Keystore.open(ks.root).private_key(uri)
+
+
+def test_secure_delete_of_a_symlink_never_touches_its_target(tmp_path):
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "link.key"
+    link.symlink_to(target)
+    fsutil.secure_delete(link)
+    assert not link.exists() and not link.is_symlink() and target.read_bytes() == b"keep me"
+
+
+def test_group_readable_secret_is_refused_naming_the_fix(ks):
+    uri = ks.generate_key("p256")
+    key_path = ks.root / uri.split(":", 1)[1]
+    os.chmod(key_path, 0o640)
+    with pytest.raises(KeystorePermissionError, match=f"chmod 600 {key_path}"):
+        Keystore.open(ks.root).private_key(uri)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o640
+
+
+def test_no_environment_switch_injects_faults(tmp_path):
+    """DEVAGENT_FAULT was a live fault-injection switch in every installed devagent; it is gone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from keystore import fsutil; assert fsutil._FAULT_HOOK is None; "
+            "fsutil.atomic_write(sys.argv[1], b'data')")
+    env = dict(os.environ, DEVAGENT_FAULT="write:EIO")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], env=env, check=True, timeout=60)
+    assert (tmp_path / "f").read_bytes() == b"data"
