@@ -9,6 +9,7 @@ Sections, each present only when its suite ran:
   of freedom) from the raw per-run samples in ``extra_info["stages"]``, and seed 003's Raspberry Pi 3 figures for
   the matching paper cell in adjacent columns. Plots like the paper's Fig. 5: means with 95 % CI bars per stage.
 - Fleet, footprint, keystore: the figures the suites put in ``extra_info``, and plots of how they grow.
+- serve under load: ``devagent serve`` RSS before / during / after a request flood and OSCORE requests.
 - Every other benchmark group (other suites' JSON entries): a generic table from pytest-benchmark's statistics.
 
 Missing suites are left out; a malformed entry is reported in the "Notes" section, never fatal. Figures only:
@@ -518,6 +519,54 @@ class Report:
         fig.tight_layout()
         self._save(fig, "keystore.png", "Keystore operation time against the number of credentials")
 
+    # -- serve under load (issue #20) --
+    def serve_load(self, benches: list[dict]) -> None:
+        rows, plotted = [], []
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            r = ei.get("rss_kib")
+            if not isinstance(r, dict):
+                self.notes.append(f"serve-load entry {b.get('name')} has no RSS figures; left out")
+                continue
+            def mb(k, r=r):
+                return r[k] / 1024
+
+            ans = ei.get("answers") or {}
+            rows.append([f"{ei['flood_s']:.0f} s, {ei['in_flight']} in flight", f"{ei['answered']:,}",
+                         f"{ei['answers_per_s']:.0f}", ", ".join(f"{k} {v:,}" for k, v in sorted(ans.items())),
+                         f"{mb('before'):.1f}", f"{mb('max_during'):.1f}", f"{mb('after_flood'):.1f}",
+                         f"{mb('after_flood') - mb('before'):+.1f}",
+                         f"{ei['oscore_n']:,} in {ei['oscore_s']:.1f} s: {mb('after_oscore') - mb('before_oscore'):+.1f}",
+                         ei.get("log_lines", "–")])
+            plotted.append(ei)
+            self.headline.append(f"`devagent serve` RSS under a {ei['flood_s']:.0f} s flood ({ei['answers_per_s']:.0f} "
+                                 f"answers/s): {mb('before'):.1f} → {mb('after_flood'):.1f} MB after it "
+                                 f"(max {mb('max_during'):.1f} MB during)")
+        if not rows:
+            return
+        self.w("## serve under load: memory of `devagent serve` in a request flood", "")
+        self.w("A real `devagent serve --insecure` on loopback, flooded with raw CoAP from `tests/peers/coap_flood.py`: "
+               "50 confirmable requests in flight, mixed `/csr` (rate limited), `/status`, malformed CBOR, unknown "
+               "paths, garbage datagrams, complete and abandoned Block1 uploads, a new source port every 100 "
+               "requests; then sequential OSCORE `GET /status` from the CLM's client. RSS from /proc after a 2 s "
+               "warm-up (before), sampled every second (max during), right after the flood, and around the OSCORE "
+               "run. Bounds: docs/coap.md \"Bounds under load\".", "")
+        self.w(*table(["flood", "answers", "answers/s", "by code", "RSS before MB", "max during MB",
+                       "after MB", "growth MB", "OSCORE requests: growth MB", "log lines"], rows), "")
+        plt = _pyplot()
+        if plt is None:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for ei in plotted:
+            ys = [v / 1024 for v in ei.get("rss_samples_kib") or []]
+            ax.plot(range(1, len(ys) + 1), ys, marker=".", label=f"{ei['in_flight']} in flight")
+        ax.set_xlabel("seconds into the flood")
+        ax.set_ylabel("devagent serve RSS (MB)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        fig.tight_layout()
+        self._save(fig, "serve_load.png", "devagent serve RSS during a request flood")
+
     # -- anything else --
     def generic(self, group: str, benches: list[dict]) -> None:
         rows = []
@@ -550,7 +599,8 @@ class Report:
     def render(self) -> str:
         self.header()
         groups = groups_of(self.data)
-        known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore}
+        known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore,
+                 "serve-load": self.serve_load}
         body_start = len(self.lines)
         for g, fn in known.items():
             if g in groups:

@@ -90,10 +90,12 @@ class DeviceThread:
     ``with DeviceThread(env, insecure=False, **config) as dev: dev.uri, dev.dtls_uri``.
     """
 
-    def __init__(self, env: DeviceEnv, *, insecure: bool = False, methods=("oscore", "dtls-psk"), **config):
+    def __init__(self, env: DeviceEnv, *, insecure: bool = False, methods=("oscore", "dtls-psk"), limits=None,
+                 **config):
         self.env = env
         self.insecure = insecure
         self.methods = methods
+        self.limits = limits  # coap_services.limits.ServeLimits, or None for the defaults
         self.config = dict(dict(device_id=env.device_id, default_domain=DOMAIN), **config)
         self.port = free_port_pair()
         self._loop = asyncio.new_event_loop()
@@ -123,7 +125,7 @@ class DeviceThread:
 
         async def start():
             svc = DeviceService(self.ks, DeviceConfig(**self.config))
-            return await DeviceServer.start(svc, layers, port=self.port, insecure=self.insecure)
+            return await DeviceServer.start(svc, layers, port=self.port, insecure=self.insecure, limits=self.limits)
 
         self.server = self.call(start())
         return self
