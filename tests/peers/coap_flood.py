@@ -84,7 +84,8 @@ class _Peer(asyncio.DatagramProtocol):
         except Exception:
             return
         if msg.mtype is CON:  # a separate response: acknowledge it
-            ack = Message(mtype=ACK, mid=msg.mid, code=EMPTY, payload=b"")
+            ack = Message(code=EMPTY)
+            ack.mtype, ack.mid = ACK, msg.mid
             self.transport.sendto(ack.encode(), addr)
         if msg.code is EMPTY:
             return  # the empty ACK of a request whose answer follows separately
