@@ -161,6 +161,8 @@ def classify(e: BaseException) -> tuple[int, str]:
     """Map an exception to (exit code, label) by its package root."""
     mods = {type(x).__module__.split(".")[0] for x in type(e).__mro__}
     names = {x.__name__ for x in type(e).__mro__}
+    if "OptionConflictError" in names or "EstConfigError" in names:  # a bad or contradicting option value
+        return EXIT_USAGE, "invalid value"
     if "VerificationError" in names:
         return EXIT_REJECTED, "certificate rejected"
     if "ConfigError" in names:
@@ -411,8 +413,13 @@ def _server_options(f):
     opts = [
         click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Enrollment protocol."),
         click.option("--server", help="CMP: http(s)://host/path (RFC 6712); EST: https://host[:port][/base]."),
-        click.option("--profile", help="Certificate profile (EST/CMP path segment, Trustpoint-style)."),
+        click.option("--profile", help="Certificate profile: EST path segment after the label "
+                                       "(/.well-known/est/<label>/<profile>/..., Trustpoint-style); CMP profile."),
         click.option("--label", help="EST label: /.well-known/est/<label>/..."),
+        click.option("--csrattrs", "csrattrs", type=click.Choice(["require", "use", "ignore"]), default=None,
+                     help="EST /csrattrs: 'use' applies the server's attributes and goes on without them when the "
+                          "answer is unusable (warning); 'require' makes that fatal; 'ignore' skips the request "
+                          "[use; remembered]."),
         click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="CA certificate(s) of the domain to trust (PEM/DER); repeatable."),
         click.option("--ca-fingerprint", help="sha256:HEX of the root to accept at bootstrap (EST /cacerts)."),
@@ -467,9 +474,11 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
         ca_fingerprint=ca_fingerprint)
 
 
-def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s, recipient, key_backend) -> dict:
+def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s, recipient, key_backend,
+              csrattrs=None) -> dict:
     d = dict(protocol=protocol, server=server, label=label, profile=profile, mac=mac,
-             implicit_confirm=implicit_confirm, timeout_s=timeout_s, recipient=recipient, key_backend=key_backend)
+             implicit_confirm=implicit_confirm, timeout_s=timeout_s, recipient=recipient, key_backend=key_backend,
+             csrattrs=csrattrs if protocol == "est" else None)
     return {k: v for k, v in d.items() if v is not None}
 
 
@@ -552,9 +561,10 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
     spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend)
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"))
     cred = run_async(lifecycle.enroll(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
-                                      sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember))
+                                      sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
+                                      csrattrs=kw.get("csrattrs") or "use"))
     _print_cred(app, cred, "enrolled")
 
 
@@ -612,7 +622,7 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     protocol = protocol or ldevid.record.get("protocol")
     server = server or ldevid.record.get("server")
     remembered = ldevid.record.get("meta", {}).get("enroll", {})
-    for k in ("label", "mac", "recipient", "timeout_s"):
+    for k in ("label", "mac", "recipient", "timeout_s", "csrattrs"):
         if kw.get(k) is None and remembered.get(k) is not None:
             kw[k] = remembered[k]
     opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain, **kw)
@@ -620,9 +630,10 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend)
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"))
     cred = run_async(lifecycle.request(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
-                                       sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember))
+                                       sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
+                                       csrattrs=kw.get("csrattrs") or "use"))
     _print_cred(app, cred, "issued")
 
 
@@ -637,15 +648,22 @@ def _override_dict(protocol, server, kw) -> dict:
 @click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Override the remembered protocol.")
 @click.option("--server", help="Override the remembered server URL.")
 @click.option("--timeout", "timeout_s", type=float, default=None)
+@click.option("--username", help="EST: HTTP Basic user, for servers that require it besides the client certificate "
+                                 "(remembered).")
+@click.option("--password", help="EST: HTTP Basic password: env:VAR, file:PATH or pass:TEXT (env:/file: are "
+                                 "remembered as the reference, never the secret).")
 @pass_app
-def renew(app: App, name, rekey, protocol, server, timeout_s):
+def renew(app: App, name, rekey, protocol, server, timeout_s, username, password):
     """Renew a credential (CMP kur / EST simplereenroll) with its current certificate."""
     from agent import lifecycle
 
+    if password is not None and username is None:
+        raise click.UsageError("--password needs --username")
     ks = app.keystore()
     cred = ks.get(name)
     client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "timeout_s": timeout_s})
-    new = run_async(lifecycle.renew(ks, name, client=client, rekey=rekey))
+    new = run_async(lifecycle.renew(ks, name, client=client, rekey=rekey, username=username,
+                                    password_source=password))
     _print_cred(app, new, "renewed")
 
 

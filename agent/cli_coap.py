@@ -340,8 +340,8 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
                       reference=reference.encode() if reference else None, secret=resolve_secret(secret, "--secret"),
                       **auth_kw)
     server_anchors = tuple(c for f in server_ca for c in load_certificate_file(f)) or tuple(anchors)
-    opts = EnrollOptions(server=where, trust_anchors=server_anchors, domain=domain, profile=profile,
-                         label=profile if kind == "est" else None)
+    # EST: the profile is the path segment (/.well-known/est/<profile>/...), as the EST client builds it.
+    opts = EnrollOptions(server=where, trust_anchors=server_anchors, domain=domain, profile=profile)
     return EnrollClientUpstream(kind, opts, auth, anchors)
 
 

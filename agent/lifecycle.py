@@ -37,11 +37,17 @@ CLOCK_SKEW_TOLERANCE_S = 300
 
 # Remembered per credential (never secrets): enough to rebuild the client for renewal.
 REMEMBERED = ("protocol", "server", "label", "profile", "mac", "implicit_confirm", "timeout_s", "recipient",
-              "server_trust_domain", "key_backend", "rekey")
+              "server_trust_domain", "key_backend", "rekey", "csrattrs", "renew_username", "renew_password_source")
+CSRATTRS_MODES = ("require", "use", "ignore")
 
 
 class LifecycleError(KeystoreError):
     """A lifecycle step that cannot proceed (no LDevID for the domain, no trust anchor, ...)."""
+
+
+class OptionConflictError(ValueError):
+    """The operator's options contradict what the server requires (e.g. ``--key-type`` against EST /csrattrs):
+    a usage error (exit 2); nothing was generated or sent yet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +124,14 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
                  subject: x509.Name, sans: Sequence[x509.GeneralName], key: KeySpec, auth: ClientAuth,
                  profile: str | None, purpose: str | None, remember: dict, extensions=(),
                  challenge_password: bytes | None = None, now: datetime.datetime | None = None,
-                 check_validity: bool = True) -> Credential:
-    if op in ("enroll", "request") and not key.server_keygen and not key.key_uri and hasattr(client, "csrattrs"):
-        key, extensions = await _apply_server_attributes(client, auth, key, tuple(extensions), subject)
+                 check_validity: bool = True, csrattrs: str = "use") -> Credential:
+    if csrattrs not in CSRATTRS_MODES:
+        raise ValueError(f"csrattrs mode {csrattrs!r}: use one of {', '.join(CSRATTRS_MODES)}")
+    hash_name = None
+    if (op in ("enroll", "request") and not key.server_keygen and not key.key_uri and hasattr(client, "csrattrs")
+            and csrattrs != "ignore"):
+        key, extensions, hash_name = await _apply_server_attributes(client, auth, key, tuple(extensions), subject,
+                                                                    csrattrs)
     # Key generation and CSR signing block (TPM/PKCS#11 round trips, RSA keygen): keep them off the event loop.
     key_uri, private_key, created = await asyncio.to_thread(
         _new_key, ks, key, name, {"name": name, "domain": domain, "op": op})
@@ -129,7 +140,8 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
         if private_key is not None:
             kt = ks.key_record(key_uri)["key_type"] if ks.key_record(key_uri) else key.key_type
             csr = await asyncio.to_thread(build_csr, private_key, subject, sans, key_usage=default_key_usage(kt),
-                                          extensions=extensions, challenge_password=challenge_password)
+                                          extensions=extensions, challenge_password=challenge_password,
+                                          hash_name=hash_name)
         req = CertRequest(subject=subject, private_key=private_key, csr=csr, sans=tuple(sans),
                           extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
                           profile=profile)
@@ -157,34 +169,71 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
         raise
 
 
-async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject):
-    """EST /csrattrs (RFC 7030 §4.5): the server's key type and requested extensions, before the key exists."""
+async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject,
+                                   mode: str = "use"):
+    """EST /csrattrs (RFC 7030 §4.5): the server's key type, signature hash and requested extensions, before the
+    key exists. Returns (key spec, extensions, signature hash name or None).
+
+    /csrattrs is optional (§4.5): in mode ``use`` an answer that cannot be used (an HTTP error, a malformed body,
+    an attribute devagent cannot honour) is logged as a warning and the request goes on without the server's
+    attributes; in mode ``require`` it is fatal. Transport and TLS-trust failures always propagate: the request
+    that follows would meet them too.
+
+    Raises:
+        OptionConflictError: the operator's explicit ``--key-type`` contradicts the server's key type.
+    """
+    from enroll_clients.base import ProtectionError, ProtocolError, ServerError
     from keystore.keytypes import KEY_TYPES
 
-    attrs = await client.csrattrs(auth if auth.certificate is not None else None)
+    def unusable(why: str):
+        if mode == "require":
+            raise LifecycleError(f"{why} (--csrattrs require)")
+        log.warning("%s; going on without the server's CSR attributes (--csrattrs use; 'require' makes this fatal, "
+                    "'ignore' skips /csrattrs)", why)
+        return key, extensions, None
+
+    try:
+        attrs = await client.csrattrs(auth if auth.certificate is not None else None)
+    except ProtectionError:
+        raise
+    except (ProtocolError, ServerError) as e:
+        if mode == "require":
+            raise
+        return unusable(f"EST /csrattrs could not be used: {e}")
     if attrs is None:
-        return key, extensions
+        return key, extensions, None
     from enroll_clients.est.messages import apply_csrattrs
 
     proto = CertRequest(subject=subject, key_type=key.key_type if key.explicit else None, extensions=extensions)
     try:
         applied = apply_csrattrs(proto, attrs)
     except ValueError as e:
-        raise LifecycleError(f"{e} (from the server's /csrattrs); choose --key-type accordingly") from e
+        raise OptionConflictError(f"{e} (from the server's /csrattrs): drop --key-type to follow the server, or "
+                                  "pass --csrattrs ignore to send the request as given") from e
     kt = applied.key_type
     if kt == "ec":
-        kt = {"secp384r1": "p384"}.get(getattr(attrs, "curve", None) or "", "p256")
+        kt = {"secp384r1": "p384", "secp521r1": "p521"}.get(getattr(attrs, "curve", None) or "", "p256")
     elif kt == "rsa":
         kt = f"rsa{getattr(attrs, 'rsa_key_size', None) or 2048}"
     if kt and kt != key.key_type and not key.explicit:
         if kt not in KEY_TYPES:
-            raise LifecycleError(f"the EST server asks for key type {kt}, which devagent does not generate")
+            return unusable(f"the EST server asks for key type {kt}, which devagent does not generate")
         log.info("EST server requests key type %s (csrattrs)", kt)
         key = dataclasses.replace(key, key_type=kt)
+    hash_name = getattr(attrs, "signature_hash", None)
+    if hash_name and (key.key_type or "").startswith("ed"):
+        log.info("EST server asks for signature hash %s; %s signatures have none of their own: ignored", hash_name,
+                 key.key_type)
+        hash_name = None
     if getattr(attrs, "challenge_password", False):
-        log.warning("EST server asks for a challengePassword (tls-unique, RFC 7030 §3.5): not supported with "
-                    "TLS 1.3; the request is sent without it")
-    return key, tuple(applied.extensions)
+        log.warning("EST server asks for a challengePassword (RFC 7030 §3.5 tls-unique binding of the CSR to the "
+                    "TLS session): devagent does not bind CSRs to the session, so the request is sent without it; "
+                    "a server that enforces the binding (libest -t) will refuse it")
+    missing = [o for o in getattr(attrs, "extension_oids", ()) if o not in {e.oid.dotted_string for e in extensions}]
+    if missing:
+        log.info("EST server asks for attribute(s)/extension(s) %s without a value; devagent does not fill them in",
+                 ", ".join(missing))
+    return key, tuple(applied.extensions), hash_name
 
 
 async def enroll(ks: Keystore, client: EnrollmentClient, *, name: str, domain: str, subject: x509.Name,
@@ -216,12 +265,20 @@ async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: 
 
 
 async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: bool = True,
-                now: datetime.datetime | None = None, check_validity: bool = True) -> Credential:
+                now: datetime.datetime | None = None, check_validity: bool = True, username: str | None = None,
+                password_source: str | None = None) -> Credential:
     """Renew ``name`` (CMP kur / EST simplereenroll) authenticated by its current certificate and key.
 
     With ``rekey`` a new key of the same type is generated in the same backend; the old credential stays
     live until the new certificate is verified and stored, then the old key is destroyed.
+
+    ``username``/``password_source`` (``env:VAR``, ``file:PATH``, ``pass:TEXT``) add HTTP Basic for EST servers
+    that require it besides the client certificate (RFC 7030 §3.2.3). An ``env:``/``file:`` source is remembered
+    with the credential (the reference, never the secret) so unattended renewals send it too; without arguments
+    the remembered ones are used.
     """
+    from keystore.secrets import resolve_secret
+
     cred = ks.get(name)
     if cred.readonly:
         raise LifecycleError(f"{name} is an IDevID: it is issued by the manufacturer and cannot be renewed")
@@ -229,10 +286,27 @@ async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: boo
     spec = KeySpec(key_type=cred.key_type, backend=backend, key_uri=None if rekey else cred.key_uri,
                    allow_weak=True)
     remember = dict(cred.record.get("meta", {}).get("enroll") or {})
+    if username is None and password_source is None:
+        username, password_source = remember.get("renew_username"), remember.get("renew_password_source")
+    elif password_source is not None and username is None:
+        raise ValueError("--password needs --username (HTTP Basic)")
+    elif username is not None:
+        remember["renew_username"] = username
+        if password_source and password_source.split(":", 1)[0] in ("env", "file"):
+            remember["renew_password_source"] = password_source
+        else:
+            remember.pop("renew_password_source", None)
+            if password_source:
+                log.info("the password source %s is not remembered (only env: and file: are): unattended "
+                         "renewals will not send HTTP Basic", password_source.split(":", 1)[0] + ":")
     try:
+        auth = await asyncio.to_thread(auth_for, ks, cred)
+        if username is not None:
+            auth = dataclasses.replace(auth, username=username,
+                                       password=resolve_secret(password_source, "--password") or b"")
         return await _issue(ks, "renew", client, name=name, domain=cred.domain, kind=cred.kind,
                             subject=cred.certificate.subject, sans=_sans_of(cred.certificate), key=spec,
-                            auth=await asyncio.to_thread(auth_for, ks, cred), profile=cred.record.get("profile"),
+                            auth=auth, profile=cred.record.get("profile"),
                             purpose=cred.record.get("purpose"), remember=remember, now=now,
                             check_validity=check_validity)
     except (EnrollError, KeystoreError) as e:

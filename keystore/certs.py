@@ -30,21 +30,23 @@ def same_public_key(a, b) -> bool:
 
 
 def load_certificates(data: bytes, source: str = "input") -> list[x509.Certificate]:
-    """Load one or more certificates from PEM (certificates or PKCS#7), DER certificate, or DER PKCS#7.
+    """Load one or more certificates from PEM (certificates or PKCS#7, text before the first block allowed),
+    DER certificate, or DER PKCS#7.
 
     Raises:
         CorruptFileError: naming ``source`` and what was found instead.
     """
     if not data:
         raise CorruptFileError(f"{source}: empty, expected a certificate")
-    stripped = data.lstrip()
     try:
-        if stripped.startswith(b"-----BEGIN"):
+        # PEM may follow text (`openssl x509 -text`, `openssl pkcs7 -print_certs` write subject/issuer lines
+        # first); DER starts with a SEQUENCE tag and is never taken for PEM.
+        if data[:1] != b"\x30" and b"-----BEGIN" in data:
             if any(m in data for m in PEM_PKCS7):
                 certs = pkcs7.load_pem_pkcs7_certificates(data)
             else:
                 if PEM_CERT not in data:
-                    kind = stripped.split(b"\n", 1)[0].decode("ascii", "replace")
+                    kind = data[data.index(b"-----BEGIN"):].split(b"\n", 1)[0].decode("ascii", "replace")
                     raise CorruptFileError(f"{source}: expected a PEM certificate, found {kind}")
                 certs = x509.load_pem_x509_certificates(data)
         else:

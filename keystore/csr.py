@@ -8,6 +8,7 @@ import ipaddress
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from keystore.keytypes import signature_hash
@@ -15,21 +16,133 @@ from keystore.keytypes import signature_hash
 SAN_FORMS = "dns:NAME, ip:ADDR, uri:URI, email:ADDR"
 
 
+# Attribute names accepted in subjects: RFC 4514's and cryptography's short names, OpenSSL's long names.
+_ATTRS = {
+    "cn": NameOID.COMMON_NAME, "commonname": NameOID.COMMON_NAME,
+    "o": NameOID.ORGANIZATION_NAME, "organizationname": NameOID.ORGANIZATION_NAME,
+    "ou": NameOID.ORGANIZATIONAL_UNIT_NAME, "organizationalunitname": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "c": NameOID.COUNTRY_NAME, "countryname": NameOID.COUNTRY_NAME,
+    "l": NameOID.LOCALITY_NAME, "localityname": NameOID.LOCALITY_NAME,
+    "st": NameOID.STATE_OR_PROVINCE_NAME, "stateorprovincename": NameOID.STATE_OR_PROVINCE_NAME,
+    "street": NameOID.STREET_ADDRESS, "streetaddress": NameOID.STREET_ADDRESS,
+    "dc": NameOID.DOMAIN_COMPONENT, "domaincomponent": NameOID.DOMAIN_COMPONENT,
+    "uid": NameOID.USER_ID, "userid": NameOID.USER_ID,
+    "serialnumber": NameOID.SERIAL_NUMBER, "emailaddress": NameOID.EMAIL_ADDRESS,
+    "title": NameOID.TITLE, "gn": NameOID.GIVEN_NAME, "givenname": NameOID.GIVEN_NAME,
+    "sn": NameOID.SURNAME, "surname": NameOID.SURNAME, "initials": NameOID.INITIALS,
+    "pseudonym": NameOID.PSEUDONYM, "dnqualifier": NameOID.DN_QUALIFIER,
+    "generationqualifier": NameOID.GENERATION_QUALIFIER, "postalcode": NameOID.POSTAL_CODE,
+    "businesscategory": NameOID.BUSINESS_CATEGORY,
+}
+_ATTR_NAMES = "CN, O, OU, C, L, ST, street, DC, UID, serialNumber, emailAddress, title, GN, SN, or a dotted OID"
+_HINT = "write it as RFC 4514, e.g. CN=dev1,O=Plant (OpenSSL's /O=Plant/CN=dev1 is accepted too)"
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` where it is not escaped with a backslash (the escape is kept for the value parser)."""
+    out, cur, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            cur.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _unescape(value: str) -> str:
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            out.append(value[i + 1])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _attribute(item: str) -> x509.NameAttribute:
+    """One ``TYPE=value``; ValueError with the bare reason (the caller names the subject)."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ValueError(f"{item!r} is not TYPE=value")
+    if not key:
+        raise ValueError(f"attribute type missing before '=' in {item!r}")
+    if all(p.isdigit() for p in key.split(".")) and key.count(".") >= 1:
+        oid = x509.ObjectIdentifier(key)
+    else:
+        oid = _ATTRS.get(key.lower())
+        if oid is None:
+            raise ValueError(f"unknown attribute type {key!r} (known: {_ATTR_NAMES})")
+    value = _unescape(value)
+    if not value:
+        raise ValueError(f"empty value for {key}")
+    try:
+        return x509.NameAttribute(oid, value)
+    except ValueError as e:  # e.g. a country name that is not 2 letters
+        raise ValueError(f"{key}={value!r}: {e}") from None
+
+
+def _parse_openssl_subject(dn: str) -> x509.Name:
+    """``/C=DE/O=Plant/CN=dev1`` as ``openssl req -subj`` takes it: most significant RDN first, ``+`` joins a
+    multi-valued RDN, ``\\`` escapes."""
+    parts = _split_unescaped(dn[1:], "/")
+    if parts and parts[-1] == "":
+        parts = parts[:-1]  # a trailing slash is harmless
+    if not parts:
+        raise ValueError(f"malformed subject {dn!r}: no attribute after '/'; {_HINT}")
+    rdns = []
+    for part in parts:
+        if not part.strip():
+            raise ValueError(f"malformed subject {dn!r}: empty component between '/'; {_HINT}")
+        try:
+            rdns.append(x509.RelativeDistinguishedName([_attribute(a) for a in _split_unescaped(part, "+")]))
+        except ValueError as e:
+            raise ValueError(f"malformed subject {dn!r}: {e}; {_HINT}") from None
+    return x509.Name(rdns)
+
+
+def _explain_rfc4514(dn: str) -> str:
+    """Why ``dn`` is not RFC 4514, found component by component (cryptography's own error has no text)."""
+    for comp in _split_unescaped(dn, ","):
+        if not comp.strip():
+            return "empty component between commas"
+        for a in _split_unescaped(comp, "+"):
+            try:
+                _attribute(a.strip())
+            except ValueError as e:
+                return str(e)
+    return "not a valid RFC 4514 distinguished name"
+
+
 def parse_subject(dn: str) -> x509.Name:
-    """Parse an RFC 4514 DN ("CN=dev1,O=Plant,serialNumber=123") or a bare common name.
+    """Parse a subject DN: RFC 4514 (``CN=dev1,O=Plant,serialNumber=123``, the documented form), OpenSSL's
+    ``/O=Plant/CN=dev1`` (as ``openssl req -subj`` takes it), or a bare common name.
 
     Raises:
-        ValueError: malformed DN, naming it.
+        ValueError: malformed DN, saying which component is wrong and why.
     """
     dn = dn.strip()
     if not dn:
         raise ValueError("empty subject")
+    if dn.startswith("/"):
+        return _parse_openssl_subject(dn)
     if "=" not in dn:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dn)])
     try:
-        return x509.Name.from_rfc4514_string(dn, {"serialNumber": NameOID.SERIAL_NUMBER})
+        return x509.Name.from_rfc4514_string(dn, {"serialNumber": NameOID.SERIAL_NUMBER,
+                                                  "emailAddress": NameOID.EMAIL_ADDRESS})
     except ValueError as e:
-        raise ValueError(f"malformed subject {dn!r}: {e} (write it as RFC 4514, e.g. CN=dev1,O=Plant)") from e
+        raise ValueError(f"malformed subject {dn!r}: {str(e) or _explain_rfc4514(dn)}; {_HINT}") from None
 
 
 def parse_san(item: str) -> x509.GeneralName:
@@ -65,8 +178,18 @@ def build_csr(
     extended_key_usage: Sequence[x509.ObjectIdentifier] = (),
     extensions: Iterable[x509.Extension] = (),
     challenge_password: bytes | None = None,
+    hash_name: str | None = None,
 ) -> x509.CertificateSigningRequest:
-    """Build and sign a CSR with ``private_key`` (signed inside its backend)."""
+    """Build and sign a CSR with ``private_key`` (signed inside its backend).
+
+    Args:
+        hash_name: ``sha256``, ``sha384`` or ``sha512`` to sign with (an EST server's /csrattrs may ask for one);
+            None picks the key's default (SHA-384 for P-384, SHA-256 otherwise). Ignored for Ed25519/Ed448,
+            whose signatures have no separate hash.
+
+    Raises:
+        ValueError: an unknown ``hash_name``.
+    """
     b = x509.CertificateSigningRequestBuilder().subject_name(subject)
     seen = set()
     if sans:
@@ -84,7 +207,25 @@ def build_csr(
             seen.add(ext.oid)
     if challenge_password is not None:
         b = b.add_attribute(x509.oid.AttributeOID.CHALLENGE_PASSWORD, challenge_password)
-    return b.sign(private_key, signature_hash(private_key))
+    algorithm = signature_hash(private_key)
+    if hash_name is not None and algorithm is not None:
+        algorithm = hash_by_name(hash_name)
+    return b.sign(private_key, algorithm)
+
+
+SIGNATURE_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+def hash_by_name(name: str) -> hashes.HashAlgorithm:
+    """``sha256``/``sha384``/``sha512`` as a ``cryptography`` hash.
+
+    Raises:
+        ValueError: another name.
+    """
+    try:
+        return SIGNATURE_HASHES[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unsupported signature hash {name!r} (use {', '.join(SIGNATURE_HASHES)})") from None
 
 
 def default_key_usage(key_type: str) -> x509.KeyUsage:

@@ -8,6 +8,11 @@ share a private misreading.
 Authentication: HTTP Basic (users given at start; ``one_time`` users' passwords work once) and/or a TLS client
 certificate chaining to the domain's root (or to extra ``client_cas``, e.g. an IDevID manufacturer CA).
 /simplereenroll requires the client certificate, with CSR subject and SAN identical to it (RFC 7030 §4.2.2).
+
+Modes for behaviour of real servers that no peer in CI shows: ``bad_credentials_status=403`` (Trustpoint answers
+a wrong password so), ``basic_on_reenroll`` (Basic required besides the client certificate, RFC 7030 §3.2.3, as
+libest without ``-o``), ``tls_domain`` (the TLS server certificate comes from another lab domain than the issuing
+CA: a TLS front with its own PKI), and ``<label>/<profile>`` paths that pick the issued profile (Trustpoint).
 ``pending_rounds`` answers each new CSR with 202 + Retry-After that many times first (-1: forever).
 ``fault`` (settable on the handle) makes it misbehave in one named way, for the client's bad-input tests.
 
@@ -46,7 +51,8 @@ log = logging.getLogger("agent.lab.est_server")
 EST_PREFIX = "/.well-known/est"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs")
 FAULTS = ("bad-base64", "empty-pkcs7", "wrong-key", "foreign-chain", "no-key-part", "html", "html-500", "reset",
-          "redirect-other", "redirect-same", "der", "pem", "no-cte", "no-retry-after")
+          "redirect-other", "redirect-same", "der", "pem", "no-cte", "no-retry-after", "silent", "csrattrs-nul",
+          "csrattrs-garbage", "csrattrs-500")
 MAX_BODY_BYTES = 256 * 1024
 # /csrattrs default: ecdsa-with-SHA256, Attribute{ecPublicKey, {secp256r1}} (RFC 7030 §4.5.2 / RFC 9908 style).
 DEFAULT_CSRATTRS_DER = bytes.fromhex("3021" "06082a8648ce3d040302" "3015" "06072a8648ce3d0201" "310a"
@@ -79,6 +85,9 @@ class EstServerConfig:
     lifetime_s: int | None = None
     client_cas: tuple = ()
     realm: str = "devagent lab EST"
+    bad_credentials_status: int = 401  # Trustpoint answers a wrong password with 403
+    basic_on_reenroll: bool = False  # require HTTP Basic besides the client certificate (libest without -o)
+    tls_domain: str | None = None  # lab domain that issued the TLS server certificate (None: ``domain``)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -229,7 +238,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _fault_prelude(self) -> bool:
         """Faults that replace the whole answer. True when the request was answered."""
         fault = self.server.cfg.fault
-        if fault == "html":
+        if fault == "silent":
+            # TLS is up and the request was read; no answer ever comes (the client's read timeout must fire).
+            # Wait until the client gives up and closes, bounded by the socket timeout.
+            try:
+                self.rfile.read(1)
+            except OSError:
+                pass
+            self.close_connection = True
+        elif fault == "html":
             self._send(200, b"<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head>"
                             b"<body><h1>Welcome to nginx!</h1></body></html>", "text/html")
         elif fault == "html-500":
@@ -289,11 +306,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             self._certs_response(certs)
         elif op == "csrattrs":
-            der = self.server.cfg.csrattrs_der
-            if der is None:
+            der, fault = self.server.cfg.csrattrs_der, self.server.cfg.fault
+            if fault == "csrattrs-500":
+                self._text(500, "csrattrs backend failure")
+            elif fault == "csrattrs-garbage":
+                self._send(200, b"this is not base64 DER!\n", "application/csrattrs")
+            elif der is None:
                 self._send(204)
             else:
-                self._send(200, _b64(der), "application/csrattrs", {"Content-Transfer-Encoding": "base64"})
+                tail = b"\x00" if fault == "csrattrs-nul" else b""  # libest's C-string terminator
+                self._send(200, base64.b64encode(der) + tail if tail else _b64(der), "application/csrattrs",
+                           {"Content-Transfer-Encoding": "base64"})
         else:
             self._text(405, f"{op} needs POST", {"Allow": "POST"})
 
@@ -327,22 +350,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Authentication (RFC 7030 §3.2.3, §3.3.2)
         client = self._client_cert()
         basic_ok, user = self._basic_ok()
+        cfg = self.server.cfg
+        if user is not None and not basic_ok:
+            # Wrong credentials are refused even when a client certificate would do (as Trustpoint and libest).
+            if cfg.bad_credentials_status == 403:
+                self._text(403, f"Forbidden: invalid credentials for user {user!r}")
+            else:
+                self._unauthorized(f"authentication failed for user {user!r}")
+            return
         if op == "simplereenroll":
             if client is None:
                 self._unauthorized("simplereenroll requires the current certificate as TLS client certificate")
+                return
+            if cfg.basic_on_reenroll and not basic_ok:
+                self._unauthorized("simplereenroll requires HTTP Basic besides the client certificate")
                 return
             if csr.subject != client.subject or _sans(csr) != _sans(client):
                 self._text(400, "CSR subject/subjectAltName differ from the certificate being renewed "
                                 "(RFC 7030 section 4.2.2)")
                 return
         elif not (basic_ok or client is not None):
-            if user is not None:
-                self._unauthorized(f"authentication failed for user {user!r}")
-            else:
-                self._unauthorized("authentication required: HTTP Basic or a TLS client certificate")
+            self._unauthorized("authentication required: HTTP Basic or a TLS client certificate")
             return
         # 202 Retry-After mode (RFC 7030 §4.2.3)
-        cfg = self.server.cfg
         key = hashlib.sha256(der).digest()
         with self.server.lock:
             seen = self.server.pending.get(key, 0)
@@ -433,8 +463,10 @@ def _foreign_issue(pub, subject):
     return cert, [ca]
 
 
-def _server_context(lab: LabCA, domain: str, tls_names, client_cas) -> tuple[ssl.SSLContext, x509.Certificate]:
+def _server_context(lab: LabCA, domain: str, tls_names, client_cas, tls_domain: str | None = None
+                    ) -> tuple[ssl.SSLContext, x509.Certificate]:
     dom = lab.domain(domain)
+    tls_dom = lab.domain(tls_domain or domain)
     key = ec.generate_private_key(ec.SECP256R1())
     sans = []
     for n in tls_names:
@@ -445,7 +477,7 @@ def _server_context(lab: LabCA, domain: str, tls_names, client_cas) -> tuple[ssl
             sans.append(x509.DNSName(n))
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devagent lab (TEST ONLY)"),
                          x509.NameAttribute(NameOID.COMMON_NAME, f"EST server ({domain})")])
-    cert = lab.issue(domain, key.public_key(), subject, tuple(sans), "tls-server")
+    cert = lab.issue(tls_domain or domain, key.public_key(), subject, tuple(sans), "tls-server")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     pem = serialization.Encoding.PEM
@@ -453,7 +485,7 @@ def _server_context(lab: LabCA, domain: str, tls_names, client_cas) -> tuple[ssl
     try:
         fd, cpath = tempfile.mkstemp(dir=d)
         with os.fdopen(fd, "wb") as f:
-            f.write(cert.public_bytes(pem) + dom.ca_cert.public_bytes(pem))
+            f.write(cert.public_bytes(pem) + tls_dom.ca_cert.public_bytes(pem))
         fd, kpath = tempfile.mkstemp(dir=d)  # 0600
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -509,7 +541,8 @@ class EstServerHandle:
 def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | None = None, one_time=(),
                      pending_rounds: int = 0, retry_after_s: int = 1, csrattrs_der: bytes | None = DEFAULT_CSRATTRS_DER,
                      tls_names=("127.0.0.1", "localhost"), client_cas=(), lifetime_s: int | None = None,
-                     fault: str | None = None) -> EstServerHandle:
+                     fault: str | None = None, bad_credentials_status: int = 401, basic_on_reenroll: bool = False,
+                     tls_domain: str | None = None) -> EstServerHandle:
     """Start the lab EST server on 127.0.0.1:``port`` (0 = ephemeral) in a daemon thread.
 
     Args:
@@ -520,6 +553,10 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
         tls_names: IP addresses / DNS names in the server certificate's SAN.
         client_cas: extra CA certificates accepted for TLS client authentication (IDevID issuers).
         fault: one of ``FAULTS`` for negative tests.
+        bad_credentials_status: 401 (RFC 7030 / libest) or 403 (Trustpoint) for a wrong username or password.
+        basic_on_reenroll: /simplereenroll needs HTTP Basic besides the client certificate.
+        tls_domain: the lab domain whose CA issues the TLS server certificate (a TLS front with its own PKI);
+            issuance and /cacerts stay with ``domain``.
 
     Returns:
         A handle with ``url``, ``port``, ``tls_certificate``, ``set_fault()``, ``stop()``.
@@ -527,9 +564,12 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
     lab.domain(domain)  # fail early on an unknown domain
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}")
-    ctx, cert = _server_context(lab, domain, tls_names, client_cas)
+    if bad_credentials_status not in (401, 403):
+        raise ValueError("bad_credentials_status must be 401 or 403")
+    ctx, cert = _server_context(lab, domain, tls_names, client_cas, tls_domain)
     cfg = EstServerConfig(domain, dict(users or {}), set(one_time), pending_rounds, retry_after_s, csrattrs_der,
-                          fault, lifetime_s, tuple(client_cas))
+                          fault, lifetime_s, tuple(client_cas), bad_credentials_status=bad_credentials_status,
+                          basic_on_reenroll=basic_on_reenroll, tls_domain=tls_domain)
     server = _Server(("127.0.0.1", port), _Handler, lab, cfg, ctx)
     t = threading.Thread(target=server.serve_forever, name=f"lab-est-{domain}", daemon=True)
     t.start()
@@ -544,15 +584,24 @@ def main(argv=None) -> int:
     p.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="Basic credentials")
     p.add_argument("--pending", type=int, default=0, help="answer each new CSR with 202 this many times")
     p.add_argument("--retry-after", type=int, default=1)
+    p.add_argument("--forbidden-on-bad-credentials", action="store_true",
+                   help="answer a wrong password with 403 (as Trustpoint) instead of 401")
+    p.add_argument("--basic-on-reenroll", action="store_true",
+                   help="require HTTP Basic besides the client certificate on /simplereenroll (as libest without -o)")
+    p.add_argument("--tls-domain", default=None,
+                   help="lab domain whose CA issues the TLS server certificate (a TLS CA other than the issuing CA)")
     a = p.parse_args(argv)
-    lab = LabCA.create(a.lab, domains=(a.domain,))
+    lab = LabCA.create(a.lab, domains=tuple(dict.fromkeys(d for d in (a.domain, a.tls_domain) if d)))
     users = dict(u.split(":", 1) for u in a.user)
     h = start_est_server(lab, a.domain, port=a.port, users=users, pending_rounds=a.pending,
-                         retry_after_s=a.retry_after)
+                         retry_after_s=a.retry_after, bad_credentials_status=403 if a.forbidden_on_bad_credentials
+                         else 401, basic_on_reenroll=a.basic_on_reenroll, tls_domain=a.tls_domain)
     root = lab.domain(a.domain).root_cert
     fp = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
     print(f"lab EST server (TEST ONLY) for domain {a.domain!r}: {h.url}/.well-known/est/{a.domain}/")
     print(f"trust anchor: {lab.dir / a.domain / 'root.pem'}  sha256:{fp}")
+    if a.tls_domain:
+        print(f"TLS trust anchor (server certificate): {lab.dir / a.tls_domain / 'root.pem'}")
     print(f"users: {', '.join(users) or '(none: client certificates only)'}; Ctrl-C stops", flush=True)
     try:
         threading.Event().wait()

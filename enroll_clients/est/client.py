@@ -90,7 +90,7 @@ class EstClient(EnrollmentClient):
             raise TypeError("options must be an EnrollOptions")
         extra = dict(options.extra or {})
         try:
-            m.build_url(options.server, "cacerts", options.label, extra.get("base_path"))
+            m.build_url(options.server, "cacerts", options.label, extra.get("base_path"), options.profile)
             if options.ca_fingerprint:
                 m.parse_fingerprint(options.ca_fingerprint)
         except ValueError as e:
@@ -108,9 +108,11 @@ class EstClient(EnrollmentClient):
         self._clock = clock
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def url(self, operation: str) -> str:
-        """The full URL of an EST operation for this client's server, base path and label."""
-        return m.build_url(self.options.server, operation, self.options.label, self._base_path)
+    def url(self, operation: str, profile: str | None = None) -> str:
+        """The full URL of an EST operation: server, base path, ``<label>[/<profile>]`` (``profile`` overrides
+        ``options.profile``, e.g. a request's own profile)."""
+        return m.build_url(self.options.server, operation, self.options.label, self._base_path,
+                           profile or self.options.profile)
 
     @property
     def trust_anchors(self) -> tuple[x509.Certificate, ...]:
@@ -127,8 +129,11 @@ class EstClient(EnrollmentClient):
 
     async def _exchange(self, operation: str, method: str, body: bytes | None = None,
                         content_type: str | None = None, *, auth: ClientAuth | None = None, use_cert: bool = False,
-                        verify: bool = True, accept: str = "*/*") -> HttpResponse:
-        url = self.url(operation)
+                        verify: bool = True, accept: str = "*/*", profile: str | None = None) -> HttpResponse:
+        try:
+            url = self.url(operation, profile)
+        except ValueError as e:
+            raise EstConfigError(str(e)) from None
         if not verify and auth is not None:
             raise EnrollError("refusing to send credentials over an unauthenticated TLS connection")
         tls = self._tls(auth, use_cert, verify)
@@ -185,10 +190,10 @@ class EstClient(EnrollmentClient):
                 continue
             if 200 <= resp.status < 300:
                 return resp
-            raise self._http_error(method, url, resp, basic)
+            raise self._http_error(method, url, resp, basic, tls.client_certificate is not None)
 
     @staticmethod
-    def _http_error(method: str, url: str, resp: HttpResponse, basic) -> ServerError:
+    def _http_error(method: str, url: str, resp: HttpResponse, basic, client_cert: bool = False) -> ServerError:
         text = m.server_text(resp.body, resp.headers.get("content-type"))
         where = f"{method} {url}: HTTP {resp.status} {resp.reason}".rstrip()
         if resp.status == 401:
@@ -196,14 +201,21 @@ class EstClient(EnrollmentClient):
             if basic:
                 hint = (f"authentication failed for user {basic[0]!r}: wrong username or password, or a one-time "
                         "password that was already used")
+            elif client_cert:
+                hint = ("the server requires HTTP authentication besides the TLS client certificate that was sent"
+                        + (f" ({challenge})" if challenge else "")
+                        + " (RFC 7030 §3.2.3): give --username and --password")
             else:
                 hint = ("the server requires authentication"
                         + (f" ({challenge})" if challenge else "")
-                        + ": give a username and password source, or a client certificate")
+                        + ": give --username and --password, or a TLS client certificate (--idevid)")
             return ServerError(f"{where}: {hint}" + (f"; server says: {text}" if text else ""),
                                status=401, text=text)
         if resp.status == 403:
             hint = "the server refused this client (check the client certificate or the account's permissions)"
+            if basic:
+                hint += (f"; HTTP Basic user {basic[0]!r} was sent: some servers (Trustpoint) answer a wrong username or "
+                         "password with 403")
             return ServerError(f"{where}: {hint}" + (f"; server says: {text}" if text else ""), status=403, text=text)
         return ServerError(f"{where}" + (f": {text}" if text else " (no text)"), status=resp.status, text=text)
 
@@ -376,7 +388,7 @@ class EstClient(EnrollmentClient):
         csr = csr or self._csr(request)
         await self._ensure_anchors()
         resp = await self._exchange(op, "POST", m.encode_csr(csr), m.CT_PKCS10, auth=auth, use_cert=use_cert,
-                                    accept=m.CT_PKCS7)
+                                    accept=m.CT_PKCS7, profile=request.profile)
         what = f"POST {resp.url}"
         certs = m.parse_certs_body(resp.body, resp.headers.get("content-type"), what)
         ee, rest = m.split_issued(certs, csr.public_key(), what)
@@ -391,7 +403,7 @@ class EstClient(EnrollmentClient):
         await self._ensure_anchors()
         resp = await self._exchange("serverkeygen", "POST", m.encode_csr(csr), m.CT_PKCS10, auth=auth,
                                     use_cert=auth.certificate is not None,
-                                    accept=f"{m.CT_MULTIPART}")
+                                    accept=f"{m.CT_MULTIPART}", profile=request.profile)
         what = f"POST {resp.url}"
         skg = m.parse_serverkeygen(resp.headers.get("content-type") or "", resp.body, what)
         ee, rest = m.split_issued(skg.certificates, skg.private_key.public_key(), what)

@@ -66,14 +66,36 @@ def label_segments(label: str | None) -> tuple[str, ...]:
     return segs
 
 
-def build_url(server: str, operation: str, label: str | None = None, base_path: str | None = None) -> str:
-    """``https://host[:port][/prefix]/.well-known/est[/<label>…]/<operation>``.
+def path_segments(label: str | None, profile: str | None = None) -> tuple[str, ...]:
+    """The EST path segments between ``/.well-known/est`` and the operation: ``<label>[/<profile>]``.
+
+    ``label`` may itself hold two segments (``<domain>/<profile>``, Trustpoint style); then no separate
+    ``profile`` may be given. A ``profile`` without a label is the only segment.
+
+    Raises:
+        ValueError: a bad segment, a profile with a ``/``, or a profile given twice.
+    """
+    segs = label_segments(label)
+    if profile:
+        prof = label_segments(profile)
+        if len(prof) != 1:
+            raise ValueError(f"EST profile {profile!r} must be a single path segment (no '/')")
+        if len(segs) > 1:
+            raise ValueError(f"EST label {label!r} already names a profile; give it once: --label "
+                             f"{segs[0]} --profile {prof[0]} (path /.well-known/est/<label>/<profile>/...)")
+        segs = segs + prof
+    return segs
+
+
+def build_url(server: str, operation: str, label: str | None = None, base_path: str | None = None,
+              profile: str | None = None) -> str:
+    """``https://host[:port][/prefix]/.well-known/est[/<label>][/<profile>]/<operation>``.
 
     ``server`` may already end in ``/.well-known/est`` (or in ``base_path`` when a server lives elsewhere);
     it is not repeated.
 
     Raises:
-        ValueError: not an https URL, unknown operation, bad label.
+        ValueError: not an https URL, unknown operation, bad label or profile.
     """
     if operation not in OPERATIONS:
         raise ValueError(f"unknown EST operation {operation!r} (known: {', '.join(OPERATIONS)})")
@@ -85,7 +107,7 @@ def build_url(server: str, operation: str, label: str | None = None, base_path: 
         prefix = ""
     if prefix and not base.endswith(prefix):
         base += prefix
-    return "/".join((base,) + label_segments(label) + (operation,))
+    return "/".join((base,) + path_segments(label, profile) + (operation,))
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -171,8 +193,8 @@ def decode_body(data: bytes, what: str = "body") -> bytes:
     if data[:1] == b"\x30":
         return data
     stripped = data.lstrip()
-    if stripped.startswith(b"-----BEGIN"):
-        blocks = pem_blocks(stripped, what)
+    if b"-----BEGIN" in data[:65536]:  # text may precede the block (openssl -text output)
+        blocks = pem_blocks(data, what)
         if len(blocks) != 1:
             raise ProtocolError(f"{what}: expected one PEM block, found {len(blocks)}")
         return blocks[0][1]
@@ -269,8 +291,8 @@ def parse_certs_body(body: bytes, content_type: str | None = None, what: str = "
     if mtype == "text/html" or looks_like_html(body.lstrip()[:512]):
         raise ProtocolError(f"{what}: got an HTML page instead of application/pkcs7-mime: "
                             f"{server_text(body, 'text/html')!r}")
-    if body.lstrip().startswith(b"-----BEGIN"):
-        blocks = pem_blocks(body.lstrip(), what)
+    if body[:1] != b"\x30" and b"-----BEGIN" in body[:65536]:  # base64 never holds it; text may precede it
+        blocks = pem_blocks(body, what)
         certs: list[x509.Certificate] = []
         for label, der in blocks:
             if label in ("PKCS7", "CMS"):
@@ -733,6 +755,10 @@ def interpret_csrattrs(items: Sequence[CsrAttrItem], what: str = "/csrattrs resp
                 if size is None or not 1024 <= size <= 16384:
                     raise ProtocolError(f"{what}: rsaEncryption attribute value is not a key size INTEGER")
                 key_types.append((f"rsa{size}", None, size))
+        elif it.oid in CURVES and it.values is None:
+            # A bare named-curve OID (RFC 7030 §4.5.2's own example lists secp384r1 so; libest's default
+            # answer too): an EC key on that curve.
+            key_types.append((CURVES[it.oid][1], CURVES[it.oid][0], None))
         elif it.oid in (OID_ED25519.dotted_string, OID_ED448.dotted_string) and it.values is None:
             key_types.append(("ed25519" if it.oid == OID_ED25519.dotted_string else "ed448", None, None))
         elif it.oid in SIG_HASHES and it.values is None:
@@ -763,10 +789,16 @@ def interpret_csrattrs(items: Sequence[CsrAttrItem], what: str = "/csrattrs resp
 def parse_csrattrs(body: bytes, what: str = "/csrattrs response") -> CsrAttrs:
     """Parse a /csrattrs response body (base64 DER, or raw DER) into ``CsrAttrs``; empty body = no attributes.
 
+    Trailing NUL bytes and whitespace after base64 are ignored (a known libest deviation).
+
     Raises:
         ProtocolError: malformed base64 or DER, or an uninterpretable key-type attribute.
     """
-    if not body.strip():
+    if body[:1] != b"\x30":
+        # Base64 (not raw DER): trailing NUL bytes and whitespace are harmless (libest ends its default answer
+        # in a NUL, as a C string); anything else outside the alphabet is still an error.
+        body = body.rstrip(b"\x00 \t\r\n")
+    if not body:
         return CsrAttrs()
     return interpret_csrattrs(decode_csrattrs(decode_body(body, what), what), what)
 

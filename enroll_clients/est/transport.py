@@ -91,7 +91,7 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         if tls.system_trust:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if not pem and not tls.system_trust:
-            raise EnrollError("no EST trust anchor: give the server's CA certificate (--ca-file), or bootstrap "
+            raise EnrollError("no EST trust anchor: give the server's CA certificate (--trust FILE), or bootstrap "
                               "/cacerts with --ca-fingerprint sha256:HEX (RFC 7030 §4.1.1); the system trust "
                               "store is used only when asked for explicitly")
     else:
@@ -131,8 +131,20 @@ def _load_client_credential(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
                               f"{tls.key_file or '(in memory)'}: {e}") from None
 
 
-def _tls_error(url: str, e: BaseException) -> EnrollError:
+TIMEOUT_PHASES = {"ConnectTimeout": "connect", "ReadTimeout": "read", "WriteTimeout": "write",
+                  "PoolTimeout": "connection pool"}
+
+
+def _tls_error(url: str, e: BaseException, timeout_s: float | None = None) -> EnrollError:
     text = str(e)
+    name = type(e).__name__
+    if name in TIMEOUT_PHASES or isinstance(e, TimeoutError):
+        # Checked first: under httpx's timeouts lies the SSLWantReadError of an unfinished handshake or read,
+        # which is not a TLS failure. A TLS handshake that never completes is a connect timeout.
+        phase = TIMEOUT_PHASES.get(name, "read")
+        after = f" after {timeout_s:g} s" if timeout_s else ""
+        return TransportError(f"{url}: timed out{after} ({phase}): the server accepted no connection or sent no "
+                              "answer in time; check that it is up, or raise --timeout")
     chain = e
     while chain is not None and not isinstance(chain, ssl.SSLError):
         chain = chain.__cause__ or chain.__context__
@@ -142,21 +154,19 @@ def _tls_error(url: str, e: BaseException) -> EnrollError:
             return ProtectionError(f"TLS to {url}: the server certificate is not valid for this host name "
                                    f"({detail}); check the URL")
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
-                               f"({detail}); check --ca-file or bootstrap with --ca-fingerprint")
+                               f"({detail}); give the CA that issued the server's TLS certificate with --trust, or "
+                               "bootstrap with --ca-fingerprint")
     if isinstance(chain, ssl.SSLError):
         if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
             return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "
                                    "check that it is issued by a CA the server trusts and still valid")
         return ProtectionError(f"TLS to {url} failed: {chain}")
-    name = type(e).__name__
     if name in ("ReadError", "RemoteProtocolError"):
         return TransportError(f"{url}: the connection broke while reading the response "
                               f"({name}: {text or 'reset by peer'}); retry later")
     if name == "ConnectError":
         return TransportError(f"{url}: cannot connect ({text or 'refused'}); is the EST server running?")
-    if "Timeout" in name:
-        return TransportError(f"{url}: timed out ({name}); the server did not answer in time")
     return TransportError(f"{url}: {name}: {text or 'connection failed'}")
 
 
@@ -176,7 +186,7 @@ class HttpxTransport:
                 try:
                     resp = await client.send(req, auth=auth, stream=True)
                 except (httpx.ReadError, httpx.RemoteProtocolError) as e:
-                    err = _tls_error(f"{method} {url}", e)
+                    err = _tls_error(f"{method} {url}", e, timeout_s)
                     if tls.client_certificate is not None and not isinstance(err, ProtectionError):
                         # TLS 1.3 rejects a client certificate after the client's handshake finished: the
                         # alert may arrive as a plain reset before any response.
@@ -202,8 +212,8 @@ class HttpxTransport:
         except EnrollError:
             raise
         except httpx.HTTPError as e:
-            raise _tls_error(f"{method} {url}", e) from e
+            raise _tls_error(f"{method} {url}", e, timeout_s) from e
         except (ssl.SSLError, OSError) as e:
-            raise _tls_error(f"{method} {url}", e) from e
+            raise _tls_error(f"{method} {url}", e, timeout_s) from e
         return HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
                             b"".join(chunks), url, peer)

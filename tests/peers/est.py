@@ -124,3 +124,66 @@ def est_ldevid(est_lab):
 __all__ = ["est_lab", "est_root", "est_server", "_est_fault_server", "est_fault_server", "est_ldevid",
            "require_tool", "run", "new_key", "make_csr", "est_options", "basic_auth", "name",
            "EST_USER", "EST_PASSWORD", "EST_ONE_TIME_USER", "EST_ONE_TIME_PASSWORD"]
+
+
+# ---- the devagent CLI on one keystore, and "nothing was stored" checks ----------------------------------------
+def stored(state) -> dict:
+    """What a keystore directory holds, for "a failure stored nothing" checks: the SHA-256 of every file, with
+    the index compared as data minus the failure bookkeeping a failed renewal records on purpose for
+    ``devagent status`` (``meta.last_error``, ``meta.last_failure``). The append-only audit log is left out: it
+    records the attempt (a pending key generated and discarded) by design."""
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    root = Path(state)
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            rel = str(p.relative_to(root))
+            if f == ".lock" or rel == "audit.log":
+                continue
+            if rel == "keystore.json":
+                doc = json.loads(p.read_text())
+                for rec in (doc.get("credentials") or {}).values():
+                    for k in ("last_error", "last_failure"):
+                        (rec.get("meta") or {}).pop(k, None)
+                out[rel] = json.dumps(doc, sort_keys=True)
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class Devagent:
+    """``devagent`` commands run in-process through click's CliRunner (the real command line: option parsing,
+    lifecycle, exit codes) on one state directory. ``inside`` runs each invocation through a callable, e.g.
+    a server's ``run`` that executes it on a thread inside the server's network namespace."""
+
+    def __init__(self, state, inside=None, env=None):
+        self.state = state
+        self.inside = inside
+        self.env = {"DEVAGENT_STATE_DIR": None, "DEVAGENT_CONFIG": None, **(env or {})}
+
+    def __call__(self, *args, code: int | None = 0):
+        from click.testing import CliRunner
+
+        from agent.cli import cli
+
+        def go():
+            return CliRunner().invoke(cli, ["--state-dir", str(self.state), *args], env=self.env)
+
+        r = self.inside(go) if self.inside else go()
+        if code is not None:
+            assert r.exit_code == code, (args, r.exit_code, r.output, r.exception)
+        return r
+
+    def json(self, *args, code: int | None = 0) -> dict:
+        import json
+
+        r = self("--json", *args, code=code)
+        return json.loads(r.output[r.output.index("{"):])
+
+
+__all__ += ["stored", "Devagent"]

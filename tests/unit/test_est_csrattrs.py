@@ -135,3 +135,41 @@ def test_csrattrs_parse_roundtrips_or_clear_error(data):
         assert "CsrAttrs" in str(e) or "trailing" in str(e)
         return
     assert m.encode_csrattrs(got) == data
+
+
+# libest 3.2.0's built-in answer, byte for byte as its estserver sends it: macAddress, emailAddress, secp384r1 and
+# sha384 as bare OIDs, base64, and a trailing NUL (the C string's terminator, counted in Content-Length).
+LIBEST_DEFAULT = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
+
+
+def test_libest_default_answer_with_trailing_nul():
+    a = m.parse_csrattrs(LIBEST_DEFAULT)
+    # A bare named-curve OID asks for an EC key on that curve (RFC 7030 §4.5.2's example names curves so too).
+    assert (a.key_type, a.curve, a.signature_hash) == ("p384", "secp384r1", "sha384")
+    assert a.extension_oids == ("1.3.6.1.1.1.1.22", "1.2.840.113549.1.9.1")
+
+
+@pytest.mark.parametrize("tail", [b"\x00", b"\x00\x00", b"\r\n\x00", b"\x00\n", b" \t"])
+def test_trailing_nul_and_whitespace_tolerated(tail):
+    assert m.parse_csrattrs(RFC7030_EXAMPLE + tail).key_type == "p384"
+
+
+@pytest.mark.parametrize("body", [b"MEEG\x00CSqGSIb3DQEJBzASBgcqhkjOPQIBMQcGBSuBBAAiMBYGCSqGSIb3DQEJDjEJ",
+                                  RFC7030_EXAMPLE + b"\x00garbage"])
+def test_nul_inside_base64_is_still_an_error(body):
+    with pytest.raises(ProtocolError, match="malformed base64"):
+        m.parse_csrattrs(body)
+
+
+def test_raw_der_is_not_stripped():
+    der = base64.b64decode(RFC7030_EXAMPLE)
+    assert m.parse_csrattrs(der).key_type == "p384"
+    with pytest.raises(ProtocolError, match="trailing bytes"):
+        m.parse_csrattrs(der + b"\x00")  # in DER a NUL is data: never silently dropped
+
+
+@pytest.mark.parametrize("curve,kt", [("1.2.840.10045.3.1.7", "p256"), ("1.3.132.0.34", "p384"),
+                                      ("1.3.132.0.35", "p521")])
+def test_bare_curve_oid_sets_key_type(curve, kt):
+    a = m.parse_csrattrs(m.encode_base64(m.encode_csrattrs([m.CsrAttrItem(curve)])))
+    assert a.key_type == kt and a.extension_oids == ()

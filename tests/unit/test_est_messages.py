@@ -278,3 +278,34 @@ def test_server_text_reduces_html():
 def test_http_date(value, expected):
     t = m.http_date(value)
     assert (t.isoformat() if t else None) == expected
+
+
+# ---- label and profile path (README: /.well-known/est/<label>[/<profile>]/...) ----------------------------
+@pytest.mark.parametrize("label,profile,expected", [
+    (None, None, "https://h/.well-known/est/simpleenroll"),
+    ("plant", None, "https://h/.well-known/est/plant/simpleenroll"),
+    ("plant", "tls_client", "https://h/.well-known/est/plant/tls_client/simpleenroll"),
+    (None, "tls_client", "https://h/.well-known/est/tls_client/simpleenroll"),
+    ("plant/tls_client", None, "https://h/.well-known/est/plant/tls_client/simpleenroll"),
+])
+def test_build_url_with_profile(label, profile, expected):
+    assert m.build_url("https://h", "simpleenroll", label, None, profile) == expected
+
+
+@pytest.mark.parametrize("label,profile,err", [
+    ("plant/ldevid", "tls_client", "already names a profile; give it once"),
+    ("plant", "a/b", "single path segment"),
+    ("plant", "..", "not a valid label path segment"),
+    ("plant", "cacerts", "not an EST operation name"),
+])
+def test_profile_errors(label, profile, err):
+    with pytest.raises(ValueError, match=err):
+        m.build_url("https://h", "simpleenroll", label, None, profile)
+
+
+def test_pem_after_text_is_accepted(pki):
+    """`openssl x509 -text` and `openssl pkcs7 -print_certs` write text before the PEM block."""
+    pem = pki["ee"].public_bytes(serialization.Encoding.PEM)
+    text = b"subject=CN = device\nissuer=CN = issuing\n\n" + pem
+    assert m.parse_certs_body(text) == (pki["ee"],)
+    assert m.decode_body(text) == pki["ee"].public_bytes(serialization.Encoding.DER)
