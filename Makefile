@@ -9,7 +9,8 @@ PYTEST := $(PY) -m pytest
 # Debian 12 / Raspberry Pi OS bookworm packages used by tests and the real peers (shared in README).
 APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
 	swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 tpm2-openssl \
-	softhsm2 opensc libcoap3-bin autoconf automake libtool pkg-config gcc faketime
+	softhsm2 opensc libcoap3-bin autoconf automake libtool pkg-config gcc faketime \
+	build-essential libssl-dev
 
 APT_STAMP := $(VENV)/.apt-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp

@@ -415,11 +415,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         crlf = b"\r\n"
         key_der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
+        # RFC 2046 §5.1.1: the CRLF before each "--boundary" belongs to the delimiter, so every part's content
+        # ends in an extra CRLF (libest's estclient rejects parts without it).
         key_part = (b"--" + boundary.encode() + crlf + b"Content-Type: application/pkcs8" + crlf
-                    + b"Content-Transfer-Encoding: base64" + crlf + crlf + _b64(key_der))
+                    + b"Content-Transfer-Encoding: base64" + crlf + crlf + _b64(key_der) + crlf)
         cert_part = (b"--" + boundary.encode() + crlf
                      + b"Content-Type: application/pkcs7-mime; smime-type=certs-only" + crlf
-                     + b"Content-Transfer-Encoding: base64" + crlf + crlf + _b64(_certs_only([cert])))
+                     + b"Content-Transfer-Encoding: base64" + crlf + crlf + _b64(_certs_only([cert])) + crlf)
         body = (b"" if cfg.fault == "no-key-part" else key_part) + cert_part + b"--" + boundary.encode() + b"--" + crlf
         self._send(200, body, f"multipart/mixed; boundary={boundary}")
 

@@ -450,13 +450,14 @@ def encode_serverkeygen(private_key, certs: Sequence[x509.Certificate], boundary
                                         serialization.NoEncryption())
     crlf = b"\r\n"
     b = boundary.encode()
+    # RFC 2046 §5.1.1: the CRLF before each "--boundary" belongs to the delimiter, not to the part's content.
     body = (b"--" + b + crlf
             + b"Content-Type: application/pkcs8" + crlf + b"Content-Transfer-Encoding: base64" + crlf + crlf
-            + encode_base64(key_der)
+            + encode_base64(key_der) + crlf
             + b"--" + b + crlf
             + b"Content-Type: application/pkcs7-mime; smime-type=certs-only" + crlf
             + b"Content-Transfer-Encoding: base64" + crlf + crlf
-            + encode_base64(encode_certs_only(certs))
+            + encode_base64(encode_certs_only(certs)) + crlf
             + b"--" + b + b"--" + crlf)
     return f"multipart/mixed; boundary={boundary}", body
 

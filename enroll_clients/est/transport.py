@@ -135,7 +135,19 @@ TIMEOUT_PHASES = {"ConnectTimeout": "connect", "ReadTimeout": "read", "WriteTime
                   "PoolTimeout": "connection pool"}
 
 
-def _tls_error(url: str, e: BaseException, timeout_s: float | None = None) -> EnrollError:
+def _key_name(cert: x509.Certificate | None) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key = cert.public_key() if cert is not None else None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    return type(key).__name__.replace("PublicKey", "").lstrip("_") if key is not None else "none"
+
+
+def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
+               client_certificate: x509.Certificate | None = None) -> EnrollError:
     text = str(e)
     name = type(e).__name__
     if name in TIMEOUT_PHASES or isinstance(e, TimeoutError):
@@ -161,6 +173,12 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None) -> En
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
             return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "
                                    "check that it is issued by a CA the server trusts and still valid")
+        if "ILLEGAL_PARAMETER" in text and client_certificate is not None:
+            return ProtectionError(
+                f"TLS to {url}: the server ended the handshake with alert 47 (illegal parameter) after our TLS client "
+                f"certificate ({_key_name(client_certificate)} key): it does not accept that key type or curve "
+                "(libest offers only the P-256 curve); a credential that must authenticate to this server needs a "
+                f"key it supports ({chain.reason})")
         return ProtectionError(f"TLS to {url} failed: {chain}")
     if name in ("ReadError", "RemoteProtocolError"):
         return TransportError(f"{url}: the connection broke while reading the response "
@@ -186,7 +204,7 @@ class HttpxTransport:
                 try:
                     resp = await client.send(req, auth=auth, stream=True)
                 except (httpx.ReadError, httpx.RemoteProtocolError) as e:
-                    err = _tls_error(f"{method} {url}", e, timeout_s)
+                    err = _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate)
                     if tls.client_certificate is not None and not isinstance(err, ProtectionError):
                         # TLS 1.3 rejects a client certificate after the client's handshake finished: the
                         # alert may arrive as a plain reset before any response.
@@ -212,8 +230,8 @@ class HttpxTransport:
         except EnrollError:
             raise
         except httpx.HTTPError as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s) from e
+            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
         except (ssl.SSLError, OSError) as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s) from e
+            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
         return HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
                             b"".join(chunks), url, peer)
