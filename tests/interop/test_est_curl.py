@@ -138,7 +138,8 @@ def test_serverkeygen_multipart(work, est_server):
     boundary = m.group(1).encode()
     body = (work / "resp.mime").read_bytes()
     assert body.rstrip().endswith(b"--" + boundary + b"--")
-    parts = [p for p in body.split(b"--" + boundary) if p.strip() not in (b"", b"--")]
+    # RFC 2046 §5.1.1: the delimiter is CRLF "--" boundary (the CRLF is not part of the preceding part).
+    parts = [p for p in (b"\r\n" + body).split(b"\r\n--" + boundary) if p.strip() not in (b"", b"--")]
     kinds = {}
     for p in parts:
         head, _, content = p.lstrip(b"\r\n").partition(b"\r\n\r\n")
