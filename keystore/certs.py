@@ -1,12 +1,22 @@
 """Parsing of certificates, keys and PKCS#12 from untrusted bytes, with errors that name the source.
 
-Pure functions: bytes in, ``cryptography`` objects out.
+Pure functions: bytes in, ``cryptography`` objects out. This is the one boundary where certificate and key bytes
+from files and network peers become objects (the CMP and EST message decoders, CoAP /csr and /verify, the CLI's
+``--cert``/``--chain``/``--trust``/``--key``/``--p12`` and keystore import all come through here).
+
+Contract: each loader returns objects whose every part the rest of devagent reads later parses -- version,
+names, validity, every extension, the public key and the signature algorithm -- or raises ``CorruptFileError``
+naming the source and what did not parse. ``cryptography`` parses those parts lazily and raises ``ValueError``,
+``UnsupportedAlgorithm``, ``InvalidVersion``, ``DuplicateExtension`` or ``UnsupportedGeneralNameType`` on first
+access; ``check_certificate`` touches each of them once here so none of those escapes later, deep inside a path
+builder or a protocol check.
 """
 from __future__ import annotations
 
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 
@@ -29,12 +39,75 @@ def same_public_key(a, b) -> bool:
     return spki_der(a) == spki_der(b)
 
 
+# What cryptography raises for malformed or unsupported content of a certificate, key or PKCS#7/#12 structure.
+PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.InvalidVersion,
+                x509.UnsupportedGeneralNameType)
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, x509.DuplicateExtension):
+        return f"duplicate extension {e.oid.dotted_string}"
+    if isinstance(e, x509.InvalidVersion):
+        return f"invalid X.509 version {e.parsed_version}"
+    if isinstance(e, x509.UnsupportedGeneralNameType):
+        return f"unsupported GeneralName type ({e})"
+    if isinstance(e, UnsupportedAlgorithm):
+        return f"unsupported algorithm ({e})"
+    return str(e) or type(e).__name__
+
+
+def check_certificate(cert: x509.Certificate, source: str = "certificate") -> x509.Certificate:
+    """Parse every lazily decoded part of ``cert`` once; returns ``cert``.
+
+    Raises:
+        CorruptFileError: ``source``: which part does not parse (bad version, name, extension, duplicate
+            extension, unsupported public key or signature algorithm).
+    """
+    part = "version"
+    try:
+        cert.version  # noqa: B018 (each access parses; that is the point)
+        part = "subject/issuer name"
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        part = "validity"
+        cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+        part = "extensions"
+        for ext in cert.extensions:
+            ext.value  # noqa: B018
+        part = "public key"
+        cert.public_key()
+        part = "signature algorithm"
+        cert.signature_algorithm_oid  # noqa: B018
+        cert.signature_hash_algorithm  # noqa: B018 (None for EdDSA; raises for an unknown algorithm)
+    except PARSE_ERRORS as e:
+        raise CorruptFileError(f"{source}: certificate {part} does not parse: {_describe_error(e)}") from None
+    return cert
+
+
+def load_der_certificate(der: bytes, source: str = "certificate") -> x509.Certificate:
+    """One DER X.509 certificate, fully checked (``check_certificate``).
+
+    Raises:
+        CorruptFileError: not a DER certificate, or a part of it does not parse; names ``source``.
+    """
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{source}: certificate must be bytes, not {type(der).__name__}")
+    try:
+        cert = x509.load_der_x509_certificate(bytes(der))
+    except PARSE_ERRORS as e:
+        raise CorruptFileError(f"{source}: not a DER X.509 certificate: {_describe_error(e)}") from None
+    return check_certificate(cert, source)
+
+
 def load_certificates(data: bytes, source: str = "input") -> list[x509.Certificate]:
     """Load one or more certificates from PEM (certificates or PKCS#7, text before the first block allowed),
     DER certificate, or DER PKCS#7.
 
+    Every certificate returned passed ``check_certificate``.
+
     Raises:
-        CorruptFileError: naming ``source`` and what was found instead.
+        CorruptFileError: naming ``source`` (and the certificate's index when there are several) and what was
+            found instead.
     """
     if not data:
         raise CorruptFileError(f"{source}: empty, expected a certificate")
@@ -56,12 +129,14 @@ def load_certificates(data: bytes, source: str = "input") -> list[x509.Certifica
                 certs = pkcs7.load_der_pkcs7_certificates(data)
     except CorruptFileError:
         raise
-    except ValueError as e:
+    except PARSE_ERRORS as e:
         raise CorruptFileError(f"{source}: not a valid certificate or PKCS#7 certs-only structure "
-                               f"(PEM or DER): {e}") from e
+                               f"(PEM or DER): {_describe_error(e)}") from None
     if not certs:
         raise CorruptFileError(f"{source}: contains no certificate")
-    return list(certs)
+    if len(certs) == 1:
+        return [check_certificate(certs[0], source)]
+    return [check_certificate(c, f"{source}: certificate {i}") for i, c in enumerate(certs)]
 
 
 def load_certificate_file(path: str) -> list[x509.Certificate]:
@@ -88,26 +163,72 @@ def load_private_key(data: bytes, source: str, password: bytes | None = None, *,
         return serialization.load_der_private_key(data, password, unsafe_skip_rsa_key_validation=trusted)
     except TypeError as e:
         raise CorruptFileError(f"{source}: {'key is encrypted; give its password' if password is None else e}") from e
-    except (ValueError, Exception) as e:  # cryptography raises ValueError or UnsupportedAlgorithm
+    except PARSE_ERRORS as e:
         hint = " (or the password is wrong)" if password is not None else ""
-        raise CorruptFileError(f"{source}: not a valid private key{hint}: {e}") from e
+        raise CorruptFileError(f"{source}: not a valid private key{hint}: {_describe_error(e)}") from None
+
+
+MAX_PKCS12_ITERATIONS = 1_000_000  # OpenSSL writes 2048, current tools up to 600000 (PBKDF2-SHA256)
+
+
+def _max_iteration_count(data: bytes) -> int:
+    """The largest key-derivation iteration count in a PKCS#12 file (MacData, PBES2/PBKDF2 and PKCS#12 PBE
+    parameters: a SEQUENCE { salt OCTET STRING, iterations INTEGER, ... }), found by a bounded DER walk over
+    everything that is not ciphertext. 0 when there is none or the DER does not walk."""
+    best = 0
+    todo = [(0, len(data), 0)]
+    steps = 0
+    while todo and steps < 20000:
+        start, end, depth = todo.pop()
+        kids = []
+        off = start
+        while off < end and steps < 20000:
+            steps += 1
+            if off + 2 > end:
+                return best
+            tag, ln, hdr = data[off], data[off + 1], 2
+            if ln & 0x80:
+                nb = ln & 0x7F
+                if nb == 0 or nb > 4 or off + 2 + nb > end:
+                    return best
+                ln = int.from_bytes(data[off + 2:off + 2 + nb], "big")
+                hdr += nb
+            vs, ve = off + hdr, off + hdr + ln
+            if ve > end:
+                return best
+            kids.append((tag, vs, ve))
+            if depth < 24 and (tag & 0x20 or (tag == 0x04 and ve - vs > 2 and data[vs] == 0x30)):
+                todo.append((vs, ve, depth + 1))
+            off = ve
+        for (t1, _, _), (t2, vs, ve) in zip(kids, kids[1:], strict=False):
+            if t1 == 0x04 and t2 == 0x02 and ve - vs <= 8:
+                best = max(best, int.from_bytes(data[vs:ve], "big"))
+    return best
 
 
 def load_pkcs12(data: bytes, source: str, password: bytes | None):
     """Return (key, certificate, [additional certificates]) from a PKCS#12 file.
 
     Raises:
-        CorruptFileError: malformed, wrong password, or missing key/certificate.
+        CorruptFileError: malformed, wrong password, missing key/certificate, or a key-derivation iteration
+            count above ``MAX_PKCS12_ITERATIONS`` (a crafted file would otherwise hold the CPU for minutes).
     """
+    iterations = _max_iteration_count(bytes(data))
+    if iterations > MAX_PKCS12_ITERATIONS:
+        raise CorruptFileError(f"{source}: PKCS#12 asks for {iterations} key-derivation iterations (more than "
+                               f"{MAX_PKCS12_ITERATIONS}); refusing it rather than spending minutes on it")
     try:
         key, cert, extra = pkcs12.load_key_and_certificates(data, password)
-    except ValueError as e:
-        raise CorruptFileError(f"{source}: cannot open PKCS#12 (wrong password or corrupt file): {e}") from e
+    except PARSE_ERRORS as e:
+        raise CorruptFileError(f"{source}: cannot open PKCS#12 (wrong password or corrupt file): "
+                               f"{_describe_error(e)}") from None
     if key is None:
         raise CorruptFileError(f"{source}: PKCS#12 holds no private key")
     if cert is None:
         raise CorruptFileError(f"{source}: PKCS#12 holds no certificate")
-    return key, cert, list(extra or [])
+    check_certificate(cert, f"{source}: PKCS#12 certificate")
+    extra = [check_certificate(c, f"{source}: PKCS#12 additional certificate {i}") for i, c in enumerate(extra or [])]
+    return key, cert, extra
 
 
 def pem(certs) -> bytes:

@@ -5,6 +5,7 @@ The key may be a software, TPM or PKCS#11 key: anything with ``cryptography``'s 
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Iterable, Sequence
 
 from cryptography import x509
@@ -145,6 +146,35 @@ def parse_subject(dn: str) -> x509.Name:
         raise ValueError(f"malformed subject {dn!r}: {str(e) or _explain_rfc4514(dn)}; {_HINT}") from None
 
 
+_LDH_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+MAX_DNS_NAME = 253
+
+
+def check_dns_name(value: str, item: str = "") -> str:
+    """A SAN dNSName in the preferred name syntax (RFC 5280 4.2.1.6, RFC 1034 3.5 / RFC 1123 2.1): labels of
+    letters, digits and inner hyphens, 1-63 characters each, at most 253 in all, no trailing dot; a ``*`` is
+    allowed only as the whole leftmost label. Internationalised names go in as A-labels (``xn--...``).
+
+    Raises:
+        ValueError: naming the offending label -- before any key is generated for a request carrying it.
+    """
+    where = item or f"dns:{value}"
+    if len(value) > MAX_DNS_NAME:
+        raise ValueError(f"SAN {where[:80]!r}: DNS name of {len(value)} characters exceeds {MAX_DNS_NAME}")
+    labels = value.split(".")
+    for i, label in enumerate(labels):
+        if i == 0 and label == "*" and len(labels) > 1:
+            continue
+        if not label:
+            raise ValueError(f"SAN {where[:80]!r}: empty DNS label (leading, trailing or double dot)")
+        if len(label) > 63:
+            raise ValueError(f"SAN {where[:80]!r}: DNS label of {len(label)} characters exceeds 63")
+        if not _LDH_LABEL.match(label):
+            raise ValueError(f"SAN {where[:80]!r}: DNS label {label[:63]!r} is not letters, digits and inner "
+                             "hyphens (use the A-label xn--... form for international names)")
+    return value
+
+
 def parse_san(item: str) -> x509.GeneralName:
     """Parse ``dns:``, ``ip:``, ``uri:`` or ``email:`` into a GeneralName.
 
@@ -156,7 +186,7 @@ def parse_san(item: str) -> x509.GeneralName:
     if not sep or not value:
         raise ValueError(f"malformed SAN {item!r}; use {SAN_FORMS}")
     if kind == "dns":
-        return x509.DNSName(value)
+        return x509.DNSName(check_dns_name(value, item))
     if kind == "ip":
         try:
             return x509.IPAddress(ipaddress.ip_address(value))
