@@ -293,10 +293,10 @@ class CmpClient(EnrollmentClient):
         if coe.getName() != "certificate":
             raise UnsupportedError(f"{what}: the server returned an encrypted certificate (indirect POP), "
                                    "which this client does not request or support")
-        cert = M.asn1_to_cert(coe.getComponent())
+        cert = M.asn1_to_cert(coe.getComponent(), f"{reply} certifiedKeyPair certificate")
         ca_pubs = ()
         if resp.body["caPubs"].isValue:
-            ca_pubs = tuple(M.asn1_to_cert(c) for c in resp.body["caPubs"])
+            ca_pubs = tuple(M.asn1_to_cert(c, f"{reply} caPubs[{i}]") for i, c in enumerate(resp.body["caPubs"]))
         implicit = self.implicit_confirm and resp.implicit_confirm_granted
         if V.spki(cert) != V.spki(public_key):
             if not implicit:

@@ -48,13 +48,25 @@ def cert_to_asn1(cert: x509.Certificate, spec=None):
     return A.der_decode(cert.public_bytes(Encoding.DER), spec if spec is not None else A.CMPCertificate())
 
 
-def asn1_to_cert(value) -> x509.Certificate:
-    if value.tagSet != A.CMPCertificate.tagSet:  # e.g. certOrEncCert's [0] EXPLICIT certificate
-        value = _fill(A.CMPCertificate(), value)
+def asn1_to_cert(value, where: str = "a certificate in the response") -> x509.Certificate:
+    """The pyasn1 certificate ``value`` as a fully parsed ``x509.Certificate`` (``keystore.certs`` contract).
+
+    Raises:
+        ProtocolError: ``where`` (e.g. ``extraCerts[2]``) and what does not parse.
+    """
+    from keystore.certs import load_der_certificate
+    from keystore.errors import CorruptFileError
+
     try:
-        return x509.load_der_x509_certificate(A.der_encode(value))
-    except ValueError as e:
-        raise ProtocolError(f"a certificate in the response does not parse: {e}") from None
+        if value.tagSet != A.CMPCertificate.tagSet:  # e.g. certOrEncCert's [0] EXPLICIT certificate
+            value = _fill(A.CMPCertificate(), value)
+        der = A.der_encode(value)
+    except Exception as e:  # pyasn1 raises PyAsn1Error subclasses; nothing from a peer may escape unwrapped
+        raise ProtocolError(f"{where}: not an X.509 certificate ({type(e).__name__})") from None
+    try:
+        return load_der_certificate(der, where)
+    except CorruptFileError as e:
+        raise ProtocolError(f"response {e}") from None
 
 
 def name_to_asn1(name: x509.Name):
@@ -246,7 +258,7 @@ def _protected_part(msg) -> bytes:
 def _extra_certs(msg) -> tuple[x509.Certificate, ...]:
     if not msg["extraCerts"].isValue:
         return ()
-    return tuple(asn1_to_cert(c) for c in msg["extraCerts"])
+    return tuple(asn1_to_cert(c, f"extraCerts[{i}]") for i, c in enumerate(msg["extraCerts"]))
 
 
 def _general_info(header) -> dict:
@@ -555,7 +567,7 @@ def decode_ca_certs(der: bytes | None) -> tuple[x509.Certificate, ...]:
         seq = A.der_decode(der, A.CaCertsValue())
     except ValueError as e:
         raise ProtocolError(f"genp caCerts value is malformed: {e}") from None
-    return tuple(asn1_to_cert(c) for c in seq)
+    return tuple(asn1_to_cert(c, f"genp caCerts[{i}]") for i, c in enumerate(seq))
 
 
 def decode_root_ca_key_update(der: bytes | None):
@@ -566,9 +578,9 @@ def decode_root_ca_key_update(der: bytes | None):
         v = A.der_decode(der, A.RootCaKeyUpdateContent())
     except ValueError as e:
         raise ProtocolError(f"genp rootCaKeyUpdate value is malformed: {e}") from None
-    nwn = asn1_to_cert(v["newWithNew"])
-    nwo = asn1_to_cert(v["newWithOld"]) if v["newWithOld"].isValue else None
-    own = asn1_to_cert(v["oldWithNew"]) if v["oldWithNew"].isValue else None
+    nwn = asn1_to_cert(v["newWithNew"], "genp rootCaKeyUpdate newWithNew")
+    nwo = asn1_to_cert(v["newWithOld"], "genp rootCaKeyUpdate newWithOld") if v["newWithOld"].isValue else None
+    own = asn1_to_cert(v["oldWithNew"], "genp rootCaKeyUpdate oldWithNew") if v["oldWithNew"].isValue else None
     return nwn, nwo, own
 
 

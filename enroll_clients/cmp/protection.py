@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hmac as c_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.constant_time import bytes_eq
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from pyasn1.error import PyAsn1Error
 
 from enroll_clients.base import ProtectionError
 from enroll_clients.cmp import asn1 as A
@@ -167,7 +168,7 @@ def _derive(alg, oid: str, secret: bytes):
             key = PBKDF2HMAC(prf(), length, bytes(kdf["salt"]),
                              _bounded("iterationCount", int(kdf["iterationCount"]))).derive(secret)
             return mac, key
-    except ValueError as e:
+    except (ValueError, TypeError, PyAsn1Error) as e:  # pyasn1: a required parameter absent or of the wrong type
         raise ProtectionError(f"malformed MAC parameters in protectionAlg: {e}") from None
     raise ProtectionError(f"protectionAlg {oid} is not a MAC this client supports (PasswordBasedMac, PBMAC1)")
 
