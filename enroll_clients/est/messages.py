@@ -239,14 +239,26 @@ def server_text(body: bytes, content_type: str | None = None, limit: int = SERVE
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
-    """Split a Content-Type header into (lower-case type/subtype, lower-case-key params)."""
-    if not content_type:
+def media_type(content_type) -> tuple[str, dict[str, str]]:
+    """Split a Content-Type header into (lower-case type/subtype, lower-case-key params).
+
+    Never raises for a peer's header (str, or the ``email`` package's ``Header`` for a non-ASCII one): a value that
+    does not parse gives its lower-cased text before any ``;`` and no parameters, so the caller's comparison with
+    the type it expects refuses it by name.
+    """
+    if content_type is None:
         return "", {}
-    msg = email.message.Message()
-    msg["content-type"] = content_type
-    params = {k.lower(): v for k, v in msg.get_params(failobj=[])[1:]}
-    return msg.get_content_type().lower() if "/" in content_type else content_type.strip().lower(), params
+    text = str(content_type)
+    if not text.strip():
+        return "", {}
+    try:
+        msg = email.message.Message()
+        msg["content-type"] = text
+        params = {str(k).lower(): email.utils.collapse_rfc2231_value(v) for k, v in msg.get_params(failobj=[])[1:]}
+        mtype = msg.get_content_type().lower() if "/" in text else text.strip().lower()
+    except Exception:  # noqa: BLE001 - the email package raises many types on garbage; none may escape
+        return text.split(";", 1)[0].strip().lower(), {}
+    return mtype, params
 
 
 # ---- certificates ---------------------------------------------------------------------------------
@@ -260,21 +272,32 @@ def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
 def parse_certs_only(der: bytes, what: str = "PKCS#7 certs-only") -> tuple[x509.Certificate, ...]:
     """Certificates of a DER PKCS#7 certs-only message (or of a bare DER certificate, which some servers send).
 
+    Every certificate returned is fully parsed (``keystore.certs.check_certificate``).
+
     Raises:
-        ProtocolError: not PKCS#7/X.509, or no certificate in it.
+        ProtocolError: not PKCS#7/X.509, no certificate in it, or a certificate in it (named by index) that
+            does not parse.
     """
+    from keystore.certs import PARSE_ERRORS, check_certificate, load_der_certificate
+    from keystore.errors import CorruptFileError
+
     try:
         certs = pkcs7.load_der_pkcs7_certificates(der)
-    except ValueError as e:
+    except PARSE_ERRORS as e:
         if "no certificate" in str(e):
             raise ProtocolError(f"{what}: the PKCS#7 message contains no certificate") from None
         try:
-            return (x509.load_der_x509_certificate(der),)
-        except ValueError:
+            return (load_der_certificate(der, what),)
+        except CorruptFileError as ce:
+            if der[:1] == b"\x30" and "not a DER X.509" not in str(ce):
+                raise ProtocolError(str(ce)) from None
             raise ProtocolError(f"{what}: neither PKCS#7 certs-only nor an X.509 certificate ({e})") from None
     if not certs:
         raise ProtocolError(f"{what}: the PKCS#7 message contains no certificate")
-    return tuple(certs)
+    try:
+        return tuple(check_certificate(c, f"{what}: certificate {i}") for i, c in enumerate(certs))
+    except CorruptFileError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def parse_certs_body(body: bytes, content_type: str | None = None, what: str = "response"
@@ -298,10 +321,13 @@ def parse_certs_body(body: bytes, content_type: str | None = None, what: str = "
             if label in ("PKCS7", "CMS"):
                 certs.extend(parse_certs_only(der, what))
             elif label in ("CERTIFICATE", "X509 CERTIFICATE"):
+                from keystore.certs import load_der_certificate
+                from keystore.errors import CorruptFileError
+
                 try:
-                    certs.append(x509.load_der_x509_certificate(der))
-                except ValueError as e:
-                    raise ProtocolError(f"{what}: PEM CERTIFICATE does not parse: {e}") from None
+                    certs.append(load_der_certificate(der, f"{what}: PEM CERTIFICATE {len(certs)}"))
+                except CorruptFileError as e:
+                    raise ProtocolError(str(e)) from None
         if not certs:
             raise ProtocolError(f"{what}: PEM body contains no certificate")
         return tuple(certs)
@@ -462,11 +488,16 @@ def encode_serverkeygen(private_key, certs: Sequence[x509.Certificate], boundary
     return f"multipart/mixed; boundary={boundary}", body
 
 
-def _part_bytes(part: email.message.Message) -> bytes:
-    cte = (part.get("Content-Transfer-Encoding") or "").strip().lower()
+def _part_bytes(part: email.message.Message, what: str) -> bytes:
+    cte = str(part.get("Content-Transfer-Encoding") or "").strip().lower()
+    payload = part.get_payload(decode=False)
+    if isinstance(payload, list):
+        raise ProtocolError(f"{what}: a nested multipart where a key or certificate part was expected")
     if cte == "base64":
-        payload = part.get_payload(decode=False)
-        return payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else bytes(payload)
+        try:
+            return payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else bytes(payload)
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{what}: a non-ASCII character in a base64 part") from None
     raw = part.get_payload(decode=True)
     return raw if isinstance(raw, bytes) else b""
 
@@ -491,9 +522,9 @@ def parse_multipart(content_type: str, body: bytes, what: str = "multipart respo
     if not msg.is_multipart():
         raise ProtocolError(f"{what}: multipart body does not parse")
     out = []
-    for part in msg.get_payload():
+    for i, part in enumerate(msg.get_payload()):
         ptype, pparams = media_type(part.get("Content-Type") or "text/plain")
-        out.append((ptype, pparams, _part_bytes(part)))
+        out.append((ptype, pparams, _part_bytes(part, f"{what} part {i}")))
     if not out:
         raise ProtocolError(f"{what}: multipart body has no parts")
     return out
@@ -528,9 +559,11 @@ def parse_serverkeygen(content_type: str, body: bytes, what: str = "/serverkeyge
         raise ProtocolError(f"{what}: expected exactly one application/pkcs7-mime certificate part, found "
                             f"{len(cert_parts)} (parts: {types})")
     key_der = decode_body(key_parts[0], f"{what} key part")
+    from keystore.certs import PARSE_ERRORS
+
     try:
         key = serialization.load_der_private_key(key_der, None)
-    except (ValueError, TypeError) as e:
+    except PARSE_ERRORS as e:  # ValueError, TypeError (encrypted), UnsupportedAlgorithm (unknown key type)
         raise ProtocolError(f"{what}: the application/pkcs8 part is not an unencrypted PKCS#8 key: {e}") from None
     certs = parse_certs_body(cert_parts[0], CT_PKCS7, f"{what} certificate part")
     return ServerKeygenResponse(key, certs, key_der)
