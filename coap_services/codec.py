@@ -39,6 +39,19 @@ CF_PKIX_CERT = 287
 CONTENT_FORMAT_NAMES = {CF_CBOR: "application/cbor", CF_PKCS7_CERTS: "application/pkcs7-mime;smime-type=certs-only",
                         CF_PKCS10: "application/pkcs10", CF_PKIX_CERT: "application/pkix-cert",
                         CF_LINK_FORMAT: "application/link-format"}
+# Other registered content-formats a client may send by mistake (IANA "CoAP Content-Formats"), for messages.
+OTHER_CONTENT_FORMATS = {0: "text/plain;charset=utf-8", 16: "application/cose;cose-type=\"cose-encrypt0\"",
+                         41: "application/xml", 42: "application/octet-stream", 47: "application/exi",
+                         50: "application/json", 61: "application/cwt", 110: "application/senml+json",
+                         112: "application/senml+cbor", 280: "application/pkcs7-mime;smime-type=server-generated-key",
+                         284: "application/pkcs8", 285: "application/csrattrs"}
+
+
+def content_format_name(cf: int) -> str:
+    """``60 (application/cbor)``: the number and its registered media type, for messages to a person."""
+    n = int(cf)
+    name = CONTENT_FORMAT_NAMES.get(n) or OTHER_CONTENT_FORMATS.get(n)
+    return f"{n} ({name})" if name else f"{n} (not a content-format this device knows)"
 
 # Experimental-use option number (RFC 7252 §12.2: 65000-65535), elective (even) so any client may ignore it.
 TIMING_OPTION = 65000
@@ -66,15 +79,64 @@ class CsrRequest:
 
 
 def _check_cf(content_format, allowed, what):
-    if content_format is not None and content_format not in allowed:
-        names = ", ".join(f"{c} ({CONTENT_FORMAT_NAMES.get(c, '?')})" for c in allowed)
+    # aiocoap hands over its ContentFormat enum (an int): name it by number and media type, not by enum name.
+    if content_format is not None and int(content_format) not in allowed:
+        names = " or ".join(content_format_name(c) for c in allowed)
         raise PayloadError("unsupported-content-format",
-                           f"{what}: content-format {content_format} is not accepted; use {names}",
-                           UNSUPPORTED_CONTENT_FORMAT)
+                           f"{what}: content-format {content_format_name(content_format)} is not accepted; "
+                           f"use {names}", UNSUPPORTED_CONTENT_FORMAT)
+
+
+MAX_CBOR_DEPTH = 16
+
+
+def _scan_cbor(b: bytes, i: int, depth: int, what: str) -> int:
+    """Walk one CBOR data item at ``b[i:]`` (RFC 8949 Appendix C) and return the offset after it, refusing any
+    tag -- cbor2 decodes registered tags (epoch dates, bignums, ...) itself, before a tag hook sees them --
+    and indefinite lengths, so a tag is named as such and not reported as some decoding failure."""
+    if depth > MAX_CBOR_DEPTH:
+        raise PayloadError("malformed-cbor", f"{what}: CBOR nested deeper than {MAX_CBOR_DEPTH} levels")
+    if i >= len(b):
+        raise PayloadError("malformed-cbor", f"{what}: CBOR item truncated at offset {i}")
+    major, ai = b[i] >> 5, b[i] & 0x1F
+    start = i
+    i += 1
+    if ai < 24:
+        n = ai
+    elif ai <= 27:
+        size = 1 << (ai - 24)
+        if i + size > len(b):
+            raise PayloadError("malformed-cbor", f"{what}: CBOR item truncated at offset {start}")
+        n = int.from_bytes(b[i:i + size], "big")
+        i += size
+    elif ai == 31 and major in (2, 3, 4, 5):
+        raise PayloadError("malformed-cbor", f"{what}: indefinite-length CBOR item at offset {start} is not "
+                           "accepted (deterministic encoding, RFC 8949 4.2)")
+    else:
+        raise PayloadError("malformed-cbor", f"{what}: reserved CBOR additional information {ai} at offset {start}")
+    if major == 6:
+        raise PayloadError("malformed-cbor", f"{what}: CBOR tag {n} not allowed in this payload (offset {start})")
+    if major in (2, 3):
+        if n > len(b) - i:
+            raise PayloadError("malformed-cbor", f"{what}: CBOR string at offset {start} runs past the end")
+        return i + n
+    if major in (4, 5):
+        if n > len(b) - i:
+            raise PayloadError("malformed-cbor", f"{what}: CBOR container at offset {start} claims {n} entries")
+        for _ in range(n * (2 if major == 5 else 1)):
+            i = _scan_cbor(b, i, depth + 1, what)
+    return i
 
 
 def cbor_loads_strict(payload: bytes, what: str):
-    """Decode exactly one CBOR item; trailing bytes, bad encodings and undefined tags are refused."""
+    """Decode exactly one CBOR item; trailing bytes, bad encodings, indefinite lengths and any tag are refused.
+
+    Raises:
+        PayloadError: ``malformed-cbor`` naming the fault ("CBOR tag 1 not allowed in this payload (offset 6)").
+    """
+    end = _scan_cbor(bytes(payload), 0, 0, what)
+    if end != len(payload):
+        raise PayloadError("malformed-cbor", f"{what}: {len(payload) - end} bytes after the CBOR item")
     try:
         fp = io.BytesIO(payload)
         value = cbor2.CBORDecoder(fp, tag_hook=_refuse_tag).decode()
@@ -84,11 +146,25 @@ def cbor_loads_strict(payload: bytes, what: str):
     except PayloadError:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+        refused = _payload_error_in(e)
+        if refused is not None:  # cbor2 wraps what the tag hook raised: report that, naming the tag
+            raise PayloadError(refused.reason, f"{what}: {refused.message}") from None
         raise PayloadError("malformed-cbor", f"{what}: not well-formed CBOR ({type(e).__name__})") from e
 
 
+def _payload_error_in(e: BaseException) -> PayloadError | None:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, PayloadError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def _refuse_tag(decoder, tag):
-    raise PayloadError("malformed-cbor", f"CBOR tag {tag.tag} is not allowed in this payload")
+    # RFC 8949 3.4: no tag is defined in this schema; a tagged item is refused, naming the tag.
+    raise PayloadError("malformed-cbor", f"CBOR tag {tag.tag} not allowed in this payload")
 
 
 def encode_csr_request(req: CsrRequest) -> bytes:

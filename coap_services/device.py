@@ -94,8 +94,9 @@ class DeviceService:
         """Validate a request against the device's rules; returns everything needed to generate."""
         from cryptography import x509
 
+        from keystore.certs import load_der_certificate
         from keystore.csr import parse_san, parse_subject
-        from keystore.errors import UnsupportedKeyTypeError
+        from keystore.errors import CorruptFileError, UnsupportedKeyTypeError
         from keystore.keytypes import parse_key_type
         from keystore.store import check_name
 
@@ -109,11 +110,13 @@ class DeviceService:
             subject = parse_subject(req.subject or c.default_subject or f"CN={c.device_id}")
         except ValueError:
             raise _refuse(BAD_REQUEST, "bad-subject", "subject is not an RFC 4514 DN (e.g. CN=dev1,O=Plant)") from None
-        try:
-            sans = [parse_san(s) for s in (req.san or c.default_san)]
-        except ValueError:
-            raise _refuse(BAD_REQUEST, "bad-san", "a SAN entry is malformed; use dns:NAME, ip:ADDR, uri:URI or "
-                          "email:ADDR") from None
+        sans = []
+        for i, s in enumerate(req.san or c.default_san):
+            try:  # checked before any key is generated (DNS label syntax and lengths included)
+                sans.append(parse_san(s))
+            except ValueError as e:
+                raise _refuse(BAD_REQUEST, "bad-san", f"'san' entry {i}: {e}; use dns:NAME, ip:ADDR, uri:URI or "
+                              "email:ADDR") from None
         name = req.name or c.default_name
         domain = req.domain or c.default_domain
         if domain is None:
@@ -128,10 +131,13 @@ class DeviceService:
         cas = []
         for i, der in enumerate(req.ca):
             try:
-                cert = x509.load_der_x509_certificate(der)
+                cert = load_der_certificate(der, f"'ca' entry {i}")  # the parse boundary: every field checked
                 bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            except (ValueError, x509.ExtensionNotFound):
-                raise _refuse(BAD_REQUEST, "malformed-ca", f"'ca' entry {i} is not a DER CA certificate") from None
+            except CorruptFileError as e:
+                raise _refuse(BAD_REQUEST, "malformed-ca", f"{e} (expected a DER CA certificate)") from None
+            except x509.ExtensionNotFound:
+                raise _refuse(BAD_REQUEST, "malformed-ca", f"'ca' entry {i} is not a CA certificate (no "
+                              "basicConstraints)") from None
             if not bc.ca:
                 raise _refuse(BAD_REQUEST, "malformed-ca", f"'ca' entry {i} is not a CA certificate")
             cas.append(cert)

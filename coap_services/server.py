@@ -228,12 +228,13 @@ class _Guarded(resource.Resource):
         app = self.app
         try:
             peer = self._peer(request)
-            if len(request.payload) > self.max_bytes:
-                raise PayloadError("too-large", f"request of {len(request.payload)} bytes exceeds {self.max_bytes}",
-                                   REQUEST_ENTITY_TOO_LARGE)
+            # The method first: POST /status is 4.05 Method Not Allowed whatever its payload, not 4.13.
             handler = getattr(self, f"render_{str(request.code).lower()}", None)
             if handler is None:
                 raise coap_error.UnallowedMethod()
+            if len(request.payload) > self.max_bytes:
+                raise PayloadError("too-large", f"request of {len(request.payload)} bytes exceeds {self.max_bytes}",
+                                   REQUEST_ENTITY_TOO_LARGE)
             if app.in_flight >= app.limits.in_flight:
                 raise ServiceError(SERVICE_UNAVAILABLE, "overloaded", f"{app.in_flight} requests are in progress; "
                                    "retry shortly", max_age=1)

@@ -64,7 +64,7 @@ def test_empty_payload_means_device_defaults():
     (cbor2.dumps({"ca": ["not bytes"]}), "schema"),
     (cbor2.dumps({"ca": [b"x"] * 5}), "schema"),
     (cbor2.dumps({"colour": "blue"}), "schema"),
-    (cbor2.dumps(cbor2.CBORTag(1, 0)), "schema"),  # a datetime, not a map
+    (cbor2.dumps(cbor2.CBORTag(1, 0)), "malformed-cbor"),  # a tag, even one cbor2 decodes itself
     (cbor2.dumps({"subject": cbor2.CBORTag(99999, "x")}), "malformed-cbor"),
     (b"\x9f" * 5000, "malformed-cbor"),  # deep indefinite nesting
 ])
@@ -72,6 +72,29 @@ def test_bad_csr_requests(payload, reason):
     with pytest.raises(PayloadError) as ei:
         codec.decode_csr_request(payload, codec.CF_CBOR)
     assert ei.value.reason == reason and code_str(ei.value.code) == "4.00"
+
+
+@pytest.mark.parametrize("payload,tag", [
+    (cbor2.dumps(cbor2.CBORTag(1, 0)), 1),
+    (bytes.fromhex("a1646e616d65c16474657374"), 1),  # {"name": 1("test")}: cbor2 itself fails on it
+    (cbor2.dumps({"ca": [cbor2.CBORTag(2, b"\x01")]}), 2),  # a bignum inside an array
+    (cbor2.dumps({"subject": cbor2.CBORTag(99999, "x")}), 99999),
+])
+def test_a_cbor_tag_is_named(payload, tag):
+    with pytest.raises(PayloadError) as ei:
+        codec.decode_csr_request(payload, codec.CF_CBOR)
+    assert ei.value.reason == "malformed-cbor" and f"CBOR tag {tag} not allowed" in ei.value.message
+
+
+def test_content_format_named_by_number_and_media_type():
+    with pytest.raises(PayloadError) as ei:
+        codec.decode_csr_request(b"x", 0)
+    assert code_str(ei.value.code) == "4.15"
+    assert "content-format 0 (text/plain;charset=utf-8) is not accepted; use 60 (application/cbor)" in ei.value.message
+    with pytest.raises(PayloadError) as ei:
+        codec.decode_certificates(b"x", 4711)
+    assert "4711 (not a content-format this device knows)" in ei.value.message
+    assert "287 (application/pkix-cert) or 281 (application/pkcs7-mime;smime-type=certs-only)" in ei.value.message
 
 
 def test_oversized_and_wrong_content_format():
