@@ -229,25 +229,34 @@ def to_bits(buf, s, e):
     return unused, bytes(buf[s + 1:e])
 
 
+_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
 def to_time(buf, tag, s, e):
-    """UTCTime / GeneralizedTime (Z form, seconds) -> (Y, M, D, h, m, s)."""
-    try:
-        t = bytes(buf[s:e]).decode()
-    except Exception:  # noqa: BLE001
-        raise DerError("time is not ASCII") from None
-    if tag == UTCTIME and len(t) == 13 and t[-1] == "Z":
+    """UTCTime / GeneralizedTime (RFC 5280 4.1.2.5: Z form, whole seconds) -> (Y, M, D, h, m, s).
+
+    Raises:
+        DerError: not ASCII digits in the DER form, or a field out of range (month 13, day 32, hour 24...).
+    """
+    t = bytes(buf[s:e])
+    for c in t[:-1]:
+        if c < 0x30 or c > 0x39:
+            raise DerError("bad time %r: only digits before the Z" % t)
+    if tag == UTCTIME and len(t) == 13 and t[-1:] == b"Z":
         y = int(t[0:2])
         y += 1900 if y >= 50 else 2000
         rest = t[2:12]
-    elif tag == GENTIME and len(t) == 15 and t[-1] == "Z":
+    elif tag == GENTIME and len(t) == 15 and t[-1:] == b"Z":
         y = int(t[0:4])
         rest = t[4:14]
     else:
-        raise DerError("unsupported time encoding %r" % t)
-    for c in rest:
-        if c not in "0123456789":
-            raise DerError("bad time %r" % t)
-    return (y, int(rest[0:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]), int(rest[8:10]))
+        raise DerError("unsupported time encoding %r (need YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ)" % t)
+    mo, d, h, mi, sec = int(rest[0:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]), int(rest[8:10])
+    if not (1 <= mo <= 12 and 1 <= d <= _DAYS[mo - 1] and h <= 23 and mi <= 59 and sec <= 59):
+        raise DerError("bad time %r: a field is out of range" % t)
+    if mo == 2 and d == 29 and not (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)):
+        raise DerError("bad time %r: February 29 in a common year" % t)
+    return (y, mo, d, h, mi, sec)
 
 
 def ecdsa_sig_encode(r, s):
