@@ -15,13 +15,14 @@ APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
 APT_STAMP := $(VENV)/.apt-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
 
-.PHONY: all deps apt venv test test-fast lint bench bench-ci demo clean help
+.PHONY: all deps apt venv test test-fast lint fuzz bench bench-ci demo clean help
 
 all: test
 
 help:
 	@echo "make demo      run the main job on this machine: keystore + lab CA on loopback, EST, CMP, CoAP delegated enrollment"
 	@echo "make test      install what is needed, run the whole test suite, then the benchmark smoke run"
+	@echo "make fuzz      every fuzz target for FUZZ_INPUTS inputs (default 100000; atheris where it installs)"
 	@echo "make bench     full benchmarks (figures + benchmarks/REPORT.md)"
 	@echo "make bench-ci  benchmark smoke run (few rounds)"
 	@echo "make lint      ruff"
@@ -61,6 +62,18 @@ test-fast: deps
 
 lint: deps
 	$(VENV)/bin/ruff check agent keystore enroll_clients coap_services board_profiles tests benchmarks
+
+# ---- fuzzing (tests/fuzz; `make test` runs its seconds-long smoke run) ------------------------------
+FUZZ_INPUTS ?= 100000
+FUZZ_ARGS ?=
+FUZZ_JSON ?= tests/fuzz/findings/fuzz.json
+
+# atheris (coverage-guided) has manylinux x86_64 wheels up to 3.0.0 for CPython 3.11 (3.1.0 has none for 3.11);
+# elsewhere (arm64 boards, other Pythons) the mutation engine runs the same targets.
+fuzz: deps
+	@if [ "$$(uname -m)" = x86_64 ]; then $(PIP) install -q "atheris>=2.3" || echo "atheris did not install: using the mutation engine"; fi
+	@mkdir -p tests/fuzz/findings
+	$(PY) -m tests.fuzz --inputs $(FUZZ_INPUTS) --mpy --json $(FUZZ_JSON) $(FUZZ_ARGS)
 
 # ---- benchmarks ----------------------------------------------------------------------------------
 BENCH_JSON ?= benchmarks/results/latest.json

@@ -1,0 +1,213 @@
+"""Fuzz target ``coap_device``: raw CoAP datagrams against a real ``devagent serve`` site on 127.0.0.1.
+
+The site (``coap_services.server.DeviceServer``, aiocoap's UDP transport, block-wise reassembly included) runs
+on a keystore copied from ``corpus/coap_device.context/keystore`` (one pending key, the domain ``fuzz`` anchored
+at the lab root there). An input is up to 8 datagrams, each framed as a 2-byte length + the datagram; the
+datagrams go out one by one from a fresh UDP socket (so no reassembly or deduplication state crosses inputs),
+with fresh message IDs, and each well-formed request must be answered within ``engine.HANG_S``.
+
+Properties: no 5.00 and no exception logged by the service (a foreign exception is re-raised with its
+traceback); a request answered with an error changes nothing stored; a 2.04 to /verify stored exactly the
+recorded certificate (a mutant changing signed content is never stored). After a 2.04 the keystore is reset
+from the pristine copy so the recorded /verify stays meaningful.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+
+from tests.fuzz.engine import CORPUS, HANG_S, AcceptedMutant, StateChanged
+
+CONTEXT = CORPUS / "coap_device.context"
+_S: dict = {}
+
+
+class CoapRefused(Exception):
+    """Every answer was a 4.xx (or a reset, or nothing for a datagram that is no request): the contract."""
+
+
+def allowed():
+    return (CoapRefused,)
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _fresh_keystore():
+    from tests.fuzz.targets import tmpdir
+
+    live = tmpdir() / "coap-keystore"
+    if live.exists():
+        shutil.rmtree(live)
+    shutil.copytree(CONTEXT / "keystore", live)
+    os.chmod(live, 0o700)
+    for dirpath, dirs, files in os.walk(live):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), 0o700)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o600)
+    return live
+
+
+async def _start():
+    from coap_services.device import DeviceConfig, DeviceService
+    from coap_services.server import DeviceServer
+    from keystore.store import Keystore
+
+    root = _fresh_keystore()
+    ks = Keystore.open(root)
+    svc = DeviceService(ks, DeviceConfig(device_id="fuzz-device", default_domain="fuzz", check_validity=False))
+    server = await DeviceServer.start(svc, [], host="127.0.0.1", port=0 if False else _free_port(), insecure=True)
+    _S.update(root=root, ks=ks, server=server)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup():
+    if "loop" in _S:
+        return
+    loop = asyncio.new_event_loop()
+    _S["loop"] = loop
+    cap = _Capture()
+    for name in ("devagent.coap", "coap-server", "coap"):
+        logging.getLogger(name).addHandler(cap)
+    logging.getLogger("devagent.coap").setLevel(logging.ERROR)  # per-request INFO lines are noise here
+    _S["cap"] = cap
+    _S["mid"] = 1
+    loop.run_until_complete(_start())
+    from cryptography import x509
+
+    _S["leaf"] = x509.load_pem_x509_certificate((CONTEXT / "leaf.pem").read_bytes())
+
+
+def teardown():
+    loop = _S.get("loop")
+    if loop is None:
+        return
+    loop.run_until_complete(_S["server"].stop())
+    loop.close()
+    _S.clear()
+
+
+async def _restart():
+    await _S["server"].stop()
+    await _start()
+
+
+def _frames(data: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i + 2 <= len(data) and len(out) < 8:
+        n = int.from_bytes(data[i:i + 2], "big")
+        out.append(data[i + 2:i + 2 + n])
+        i += 2 + n
+    return out
+
+
+def _is_request(dgram: bytes) -> bool:
+    import aiocoap
+
+    try:
+        m = aiocoap.Message.decode(dgram)
+    except Exception:  # noqa: BLE001 - not a CoAP message: the server may ignore it
+        return False
+    return m.code.is_request() and int(m.mtype) in (0, 1)
+
+
+async def _exchange(frames: list[bytes]) -> list[tuple[int, bytes]]:
+    import aiocoap
+
+    loop = asyncio.get_running_loop()
+    host, port = _S["server"].bind
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    answers = []
+    try:
+        for dgram in frames:
+            if len(dgram) >= 4:
+                _S["mid"] = (_S["mid"] % 0xFFFF) + 1
+                dgram = dgram[:2] + _S["mid"].to_bytes(2, "big") + dgram[4:]
+            expect = _is_request(dgram)
+            await loop.sock_sendto(sock, dgram, (host, port))
+            deadline = loop.time() + (HANG_S if expect else 0.0)
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if expect:
+                        raise _NoAnswer(dgram)
+                    break
+                try:
+                    raw = await asyncio.wait_for(loop.sock_recv(sock, 65536), remaining)
+                except asyncio.TimeoutError:
+                    continue
+                try:
+                    m = aiocoap.Message.decode(raw)
+                except Exception:  # noqa: BLE001
+                    continue
+                if int(m.mtype) == 0:  # a separate response arrives as CON: acknowledge it
+                    await loop.sock_sendto(sock, bytes([0x60, 0, raw[2], raw[3]]), (host, port))
+                if int(m.code) == 0 and int(m.mtype) in (2, 3):
+                    if int(m.mtype) == 3:  # RST: an answer
+                        answers.append((0, b""))
+                        break
+                    continue  # empty ACK: the separate response follows
+                answers.append((int(m.code), m.payload))
+                break
+    finally:
+        sock.close()
+    return answers
+
+
+class _NoAnswer(Exception):
+    def __init__(self, dgram):
+        super().__init__(f"no answer within {HANG_S:g} s to a well-formed request ({len(dgram)} bytes)")
+
+
+def run(data: bytes) -> None:
+    from tests.fuzz.targets import _diff, snapshot
+
+    setup()
+    loop, cap = _S["loop"], _S["cap"]
+    cap.records.clear()
+    before = snapshot(_S["root"])
+    try:
+        answers = loop.run_until_complete(_exchange(_frames(data)))
+    except _NoAnswer as e:
+        from tests.fuzz.engine import _Abort  # counted as a hang
+
+        raise _Abort() from e
+    for rec in cap.records:
+        if rec.exc_info and rec.exc_info[1] is not None:
+            raise rec.exc_info[1]
+        raise RuntimeError(f"service logged an error: {rec.getMessage()[:200]}")
+    codes = [c for c, _ in answers]
+    if any(c == 0xA0 for c in codes):
+        raise RuntimeError("the device answered 5.00 (internal error) to a request")
+    after = snapshot(_S["root"])
+    changed = any(c == 0x44 for c in codes)  # 2.04 Changed: a CSR (pending key) or a stored certificate
+    if not changed and after != before:
+        raise StateChanged(f"a refused request changed {_diff(before, after)}")
+    if changed:
+        try:
+            cred = _S["ks"].get("ldevid")
+        except Exception:  # noqa: BLE001 - no credential stored: a /csr 2.04
+            cred = None
+        if cred is not None and cred.certificate != _S["leaf"]:
+            raise AcceptedMutant("POST /verify stored a certificate that is not the recorded one")
+        loop.run_until_complete(_restart())
+        return
+    if not codes or all(c >= 0x80 or c == 0 for c in codes):
+        raise CoapRefused()

@@ -1,0 +1,267 @@
+"""One-off generator of the non-CMP seed corpora (CMP: ``record_cmp_seeds.py``, from OpenSSL's mock server).
+
+    .venv/bin/python -m tests.fuzz.make_seeds            # rewrites tests/fuzz/corpus/<target>/ (not cmp_*)
+
+Seeds are what real peers and files look like: EST bodies in the encodings servers send (base64 with LF and
+CRLF, PEM, raw DER, libest's csrattrs answer with its trailing NUL, RFC 7030's example csrattrs), a TEST-ONLY lab
+CA's certificates, keys and PKCS#12 files, the shipped board profiles and a full agent.toml, datagrams of a CoAP
+client (POST /csr with and without CBOR, /verify as one datagram and block-wise, GET/POST /status) together with
+the device keystore they are meant for, and the board's frames, CBOR maps and certificates. Run it again only to
+refresh the corpus.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
+from cryptography.x509.oid import NameOID
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "corpus"
+REPO = HERE.parent.parent
+DER = serialization.Encoding.DER
+PEM = serialization.Encoding.PEM
+# RFC 7030 section 4.5.2's example CsrAttrs, and Cisco libest's built-in answer (it ends in a NUL byte).
+RFC7030_CSRATTRS = b"MEEGCSqGSIb3DQEJBzASBgcqhkjOPQIBMQcTBXAxMzIxMBYGCSqGSIb3DQEJDjEJBgcrBgEBAQEWBggqhkjOPQQDAw=="
+LIBEST_CSRATTRS = b"MCYGBysGAQEBARYGCSqGSIb3DQEJAQYFK4EEACIGCWCGSAFlAwQCAg==\x00"
+
+
+def _dir(name: str) -> Path:
+    d = CORPUS / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devagent fuzz"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject, pub, issuer, issuer_key, ca=False, sans=()):
+    now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(pub)
+         .serial_number(x509.random_serial_number()).not_valid_before(now)
+         .not_valid_after(now + datetime.timedelta(days=36500))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                                      encipher_only=False, decipher_only=False), critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def b64(der: bytes, crlf=False) -> bytes:
+    s = base64.b64encode(der)
+    nl = b"\r\n" if crlf else b"\n"
+    return b"".join(s[i:i + 64] + nl for i in range(0, len(s), 64))
+
+
+def pki():
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _cert(_name("Fuzz Root CA"), root_key.public_key(), _name("Fuzz Root CA"), root_key, ca=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert(_name("Fuzz Issuing CA"), ca_key.public_key(), root.subject, root_key, ca=True)
+    dev_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _cert(_name("fuzz-device"), dev_key.public_key(), ca.subject, ca_key,
+                 sans=[x509.DNSName("fuzz-device.plant.example"), x509.UniformResourceIdentifier("urn:fuzz:1")])
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_leaf = _cert(_name("fuzz-rsa"), rsa_key.public_key(), ca.subject, ca_key)
+    return root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf
+
+
+def est(p):
+    root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf = p
+    from enroll_clients.est.messages import encode_csrattrs, encode_serverkeygen, CsrAttrItem
+
+    d = _dir("est_certs")
+    p7 = pkcs7.serialize_certificates([leaf, ca, root], DER)
+    (d / "pkcs7-b64-lf").write_bytes(b64(p7))
+    (d / "pkcs7-b64-crlf").write_bytes(b64(p7, crlf=True))
+    (d / "pkcs7-der").write_bytes(p7)
+    (d / "pkcs7-pem").write_bytes(pkcs7.serialize_certificates([root], PEM))
+    (d / "cert-pem-chain").write_bytes(b"".join(c.public_bytes(PEM) for c in (leaf, ca)))
+    (d / "cert-der").write_bytes(rsa_leaf.public_bytes(DER))
+    d = _dir("est_serverkeygen")
+    for name, key, cert in (("p256", dev_key, leaf), ("rsa", rsa_key, rsa_leaf)):
+        ct, body = encode_serverkeygen(key, [cert])
+        (d / f"{name}-rfc7030").write_bytes(ct.encode() + b"\n" + body)
+    key_der = dev_key.private_bytes(DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    body = (b"--B\r\nContent-Type: application/pkcs8\r\n\r\n" + b64(key_der) + b"--B\r\n"
+            b"Content-Type: application/pkcs7-mime; smime-type=certs-only\r\n\r\n"
+            + b64(pkcs7.serialize_certificates([leaf], DER)) + b"--B--\r\n")
+    (d / "no-cte").write_bytes(b"multipart/mixed; boundary=B\n" + body)
+    d = _dir("est_csrattrs")
+    (d / "rfc7030-example").write_bytes(RFC7030_CSRATTRS)
+    (d / "libest-builtin-nul").write_bytes(LIBEST_CSRATTRS)
+    (d / "der-items").write_bytes(encode_csrattrs([
+        CsrAttrItem("1.2.840.113549.1.9.7"), CsrAttrItem("1.2.840.10045.4.3.2"),
+        CsrAttrItem("1.2.840.10045.2.1", (bytes.fromhex("06082a8648ce3d030107"),)),
+        CsrAttrItem("1.2.840.113549.1.9.14", (bytes.fromhex("06032a0304"),))]))
+    (d / "empty").write_bytes(b"")
+
+
+def keystore_import(p):
+    root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf = p
+    ctxd = _dir("keystore_import.context")
+    idev_key = ec.generate_private_key(ec.SECP256R1())
+    idev = _cert(_name("fuzz IDevID"), idev_key.public_key(), ca.subject, ca_key)
+    (ctxd / "idevid_key.pem").write_bytes(idev_key.private_bytes(PEM, serialization.PrivateFormat.PKCS8,
+                                                                 serialization.NoEncryption()))
+    (ctxd / "idevid.pem").write_bytes(idev.public_bytes(PEM))
+    (ctxd / "README").write_text("TEST-ONLY key and certificates for the keystore_import / cli_import fuzz targets\n")
+    d = _dir("keystore_import")
+    k8 = serialization.PrivateFormat.PKCS8
+    seeds = {
+        "cert-pem": (0, leaf.public_bytes(PEM)), "cert-der": (0, leaf.public_bytes(DER)),
+        "chain-pem": (0, b"".join(c.public_bytes(PEM) for c in (leaf, ca, root))),
+        "pkcs7-der": (0, pkcs7.serialize_certificates([leaf, ca], DER)),
+        "pkcs7-pem": (0, pkcs7.serialize_certificates([leaf, ca], PEM)),
+        "key-pkcs8-pem": (1, dev_key.private_bytes(PEM, k8, serialization.NoEncryption())),
+        "key-pkcs8-der": (1, dev_key.private_bytes(DER, k8, serialization.NoEncryption())),
+        "key-sec1-pem": (1, dev_key.private_bytes(PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                  serialization.NoEncryption())),
+        "key-rsa-der": (1, rsa_key.private_bytes(DER, k8, serialization.NoEncryption())),
+        "p12": (2, pkcs12.serialize_key_and_certificates(b"fuzz", dev_key, leaf, [ca, root],
+                                                         serialization.BestAvailableEncryption(b"fuzz"))),
+        "idevid-chain": (3, b"".join(c.public_bytes(PEM) for c in (idev, ca, root))),
+        "idevid-only": (3, idev.public_bytes(PEM)),
+    }
+    for name, (kind, data) in seeds.items():
+        (d / name).write_bytes(bytes([kind]) + data)
+    d = _dir("cli_import")
+    for name, sel, data in (("cert-pem", 0, idev.public_bytes(PEM)), ("cert-der", 0, idev.public_bytes(DER)),
+                            ("key-pem", 1, (ctxd / "idevid_key.pem").read_bytes()),
+                            ("chain-pem", 2, ca.public_bytes(PEM) + root.public_bytes(PEM)),
+                            ("trust-root", 3, root.public_bytes(PEM))):
+        (d / name).write_bytes(bytes([sel]) + data)
+
+
+AGENT_TOML = b"""# a full agent.toml (README "Configuration")
+[keystore]
+path = "/var/lib/devagent"
+
+[enroll]
+protocol = "cmp"
+server = "http://ca.plant.example:8080/pkix/"
+domain = "plant"
+
+[renewal]
+at_fraction = 0.66
+"""
+
+
+def toml_seeds():
+    d = _dir("toml_config")
+    (d / "agent-full").write_bytes(b"\x00" + AGENT_TOML)
+    (d / "agent-empty").write_bytes(b"\x00")
+    for f in sorted((REPO / "board_profiles").glob("*.toml")):
+        data = f.read_bytes().replace(f'name = "{f.stem}"'.encode(), b'name = "fuzz"')
+        (d / f"profile-{f.stem}").write_bytes(b"\x01" + data)
+
+
+def coap(p):
+    import aiocoap
+    from aiocoap.optiontypes import BlockOption
+
+    from coap_services import codec
+    from coap_services.device import DeviceConfig, DeviceService
+    from keystore.store import Keystore
+
+    root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf = p
+    ctxd = _dir("coap_device.context")
+    work = Path(tempfile.mkdtemp())
+    ks = Keystore.init(work / "ks")
+    ks.add_trust_anchors("fuzz", [root], source="fuzz corpus")
+    svc = DeviceService(ks, DeviceConfig(device_id="fuzz-device", default_domain="fuzz", check_validity=False))
+    res = asyncio.run(svc.csr(codec.CsrRequest(subject="CN=fuzz-device", name="ldevid", domain="fuzz")))
+    csr = x509.load_der_x509_csr(res.csr_der)
+    leaf = _cert(csr.subject, csr.public_key(), ca.subject, ca_key)
+    shutil.copytree(work / "ks", ctxd / "keystore", ignore=shutil.ignore_patterns("*.lock"))
+    shutil.rmtree(work)
+    (ctxd / "leaf.pem").write_bytes(leaf.public_bytes(PEM))
+    (ctxd / "README").write_text("TEST-ONLY device keystore (master key included) with one pending key, and the\n"
+                                 "certificate the lab CA issued for it: the context of the coap_device fuzz target\n")
+
+    def dgram(code, path, payload=b"", cf=None, mid=1, token=b"\x01\x02", block1=None, mtype=aiocoap.CON):
+        m = aiocoap.Message(mtype=mtype, code=code, payload=payload, mid=mid, token=token)
+        m.opt.uri_path = tuple(path)
+        if cf is not None:
+            m.opt.content_format = cf
+        if block1 is not None:
+            m.opt.block1 = BlockOption.BlockwiseTuple(*block1)
+        return m.encode()
+
+    def frames(*ds):
+        return b"".join(len(x).to_bytes(2, "big") + x for x in ds)
+
+    d = _dir("coap_device")
+    full = codec.encode_csr_request(codec.CsrRequest(
+        subject="CN=fuzz-device,O=Plant", san=("dns:fuzz-device.plant.example", "ip:10.0.0.5", "uri:urn:fuzz:1"),
+        key_type="p256", name="ldevid", domain="fuzz", ca=(root.public_bytes(DER),)))
+    p7 = pkcs7.serialize_certificates([leaf, ca], DER)
+    blocks = [p7[i:i + 256] for i in range(0, len(p7), 256)]
+    block_dgrams = [dgram(aiocoap.POST, ["verify"], b, 281, mid=10 + i, token=b"\x07",
+                          block1=(i, i < len(blocks) - 1, 4)) for i, b in enumerate(blocks)]
+    seeds = {
+        "csr-default": frames(dgram(aiocoap.POST, ["csr"])),
+        "csr-full": frames(dgram(aiocoap.POST, ["csr"], full, 60)),
+        "csr-tagged-cbor": frames(dgram(aiocoap.POST, ["csr"], bytes.fromhex("a1646e616d65c16474657374"), 60)),
+        "csr-text-plain": frames(dgram(aiocoap.POST, ["csr"], b"hello", 0)),
+        "csr-non": frames(dgram(aiocoap.POST, ["csr"], full, 60, mtype=aiocoap.NON)),
+        "verify-287": frames(dgram(aiocoap.POST, ["verify"], leaf.public_bytes(DER), 287)),
+        "verify-281-blockwise": frames(*block_dgrams),
+        "status-get": frames(dgram(aiocoap.GET, ["status"])),
+        "status-post-payload": frames(dgram(aiocoap.POST, ["status"], b"\xa0", 60)),
+        "wkc": frames(dgram(aiocoap.GET, [".well-known", "core"])),
+    }
+    for name, data in seeds.items():
+        (d / name).write_bytes(data)
+
+
+def mpy(p):
+    root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf = p
+    sys.path.insert(0, str(REPO / "agent"))
+    from mpy import cbor, coap, frame
+
+    d = _dir("mpy_parsers")
+    seeds = {
+        "x509-leaf": (0, leaf.public_bytes(DER)), "x509-rsa": (0, rsa_leaf.public_bytes(DER)),
+        "x509-root": (0, root.public_bytes(DER)),
+        "pkcs7": (1, pkcs7.serialize_certificates([leaf, ca], DER)),
+        "der-cert": (2, ca.public_bytes(DER)),
+        "der-times": (2, bytes.fromhex("3020170d3234303130313030303030305a180f32303530303130313030303030305a")),
+        "cbor-csr": (3, cbor.dumps({"subject": "CN=board", "san": ["dns:board.local"], "name": "ldevid",
+                                    "ca": [root.public_bytes(DER)[:40]], "n": -5, "t": True, "z": None})),
+        "frame-two": (4, frame.encode("CSR", 1, b"\xa1aab") + b"boot noise\r\n" + frame.encode("OK", 2, b"x" * 50)),
+        "coap-post": (5, coap.encode(coap.Message(coap.CON, coap.POST, 7, b"\x01", [(11, b"csr"), (12, b"<"),
+                                                                                   (65001, b"\x00" * 12)], b"\xa0"))),
+    }
+    for name, (sel, data) in seeds.items():
+        (d / name).write_bytes(bytes([sel]) + data)
+
+
+def main() -> int:
+    p = pki()
+    est(p)
+    keystore_import(p)
+    toml_seeds()
+    coap(p)
+    mpy(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

