@@ -80,8 +80,10 @@ BENCH_JSON ?= benchmarks/results/latest.json
 
 bench: deps
 	@mkdir -p benchmarks/results
-	$(PYTEST) benchmarks -q --benchmark-only --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
-	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md; fi
+	$(PYTEST) benchmarks -q --benchmark-only --benchmark-save-data --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md \
+	  --data-out benchmarks/data/bench.json; fi
+	@echo "commit benchmarks/data/bench.json with REPORT.md: the report is generated from it"
 
 bench-ci: deps
 	@mkdir -p benchmarks/results

@@ -90,9 +90,12 @@ CONFIGS = [
     # Key backends.
     Cfg("p256", "dtls-psk", 128, backend="tpm"),
     Cfg("p256", "dtls-psk", 128, backend="pkcs11"),
-    # Upstream protocol (CLM <-> CA over HTTPS instead of in-process).
+    # Upstream protocol (CLM <-> CA over a real protocol instead of an in-process CA call): EST over HTTPS,
+    # CMP (RFC 9483 p10cr, MAC-protected) over HTTP to the lab CMP server -- stage (3) then includes the protocol.
     Cfg("p256", "dtls-psk", 128, upstream="est"),
+    Cfg("p256", "dtls-psk", 128, upstream="cmp"),
 ]
+CMP_REF, CMP_SECRET = b"clm-bench", b"clm-bench-secret"
 
 
 def set_oscore_aes(context_dirs, bits: int) -> None:
@@ -191,6 +194,16 @@ def peer_for(cfg: Cfg, lab, request):
             upstream = EnrollClientUpstream(
                 "est", EnrollOptions(server=est.url, trust_anchors=(root,), domain=DOMAIN, timeout_s=30.0),
                 ClientAuth(username=EST_USER, password=EST_PASSWORD), [root])
+        elif cfg.upstream == "cmp":
+            from agent.clm import EnrollClientUpstream
+            from agent.lab.cmp_server import start_cmp_server
+            from enroll_clients.base import ClientAuth, EnrollOptions
+
+            srv = stack.enter_context(start_cmp_server(lab, DOMAIN, secrets={CMP_REF: CMP_SECRET}))
+            root = lab.domain(DOMAIN).root_cert
+            upstream = EnrollClientUpstream(
+                "cmp", EnrollOptions(server=srv.url, trust_anchors=(root,), domain=DOMAIN, timeout_s=30.0),
+                ClientAuth(reference=CMP_REF, secret=CMP_SECRET), [root])
         yield options, upstream
 
 

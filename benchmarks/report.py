@@ -296,10 +296,17 @@ class Report:
         self.w("Each configuration ran n delegated enrollments through the production path: `agent.clm.Clm.enroll` "
                "(a fresh CoAP client context per enrollment) against a `coap_services` device server on loopback "
                "with its own keystore, key backend and security layer, and an upstream CA (lab CA in-process, or the "
-               "lab EST server over TLS). Stages are measured by the CLM and the device as in the paper's §VII-B; "
-               "stage (1) includes the DTLS handshake, stage (4) reuses the DTLS session. 95 % CI: Student t with "
+               "lab EST server over TLS, or the lab CMP server over HTTP). Stages are measured by the CLM and the "
+               "device as in the paper's §VII-B; stage (1) includes the DTLS handshake, stage (4) reuses the DTLS "
+               "session. 95 % CI: Student t with "
                "n-1 degrees of freedom. All times in **milliseconds**; the paper's Raspberry Pi 3 figures "
                "(PSK column matching key length and AES length) are converted to ms.", "")
+        self.w("What each stage measures: (1) and (4) are the CLM's round trip to the device **minus the time the "
+               "device reports** for its own work (the TIMING_OPTION of the answer); (2) key pair + CSR creation and "
+               "(5) certificate verification + store are **reported by the device itself**; (3) with the `lab` "
+               "upstream is an **in-process call** of the lab CA (no protocol at all) plus the CLM's pre-verification, "
+               "while the `EST upstream` and `CMP upstream` rows include a real enrollment protocol (HTTPS and HTTP "
+               "on loopback) in stage (3).", "")
         self.w("Channels: aiocoap's tinydtls offers only `TLS_PSK_WITH_AES_128_CCM_8`, so the paper's AES-256 "
                "cells are compared with OSCORE using AES-CCM-16-64-256 (object security, no handshake). The paper's "
                "RPK (raw public key) DTLS is not available in aiocoap; its RPK columns are not compared.", "")
@@ -598,6 +605,11 @@ class Report:
 
     def render(self) -> str:
         self.header()
+        ci = self.data.get("commit_info") or {}
+        if ci.get("id"):
+            self.w(f"Measured on commit `{ci['id'][:12]}`{' (with uncommitted changes)' if ci.get('dirty') else ''}; "
+                   f"every figure and plot here is generated from the committed data file `{DATA_FILE}` "
+                   f"(`python benchmarks/report.py {DATA_FILE} --out REPORT.md` reproduces this report).", "")
         groups = groups_of(self.data)
         known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore,
                  "serve-load": self.serve_load}
@@ -645,10 +657,26 @@ def _pyplot():
     return _PLT or None
 
 
+DATA_FILE = "benchmarks/data/bench.json"
+
+
+def write_data(data: dict, path: Path) -> None:
+    """The benchmark data to commit next to REPORT.md: pytest-benchmark's JSON with every sample the report uses
+    (``stats`` including raw ``data`` when run with --benchmark-save-data, and the suites' ``extra_info`` samples),
+    the host facts and ``commit_info`` (the commit measured). report.py reads it back as it reads the original."""
+    keep = {k: data[k] for k in ("machine_info", "commit_info", "benchmarks", "datetime", "version") if k in data}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(keep, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     p.add_argument("--out", type=Path, default=None, help="Markdown output (default: REPORT.md next to the JSON)")
+    p.add_argument("--data-out", type=Path, default=None,
+                   help=f"also write the data the report is generated from, to commit (``make bench``: {DATA_FILE})")
     a = p.parse_args(argv)
     out = a.out or a.json.with_name("REPORT.md")
     try:
@@ -657,6 +685,8 @@ def main(argv=None) -> int:
         print(f"report: cannot read {a.json}: {e}", file=sys.stderr)
         return 1
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.data_out is not None:
+        write_data(data, a.data_out)
     rep = Report(data, out, a.json)
     text = rep.render()
     tmp = out.with_name(out.name + ".tmp")
