@@ -10,6 +10,8 @@ Sections, each present only when its suite ran:
   the matching paper cell in adjacent columns. Plots like the paper's Fig. 5: means with 95 % CI bars per stage.
 - Fleet, footprint, keystore: the figures the suites put in ``extra_info``, and plots of how they grow.
 - serve under load: ``devagent serve`` RSS before / during / after a request flood and OSCORE requests.
+- EST: simpleenroll / simplereenroll wall and client CPU, devagent next to curl + openssl in the same run, against
+  libest and the lab EST server, with the ratios of the medians.
 - Every other benchmark group (other suites' JSON entries): a generic table from pytest-benchmark's statistics.
 
 Missing suites are left out; a malformed entry is reported in the "Notes" section, never fatal. Figures only:
@@ -574,6 +576,44 @@ class Report:
         fig.tight_layout()
         self._save(fig, "serve_load.png", "devagent serve RSS during a request flood")
 
+    # -- EST: devagent next to curl + openssl --
+    def est(self, benches: list[dict]) -> None:
+        rows = []
+        order = {"libest": 0, "lab": 1, "simpleenroll": 0, "simplereenroll": 1, "p256": 0, "rsa2048": 1}
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            if "devagent_wall_s" not in ei:
+                self.notes.append(f"est entry {b.get('name')} has no client figures; left out")
+                continue
+            rows.append(ei)
+        if not rows:
+            return
+        rows.sort(key=lambda e: tuple(order.get(e.get(k), 9) for k in ("server", "operation", "key_type")))
+        kt = {"p256": "P-256", "rsa2048": "RSA-2048"}
+
+        def ratio(x):
+            return "–" if x is None else f"{x:.2f}"
+
+        out = [[{"libest": "Cisco libest estserver", "lab": "lab EST server"}.get(e["server"], e["server"]),
+                e["operation"], kt.get(e["key_type"], e["key_type"]), ms(e["devagent_wall_s"]),
+                ms(e["devagent_cpu_s"]), ms(e["curl_openssl_wall_s"]), ms(e["curl_openssl_cpu_s"]),
+                ratio(e.get("wall_ratio")), ratio(e.get("cpu_ratio")), e.get("rounds", "–")] for e in rows]
+        self.w("## EST: devagent next to curl + openssl (same requests, same run)", "")
+        self.w("Medians per exchange on loopback, a new TLS connection each, CSR made beforehand. devagent: "
+               "`EstClient.enroll`/`renew` (parse and chain check in process); curl + openssl: `curl | base64 -d | "
+               "openssl pkcs7 -print_certs` then `openssl verify`. Client CPU: this process (devagent) or its child "
+               "processes (the pipeline); neither server runs in the benchmark process. Ratio = devagent / "
+               "(curl + openssl) of the medians; below 1 devagent is cheaper. Servers: libest's estserver (-o) in a "
+               "network namespace, the lab EST server in its own process.", "")
+        self.w(*table(["server", "operation", "request key", "devagent wall ms", "devagent CPU ms",
+                       "curl+openssl wall ms", "curl+openssl CPU ms", "wall ratio", "CPU ratio", "rounds"], out), "")
+        first = rows[0]
+        self.headline.append(
+            f"EST {first['operation']} ({kt.get(first['key_type'], first['key_type'])}) against "
+            f"{first['server']}: devagent {ms(first['devagent_wall_s'])} ms wall, {ms(first['devagent_cpu_s'])} ms "
+            f"CPU; curl + openssl {ms(first['curl_openssl_wall_s'])} ms, {ms(first['curl_openssl_cpu_s'])} ms "
+            f"(ratios {ratio(first.get('wall_ratio'))} / {ratio(first.get('cpu_ratio'))})")
+
     # -- anything else --
     def generic(self, group: str, benches: list[dict]) -> None:
         rows = []
@@ -612,7 +652,7 @@ class Report:
                    f"(`python benchmarks/report.py {DATA_FILE} --out REPORT.md` reproduces this report).", "")
         groups = groups_of(self.data)
         known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore,
-                 "serve-load": self.serve_load}
+                 "serve-load": self.serve_load, "est": self.est}
         body_start = len(self.lines)
         for g, fn in known.items():
             if g in groups:
