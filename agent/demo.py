@@ -90,6 +90,9 @@ def est_demo(lab, domain: str) -> None:
                  "--subject", "CN=pump-7,O=Demo Plant", "--san", "dns:pump-7.plant.example", state=dev)
         devagent("request", "opcua-server", "--domain", domain, "--subject", "CN=pump-7 OPC UA",
                  "--san", "uri:urn:demo:pump-7", state=dev)
+        # The certificate profile as a path segment: /.well-known/est/<label>/tls-client/simpleenroll.
+        devagent("request", "tls-client", "--domain", domain, "--profile", "tls-client", "--subject", "CN=pump-7 TLS",
+                 state=dev)
         devagent("renew", f"ldevid-{domain}", state=dev)
         # EST has no revocation (RFC 7030): the demo shows the refusal, which must be exit 5 (not supported).
         devagent("revoke", f"ldevid-{domain}", "--reason", "superseded", state=dev, expect_exit=5)
