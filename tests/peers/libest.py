@@ -134,6 +134,8 @@ def build() -> Build:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel process may be building it right now
         if (target / ".complete").exists():
             return Build(target)
+        for stale in root.glob(".libest-build-*"):  # left by a build that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".libest-build-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -229,7 +231,7 @@ class Netns:
     def __init__(self):
         require_netns()
         self.proc = subprocess.Popen(["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 86400"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
         while True:  # up once loopback answers inside
             if self.proc.poll() is not None:
@@ -278,6 +280,16 @@ class Netns:
         self.close()
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the test process dies (a killed pytest must not leave an estserver
+    burning CPU, or a namespace holder, behind). PR_SET_PDEATHSIG survives exec; it fires when the forking thread
+    ends, so servers are started from the test's main thread (fixtures)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _lo_up() -> bool:
     with socket.socket() as s:  # binding loopback works only once 'lo' is up
         s.bind(("127.0.0.1", 0))
@@ -314,7 +326,7 @@ class EstServer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.netns.cmd([self.build.estserver, *self.args]), cwd=self.ca.dir,
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
