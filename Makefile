@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest
 APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
 	swtpm swtpm-tools tpm2-tools libtss2-dev libtss2-tcti-swtpm0 tpm2-openssl \
 	softhsm2 opensc libcoap3-bin autoconf automake libtool pkg-config gcc faketime \
-	build-essential libssl-dev
+	build-essential libssl-dev postgresql libpq5
 
 APT_STAMP := $(VENV)/.apt-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
@@ -46,7 +46,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 $(DEPS_STAMP): setup.cfg pyproject.toml $(APT_STAMP) | $(PY)
-	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy]"
+	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy,postgres]"
 	@touch $@
 
 venv: $(DEPS_STAMP)

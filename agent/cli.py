@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 LAZY_COMMANDS = {
     "serve": "agent.cli_coap:serve",
     "coap": "agent.cli_coap:coap",
-    "clm": "agent.cli_coap:clm",
+    "clm": "agent.cli_clm:clm",
     "run": "agent.cli_ops:run",
     "profile": "agent.cli_ops:profile",
     "decommission": "agent.cli_ops:decommission",

@@ -7,11 +7,18 @@ private key (structure, CA signature and chain, validity by the CLM's clock, pub
 the CSR), pushes it to the device's /verify and marks the device operational. ``Clm.run`` renews before expiry
 (fraction of lifetime + jitter), so devices without a real-time clock never check dates themselves.
 
+Scheduling comes from the inventory (``agent.inventory``, SQLite or PostgreSQL): a worker claims due devices
+under a lease, keeps the lease alive while it works (``extend`` every quarter lease), and records the result with
+the lease's fencing token. Several workers may share one inventory; none renews a device another holds, and a
+dead worker's devices are claimed by another once its leases expire. A renewal whose lease can no longer be
+vouched for (the inventory unreachable for most of a lease) is abandoned before the lease runs out, so two
+workers never talk to one device at once.
+
 Invariants:
 - The CLM never holds a device's private key: it sees CSRs and certificates only; nothing it stores (inventory,
   certificate copies) contains key material.
-- Inventory writes are atomic (``keystore.storage.AtomicJSONStorage``) and serialised across processes
-  (``KeystoreLock`` on the CLM directory); a crash leaves the previous inventory.
+- Every inventory change is one database transaction; the result of a renewal is recorded only by the worker
+  whose lease is still current.
 - ``enroll`` returns the per-stage durations of seed 003's Table 1, measured with ``time.perf_counter`` on the
   production path (the device reports its own key+CSR and verification times).
 """
@@ -19,41 +26,41 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import random
 import shlex
+import socket
 import time
-from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keystore import fsutil
-from keystore.storage import AtomicJSONStorage, KeystoreLock
-
 log = logging.getLogger("devagent.clm")
 
-INVENTORY = "inventory.json"
 STATES = ("not operational", "operational")
 DEFAULT_RETRIES = 3
+DEFAULT_PARALLEL = 16
+DEFAULT_LEASE_S = 60.0
+LEASE_SAFETY = 0.8  # abandon a renewal at this share of a lease not confirmed by the inventory
 RENEW_FRACTION = 0.66
 RENEW_JITTER = 0.05
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
 HOOK_TIMEOUT_S = 30.0
+DB_RETRY_BASE_S = 0.5
+DB_RETRY_MAX_S = 30.0
+DRAIN_S = 20.0  # on stop, how long renewals in flight may take to finish before they are cancelled
 
 
 class ClmError(Exception):
     """Root of CLM errors (inventory, upstream, pre-verification, device refusals after retries)."""
-
-
-class InventoryError(ClmError):
-    pass
 
 
 class PreVerificationError(ClmError):
@@ -68,81 +75,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-# ---- inventory --------------------------------------------------------------------------------------------------
-class Inventory:
-    """Devices the CLM manages, in ``<clm_dir>/inventory.json`` (0600, atomic writes, flock-serialised)."""
-
-    FIELDS = ("id", "uri", "security", "context", "state", "not_after", "last_error", "subject", "san", "key_type",
-              "name", "domain", "profile", "failures", "enrolled_at", "next_renewal", "next_attempt", "serial")
-
-    def __init__(self, clm_dir: str | os.PathLike):
-        self.dir = fsutil.ensure_dir(clm_dir)
-        self._lock = KeystoreLock(self.dir)
-        self._storage = AtomicJSONStorage(self.dir / INVENTORY)
-
-    def _read(self) -> dict:
-        return dict((self._storage.read() or {}).get("devices") or {})
-
-    @contextlib.contextmanager
-    def _txn(self):
-        with self._lock:
-            data = self._storage.read() or {}
-            devices = data.setdefault("devices", {})
-            yield devices
-            self._storage.write(data)
-
-    def add(self, device_id: str, uri: str, *, security: str = "none", context: str | None = None,
-            subject: str | None = None, san: Sequence[str] = (), key_type: str | None = None,
-            name: str | None = None, domain: str | None = None, profile: str | None = None,
-            replace: bool = False) -> dict:
-        from keystore.store import check_name
-
-        check_name(device_id, "device id")
-        if not uri.startswith(("coap://", "coaps://")):
-            raise InventoryError(f"device URI {uri!r} must start with coap:// or coaps://")
-        if security not in ("oscore", "dtls-psk", "hmac", "none"):
-            raise InventoryError(f"unknown security method {security!r}; use oscore, dtls-psk, hmac (MicroPython "
-                                 "boards) or none")
-        if security == "hmac" and not uri.startswith("coap://"):
-            raise InventoryError(f"device URI {uri!r}: an HMAC-protected board (agent/mpy) is reached over coap://")
-        with self._txn() as devices:
-            if device_id in devices and not replace:
-                raise InventoryError(f"device {device_id} is already in the inventory (use --replace)")
-            rec = {"id": device_id, "uri": uri.rstrip("/"), "security": security, "context": context,
-                   "state": "not operational", "not_after": None, "last_error": None, "subject": subject,
-                   "san": list(san), "key_type": key_type, "name": name, "domain": domain, "profile": profile,
-                   "failures": 0, "enrolled_at": None, "next_renewal": None, "next_attempt": None, "serial": None,
-                   "added": _now().isoformat()}
-            devices[device_id] = rec
-        return rec
-
-    def get(self, device_id: str) -> dict:
-        rec = self._read().get(device_id)
-        if rec is None:
-            raise InventoryError(f"no device {device_id!r} in the inventory at {self.dir} (see 'devagent clm list')")
-        return rec
-
-    def list(self) -> list[dict]:
-        return [v for _, v in sorted(self._read().items())]
-
-    def update(self, device_id: str, **fields) -> dict:
-        with self._txn() as devices:
-            if device_id not in devices:
-                raise InventoryError(f"no device {device_id!r} in the inventory")
-            devices[device_id].update(fields)
-            return dict(devices[device_id])
-
-    def remove(self, device_id: str) -> None:
-        with self._txn() as devices:
-            devices.pop(device_id, None)
-
-    def save_certificate(self, device_id: str, cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> Path:
-        from keystore.certs import pem
-
-        cdir = fsutil.ensure_dir(self.dir / "certs")
-        p = cdir / f"{device_id}.pem"
-        fsutil.atomic_write(p, pem([cert, *chain]))
-        return p
+# ---- inventory ----------------------------------------------------------------------------------------------
+# The inventory lives in agent.inventory (SQLite or PostgreSQL behind one interface); re-exported for callers.
+from agent.inventory import (  # noqa: E402, F401
+    Inventory, InventoryError, InventorySpecError, InventoryUnavailableError, open_inventory,
+)
 
 
 # ---- upstream -------------------------------------------------------------------------------------------------
@@ -428,13 +365,35 @@ def _verify_payload(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -
 
 
 # ---- the CLM --------------------------------------------------------------------------------------------------
+def default_worker_id() -> str:
+    """``HOST-PID``: unique among live workers, and says where a lease holder runs (``clm status``)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _chain_pem(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
+
+
+@dataclasses.dataclass
+class _InFlight:
+    task: asyncio.Task
+    token: int
+    deadline: float  # loop.time() by which the lease must have been confirmed again
+    phase: str = "device"  # "device": talking to the device and CA; "recording": writing the result
+    timeout: object = None  # the asyncio.timeout() guarding the device phase (rescheduled by the heartbeat)
+
+
 class Clm:
-    """``async with CoapClient() as c: await Clm(inventory, upstream, c).enroll("dev1")``."""
+    """``async with CoapClient() as c: await Clm(inventory, upstream, c).enroll("dev1")``.
+
+    ``inventory`` is an ``agent.inventory.Inventory``. Inventory calls run on one worker thread of their own
+    (SQLite and psycopg block), so the event loop keeps serving CoAP while the database commits.
+    """
 
     def __init__(self, inventory: Inventory, upstream: Upstream, coap, *, retries: int = DEFAULT_RETRIES,
                  notify: str | None = None, fraction: float = RENEW_FRACTION, jitter: float = RENEW_JITTER,
                  retry_delay_s: float = 1.0, default_domain: str | None = None, default_key_type: str | None = None,
-                 on_message=None):
+                 on_message=None, worker_id: str | None = None, lease_s: float = DEFAULT_LEASE_S):
         self.inventory = inventory
         self.upstream = upstream
         self.coap = coap
@@ -446,6 +405,34 @@ class Clm:
         self.default_domain = default_domain
         self.default_key_type = default_key_type
         self.on_message = on_message  # test hook: called with every payload the CLM sends or receives
+        self.worker_id = worker_id or default_worker_id()
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        self.lease_s = float(lease_s)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._db_down_since: float | None = None
+
+    async def _db(self, fn, *args, **kw):
+        """Run one inventory call on the CLM's database thread."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="clm-inventory")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    def _db_ok(self) -> None:
+        if self._db_down_since is not None:
+            log.warning("inventory %s reachable again after %.1f s", self.inventory.where,
+                        time.monotonic() - self._db_down_since)
+            self._db_down_since = None
+
+    def _db_down(self, e: Exception) -> None:
+        if self._db_down_since is None:
+            self._db_down_since = time.monotonic()
+            log.warning("%s; backing off and retrying", e)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def device(self, rec: dict):
         """The client for one inventory record: aiocoap (OSCORE / DTLS-PSK / none) for ``devagent serve``, or
@@ -454,6 +441,12 @@ class Clm:
         if security == "hmac":
             return HmacDevice(rec["uri"], rec.get("context"), timeout_s=getattr(self.coap, "timeout_s", 30.0))
         return self.coap.device(rec["uri"], security, rec.get("context"))
+
+    def _release_device(self, rec: dict) -> None:
+        """Let go of the device's security context after a renewal (another worker may renew it next)."""
+        release = getattr(self.coap, "release", None)
+        if release is not None and (rec.get("security") or "none") == "oscore":
+            release(rec["uri"])
 
     def _seen(self, direction: str, payload: bytes) -> None:
         if self.on_message is not None:
@@ -499,47 +492,146 @@ class Clm:
         }
         return {"stages": stages, "certificate": up.certificate, "chain": up.chain, "answer": answer}
 
+    async def _attempts(self, rec: dict) -> dict:
+        """Up to ``retries`` delegated enrollments of one device; returns the last ``enroll_once`` result with
+        ``attempts``. Raises the last ClmError / CoapServiceError."""
+        from coap_services.errors import CoapServiceError
+
+        last = None
+        try:
+            for attempt in range(1, self.retries + 1):
+                try:
+                    res = await self.enroll_once(rec)
+                except (ClmError, CoapServiceError) as e:
+                    last = e
+                    log.warning("device %s: enrollment attempt %d/%d failed: %s", rec["id"], attempt, self.retries, e)
+                    if attempt < self.retries:
+                        await asyncio.sleep(self.retry_delay_s * attempt)
+                    continue
+                res["stages"]["attempts"] = attempt
+                return res
+        finally:
+            self._release_device(rec)
+        raise last
+
+    def _success_fields(self, rec: dict, res: dict) -> dict:
+        cert = res["certificate"]
+        return dict(state="operational", not_after=cert.not_valid_after_utc, last_error=None, failures=0,
+                    enrolled_at=time.time(), serial=format(cert.serial_number, "x"),
+                    next_renewal=renewal_time(cert, self.fraction, self.jitter), next_attempt=None,
+                    enrollments=int(rec.get("enrollments") or 0) + 1, last_duration_s=res["stages"]["total_s"])
+
+    @staticmethod
+    def _failure_fields(rec: dict, message: str) -> dict:
+        now = time.time()
+        na = rec.get("not_after")
+        still_valid = bool(na) and datetime.datetime.fromisoformat(na).timestamp() > now
+        failures = int(rec.get("failures") or 0) + 1
+        delay = min(RETRY_BASE_S * 2 ** (failures - 1), RETRY_MAX_S)
+        return dict(state="operational" if still_valid else "not operational", last_error=message[:500],
+                    failures=failures, next_attempt=now + delay)
+
+    async def _record(self, rec: dict, fields: dict, certificate: bytes | None, stop: asyncio.Event | None) -> bool:
+        """Write a result under the device's lease, retrying while the inventory is unreachable (the result is
+        already on the device). Returns False if the lease was lost or the worker stopped first."""
+        delay = DB_RETRY_BASE_S
+        while True:
+            try:
+                ok = await self._db(self.inventory.complete, rec["id"], self.worker_id, rec["lease_token"], fields,
+                                    certificate)
+                self._db_ok()
+            except InventoryUnavailableError as e:
+                self._db_down(e)
+                if stop is not None and stop.is_set():
+                    log.warning("device %s: stopping with the inventory unreachable; the result is not recorded "
+                                "and the device will be renewed again", rec["id"])
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DB_RETRY_MAX_S)
+                continue
+            if not ok:
+                log.warning("device %s: its lease went to another worker; this result is not recorded (the other "
+                            "worker renews it)", rec["id"])
+            return ok
+
+    async def _renew(self, rec: dict, info: _InFlight | None = None, stop: asyncio.Event | None = None) -> tuple:
+        """Enroll one leased device and record the outcome. Returns (outcome, stages | None, error | None):
+        outcome "ok", an error text, or "abandoned: …"."""
+        dev_id = rec["id"]
+        res = err = None
+        try:
+            if info is not None:
+                async with asyncio.timeout_at(info.deadline) as cm:
+                    info.timeout = cm
+                    res = await self._attempts(rec)
+            else:
+                res = await self._attempts(rec)
+        except TimeoutError:
+            if info is None or info.timeout is None or not info.timeout.expired():
+                raise
+            log.warning("device %s: renewal abandoned: the lease could not be confirmed with the inventory in "
+                        "time (another worker may take the device over)", dev_id)
+            return "abandoned: lease not confirmed", None, None
+        except ClmError as e:
+            err = e
+        except Exception as e:  # one broken device record must not stop the fleet's renewals
+            from coap_services.errors import CoapServiceError
+
+            if not isinstance(e, CoapServiceError):
+                log.exception("device %s: unexpected error", dev_id)
+                e = ClmError(f"internal error: {type(e).__name__}: {e}")
+            err = e
+        if info is not None:
+            info.phase = "recording"
+        if res is not None:
+            cert = res["certificate"]
+            recorded = await self._record(rec, self._success_fields(rec, res), _chain_pem(cert, res["chain"]), stop)
+            stages = res["stages"]
+            log.info("device %s operational: certificate %x until %s (%s)%s", dev_id, cert.serial_number,
+                     cert.not_valid_after_utc.isoformat(),
+                     ", ".join(f"{k}={v * 1000:.1f}ms" for k, v in stages.items() if k.endswith("_s")),
+                     "" if recorded else " [not recorded]")
+            return "ok", stages, None
+        msg = f"device {dev_id}: enrollment failed after {self.retries} attempt(s): {err}"
+        await self._record(rec, self._failure_fields(rec, str(err)), None, stop)
+        await self._notify(dev_id, str(err))
+        return msg, None, err
+
     async def enroll(self, device_id: str) -> dict:
-        """Delegated enrollment with up to ``retries`` attempts; then the notification hook runs.
+        """Delegated enrollment of one device now, due or not, with up to ``retries`` attempts under a lease
+        (so a ``clm run`` worker on the same inventory does not renew it at the same time); on failure the
+        notification hook runs.
 
         Returns the stage durations of the successful attempt (plus ``attempts``).
         Raises:
-            ClmError: every attempt failed (the device stays/becomes "not operational" unless its old
-            certificate is still valid; ``last_error`` says why).
+            InventoryError: unknown device.
+            ClmError: the device is leased by another worker, or every attempt failed (the device stays/becomes
+            "not operational" unless its old certificate is still valid; ``last_error`` says why).
         """
-        from coap_services.errors import CoapServiceError
-
-        rec = self.inventory.get(device_id)
-        last = None
-        for attempt in range(1, self.retries + 1):
-            try:
-                res = await self.enroll_once(rec)
-            except (ClmError, CoapServiceError) as e:
-                last = e
-                log.warning("device %s: enrollment attempt %d/%d failed: %s", device_id, attempt, self.retries, e)
-                if attempt < self.retries:
-                    await asyncio.sleep(self.retry_delay_s * attempt)
-                continue
-            cert = res["certificate"]
-            self.inventory.save_certificate(device_id, cert, res["chain"])
-            self.inventory.update(
-                device_id, state="operational", not_after=cert.not_valid_after_utc.isoformat(), last_error=None,
-                failures=0, enrolled_at=_now().isoformat(), serial=format(cert.serial_number, "x"),
-                next_renewal=renewal_time(cert, self.fraction, self.jitter).isoformat(), next_attempt=None)
-            stages = dict(res["stages"], attempts=attempt)
-            log.info("device %s operational: certificate %x until %s (%s)", device_id, cert.serial_number,
-                     cert.not_valid_after_utc.isoformat(),
-                     ", ".join(f"{k}={v * 1000:.1f}ms" for k, v in stages.items() if k.endswith("_s")))
-            return stages
-        rec = self.inventory.get(device_id)
-        still_valid = rec.get("not_after") and datetime.datetime.fromisoformat(rec["not_after"]) > _now()
-        failures = int(rec.get("failures") or 0) + 1
-        delay = min(RETRY_BASE_S * 2 ** (failures - 1), RETRY_MAX_S)
-        self.inventory.update(device_id, state="operational" if still_valid else "not operational",
-                              last_error=str(last)[:500], failures=failures,
-                              next_attempt=(_now() + datetime.timedelta(seconds=delay)).isoformat())
-        await self._notify(device_id, str(last))
-        raise ClmError(f"device {device_id}: enrollment failed after {self.retries} attempt(s): {last}") from last
+        claimed = await self._db(self.inventory.claim, self.worker_id, limit=1, lease_s=self.lease_s,
+                                 ids=[device_id])
+        if not claimed:
+            rec = await self._db(self.inventory.get, device_id)  # InventoryError if unknown
+            raise ClmError(f"device {device_id} is being renewed by worker {rec.get('lease_owner')} (lease until "
+                           f"{rec.get('lease_until')}); try again later")
+        rec = claimed[0]
+        loop = asyncio.get_running_loop()
+        info = _InFlight(None, rec["lease_token"], loop.time() + self.lease_s * LEASE_SAFETY)
+        info.task = asyncio.create_task(self._renew(rec, info))
+        hb = asyncio.create_task(self._heartbeat({device_id: info}))
+        try:
+            outcome, stages, err = await info.task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            raise ClmError(f"device {device_id}: renewal abandoned: its lease went to another worker") from None
+        finally:
+            hb.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hb
+        if stages is None:
+            raise ClmError(outcome) from err
+        return stages
 
     async def _notify(self, device_id: str, message: str) -> None:
         if not self.notify:
@@ -558,46 +650,118 @@ class Clm:
         except OSError as e:
             log.warning("notification hook %r could not run: %s", self.notify, e.strerror or e)
 
-    def due(self, now: datetime.datetime | None = None) -> list[str]:
-        """Devices to (re)enroll now: not operational (unless backing off) or past their renewal time."""
-        now = now or _now()
-        out = []
-        for rec in self.inventory.list():
-            if rec.get("next_attempt") and datetime.datetime.fromisoformat(rec["next_attempt"]) > now:
-                continue
-            if rec.get("state") != "operational" or not rec.get("next_renewal") or \
-                    datetime.datetime.fromisoformat(rec["next_renewal"]) <= now:
-                out.append(rec["id"])
-        return out
+    def due(self, now: datetime.datetime | float | None = None) -> list[str]:
+        """Devices to (re)enroll now and not leased: not operational (unless backing off) or past their renewal."""
+        return self.inventory.due(now)
 
-    async def run(self, *, interval_s: float = 30.0, parallel: int = 4, once: bool = False,
-                  stop: asyncio.Event | None = None) -> dict:
-        """Renew every due device, then sleep ``interval_s``; until ``stop`` is set (or one pass with ``once``).
-        Returns {device: "ok" | error text} of the last pass."""
-        stop = stop or asyncio.Event()
-        sem = asyncio.Semaphore(max(1, parallel))
-        results: dict = {}
-
-        async def one(dev_id):
-            async with sem:
-                try:
-                    await self.enroll(dev_id)
-                    results[dev_id] = "ok"
-                except ClmError as e:
-                    results[dev_id] = str(e)
-                except Exception as e:  # one broken device record must not stop the fleet's renewals
-                    log.exception("device %s: unexpected error", dev_id)
-                    results[dev_id] = f"internal error: {type(e).__name__}: {e}"
-
+    async def _heartbeat(self, inflight: dict) -> None:
+        """Every quarter lease, extend the leases of renewals in flight; cancel those whose lease went to
+        another worker; push each renewal's deadline when its lease is confirmed."""
+        loop = asyncio.get_running_loop()
         while True:
-            results = {}
-            due = self.due()
-            if due:
-                log.info("renewal pass: %s", ", ".join(due))
-                await asyncio.gather(*(one(d) for d in due))
-            if once or stop.is_set():
-                return results
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
-            if stop.is_set():
-                return results
+            await asyncio.sleep(self.lease_s / 4)
+            leases = [(d, i.token) for d, i in inflight.items()]
+            if not leases:
+                continue
+            t0 = loop.time()
+            try:
+                held = await self._db(self.inventory.extend, self.worker_id, leases, self.lease_s)
+                self._db_ok()
+            except InventoryUnavailableError as e:
+                self._db_down(e)
+                continue  # each renewal's own deadline ends it in time
+            for d, tok in leases:
+                info = inflight.get(d)
+                if info is None or info.token != tok:
+                    continue
+                if d in held:
+                    info.deadline = t0 + self.lease_s * LEASE_SAFETY
+                    if info.timeout is not None and info.phase == "device":
+                        info.timeout.reschedule(info.deadline)
+                elif info.phase == "device":
+                    log.warning("device %s: lease lost to another worker; abandoning this renewal", d)
+                    info.task.cancel()
+
+    async def run(self, *, interval_s: float = 30.0, parallel: int = DEFAULT_PARALLEL, once: bool = False,
+                  stop: asyncio.Event | None = None) -> dict:
+        """Renew devices as they fall due, at most ``parallel`` at a time, until ``stop`` is set; with ``once``,
+        until nothing is due. Sleeps until the next device is due (at most ``interval_s``, the poll interval
+        for changes made by other processes). The inventory unreachable: back off and resume; renewals in
+        flight keep their results and record them once it is back.
+
+        Returns {device: "ok" | error text} of the renewals this call made.
+        """
+        stop = stop or asyncio.Event()
+        parallel = max(1, parallel)
+        loop = asyncio.get_running_loop()
+        inflight: dict[str, _InFlight] = {}
+        results: dict = {}
+        seen: set[str] = set()
+        hb = asyncio.create_task(self._heartbeat(inflight))
+        stop_wait = asyncio.create_task(stop.wait())
+        db_delay = DB_RETRY_BASE_S
+
+        async def one(rec, info):
+            try:
+                outcome, _, _ = await self._renew(rec, info, stop)
+            except asyncio.CancelledError:
+                outcome = "abandoned: lease lost"
+            results[rec["id"]] = outcome
+
+        try:
+            while not stop.is_set():
+                free = parallel - len(inflight)
+                claimed = []
+                timeout = interval_s
+                if free > 0:
+                    t0 = loop.time()
+                    try:
+                        claimed = await self._db(self.inventory.claim, self.worker_id, limit=free,
+                                                 lease_s=self.lease_s)
+                        self._db_ok()
+                        db_delay = DB_RETRY_BASE_S
+                    except InventoryUnavailableError as e:
+                        self._db_down(e)
+                        timeout = db_delay
+                        db_delay = min(db_delay * 2, DB_RETRY_MAX_S)
+                    for rec in claimed:
+                        if once and rec["id"] in seen:  # one pass: never twice (it fell due again already)
+                            await self._db(self.inventory.release, rec["id"], self.worker_id, rec["lease_token"])
+                            continue
+                        seen.add(rec["id"])
+                        info = _InFlight(None, rec["lease_token"], t0 + self.lease_s * LEASE_SAFETY)
+                        info.task = asyncio.create_task(one(rec, info))
+                        info.task.add_done_callback(lambda _t, d=rec["id"]: inflight.pop(d, None))
+                        inflight[rec["id"]] = info
+                    if self._db_down_since is None and len(claimed) < free:
+                        if once and not inflight:
+                            break
+                        if not once:
+                            try:
+                                nd = await self._db(self.inventory.next_due_in)
+                                if nd is not None:
+                                    timeout = min(timeout, max(nd, 0.05))
+                            except InventoryUnavailableError as e:
+                                self._db_down(e)
+                    elif len(claimed) == free:
+                        continue  # more may be due: claim again once a slot frees (below) or at once
+                waits = [i.task for i in inflight.values()] + [stop_wait]
+                await asyncio.wait(waits, timeout=None if once and inflight and self._db_down_since is None
+                                   else timeout, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(0)  # let finished renewals' callbacks run before claiming
+        finally:
+            if inflight:
+                done, pending = await asyncio.wait([i.task for i in inflight.values()], timeout=DRAIN_S)
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending)
+                    for d, info in list(inflight.items()):
+                        with contextlib.suppress(InventoryError):
+                            await self._db(self.inventory.release, d, self.worker_id, info.token)
+            hb.cancel()
+            stop_wait.cancel()
+            for t in (hb, stop_wait):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        return results

@@ -89,7 +89,7 @@ def run(*, lab, domain: str, state: Path, devagent: list[str]) -> dict:
             print(f"    {label:60} {stages[key] * 1000:8.1f} ms")
         da("clm", "--clm-dir", str(clm_dir), "list", st=edge)
         cert = state / "pump-7.pem"
-        cert.write_bytes((clm_dir / "certs" / "pump-7.pem").read_bytes())
+        cert.write_text(da("clm", "--clm-dir", str(clm_dir), "status", "pump-7", "--pem", st=edge, quiet=True).stdout)
         from agent.demo import openssl_verify_file
 
         openssl_verify_file(root_pem, lab.dir / domain / "ca.pem", cert)  # SystemExit unless OpenSSL says OK

@@ -84,6 +84,8 @@ KEYS: tuple[Key, ...] = (
         "Prometheus textfile for node_exporter (empty: off)"),
     Key("daemon.notify", bool, True, "send sd_notify READY/STATUS/STOPPING when $NOTIFY_SOCKET is set"),
     Key("log.level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
+    Key("clm.inventory", str, "", "the edge CLM's device inventory: sqlite:PATH or postgresql://USER@HOST/DB "
+        "(several workers; password in ~/.pgpass); empty: CLM_DIR/inventory.sqlite"),
 )
 KEY_BY_NAME = {k.name: k for k in KEYS}
 ENV_ALIASES = {"DEVAGENT_STATE_DIR": "keystore.path"}
@@ -165,6 +167,7 @@ class Config:
     notify: bool
     log_level: str
     credentials: tuple[CredentialPolicy, ...] = ()
+    clm_inventory: str = ""
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def policy_for(self, name: str) -> CredentialPolicy:
@@ -182,7 +185,8 @@ def _lookup(cfg: Config, name: str):
     flat = {"keystore.path": str(cfg.keystore_path), "serial.port": cfg.serial_port,
             "clock.trusted": cfg.clock_trusted, "clock.tolerance_s": cfg.clock_tolerance_s,
             "ca.fingerprint": cfg.ca_fingerprint, "hooks.timeout_s": cfg.hooks_timeout_s,
-            "metrics.textfile": cfg.metrics_textfile, "daemon.notify": cfg.notify, "log.level": cfg.log_level}
+            "metrics.textfile": cfg.metrics_textfile, "daemon.notify": cfg.notify, "log.level": cfg.log_level,
+            "clm.inventory": cfg.clm_inventory}
     if name in flat:
         return flat[name]
     section, key = name.split(".", 1)
@@ -481,7 +485,7 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
         clock_trusted=vals["clock.trusted"], clock_tolerance_s=vals["clock.tolerance_s"],
         ca_fingerprint=fp.lower() if fp else "", hooks_timeout_s=vals["hooks.timeout_s"],
         metrics_textfile=vals["metrics.textfile"], notify=vals["daemon.notify"], log_level=vals["log.level"],
-        credentials=policies, sources=sources)
+        credentials=policies, clm_inventory=vals["clm.inventory"], sources=sources)
 
 
 def docs_table() -> str:

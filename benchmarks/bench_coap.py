@@ -24,7 +24,7 @@ STAGES = ("coap_csr_s", "keygen_csr_s", "enroll_s", "coap_verify_s", "cert_verif
 
 def measure(lab, channel: str, n: int, key_type: str = "p256") -> list[dict]:
     """``n`` delegated enrollments of one device over ``channel``; returns the CLM's stage dicts."""
-    from agent.clm import Clm, Inventory, LabUpstream
+    from agent.clm import Clm, LabUpstream, open_inventory
     from coap_services.client import CoapClient
     from tests.peers.coap import DeviceThread, device_env
 
@@ -33,7 +33,7 @@ def measure(lab, channel: str, n: int, key_type: str = "p256") -> list[dict]:
         insecure = channel == "plain"
         with DeviceThread(env, insecure=insecure, csr_burst=10_000, csr_rate_per_min=1e6,
                           default_key_type=key_type, allow_weak_keys=key_type == "rsa1024") as dev:
-            inv = Inventory(env.clm_dir)
+            inv = open_inventory(None, env.clm_dir)
             if channel.startswith("dtls"):
                 inv.add("bench", dev.dtls_uri, security="dtls-psk", context=str(env.context), domain=DOMAIN)
             else:

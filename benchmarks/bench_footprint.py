@@ -103,10 +103,10 @@ async def _wait_ready(uri: str, proc, timeout_s: float = 30.0) -> float:
 
 
 async def _load(uri: str, clm_dir: Path, lab, k: int) -> None:
-    from agent.clm import Clm, Inventory, LabUpstream
+    from agent.clm import Clm, LabUpstream, open_inventory
     from coap_services.client import CoapClient
 
-    inv = Inventory(clm_dir / "inventory")
+    inv = open_inventory(None, clm_dir / "inventory")
     inv.add("footprint-dev", uri, security="oscore", context=str(clm_dir / "contexts" / "footprint-dev"),
             key_type="p256", domain=DOMAIN, subject="CN=footprint-dev", replace=True)
     async with CoapClient(timeout_s=30.0) as c:

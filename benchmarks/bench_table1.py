@@ -123,7 +123,7 @@ class Rig:
         self.device_id = "dev-" + cfg.id.replace("_", "-")[:50]
 
     async def start(self) -> None:
-        from agent.clm import Inventory, LabUpstream
+        from agent.clm import LabUpstream, open_inventory
         from coap_services.device import DeviceConfig, DeviceService
         from coap_services.security import load_server_security, provision
         from coap_services.server import DeviceServer
@@ -147,7 +147,7 @@ class Rig:
         self.server = await DeviceServer.start(service, layers, host="127.0.0.1", port=port,
                                                insecure=cfg.channel == "none")
         uri = self.server.dtls_uri if cfg.channel == "dtls-psk" else self.server.uri
-        self.inventory = Inventory(clm_dir / "inventory")
+        self.inventory = open_inventory(None, clm_dir / "inventory")
         self.inventory.add(self.device_id, uri, security=cfg.channel, context=context, key_type=cfg.key_type,
                            domain=DOMAIN, subject=f"CN={self.device_id}")
         if self.upstream is None:

@@ -61,6 +61,24 @@ class CoapClient:
             self._loaded.add(key)
         return DeviceClient(self, uri)
 
+    def release(self, uri: str) -> None:
+        """Unload the OSCORE context ``device()`` loaded for ``uri``: its sequence number is persisted and its
+        lock file released, so another process (a second CLM worker) can use the context next, and a CLM
+        serving many devices holds only the contexts of renewals in flight. A later ``device()`` reloads it."""
+        from urllib.parse import urlsplit
+
+        from coap_services.security import release_oscore_contexts
+
+        uri = uri.rstrip("/")
+        keys = [k for k in self._loaded if k.startswith(uri + "|")]
+        if not keys or self._ctx is None:
+            return
+        self._loaded.difference_update(keys)
+        parts = urlsplit(uri)
+        item = self._ctx.client_credentials.pop(f"{parts.scheme}://{parts.netloc}/*", None)
+        if item is not None:
+            release_oscore_contexts({"": item})
+
     async def request(self, uri: str, code, payload: bytes = b"", content_format: int | None = None,
                       accept: int | None = None):
         """Send one request, return (response, round-trip seconds).

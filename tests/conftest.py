@@ -37,3 +37,14 @@ def snapshot(root: Path) -> dict[str, str]:
                 continue
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (tests/peers/postgres.py: initdb + pg_ctl on 127.0.0.1, as a non-root user),
+    started once per session and stopped at the end. ``postgres.create_database(name)`` gives a fresh URL."""
+    from tests.peers.postgres import start_server
+
+    srv = start_server()
+    yield srv
+    srv.close()

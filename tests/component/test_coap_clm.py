@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.clm import Clm, ClmError, Inventory, LabUpstream, UpstreamResult
+from agent.clm import Clm, ClmError, LabUpstream, UpstreamResult, open_inventory
 from coap_services.client import CoapClient
 from tests.peers.coap import DOMAIN, DeviceThread, device_env
 
@@ -63,7 +64,7 @@ def one_device(tmp_path, lab):
 
 def test_enroll_returns_stages_and_keeps_keys_on_device(lab, one_device):
     env, dev = one_device
-    inv = Inventory(env.clm_dir)
+    inv = open_inventory(None, env.clm_dir)
     inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN,
             san=["dns:dev1.plant"], subject="CN=dev1,O=Plant")
     messages = []
@@ -77,7 +78,8 @@ def test_enroll_returns_stages_and_keeps_keys_on_device(lab, one_device):
     ks = env.keystore()
     cred = ks.get("ldevid")
     assert format(cred.certificate.serial_number, "x") == rec["serial"]
-    assert (env.clm_dir / "certs" / "dev1.pem").exists()
+    chain = x509.load_pem_x509_certificates(inv.certificate("dev1"))
+    assert chain[0] == cred.certificate and len(chain) == 3  # leaf, issuing CA, root as the upstream returned
     assert_no_private_material(env.clm_dir, messages, [ks])
 
 
@@ -88,7 +90,7 @@ class WrongDomainUpstream(LabUpstream):
 
 def test_pre_verification_failure_retries_then_notifies(tmp_path, lab, one_device):
     env, dev = one_device
-    inv = Inventory(env.clm_dir)
+    inv = open_inventory(None, env.clm_dir)
     inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN)
     flag = tmp_path / "notified"
     hook = f"sh -c 'echo \"$DEVAGENT_DEVICE $DEVAGENT_ERROR\" > {flag}'"
@@ -108,7 +110,7 @@ def test_device_refusal_retries(tmp_path, lab):
     ks = env.keystore()
     ks.add_trust_anchors(DOMAIN, [lab.domain("other").root_cert], source="test")
     with DeviceThread(env) as dev:
-        inv = Inventory(env.clm_dir)
+        inv = open_inventory(None, env.clm_dir)
         inv.add("picky", dev.uri, security="dtls-psk", context=str(env.context), domain=DOMAIN)
         inv.update("picky", uri=dev.dtls_uri)
         with pytest.raises(ClmError) as ei:
@@ -120,7 +122,7 @@ def test_device_refusal_retries(tmp_path, lab):
 
 def test_run_renews_before_expiry(lab, one_device):
     env, dev = one_device
-    inv = Inventory(env.clm_dir)
+    inv = open_inventory(None, env.clm_dir)
     inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN)
     up = LabUpstream(lab, lifetime_s=3600)
     assert run_clm(inv, up, lambda m: m.run(once=True)) == {"dev1": "ok"}
@@ -137,7 +139,7 @@ def test_run_renews_before_expiry(lab, one_device):
 
 def test_run_stops_on_event(lab, one_device):
     env, dev = one_device
-    inv = Inventory(env.clm_dir)
+    inv = open_inventory(None, env.clm_dir)
 
     async def main():
         stop = asyncio.Event()
@@ -151,7 +153,7 @@ def test_run_stops_on_event(lab, one_device):
 
 
 def test_cli_add_list_enroll(tmp_path, lab, one_device):
-    from agent.cli_coap import clm
+    from agent.cli_clm import clm
 
     env, dev = one_device
     obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=False, verbose=False)
@@ -218,7 +220,7 @@ def test_serve_refuses_without_contexts(tmp_path):
 def test_enroll_via_est_upstream(lab, one_device, tmp_path):
     """The production upstream: EST simpleenroll over TLS (lab EST server) with the CLM's HTTP Basic credential,
     driven through the CLI options (--upstream est:URL --trust --username --password env:VAR)."""
-    from agent.cli_coap import clm
+    from agent.cli_clm import clm
     from agent.lab.est_server import start_est_server
     from keystore.certs import pem
 
@@ -248,7 +250,7 @@ def test_enroll_via_cmp_upstream(lab, one_device, tmp_path):
     """The CMP upstream: p10cr with PBM protection to the lab CMP server, driven through the CLI options
     (--upstream cmp:URL --reference --secret env:VAR); a wrong secret is refused upstream and nothing reaches
     the device."""
-    from agent.cli_coap import clm
+    from agent.cli_clm import clm
     from agent.lab.cmp_server import start_cmp_server
     from keystore.certs import pem
 

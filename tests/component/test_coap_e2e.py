@@ -55,8 +55,8 @@ def test_two_devices_end_to_end(tmp_path, lab):
             ks = env.keystore()
             cred = ks.get("ldevid")
             openssl_verify(lab, tmp_path, pem([cred.certificate]), env.device_id)
-            openssl_verify(lab, tmp_path, (clm_dir / "certs" / f"{env.device_id}.pem").read_bytes(),
-                           f"clm-{env.device_id}")
+            chain = devagent("clm", "--clm-dir", str(clm_dir), "status", env.device_id, "--pem", state=edge).stdout
+            openssl_verify(lab, tmp_path, chain.encode(), f"clm-{env.device_id}")
         # a renewal pass that is not due yet does nothing; the CLM never held key material
         devagent("clm", "--clm-dir", str(clm_dir), "run", "--once", "--upstream", f"lab:{lab.dir}", state=edge)
         assert_no_private_material(clm_dir, [], [e.keystore() for e in envs])

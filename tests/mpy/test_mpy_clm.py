@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent import cli_mpy
-from agent.clm import Clm, ClmError, HmacDevice, Inventory, LabUpstream
+from agent.clm import Clm, ClmError, HmacDevice, LabUpstream, open_inventory
 from coap_services.client import CoapClient
 from coap_services.errors import DeviceError
 from tests.mpy.helpers import micropython_binary
@@ -84,7 +84,7 @@ def board(tmp_path, lab):
 
 
 def _clm_cli(clm_dir, *args):
-    from agent.cli_coap import clm
+    from agent.cli_clm import clm
 
     obj = types.SimpleNamespace(state_dir=clm_dir.parent / "edge-state", json=False, verbose=False)
     return CliRunner().invoke(clm, ["--clm-dir", str(clm_dir), *args], obj=obj)
@@ -127,7 +127,7 @@ def test_clm_cli_enrolls_a_micropython_board(tmp_path, lab, board):
     p = subprocess.run([openssl, "verify", "-CAfile", str(board.root_pem), "-untrusted", str(tmp_path / "inter.pem"),
                         str(tmp_path / "leaf.pem")], capture_output=True, text=True)
     assert p.returncode == 0 and ": OK" in p.stdout, p.stdout + p.stderr
-    rec = Inventory(clm_dir).get(BOARD)
+    rec = open_inventory(None, clm_dir).get(BOARD)
     assert rec["state"] == "operational" and rec["serial"] == format(cert.serial_number, "x")
     # the CLM holds no board key material
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
@@ -144,7 +144,7 @@ def test_clm_cli_enrolls_a_micropython_board(tmp_path, lab, board):
 
 
 def test_clm_refusals_from_the_board(tmp_path, lab, board):
-    inv = Inventory(tmp_path / "clm")
+    inv = open_inventory(None, tmp_path / "clm")
     from coap_services.security import write_hmac_context
 
     secret = bytes.fromhex(board.secret_file.read_text().strip())
@@ -192,7 +192,7 @@ def test_one_clm_drives_serve_and_the_board(tmp_path, lab, board):
 
     write_hmac_context(tmp_path / "clm" / "contexts" / BOARD, BOARD,
                        bytes.fromhex(board.secret_file.read_text().strip()))
-    inv = Inventory(tmp_path / "clm")
+    inv = open_inventory(None, tmp_path / "clm")
     with DeviceThread(env, csr_burst=50, csr_rate_per_min=6000) as dev:
         targets = {"dev1": (dev.uri, "oscore", env.context), BOARD: (board.uri, "hmac", tmp_path / "clm" / "contexts" /
                                                                     BOARD)}
@@ -240,7 +240,7 @@ def test_add_device_hmac_errors_change_nothing(tmp_path):
         args = ["add-device", BOARD] + (["--uri", uri] if "--uri" not in extra else []) + extra
         res = _clm_cli(clm_dir, *args)
         assert res.exit_code != 0 and want in res.output, (extra, res.output)
-        assert Inventory(clm_dir).list() == [], extra
+        assert open_inventory(None, clm_dir).list() == [], extra
     # auto-detection from an existing hmac.json
     res = _clm_cli(clm_dir, "add-device", BOARD, "--uri", uri, "--hmac-secret", f"file:{tmp_path / 'good.secret'}",
                    "--board-id", "pump-3")
