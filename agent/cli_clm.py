@@ -253,6 +253,25 @@ def status(ctx, device, pem, as_json):
         click.echo(f"{k:16} {v if v is not None else '-'}")
 
 
+@clm.command("renew")
+@click.argument("devices", nargs=-1)
+@click.option("--all", "all_devices", is_flag=True, help="Every device in the inventory.")
+@click.pass_context
+def renew(ctx, devices, all_devices):
+    """Make DEVICES (or --all) due now: the 'clm run' workers renew them at their next look (after a CA
+    compromise, a profile change, or to rekey a fleet). Use 'clm enroll' to renew one device right here."""
+    if bool(devices) == all_devices:
+        raise click.UsageError("give DEVICE names or --all")
+    inv = _inventory(ctx)
+    if devices:
+        missing = [d for d in devices if not _exists(inv, d)]
+        if missing:
+            _fail(f"invalid value: no device {', '.join(map(repr, missing))} in the inventory; nothing changed",
+                  EXIT_USAGE)
+    n = inv.set_due(list(devices) if devices else None)
+    click.echo(f"{n} device(s) due now")
+
+
 @clm.command("remove-device")
 @click.argument("device")
 @click.pass_context

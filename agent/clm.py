@@ -519,7 +519,8 @@ class Clm:
         return dict(state="operational", not_after=cert.not_valid_after_utc, last_error=None, failures=0,
                     enrolled_at=time.time(), serial=format(cert.serial_number, "x"),
                     next_renewal=renewal_time(cert, self.fraction, self.jitter), next_attempt=None,
-                    enrollments=int(rec.get("enrollments") or 0) + 1, last_duration_s=res["stages"]["total_s"])
+                    enrollments=int(rec.get("enrollments") or 0) + 1, enrolled_by=self.worker_id,
+                    last_duration_s=res["stages"]["total_s"])
 
     @staticmethod
     def _failure_fields(rec: dict, message: str) -> dict:

@@ -1,157 +1,276 @@
-"""Fleet renewal: one CLM re-enrolling N devices (N = 10, 100, 1,000) against the lab CA.
+"""Fleet renewal: `devagent clm run` workers renewing N simulated devices, inventory in SQLite or PostgreSQL.
 
 Seed 003 (§VII) leaves open whether frequent re-enrolment of short-lived certificates "might become a
-bottleneck". Here one ``agent.clm.Clm`` runs its production renewal pass (``Clm.run(once=True)``, default
-parallelism) over N devices that already hold a certificate. The devices are in-process equivalents of
-``devagent serve``: each a ``coap_services`` ``DeviceService`` with its own keystore (software P-256 keys) behind
-its own ``DeviceServer`` CoAP endpoint on loopback, protected by OSCORE (the board profiles' default channel),
-so every renewal crosses the real CoAP + OSCORE stack twice, writes the device keystore and the CLM inventory.
+bottleneck". Here the production CLM renews a fleet the way a plant runs it:
 
-Measured per N: renewals per second (wall), per-device latency (``Clm.enroll`` as the scheduler calls it, so
-queueing behind the parallelism bound is excluded) p50/p99, process CPU seconds (CLM + devices + CA: an upper
-bound for the CLM), RSS before/after and the peak sampled every 20 ms. Untimed setup: starting the devices and
-their first enrollment. CI mode: N = 10.
+- the CLM is one or more ``python -m agent.cli clm run`` worker processes (``--upstream lab:`` — the lab CA
+  in the worker — OSCORE to every device, ``--parallel 32``);
+- the devices are ``agent.lab.fleet`` simulator processes: each device its own keystore directory, OSCORE
+  context and ``coap_services`` device server on its own loopback address, the same code as ``devagent serve``,
+  many devices per process (fleet and lab CA on a tmpfs, as each board's fsyncs go to its own flash);
+- the inventory is SQLite (the default file, on disk) or PostgreSQL (a durable server the benchmark starts,
+  data on disk).
+
+Per configuration: untimed set-up (fleet, inventory, workers, a first pass that enrolls every device), then the
+measured pass: every device is made due at once (``Inventory.set_due``) and renewed. Figures:
+
+- renewals/s = N / (last renewal's end − first renewal's start), from the rows (``enrolled_at``,
+  ``last_duration_s``); p50/p99 of ``last_duration_s`` (one renewal as the worker runs it, from its /csr to
+  /verify, queueing behind the parallelism bound excluded);
+- CPU per renewal, from /proc of each process: the CLM workers (including the in-process lab CA, measured apart
+  as ``ca_cpu_ms`` per issuance so it can be subtracted) and, separately, the simulated devices;
+- RSS: peak and end of the CLM workers (each) and of the simulator, sampled every 50 ms.
+
+``make bench``: SQLite at N = 100, 1,000, 10,000; PostgreSQL with 1, 2, 4 workers at N = 1,000
+(``DEVAGENT_BENCH_FLEET_PG_N`` to change). ``make bench-ci``: N = 20 with SQLite, 2 workers on PostgreSQL. Run the N = 10,000 case
+alone: see benchmarks/README.md. Nothing here fails on a time; every pass must renew every device exactly once.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
-import gc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.peers.coap import free_port_pair
-from benchmarks.conftest import DOMAIN, record, sizes
+from benchmarks.conftest import CI, DOMAIN, REPO, record, sizes
 
-FLEET_SIZES = sizes((10, 100, 1000), (10,))
-CHANNEL = "oscore"
+FLEET_SIZES = sizes((100, 1000, 10000), (20,))
+PG_WORKERS = sizes((1, 2, 4), (2,))
+PG_N = 20 if CI else int(os.environ.get("DEVAGENT_BENCH_FLEET_PG_N", "1000"))
+PARALLEL = 32
+DEVICES_PER_SHARD = 5000  # a simulated device holds 2 file descriptors
+LIFETIME_S = 30 * 86400
 
 
-def rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+def _tmpfs() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="devagent-fleet-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="devagent-fleet-"))
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# ---- per-process CPU and memory from /proc ----------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / _TICK
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 class RssSampler:
-    """Peak RSS of this process while a block runs (VmHWM is per process lifetime, so sample instead)."""
+    """Peak RSS of each pid while a block runs."""
 
-    def __init__(self, interval_s: float = 0.02):
-        self.interval_s = interval_s
-        self.peak = 0.0
+    def __init__(self, pids, interval_s: float = 0.05):
+        self.pids = list(pids)
+        self.peak = {p: 0.0 for p in self.pids}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
+        self.interval_s = interval_s
+
+    def _sample(self):
+        for p in self.pids:
+            try:
+                self.peak[p] = max(self.peak[p], proc_rss_mb(p))
+            except OSError:
+                pass
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
+            self._sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
-        self.peak = rss_mb()
+        self._sample()
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, rss_mb())
+        self._sample()
 
 
-async def start_fleet(n: int, root: Path, lab):
-    """N device services on loopback (each its keystore and OSCORE context) and a CLM inventory listing them."""
-    from agent.clm import open_inventory
-    from coap_services.device import DeviceConfig, DeviceService
-    from coap_services.security import load_server_security, provision
-    from coap_services.server import DeviceServer
-    from keystore.store import Keystore
+# ---- the world ----------------------------------------------------------------------------------------------------
+class World:
+    """Lab CA and simulated fleets (tmpfs), the CLM directory (disk); fleets are created once per size."""
 
-    clm_dir = root / "clm"
-    inventory = open_inventory(None, clm_dir / "inventory")
-    anchor = lab.domain(DOMAIN).root_cert
-    servers, stores = [], []
-    for i in range(n):
-        dev_id = f"dev{i:04d}"
-        ddir = root / "devices" / dev_id
-        ks = Keystore.init(ddir / "state")
-        ks.add_trust_anchors(DOMAIN, [anchor], source="bench")
-        stores.append(ks)
-        service = DeviceService(ks, DeviceConfig(device_id=dev_id, default_domain=DOMAIN, default_key_type="p256",
-                                                 csr_rate_per_min=1e9, csr_burst=10 ** 6))
-        provision(dev_id, ddir / "security", clm_dir, methods=(CHANNEL,))
-        layers = load_server_security(ddir / "security", methods=(CHANNEL,))
-        server = await DeviceServer.start(service, layers, host="127.0.0.1", port=free_port_pair())
-        servers.append(server)
-        inventory.add(dev_id, server.uri, security=CHANNEL, context=str(clm_dir / "contexts" / dev_id),
-                      key_type="p256", domain=DOMAIN, subject=f"CN={dev_id}")
-    return inventory, servers, stores
+    def __init__(self, disk: Path):
+        from agent.lab.ca import LabCA
+
+        self.shm = _tmpfs()
+        self.disk = disk
+        self.lab = LabCA.create(self.shm / "lab", domains=(DOMAIN,), lifetime_s=LIFETIME_S)
+        self.fleets: dict[int, Path] = {}
+
+    def fleet(self, n: int) -> Path:
+        from agent.lab import fleet
+
+        if n not in self.fleets:
+            d = self.shm / f"fleet-{n}"
+            fleet.create(d, n, self.disk / f"clm-{n}", self.shm / "lab")
+            self.fleets[n] = d
+        return self.fleets[n]
+
+    def close(self):
+        shutil.rmtree(self.shm, ignore_errors=True)
 
 
-@pytest.mark.benchmark(group="fleet")
-@pytest.mark.parametrize("n", FLEET_SIZES, ids=lambda n: f"N{n}")
-def test_fleet_renewal(benchmark, n, lab_ca, tmp_path):
-    from agent.clm import Clm, LabUpstream
-    from coap_services.client import CoapClient
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("fleet-bench"))
+    yield w
+    w.close()
 
-    loop = asyncio.new_event_loop()
-    latencies: list[float] = []
-    out: dict = {}
-    try:
-        inventory, servers, stores = loop.run_until_complete(start_fleet(n, tmp_path, lab_ca))
-        coap = loop.run_until_complete(CoapClient(timeout_s=120.0).__aenter__())
+
+@pytest.fixture(scope="module")
+def pg():
+    from tests.peers.postgres import start_server
+
+    srv = start_server(durable=True)
+    yield srv
+    srv.close()
+
+
+def ca_cpu_ms(lab, k: int = 40) -> float:
+    """CPU ms of one lab-CA issuance (it runs inside each worker; subtract it for the CLM's own cost)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "ca-cost")]))
+           .sign(key, hashes.SHA256()))
+    t0 = time.process_time()
+    for _ in range(k):
+        lab.issue_from_csr(DOMAIN, csr)
+    return (time.process_time() - t0) / k * 1000
+
+
+def start_worker(world: World, clm_dir: Path, spec: str, name: str) -> tuple[subprocess.Popen, Path]:
+    log = world.disk / f"{name}.log"
+    ready = world.disk / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--state-dir", str(world.disk / "edge"), "clm", "--clm-dir",
+         str(clm_dir), "--inventory", spec, "run", "--upstream", f"lab:{world.shm / 'lab'}", "--interval", "0.2",
+         "--parallel", str(PARALLEL), "--lease", "120", "--worker-id", name, "--retries", "2", "--timeout", "60",
+         "--ready-file", str(ready)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"worker {name} did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, log
+
+
+def wait_pass(inv, n: int, enrollments: int, timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = inv.summary()
+        if not s["due_now"] and not s["leased"]:
+            rows = inv.list()
+            if len(rows) == n and all(r["enrollments"] >= enrollments or r["last_error"] for r in rows):
+                return rows
+        time.sleep(0.25)
+    raise AssertionError(f"the pass did not finish within {timeout_s:.0f} s: {inv.summary()}")
+
+
+def _epoch(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def run_config(benchmark, world: World, *, n: int, inventory: str, workers: int, pg=None) -> None:
+    from agent.inventory import open_inventory
+    from agent.lab import fleet
+
+    fdir = world.fleet(n)
+    clm_dir = world.disk / f"clm-{n}"
+    if inventory == "sqlite":
+        db = world.disk / f"inv-{n}-{uuid.uuid4().hex[:6]}.sqlite"
+        spec = f"sqlite:{db}"
+    else:
+        spec = pg.create_database(f"fleet_{n}_{workers}_{uuid.uuid4().hex[:6]}")
+    inv = open_inventory(spec, clm_dir)
+    inv.add_many(fleet.records(fdir))
+    shards = -(-n // DEVICES_PER_SHARD)
+    timeout_s = 120 + n * 0.5
+    procs = []
+    with fleet.FleetProcesses(fdir, shards=shards, timeout_s=timeout_s, log_dir=world.disk) as sim:
         try:
-            clm = Clm(inventory, LabUpstream(lab_ca), coap, retries=2, retry_delay_s=0.2)
-            first = loop.run_until_complete(clm.run(once=True))  # first enrollment: untimed setup
-            bad = {d: r for d, r in first.items() if r != "ok"}
-            assert not bad, f"first enrollment failed for {len(bad)} device(s): {list(bad.items())[:3]}"
-            past = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)).isoformat()
-            for rec in inventory.list():
-                inventory.update(rec["id"], next_renewal=past)  # every certificate is now due for renewal
-            assert len(clm.due()) == n
-
-            gc.collect()
+            for k in range(workers):
+                procs.append(start_worker(world, clm_dir, spec, f"w{k}-{inventory}-{n}"))
+            wait_pass(inv, n, 1, timeout_s)  # first pass: untimed set-up
+            clm_pids = [p.pid for p, _ in procs]
+            pids = clm_pids + sim.pids
+            out = {}
 
             def renew_all():
-                rss0, cpu0, t0 = rss_mb(), time.process_time(), time.perf_counter()
-                with RssSampler() as sampler:
-                    results = loop.run_until_complete(clm.run(once=True))
-                out.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, rss_start_mb=rss0,
-                           rss_end_mb=rss_mb(), rss_peak_mb=sampler.peak, results=results)
+                cpu0 = {p: proc_cpu_s(p) for p in pids}
+                with RssSampler(pids) as rss:
+                    t0 = time.time()
+                    inv.set_due()
+                    rows = wait_pass(inv, n, 2, timeout_s)
+                cpu1 = {p: proc_cpu_s(p) for p in pids}
+                out.update(rows=rows, t0=t0, cpu={p: cpu1[p] - cpu0[p] for p in pids}, rss_peak=rss.peak,
+                           rss_end={p: proc_rss_mb(p) for p in pids})
 
             benchmark.pedantic(renew_all, rounds=1, iterations=1)
         finally:
-            loop.run_until_complete(coap.__aexit__(None, None, None))
-            for s in servers:
-                loop.run_until_complete(s.stop())
-            for ks in stores:
-                with contextlib.suppress(Exception):
-                    ks.close()
-    finally:
-        loop.close()
-    latencies += [r["last_duration_s"] for r in inventory.list()]
-    ok = sum(1 for r in out["results"].values() if r == "ok")
-    assert ok == n, f"{n - ok} renewal(s) failed: {[r for r in out['results'].values() if r != 'ok'][:3]}"
-    versions = {ks.get('ldevid').version for ks in stores}
-    assert versions == {2}, f"every device should hold version 2 of its LDevID, got {versions}"
-    record(benchmark, samples_s=latencies, stage="renewal_latency", devices=n, channel=CHANNEL,
-           parallel=_default_parallel(), renewals=ok, attempted=n, wall_s=out["wall_s"],
-           renewals_per_s=ok / out["wall_s"], cpu_s=out["cpu_s"], rss_start_mb=out["rss_start_mb"],
-           rss_end_mb=out["rss_end_mb"], rss_peak_mb=out["rss_peak_mb"], latencies_s=latencies)
+            for p, _ in procs:
+                p.send_signal(signal.SIGTERM)
+            for p, _ in procs:
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    rows = out["rows"]
+    bad = [r for r in rows if r["enrollments"] != 2 or r["last_error"]]
+    inv.close()
+    assert not bad, f"{len(bad)} device(s) not renewed exactly once: {[(r['id'], r['last_error']) for r in bad[:3]]}"
+    ends = [_epoch(r["enrolled_at"]) for r in rows]
+    starts = [e - r["last_duration_s"] for e, r in zip(ends, rows, strict=True)]
+    wall = max(ends) - min(starts)
+    lat = [r["last_duration_s"] for r in rows]
+    clm_cpu = sum(out["cpu"][p] for p in clm_pids)
+    dev_cpu = sum(out["cpu"][p] for p in sim.pids)
+    record(benchmark, samples_s=lat, stage="renewal_latency", devices=n, inventory=inventory, workers=workers,
+           parallel=PARALLEL, shards=shards, channel="oscore", renewals=len(rows) - len(bad), attempted=n,
+           wall_s=wall, renewals_per_s=n / wall, clm_cpu_s=clm_cpu, device_cpu_s=dev_cpu,
+           clm_cpu_ms_per_renewal=clm_cpu / n * 1000, device_cpu_ms_per_renewal=dev_cpu / n * 1000,
+           ca_cpu_ms=ca_cpu_ms(world.lab),
+           clm_rss_peak_mb=max(out["rss_peak"][p] for p in clm_pids),
+           clm_rss_end_mb=max(out["rss_end"][p] for p in clm_pids),
+           device_rss_peak_mb=sum(out["rss_peak"][p] for p in sim.pids), latencies_s=lat,
+           by_worker={w: sum(1 for r in rows if r["enrolled_by"] == w) for w in {r["enrolled_by"] for r in rows}})
 
 
-def _default_parallel() -> int:
-    import inspect
+@pytest.mark.benchmark(group="fleet")
+@pytest.mark.parametrize("n", FLEET_SIZES, ids=lambda n: f"sqlite-N{n}")
+def test_fleet_sqlite(benchmark, world, n):
+    run_config(benchmark, world, n=n, inventory="sqlite", workers=1)
 
-    from agent.clm import Clm
 
-    return inspect.signature(Clm.run).parameters["parallel"].default
+@pytest.mark.benchmark(group="fleet")
+@pytest.mark.parametrize("workers", PG_WORKERS, ids=lambda w: f"postgresql-{w}w")
+def test_fleet_postgres(benchmark, world, pg, workers):
+    run_config(benchmark, world, n=PG_N, inventory="postgresql", workers=workers, pg=pg)

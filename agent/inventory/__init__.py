@@ -46,7 +46,7 @@ COLUMNS: dict[str, str] = {
     "id": "text", "uri": "text", "security": "text", "context": "text", "state": "text", "subject": "text",
     "san": "json", "key_type": "text", "name": "text", "domain": "text", "profile": "text",
     "not_after": "time", "serial": "text", "last_error": "text", "failures": "int", "enrolled_at": "time",
-    "next_renewal": "time", "next_attempt": "time", "added": "time", "enrollments": "int",
+    "next_renewal": "time", "next_attempt": "time", "added": "time", "enrollments": "int", "enrolled_by": "text",
     "last_duration_s": "real", "lease_owner": "text", "lease_until": "time", "lease_token": "int",
     "extra": "json",
 }
@@ -187,7 +187,7 @@ def new_record(device_id: str, uri: str, *, security: str = "none", context: str
            "state": "not operational", "not_after": None, "last_error": None, "subject": subject,
            "san": list(san), "key_type": key_type, "name": name, "domain": domain, "profile": profile,
            "failures": 0, "enrolled_at": None, "next_renewal": None, "next_attempt": None, "serial": None,
-           "added": time.time(), "enrollments": 0, "last_duration_s": None}
+           "added": time.time(), "enrollments": 0, "enrolled_by": None, "last_duration_s": None}
     rec.update(extra)
     return rec
 
@@ -228,6 +228,11 @@ class Inventory(abc.ABC):
     @abc.abstractmethod
     def remove(self, device_id: str) -> bool:
         """Delete a device; False if it was not there."""
+
+    @abc.abstractmethod
+    def set_due(self, ids: Sequence[str] | None = None, at: Any = None) -> int:
+        """Make devices (``ids``, or all) due at ``at`` (default: now) by setting ``next_renewal`` and clearing
+        back-off; running workers pick them up. Returns how many rows changed."""
 
     @abc.abstractmethod
     def certificate(self, device_id: str) -> bytes | None:

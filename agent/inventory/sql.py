@@ -202,6 +202,19 @@ class SqlInventory(Inventory):
             cur.execute(f"DELETE FROM devices WHERE id = {self.PH}", (device_id,))
             return cur.rowcount == 1
 
+    def set_due(self, ids: Sequence[str] | None = None, at=None) -> int:
+        p = self.PH
+        when, params = (self.NOW, []) if at is None else (p, [to_epoch(at, "at")])
+        sql = f"UPDATE devices SET next_renewal = {when}, next_attempt = NULL"
+        if ids is not None:
+            if not ids:
+                return 0
+            sql += f" WHERE id IN ({', '.join(p for _ in ids)})"
+            params += list(ids)
+        with self._tx() as cur:
+            cur.execute(sql, tuple(params))
+            return cur.rowcount
+
     def certificate(self, device_id: str) -> bytes | None:
         with self._tx(write=False) as cur:
             cur.execute(f"SELECT certificate FROM devices WHERE id = {self.PH}", (device_id,))
