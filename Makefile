@@ -46,7 +46,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 $(DEPS_STAMP): setup.cfg pyproject.toml $(APT_STAMP) | $(PY)
-	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy,postgres]"
+	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy,postgres,opcua]"
 	@touch $@
 
 venv: $(DEPS_STAMP)

@@ -31,6 +31,7 @@ LAZY_COMMANDS = {
     "profile": "agent.cli_ops:profile",
     "decommission": "agent.cli_ops:decommission",
     "mpy": "agent.cli_mpy:mpy",
+    "opcua": "agent.cli_opcua:opcua",
 }
 LAZY_HELP = {
     "serve": "Run the CoAP device services (/csr, /verify, /status) for delegated enrollment.",
@@ -40,6 +41,7 @@ LAZY_HELP = {
     "profile": "Board profiles: list, show, detect.",
     "decommission": "Revoke, delete keys, wipe the keystore (audit record kept).",
     "mpy": "MicroPython boards: serial bridge (CLM over USB/UART) and deployment.",
+    "opcua": "OPC UA push management (Part 12): ServerConfiguration endpoint for a GDS or the CLM.",
 }
 
 

@@ -262,3 +262,33 @@ def default_key_usage(key_type: str) -> x509.KeyUsage:
     """digitalSignature (+ keyEncipherment for RSA): what an LDevID/TLS credential needs."""
     rsa = key_type.startswith("rsa")
     return x509.KeyUsage(True, False, rsa, False, False, False, False, False, False)
+
+
+def build_self_signed(
+    private_key,
+    subject: x509.Name,
+    sans: Sequence[x509.GeneralName] = (),
+    *,
+    key_usage: x509.KeyUsage,
+    extended_key_usage: Sequence[x509.ObjectIdentifier] = (),
+    lifetime_s: int = 365 * 24 * 3600,
+) -> x509.Certificate:
+    """A self-signed end-entity certificate for ``private_key`` (signed inside its backend): the certificate an
+    application presents before its first managed one (e.g. an OPC UA server's first start, OPC 10000-6 §6.2.2),
+    which an operator accepts once by its fingerprint."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    pub = private_key.public_key()
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(pub)
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(seconds=lifetime_s))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(key_usage, critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False))
+    if extended_key_usage:
+        b = b.add_extension(x509.ExtendedKeyUsage(list(extended_key_usage)), critical=False)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(private_key, signature_hash(private_key))
