@@ -1,29 +1,29 @@
 """The OPC UA application purpose: what an Application Instance Certificate must be (OPC 10000-6 §6.2.2).
 
-Pure checks on one certificate, made *in addition to* the path validation of ``keystore.verify`` (chain to the
-domain's anchors, validity, our key): the certificate must name the application (its applicationUri as a URI in
-subjectAltName, compared exactly), must not be a CA, and its key usage and extended key usage must allow what an
-OPC UA secure channel does with it:
+``validate_application`` is the one trust decision of the OPC UA roles (the device's UpdateCertificate, its client
+and role checks, the CLM's check of a device's endpoint certificate). The path, validity, end-entity role, key,
+keyUsage and EKU go through ``keystore.validator`` with its ``opcua-app`` purpose (the EKU narrowed to the role:
+serverAuth for a server's certificate, clientAuth for a client's). What the validator's purpose does not cover,
+and Part 6 asks for, is checked here on the validated leaf:
 
-- keyUsage (when present, which Part 6 requires): digitalSignature always; keyEncipherment for RSA keys (the
-  channel's asymmetric encryption, RSA-OAEP). nonRepudiation and dataEncipherment are listed by Part 6 for RSA but
-  no stack needs them, so their absence is accepted (tolerant where security does not live).
-- extendedKeyUsage (when present): serverAuth for a server's certificate, clientAuth for a client's; anyExtendedKeyUsage
-  satisfies both.
-
-This is the single place for these rules; when the trust core's validator (keystore/validator.py) lands they
-become its "OPC UA application" purpose and this module goes.
+- the application is named: its applicationUri is a URI in subjectAltName (compared exactly);
+- RSA keys: keyUsage keyEncipherment (the channel's asymmetric encryption, RSA-OAEP). nonRepudiation and
+  dataEncipherment are listed by Part 6 for RSA too, but no stack needs them: their absence is accepted
+  (tolerant where security does not live).
 """
 from __future__ import annotations
 
+import datetime
+from typing import Iterable, Sequence
+
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from keystore.certs import dn
 from keystore.errors import VerificationError
 
-ROLES = ("server", "client")
+ROLES = ("server", "client", "any")
+NO_CLOCK_UNCERTAINTY_S = 20 * 365 * 86400.0  # a board without RTC: each certificate valid at *some* time near now
 
 
 def application_uris(cert: x509.Certificate) -> list[str]:
@@ -32,56 +32,67 @@ def application_uris(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
+    except ValueError as e:
+        raise VerificationError("malformed", f"certificate {dn(cert.subject)}: malformed subjectAltName: {e}") from e
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def check_application_certificate(cert: x509.Certificate, application_uri: str | None, role: str = "server") -> None:
-    """Raise ``VerificationError`` unless ``cert`` is a usable OPC UA Application Instance Certificate.
+def policy(role: str = "server", at: datetime.datetime | None = None, clock_trusted: bool = True):
+    """The validator policy for an OPC UA certificate of ``role`` (server, client, or any: path only)."""
+    from keystore.validator import Policy
 
-    Args:
-        cert: the certificate (its chain is checked elsewhere).
-        application_uri: the application's URI the SAN must contain; None skips that check (a client whose
-            applicationUri is not known in advance).
-        role: "server" (serverAuth) or "client" (clientAuth).
-    Raises:
-        VerificationError: reasons ``bad-application-uri``, ``is-ca``, ``bad-key-usage``, ``bad-eku``, ``malformed``.
-    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    at = at or datetime.datetime.now(datetime.timezone.utc)
+    eku = {"server": {"serverAuth"}, "client": {"clientAuth"}, "any": set()}[role]
+    kw = {} if clock_trusted else {"clock": "estimate", "uncertainty_s": NO_CLOCK_UNCERTAINTY_S}
+    return Policy.for_purpose("opcua-app", at=at, eku=frozenset(eku), **kw)
+
+
+def validate_application(cert: x509.Certificate, untrusted: Iterable[x509.Certificate],
+                         anchors: Sequence[x509.Certificate], *, application_uri: str | None, role: str = "server",
+                         public_key=None, at: datetime.datetime | None = None, clock_trusted: bool = True,
+                         what: str = "OPC UA application certificate") -> tuple[x509.Certificate, ...]:
+    """Validate ``cert`` as an OPC UA Application Instance Certificate. Returns the path (leaf ... anchor).
+
+    Args:
+        untrusted: intermediates offered (the TrustList's issuer certificates, issuerCertificates).
+        anchors: the trusted certificates (CAs, or pinned application certificates).
+        application_uri: the URI the SAN must contain; None skips that check (a peer whose URI is not known).
+        role: "server" (serverAuth), "client" (clientAuth) or "any" (no EKU requirement, e.g. a user token).
+        public_key: the certificate must carry exactly this key (verify-before-store).
+        clock_trusted: False on a board without a real-time clock (validity then only has to hold at some time).
+    Raises:
+        VerificationError: the validator's reasons, plus ``bad-application-uri`` and ``bad-key-usage``.
+    """
+    from keystore.validator import validate
+
+    path = validate(cert, list(untrusted), list(anchors), policy(role, at, clock_trusted), public_key=public_key,
+                    what=what)
+    check_application_certificate(cert, application_uri, role)
+    return path
+
+
+def check_application_certificate(cert: x509.Certificate, application_uri: str | None, role: str = "server") -> None:
+    """The Part 6 checks the validator's ``opcua-app`` purpose does not make (see the module docstring).
+
+    Raises:
+        VerificationError: ``bad-application-uri``, ``bad-key-usage``, ``malformed``.
+    """
     name = dn(cert.subject) or "(empty subject)"
-    try:
-        exts = cert.extensions
-    except ValueError as e:
-        raise VerificationError("malformed", f"certificate {name}: malformed extension: {e}") from e
-    if application_uri is not None:
+    if application_uri is not None and role != "any":
         uris = application_uris(cert)
         if application_uri not in uris:
             found = ", ".join(uris) or "no URI"
             raise VerificationError("bad-application-uri", f"certificate {name}: subjectAltName has {found}, not "
-                                    f"this application's URI {application_uri} (OPC 10000-6 §6.2.2)")
+                                    f"the application's URI {application_uri} (OPC 10000-6 §6.2.2)")
     try:
-        bc = exts.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        bc = None
-    if bc is not None and bc.ca:
-        raise VerificationError("is-ca", f"certificate {name} is a CA certificate, not an application instance "
-                                "certificate")
-    try:
-        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         ku = None
-    if ku is not None:
-        if not ku.digital_signature:
-            raise VerificationError("bad-key-usage", f"certificate {name}: key usage lacks digitalSignature")
-        if isinstance(cert.public_key(), rsa.RSAPublicKey) and not ku.key_encipherment:
-            raise VerificationError("bad-key-usage", f"certificate {name}: key usage lacks keyEncipherment (needed "
-                                    "by an RSA OPC UA secure channel)")
-    try:
-        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is not None:
-        want = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-        if want not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
-            raise VerificationError("bad-eku", f"certificate {name}: extended key usage lacks "
-                                    f"{'serverAuth' if role == 'server' else 'clientAuth'}")
+    except ValueError as e:
+        raise VerificationError("malformed", f"certificate {name}: malformed keyUsage: {e}") from e
+    if ku is not None and role != "any" and isinstance(cert.public_key(), rsa.RSAPublicKey) \
+            and not ku.key_encipherment:
+        raise VerificationError("bad-key-usage", f"certificate {name}: key usage lacks keyEncipherment (needed "
+                                "by an RSA OPC UA secure channel)")

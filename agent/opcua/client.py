@@ -2,7 +2,7 @@
 (OPC 10000-12 §7.7, §7.8.2) over a SignAndEncrypt secure channel — what a GDS does, and what devagent's CLM does.
 
 The device's own certificate is checked before anything is sent: it must chain to the anchors the caller gives
-(through ``keystore.verify`` and ``keystore.purpose_opcua``: serverAuth, the device's applicationUri) or be the one
+(through ``keystore.purpose_opcua`` and the validator: serverAuth, the device's applicationUri) or be the one
 pinned by fingerprint (a device's first, self-signed certificate, accepted once by the operator). The client's
 key may live in any keystore backend: asyncua is given the ``cryptography`` key object, never key bytes.
 
@@ -91,8 +91,7 @@ class PushClient:
         """Pinned fingerprint, or a path to ``anchors`` and the OPC UA server purpose. Raises PushClientError."""
         from keystore.certs import fingerprint
         from keystore.errors import VerificationError
-        from keystore.purpose_opcua import check_application_certificate
-        from keystore.verify import verify_certificate
+        from keystore.purpose_opcua import validate_application
 
         fp = fingerprint(cert)
         if self.server_fingerprint and fp == self.server_fingerprint:
@@ -101,8 +100,8 @@ class PushClient:
             raise PushClientError(f"{self.url}: the device's certificate {cert.subject.rfc4514_string()} ({fp}) is "
                                   "neither pinned nor can it be checked (no trust anchor given)")
         try:
-            verify_certificate(cert, chain=self.intermediates, trust_anchors=self.anchors)
-            check_application_certificate(cert, self.server_uri or server_uri, "server")
+            validate_application(cert, self.intermediates, self.anchors, application_uri=self.server_uri or server_uri,
+                                 role="server", what="device's OPC UA server certificate")
         except VerificationError as e:
             hint = "" if self.server_fingerprint else " (a device's first, self-signed certificate is accepted by " \
                 "its fingerprint: --server-fingerprint)"

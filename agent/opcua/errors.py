@@ -48,6 +48,11 @@ REASON_STATUS = {
     "malformed": "BadCertificateInvalid",
     "subject-mismatch": "BadCertificateInvalid",
     "revoked": "BadCertificateRevoked",
+    "path-length": "BadCertificateIssuerUseNotAllowed",
+    "name-constraints": "BadCertificateUseNotAllowed",
+    "policy": "BadCertificatePolicyCheckFailed",
+    "weak-key": "BadCertificatePolicyCheckFailed",
+    "bad-algorithm": "BadCertificatePolicyCheckFailed",
 }
 
 

@@ -438,8 +438,7 @@ class PushService:
         from keystore.certs import same_public_key
         from keystore.errors import VerificationError
         from keystore.keytypes import key_type_of
-        from keystore.purpose_opcua import check_application_certificate
-        from keystore.verify import verify_certificate
+        from keystore.purpose_opcua import validate_application
 
         candidates = [k["uri"] for k in self._pending(slot)]
         current = self._current_key(slot)
@@ -455,10 +454,11 @@ class PushService:
                     cert.public_key()).startswith("rsa")):
                 raise PushError("BadCertificateInvalid", f"a {key_type_of(cert.public_key())} certificate cannot "
                                 f"fill {slot.type_name}")
-            path = verify_certificate(cert, public_key=self.ks.public_key(key_uri),
-                                      chain=[*issuers, *tl.issuers()], trust_anchors=tl.anchors(),
-                                      check_validity=self.config.check_validity)
-            check_application_certificate(cert, self.config.application_uri, "server")
+            path = validate_application(cert, [*issuers, *tl.issuers()], tl.anchors(),
+                                        application_uri=self.config.application_uri, role="server",
+                                        public_key=self.ks.public_key(key_uri),
+                                        clock_trusted=self.config.check_validity,
+                                        what=f"{slot.type_name} certificate")
         except VerificationError as e:
             raise PushError(status_for(e), str(e)) from None
         return Staged(slot, cert, tuple(path[1:]), key_uri)
@@ -590,7 +590,7 @@ class PushService:
 
     def _check_trustlist(self, new: TrustList, caller: Caller) -> None:
         from keystore.errors import VerificationError
-        from keystore.verify import verify_certificate
+        from keystore.purpose_opcua import validate_application
 
         limit = self.config.max_trust_list_size
         if limit and new.size() > limit:
@@ -599,8 +599,9 @@ class PushService:
         tlmod.check(new, check_validity=self.config.check_validity)
         if caller.certificate is not None and not self.config.allow_lockout:
             try:
-                verify_certificate(caller.certificate, chain=[*caller.chain, *new.issuers()],
-                                   trust_anchors=new.anchors(), check_validity=False, require_digital_signature=False)
+                validate_application(caller.certificate, [*caller.chain, *new.issuers()], new.anchors(),
+                                     application_uri=None, role="any", clock_trusted=self.config.check_validity,
+                                     what="calling client's certificate")
             except VerificationError as e:
                 raise PushError("BadRequestNotAllowed", f"the new TrustList would no longer trust the calling client "
                                 f"{caller.who} ({e}); keep its anchor, or start the server with "

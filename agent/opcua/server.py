@@ -13,7 +13,7 @@ What this module adds to asyncua, and why:
   for it) leaves it unset: such a caller is anonymous and unencrypted.
 - Client certificates: asyncua calls ``certificate_validator`` at CreateSession; ours validates the client's
   application certificate against the live TrustList through the keystore's verify-before-store path
-  (``keystore.verify`` + ``keystore.purpose_opcua``, clientAuth, its applicationUri) and records a refused one
+  (``keystore.purpose_opcua``, i.e. ``keystore.validator`` with the opcua-app purpose, clientAuth, its applicationUri) and records a refused one
   for GetRejectedList. The SecurityAdmin role comes from the configured subject or issuer DNs.
 - Re-binding: after an ApplyChanges that changed the RSA application certificate, the endpoints, the security
   policy factories and the server's own certificate and key are switched in place; new secure channels use the
@@ -111,7 +111,7 @@ class PushServer:
     def user_for(self, der: bytes | None) -> PushUser:
         from keystore.certs import dn
         from keystore.errors import VerificationError
-        from keystore.verify import verify_certificate
+        from keystore.purpose_opcua import validate_application
 
         sid = uuid.uuid4().hex
         if not der:
@@ -123,8 +123,9 @@ class PushServer:
         anchors, issuers = self._anchors()
         who = dn(cert.subject)
         try:
-            path = verify_certificate(cert, chain=issuers, trust_anchors=anchors,
-                                      check_validity=self.service.config.check_validity)
+            path = validate_application(cert, issuers, anchors, application_uri=None, role="any",
+                                        clock_trusted=self.service.config.check_validity,
+                                        what="client certificate")
         except VerificationError as e:
             log.info("client %s is not trusted (%s): no role", who, e)
             return PushUser(role=UserRole.User, name=who, session_id=sid)
@@ -139,14 +140,13 @@ class PushServer:
 
         from agent.opcua.errors import status_for
         from keystore.errors import VerificationError
-        from keystore.purpose_opcua import check_application_certificate
-        from keystore.verify import verify_certificate
+        from keystore.purpose_opcua import validate_application
 
         anchors, issuers = self._anchors()
         try:
-            verify_certificate(cert, chain=issuers, trust_anchors=anchors,
-                               check_validity=self.service.config.check_validity)
-            check_application_certificate(cert, app.ApplicationUri or None, "client")
+            validate_application(cert, issuers, anchors, application_uri=app.ApplicationUri or None, role="client",
+                                 clock_trusted=self.service.config.check_validity,
+                                 what="client application certificate")
         except VerificationError as e:
             from cryptography.hazmat.primitives.serialization import Encoding
 
