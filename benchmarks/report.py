@@ -350,6 +350,66 @@ class Report:
                                      f"(95 % CI {ms(stats['total']['lo'])}–{ms(stats['total']['hi'])})")
         self.plot_table1(cfgs, paper)
 
+    # -- OPC UA push management, next to Table 1 --
+    OPCUA_STAGES = [("connect", "connect"), ("csr", "CreateSigningRequest"), ("upstream", "upstream CA"),
+                    ("update", "UpdateCertificate"), ("trustlist", "TrustList"), ("apply", "ApplyChanges"),
+                    ("total", "total")]
+
+    def opcua_push(self, benches: list[dict]) -> None:
+        rows_in = []
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            if isinstance(ei.get("stages"), dict) and isinstance(ei.get("config"), dict):
+                rows_in.append((ei["config"], {s: summarize(v) for s, v in ei["stages"].items()}))
+        if not rows_in:
+            return
+        self.w("## OPC UA push management (Part 12) next to the CoAP delegated flow", "")
+        self.w("Each row: n push enrollments through `agent.opcua.clm_push.enroll_once` (the CLM as push server) "
+               "against `devagent opcua serve`'s server (asyncua, loopback, Basic256Sha256 SignAndEncrypt with an "
+               "RSA-2048 channel certificate) and the lab CA in-process. The key type is that of the pushed "
+               "certificate. CreateSigningRequest contains the device's key generation and CSR (Table 1 stages "
+               "1 + 2); UpdateCertificate contains its verification (≈ stages 4 + 5); ApplyChanges is the fsynced "
+               "commit, the PKI directory switch and the endpoint re-bind. Means in ms with the 95 % CI.", "")
+        hdr = ["Key type", "n"] + [t for _, t in self.OPCUA_STAGES]
+        rows = []
+        for cfg, st in rows_in:
+            n = max((x["n"] for x in st.values() if x), default=0)
+            rows.append([config_label(dict(cfg, channel="OPC UA")).split(",")[0], n] + [
+                f"{ms(st[s]['mean'])} ({ms(st[s]['lo'])}–{ms(st[s]['hi'])})" if st.get(s) else "–"
+                for s, _ in self.OPCUA_STAGES])
+        self.w(*table(hdr, rows), "")
+        coap = {}
+        for b in groups_of(self.data).get("table1", []):
+            ei = b.get("extra_info") or {}
+            c = ei.get("config") or {}
+            if c.get("channel") == "dtls-psk" and c.get("backend") == "soft" and c.get("upstream") == "lab" and \
+                    isinstance(ei.get("stages"), dict):
+                coap[c.get("key_type")] = {s: summarize(v) for s, v in ei["stages"].items()}
+        paper = paper_table()
+        hdr = ["Key type", "OPC UA CSR", "CoAP (1)+(2)", "OPC UA Update", "CoAP (4)+(5)", "OPC UA total",
+               "CoAP total", "Pi 3 total (paper, PSK AES-128)"]
+        rows = []
+        for cfg, st in rows_in:
+            kt = cfg.get("key_type")
+            c = coap.get(kt, {})
+
+            def both(a, b2, c=c):
+                return ms(c[a]["mean"] + c[b2]["mean"]) if c.get(a) and c.get(b2) else "–"
+            p = paper.get(("total", "PSK", int(kt[3:]), 128)) if kt and kt.startswith("rsa") else None
+            rows.append([kt, ms(st["csr"]["mean"]) if st.get("csr") else "–",
+                         both("coap_csr_request", "key_and_csr_creation"),
+                         ms(st["update"]["mean"]) if st.get("update") else "–",
+                         both("coap_verify_certificate", "process_certificate"),
+                         ms(st["total"]["mean"]) if st.get("total") else "–",
+                         ms(c["total"]["mean"]) if c.get("total") else "–", ms(p[0]) if p else "–"])
+        self.w("### Side by side with Table 1 (same run, DTLS-PSK AES-128, software keys, lab CA; ms)", "",
+               *table(hdr, rows), "")
+        for cfg, st in rows_in:
+            if cfg.get("key_type") == "p256" and st.get("total"):
+                self.headline.append(f"OPC UA push (P-256 certificate, RSA-2048 channel): total "
+                                     f"{ms(st['total']['mean'])} ms (95 % CI {ms(st['total']['lo'])}–"
+                                     f"{ms(st['total']['hi'])})")
+
     def plot_table1(self, cfgs, paper) -> None:
         plt = _pyplot()
         if plt is None:
@@ -683,8 +743,8 @@ class Report:
                    f"every figure and plot here is generated from the committed data file `{DATA_FILE}` "
                    f"(`python benchmarks/report.py {DATA_FILE} --out REPORT.md` reproduces this report).", "")
         groups = groups_of(self.data)
-        known = {"table1": self.table1, "fleet": self.fleet, "footprint": self.footprint, "keystore": self.keystore,
-                 "serve-load": self.serve_load, "est": self.est}
+        known = {"table1": self.table1, "opcua-push": self.opcua_push, "fleet": self.fleet,
+                 "footprint": self.footprint, "keystore": self.keystore, "serve-load": self.serve_load, "est": self.est}
         body_start = len(self.lines)
         for g, fn in known.items():
             if g in groups:

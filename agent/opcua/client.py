@@ -71,6 +71,7 @@ class PushClient:
         self.timeout_s = timeout_s
         self.client: Client | None = None
         self.server_certificate: x509.Certificate | None = None
+        self.endpoint_uri: str | None = None  # the ApplicationUri the endpoint describes
         self.timings: dict[str, float] = {}
 
     # ---- connection ------------------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class PushClient:
             raise PushClientError(f"{self.url}: the endpoint's server certificate does not parse") from e
         self.check_server_certificate(cert, ep.Server.ApplicationUri)
         self.server_certificate = cert
+        self.endpoint_uri = ep.Server.ApplicationUri or None
         c = Client(self.url, timeout=self.timeout_s)
         c.application_uri = self.identity.application_uri
         c.security_policy = POLICY_CLASSES[self.policy](cert, self.identity.certificate, self.identity.private_key,
