@@ -39,6 +39,13 @@ CHUNK = 16384  # TrustList Write/Read chunk: well under asyncua's and most stack
 CERT_TYPES = {"rsa": 12560, "p256": 23538, "p384": 23539}
 
 
+def _first_der(blob: bytes) -> bytes:
+    """The first certificate of a ServerCertificate that may carry its chain (concatenated DER, Part 4 §7.2)."""
+    from agent.opcua.push import _split_der
+
+    return _split_der(bytes(blob))[0] if blob else b""
+
+
 def _nid(name: str) -> ua.NodeId:
     return ua.NodeId(getattr(ua.ObjectIds, name))
 
@@ -111,10 +118,13 @@ class PushClient:
     async def connect(self) -> None:
         t0 = time.perf_counter()
         ep = await self._endpoint()
+        from keystore.certs import load_der_certificate
+        from keystore.errors import CorruptFileError
+
         try:
-            cert = x509.load_der_x509_certificate(ep.ServerCertificate)
-        except ValueError as e:
-            raise PushClientError(f"{self.url}: the endpoint's server certificate does not parse") from e
+            cert = load_der_certificate(_first_der(ep.ServerCertificate or b""), f"{self.url} endpoint certificate")
+        except (CorruptFileError, ValueError) as e:
+            raise PushClientError(f"{self.url}: the endpoint's server certificate does not parse: {e}") from e
         self.check_server_certificate(cert, ep.Server.ApplicationUri)
         self.server_certificate = cert
         self.endpoint_uri = ep.Server.ApplicationUri or None
@@ -171,7 +181,9 @@ class PushClient:
                               ua.Variant(regenerate, ua.VariantType.Boolean),
                               ua.Variant(nonce or b"", ua.VariantType.ByteString))
         try:
-            return x509.load_der_x509_csr(der)
+            csr = x509.load_der_x509_csr(der)
+            csr.extensions  # noqa: B018 - parse them now: a malformed CSR from a device is its error, named here
+            return csr
         except (TypeError, ValueError) as e:
             raise PushClientError(f"{self.url}: CreateSigningRequest answered something that is not a DER PKCS#10 "
                                   "request") from e

@@ -155,15 +155,15 @@ def _split_der(blob: bytes) -> list[bytes]:
 
 
 def _cert(der: bytes, what: str) -> x509.Certificate:
+    from keystore.certs import load_der_certificate
+    from keystore.errors import CorruptFileError
+
     if not isinstance(der, (bytes, bytearray)) or not der:
         raise PushError("BadCertificateInvalid", f"{what} is empty")
     try:
-        c = x509.load_der_x509_certificate(bytes(der))
-        c.extensions  # noqa: B018 - a malformed extension is malformed input, found now
-        c.public_key()
-        return c
-    except Exception as e:  # ValueError, UnsupportedAlgorithm: anything cryptography cannot read
-        raise PushError("BadCertificateInvalid", f"{what} is not a DER X.509 certificate: {e}") from None
+        return load_der_certificate(bytes(der), what)  # the one parse boundary for certificate bytes
+    except CorruptFileError as e:
+        raise PushError("BadCertificateInvalid", str(e)) from None
 
 
 def parse_subject_name(text: str) -> x509.Name:

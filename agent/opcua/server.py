@@ -116,9 +116,12 @@ class PushServer:
         sid = uuid.uuid4().hex
         if not der:
             return PushUser(role=UserRole.User, name="anonymous", session_id=sid)
+        from keystore.certs import load_der_certificate
+        from keystore.errors import CorruptFileError
+
         try:
-            cert = x509.load_der_x509_certificate(bytes(der))
-        except ValueError:
+            cert = load_der_certificate(bytes(der), "client certificate")
+        except CorruptFileError:
             return PushUser(role=UserRole.User, name="(unreadable certificate)", session_id=sid)
         anchors, issuers = self._anchors()
         who = dn(cert.subject)

@@ -132,6 +132,9 @@ def check(tl: TrustList, now: datetime.datetime | None = None, check_validity: b
         PushError: BadCertificateInvalid (does not parse, wrong kind, duplicate), BadCertificateTimeInvalid (expired
         or not yet valid), naming the list and index.
     """
+    from keystore.certs import load_der_certificate
+    from keystore.errors import CorruptFileError
+
     now = now or _now()
     cas = []
     seen = set()
@@ -139,12 +142,10 @@ def check(tl: TrustList, now: datetime.datetime | None = None, check_validity: b
                                                                             "IssuerCertificates")):
         for i, der in enumerate(getattr(tl, field)):
             try:
-                c = x509.load_der_x509_certificate(der)
-                c.extensions  # noqa: B018 - parse them now: a malformed extension is malformed input
+                c = load_der_certificate(der, f"TrustList {ua_name}[{i}]")  # the one parse boundary
                 is_ca = _is_ca(c)
-            except ValueError as e:
-                raise PushError("BadCertificateInvalid", f"{ua_name}[{i}] is not a DER X.509 certificate: {e}") \
-                    from None
+            except CorruptFileError as e:
+                raise PushError("BadCertificateInvalid", str(e)) from None
             if field == "issuer_certificates" and not is_ca:
                 raise PushError("BadCertificateInvalid", f"{ua_name}[{i}] ({c.subject.rfc4514_string()}) is not a "
                                 "CA certificate; issuer certificates must be CAs")
