@@ -80,15 +80,25 @@ def _inventory(ctx):
 @click.option("--domain", default=None, help="Domain (trust anchor) of the credential.")
 @click.option("--profile", default=None, help="Certificate profile upstream.")
 @click.option("--replace", is_flag=True)
+@click.option("--opcua", is_flag=True, help="An OPC UA device (opc.tcp://HOST:PORT/PATH) managed by Part 12 push "
+              "management ('devagent opcua serve' or any OPC UA server with ServerConfiguration); docs/opcua.md.")
+@click.option("--server-fingerprint", default=None, help="--opcua: sha256:HEX of the device's current (first, "
+              "self-signed) application certificate, accepted once; afterwards it must chain to --trust.")
+@click.option("--application-uri", default=None, help="--opcua: the device's applicationUri [default: the one its "
+              "endpoint describes].")
 @click.pass_context
 def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, subject, san, key_type, cred_name,
-               domain, profile, replace):
+               domain, profile, replace, opcua, server_fingerprint, application_uri):
     """Register a device (state "not operational")."""
     from agent.inventory import InventoryError
     from coap_services.errors import SecurityConfigError
     from coap_services.security import detect_method, write_hmac_context
 
     inv = _inventory(ctx)
+    if opcua or server_fingerprint or application_uri:
+        _add_opcua_device(ctx, inv, device_id, uri, security, hmac_secret, subject, san, key_type, cred_name, domain,
+                          profile, replace, opcua, server_fingerprint, application_uri)
+        return
     context = context or inv.dir / "contexts" / device_id
     if hmac_secret is not None:
         from keystore.errors import KeystoreError
@@ -140,6 +150,36 @@ def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, su
     except InventoryError as e:
         _fail(f"invalid value: {e}", 2)
     click.echo(_json.dumps(rec, indent=1) if ctx.obj.json else f"added {device_id} ({uri}, {security})")
+
+
+def _add_opcua_device(ctx, inv, device_id, uri, security, hmac_secret, subject, san, key_type, cred_name, domain,
+                      profile, replace, opcua, server_fingerprint, application_uri):
+    import re
+
+    from agent.inventory import InventoryError
+
+    if not opcua:
+        raise click.BadParameter("only with --opcua", param_hint="--server-fingerprint/--application-uri")
+    if security not in ("auto", "opcua") or hmac_secret:
+        raise click.BadParameter("an OPC UA device is secured by its own secure channel", param_hint="--security")
+    if san or cred_name:
+        raise click.BadParameter("the device puts its applicationUri and hostnames in the SAN and names the "
+                                 "credential itself", param_hint="--san/--name")
+    kt = {"rsa2048": "rsa", "rsa": "rsa", "p256": "p256", "p384": "p384", None: None}.get(key_type, "?")
+    if kt == "?":
+        raise click.BadParameter(f"{key_type!r}: an OPC UA certificate type is rsa (RSA-2048), p256 or p384",
+                                 param_hint="--key-type")
+    if server_fingerprint and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", server_fingerprint):
+        raise click.BadParameter("sha256: followed by 64 hex digits (as 'devagent opcua serve' logs it)",
+                                 param_hint="--server-fingerprint")
+    extra = {k: v for k, v in (("server_fingerprint", server_fingerprint and server_fingerprint.lower()),
+                               ("application_uri", application_uri)) if v}
+    try:
+        rec = inv.add(device_id, uri, security="opcua", context=None, subject=subject, san=(), key_type=kt,
+                      domain=domain, profile=profile, replace=replace, opcua=extra)
+    except InventoryError as e:
+        _fail(f"invalid value: {e}", 2)
+    click.echo(_json.dumps(rec, indent=1) if ctx.obj.json else f"added {device_id} ({uri}, OPC UA push)")
 
 
 def _exists(inv, device_id: str) -> bool:
@@ -294,6 +334,9 @@ def upstream_options(f):
         click.option("--server-ca", "server_ca", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="Trust for the upstream server (TLS / CMP signer) [default: --trust]."),
         click.option("--credential", default=None, help="The CLM's own credential in its keystore (STATE_DIR)."),
+        click.option("--opcua-credential", default=None, help="OPC UA devices: the CLM's application certificate "
+                     "(a credential in its keystore with its applicationUri in the SAN; the devices give its subject "
+                     "or issuer the SecurityAdmin role)."),
         click.option("--username", default=None, help="EST HTTP Basic user."),
         click.option("--password", default=None, help="EST password as env:VAR, file:PATH or pass:TEXT."),
         click.option("--reference", default=None, help="CMP MAC senderKID."),
@@ -354,8 +397,32 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
     return EnrollClientUpstream(kind, opts, auth, anchors)
 
 
+def _opcua_identity(ctx, name):
+    """The CLM's OPC UA client identity from its keystore (--opcua-credential), or None."""
+    if not name:
+        return None
+    from agent.opcua.clm_push import identity_from_keystore
+    from agent.opcua.errors import OpcuaError
+    from keystore.errors import KeystoreError
+    from keystore.store import Keystore
+
+    try:
+        return identity_from_keystore(Keystore.open(_state(ctx)), name)
+    except (KeystoreError, OpcuaError) as e:
+        raise click.BadParameter(str(e), param_hint="--opcua-credential") from None
+
+
 def _print_stages(device_id, stages, as_json):
     if as_json:
+        return
+    if "apply_s" in stages:  # OPC UA push management
+        labels = [("connect_s", "  secure channel + session"), ("csr_s", "1+2 CreateSigningRequest (device keygen + CSR)"),
+                  ("enroll_s", "3 enrollment CLM <-> CA (incl. pre-verification)"),
+                  ("update_s", "4+5 UpdateCertificate (device verification)"), ("trustlist_s", "  TrustList"),
+                  ("apply_s", "  ApplyChanges (device commit + deployment)"), ("total_s", "  total")]
+        click.echo(f"{device_id}: operational (attempt {stages.get('attempts', 1)})")
+        for k, label in labels:
+            click.echo(f"  {label:62} {stages[k] * 1000:9.1f} ms")
         return
     labels = [("coap_csr_s", "1 CoAP CSR request"), ("keygen_csr_s", "2 key + CSR creation (device)"),
               ("enroll_s", "3 delegated enrollment (CLM <-> CA, incl. pre-verification)"),
@@ -370,8 +437,8 @@ def _print_stages(device_id, stages, as_json):
 @click.argument("devices", nargs=-1, required=True)
 @upstream_options
 @click.pass_context
-def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username, password,
-           reference, secret, retries, notify, timeout):
+def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential,
+           username, password, reference, secret, retries, notify, timeout):
     """Delegated enrollment of DEVICES now: /csr -> upstream -> pre-verification -> /verify.
 
     Each device is leased for the enrollment, so a 'clm run' worker on the same inventory leaves it alone."""
@@ -391,7 +458,8 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
     async def main():
         out, failed = {}, {}
         async with CoapClient(timeout_s=timeout) as c:
-            m = Clm(inv, up, c, retries=retries, notify=notify, default_domain=domain)
+            m = Clm(inv, up, c, retries=retries, notify=notify, default_domain=domain,
+                    opcua_identity=_opcua_identity(ctx, opcua_credential))
             try:
                 for d in devices:
                     try:
@@ -430,8 +498,9 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True,
               help="Write 'ready' here once the inventory is open (tests).")
 @click.pass_context
-def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username, password, reference,
-        secret, retries, notify, timeout, interval, parallel, fraction, jitter, lease_s, worker_id, once, ready_file):
+def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential, username,
+        password, reference, secret, retries, notify, timeout, interval, parallel, fraction, jitter, lease_s, worker_id,
+        once, ready_file):
     """Keep every device's certificate renewed before expiry (long-lived; SIGTERM stops it cleanly).
 
     Several workers (on one or more machines, with a postgresql:// inventory) share the fleet: each claims due
@@ -453,7 +522,8 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, creden
             loop.add_signal_handler(sig, stop.set)
         async with CoapClient(timeout_s=timeout) as c:
             m = Clm(inv, up, c, retries=retries, notify=notify, fraction=fraction, jitter=jitter,
-                    default_domain=domain, worker_id=worker_id, lease_s=lease_s)
+                    default_domain=domain, worker_id=worker_id, lease_s=lease_s,
+                    opcua_identity=_opcua_identity(ctx, opcua_credential))
             if ready_file is not None:
                 from keystore import fsutil
 

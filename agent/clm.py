@@ -393,8 +393,10 @@ class Clm:
     def __init__(self, inventory: Inventory, upstream: Upstream, coap, *, retries: int = DEFAULT_RETRIES,
                  notify: str | None = None, fraction: float = RENEW_FRACTION, jitter: float = RENEW_JITTER,
                  retry_delay_s: float = 1.0, default_domain: str | None = None, default_key_type: str | None = None,
-                 on_message=None, worker_id: str | None = None, lease_s: float = DEFAULT_LEASE_S):
+                 on_message=None, worker_id: str | None = None, lease_s: float = DEFAULT_LEASE_S,
+                 opcua_identity=None):
         self.inventory = inventory
+        self.opcua_identity = opcua_identity  # agent.opcua.client.Identity: the CLM's OPC UA client certificate
         self.upstream = upstream
         self.coap = coap
         self.retries = max(1, retries)
@@ -456,6 +458,8 @@ class Clm:
         """One delegated enrollment, no retries. Returns the stage durations (seconds) and the certificate."""
         from coap_services import codec
 
+        if rec.get("security") == "opcua":
+            return await self._enroll_opcua(rec)
         t_total = time.perf_counter()
         domain = rec.get("domain") or self.default_domain
         if not domain:
@@ -491,6 +495,26 @@ class Clm:
             "total_s": t_end - t_total,
         }
         return {"stages": stages, "certificate": up.certificate, "chain": up.chain, "answer": answer}
+
+    async def _enroll_opcua(self, rec: dict) -> dict:
+        """OPC UA push management (``agent.opcua.clm_push``): the same upstream and pre-verification, its own stages."""
+        from agent.opcua.clm_push import enroll_once
+        from agent.opcua.errors import OpcuaError
+        from keystore.certs import load_certificates
+
+        domain = rec.get("domain") or self.default_domain
+        if not domain:
+            raise ClmError(f"device {rec['id']}: no domain (set it with 'clm add-device --domain' or --domain)")
+        if self.opcua_identity is None:
+            raise ClmError(f"device {rec['id']} is an OPC UA device: give the CLM's OPC UA client credential "
+                           "(--opcua-credential NAME, a certificate with its applicationUri in the SAN)")
+        pem = await self._db(self.inventory.certificate, rec["id"])
+        try:
+            return await enroll_once(rec, self.upstream, self.opcua_identity, domain=domain,
+                                     timeout_s=getattr(self.coap, "timeout_s", 30.0),
+                                     intermediates=load_certificates(pem)[1:] if pem else ())
+        except OpcuaError as e:
+            raise ClmError(f"device {rec['id']}: {e}") from e
 
     async def _attempts(self, rec: dict) -> dict:
         """Up to ``retries`` delegated enrollments of one device; returns the last ``enroll_once`` result with

@@ -56,6 +56,7 @@ WRITABLE = tuple(c for c in FIELDS if c not in ("id", *LEASE_FIELDS))
 # Security method -> URI schemes it is reached over (``add`` refuses other combinations).
 SECURITY_SCHEMES: dict[str, tuple[str, ...]] = {
     "oscore": ("coap", "coaps"), "dtls-psk": ("coap", "coaps"), "hmac": ("coap",), "none": ("coap", "coaps"),
+    "opcua": ("opc.tcp",),  # OPC UA push management (agent/opcua/clm_push.py, docs/opcua.md)
 }
 
 
@@ -170,10 +171,14 @@ def check_device(device_id: str, uri: str, security: str) -> None:
         raise InventoryError(str(e)) from None
     if security not in SECURITY_SCHEMES:
         raise InventoryError(f"unknown security method {security!r}; use oscore, dtls-psk, hmac (MicroPython "
-                             "boards) or none")
+                             "boards), opcua (OPC UA push management) or none")
     scheme = uri.partition("://")[0] if "://" in uri else ""
-    if scheme not in ("coap", "coaps"):
-        raise InventoryError(f"device URI {uri!r} must start with coap:// or coaps://")
+    if scheme not in ("coap", "coaps", "opc.tcp"):
+        raise InventoryError(f"device URI {uri!r} must start with coap:// or coaps:// (opc.tcp:// for an OPC UA "
+                             "device)")
+    if (scheme == "opc.tcp") != (security == "opcua"):
+        raise InventoryError(f"device URI {uri!r}: an OPC UA device is added with --opcua and reached over "
+                             "opc.tcp://; CoAP devices over coap:// or coaps://")
     if scheme not in SECURITY_SCHEMES[security]:
         raise InventoryError(f"device URI {uri!r}: an HMAC-protected board (agent/mpy) is reached over coap://")
 
