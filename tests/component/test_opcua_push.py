@@ -380,3 +380,67 @@ def _update_with_key(csr, w):
     return (ua.Variant(ua.NodeId(14156), ua.VariantType.NodeId), ua.Variant(ua.NodeId(12560), ua.VariantType.NodeId),
             ua.Variant(cert.public_bytes(DER), ua.VariantType.ByteString), ua.Variant([], ua.VariantType.ByteString),
             ua.Variant("PEM", ua.VariantType.String), ua.Variant(b"-----BEGIN PRIVATE KEY-----", ua.VariantType.ByteString))
+
+
+def test_core_refusals_without_network(tmp_path, lab):
+    """PushService itself (what the server's handlers call): the codes a stack-level test cannot reach easily."""
+    from agent.opcua.errors import PushError
+    from agent.opcua.push import Caller, PushService
+    from tests.peers.opcua import push_config
+
+    w = make_world(tmp_path / "w", lab)
+    svc = PushService(w.ks, push_config(), w.state)
+    admin = Caller("s1", encrypted=True, admin=True, who="gds")
+
+    async def scenario():
+        await svc.initialize()
+        before = snapshot(w.base)
+        cases = [
+            (Caller("s2", encrypted=False, admin=True, who="gds on a None channel"),
+             lambda c: svc.create_signing_request(c, None, None, "", True, os.urandom(32)),
+             "BadSecurityModeInsufficient"),
+            (Caller("s3", encrypted=True, admin=False, who="operator"), lambda c: svc.apply_changes(c),
+             "BadUserAccessDenied"),
+            (admin, lambda c: svc.create_signing_request(c, None, None, "", True, b"short"), "BadInvalidArgument"),
+            (admin, lambda c: svc.create_signing_request(c, None, 4242, "", False, None), "BadInvalidArgument"),
+            (admin, lambda c: svc.create_signing_request(c, 1, None, "", False, None), "BadInvalidArgument"),
+            (admin, lambda c: svc.create_signing_request(c, None, None, "CN=a,,=b", False, None),
+             "BadInvalidArgument"),
+            (admin, lambda c: svc.open(c, 0x02), "BadInvalidArgument"),
+            (admin, lambda c: svc.add_certificate(c, lab.domain("other").root_cert.public_bytes(DER), False),
+             "BadCertificateInvalid"),
+            (admin, lambda c: svc.add_certificate(c, b"\x30\x03\x02\x01", True), "BadCertificateInvalid"),
+            (admin, lambda c: svc.remove_certificate(c, "00" * 20, True), "BadInvalidArgument"),
+            (admin, lambda c: svc.read(c, 99, 10), "BadInvalidArgument"),
+            (admin, lambda c: svc.apply_changes(c), "BadInvalidState"),
+        ]
+        for caller, call, status in cases:
+            with pytest.raises(PushError) as e:
+                await call(caller)
+            assert e.value.status == status, (status, e.value)
+        assert snapshot(w.base) == before
+        # the TrustList open for writing blocks Add/Remove and a second writer
+        h = await svc.open(admin, 0x06)
+        with pytest.raises(PushError) as e:
+            await svc.add_certificate(admin, lab.domain("other").root_cert.public_bytes(DER), True)
+        assert e.value.status == "BadInvalidState"
+        with pytest.raises(PushError) as e:
+            await svc.open(Caller("s5", True, True, "gds2"), 0x06)
+        assert e.value.status == "BadInvalidState"
+        await svc.close(admin, h)
+        assert snapshot(w.base) == before
+
+    run(scenario())
+
+
+def test_aes128_sha256_rsaoaep_channel(tmp_path, lab):
+    w = make_world(tmp_path / "w", lab)
+
+    async def scenario():
+        async with device(w) as srv:
+            async with gds_client(w, srv, policy="Aes128_Sha256_RsaOaep") as c:
+                assert await c.read_property("ServerConfiguration_MaxTrustListSize") == 65536
+                csr = await c.create_signing_request("p256", "CN=dev1,O=Plant")
+                assert csr.is_signature_valid
+
+    run(scenario())
