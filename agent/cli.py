@@ -5,7 +5,8 @@ maps each error root to a documented exit code. Heavy modules (cryptography, pya
 imported inside commands so that ``devagent --help`` starts fast on a Raspberry Pi Zero.
 
 Exit codes (README "Exit codes"): 0 ok, 1 internal error, 2 usage, 3 keystore, 4 certificate rejected,
-5 server refused / protocol error, 6 network, 7 configuration, 130 interrupted.
+5 server refused / protocol error, 6 network, 7 configuration, 8 stored but the CA's CMP confirmation was
+not authenticated, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 import click
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_KEYSTORE, EXIT_REJECTED, EXIT_SERVER, EXIT_NETWORK, EXIT_CONFIG = range(8)
+# Stored, but the CA's confirmation (CMP pkiConf after our certConf) could not be authenticated.
+EXIT_UNCONFIRMED = 8
 EXIT_INTERRUPTED = 130
 
 # Subcommands that live in their own modules, imported only when used (not even for --help).
@@ -228,7 +231,7 @@ def keystore_init(app: App):
 
 
 def _cred_line(s: dict) -> str:
-    left = "EXPIRED" if s["expired"] else f"{s['days_left']:.1f} d"
+    left = "REVOKED" if s.get("revoked") else "EXPIRED" if s["expired"] else f"{s['days_left']:.1f} d"
     return f"{s['name']:<20} {s['kind']:<7} {str(s['domain'] or '-'):<12} {left:>10}  {s['subject']}"
 
 
@@ -403,7 +406,9 @@ def status(app: App, name):
     for s in items:
         lines.append(_cred_line(s))
         lines.append(f"    issuer {s['issuer']}; key {s['key_uri']} ({s['key_type']}); not after {s['not_after']}")
-        if s.get("next_renewal"):
+        if s.get("revoked"):
+            lines.append(f"    REVOKED ({s['revoked']}) at {s.get('revoked_at') or '?'}: not renewed or deployed")
+        elif s.get("next_renewal"):
             lines.append(f"    next renewal {s['next_renewal']}")
         if s.get("last_error"):
             lines.append(f"    last error: {s['last_error']}")
@@ -439,7 +444,52 @@ def _server_options(f):
     ]
     for o in reversed(opts):
         f = o(f)
+    return _cmp_options(f)
+
+
+# CMP switches remembered per credential (docs/cmp.md "Options" and "Deviations"); never secrets.
+CMP_REMEMBERED = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse")
+
+
+def _cmp_options(f):
+    """CMP protection, URL and deviation switches; on enroll/request/renew/revoke/ca-update. Remembered."""
+    # Choices spelled out here: importing enroll_clients at start-up would load cryptography for --help.
+    opts = [
+        click.option("--mac-alg", default=None, metavar="hmac-sha1|hmac-sha256|hmac-sha384|hmac-sha512",
+                     help="CMP: HMAC of the MAC protection [hmac-sha256, RFC 9481]; hmac-sha1 is OpenSSL's "
+                          "default and what some servers (Trustpoint) accept."),
+        click.option("--mac-owf", default=None, metavar="sha1|sha256|sha384|sha512",
+                     help="CMP: one-way function of PasswordBasedMac [sha256]."),
+        click.option("--mac-sender", type=click.Choice(("subject", "null-dn")), default=None,
+                     help="CMP: header sender of MAC-protected requests: the requested subject, or the NULL-DN "
+                          "(the server finds the secret by --ref alone) [subject]."),
+        click.option("--operation-labels/--no-operation-labels", default=None,
+                     help="CMP: --server is a base URL; each message goes to <server>/<label> (RFC 9483 6.1: "
+                          "initialization, certification, keyupdate, p10, revocation, getcacerts, ...)."),
+        click.option("--profile-in", type=click.Choice(("generalinfo", "path", "both")), default=None,
+                     help="CMP: where --profile goes: generalInfo certProfile, a URL path segment before the "
+                          "operation label, or both [generalinfo]."),
+        click.option("--tolerate-nonce-reuse/--no-tolerate-nonce-reuse", default=None,
+                     help="CMP deviation: accept a response that repeats the server's senderNonce when recipNonce "
+                          "and transactionID match (docs/cmp.md) [off]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
     return f
+
+
+def _cmp_extra(kw) -> dict:
+    """EnrollOptions.extra for the CMP switches given in ``kw`` (None = not given); checks the MAC names."""
+    from enroll_clients.cmp.algs import mac_hash_name, owf_name
+
+    out = {k: (kw[k].lower() if isinstance(kw[k], str) else kw[k]) for k in CMP_REMEMBERED if kw.get(k) is not None}
+    for k, check in (("mac_alg", mac_hash_name), ("mac_owf", owf_name)):
+        if k in out:
+            try:
+                check(out[k])
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--" + k.replace("_", "-")) from None
+    return out
 
 
 def _key_options(f):
@@ -459,9 +509,8 @@ def _key_options(f):
 
 
 def _options_from(app: App, ks, *, protocol, server, domain, profile, label, trust_files, ca_fingerprint, mac,
-                  recipient, implicit_confirm, reqout, rspin, timeout_s, **_):
-    from cryptography import x509
-
+                  recipient, implicit_confirm, reqout, rspin, timeout_s, cert_template=False,
+                  unprotected_requests=False, **kw):
     from enroll_clients.base import EnrollOptions
     from keystore.certs import load_certificate_file
 
@@ -471,16 +520,30 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
     anchors = tuple(trust) or tuple(ks.trust_anchors(domain)) if domain else tuple(trust)
     return EnrollOptions(
         server=server, trust_anchors=anchors, domain=domain, profile=profile, label=label,
-        timeout_s=timeout_s or 30.0, recipient=x509.Name.from_rfc4514_string(recipient) if recipient else None,
+        timeout_s=timeout_s or 30.0, recipient=_recipient(recipient),
         implicit_confirm=bool(implicit_confirm), mac=mac or "pbm", reqout=reqout, rspin=rspin,
-        ca_fingerprint=ca_fingerprint)
+        ca_fingerprint=ca_fingerprint, extra={**_cmp_extra(kw), **({"cert_template": True} if cert_template else {}),
+                                              **({"unprotected": True} if unprotected_requests else {})})
+
+
+def _recipient(recipient):
+    """--recipient as RFC 4514 or OpenSSL's /CN=... form."""
+    if not recipient:
+        return None
+    from keystore.csr import parse_subject
+
+    try:
+        return parse_subject(recipient)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--recipient") from None
 
 
 def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s, recipient, key_backend,
-              csrattrs=None) -> dict:
+              csrattrs=None, cmp=None) -> dict:
     d = dict(protocol=protocol, server=server, label=label, profile=profile, mac=mac,
              implicit_confirm=implicit_confirm, timeout_s=timeout_s, recipient=recipient, key_backend=key_backend,
              csrattrs=csrattrs if protocol == "est" else None)
+    d.update(cmp or {})
     return {k: v for k, v in d.items() if v is not None}
 
 
@@ -533,41 +596,148 @@ def _print_cred(app: App, cred, verb: str):
                f"    issuer {s['issuer']}, serial {s['serial']}, valid until {s['not_after']} ({s['days_left']} d)")
 
 
+def _output_options(f):
+    opts = [
+        click.option("--certout", type=click.Path(dir_okay=False), help="Also write the certificate (PEM) here."),
+        click.option("--chainout", type=click.Path(dir_okay=False),
+                     help="Also write the issuing chain (PEM, nearest issuer first) here."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _request_options(f):
+    opts = [
+        click.option("--csr", "csr_file", default=None, metavar="FILE",
+                     help="CMP p10cr from an existing PKCS#10 CSR (PEM/DER); its key stays where it is. Without "
+                          "--key (the CSR's key, to store the credential) the certificate is verified and "
+                          "written to --certout (or stdout), nothing stored."),
+        click.option("--cert-template", is_flag=True, default=False,
+                     help="CMP: ask for the server's certReqTemplate (genm) and apply it to the request."),
+        click.option("--unprotected-requests", is_flag=True, default=False,
+                     help="CMP: send requests without protection (diagnostics; servers refuse them)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return _output_options(f)
+
+
+def _write_outputs(certificate, chain, certout, chainout) -> None:
+    from keystore import fsutil
+    from keystore.certs import pem
+
+    if certout:
+        fsutil.atomic_write(certout, pem([certificate]), mode=0o644)
+    if chainout:
+        fsutil.atomic_write(chainout, pem(list(chain)), mode=0o644)
+
+
+def _unconfirmed_exit(app: App, cred) -> None:
+    """After a positive certConf, a pkiConf we could not verify: the certificate is stored (it passed all our
+    checks; discarding it would orphan it on the CA), but say so and exit EXIT_UNCONFIRMED."""
+    why = (cred.record.get("meta") or {}).get("unconfirmed")
+    if why:
+        click.echo(f"devagent: warning: {cred.name} was stored, but the CA's confirmation was NOT authenticated: "
+                   f"{why}. Check with the CA operator that the certificate is active (exit code "
+                   f"{EXIT_UNCONFIRMED}).", err=True)
+        sys.exit(EXIT_UNCONFIRMED)
+
+
+def _load_csr(csr_file: str):
+    from cryptography import x509
+
+    if not csr_file:
+        raise click.UsageError("--csr: missing CSR file name (p10cr sends an existing PKCS#10 CSR)")
+    try:
+        with open(csr_file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise click.BadParameter(f"cannot read CSR {csr_file}: {e.strerror}", param_hint="--csr") from None
+    try:
+        csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data))
+    except ValueError as e:
+        raise click.BadParameter(f"{csr_file} is not a PKCS#10 CSR (PEM or DER): {e}", param_hint="--csr") from None
+    if not csr.is_signature_valid:
+        raise click.BadParameter(f"{csr_file}: the CSR's signature does not verify with its own key",
+                                 param_hint="--csr")
+    return csr
+
+
 @cli.command()
 @click.option("--domain", required=True, help="PKI domain this LDevID belongs to.")
 @click.option("--name", help="Credential name [ldevid-<domain>].")
 @click.option("--idevid", help="Authenticate with this IDevID (CMP signature / EST TLS client cert): zero-touch.")
 @_server_options
 @_key_options
+@_request_options
 @pass_app
 def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, username, password, key_type, key_backend,
-           key_ref, server_keygen, allow_weak_keys, subject, sans, **kw):
-    """Obtain the domain credential (LDevID) over CMP (ir) or EST (simpleenroll)."""
+           key_ref, server_keygen, allow_weak_keys, subject, sans, csr_file, certout, chainout, unprotected_requests,
+           **kw):
+    """Obtain the domain credential (LDevID) over CMP (ir, or p10cr with --csr) or EST (simpleenroll)."""
     from agent import lifecycle
     from enroll_clients import client_for
     from enroll_clients.base import ClientAuth
 
     if not protocol or not server:
         raise click.UsageError("--protocol and --server are required")
+    if csr_file is not None and protocol != "cmp":
+        raise click.UsageError("--csr is for CMP (p10cr); EST builds its CSR from the device key")
+    csr = _load_csr(csr_file) if csr_file is not None else None
     ks = app.keystore()
     name = name or f"ldevid-{domain}"
     _add_trust(ks, domain, kw.get("trust_files"))
     if protocol == "est" and not ks.trust_anchors(domain):
         _bootstrap_est(app, ks, domain, server, kw)
-    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain, **kw)
+    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain,
+                         unprotected_requests=unprotected_requests, **kw)
     if idevid:
         auth = lifecycle.auth_for(ks, ks.get(idevid))
     else:
         auth = ClientAuth()
     auth = _with_secrets(auth, ref, secret, username, password)
-    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"))
-    cred = run_async(lifecycle.enroll(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw))
+    client = client_for(protocol, opts)
+    if csr is not None:
+        key_uri = _key_spec(ks, None, None, key_ref, False, allow_weak_keys, name)[0].key_uri if key_ref else None
+        res = run_async(lifecycle.enroll_csr(ks, client, csr=csr, name=name, domain=domain, auth=auth,
+                                             key_uri=key_uri, op="enroll", remember=remember))
+        _finish_csr(app, res, certout, chainout)
+        return
+    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    cred = run_async(lifecycle.enroll(ks, client, name=name, domain=domain, subject=subj,
                                       sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
-                                      csrattrs=kw.get("csrattrs") or "use"))
+                                       csrattrs=kw.get("csrattrs") or "use"))
+    _write_outputs(cred.certificate, cred.chain, certout, chainout)
     _print_cred(app, cred, "enrolled")
+    _unconfirmed_exit(app, cred)
+
+
+def _finish_csr(app: App, res, certout, chainout) -> None:
+    """Output of a --csr request: the stored credential, or the verified certificate written to --certout."""
+    if res.credential is not None:
+        _write_outputs(res.credential.certificate, res.credential.chain, certout, chainout)
+        _print_cred(app, res.credential, "issued")
+        _unconfirmed_exit(app, res.credential)
+        return
+    _write_outputs(res.certificate, res.chain, certout, chainout)
+    c = res.certificate
+    if not certout and not app.json:
+        from keystore.certs import pem
+
+        click.echo(pem([c]).decode(), nl=False)  # nothing stored: the certificate goes to stdout
+    app.out({"certificate": certout, "chain": chainout, "subject": c.subject.rfc4514_string(),
+             "issuer": c.issuer.rfc4514_string(), "serial": format(c.serial_number, "x"),
+             "not_after": c.not_valid_after_utc.isoformat(), "confirmation": res.unconfirmed or "ok"},
+            f"issued {c.subject.rfc4514_string()} (issuer {c.issuer.rfc4514_string()}, serial "
+            f"{c.serial_number:x}), written to {certout or 'stdout'}; not stored (its key is not in the keystore)")
+    if res.unconfirmed:
+        click.echo(f"devagent: warning: the CA's confirmation was NOT authenticated: {res.unconfirmed} (exit code "
+                   f"{EXIT_UNCONFIRMED})", err=True)
+        sys.exit(EXIT_UNCONFIRMED)
 
 
 def _with_secrets(auth, ref, secret, username, password):
@@ -610,10 +780,12 @@ def _bootstrap_est(app, ks, domain, server, kw):
 @click.option("--domain", required=True, help="Domain whose LDevID authenticates the request.")
 @_server_options
 @_key_options
+@_request_options
 @pass_app
 def request(app: App, name, domain, protocol, server, ref, secret, username, password, key_type, key_backend, key_ref,
-            server_keygen, allow_weak_keys, subject, sans, **kw):
-    """Obtain an application credential (CMP cr / EST simpleenroll), authenticated by the domain's LDevID."""
+            server_keygen, allow_weak_keys, subject, sans, csr_file, certout, chainout, unprotected_requests, **kw):
+    """Obtain an application credential (CMP cr, or p10cr with --csr / EST simpleenroll), authenticated by the
+    domain's LDevID."""
     from agent import lifecycle
     from enroll_clients import client_for
 
@@ -624,24 +796,46 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     protocol = protocol or ldevid.record.get("protocol")
     server = server or ldevid.record.get("server")
     remembered = ldevid.record.get("meta", {}).get("enroll", {})
-    for k in ("label", "mac", "recipient", "timeout_s", "csrattrs"):
+    for k in ("label", "mac", "recipient", "timeout_s", "csrattrs", "implicit_confirm") + CMP_REMEMBERED:
         if kw.get(k) is None and remembered.get(k) is not None:
             kw[k] = remembered[k]
-    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain, **kw)
+    if csr_file is not None and protocol != "cmp":
+        raise click.UsageError("--csr is for CMP (p10cr)")
+    csr = _load_csr(csr_file) if csr_file is not None else None
+    opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain,
+                         unprotected_requests=unprotected_requests, **kw)
     auth = _with_secrets(lifecycle.auth_for(ks, ldevid), ref, secret, username, password)
-    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"))
-    cred = run_async(lifecycle.request(ks, client_for(protocol, opts), name=name, domain=domain, subject=subj,
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw))
+    client = client_for(protocol, opts)
+    if csr is not None:
+        key_uri = _key_spec(ks, None, None, key_ref, False, allow_weak_keys, name)[0].key_uri if key_ref else None
+        res = run_async(lifecycle.enroll_csr(ks, client, csr=csr, name=name, domain=domain, auth=auth,
+                                             key_uri=key_uri, op="request", remember=remember))
+        _finish_csr(app, res, certout, chainout)
+        return
+    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    cred = run_async(lifecycle.request(ks, client, name=name, domain=domain, subject=subj,
                                        sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
-                                       csrattrs=kw.get("csrattrs") or "use"))
+                                        csrattrs=kw.get("csrattrs") or "use"))
+    _write_outputs(cred.certificate, cred.chain, certout, chainout)
     _print_cred(app, cred, "issued")
+    _unconfirmed_exit(app, cred)
 
 
 def _override_dict(protocol, server, kw) -> dict:
     return {"protocol": protocol, "server": server, **{k: kw.get(k) for k in ("label", "profile", "mac", "recipient",
                                                                               "timeout_s")}}
+
+
+def _cmp_overrides(kw) -> dict:
+    """Remembered-option overrides from the CMP switches given on renew/revoke/ca-update."""
+    out = _cmp_extra(kw)
+    for k in ("mac", "recipient", "implicit_confirm"):
+        if kw.get(k) is not None:
+            out[k] = kw[k]
+    return out
 
 
 @cli.command()
@@ -654,19 +848,27 @@ def _override_dict(protocol, server, kw) -> dict:
                                  "(remembered).")
 @click.option("--password", help="EST: HTTP Basic password: env:VAR, file:PATH or pass:TEXT (env:/file: are "
                                  "remembered as the reference, never the secret).")
+@click.option("--implicit-confirm/--no-implicit-confirm", default=None, help="CMP implicitConfirm (remembered).")
+@_cmp_options
+@_output_options
 @pass_app
-def renew(app: App, name, rekey, protocol, server, timeout_s, username, password):
-    """Renew a credential (CMP kur / EST simplereenroll) with its current certificate."""
+def renew(app: App, name, rekey, protocol, server, timeout_s, username, password, certout, chainout, **kw):
+    """Renew a credential (CMP kur / EST simplereenroll) with its current certificate. CMP switches given here
+    override the remembered ones and are remembered for the daemon's renewals."""
     from agent import lifecycle
 
     if password is not None and username is None:
         raise click.UsageError("--password needs --username")
     ks = app.keystore()
     cred = ks.get(name)
-    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "timeout_s": timeout_s})
+    overrides = _cmp_overrides(kw)
+    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "timeout_s": timeout_s,
+                                                        **overrides})
     new = run_async(lifecycle.renew(ks, name, client=client, rekey=rekey, username=username,
-                                    password_source=password))
+                                    password_source=password, remember=overrides))
+    _write_outputs(new.certificate, new.chain, certout, chainout)
     _print_cred(app, new, "renewed")
+    _unconfirmed_exit(app, new)
 
 
 REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
@@ -678,14 +880,15 @@ REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
 @click.option("--reason", type=click.Choice(REASONS), default="unspecified", show_default=True)
 @click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Override the remembered protocol.")
 @click.option("--server", help="Override the remembered server URL.")
+@_cmp_options
 @pass_app
-def revoke(app: App, name, reason, protocol, server):
+def revoke(app: App, name, reason, protocol, server, **kw):
     """Revoke a credential's certificate (CMP rr). EST has no revocation."""
     from agent import lifecycle
 
     ks = app.keystore()
     cred = ks.get(name)
-    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server})
+    client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, **_cmp_overrides(kw)})
     run_async(lifecycle.revoke(ks, name, client=client, reason=reason))
     app.out({"revoked": name, "reason": reason}, f"revoked {name} ({reason})")
 
@@ -698,26 +901,113 @@ def revoke(app: App, name, reason, protocol, server):
 @click.option("--profile")
 @click.option("--ca-fingerprint", help="sha256:HEX of a new root to accept (bootstrap or rollover).")
 @click.option("--timeout", "timeout_s", type=float, default=None)
+@click.option("--ref", help="CMP: reference (senderKID) for MAC protection of the genm.")
+@click.option("--secret", help="CMP: shared secret for MAC protection: env:VAR, file:PATH or pass:TEXT.")
+@click.option("--mac", type=click.Choice(["pbm", "pbmac1"]), default=None, help="CMP MAC scheme [pbm].")
+@click.option("--recipient", help="CMP: recipient DN [NULL-DN].")
+@click.option("--old-root", "old_root_file", type=click.Path(exists=True, dir_okay=False),
+              help="CMP: the current root to ask a root CA key update for (genm rootCaCert) [the domain's "
+                   "trust anchor].")
+@_cmp_options
 @pass_app
-def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint, timeout_s):
-    """Fetch the CA certificates (EST /cacerts, CMP genm caCerts/rootCaCert) and update the truststore."""
+def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint, timeout_s, ref, secret, mac,
+              recipient, old_root_file, **kw):
+    """Fetch the CA certificates (EST /cacerts, CMP genm caCerts + rootCaCert) and update the truststore.
+
+    Over CMP the genm is signed with the domain's LDevID, or MAC-protected with --ref/--secret; rootCaCert
+    carries the domain's current root, and a new root is trusted only through a verified newWithOld link."""
     from agent import lifecycle
     from enroll_clients import client_for
-    from enroll_clients.base import EnrollOptions
+    from enroll_clients.base import ClientAuth, EnrollOptions
+    from keystore.secrets import resolve_secret
 
     ks = app.keystore()
     cred = ks.find_domain_credential(domain)
-    if cred is not None:
-        client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "label": label,
-                                                            "profile": profile, "timeout_s": timeout_s})
+    overrides = {"protocol": protocol, "server": server, "label": label, "profile": profile, "timeout_s": timeout_s,
+                 **_cmp_overrides({**kw, "mac": mac, "recipient": recipient})}
+    if cred is not None and not secret:
+        client = lifecycle.client_for_credential(ks, cred, overrides)
     else:
+        remembered = (cred.record.get("meta", {}).get("enroll") or {}) if cred is not None else {}
+        protocol = protocol or remembered.get("protocol")
+        server = server or remembered.get("server")
         if not protocol or not server:
             raise click.UsageError(f"no LDevID for {domain}: give --protocol and --server")
-        client = client_for(protocol, EnrollOptions(server=server, trust_anchors=tuple(ks.trust_anchors(domain)),
-                                                    domain=domain, label=label, profile=profile,
-                                                    ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0))
-    added = run_async(lifecycle.ca_update(ks, domain, client=client, ca_fingerprint=ca_fingerprint))
+        client = client_for(protocol, EnrollOptions(
+            server=server, trust_anchors=tuple(ks.trust_anchors(domain)), domain=domain, label=label,
+            profile=profile, ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0, mac=mac or "pbm",
+            recipient=_recipient(recipient), extra=_cmp_extra(kw)))
+    auth = None
+    if secret:
+        if not ref:
+            raise click.UsageError("--secret needs --ref (the senderKID the server knows the secret by)")
+        auth = ClientAuth(reference=ref.encode(), secret=resolve_secret(secret, "--secret"))
+    old_root = None
+    if old_root_file:
+        from keystore.certs import load_certificate_file
+
+        old_root = load_certificate_file(old_root_file)[0]
+    added = run_async(lifecycle.ca_update(ks, domain, client=client, ca_fingerprint=ca_fingerprint, auth=auth,
+                                          old_root=old_root))
     app.out({"domain": domain, "added": added}, f"{domain}: {len(added)} CA certificate(s) added")
+
+
+@cli.command("cert-template")
+@click.option("--domain", required=True, help="Domain whose LDevID signs the genm (or give --ref/--secret).")
+@click.option("--server", help="CMP server URL [the LDevID's].")
+@click.option("--ref", help="CMP: reference (senderKID) for MAC protection.")
+@click.option("--secret", help="CMP: shared secret: env:VAR, file:PATH or pass:TEXT.")
+@click.option("--mac", type=click.Choice(["pbm", "pbmac1"]), default=None, help="CMP MAC scheme [pbm].")
+@click.option("--recipient", help="CMP: recipient DN [NULL-DN].")
+@click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="CMP trust anchor(s) for a signed genp [the domain's].")
+@click.option("--timeout", "timeout_s", type=float, default=None)
+@_cmp_options
+@pass_app
+def cert_template(app: App, domain, server, ref, secret, mac, recipient, trust_files, timeout_s, **kw):
+    """Show the CMP server's certificate request template (genm certReqTemplate, RFC 9483 4.3.3).
+
+    Apply it to a request with 'devagent enroll/request --cert-template'."""
+    from agent import lifecycle
+    from enroll_clients import client_for
+    from enroll_clients.base import ClientAuth, EnrollOptions
+    from keystore.certs import load_certificate_file
+    from keystore.secrets import resolve_secret
+
+    ks = app.keystore()
+    cred = ks.find_domain_credential(domain)
+    remembered = (cred.record.get("meta", {}).get("enroll") or {}) if cred is not None else {}
+    server = server or remembered.get("server")
+    if not server:
+        raise click.UsageError(f"no LDevID for {domain} to take the server from: give --server")
+    if secret:
+        if not ref:
+            raise click.UsageError("--secret needs --ref")
+        auth = ClientAuth(reference=ref.encode(), secret=resolve_secret(secret, "--secret"))
+    elif cred is not None:
+        auth = lifecycle.auth_for(ks, cred)
+    else:
+        raise click.UsageError(f"no LDevID for {domain}: give --ref and --secret")
+    trust = tuple(c for f in trust_files for c in load_certificate_file(f)) or tuple(ks.trust_anchors(domain))
+    extra = {k: remembered[k] for k in CMP_REMEMBERED if k in remembered}
+    extra.update(_cmp_extra(kw))
+    client = client_for("cmp", EnrollOptions(
+        server=server, trust_anchors=trust, domain=domain, timeout_s=timeout_s or 30.0,
+        mac=mac or remembered.get("mac") or "pbm", recipient=_recipient(recipient or remembered.get("recipient")),
+        extra=extra))
+
+    async def go():
+        try:
+            return await client.cert_req_template(auth)
+        finally:
+            await client.aclose()
+
+    tpl = run_async(go())
+    from enroll_clients.cmp.template import describe_template
+
+    d = describe_template(tpl)
+    app.out(d, "\n".join(f"{k:<12} {v}" for k, v in d.items()) if tpl is not None
+            else "the server has no certificate request template (any subject and key type it accepts)")
 
 
 def main(argv=None):

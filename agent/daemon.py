@@ -119,8 +119,8 @@ class _TimeObservingClient(EnrollmentClient):
     async def revoke(self, certificate, auth: ClientAuth, reason: str) -> None:
         await self.inner.revoke(certificate, auth, reason)
 
-    async def ca_certs(self, auth: ClientAuth | None = None) -> CaCertsResult:
-        return self._seen(await self.inner.ca_certs(auth))
+    async def ca_certs(self, auth: ClientAuth | None = None, **kw) -> CaCertsResult:
+        return self._seen(await self.inner.ca_certs(auth, **kw))  # CMP: old_root= (rootCaCert)
 
 
 class Daemon:
@@ -216,6 +216,8 @@ class Daemon:
                 continue
             if not self.cfg.policy_for(c.name).enabled:
                 continue
+            if (c.record.get("meta") or {}).get("revoked"):
+                continue  # revoked: neither renewed nor deployed (status shows it as REVOKED)
             out.append(c)
         return out
 

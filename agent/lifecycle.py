@@ -39,6 +39,9 @@ CLOCK_SKEW_TOLERANCE_S = 300
 REMEMBERED = ("protocol", "server", "label", "profile", "mac", "implicit_confirm", "timeout_s", "recipient",
               "server_trust_domain", "key_backend", "rekey", "csrattrs", "renew_username", "renew_password_source")
 CSRATTRS_MODES = ("require", "use", "ignore")
+# CMP switches (docs/cmp.md), remembered so renewals and the daemon talk to the server the same way; they are
+# handed to the client as EnrollOptions.extra.
+CMP_EXTRA = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse")
 
 
 class LifecycleError(KeystoreError):
@@ -157,8 +160,10 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
         cred = ks.store_certificate(name, result.certificate, result.chain, key_uri=key_uri, kind=kind,
                                     domain=domain, profile=profile, purpose=purpose, protocol=client.protocol,
                                     server=remember.get("server"), meta={"enroll": remember, "last_success":
-                                    datetime.datetime.now(datetime.timezone.utc).isoformat()},
+                                    datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                    **_confirmation_meta(result)},
                                     now=eff_now, check_validity=check_validity)
+        _log_confirmation(name, result)
         return cred
     except BaseException:
         if created and key_uri is not None:
@@ -167,6 +172,24 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             except KeystoreError as e:  # pragma: no cover - best effort cleanup, reported
                 log.error("could not discard pending key %s: %s", key_uri, e)
         raise
+
+
+def _confirmation_meta(result) -> dict:
+    """What the record says about the CA's confirmation and the deviations accepted (CMP)."""
+    info = result.info or {}
+    out = {"unconfirmed": info.get("unconfirmed_reason") or None}
+    if info.get("tolerated"):
+        out["tolerated"] = list(info["tolerated"])
+    return out
+
+
+def _log_confirmation(name: str, result) -> None:
+    info = result.info or {}
+    for t in info.get("tolerated") or ():
+        log.warning("%s: accepted a known server deviation: %s", name, t)
+    if info.get("unconfirmed_reason"):
+        log.warning("%s: stored, but the CA's confirmation (pkiConf) was not authenticated (recorded as "
+                    "'unconfirmed' in the credential)", name)
 
 
 async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject,
@@ -266,11 +289,13 @@ async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: 
 
 async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: bool = True,
                 now: datetime.datetime | None = None, check_validity: bool = True, username: str | None = None,
-                password_source: str | None = None) -> Credential:
+                password_source: str | None = None, remember: dict | None = None) -> Credential:
     """Renew ``name`` (CMP kur / EST simplereenroll) authenticated by its current certificate and key.
 
     With ``rekey`` a new key of the same type is generated in the same backend; the old credential stays
-    live until the new certificate is verified and stored, then the old key is destroyed.
+    live until the new certificate is verified and stored, then the old key is destroyed. ``remember``:
+    options given for this renewal (CMP switches) that the record keeps from now on.
+    A revoked credential is not renewed (``LifecycleError``).
 
     ``username``/``password_source`` (``env:VAR``, ``file:PATH``, ``pass:TEXT``) add HTTP Basic for EST servers
     that require it besides the client certificate (RFC 7030 §3.2.3). An ``env:``/``file:`` source is remembered
@@ -282,10 +307,15 @@ async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: boo
     cred = ks.get(name)
     if cred.readonly:
         raise LifecycleError(f"{name} is an IDevID: it is issued by the manufacturer and cannot be renewed")
+    revoked = (cred.record.get("meta") or {}).get("revoked")
+    if revoked:
+        raise LifecycleError(f"{name} was revoked ({revoked}); a revoked credential is not renewed: enroll a new "
+                             "one ('devagent enroll' / 'devagent request')")
     backend = {"file": "soft"}.get(cred.key_uri.partition(":")[0], cred.key_uri.partition(":")[0])
     spec = KeySpec(key_type=cred.key_type, backend=backend, key_uri=None if rekey else cred.key_uri,
                    allow_weak=True)
-    remember = dict(cred.record.get("meta", {}).get("enroll") or {})
+    remember = {**dict(cred.record.get("meta", {}).get("enroll") or {}),
+                **{k: v for k, v in (remember or {}).items() if v is not None}}
     if username is None and password_source is None:
         username, password_source = remember.get("renew_username"), remember.get("renew_password_source")
     elif password_source is not None and username is None:
@@ -319,8 +349,14 @@ async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: s
                  auth: ClientAuth | None = None) -> None:
     """Revoke ``name``'s certificate (CMP rr), signed with its own key (or ``auth``)."""
     cred = ks.get(name)
-    await client.revoke(cred.certificate, auth or await asyncio.to_thread(auth_for, ks, cred), reason)
-    ks.set_meta(name, revoked=reason, revoked_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    try:
+        await client.revoke(cred.certificate, auth or await asyncio.to_thread(auth_for, ks, cred), reason)
+    except (EnrollError, KeystoreError) as e:
+        ks.set_meta(name, last_error=f"revoke: {type(e).__name__}: {e}",
+                    last_failure=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        raise
+    ks.set_meta(name, revoked=reason, revoked_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                last_error=None)
     ks.audit("revoke", name=name, serial=format(cred.certificate.serial_number, "x"), reason=reason)
 
 
@@ -394,14 +430,39 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
     return added
 
 
+def current_root(ks: Keystore, domain: str) -> x509.Certificate | None:
+    """The domain's root to ask a CMP root CA key update for: the self-signed anchor the LDevID chains to,
+    else the self-signed anchor that expires last."""
+    roots = [a for a in ks.trust_anchors(domain) if _is_self_signed(a)]
+    if not roots:
+        return None
+    ldevid = ks.find_domain_credential(domain)
+    if ldevid is not None:
+        top = (list(ldevid.chain) or [ldevid.certificate])[-1]
+        for r in roots:
+            if r == top or signed_by(top, r):
+                return r
+    return max(roots, key=lambda r: r.not_valid_after_utc)
+
+
 async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_fingerprint: str | None = None,
-                    confirm=None) -> list[str]:
-    """Fetch CA certificates (EST /cacerts, CMP genm) and apply the trust policy above.
+                    confirm=None, auth: ClientAuth | None = None,
+                    old_root: x509.Certificate | None = None) -> list[str]:
+    """Fetch CA certificates (EST /cacerts, CMP genm caCerts + rootCaCert) and apply the trust policy above.
 
     ``confirm`` is an optional callable(list[(subject, fingerprint)]) -> bool used for interactive bootstrap.
+    ``auth``: how the request is authenticated (default: the domain's LDevID; CMP also takes a MAC secret).
+    Over CMP, ``old_root`` (default: ``current_root``) is sent in genm rootCaCert, so a root CA key update
+    (newWithNew/newWithOld, checked by the client and again by ``apply_ca_update``) is found before the old
+    root expires; the daemon calls this every CA check interval.
     """
     ldevid = ks.find_domain_credential(domain)
-    result = await client.ca_certs(auth_for(ks, ldevid) if ldevid else None)
+    if auth is None and ldevid is not None:
+        auth = await asyncio.to_thread(auth_for, ks, ldevid)
+    if client.protocol == "cmp":
+        result = await client.ca_certs(auth, old_root=old_root or current_root(ks, domain))
+    else:
+        result = await client.ca_certs(auth)
     confirmed = False
     if not ks.trust_anchors(domain) and not ca_fingerprint and confirm is not None:
         confirmed = bool(confirm([(c.subject.rfc4514_string(), fingerprint(c)) for c in result.ca_certs]))
@@ -420,13 +481,78 @@ def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | Non
     trust_domain = remembered.get("server_trust_domain") or cred.domain
     trust = tuple(ks.trust_anchors(trust_domain)) if trust_domain else ()
     recipient = remembered.get("recipient")
+    extra = {k: v for k, v in remembered.items() if k.startswith("x_")}
+    if protocol == "cmp":
+        extra.update({k: remembered[k] for k in CMP_EXTRA if remembered.get(k) is not None})
     opts = EnrollOptions(
         server=server, trust_anchors=trust, domain=cred.domain, profile=remembered.get("profile"),
         label=remembered.get("label"), timeout_s=float(remembered.get("timeout_s") or 30.0),
         implicit_confirm=bool(remembered.get("implicit_confirm")), mac=remembered.get("mac") or "pbm",
-        recipient=x509.Name.from_rfc4514_string(recipient) if recipient else None,
-        extra={k: v for k, v in remembered.items() if k.startswith("x_")})
+        recipient=_parse_dn(recipient) if recipient else None, extra=extra)
     return protocol, opts
+
+
+def _parse_dn(dn: str) -> x509.Name:
+    from keystore.csr import parse_subject
+
+    return parse_subject(dn)
+
+
+@dataclasses.dataclass(frozen=True)
+class CsrResult:
+    """``enroll_csr``: the stored credential (the CSR's key is in the keystore) or the verified certificate."""
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    credential: Credential | None = None
+    unconfirmed: str | None = None
+
+
+async def enroll_csr(ks: Keystore, client: EnrollmentClient, *, csr: x509.CertificateSigningRequest, name: str,
+                     domain: str, auth: ClientAuth | None, key_uri: str | None = None, op: str = "enroll",
+                     remember: dict | None = None, now: datetime.datetime | None = None) -> CsrResult:
+    """CMP p10cr from an existing CSR (its key stays where it is).
+
+    With ``key_uri`` (the CSR's key, registered in the keystore) the credential is stored as usual; without,
+    the certificate is verified exactly as before storing (our key = the CSR's, chain to the domain's
+    anchors, validity) and returned, nothing stored.
+    """
+    from keystore.certs import same_public_key
+    from keystore.verify import verify_certificate
+
+    check_name(name, "credential name")
+    if op not in ("enroll", "request"):
+        raise ValueError("op must be 'enroll' or 'request'")
+    if key_uri is not None:
+        key = await asyncio.to_thread(ks.private_key, key_uri)
+        if not same_public_key(key.public_key(), csr.public_key()):
+            raise LifecycleError(f"--key {key_uri} is not the CSR's key (public keys differ)")
+    if auth is None and op == "request":
+        ldevid = ks.find_domain_credential(domain)
+        if ldevid is None:
+            raise LifecycleError(f"no domain credential (LDevID) for domain {domain}")
+        auth = await asyncio.to_thread(auth_for, ks, ldevid)
+    req = CertRequest(subject=csr.subject, csr=csr)
+    result = await getattr(client, op)(req, auth)
+    remember = remember or {}
+    if key_uri is not None:
+        cred = ks.store_certificate(name, result.certificate, result.chain, key_uri=key_uri,
+                                    kind="ldevid" if op == "enroll" else "app", domain=domain,
+                                    purpose="clientAuth" if op == "enroll" else None, protocol=client.protocol,
+                                    server=remember.get("server"),
+                                    meta={"enroll": remember, **_confirmation_meta(result)},
+                                    now=validity_time(result.certificate, result.server_time, now))
+        _log_confirmation(name, result)
+        return CsrResult(cred.certificate, cred.chain, cred, result.info.get("unconfirmed_reason"))
+    anchors = ks.trust_anchors(domain)
+    if not anchors:
+        raise VerificationError("untrusted", f"domain {domain} has no trust anchor to verify the certificate "
+                                "against: give --trust")
+    path = verify_certificate(result.certificate, public_key=csr.public_key(), chain=result.chain,
+                              trust_anchors=anchors, now=validity_time(result.certificate, result.server_time, now))
+    _log_confirmation(name, result)
+    chain = tuple(c for c in path[1:] if c != path[-1] or c in result.chain) or tuple(result.chain)
+    return CsrResult(result.certificate, chain, None, result.info.get("unconfirmed_reason"))
 
 
 def client_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> EnrollmentClient:

@@ -121,6 +121,8 @@ class Credential:
             server=self.record.get("server"), chain=[describe(c)["subject"] for c in self.chain],
             next_renewal=self.record.get("meta", {}).get("next_renewal"),
             last_error=self.record.get("meta", {}).get("last_error"),
+            revoked=self.record.get("meta", {}).get("revoked"),
+            revoked_at=self.record.get("meta", {}).get("revoked_at"),
         )
         return d
 

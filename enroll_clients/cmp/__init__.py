@@ -35,6 +35,17 @@ def client_from_options(options: EnrollOptions):
         ``http_keep_alive`` (bool): reuse the HTTP connection between messages (default False).
         ``file_wait_s`` (float): how long the file transport waits for a response file
             (default ``options.max_wait_s``).
+        ``mac_alg`` (str): HMAC of our MAC, "hmac-sha1" .. "hmac-sha512" (default hmac-sha256, RFC 9481).
+        ``mac_owf`` (str): PasswordBasedMac one-way function, "sha1" .. "sha512" (default sha256).
+        ``mac_sender`` (str): header sender of MAC-protected requests: "subject" (default) or "null-dn".
+        ``operation_labels`` (bool): ``server`` is a base URL; each message goes to ``<server>/<label>``
+            (RFC 9483 6.1: initialization, certification, keyupdate, p10, revocation, getcacerts, ...).
+        ``profile_in`` (str): where ``options.profile`` goes: "generalinfo" (default, certProfile,
+            RFC 9483 3.1), "path" (a URL path segment before the operation label) or "both".
+        ``unprotected`` (bool): send requests without protection (diagnostics, as ``openssl cmp
+            -unprotected_requests``; servers refuse them). Responses are still checked.
+        ``tolerate_nonce_reuse`` (bool): accept a response that repeats a senderNonce of the transaction when
+            its recipNonce and transactionID match (docs/cmp.md, "Deviations").
 
     Raises:
         ValueError: inconsistent options (e.g. only one of reqout/rspin, a non-HTTP server URL).
@@ -42,10 +53,16 @@ def client_from_options(options: EnrollOptions):
     """
     if not isinstance(options, EnrollOptions):
         raise TypeError(f"options must be EnrollOptions, not {type(options).__name__}")
+    from enroll_clients.cmp.algs import PROFILE_LOCATIONS
     from enroll_clients.cmp.client import CmpClient
     from enroll_clients.cmp.transport import FileTransport, HttpTransport
 
     extra = dict(options.extra or {})
+    profile_in = extra.get("profile_in") or "generalinfo"
+    if profile_in not in PROFILE_LOCATIONS:
+        raise ValueError(f"profile_in {profile_in!r}: one of {', '.join(PROFILE_LOCATIONS)}")
+    if profile_in != "generalinfo" and not options.profile:
+        raise ValueError(f"profile_in {profile_in!r} needs a profile (--profile)")
     if options.reqout or options.rspin:
         if not (options.reqout and options.rspin):
             raise ValueError("the CMP file transport needs both reqout (requests) and rspin (responses)")
@@ -54,7 +71,9 @@ def client_from_options(options: EnrollOptions):
     else:
         transport = HttpTransport(options.server, timeout_s=options.timeout_s, retries=options.retries,
                                   verify=extra.get("tls_verify", True),
-                                  keep_alive=bool(extra.get("http_keep_alive", False)))
+                                  keep_alive=bool(extra.get("http_keep_alive", False)),
+                                  operation_labels=bool(extra.get("operation_labels", False)),
+                                  path_profile=options.profile if profile_in in ("path", "both") else None)
     old_root = extra.get("old_root")
     if old_root is not None:
         from cryptography import x509
@@ -73,6 +92,12 @@ def client_from_options(options: EnrollOptions):
         profile=options.profile,
         old_root=old_root,
         use_cert_template=bool(extra.get("cert_template", False)),
+        mac_alg=extra.get("mac_alg"),
+        mac_owf=extra.get("mac_owf"),
+        mac_sender=extra.get("mac_sender") or "subject",
+        profile_in_general_info=profile_in in ("generalinfo", "both"),
+        tolerate_nonce_reuse=bool(extra.get("tolerate_nonce_reuse", False)),
+        unprotected_requests=bool(extra.get("unprotected", False)),
     )
 
 

@@ -32,6 +32,7 @@ from enroll_clients.base import (
     UnsupportedError,
 )
 from enroll_clients.cmp import verify as V
+from enroll_clients.cmp.algs import MAC_SENDERS, OPERATION_FOR_BODY, mac_hash_name, owf_name
 from enroll_clients.cmp.errors import STATUS_NAMES, CmpServerError, KeyMismatchError
 from enroll_clients.cmp.transport import Transport
 
@@ -86,18 +87,29 @@ class CmpClient(EnrollmentClient):
                  recipient: x509.Name | None = None, implicit_confirm: bool = False, mac: str = "pbm",
                  mac_iterations: int | None = None, max_clock_skew_s: float | None = None,
                  max_wait_s: float = 300.0, profile: str | None = None,
-                 old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None):
+                 old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None,
+                 mac_alg: str | None = None, mac_owf: str | None = None, mac_sender: str = "subject",
+                 profile_in_general_info: bool = True, tolerate_nonce_reuse: bool = False,
+                 unprotected_requests: bool = False):
         if mac not in ("pbm", "pbmac1"):
             raise ValueError(f"unknown MAC {mac!r} (expected 'pbm' or 'pbmac1')")
+        if mac_sender not in MAC_SENDERS:
+            raise ValueError(f"unknown MAC sender {mac_sender!r} (one of {', '.join(MAC_SENDERS)})")
         self.transport = transport
         self.trust_anchors = tuple(trust_anchors)
         self.recipient = recipient
         self.implicit_confirm = implicit_confirm
         self.mac = mac
         self.mac_iterations = mac_iterations
+        self.mac_hash = mac_hash_name(mac_alg)
+        self.mac_owf = owf_name(mac_owf) if mac_owf else None
+        self.mac_sender = mac_sender
         self.max_clock_skew_s = max_clock_skew_s
         self.max_wait_s = max_wait_s
         self.profile = profile
+        self.profile_in_general_info = profile_in_general_info
+        self.tolerate_nonce_reuse = tolerate_nonce_reuse
+        self.unprotected_requests = unprotected_requests
         self.old_root = old_root
         self.use_cert_template = use_cert_template
         self._now = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
@@ -135,7 +147,7 @@ class CmpClient(EnrollmentClient):
     async def revoke(self, certificate: x509.Certificate, auth: ClientAuth, reason: str = "unspecified") -> None:
         """rr for ``certificate`` (normally signed by its own key via ``auth``). Returns once the server
         reports the revocation accepted (status accepted, revocationWarning or revocationNotification)."""
-        txn = self._transaction(auth, sender=certificate.subject)
+        txn = self._transaction(auth, sender=certificate.subject, operation=OPERATION_FOR_BODY["rr"])
         der = await _build(txn, "rr", M.rr_body(certificate, reason))
         resp = await self._send(txn, der, ("rp",), "revocation request (rr)")
         statuses = list(resp.body["status"])
@@ -146,33 +158,38 @@ class CmpClient(EnrollmentClient):
             raise CmpServerError("revocation request (rr) refused", status=status, fail_info=fail, text=text,
                                  protected=resp.protected)
 
-    async def ca_certs(self, auth: ClientAuth | None = None) -> CaCertsResult:
-        """genm caCerts, plus rootCaCert when ``old_root`` is configured (RFC 9483 4.3.1/4.3.2). The genp must
-        be protected (MAC with ``auth.secret`` or a signature chaining to ``trust_anchors``). A new root is
-        returned only after ``verify_root_update`` bound it to the old root."""
+    async def ca_certs(self, auth: ClientAuth | None = None, *,
+                       old_root: x509.Certificate | None = None) -> CaCertsResult:
+        """genm caCerts, plus rootCaCert when ``old_root`` (argument, else the client's) is given (RFC 9483
+        4.3.1/4.3.2). The genp must be protected (MAC with ``auth.secret`` or a signature chaining to
+        ``trust_anchors``). A new root is returned only after ``verify_root_update`` bound it to the old root."""
+        old_root = old_root or self.old_root
         # One ITAV per genm (RFC 9483 4.3; OpenSSL refuses a genm with two), so two transactions.
-        resp = await self._genm(auth, A.id_it_caCerts, None, "general message (genm caCerts)")
+        resp = await self._genm(auth, A.id_it_caCerts, None, "general message (genm caCerts)", "getcacerts")
         cas = M.decode_ca_certs(M.genp_values(resp.body).get(str(A.id_it_caCerts)))
         new_root = nwo = own = None
         server_time = resp.server_time
-        if self.old_root is not None:
-            resp = await self._genm(auth, A.id_it_rootCaCert, M.cert_to_asn1(self.old_root),
-                                    "general message (genm rootCaCert)")
+        if old_root is not None:
+            resp = await self._genm(auth, A.id_it_rootCaCert, M.cert_to_asn1(old_root),
+                                    "general message (genm rootCaCert)", "getrootupdate")
             update = M.decode_root_ca_key_update(M.genp_values(resp.body).get(str(A.id_it_rootCaKeyUpdate)))
             if update is not None:
                 nwn, nwo, own = update
-                V.verify_root_update(self.old_root, nwn, nwo, own)
+                V.verify_root_update(old_root, nwn, nwo, own)
                 new_root = nwn
         return CaCertsResult(ca_certs=cas, new_root=new_root, new_with_old=nwo, old_with_new=own,
                              server_time=server_time)
 
-    async def _genm(self, auth, info_type, value, what: str):
-        txn = self._transaction(auth)
+    async def _genm(self, auth, info_type, value, what: str, operation: str):
+        # genm sender: NULL-DN with MAC (RFC 9483 4.3 leaves it open; the Siemens MockCA wants it), our
+        # certificate's subject with a signature.
+        txn = self._transaction(auth, operation=operation)
         return await self._send(txn, await _build(txn, "genm", M.genm_body([(info_type, value)])), ("genp",), what)
 
     async def cert_req_template(self, auth: ClientAuth | None = None):
         """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none."""
-        resp = await self._genm(auth, A.id_it_certReqTemplate, None, "general message (genm certReqTemplate)")
+        resp = await self._genm(auth, A.id_it_certReqTemplate, None, "general message (genm certReqTemplate)",
+                                "getcertreqtemplate")
         return T.decode_template(M.genp_values(resp.body).get(str(A.id_it_certReqTemplate)))
 
     async def aclose(self) -> None:
@@ -180,8 +197,10 @@ class CmpClient(EnrollmentClient):
 
     # --- internals --------------------------------------------------------------------------------
     def _protector(self, auth: ClientAuth | None) -> M.Protector:
-        if auth is None:
-            return M.Protector(unprotected=True, trust_anchors=self.trust_anchors)
+        if auth is None or self.unprotected_requests:
+            # Responses are still verified: with the MAC secret when we have one, else by signature.
+            secret = auth.secret if auth is not None else None
+            return M.Protector(unprotected=True, trust_anchors=self.trust_anchors, secret=secret)
         if not isinstance(auth, ClientAuth):
             raise TypeError(f"auth must be a ClientAuth, not {type(auth).__name__}")
         if auth.certificate is not None and auth.private_key is not None:
@@ -191,36 +210,38 @@ class CmpClient(EnrollmentClient):
             if not auth.reference:
                 raise ValueError("MAC protection needs auth.reference (sent as senderKID) with auth.secret")
             return M.Protector(reference=auth.reference, secret=auth.secret, mac_kind=self.mac,
-                               mac_iterations=self.mac_iterations, trust_anchors=self.trust_anchors)
+                               mac_iterations=self.mac_iterations, mac_hash=self.mac_hash, mac_owf=self.mac_owf,
+                               trust_anchors=self.trust_anchors)
         raise ValueError("no CMP credentials in auth: give reference+secret (MAC) or certificate+private_key")
 
-    def _transaction(self, auth, sender: x509.Name | None = None) -> M.Transaction:
-        return M.Transaction(self._protector(auth), sender=sender, recipient=self.recipient,
-                             max_clock_skew_s=self.max_clock_skew_s, now=self._now)
+    def _transaction(self, auth, sender: x509.Name | None = None, operation: str | None = None) -> M.Transaction:
+        pr = self._protector(auth)
+        if self.mac_sender == "null-dn" and not pr.uses_signature:
+            sender = None  # NULL-DN; the server finds the secret by senderKID alone
+        return M.Transaction(pr, sender=sender, recipient=self.recipient, max_clock_skew_s=self.max_clock_skew_s,
+                             now=self._now, operation=operation, tolerate_nonce_reuse=self.tolerate_nonce_reuse)
 
     def _general_info(self):
         gi = []
         if self.implicit_confirm:
             gi.append((A.id_it_implicitConfirm, A.Null("")))
-        if self.profile:
+        if self.profile and self.profile_in_general_info:
             v = A.CertProfileValue()
             v.setComponentByPosition(0, self.profile)
             gi.append((A.id_it_certProfile, v))
         return gi
 
     async def _send(self, txn: M.Transaction, der: bytes, expected, what: str) -> M.Response:
-        rsp = await self.transport.exchange(der)
+        rsp = await self.transport.exchange(der, operation=txn.operation)
         resp = txn.accept(rsp, expected)
         if resp.body_type == "error":
             content = resp.body
             status, fail, text = M.status_of(content["pKIStatusInfo"])
             code = int(content["errorCode"]) if content["errorCode"].isValue else None
             details = "; ".join(str(t) for t in content["errorDetails"]) if content["errorDetails"].isValue else ""
-            if resp.protection_problem:
-                details = (details + "; " if details else "") + f"response protection: {resp.protection_problem}"
             raise CmpServerError(f"{what} refused by the CMP server ({self.transport.describe()})", status=status,
                                  fail_info=fail, text=text, protected=resp.protected, error_code=code,
-                                 details=details)
+                                 details=details, protection_problem=resp.protection_problem)
         return resp
 
     async def _crmf(self, body_type: str, request: CertRequest, auth: ClientAuth, controls=()) -> EnrollResult:
@@ -236,16 +257,18 @@ class CmpClient(EnrollmentClient):
                                       key_type=request.key_type, profile=request.profile)
         template = M.cert_template(subject, key.public_key(), request.sans, extensions)
         body = await asyncio.to_thread(M.cert_req_messages, template, key, controls=controls)  # POP signature
-        sender = auth.certificate.subject if auth.certificate is not None else subject
-        txn = self._transaction(auth, sender=sender)
+        sender = auth.certificate.subject if auth is not None and auth.certificate is not None else subject
+        txn = self._transaction(auth, sender=sender, operation=OPERATION_FOR_BODY[body_type])
         return await self._cert_exchange(txn, body_type, body, key.public_key())
 
     async def _p10cr(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
         csr = request.csr
+        if not isinstance(csr, x509.CertificateSigningRequest):
+            raise TypeError(f"request.csr must be an x509.CertificateSigningRequest, not {type(csr).__name__}")
         if not csr.is_signature_valid:
-            raise ValueError("request.csr has an invalid signature")
-        sender = auth.certificate.subject if auth.certificate is not None else csr.subject
-        txn = self._transaction(auth, sender=sender)
+            raise ValueError("request.csr has an invalid signature (the CSR was altered or not signed by its key)")
+        sender = auth.certificate.subject if auth is not None and auth.certificate is not None else csr.subject
+        txn = self._transaction(auth, sender=sender, operation=OPERATION_FOR_BODY["p10cr"])
         return await self._cert_exchange(txn, "p10cr", M.p10cr_body(csr), csr.public_key())
 
     async def _cert_exchange(self, txn: M.Transaction, body_type: str, body, public_key) -> EnrollResult:
@@ -310,17 +333,28 @@ class CmpClient(EnrollmentClient):
                 f"{what}: public key mismatch: the certificate {cert.subject.rfc4514_string()} (serial "
                 f"{cert.serial_number:x}) returned by {self.transport.describe()} is not for the key we "
                 "requested; rejected")
+        unconfirmed = None
         if not implicit:
             cbody, pvno = M.cert_conf_body(cert, req_id)
-            await self._send(txn, await _build(txn, "certConf", cbody, pvno=pvno), ("pkiconf",),
-                             "certificate confirmation (certConf)")
+            der = await _build(txn, "certConf", cbody, pvno=pvno)
+            try:
+                await self._send(txn, der, ("pkiconf",), "certificate confirmation (certConf)")
+            except CmpServerError:
+                raise  # the CA answered our certConf with an error: it does not take the certificate
+            except ProtocolError as e:
+                # We confirmed a certificate that passed every check of ours; the CA has acted. Its pkiConf
+                # failed a check (protection, binding): the confirmation is not authenticated, but discarding
+                # the certificate now would orphan it on the CA. The caller stores it and says so.
+                unconfirmed = f"the CA's pkiConf could not be verified: {e}"
         pool = list(resp.extra_certs) + list(ca_pubs)
         chain = V.issuing_chain(cert, pool)
         return EnrollResult(
             certificate=cert, chain=chain, ca_certs=ca_pubs, server_time=resp.server_time,
             info={"transaction_id": txn.tid.hex(), "status": STATUS_NAMES[status], "implicit_confirm": implicit,
                   "polls": polls, "body": body_type, "protection": "signature" if txn.protector.uses_signature else "mac",
-                  "response_signer": resp.signer.subject.rfc4514_string() if resp.signer is not None else None})
+                  "response_signer": resp.signer.subject.rfc4514_string() if resp.signer is not None else None,
+                  "confirmation": ("implicit" if implicit else "unauthenticated" if unconfirmed else "pkiConf"),
+                  "unconfirmed_reason": unconfirmed, "tolerated": list(txn.tolerated)})
 
 
 async def _build(txn: M.Transaction, body_type: str, body, **kw) -> bytes:

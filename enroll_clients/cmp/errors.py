@@ -86,20 +86,24 @@ class CmpServerError(ServerError):
     """
 
     def __init__(self, what: str, *, status: int, fail_info: tuple[str, ...] = (), text: str = "",
-                 protected: bool = True, error_code: int | None = None, details: str = ""):
+                 protected: bool = True, error_code: int | None = None, details: str = "",
+                 protection_problem: str = ""):
         msg = f"{what}: {describe_status(status, fail_info, text)}"
         if error_code is not None:
             msg += f"; errorCode {error_code}"
-        if details:
-            msg += f"; errorDetails {details!r}"
+        if details:  # the server's words only; our own findings follow separately
+            msg += f"; server errorDetails {details!r}"
         if not protected:
-            msg += " [UNAUTHENTICATED: response protection missing or invalid; not trusted]"
+            why = f" ({protection_problem})" if protection_problem else ""
+            msg += f" [UNAUTHENTICATED: response protection missing or invalid{why}; not trusted]"
         hints = [_HINTS[n] for n in fail_info if n in _HINTS]
         if hints:
             msg += " -- " + "; ".join(hints)
         super().__init__(msg, status=STATUS_NAMES.get(status, status), fail_info=fail_info, text=text)
         self.protected = protected
         self.error_code = error_code
+        self.details = details
+        self.protection_problem = protection_problem
 
 
 class KeyMismatchError(ProtocolError):

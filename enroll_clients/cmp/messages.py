@@ -116,6 +116,8 @@ class Protector:
     secret: bytes | None = dataclasses.field(default=None, repr=False)
     mac_kind: str = "pbm"
     mac_iterations: int | None = None
+    mac_hash: str = "sha256"  # HMAC hash of our MAC ("sha1" = OpenSSL's default PBM mac hmac-sha1)
+    mac_owf: str | None = None  # PBM one-way function (default: see protection.new_mac_alg)
     certificate: x509.Certificate | None = None
     private_key: object = None
     chain: tuple[x509.Certificate, ...] = ()
@@ -138,6 +140,11 @@ class Protector:
                              "certificate + private key (signature)")
         if self.mac_kind not in ("pbm", "pbmac1"):
             raise ValueError(f"unknown MAC {self.mac_kind!r} (expected 'pbm' or 'pbmac1')")
+
+
+def new_mac_alg_for(pr: Protector):
+    """A fresh MAC protectionAlg with the Protector's scheme, hash, OWF and iteration count."""
+    return P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations, hash_name=pr.mac_hash, owf=pr.mac_owf)
 
 
 def sender_kid(pr: Protector) -> bytes | None:
@@ -174,7 +181,7 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
         if pr.uses_signature:
             alg, sign = P.signature_alg_for(pr.private_key)
         else:
-            alg = mac_alg if mac_alg is not None else P.new_mac_alg(pr.mac_kind, iterations=pr.mac_iterations)
+            alg = mac_alg if mac_alg is not None else new_mac_alg_for(pr)
         h["protectionAlg"] = _tagged(h, "protectionAlg", alg)
         kid = sender_kid(pr)
         if kid is not None:
@@ -284,9 +291,15 @@ class Transaction:
 
     def __init__(self, protector: Protector, *, sender: x509.Name | None = None, recipient: x509.Name | None = None,
                  max_clock_skew_s: float | None = None, now: Callable[[], datetime.datetime] = _utcnow,
-                 pvno: int = PVNO_CMP2000, transaction_id: bytes | None = None):
+                 pvno: int = PVNO_CMP2000, transaction_id: bytes | None = None, operation: str | None = None,
+                 tolerate_nonce_reuse: bool = False):
         protector.check()
         self.protector = protector
+        self.operation = operation  # RFC 9483 6.1 operation label of this transaction (certConf/pollReq keep it)
+        # Deviation switch (docs/cmp.md): a response may repeat a senderNonce of this transaction when its
+        # recipNonce and transactionID match (the Siemens MockCA's pkiConf repeats the ip's).
+        self.tolerate_nonce_reuse = tolerate_nonce_reuse
+        self.tolerated: list[str] = []  # deviations accepted in this transaction, for the caller to report
         self.tid = transaction_id or os.urandom(NONCE_BYTES)
         self.pvno = pvno
         if protector.uses_signature:
@@ -303,7 +316,7 @@ class Transaction:
         # One MAC protectionAlg (salt) per transaction: the PBM/PBKDF2 key is derived once.
         self._mac_alg = None
         if not protector.unprotected and not protector.uses_signature:
-            self._mac_alg = P.new_mac_alg(protector.mac_kind, iterations=protector.mac_iterations)
+            self._mac_alg = new_mac_alg_for(protector)
 
     # -- requests --
     def request(self, body_type: str, body_value, *, general_info: Sequence[tuple] = (), pvno: int | None = None) -> bytes:
@@ -347,7 +360,12 @@ class Transaction:
             raise ProtocolError("response senderNonce missing or shorter than 128 bits")
         nonce = bytes(h["senderNonce"])
         if nonce in self._seen_nonces:
-            raise ProtocolError("response senderNonce repeats one already seen in this transaction (replay)")
+            if not self.tolerate_nonce_reuse:
+                raise ProtocolError("response senderNonce repeats one already seen in this transaction (replay?); "
+                                    "its recipNonce and transactionID match our request: if this server is known "
+                                    "to reuse its senderNonce (e.g. in pkiConf), --tolerate-nonce-reuse accepts it")
+            self.tolerated.append(f"{body_type} reused the server's senderNonce (recipNonce and transactionID "
+                                  "match; --tolerate-nonce-reuse)")
         self._seen_nonces.add(nonce)
         self.recip_nonce = nonce
         if h["messageTime"].isValue:

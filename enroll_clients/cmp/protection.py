@@ -19,7 +19,14 @@ from pyasn1.error import PyAsn1Error
 from enroll_clients.base import ProtectionError
 from enroll_clients.cmp import asn1 as A
 
-MAX_ITERATIONS = 100_000  # OpenSSL's own PBM limit; bounds work a response can ask of us
+# Bounds on the work a response's MAC parameters can ask of us, separately per scheme: a PBM iteration is one
+# hash in Python, a PBKDF2 iteration one HMAC inside OpenSSL (~20x cheaper per iteration).
+MAX_PBM_ITERATIONS = 100_000  # OpenSSL's own PBM limit
+# RFC 9481 6.1.2 leaves the count to policy; OWASP (2023) recommends 600,000 for PBKDF2-HMAC-SHA256 and the
+# Siemens MockCA answers with 262,144 (PBKDF2-SHA512). 1,000,000 costs ~0.3-0.6 s on x86 (several seconds on a
+# Pi Zero 2 W), once per transaction (the derived key is cached).
+MAX_PBKDF2_ITERATIONS = 1_000_000
+MAX_ITERATIONS = MAX_PBM_ITERATIONS  # the old name (PBM)
 # PasswordBasedMac iterates a hash in Python (no one-call primitive exists): 1000 rounds cost ~10 ms on x86,
 # several times that on a Pi Zero. OpenSSL sends 500. The key is derived once per transaction (the salt is
 # reused within it), so the cost is paid once per enrollment, not per message.
@@ -38,7 +45,11 @@ _HMAC_BY_OID = {
 }
 _HASH_OID_BY_NAME = {h.name: oid for oid, h in _HASH_BY_OID.items()}
 _HMAC_OID_BY_NAME = {"sha256": str(A.id_hmacWithSHA256), "sha384": str(A.id_hmacWithSHA384),
-                     "sha512": str(A.id_hmacWithSHA512), "sha1": str(A.id_hmac_sha1)}
+                     "sha512": str(A.id_hmacWithSHA512), "sha224": str(A.id_hmacWithSHA224),
+                     "sha1": str(A.id_hmac_sha1)}
+# PBKDF2's prf and PBMAC1's messageAuthScheme name HMAC-SHA1 by its PKCS#5 OID (RFC 8018), PBM by RFC 2104's.
+_PKCS5_HMAC_OID_BY_NAME = {**_HMAC_OID_BY_NAME, "sha1": str(A.id_hmacWithSHA1), "sha224": str(A.id_hmacWithSHA224)}
+DEFAULT_OWF = "sha256"
 
 # Signature algorithms: OID -> (kind, hash class or None)
 SIG_ALGS = {
@@ -79,9 +90,9 @@ def _digest(hash_cls, data: bytes) -> bytes:
     return h.finalize()
 
 
-def _bounded(name: str, n: int) -> int:
-    if not 1 <= n <= MAX_ITERATIONS:
-        raise ProtectionError(f"response MAC parameters: {name} {n} outside 1..{MAX_ITERATIONS}; refusing")
+def _bounded(name: str, n: int, limit: int) -> int:
+    if not 1 <= n <= limit:
+        raise ProtectionError(f"response MAC parameters: {name} {n} outside 1..{limit}; refusing")
     return n
 
 
@@ -93,22 +104,29 @@ def pbm_key(secret: bytes, salt: bytes, owf, iterations: int) -> bytes:
     return k
 
 
-def new_mac_alg(kind: str, *, iterations: int | None = None, hash_name: str = "sha256"):
-    """A fresh protectionAlg (new random salt) for ``kind`` "pbm" or "pbmac1"."""
+def new_mac_alg(kind: str, *, iterations: int | None = None, hash_name: str = "sha256", owf: str | None = None):
+    """A fresh protectionAlg (new random salt) for ``kind`` "pbm" or "pbmac1".
+
+    ``hash_name``: the HMAC's hash ("sha1" for OpenSSL's default PBM MAC hmac-sha1); PBMAC1 also uses it as the
+    PBKDF2 PRF. ``owf``: the PBM one-way function (default: the MAC's hash, at least SHA-256, as OpenSSL's
+    defaults: owf sha256 with mac hmac-sha1)."""
     salt = os.urandom(SALT_BYTES)
-    hmac_oid = _HMAC_OID_BY_NAME[hash_name]
+    if hash_name not in _HMAC_OID_BY_NAME:
+        raise ValueError(f"unknown MAC hash {hash_name!r}")
     if kind == "pbm":
+        owf = owf or (hash_name if hash_name in ("sha256", "sha384", "sha512") else DEFAULT_OWF)
         p = A.PBMParameter()
         p["salt"] = salt
-        p["owf"] = alg_id(_HASH_OID_BY_NAME[hash_name])
+        p["owf"] = alg_id(_HASH_OID_BY_NAME[owf])
         p["iterationCount"] = iterations or PBM_ITERATIONS
-        p["mac"] = alg_id(hmac_oid)
+        p["mac"] = alg_id(_HMAC_OID_BY_NAME[hash_name])
         return alg_id(A.id_PasswordBasedMac, p)
     if kind == "pbmac1":
+        hmac_oid = _PKCS5_HMAC_OID_BY_NAME[hash_name]
         kdf = A.PBKDF2Params()
         kdf["salt"] = salt
         kdf["iterationCount"] = iterations or PBMAC1_ITERATIONS
-        kdf["keyLength"] = hashes.SHA256.digest_size if hash_name == "sha256" else getattr(hashes, hash_name.upper()).digest_size
+        kdf["keyLength"] = getattr(hashes, hash_name.upper()).digest_size
         kdf["prf"] = alg_id(hmac_oid, null_params=True)
         p = A.PBMAC1Params()
         p["keyDerivationFunc"] = alg_id(A.id_PBKDF2, kdf)
@@ -149,7 +167,8 @@ def _derive(alg, oid: str, secret: bytes):
             if owf is None or mac is None:
                 raise ProtectionError(f"PasswordBasedMac with unsupported owf {p['owf']['algorithm']} "
                                       f"or mac {p['mac']['algorithm']}")
-            key = pbm_key(secret, bytes(p["salt"]), owf, _bounded("iterationCount", int(p["iterationCount"])))
+            key = pbm_key(secret, bytes(p["salt"]), owf,
+                          _bounded("PBM iterationCount", int(p["iterationCount"]), MAX_PBM_ITERATIONS))
             return mac, key
         if oid == str(A.id_PBMAC1):
             p = A.der_decode(bytes(alg["parameters"]), A.PBMAC1Params())
@@ -166,7 +185,8 @@ def _derive(alg, oid: str, secret: bytes):
             if not 1 <= length <= 64:
                 raise ProtectionError(f"PBMAC1 keyLength {length} outside 1..64")
             key = PBKDF2HMAC(prf(), length, bytes(kdf["salt"]),
-                             _bounded("iterationCount", int(kdf["iterationCount"]))).derive(secret)
+                             _bounded("PBKDF2 iterationCount", int(kdf["iterationCount"]),
+                                      MAX_PBKDF2_ITERATIONS)).derive(secret)
             return mac, key
     except (ValueError, TypeError, PyAsn1Error) as e:  # pyasn1: a required parameter absent or of the wrong type
         raise ProtectionError(f"malformed MAC parameters in protectionAlg: {e}") from None

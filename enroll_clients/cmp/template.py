@@ -121,3 +121,37 @@ def apply_template(t: Template, subject: x509.Name, sans, extensions, key):
     # Extensions the template does not mention stay: the template constrains, it does not forbid.
     out.extend(e for k, e in ours_ext.items() if k not in listed)
     return subject, tuple(out)
+
+
+_OID_NAMES = {"2.5.4.3": "CN", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+              "2.5.4.5": "serialNumber", "1.2.840.113549.1.9.1": "emailAddress",
+              "2.5.29.17": "subjectAltName", "2.5.29.15": "keyUsage", "2.5.29.37": "extendedKeyUsage",
+              "2.5.29.19": "basicConstraints", "1.2.840.10045.2.1": "EC", "1.2.840.113549.1.1.1": "RSA",
+              "1.3.101.112": "Ed25519", "1.3.101.113": "Ed448", "1.2.840.10045.3.1.7": "P-256",
+              "1.3.132.0.34": "P-384", "1.3.132.0.35": "P-521"}
+
+
+def describe_template(t: Template | None) -> dict:
+    """A person's (and JSON) view of a template: what the server fixes, what we must fill in, the key type."""
+    if t is None:
+        return {"template": None}
+    name = lambda oid: _OID_NAMES.get(oid, oid)  # noqa: E731
+    subject = None
+    if t.subject is not None:
+        subject = ", ".join(f"{name(o)}={v if v is not None else '<ours>'}" for o, v in t.subject)
+    key = None
+    if t.key_alg is not None:
+        oid, params = t.key_alg
+        key = name(oid)
+        if params:
+            try:
+                curve = str(A.der_decode(params, A.univ.ObjectIdentifier()))
+                key += f" {name(curve)}"
+            except ValueError:
+                pass
+    if t.rsa_key_len:
+        key = f"RSA-{t.rsa_key_len}"
+    exts = [f"{name(o)}{' (critical)' if c else ''}: {'fixed by the server' if v is not None else '<ours>'}"
+            for o, c, v in t.extensions]
+    return {"template": True, "subject": subject or "(ours)", "key": key or "(any)",
+            "extensions": "; ".join(exts) or "(ours)"}
