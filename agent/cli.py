@@ -933,10 +933,13 @@ def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint
         server = server or remembered.get("server")
         if not protocol or not server:
             raise click.UsageError(f"no LDevID for {domain}: give --protocol and --server")
+        extra = {k: remembered[k] for k in CMP_REMEMBERED if remembered.get(k) is not None}
+        extra.update(_cmp_extra(kw))
         client = client_for(protocol, EnrollOptions(
-            server=server, trust_anchors=tuple(ks.trust_anchors(domain)), domain=domain, label=label,
-            profile=profile, ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0, mac=mac or "pbm",
-            recipient=_recipient(recipient), extra=_cmp_extra(kw)))
+            server=server, trust_anchors=tuple(ks.trust_anchors(domain)), domain=domain,
+            label=label or remembered.get("label"), profile=profile or remembered.get("profile"),
+            ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0, mac=mac or remembered.get("mac") or "pbm",
+            recipient=_recipient(recipient or remembered.get("recipient")), extra=extra))
     auth = None
     if secret:
         if not ref:

@@ -341,6 +341,11 @@ def upstream_options(f):
         click.option("--password", default=None, help="EST password as env:VAR, file:PATH or pass:TEXT."),
         click.option("--reference", default=None, help="CMP MAC senderKID."),
         click.option("--secret", default=None, help="CMP MAC secret as env:VAR, file:PATH or pass:TEXT."),
+        click.option("--implicit-confirm/--no-implicit-confirm", "implicit_confirm", default=False,
+                     help="CMP: ask for implicitConfirm (no certConf round trip when granted)."),
+        click.option("--recipient", default=None, help="CMP: recipient DN (RFC 4514 or /CN=...) [NULL-DN]."),
+        click.option("--mac-alg", default=None, metavar="hmac-sha1|hmac-sha256|...",
+                     help="CMP: HMAC of the MAC protection [hmac-sha256]; hmac-sha1 for servers that want it."),
         click.option("--retries", type=click.IntRange(1, 20), default=3, show_default=True,
                      help="Attempts per device before the notification hook runs."),
         click.option("--notify", default=None, help="Command run when a device fails all attempts "
@@ -354,7 +359,7 @@ def upstream_options(f):
 
 
 def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username, password,
-                   reference, secret):
+                   reference, secret, implicit_confirm=False, recipient=None, mac_alg=None):
     """Build the Upstream from CLI options (the CLM's own credential comes from its keystore)."""
     from agent.clm import EnrollClientUpstream, LabUpstream
     from keystore.certs import load_certificate_file
@@ -393,7 +398,25 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
                       **auth_kw)
     server_anchors = tuple(c for f in server_ca for c in load_certificate_file(f)) or tuple(anchors)
     # EST: the profile is the path segment (/.well-known/est/<profile>/...), as the EST client builds it.
-    opts = EnrollOptions(server=where, trust_anchors=server_anchors, domain=domain, profile=profile)
+    extra = {}
+    if kind == "cmp" and mac_alg:
+        from enroll_clients.cmp.algs import mac_hash_name
+
+        try:
+            mac_hash_name(mac_alg)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--mac-alg") from None
+        extra["mac_alg"] = mac_alg.lower()
+    rcpt = None
+    if kind == "cmp" and recipient:
+        from keystore.csr import parse_subject
+
+        try:
+            rcpt = parse_subject(recipient)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--recipient") from None
+    opts = EnrollOptions(server=where, trust_anchors=server_anchors, domain=domain, profile=profile,
+                         implicit_confirm=bool(implicit_confirm), recipient=rcpt, extra=extra)
     return EnrollClientUpstream(kind, opts, auth, anchors)
 
 
@@ -438,7 +461,7 @@ def _print_stages(device_id, stages, as_json):
 @upstream_options
 @click.pass_context
 def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential,
-           username, password, reference, secret, retries, notify, timeout):
+           username, password, reference, secret, implicit_confirm, recipient, mac_alg, retries, notify, timeout):
     """Delegated enrollment of DEVICES now: /csr -> upstream -> pre-verification -> /verify.
 
     Each device is leased for the enrollment, so a 'clm run' worker on the same inventory leaves it alone."""
@@ -447,7 +470,7 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
     from coap_services.client import CoapClient
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
-                        password, reference, secret)
+                        password, reference, secret, implicit_confirm, recipient, mac_alg)
     inv = _inventory(ctx)
     try:
         for d in devices:
@@ -499,8 +522,8 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
               help="Write 'ready' here once the inventory is open (tests).")
 @click.pass_context
 def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential, username,
-        password, reference, secret, retries, notify, timeout, interval, parallel, fraction, jitter, lease_s, worker_id,
-        once, ready_file):
+        password, reference, secret, implicit_confirm, recipient, mac_alg, retries, notify, timeout, interval, parallel,
+        fraction, jitter, lease_s, worker_id, once, ready_file):
     """Keep every device's certificate renewed before expiry (long-lived; SIGTERM stops it cleanly).
 
     Several workers (on one or more machines, with a postgresql:// inventory) share the fleet: each claims due
@@ -512,7 +535,7 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, creden
     from coap_services.client import CoapClient
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
-                        password, reference, secret)
+                        password, reference, secret, implicit_confirm, recipient, mac_alg)
     inv = _inventory(ctx)
 
     async def main():

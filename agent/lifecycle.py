@@ -518,7 +518,7 @@ async def enroll_csr(ks: Keystore, client: EnrollmentClient, *, csr: x509.Certif
     anchors, validity) and returned, nothing stored.
     """
     from keystore.certs import same_public_key
-    from keystore.verify import verify_certificate
+    from keystore.validator import Policy, validate
 
     check_name(name, "credential name")
     if op not in ("enroll", "request"):
@@ -548,11 +548,13 @@ async def enroll_csr(ks: Keystore, client: EnrollmentClient, *, csr: x509.Certif
     if not anchors:
         raise VerificationError("untrusted", f"domain {domain} has no trust anchor to verify the certificate "
                                 "against: give --trust")
-    path = verify_certificate(result.certificate, public_key=csr.public_key(), chain=result.chain,
-                              trust_anchors=anchors, now=validity_time(result.certificate, result.server_time, now))
+    at = (validity_time(result.certificate, result.server_time, now)
+          or datetime.datetime.now(datetime.timezone.utc))
+    path = validate(result.certificate, result.chain, anchors,
+                    Policy.for_purpose("credential", at=at, eku={"clientAuth"} if op == "enroll" else {}),
+                    public_key=csr.public_key(), what="certificate for the CSR")
     _log_confirmation(name, result)
-    chain = tuple(c for c in path[1:] if c != path[-1] or c in result.chain) or tuple(result.chain)
-    return CsrResult(result.certificate, chain, None, result.info.get("unconfirmed_reason"))
+    return CsrResult(result.certificate, tuple(path[1:]), None, result.info.get("unconfirmed_reason"))
 
 
 def client_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> EnrollmentClient:

@@ -9,6 +9,14 @@ checked; kur must be signed by the certificate it names in oldCertID; rr must be
 it revokes (or MAC-protected). implicitConfirm is granted when asked for (unless disabled); otherwise the
 certificate waits for certConf, and a rejecting certConf revokes it.
 
+Modes that reproduce deviations of real servers (each has a test in tests/interop/test_cmp_lab_modes.py):
+``pbm_macs={"sha1"}`` (PBM accepted only with HMAC-SHA1, as Trustpoint), ``pkiconf_extra_certs=False`` (a
+signed pkiConf without extraCerts, as Trustpoint), ``operation_paths=True`` (one URL per RFC 9483 6.1
+operation: ``/.well-known/cmp/p/<domain>/<label>``; anything else is HTTP 500 "no suitable responder", as
+Trustpoint), ``profile_in_path=True`` (``.../p/<domain>/<profile>/<label>``: the profile is read from the path
+only, generalInfo certProfile ignored; without the segment the default profile is issued), ``http_500_for=("kur", "genm")`` (HTTP 500 without a CMP body for
+request types it does not implement).
+
 It reuses the client's ASN.1 codec (``enroll_clients.cmp.messages``); the interop test drives it with
 ``openssl cmp`` as the client, so a misreading shared by our client and server cannot pass unnoticed.
 Invariant: binds 127.0.0.1 only.
@@ -63,6 +71,8 @@ class CmpServerHandle:
         self.core = core
         self.port = httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/pkix/"
+        # With operation_paths: the RFC 9483 6.1 base the client appends labels to.
+        self.base_url = f"http://127.0.0.1:{self.port}/.well-known/cmp/p/{core.domain}"
 
     def stop(self) -> None:
         self._httpd.shutdown()
@@ -80,9 +90,17 @@ class CmpServerCore:
     """The CMP logic (bytes in, bytes out); HTTP is a thin layer around ``handle``."""
 
     def __init__(self, lab: LabCA, domain: str, *, secrets: dict[bytes, bytes] | None = None, client_cas=(),
-                 grant_implicit_confirm: bool = True, profile: str = "ldevid"):
+                 grant_implicit_confirm: bool = True, profile: str = "ldevid", pbm_macs=None,
+                 pkiconf_extra_certs: bool = True, operation_paths: bool = False, profile_in_path: bool = False,
+                 http_500_for=()):
         self.lab = lab
         self.domain = domain
+        self.pbm_macs = frozenset(pbm_macs) if pbm_macs else None  # e.g. {"sha1"}: HMAC-SHA1 only
+        self.pkiconf_extra_certs = pkiconf_extra_certs
+        self.operation_paths = operation_paths or profile_in_path
+        self.profile_in_path = profile_in_path
+        self.http_500_for = frozenset(http_500_for)
+        self.paths: list[str] = []  # the URL path of each request (operation_paths mode)
         self.secrets = dict(secrets or {})
         self.client_cas = tuple(client_cas)
         self.grant_implicit_confirm = grant_implicit_confirm
@@ -101,6 +119,8 @@ class CmpServerCore:
         data = M._protected_part(msg)
         value = msg["protection"].asOctets()
         if P.is_mac_alg(alg):
+            if self.pbm_macs is not None:
+                self._check_pbm_mac(alg)
             kid = bytes(h["senderKID"]) if h["senderKID"].isValue else b""
             secret = self.secrets.get(kid)
             if secret is None:
@@ -124,17 +144,50 @@ class CmpServerCore:
             V.verify_signer(extra[0], list(extra[1:]) + [dom.ca_cert], (dom.root_cert,) + self.client_cas,
                             M._utcnow())
         except EnrollError as e:
-            raise Refusal("signerNotTrusted", str(e)) from None
+            old = self._old_generation()
+            if old is None:
+                raise Refusal("signerNotTrusted", str(e)) from None
+            try:  # after a rollover, devices with certificates of the old hierarchy are still served
+                V.verify_signer(extra[0], list(extra[1:]) + [old[0]], (old[2],), M._utcnow())
+            except EnrollError:
+                raise Refusal("signerNotTrusted", str(e)) from None
+            return "sig-old", extra[0]
         return "sig", extra[0]
+
+    def _old_generation(self):
+        """(issuing CA cert, its key, root cert) of the previous generation after ``LabCA.rollover``, or None."""
+        dom = self.lab.domain(self.domain)
+        d = self.lab.dir / self.domain / "old"
+        if dom.old_root_cert is None or not (d / "ca.pem").exists():
+            return None
+        from cryptography.hazmat.primitives import serialization
+
+        return (x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()),
+                serialization.load_pem_private_key((d / "ca.key").read_bytes(), None),
+                x509.load_pem_x509_certificate((d / "root.pem").read_bytes()))
+
+    def _check_pbm_mac(self, alg) -> None:
+        names = {str(A.id_hmac_sha1): "sha1", str(A.id_hmacWithSHA1): "sha1", str(A.id_hmacWithSHA256): "sha256",
+                 str(A.id_hmacWithSHA384): "sha384", str(A.id_hmacWithSHA512): "sha512"}
+        if str(alg["algorithm"]) != str(A.id_PasswordBasedMac):
+            raise Refusal("badAlg", "only PasswordBasedMac is accepted")
+        p = A.der_decode(bytes(alg["parameters"]), A.PBMParameter())
+        mac = names.get(str(p["mac"]["algorithm"]), str(p["mac"]["algorithm"]))
+        if mac not in self.pbm_macs:
+            raise Refusal("badAlg", f"PBM MAC {mac} not supported (only {', '.join(sorted(self.pbm_macs))})")
 
     def _protector(self, prot):
         if prot[0] == "mac":
             return M.Protector(reference=b"lab-cmp", secret=prot[1])
+        if prot[0] == "sig-old":  # answer a device of the old hierarchy with the key it can still verify
+            ca, key, root = self._old_generation()
+            return M.Protector(certificate=ca, private_key=key, chain=(root,))
         dom = self.lab.domain(self.domain)
         return M.Protector(certificate=dom.ca_cert, private_key=dom.ca_key, chain=(dom.root_cert,))
 
     # -- dispatch ------------------------------------------------------------------------------------
-    def handle(self, der: bytes) -> bytes:
+    def handle(self, der: bytes, profile: str | None = None) -> bytes:
+        """One request in, one response out. ``profile``: read from the URL path (profile_in_path mode)."""
         try:
             msg = M.decode_message(der)
         except EnrollError as e:
@@ -155,7 +208,7 @@ class CmpServerCore:
             if nonce is None or len(nonce) < 16 or not h["transactionID"].isValue:
                 raise Refusal("badRequest", "transactionID and a 128-bit senderNonce are required")
             prot = self._verify_request(msg)
-            body_type, body, gi = self._dispatch(t, msg, prot, tid)
+            body_type, body, gi = self._dispatch(t, msg, prot, tid, profile)
         except Refusal as r:
             body_type, body = "error", _error(r.fail, r.text)
         except LabCAError as e:
@@ -166,7 +219,8 @@ class CmpServerCore:
         chain = (dom.ca_cert, dom.root_cert) if body_type in ("ip", "cp", "kup") else ()
         return M.encode_message(protector, body_type, body, sender=dom.ca_cert.subject, recipient=recipient,
                                 transaction_id=tid, sender_nonce=os.urandom(16), recip_nonce=nonce,
-                                general_info=gi, now=M._utcnow(), extra_certs=chain)
+                                general_info=gi, now=M._utcnow(), extra_certs=chain,
+                                protection_certs=self.pkiconf_extra_certs or body_type != "pkiconf")
 
     def _fallback_protector(self, msg):
         """For refusals before the request's protection was established: MAC if we know the reference."""
@@ -177,13 +231,14 @@ class CmpServerCore:
         dom = self.lab.domain(self.domain)
         return M.Protector(certificate=dom.ca_cert, private_key=dom.ca_key, chain=(dom.root_cert,))
 
-    def _dispatch(self, t, msg, prot, tid):
+    def _dispatch(self, t, msg, prot, tid, profile=None):
         body = msg["body"].getComponent()
+        profile = profile or self.profile
         if t in ("ir", "cr", "kur"):
-            return self._cert_request(t, msg, body, prot, tid)
+            return self._cert_request(t, msg, body, prot, tid, profile)
         if t == "p10cr":
             csr = x509.load_der_x509_csr(A.der_encode(M._fill(A.CertificationRequest(), body)))
-            cert = self.lab.issue_from_csr(self.domain, csr, self.profile)
+            cert = self.lab.issue_from_csr(self.domain, csr, profile)
             return self._cert_response("p10cr", msg, cert, 0, prot, tid)
         if t == "certConf":
             return self._cert_conf(body, tid)
@@ -193,7 +248,7 @@ class CmpServerCore:
             return "genp", self._genm(body), ()
         raise Refusal("badRequest", f"{t} is not handled by this server")
 
-    def _cert_request(self, t, msg, body, prot, tid):
+    def _cert_request(self, t, msg, body, prot, tid, profile):
         if len(body) != 1:
             raise Refusal("badRequest", "exactly one CertReqMsg per message")
         crm = body[0]
@@ -223,7 +278,7 @@ class CmpServerCore:
                 if str(e["extnID"]) == x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string:
                     sans = tuple(_load_san(bytes(e["extnValue"])))
         if t == "kur":
-            if prot[0] != "sig":
+            if not prot[0].startswith("sig"):
                 raise Refusal("wrongIntegrity", "kur must be signed with the certificate to update")
             old = prot[1]
             ok = False
@@ -237,7 +292,7 @@ class CmpServerCore:
                 raise Refusal("badCertId", "oldCertID missing or not the signing certificate")
             if self.lab.is_revoked(old.serial_number):
                 raise Refusal("certRevoked", "the certificate to update is revoked")
-        cert = self.lab.issue(self.domain, pub, subject, sans, self.profile, extensions=exts)
+        cert = self.lab.issue(self.domain, pub, subject, sans, profile, extensions=exts)
         return self._cert_response(t, msg, cert, int(req["certReqId"]), prot, tid)
 
     def _cert_response(self, t, msg, cert, req_id, prot, tid):
@@ -285,7 +340,7 @@ class CmpServerCore:
         cert = self.lab.issued(self.domain, serial)
         if cert is None or M.name_der(rd["issuer"]) != cert.issuer.public_bytes():
             raise Refusal("badCertId", "no such certificate issued here")
-        if prot[0] == "sig" and prot[1] != cert:
+        if prot[0].startswith("sig") and prot[1] != cert:
             raise Refusal("notAuthorized", "rr must be signed by the certificate to revoke")
         if self.lab.is_revoked(serial):
             raise Refusal("certRevoked", "already revoked")
@@ -386,7 +441,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self):
-        if self.path.rstrip("/") not in ("", "/pkix"):
+        core = self.server.core
+        profile = None
+        if core.operation_paths:
+            core.paths.append(self.path)
+            routed = self._route(core)
+            if routed is None:  # Trustpoint answers a request on the wrong URL like this
+                return self._send(500, b"no suitable responder\n")
+            operation, profile = routed
+        elif self.path.rstrip("/") not in ("", "/pkix"):
             return self._send(404, b"unknown CMP path; use /pkix/\n")
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != CONTENT_TYPE:
@@ -395,8 +458,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not 0 < n <= MAX_BODY_BYTES:
             return self._send(413 if n else 411, b"bad Content-Length\n")
         der = self.rfile.read(n)
+        if core.operation_paths and not _label_fits(der, operation):
+            return self._send(500, b"no suitable responder\n")
+        if core.http_500_for and _body_name(der) in core.http_500_for:
+            return self._send(500, b"Internal Server Error\n")  # not implemented, and no CMP answer
         try:
-            rsp = self.server.core.handle(der)
+            rsp = self.server.core.handle(der, profile)
         except ValueError as e:
             return self._send(400, f"not a CMP message: {e}\n".encode())
         except (LabCAError, InvalidSignature, EnrollError) as e:  # never echo internals beyond a short reason
@@ -405,16 +472,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, rsp, CONTENT_TYPE)
 
 
+    def _route(self, core):
+        """(operation label, profile or None) from /.well-known/cmp/p/<domain>/[<profile>/]<label>, else None."""
+        parts = [p for p in self.path.split("?")[0].split("/") if p]
+        head = [".well-known", "cmp", "p", core.domain]
+        if parts[:4] != head:
+            return None
+        rest = parts[4:]
+        if core.profile_in_path and len(rest) == 2:
+            return rest[1], rest[0]
+        if len(rest) != 1:  # with profile_in_path, no profile segment: the server's default profile
+            return None
+        return rest[0], None
+
+
+# RFC 9483 6.1: the request types each operation label accepts (certConf/pollReq stay on their transaction's).
+_LABEL_BODIES = {"initialization": {"ir"}, "certification": {"cr"}, "keyupdate": {"kur"}, "p10": {"p10cr"},
+                 "revocation": {"rr"}, "getcacerts": {"genm"}, "getrootupdate": {"genm"},
+                 "getcertreqtemplate": {"genm"}}
+
+
+def _body_name(der: bytes) -> str | None:
+    try:
+        return M.decode_message(der)["body"].getName()
+    except EnrollError:
+        return None
+
+
+def _label_fits(der: bytes, operation: str) -> bool:
+    name = _body_name(der)
+    if name in ("certConf", "pollReq", "error"):
+        return operation in _LABEL_BODIES
+    return name in _LABEL_BODIES.get(operation, ())
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
 def start_cmp_server(lab: LabCA, domain: str, *, port: int = 0, secrets: dict[bytes, bytes] | None = None,
-                     client_cas=(), grant_implicit_confirm: bool = True, profile: str = "ldevid") -> CmpServerHandle:
-    """Start the lab CMP server on 127.0.0.1:``port`` (0 = any free port) in a thread; returns its handle."""
+                     client_cas=(), grant_implicit_confirm: bool = True, profile: str = "ldevid",
+                     **modes) -> CmpServerHandle:
+    """Start the lab CMP server on 127.0.0.1:``port`` (0 = any free port) in a thread; returns its handle.
+    ``modes``: the deviation modes of ``CmpServerCore`` (module docstring)."""
     lab.domain(domain)  # fail early on an unknown domain
     core = CmpServerCore(lab, domain, secrets=secrets, client_cas=client_cas,
-                         grant_implicit_confirm=grant_implicit_confirm, profile=profile)
+                         grant_implicit_confirm=grant_implicit_confirm, profile=profile, **modes)
     httpd = _Server(("127.0.0.1", port), _Handler)
     httpd.core = core
     t = threading.Thread(target=httpd.serve_forever, name="lab-cmp-server", daemon=True)

@@ -180,16 +180,18 @@ class CmpClient(EnrollmentClient):
         return CaCertsResult(ca_certs=cas, new_root=new_root, new_with_old=nwo, old_with_new=own,
                              server_time=server_time)
 
-    async def _genm(self, auth, info_type, value, what: str, operation: str):
-        # genm sender: NULL-DN with MAC (RFC 9483 4.3 leaves it open; the Siemens MockCA wants it), our
-        # certificate's subject with a signature.
-        txn = self._transaction(auth, operation=operation)
+    async def _genm(self, auth, info_type, value, what: str, operation: str, sender: x509.Name | None = None):
+        # genm sender: with MAC the NULL-DN (RFC 9483 4.3 leaves it open) or, before an ir/cr, that request's
+        # subject (servers that bind the senderKID to the sender, like the Siemens MockCA, want the same sender
+        # throughout); with a signature our certificate's subject.
+        txn = self._transaction(auth, sender=sender, operation=operation)
         return await self._send(txn, await _build(txn, "genm", M.genm_body([(info_type, value)])), ("genp",), what)
 
-    async def cert_req_template(self, auth: ClientAuth | None = None):
-        """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none."""
+    async def cert_req_template(self, auth: ClientAuth | None = None, *, sender: x509.Name | None = None):
+        """genm certReqTemplate (RFC 9483 4.3.3): the server's ``Template`` or None if it has none.
+        ``sender``: header sender of a MAC-protected genm (default NULL-DN)."""
         resp = await self._genm(auth, A.id_it_certReqTemplate, None, "general message (genm certReqTemplate)",
-                                "getcertreqtemplate")
+                                "getcertreqtemplate", sender)
         return T.decode_template(M.genp_values(resp.body).get(str(A.id_it_certReqTemplate)))
 
     async def aclose(self) -> None:
@@ -250,7 +252,7 @@ class CmpClient(EnrollmentClient):
             raise ValueError(f"{body_type} needs request.private_key (keys are generated on the device)")
         subject, extensions = request.subject, tuple(request.extensions)
         if self.use_cert_template and body_type in ("ir", "cr"):
-            tpl = await self.cert_req_template(auth)
+            tpl = await self.cert_req_template(auth, sender=subject)
             if tpl is not None:
                 subject, extensions = T.apply_template(tpl, subject, request.sans, extensions, key)
                 request = CertRequest(subject=subject, private_key=key, extensions=extensions,

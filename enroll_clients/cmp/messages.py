@@ -162,12 +162,13 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
                    transaction_id: bytes | None = None, sender_nonce: bytes | None = None,
                    recip_nonce: bytes | None = None, general_info: Sequence[tuple] = (),
                    now: datetime.datetime | None = None, mac_alg=None, key_cache: dict | None = None,
-                   extra_certs: Sequence[x509.Certificate] = ()) -> bytes:
+                   extra_certs: Sequence[x509.Certificate] = (), protection_certs: bool = True) -> bytes:
     """DER of a PKIMessage of any type, protected per ``pr`` (requests here; responses in tests and the lab
     server). With signature protection, sender is the protection certificate's subject and extraCerts
     carry that certificate first, then ``pr.chain``. ``mac_alg``/``key_cache``: reuse one MAC protectionAlg
     and its derived key (within a transaction); default a fresh salt. ``extra_certs`` are appended to
-    extraCerts (e.g. the issuing chain in a MAC-protected ip)."""
+    extraCerts (e.g. the issuing chain in a MAC-protected ip). ``protection_certs=False`` leaves the protection
+    certificate and ``pr.chain`` out (servers do so in pkiConf/genp; used by the lab server and tests)."""
     if pr.uses_signature:
         sender = pr.certificate.subject
     msg = A.PKIMessage()
@@ -210,7 +211,8 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
         data = _protected_part(msg)
         prot = sign(data) if pr.uses_signature else P.compute_mac(alg, pr.secret, data, key_cache)
         msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(prot))
-    certs = ((pr.certificate,) + tuple(pr.chain) if pr.uses_signature and not pr.unprotected else ())
+    certs = ((pr.certificate,) + tuple(pr.chain) if pr.uses_signature and not pr.unprotected and protection_certs
+             else ())
     certs += tuple(c for c in extra_certs if c not in certs)
     if certs:
         ec = msg.setComponentByName("extraCerts").getComponentByName("extraCerts")

@@ -276,3 +276,30 @@ def test_enroll_via_cmp_upstream(lab, one_device, tmp_path):
     assert cred.version == 1
     cred.certificate.verify_directly_issued_by(lab.domain(DOMAIN).ca_cert)
     assert cred.certificate.public_key() == env.keystore().public_key(cred.key_uri)
+
+
+def test_cmp_upstream_mac_alg_implicit_confirm_recipient(lab, one_device, tmp_path):
+    """The CLM's CMP upstream takes --mac-alg (a server that accepts PBM only with HMAC-SHA1), --implicit-confirm
+    (no certConf round trip when granted) and --recipient; without --mac-alg that server refuses, naming the MAC."""
+    from agent.cli_coap import clm
+    from agent.lab.cmp_server import start_cmp_server
+    from keystore.certs import pem
+
+    env, dev = one_device
+    root = tmp_path / "root.pem"
+    root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
+    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    with start_cmp_server(lab, DOMAIN, secrets={b"clm-edge": b"edge-secret"}, pbm_macs={"sha1"}) as ca:
+        r = CliRunner()
+        base = ["--clm-dir", str(env.clm_dir)]
+        assert r.invoke(clm, base + ["add-device", "dev1", "--uri", dev.uri, "--domain", DOMAIN],
+                        obj=obj).exit_code == 0
+        up = ["--upstream", f"cmp:{ca.url}", "--trust", str(root), "--reference", "clm-edge", "--secret",
+              "pass:edge-secret", "--timeout", "10"]
+        bad = r.invoke(clm, base + ["enroll", "dev1", *up, "--retries", "1"], obj=obj)
+        assert bad.exit_code == 5 and "PBM MAC sha256 not supported" in bad.output, bad.output
+        res = r.invoke(clm, base + ["enroll", "dev1", *up, "--mac-alg", "hmac-sha1", "--implicit-confirm",
+                                    "--recipient", "/CN=Lab CA"], obj=obj)
+        assert res.exit_code == 0, res.output
+        assert ca.core.requests[-1] == "p10cr"  # implicitConfirm granted: no certConf
+    assert env.keystore().get("ldevid").version == 1

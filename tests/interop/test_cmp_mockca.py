@@ -137,3 +137,25 @@ def test_robot_client_suite_with_devagent_template(ca, tmp_path):
     r = ca.robot("devagent", template, tmp_path / "robot")
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "5 tests, 5 passed, 0 failed" in out, out[-4000:]
+
+
+def test_cert_template_show_and_apply(ca, tmp_path):
+    """genm certReqTemplate: the MockCA asks for an RSA-2048 key. Shown by 'cert-template'; applied with
+    --cert-template: a P-256 key is refused before anything is sent for it (nothing stored), an RSA-2048 one
+    is enrolled."""
+    st = tmp_path / "st"
+    mac = ["--ref", "NULL-DN", "--mac-sender", "null-dn", "--secret", f"pass:{MC.SECRET}", "--recipient",
+           MC.RECIPIENT]
+    out = dv(st, "cert-template", "--domain", "mock", "--server", ca.url, "--trust", _root(ca), *mac, check=0).stdout
+    assert "RSA-2048" in out
+    dv(st, "keystore", "trust", "--domain", "mock", "--add", _root(ca), check=0)
+    before = snapshot(st)
+    r = dv(st, "enroll", "--domain", "mock", *_mac(ca, "dv-tpl-1"), "--implicit-confirm", "--cert-template",
+           "--key-type", "p256", check=5)
+    assert "RSA-2048" in r.stderr, r.stderr
+    after = snapshot(st)
+    after.pop("audit.log", None), before.pop("audit.log", None)
+    assert after == before
+    dv(st, "enroll", "--domain", "mock", *_mac(ca, "dv-tpl-2"), "--implicit-confirm", "--cert-template",
+       "--key-type", "rsa2048", "--certout", tmp_path / "c.pem", check=0)
+    _verify(ca, tmp_path / "c.pem")
