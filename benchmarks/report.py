@@ -707,6 +707,31 @@ class Report:
             f"(ratios {ratio(first.get('wall_ratio'))} / {ratio(first.get('cpu_ratio'))})")
 
     # -- anything else --
+    # -- CMP client CPU next to openssl cmp --
+    def cmp_vs_openssl(self, benches: list[dict]) -> None:
+        rows = []
+        for b in benches:
+            ei = b.get("extra_info") or {}
+            if "openssl_cpu_ms_median" not in ei:
+                continue
+            f = lambda v: f"{v:.1f} ms"  # noqa: E731 -- the samples are milliseconds already
+            rows.append([ei.get("server", "?"), ei.get("op", "?"), len(ei.get("openssl_cpu_ms") or ()),
+                         f(ei["openssl_cpu_ms_median"]), f(ei["ours_process_cpu_ms_median"]),
+                         f"{ei['ratio_process']:.1f}", f(ei["ours_inproc_cpu_ms_median"]),
+                         f"{ei['ratio_inproc']:.2f}", ei.get("note") or ""])
+        if not rows:
+            return
+        order = {"ir": 0, "cr": 1, "kur": 2, "rr": 3}
+        rows.sort(key=lambda r: (r[0], order.get(r[1], 9)))
+        self.w("## CMP client CPU per operation next to `openssl cmp` (same server, same run)", "")
+        self.w("Client CPU (user + system) per operation, median of n runs. `openssl cmp` and *devagent, process* "
+               "are whole processes (getrusage of the child: start-up, imports, the exchange); *in-process* is "
+               "`time.process_time()` around the call in a warm process (the server is another process). "
+               "Ratios are of medians. Servers: the Siemens MockCA (`tests/peers/mockca.py`) and OpenSSL's "
+               "mock server (`openssl cmp -port`, network namespace).", "")
+        self.w(*table(["server", "op", "n", "openssl cmp", "devagent, process", "ratio", "devagent, in-process",
+                       "ratio", "note"], rows, ["l", "l", "r", "r", "r", "r", "r", "r", "l"]), "")
+
     def generic(self, group: str, benches: list[dict]) -> None:
         rows = []
         for b in sorted(benches, key=lambda b: b.get("name", "")):
@@ -744,7 +769,8 @@ class Report:
                    f"(`python benchmarks/report.py {DATA_FILE} --out REPORT.md` reproduces this report).", "")
         groups = groups_of(self.data)
         known = {"table1": self.table1, "opcua-push": self.opcua_push, "fleet": self.fleet,
-                 "footprint": self.footprint, "keystore": self.keystore, "serve-load": self.serve_load, "est": self.est}
+                 "footprint": self.footprint, "keystore": self.keystore, "serve-load": self.serve_load, "est": self.est,
+                 "cmp-vs-openssl": self.cmp_vs_openssl}
         body_start = len(self.lines)
         for g, fn in known.items():
             if g in groups:

@@ -234,6 +234,7 @@ class Response:
     server_time: datetime.datetime | None = None
     implicit_confirm_granted: bool = False
     general_info: dict = dataclasses.field(default_factory=dict)
+    skipped_extra_certs: tuple[str, ...] = ()  # extraCerts that did not parse (never used; see _extra_certs)
 
 
 def decode_message(der: bytes):
@@ -264,10 +265,25 @@ def _protected_part(msg) -> bytes:
     return A.der_encode(pp)
 
 
-def _extra_certs(msg) -> tuple[x509.Certificate, ...]:
+def _extra_certs(msg, skipped: list | None = None) -> tuple[x509.Certificate, ...]:
+    """The extraCerts that parse. extraCerts are unprotected hints: a certificate this client cannot load (e.g. a
+    post-quantum or composite key, as the Siemens MockCA sends next to its classical chain) is skipped and noted
+    in ``skipped``; only the signer (extraCerts[0] of a signature-protected message) must parse, so a skipped one
+    can never be used. Raises ProtocolError for an unparsable signer certificate."""
     if not msg["extraCerts"].isValue:
         return ()
-    return tuple(asn1_to_cert(c, f"extraCerts[{i}]") for i, c in enumerate(msg["extraCerts"]))
+    h = msg["header"]
+    signed = h["protectionAlg"].isValue and not P.is_mac_alg(h["protectionAlg"])
+    out = []
+    for i, c in enumerate(msg["extraCerts"]):
+        try:
+            out.append(asn1_to_cert(c, f"extraCerts[{i}]"))
+        except ProtocolError as e:
+            if i == 0 and signed:
+                raise
+            if skipped is not None:
+                skipped.append(str(e))
+    return tuple(out)
 
 
 def _general_info(header) -> dict:
@@ -343,8 +359,10 @@ class Transaction:
             raise ProtocolError(f"response pvno {pvno} is not supported (expected 2 or 3)")
         body_type = msg["body"].getName()
         body = msg["body"].getComponent()
-        extra = _extra_certs(msg)
-        resp = Response(msg=msg, body_type=body_type, body=body, protected=False, extra_certs=extra)
+        skipped: list[str] = []
+        extra = _extra_certs(msg, skipped)
+        resp = Response(msg=msg, body_type=body_type, body=body, protected=False, extra_certs=extra,
+                        skipped_extra_certs=tuple(skipped))
         try:
             resp.signer = self._verify_protection(msg, extra)
             resp.protected = True

@@ -281,7 +281,7 @@ def test_enroll_via_cmp_upstream(lab, one_device, tmp_path):
 def test_cmp_upstream_mac_alg_implicit_confirm_recipient(lab, one_device, tmp_path):
     """The CLM's CMP upstream takes --mac-alg (a server that accepts PBM only with HMAC-SHA1), --implicit-confirm
     (no certConf round trip when granted) and --recipient; without --mac-alg that server refuses, naming the MAC."""
-    from agent.cli_coap import clm
+    from agent.cli_clm import clm
     from agent.lab.cmp_server import start_cmp_server
     from keystore.certs import pem
 
