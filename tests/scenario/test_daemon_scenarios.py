@@ -351,3 +351,18 @@ def test_schedule_follows_policy(world):
     cred = w.ks.get(NAME)
     want = policy.renewal_time(cred.not_before, cred.not_after, fraction=cfg.renewal.fraction, jitter=0)
     assert datetime.datetime.fromisoformat(meta(w)["next_renewal"]) == want
+
+
+def test_revoked_credential_is_neither_renewed_nor_deployed(world):
+    """A credential recorded as revoked (``devagent revoke``) is left alone by the daemon: a renewal that is due is
+    not attempted and nothing is deployed for it; ``status`` shows it as REVOKED."""
+    w = world(lifetime_s=30)
+    cfg = w.config(deploy_toml(w), **{"renewal.fraction": 0.1})  # due ~3 s after issuance
+    w.ks.set_meta(NAME, revoked="keyCompromise", revoked_at=utcnow().isoformat())
+    old = w.ks.get(NAME)
+    d = w.daemon(cfg, wall=lambda: utcnow() + datetime.timedelta(seconds=20))  # the renewal is due
+    assert NAME not in [c.name for c in d.managed()]
+    asyncio.run(d.tick())
+    assert w.ks.get(NAME).version == old.version
+    assert not (w.deploy_dir / "bundle.pem").exists()
+    assert w.ks.get(NAME).summary()["revoked"] == "keyCompromise"
