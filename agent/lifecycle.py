@@ -410,8 +410,13 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
                 signed_by(nwo, a) for a in anchors):
             raise VerificationError("bad-signature", "root CA update rejected: newWithOld does not verify with "
                                     "the current root or does not carry the new root's key")
-        added += ks.add_trust_anchors(domain, [result.new_root], source="ca-update",
-                                      verified_by="newWithOld link")
+        try:
+            added += ks.add_trust_anchors(domain, [result.new_root], source="ca-update",
+                                          verified_by="newWithOld link")
+        except VerificationError as e:
+            raise VerificationError(e.reason, f"root CA key update refused: the offered new root "
+                                    f"{result.new_root.subject.rfc4514_string()} ({fingerprint(result.new_root)}) "
+                                    f"cannot be a trust anchor: {e}; nothing was changed") from None
         anchors = ks.trust_anchors(domain)
     # Intermediates and any further roots: only if they chain to what we trust now.
     rest = [c for c in received if fingerprint(c) not in {fingerprint(a) for a in anchors}]

@@ -159,3 +159,21 @@ def test_cert_template_show_and_apply(ca, tmp_path):
     dv(st, "enroll", "--domain", "mock", *_mac(ca, "dv-tpl-2"), "--implicit-confirm", "--cert-template",
        "--key-type", "rsa2048", "--certout", tmp_path / "c.pem", check=0)
     _verify(ca, tmp_path / "c.pem")
+
+
+def test_ca_update_over_mac(ca, tmp_path):
+    """ca-update with MAC protection: genm caCerts, then genm rootCaCert carrying our current root. The MockCA
+    answers rootCaCert with a freshly made "new root" that has no basicConstraints/keyUsage: the newWithOld link
+    verifies, but such a certificate cannot be a trust anchor, so the update is refused naming it, and the
+    truststore is unchanged (file snapshot)."""
+    st = tmp_path / "st"
+    dv(st, "keystore", "init", check=0)
+    dv(st, "keystore", "trust", "--domain", "mock", "--add", _root(ca), check=0)
+    before = snapshot(st)
+    r = dv(st, "ca-update", "--domain", "mock", "--protocol", "cmp", "--server", ca.url,
+           "--ref", "NULL-DN", "--mac-sender", "null-dn", "--secret", f"pass:{MC.SECRET}",
+           "--recipient", MC.RECIPIENT, check=4)
+    assert "root CA key update refused" in r.stderr and "not a CA certificate" in r.stderr, r.stderr
+    after = snapshot(st)
+    after.pop("audit.log", None), before.pop("audit.log", None)
+    assert after == before
