@@ -135,6 +135,8 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             and csrattrs != "ignore"):
         key, extensions, hash_name = await _apply_server_attributes(client, auth, key, tuple(extensions), subject,
                                                                     csrattrs)
+    if getattr(client, "protocol", None) == "est":
+        await _check_est_issuer(ks, client, domain, auth, now)
     # Key generation and CSR signing block (TPM/PKCS#11 round trips, RSA keygen): keep them off the event loop.
     key_uri, private_key, created = await asyncio.to_thread(
         _new_key, ks, key, name, {"name": name, "domain": domain, "op": op})
@@ -190,6 +192,45 @@ def _log_confirmation(name: str, result) -> None:
     if info.get("unconfirmed_reason"):
         log.warning("%s: stored, but the CA's confirmation (pkiConf) was not authenticated (recorded as "
                     "'unconfirmed' in the credential)", name)
+
+
+async def _check_est_issuer(ks: Keystore, client, domain: str, auth: ClientAuth,
+                            now: datetime.datetime | None = None) -> None:
+    """Before an EST server issues anything: its /cacerts must chain to the domain's trust anchors.
+
+    An EST server issues on the POST, and a certificate the keystore then refuses (verify-before-store) stays
+    issued and orphaned on the CA. The TLS server can be trusted through an anchor that is not the domain's CA
+    (a TLS front with its own PKI), so a working TLS connection says nothing about the issuer: check that some CA
+    certificate the server offers is, or chains to, one of the domain's anchors (``keystore.validator``, purpose
+    ``ca-cert``). Validity is left to verify-before-store (boards without a clock must still enroll).
+
+    Raises:
+        VerificationError("untrusted"): no anchor, or nothing in /cacerts chains to one; nothing was requested.
+    """
+    from keystore.validator import Policy, validate
+
+    anchors = tuple(ks.trust_anchors(domain))
+    if not anchors:
+        raise VerificationError("untrusted", f"domain {domain} has no trust anchor: give its CA certificate with "
+                                "--trust or bootstrap with --ca-fingerprint; nothing was requested")
+    cert_auth = (dataclasses.replace(auth, username=None, password=None, reference=None, secret=None)
+                 if auth.certificate is not None else None)  # never spend a (one-time) password on /cacerts
+    result = await client.ca_certs(cert_auth)
+    at = result.server_time or now or datetime.datetime.now(datetime.timezone.utc)
+    policy = Policy.for_purpose("ca-cert", at=at)
+    for c in result.ca_certs:
+        try:
+            validate(c, result.ca_certs, anchors, policy, what="EST /cacerts certificate")
+            return
+        except VerificationError as e:
+            if e.reason not in ("untrusted", "bad-signature"):
+                return  # it chains; validity and the rest are judged on the issued certificate
+    got = "; ".join(c.subject.rfc4514_string() for c in result.ca_certs) or "none"
+    have = "; ".join(a.subject.rfc4514_string() for a in anchors)
+    raise VerificationError("untrusted", f"the EST server's CA certificates ({got}) do not chain to domain {domain}'s "
+                            f"trust anchors ({have}): a certificate it issued would be refused, so nothing was "
+                            "requested; if the server's TLS certificate comes from another CA than the one that "
+                            "issues, give the issuing domain's root with --trust (or --ca-fingerprint)")
 
 
 async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject,

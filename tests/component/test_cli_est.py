@@ -124,6 +124,18 @@ def test_tls_server_certificate_from_another_ca(lab):
         assert res.chain[-1] == plant
 
 
+def test_tls_ca_is_not_the_issuer_refused_before_the_server_issues(lab, dev):
+    """Only the TLS front's CA is trusted: the issued certificate would be refused by verify-before-store and left
+    orphaned on the CA, so devagent checks /cacerts against the domain's anchors before it POSTs anything."""
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, tls_domain="other") as est:
+        r = dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
+                "--username", USER, "--password", f"pass:{PASSWORD}", "--trust",
+                str(lab.dir / "other" / "root.pem"), "--subject", "CN=dev1", code=4)
+        assert "do not chain to domain plant's trust anchors" in r.output and "nothing was requested" in r.output
+        assert not any(m == "POST" for m, _ in est.requests), est.requests
+        assert Keystore.open(dev.state).list() == [] and Keystore.open(dev.state).pending_keys() == []
+
+
 @pytest.mark.parametrize("fault,mode,code,stored_ok", [
     ("csrattrs-nul", "use", 0, True),      # libest's trailing NUL: tolerated
     ("csrattrs-garbage", "use", 0, True),   # unusable answer: warning, enrolled without attributes
@@ -223,5 +235,5 @@ def test_timeouts_are_network_errors_with_the_phase(lab, dev, root_fp):
         silent.close()
     with start_est_server(lab, "plant", users={USER: PASSWORD}, fault="silent") as est:
         r = _enroll(dev, est.url, root_fp, "--timeout", "0.5", "--csrattrs", "ignore", code=6)
-        assert "simpleenroll: timed out after 0.5 s (read)" in r.output, r.output
+        assert "timed out after 0.5 s (read)" in r.output, r.output
         assert stored(dev.state) == before
