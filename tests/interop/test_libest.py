@@ -244,6 +244,14 @@ def test_ca_update(dev, peer):
     assert dev.json("ca-update", "--domain", DOMAIN)["added"] == []
 
 
+def test_revoke_is_not_in_est(dev, peer):
+    _enroll(dev, peer, peer.relaxed)
+    before = stored(dev.state)
+    r = dev("revoke", f"ldevid-{DOMAIN}", "--reason", "superseded", code=5)
+    assert "EST has no revocation" in r.output
+    assert stored(dev.state) == before
+
+
 # ---- failures: nothing stored ----------------------------------------------------------------------------------
 def test_wrong_password(dev, peer):
     dev("keystore", "trust", "--domain", DOMAIN, "--add", str(peer.ca.cacert))
