@@ -66,7 +66,15 @@ async def push_rsa(world, srv, *, regenerate=True, subject="CN=dev1,O=Plant", tl
 # ---- the device as a real process: `devagent opcua serve` -------------------------------------------------
 def test_cli_serve_push_flow_rebinds_endpoint(tmp_path, lab):
     w = make_world(tmp_path / "w", lab)
-    dev = CliDevice(w).start()
+    hook_log = tmp_path / "hook.log"
+    # The PKI directory is the existing deploy target of agent.toml; its hook sees the new certificate.
+    dev = CliDevice(w, pki_dir_option=False, config=f"""
+[credential.opcua]
+hooks = ["sh -c 'echo $DEVAGENT_EVENT $DEVAGENT_FINGERPRINT $DEVAGENT_OPCUA_PKI_DIRS >> {hook_log}'"]
+[[credential.opcua.deploy]]
+type = "opcua"
+pki_dir = "{w.pki}"
+""").start()
     try:
         async def scenario():
             async with gds_client(w, dev) as c:
@@ -94,6 +102,7 @@ def test_cli_serve_push_flow_rebinds_endpoint(tmp_path, lab):
         assert dev.stop() == 0
     cred = w.ks.get("opcua")
     assert cred.certificate == cert and cred.kind == "app" and cred.domain == DOMAIN
+    assert hook_log.read_text().split() == ["opcua-push", fingerprint(cert), str(w.pki)]
     assert cred.record["meta"]["via"] == "opcua-push"
     d = w.lab.domain(DOMAIN)
     openssl_verify(tmp_path, cred.certificate, [d.root_cert], [d.ca_cert])

@@ -134,8 +134,11 @@ def gds_client(world: World, srv_or_url, party: Party | None = None, **kw):
 class CliDevice:
     """``devagent opcua serve`` as a child process (a real process: SIGTERM, kill -9, restart)."""
 
-    def __init__(self, world: World, *extra: str, port: int | None = None):
+    def __init__(self, world: World, *extra: str, port: int | None = None, config: str = "",
+                 pki_dir_option: bool = True):
         self.world = world
+        self.config = config  # agent.toml text ([credential.opcua] deploy targets and hooks)
+        self.pki_dir_option = pki_dir_option
         self.port = port or free_port()
         self.ready = world.base / f"ready-{self.port}"
         self.extra = extra
@@ -147,12 +150,15 @@ class CliDevice:
         self.ready.unlink(missing_ok=True)
         env = dict(os.environ, DEVAGENT_PROFILE="generic-x86_64", DEVAGENT_CONFIG=str(self.world.base / "none.toml"))
         (self.world.base / "none.toml").write_text("")
+        if self.config:
+            (self.world.base / "agent.toml").write_text(self.config)
+            env["DEVAGENT_CONFIG"] = str(self.world.base / "agent.toml")
         self.log = open(self.world.base / f"serve-{self.port}.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "--state-dir", str(self.world.state), "opcua", "serve",
              "--port", str(self.port), "--domain", DOMAIN, "--application-uri", APP_URI, "--hostname", "127.0.0.1",
-             "--admin-subject", GDS_DN, "--pki-dir", str(self.world.pki), "--ready-file", str(self.ready),
-             *self.extra], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+             "--admin-subject", GDS_DN, *(["--pki-dir", str(self.world.pki)] if self.pki_dir_option else []),
+             "--ready-file", str(self.ready), *self.extra], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while not self.ready.exists():
             if self.proc.poll() is not None:
