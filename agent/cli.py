@@ -398,10 +398,22 @@ def keystore_check(app: App):
 @click.argument("name", required=False)
 @pass_app
 def status(app: App, name):
-    """Every credential: kind, domain, subject, issuer, key URI, not-after, days left, next renewal, last error."""
+    """Every credential: kind, domain, subject, issuer, key URI, not-after, days left, next renewal, the renewal
+    in progress, last error."""
+    import datetime
+
+    from agent import renewal_status
+
     ks = app.keystore()
     creds = [ks.get(name)] if name else ks.list()
-    items = [c.summary() for c in creds]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    items = []
+    for c in creds:
+        s = c.summary()
+        meta = c.record.get("meta") or {}
+        s["renewing"] = renewal_status.renewing(meta, now)
+        s["clock"] = renewal_status.clock(meta, c.not_before, c.not_after, now)
+        items.append(s)
     lines = []
     for s in items:
         lines.append(_cred_line(s))
@@ -410,6 +422,7 @@ def status(app: App, name):
             lines.append(f"    REVOKED ({s['revoked']}) at {s.get('revoked_at') or '?'}: not renewed or deployed")
         elif s.get("next_renewal"):
             lines.append(f"    next renewal {s['next_renewal']}")
+        lines += renewal_status.lines(s)
         if s.get("last_error"):
             lines.append(f"    last error: {s['last_error']}")
     app.out({"credentials": items}, "\n".join(lines) or "no credentials (run 'devagent enroll')")

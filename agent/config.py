@@ -76,6 +76,10 @@ KEYS: tuple[Key, ...] = (
     Key("renewal.check_interval_s", float, 300.0, "longest sleep between checks of the keystore", 0.05, 86400.0),
     Key("renewal.ca_check_interval_s", float, 86400.0, "how often to ask the CA for new CA certificates "
         "(also before every renewal)", 1.0, 30 * 86400.0),
+    Key("renewal.parallel", int, 4, "renewal attempts (and CA checks) in progress at once, over all servers; one "
+        "at a time per server", 1, 64),
+    Key("renewal.attempt_timeout_s", float, 600.0, "longest one renewal attempt may take in all (CA check + "
+        "request + polling), whatever the per-request --timeout; then it counts as failed", 1.0, 86400.0),
     Key("clock.trusted", bool, False, "trust the system clock (true with NTP/RTC); false: estimate from CA time"),
     Key("clock.tolerance_s", float, 300.0, "clock error above which CA time is used instead", 1.0, 86400.0),
     Key("ca.fingerprint", str, "", "sha256:HEX of a new root CA the operator accepts without a link certificate"),
@@ -149,6 +153,8 @@ class RenewalConfig:
     rekey: bool
     check_interval_s: float
     ca_check_interval_s: float
+    parallel: int = 4
+    attempt_timeout_s: float = 600.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,24 +1,36 @@
 """The lifecycle daemon behind ``devagent run``: renew every managed credential before it expires, deploy it, and
 report.
 
-One asyncio task loops: ``tick`` looks at each credential, renews the due ones (``agent.lifecycle.renew``), retries
-failures with capped exponential backoff, checks the CA for new CA certificates (``agent.lifecycle.ca_update``),
-deploys and runs hooks (``agent.hooks``), writes the Prometheus textfile, then sleeps until the next event or
-SIGTERM. Scheduling rules are the pure functions of ``agent.policy``.
+The loop (``run``) schedules; the work runs in one asyncio task per credential and one per domain's CA check, so a
+slow or hung CA delays only the credentials it serves: ``tick`` starts a task for each credential whose next check
+is due (``agent.policy`` decides renewals and retries with capped exponential backoff), each task renews
+(``agent.lifecycle.renew``) and deploys (``agent.hooks``) its credential, checks for new CA certificates
+(``agent.lifecycle.ca_update``) and records when it is next due; the loop wakes when a task ends, when the next one
+is due, or on SIGTERM. Concurrency is bounded: at most ``renewal.parallel`` attempts talk to CAs at once, and one at
+a time per server (a CA sees one request from this device at a time; a hung CA holds only its own slot). Every
+attempt is bounded in time twice: per request by the remembered ``--timeout``, and in all by
+``renewal.attempt_timeout_s``; either counts as a failed attempt (``last_error``, ``failures_total``).
 
 State lives in the keystore only (``Keystore.set_meta``): ``next_renewal`` + ``schedule_for`` (the certificate
 fingerprint the schedule belongs to), ``failures``, ``failures_total``, ``last_error``, ``last_success``,
-``deployed`` (fingerprint last deployed), ``deploy_failures_total``, ``deploy_retry_at``.
+``deployed`` (fingerprint last deployed), ``deploy_failures_total``, ``deploy_retry_at``, ``renewing`` (the attempt
+in progress: started, server, step, attempt n of about m before expiry, gives-up-at, daemon pid; removed when it
+ends) and ``clock`` (CA time minus the local clock when they disagree, as last seen). ``devagent status`` and the
+Prometheus textfile show all of it.
 
 Invariants:
 - The current certificate stays live and deployed until a new one is verified and committed by the keystore; a
   failed renewal changes only bookkeeping.
 - A start after a crash (``recover``) rolls back an interrupted renewal (discards its pending key; the keystore's
-  atomic commit means the old or the new version is live, never a mix), collects garbage files, and redeploys when
-  the deployed fingerprint is not the live one (an interrupted deployment resumes).
+  atomic commit means the old or the new version is live, never a mix), clears its ``renewing`` mark, collects
+  garbage files, and redeploys when the deployed fingerprint is not the live one (an interrupted deployment
+  resumes).
 - Time: with ``clock.trusted = false`` the CA's time (CMP messageTime, HTTP Date) corrects a clock that is
-  obviously wrong; certificates are checked and scheduled in that corrected time, and the correction is logged.
-- One credential's failure never stops the others; the loop itself only ends on SIGTERM/SIGINT (or ``once``).
+  obviously wrong; certificates are checked and scheduled in that corrected time, and the correction is logged. A
+  failure on a validity period ("not yet valid", "expired", also in EST's TLS) says when the local clock is the
+  likely cause (``agent.policy.clock_hint``).
+- One credential's failure (or hang) never stops or delays the others; the loop itself only ends on SIGTERM/SIGINT
+  (or ``once``), giving attempts in progress ``STOP_GRACE_S`` to finish.
 """
 from __future__ import annotations
 
@@ -44,6 +56,7 @@ from keystore.errors import KeystoreError, NotFoundError
 
 log = logging.getLogger("devagent.daemon")
 MIN_SLEEP_S = 0.05
+STOP_GRACE_S = 5.0  # on SIGTERM, attempts in progress get this long to finish before they are cancelled
 # While a CA stays unreachable its check fails every retry_base_s; warn on the first failure and when the error
 # changes, then at most this often (with the count), so a long outage does not flood the journal.
 CA_DOWN_WARN_INTERVAL_S = 900.0
@@ -152,6 +165,16 @@ class Daemon:
         self.ca_warn_interval_s = ca_warn_interval_s
         # domain -> {"count", "since" (wall ISO), "kind" (error class), "warned" (mono)} while its CA check fails
         self._ca_failing: dict[str, dict] = {}
+        self._ca_seen: tuple[datetime.datetime, float, str] | None = None  # last CA time: (its time, mono, source)
+        # Concurrency (made per event loop by _prepare): one task per credential ("cred:NAME") and per domain's
+        # CA check ("ca:DOMAIN"); when each credential is next due (monotonic).
+        self._loop = None
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._due: dict[str, float] = {}
+        self._server_locks: dict[str, asyncio.Lock] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._wake: asyncio.Event | None = None
+        self.in_flight: dict[str, dict] = {}  # credential -> the attempt in progress (as stored in meta "renewing")
 
     # ---- collaborators ---------------------------------------------------------------------------
     @property
@@ -206,6 +229,44 @@ class Daemon:
             log.info("system clock agrees with the CA again; using it")
             self._clock_warned = False
         self.clock = new
+        self._ca_seen = (server_time, self.mono(), source)
+
+    def ca_time(self) -> tuple[datetime.datetime, str] | None:
+        """The CA's time now as last seen (its time plus the monotonic time since), and where it came from."""
+        if self._ca_seen is None:
+            return None
+        t, seen_mono, source = self._ca_seen
+        return t + datetime.timedelta(seconds=max(0.0, self.mono() - seen_mono)), source
+
+    def _clock_meta(self) -> dict | None:
+        """``{"offset_s", "seen", "source"}`` when the CA's time and the local clock disagree, else None."""
+        ca = self.ca_time()
+        if ca is None:
+            return None
+        off = (ca[0] - self.wall()).total_seconds()
+        if abs(off) <= self.cfg.clock_tolerance_s:
+            return None
+        return {"offset_s": round(off, 1), "seen": _iso(self._ca_seen[0]), "source": ca[1]}
+
+    def _clock_hint(self, e: BaseException) -> str | None:
+        """``policy.clock_hint`` for a failure on a validity period (keystore VerificationError reason, or an
+        enrollment error flagged ``validity`` such as EST's TLS), else None."""
+        validity = getattr(e, "validity", None) or getattr(e, "reason", None)
+        if validity not in policy.VALIDITY_REASONS:
+            text = str(e).lower()
+            validity = ("not-yet-valid" if "not yet valid" in text else
+                        "expired" if "has expired" in text or "certificate expired" in text else None)
+        if validity is None:
+            return None
+        ca = self.ca_time()
+        floor = None
+        if self._cert_floor is not None:
+            nb, seen = self._cert_floor
+            floor = nb + datetime.timedelta(seconds=max(0.0, self.mono() - seen))
+        return policy.clock_hint(validity, self.wall(), ca_now=ca[0] if ca else None,
+                                 ca_source=f"the CA's time ({ca[1]})" if ca else "the CA's time", valid_since=floor,
+                                 tolerance_s=self.cfg.clock_tolerance_s)
+
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def managed(self) -> list:
@@ -233,6 +294,12 @@ class Daemon:
                                    jitter=min(self.cfg.renewal.jitter, (pol.fraction or self.cfg.renewal.fraction) / 2),
                                    u=self.rng.random())
 
+    @staticmethod
+    def server_of(cred) -> str:
+        """The server a credential is renewed at (the unit of "one at a time per server")."""
+        return str(cred.record.get("server") or (cred.record.get("meta") or {}).get("enroll", {}).get("server")
+                   or f"domain {cred.domain or cred.name}")
+
     # ---- start-up recovery ---------------------------------------------------------------------------
     async def recover(self) -> dict:
         """Roll back interrupted renewals and collect garbage; deployments are reconciled by ``tick``.
@@ -248,43 +315,118 @@ class Daemon:
             if pf.get("op") == "renew" or target in names:
                 await asyncio.to_thread(self.ks.discard_key, k["uri"])
                 discarded.append(k["uri"])
+        interrupted = []
+        for c in self.ks.list():
+            if (c.record.get("meta") or {}).get("renewing"):
+                await self._meta(c.name, renewing=None)  # that attempt died with the previous daemon
+                interrupted.append(c.name)
         for pol in self.cfg.credentials:
             removed += await asyncio.to_thread(hooks.remove_temp_files, pol)
-        if removed or discarded:
-            self.ks.audit("renewal-recover", garbage=removed, discarded_pending=discarded)
-            log.warning("recovered from an interrupted run: removed %d stray file(s), discarded %d pending key(s)",
-                        len(removed), len(discarded))
-        return {"garbage": removed, "discarded": discarded}
+        if removed or discarded or interrupted:
+            self.ks.audit("renewal-recover", garbage=removed, discarded_pending=discarded, interrupted=interrupted)
+            log.warning("recovered from an interrupted run: removed %d stray file(s), discarded %d pending key(s)%s",
+                        len(removed), len(discarded),
+                        f", renewal(s) of {', '.join(interrupted)} interrupted" if interrupted else "")
+        return {"garbage": removed, "discarded": discarded, "interrupted": interrupted}
 
-    # ---- one pass ------------------------------------------------------------------------------------------
-    async def tick(self) -> float:
-        """Service every managed credential once. Returns seconds until something is next due."""
-        waits = [self.cfg.renewal.check_interval_s]
+    # ---- scheduling ----------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Make the concurrency primitives for the running event loop (``tick`` may be called from several
+        ``asyncio.run`` in tests; tasks of a finished loop are gone)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._tasks = {}
+            self._server_locks = {}
+            self._slots = asyncio.Semaphore(self.cfg.renewal.parallel)
+            self._wake = asyncio.Event()
+
+    def _busy(self, key: str) -> bool:
+        t = self._tasks.get(key)
+        return t is not None and not t.done()
+
+    def _spawn(self, key: str, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"devagent-{key}")
+        self._tasks[key] = task
+
+        def done(t: asyncio.Task) -> None:
+            if self._tasks.get(key) is t:
+                del self._tasks[key]
+            if self._wake is not None:
+                self._wake.set()
+
+        task.add_done_callback(done)
+        return task
+
+    @contextlib.asynccontextmanager
+    async def _server_slot(self, server: str):
+        """One attempt at a time per server, at most ``renewal.parallel`` in all; waiting for a busy server does
+        not hold one of the shared slots."""
+        lock = self._server_locks.setdefault(server, asyncio.Lock())
+        async with lock, self._slots:
+            yield
+
+    async def tick(self, *, wait: bool = True) -> float:
+        """Start a task for every credential and CA check that is due and not already running; with ``wait``
+        (``run(once=True)``, tests) wait for them. Returns seconds until something idle is next due."""
+        self._prepare()
         creds = self.managed()
         self._note_not_before(creds)
+        started = []
+        now = self.mono()
         for domain in sorted({c.domain for c in creds if c.domain}):
-            if self.mono() >= self._ca_next.get(domain, 0.0):
+            key = f"ca:{domain}"
+            if not self._busy(key) and now >= self._ca_next.get(domain, 0.0):
                 cred = next(c for c in creds if c.domain == domain)
-                try:
-                    await self._ca_check(domain, cred)
-                except Exception as e:  # a broken client must not stop the loop; renewals report it per credential
-                    if domain not in self._ca_failing:
-                        log.exception("domain %s: CA certificate check failed", domain)
-                    self._ca_check_failed(domain, e)
-                    self._ca_next[domain] = self.mono() + self.cfg.renewal.retry_base_s
-            waits.append(self._ca_next[domain] - self.mono())
+                started.append(self._spawn(key, self._ca_task(domain, cred)))
         for cred in creds:
-            try:
-                waits.append(await self._service(cred))
-            except NotFoundError:
-                continue  # deleted meanwhile (decommission)
-            except Exception as e:  # one credential's bug must not stop the others
-                log.exception("credential %s: unexpected error", cred.name)
-                with contextlib.suppress(Exception):
-                    await self._meta(cred.name, last_error=f"{_iso(self.now())}: internal error: {e}")
-                waits.append(self.cfg.renewal.retry_base_s)
+            key = f"cred:{cred.name}"
+            if not self._busy(key) and now >= self._due.get(cred.name, 0.0):
+                started.append(self._spawn(key, self._service_task(cred)))
+        if wait and started:
+            await asyncio.gather(*started, return_exceptions=True)
         self._write_metrics()
+        return self._next_wait(creds)
+
+    def _next_wait(self, creds) -> float:
+        waits = [self.cfg.renewal.check_interval_s]
+        now = self.mono()
+        for domain in {c.domain for c in creds if c.domain}:
+            if not self._busy(f"ca:{domain}"):
+                waits.append(self._ca_next.get(domain, 0.0) - now)
+        for cred in creds:
+            if not self._busy(f"cred:{cred.name}"):
+                waits.append(self._due.get(cred.name, 0.0) - now)
         return max(MIN_SLEEP_S, min(waits))
+
+    async def _ca_task(self, domain: str, cred) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.cfg.renewal.attempt_timeout_s), self._server_slot(self.server_of(cred)):
+                    if self.mono() < self._ca_next.get(domain, 0.0):
+                        return  # a renewal's own CA check ran while this one waited for the server
+                    await self._ca_check(domain, cred)
+            except TimeoutError:
+                raise TransportError(f"{self.server_of(cred)}: no answer to the CA certificate request within "
+                                     f"{self.cfg.renewal.attempt_timeout_s:g} s (renewal.attempt_timeout_s)") from None
+        except Exception as e:  # a broken client must not stop the loop; renewals report it per credential
+            if domain not in self._ca_failing:
+                log.exception("domain %s: CA certificate check failed", domain)
+            self._ca_check_failed(domain, e)
+            self._ca_next[domain] = self.mono() + self.cfg.renewal.retry_base_s
+
+    async def _service_task(self, cred) -> None:
+        try:
+            wait = await self._service(cred)
+        except NotFoundError:
+            self._due.pop(cred.name, None)  # deleted meanwhile (decommission)
+            return
+        except Exception as e:  # one credential's bug must not stop the others
+            log.exception("credential %s: unexpected error", cred.name)
+            with contextlib.suppress(Exception):
+                await self._meta(cred.name, last_error=f"{_iso(self.now())}: internal error: {e}", renewing=None)
+            wait = self.cfg.renewal.retry_base_s
+        self._due[cred.name] = self.mono() + max(MIN_SLEEP_S, min(wait, self.cfg.renewal.check_interval_s))
 
     async def _ca_check(self, domain: str, cred, client: EnrollmentClient | None = None) -> None:
         """Ask the CA for its certificates (rollover; also teaches us its time). Transport errors propagate only
@@ -364,37 +506,98 @@ class Daemon:
         return out
 
     async def _renew(self, cred, pol: CredentialPolicy) -> None:
+        """One renewal attempt, visible while it runs (meta ``renewing``, metrics), bounded by
+        ``renewal.attempt_timeout_s`` from the moment it is due (waiting for a busy server counts)."""
         name = cred.name
+        server = self.server_of(cred)
+        r = self.cfg.renewal
+        rekey = r.rekey if pol.rekey is None else pol.rekey
         m = cred.record.get("meta") or {}
-        rekey = self.cfg.renewal.rekey if pol.rekey is None else pol.rekey
-        client = self._client(cred)
-        log.info("credential %s: renewing (expires %s, rekey=%s)", name, _iso(cred.not_after), rekey)
+        failures = int(m.get("failures", 0))
+        started = self.now()
+        lock = self._server_locks.get(server)
+        busy = (lock is not None and lock.locked()) or self._slots.locked()
+        attempt = {"started": _iso(started), "server": server, "attempt": failures + 1,
+                   "of": policy.attempts_before_expiry(started, failures, cred.not_after, base_s=r.retry_base_s,
+                                                       cap_s=r.retry_cap_s),
+                   "step": "waiting" if busy else ("ca-check" if cred.domain else "request"),
+                   "gives_up_at": _iso(started + datetime.timedelta(seconds=r.attempt_timeout_s)),
+                   "pid": os.getpid()}
+        self.in_flight[name] = attempt
+        await self._meta(name, renewing=attempt)
+        self._write_metrics()
+        log.info("credential %s: renewing at %s (attempt %d of about %d before it expires %s, rekey=%s)%s", name,
+                 server, attempt["attempt"], attempt["of"], _iso(cred.not_after), rekey,
+                 "; waiting for another request to that server to end" if busy else "")
+
+        async def step(what: str) -> None:
+            if attempt["step"] != what:
+                attempt["step"] = what
+                await self._meta(name, renewing=attempt)
+                self._write_metrics()
+
+        new = None
         try:
-            if cred.domain:
-                await self._ca_check(cred.domain, cred, client)
-            new = await self.ops.renew(self.ks, name, client=client, rekey=rekey, now=self.now())
-        except (EnrollError, KeystoreError, OSError) as e:
-            failures = int(m.get("failures", 0)) + 1
+            try:
+                async with asyncio.timeout(r.attempt_timeout_s), self._server_slot(server):
+                    if fingerprint(self.ks.get(name).certificate) != fingerprint(cred.certificate):
+                        log.info("credential %s: renewed meanwhile by another process; nothing to do", name)
+                    else:
+                        client = self._client(cred)
+                        if cred.domain:
+                            await step("ca-check")
+                            await self._ca_check(cred.domain, cred, client)
+                        await step("request")
+                        new = await self.ops.renew(self.ks, name, client=client, rekey=rekey, now=self.now())
+                        self._note_not_before([new])  # at once: the clock estimate without CA time leans on it
+            except TimeoutError:
+                what = {"waiting": f"waiting for another request to {server} to end",
+                        "ca-check": f"{server} did not answer the CA certificate request in time",
+                        "request": f"{server} did not answer the renewal request in time"}.get(attempt["step"], "")
+                raise _AttemptTimeout(f"renewal attempt did not finish within {r.attempt_timeout_s:g} s "
+                                      f"(renewal.attempt_timeout_s; step {attempt['step']}: {what})") from None
+        except (EnrollError, KeystoreError, OSError, _AttemptTimeout) as e:
+            failures += 1
             now = self.now()
-            retry = policy.next_retry(now, failures, cred.not_after, base_s=self.cfg.renewal.retry_base_s,
-                                      cap_s=self.cfg.renewal.retry_cap_s, u=self.rng.random())
+            retry = policy.next_retry(now, failures, cred.not_after, base_s=r.retry_base_s, cap_s=r.retry_cap_s,
+                                      u=self.rng.random())
             left = (cred.not_after - now).total_seconds()
-            log.warning("credential %s: renewal failed (%d in a row): %s; %s; retrying at %s", name, failures, e,
+            hint = self._clock_hint(e)
+            err = f"{e}; {hint}" if hint else str(e)
+            log.warning("credential %s: renewal failed (%d in a row): %s; %s; retrying at %s", name, failures, err,
                         f"current certificate valid for {left:.0f} s more" if left > 0 else "CURRENT CERTIFICATE EXPIRED",
                         _iso(retry))
+            if isinstance(e, _AttemptTimeout):
+                await asyncio.to_thread(self._discard_pending, name)
             await self._meta(name, failures=failures, failures_total=int(m.get("failures_total", 0)) + 1,
-                             last_error=f"{_iso(now)}: {e}", last_attempt=_iso(now), next_renewal=_iso(retry),
-                             schedule_for=fingerprint(cred.certificate))
+                             last_error=f"{_iso(now)}: {err}", last_attempt=_iso(now), next_renewal=_iso(retry),
+                             schedule_for=fingerprint(cred.certificate), renewing=None, clock=self._clock_meta())
+            return
+        finally:
+            self.in_flight.pop(name, None)
+            if new is None:
+                self._write_metrics()
+        if new is None:  # renewed by someone else while this attempt waited for the server
+            await self._meta(name, renewing=None)
             return
         now = self.now()
-        self._note_not_before([new])
         nxt = self._schedule(new, pol)
         await self._meta(name, failures=0, last_success=_iso(now), last_attempt=_iso(now), last_error=None,
-                         next_renewal=_iso(nxt), schedule_for=fingerprint(new.certificate), deploy_retry_at=None)
+                         next_renewal=_iso(nxt), schedule_for=fingerprint(new.certificate), deploy_retry_at=None,
+                         renewing=None, clock=self._clock_meta())
+        self._write_metrics()
         log.info("credential %s: renewed, version %d, valid until %s, next renewal %s", name, new.version,
                  _iso(new.not_after), _iso(nxt))
         if pol.deploy or pol.hooks:
             await self._deploy(self.ks.get(name), pol, "renewed")
+
+    def _discard_pending(self, name: str) -> None:
+        """After an attempt was cut off: a key generated for it in a worker thread that finished after the cut."""
+        for k in self.ks.pending_keys():
+            pf = k.get("pending_for") or {}
+            if pf.get("op") == "renew" and pf.get("name") == name:
+                with contextlib.suppress(KeystoreError):
+                    self.ks.discard_key(k["uri"])
 
     async def _deploy(self, cred, pol: CredentialPolicy, event: str) -> bool:
         m = cred.record.get("meta") or {}
@@ -420,7 +623,8 @@ class Daemon:
             return
         try:
             now = self.now()
-            text = metrics.render(self.ks.list(), now, clock_offset_s=(now - self.wall()).total_seconds())
+            text = metrics.render(self.ks.list(), now, clock_offset_s=(now - self.wall()).total_seconds(),
+                                  in_flight=self.in_flight)
             metrics.write(self.cfg.metrics_textfile, text)
         except KeystoreError as e:
             log.warning("metrics textfile %s not written: %s", self.cfg.metrics_textfile, e)
@@ -431,10 +635,12 @@ class Daemon:
             self._stop.set()
 
     async def run(self, *, once: bool = False) -> int:
-        """Recover, then tick until stopped (SIGTERM/SIGINT or ``stop()``); with ``once`` a single pass.
+        """Recover, then tick until stopped (SIGTERM/SIGINT or ``stop()``); with ``once`` a single pass that waits
+        for every attempt it starts.
 
         Returns the process exit status (0; 1 when a managed credential has expired)."""
         self._stop = asyncio.Event()
+        self._prepare()
         loop = asyncio.get_running_loop()
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -445,19 +651,25 @@ class Daemon:
             await self.recover()
             self.notifier.notify(ready=1, status="checking credentials")
             while True:
-                wait = await self.tick()
+                self._wake.clear()
+                wait = await self.tick(wait=once)
                 if self.notifier.watchdog_s:
                     self.notifier.notify(watchdog=1)
                     wait = min(wait, self.notifier.watchdog_s / 2)
                 self.notifier.notify(status=self._status_line(wait))
                 if once:
                     break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=wait)
+                stop, wake = loop.create_task(self._stop.wait()), loop.create_task(self._wake.wait())
+                try:
+                    await asyncio.wait((stop, wake), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    wake.cancel()
                 if self._stop.is_set():
                     break
         finally:
             self.notifier.notify(stopping=1, status="stopping")
+            await self._finish_tasks()
             for sig in installed:
                 loop.remove_signal_handler(sig)
         expired = [c.name for c in self.managed() if c.not_after <= self.now()]
@@ -465,7 +677,32 @@ class Daemon:
             log.error("expired credential(s): %s", ", ".join(expired))
         return 1 if expired else 0
 
+    async def _finish_tasks(self) -> None:
+        """Give tasks in progress ``STOP_GRACE_S`` to finish, then cancel them (a cancelled renewal discards its
+        pending key; the keystore's commit is never cut in half) and clear their in-progress marks."""
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        if not pending:
+            return
+        cut = sorted(self.in_flight)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        log.warning("stopping: cut off %d task(s) still waiting for a CA%s", len(pending),
+                    f" (renewal of {', '.join(cut)}: retried at the next start)" if cut else "")
+        for name in cut:
+            with contextlib.suppress(KeystoreError):
+                self.ks.set_meta(name, renewing=None)
+        self._write_metrics()
+
     def _status_line(self, wait: float) -> str:
         creds = self.managed()
         failing = sum(1 for c in creds if (c.record.get("meta") or {}).get("failures"))
-        return f"{len(creds)} credential(s), {failing} failing, next check in {wait:.0f} s"
+        busy = f", renewing {', '.join(sorted(self.in_flight))}" if self.in_flight else ""
+        return f"{len(creds)} credential(s), {failing} failing{busy}, next check in {wait:.0f} s"
+
+
+class _AttemptTimeout(Exception):
+    """A renewal attempt exceeded ``renewal.attempt_timeout_s``."""

@@ -86,6 +86,64 @@ def next_retry(now: datetime.datetime, failures: int, not_after: datetime.dateti
     return now + datetime.timedelta(seconds=d)
 
 
+def attempts_before_expiry(now: datetime.datetime, failures: int, not_after: datetime.datetime, *,
+                           base_s: float = RETRY_BASE_S, cap_s: float = RETRY_CAP_S, limit: int = 10_000) -> int:
+    """How many renewal attempts the retry schedule makes from ``now`` (this attempt, the ``failures + 1``-th of a
+    streak, included) until ``not_after``, if each one fails at once: the "m" of "attempt n of m" in ``devagent
+    status``. An estimate (the mean jitter, ``u = 0.5``); 1 once the certificate has expired, at most ``limit``.
+    """
+    count, t, n = 1, now, failures + 1
+    while count < limit:
+        t = next_retry(t, n, not_after, base_s=base_s, cap_s=cap_s, u=0.5)
+        if t >= not_after:
+            break
+        count, n = count + 1, n + 1
+    return count
+
+
+VALIDITY_REASONS = ("not-yet-valid", "expired")
+
+
+def clock_hint(validity: str, local_now: datetime.datetime, *, ca_now: datetime.datetime | None = None,
+               ca_source: str = "the CA's time", valid_since: datetime.datetime | None = None,
+               tolerance_s: float = CLOCK_TOLERANCE_S) -> str | None:
+    """Why a certificate failed a validity-period check (``validity``: "not-yet-valid" or "expired") when the local
+    clock, not the certificate or the trust anchors, is the likely cause; None when nothing points at the clock.
+
+    Evidence, strongest first: the CA's time (``ca_now``: CMP messageTime or HTTP Date plus the monotonic time since
+    it was seen) differs from the local clock by more than ``tolerance_s``; for "not yet valid", the local clock is
+    before ``valid_since`` (the time is at least the notBefore of a certificate this device already holds from the
+    CA); the local clock reads a date before ``CLOCK_FLOOR`` (never set).
+    """
+    if validity not in VALIDITY_REASONS:
+        return None
+    local = local_now.isoformat(timespec="seconds")
+    if ca_now is not None:
+        off = (ca_now - local_now).total_seconds()
+        if abs(off) > tolerance_s:
+            way = "behind" if off > 0 else "ahead of"
+            return (f"the local clock is the likely cause, not the certificate or the trust anchors: it reads {local}, "
+                    f"{human_duration(abs(off))} {way} {ca_source} ({ca_now.isoformat(timespec='seconds')}); fix NTP or the "
+                    "RTC")
+    if validity == "not-yet-valid" and valid_since is not None and (valid_since - local_now).total_seconds() > tolerance_s:
+        return (f"the local clock is the likely cause, not the certificate or the trust anchors: it reads {local}, "
+                f"before {valid_since.isoformat(timespec='seconds')}, when a certificate this device already holds "
+                "from the CA became valid; fix NTP or the RTC")
+    if local_now < CLOCK_FLOOR:
+        return (f"the local clock is the likely cause, not the certificate or the trust anchors: it reads {local} "
+                "(never set: no RTC battery, no NTP?); fix NTP or the RTC")
+    return None
+
+
+def human_duration(s: float) -> str:
+    """``3 days``, ``5 h``, ``12 min``, ``40 s``."""
+    for unit, n in (("day", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            v = s / n
+            return f"{v:.0f} {unit}{'s' if unit == 'day' and round(v) != 1 else ''}"
+    return f"{s:.0f} s"
+
+
 @dataclasses.dataclass(frozen=True)
 class ClockEstimate:
     """Offset of trusted time from the local wall clock, learnt from a CA response at ``observed_mono``."""

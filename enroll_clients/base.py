@@ -20,7 +20,14 @@ from cryptography import x509
 
 
 class EnrollError(Exception):
-    """Root of all enrollment-client errors."""
+    """Root of all enrollment-client errors.
+
+    ``validity`` is "not-yet-valid" or "expired" when the failure was a certificate's validity period checked
+    against this device's clock (e.g. the EST server's TLS certificate): the clock may be the cause, not the trust
+    anchors (the daemon says so when it has evidence, ``agent.policy.clock_hint``).
+    """
+
+    validity: str | None = None
 
 
 class TransportError(EnrollError):

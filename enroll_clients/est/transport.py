@@ -165,6 +165,21 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
         if "Hostname mismatch" in text or "hostname" in detail.lower() or "IP address mismatch" in text:
             return ProtectionError(f"TLS to {url}: the server certificate is not valid for this host name "
                                    f"({detail}); check the URL")
+        # X509_V_ERR_CERT_NOT_YET_VALID (9) / X509_V_ERR_CERT_HAS_EXPIRED (10): checked against the local clock
+        validity = {9: "not-yet-valid", 10: "expired"}.get(getattr(chain, "verify_code", None))
+        if validity is None and ("not yet valid" in detail or "has expired" in detail):
+            validity = "not-yet-valid" if "not yet valid" in detail else "expired"
+        if validity is not None:
+            import datetime
+
+            local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            state = validity.replace("-", " ")
+            err = ProtectionError(f"TLS to {url}: a certificate of the server's chain is {state} by this device's "
+                                  f"clock ({detail}; the clock reads {local}): if the clock is wrong, fix NTP or the "
+                                  f"RTC; if it is right, the server's certificate is {state} (tell its operator); "
+                                  "the trust anchors are not the cause")
+            err.validity = validity
+            return err
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
                                f"({detail}); give the CA that issued the server's TLS certificate with --trust, or "
                                "bootstrap with --ca-fingerprint")
