@@ -195,12 +195,13 @@ def test_requests_in_progress_are_bounded(insecure_env):
 
 
 # The flood here is shorter than the benchmark's 30 s (benchmarks/bench_serve_load.py): it runs until FLOOD_ANSWERS
-# answers (or FLOOD_MAX_S) and then asserts that there were enough requests for the bound to mean something:
-# aiocoap's own deduplication keeps ~2.7 KB per request for 247 s, so MIN_ANSWERS requests without the bound grow
-# RSS by more than 3 x the 10 MB allowed. Likewise OSCORE_REQUESTS sequential OSCORE requests grow it by ~11 MB.
+# answers (about 10 s here; at most FLOOD_MAX_S on a slow machine) and then asserts that there were enough requests
+# for the bound to mean something: aiocoap's own deduplication keeps ~2.7 KB per request for 247 s, so MIN_ANSWERS
+# requests without the bound grow RSS by more than twice the 10 MB allowed (measured: 15,000 answers grew it by
+# 50 MB before the bounds). Likewise OSCORE_REQUESTS sequential OSCORE requests grow it by ~11 MB without them.
 FLOOD_ANSWERS = 15_000
-MIN_ANSWERS = 12_000
-FLOOD_MAX_S = 40.0
+MIN_ANSWERS = 8_000
+FLOOD_MAX_S = 60.0
 OSCORE_REQUESTS = 4_000
 RSS_BOUND_KIB = 10 * 1024
 
