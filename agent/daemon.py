@@ -251,11 +251,16 @@ class Daemon:
     def _clock_hint(self, e: BaseException) -> str | None:
         """``policy.clock_hint`` for a failure on a validity period (keystore VerificationError reason, or an
         enrollment error flagged ``validity`` such as EST's TLS), else None."""
-        validity = getattr(e, "validity", None) or getattr(e, "reason", None)
-        if validity not in policy.VALIDITY_REASONS:
+        validity, cur = None, e
+        while cur is not None and validity is None:  # the error, or what it wraps (a VerificationError's reason)
+            v = getattr(cur, "validity", None) or getattr(cur, "reason", None)
+            validity = v if v in policy.VALIDITY_REASONS else None
+            cur = cur.__cause__ or cur.__context__
+        if validity is None:
             text = str(e).lower()
-            validity = ("not-yet-valid" if "not yet valid" in text else
-                        "expired" if "has expired" in text or "certificate expired" in text else None)
+            validity = ("not-yet-valid" if "not yet valid" in text or "is not valid before" in text else
+                        "expired" if "has expired" in text or "certificate expired" in text or " expired at " in text
+                        else None)
         if validity is None:
             return None
         ca = self.ca_time()
