@@ -102,7 +102,11 @@ async def enroll_once(rec: dict, upstream, identity: Identity, *, domain: str, t
         await client.update_certificate(up.certificate, [c for c in chain if c.subject != c.issuer], kt)
         stages["update_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        want = desired_trustlist([*anchors, *keep_trust], chain)
+        # The CLM's own chain stays trusted on the device (its CA may not be the domain's), so a TrustList written
+        # here never locks the CLM out (the device would refuse it: Bad_RequestNotAllowed).
+        own = tuple(identity.chain)
+        want = desired_trustlist([*anchors, *keep_trust, *(c for c in own if c.subject == c.issuer)],
+                                 [*chain, *own])
         have = await client.read_trust_list()
         if set(have.trusted_certificates) != set(want.trusted_certificates) or \
                 set(have.issuer_certificates) != set(want.issuer_certificates):
