@@ -203,10 +203,9 @@ class PushService:
         if journal.exists():
             log.warning("an ApplyChanges was interrupted; finishing it from %s", journal)
             await asyncio.to_thread(self._roll_forward, json.loads(journal.read_bytes()))
-            if self.deploy is not None:
-                await self.deploy(self._live_credentials(), self.current_trustlist())
-            journal.unlink()
-            fsutil.fsync_dir(self.dir)
+            if await self._deploy():
+                journal.unlink()
+                fsutil.fsync_dir(self.dir)
         if self.endpoint_credential() is None:
             await asyncio.to_thread(self._make_bootstrap)
 
@@ -710,15 +709,35 @@ class PushService:
         except Exception as e:
             log.error("ApplyChanges: commit failed (%s); the journal stays and the next start finishes it", e)
             raise PushError("BadInternalError", f"ApplyChanges: commit failed: {e}") from e
-        if self.deploy is not None:
-            await self.deploy(self._live_credentials(), self.current_trustlist())
-        (self.dir / "apply.json").unlink(missing_ok=True)
-        fsutil.fsync_dir(self.dir)
-        self.ks.audit("opcua-apply", client=t.who, credentials=changed,
+        if self._txn is t:
+            self._txn = None  # committed: whatever the deployment does, the transaction is over
+        deployed = await self._deploy()
+        if deployed:
+            (self.dir / "apply.json").unlink(missing_ok=True)
+            fsutil.fsync_dir(self.dir)
+        self.ks.audit("opcua-apply", client=t.who, credentials=changed, deployed=deployed,
                       trustlist_version=journal["trustlist_version"])
         if self.on_apply is not None:
             await self.on_apply(changed)
+        if not deployed:
+            raise PushError("BadInternalError", "ApplyChanges: committed to the keystore, but the deployment into "
+                            "the PKI directory or a hook failed (see the log); the next start of the server retries it")
         return changed
+
+    async def _deploy(self) -> bool:
+        """Deploy the live state (PKI directories, hooks). False (logged) when a target or hook fails: the commit
+        stands, the journal stays, and the next start retries."""
+        if self.deploy is None:
+            return True
+        from agent.hooks import DeployError
+
+        try:
+            await self.deploy(self._live_credentials(), self.current_trustlist())
+            return True
+        except DeployError as e:
+            log.error("OPC UA deployment failed: %s", e)
+            self.ks.audit("opcua-deploy-failed", error=str(e)[:500])
+            return False
 
     def _live_credentials(self) -> list:
         from keystore.errors import NotFoundError

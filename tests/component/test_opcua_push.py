@@ -453,3 +453,36 @@ def test_aes128_sha256_rsaoaep_channel(tmp_path, lab):
                 assert csr.is_signature_valid
 
     run(scenario())
+
+
+def test_failing_hook_commits_reports_and_retries_at_start(tmp_path, lab):
+    """A hook that fails: ApplyChanges answers Bad_InternalError, the keystore holds the new certificate, the
+    journal stays; the server keeps serving and a restart (with the hook fixed) finishes the deployment."""
+    w = make_world(tmp_path / "w", lab)
+    flag = tmp_path / "hook-ok"
+
+    async def scenario():
+        hook = [f"sh -c 'test -e {flag}'"]
+        async with device(w, hooks=hook) as srv:
+            async with gds_client(w, srv) as c:
+                csr = await c.create_signing_request("rsa", "CN=dev1,O=Plant")
+                cert = w.lab.issue_from_csr(DOMAIN, csr, "opcua")
+                await c.update_certificate(cert, [w.lab.domain(DOMAIN).ca_cert])
+                with pytest.raises(PushClientError) as e:
+                    await c.apply_changes()
+                assert e.value.status == "BadInternalError"
+            assert w.ks.get("opcua").certificate == cert and (w.state / "opcua/apply.json").exists()
+            async with gds_client(w, srv.url) as c2:  # still serving, on the new certificate, no transaction left
+                assert fingerprint(c2.server_certificate) == fingerprint(cert)
+                assert await c2.write_trust_list(full_trustlist(w)) is True
+                await c2.cancel_changes()
+        flag.touch()
+        async with device(w, hooks=hook):
+            pass
+        return cert
+
+    cert = run(scenario())
+    assert not (w.state / "opcua/apply.json").exists()
+    assert x509.load_der_x509_certificate((w.pki / "own/certs/opcua.der").read_bytes()) == cert
+    actions = [e["action"] for e in w.ks.audit_entries()]
+    assert "opcua-deploy-failed" in actions

@@ -105,9 +105,10 @@ async def device(world: World, **kw):
     from agent.opcua.server import PushServer
 
     server_kw = {k: kw.pop(k) for k in ("allow_none", "policies") if k in kw}
+    hooks = kw.pop("hooks", ())
 
     async def deployer(creds, tl):
-        await deploy(world.ks, creds, tl, [world.pki])
+        await deploy(world.ks, creds, tl, [world.pki], hooks, timeout_s=30)
 
     svc = PushService(world.ks, push_config(**kw), world.state, deploy=deployer)
     srv = PushServer(svc, f"opc.tcp://127.0.0.1:{free_port()}/devagent", close_delay_s=0.2, **server_kw)
