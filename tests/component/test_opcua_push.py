@@ -190,6 +190,13 @@ def test_trustlist_replace_add_remove(tmp_path, lab):
                 assert await c.read_trust_list() == full_trustlist(w)
                 masks = await c.read_trust_list(masks=1)
                 assert masks.issuer_certificates == () and masks.trusted_certificates
+            # a session that ends (CloseSession) without ApplyChanges: its transaction goes, others may write
+            async with gds_client(w, srv) as gone:
+                assert await gone.write_trust_list(TrustList(), mask=4) is True
+            async with gds_client(w, srv) as c:
+                assert await c.write_trust_list(full_trustlist(w)) is True
+                await c.apply_changes()
+                assert await c.read_trust_list() == full_trustlist(w)
 
     run(scenario())
     anchors = {fingerprint(a) for a in w.ks.trust_anchors(DOMAIN)}
