@@ -165,6 +165,8 @@ def ca_cpu_ms(lab, k: int = 40) -> float:
 
 
 def start_worker(world: World, clm_dir: Path, spec: str, name: str) -> tuple[subprocess.Popen, Path]:
+    from agent.lab import fleet
+
     log = world.disk / f"{name}.log"
     ready = world.disk / f"{name}.ready"
     ready.unlink(missing_ok=True)
@@ -173,7 +175,8 @@ def start_worker(world: World, clm_dir: Path, spec: str, name: str) -> tuple[sub
          str(clm_dir), "--inventory", spec, "run", "--upstream", f"lab:{world.shm / 'lab'}", "--interval", "0.2",
          "--parallel", str(PARALLEL), "--lease", "120", "--worker-id", name, "--retries", "2", "--timeout", "60",
          "--ready-file", str(ready)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        preexec_fn=fleet.die_with_parent)
     deadline = time.monotonic() + 120
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

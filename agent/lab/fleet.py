@@ -70,6 +70,14 @@ def _free_udp_port() -> int:
     raise RuntimeError("no free UDP port for the fleet simulator")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for helper processes (simulator shards, CLM workers in tests): SIGKILL the child when the
+    process that started it dies, so a killed test run leaves nothing serving or renewing behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def load_manifest(fleet_dir: str | os.PathLike) -> dict:
     return json.loads((Path(fleet_dir) / MANIFEST).read_text())
 
@@ -104,7 +112,8 @@ def create(fleet_dir: str | os.PathLike, n: int, clm_dir: str | os.PathLike, lab
     else:
         bounds = [n * k // jobs for k in range(jobs + 1)]
         procs = [subprocess.Popen([sys.executable, "-m", "agent.lab.fleet", "_create", str(fleet_dir), str(clm_dir),
-                                   str(lab_dir), domain, str(bounds[k]), str(bounds[k + 1])])
+                                   str(lab_dir), domain, str(bounds[k]), str(bounds[k + 1])],
+                                  preexec_fn=die_with_parent)
                  for k in range(jobs)]
         bad = [p.wait() for p in procs]
         if any(bad):
@@ -210,7 +219,7 @@ class FleetProcesses:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "agent.lab.fleet", "serve", str(self.fleet_dir), "--shard", str(k),
                      "--shards", str(self.shards), "--ready-file", str(ready[k])],
-                    stdout=log_f, stderr=subprocess.STDOUT, env=env))
+                    stdout=log_f, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent))
         deadline = time.monotonic() + self.timeout_s
         while not all(r.exists() for r in ready):
             dead = [p for p in self.procs if p.poll() is not None]

@@ -1,5 +1,6 @@
 """A real PostgreSQL server for tests and benchmarks: Debian's ``postgresql`` binaries, a fresh cluster
-(``initdb``) in a temp directory, ``pg_ctl`` on 127.0.0.1 (free port) and a private unix socket directory.
+(``initdb``) in a temp directory, the postmaster on 127.0.0.1 (free port) and a private unix socket directory,
+stopped with ``pg_ctl stop``; the postmaster is a child of the test process and dies with it.
 
 PostgreSQL refuses to run as root. As root the server runs as the ``postgres`` user the Debian package creates
 (else ``nobody``), through ``setpriv``; as any other user it runs as that user. The cluster's superuser is
@@ -17,6 +18,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -40,6 +42,14 @@ def pg_bindir() -> Path:
     pytest.fail(f"PostgreSQL server binaries (initdb, pg_ctl) are required and not installed: {HINT}")
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL the server when the test process dies (as root, ``setpriv --pdeathsig`` does it after
+    changing the user, since a change of user clears a signal set before)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +67,7 @@ class PostgresServer:
         self.sock = self.base / "sock"
         self.log = self.base / "server.log"
         self._prefix: list[str] = []
+        self._proc: subprocess.Popen | None = None
         if os.geteuid() == 0:
             name = "postgres"
             try:
@@ -95,22 +106,45 @@ class PostgresServer:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "PostgresServer":
+        """Run the postmaster in the foreground as a child that dies with this process (PR_SET_PDEATHSIG: a
+        killed pytest leaves no server behind); wait until it accepts connections."""
         if not self.port:
             self.port = _free_tcp_port()
-        opts = [f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sock}", "-c max_connections=100"]
+        opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(self.sock),
+                "-c", "max_connections=100"]
         if not self.durable:
-            opts.append("-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        r = self._run(self.bindir / "pg_ctl", "start", "-w", "-t", "120", "-D", self.data, "-l", self.log,
-                      "-o", " ".join(opts), check=False)
-        if r.returncode != 0:
-            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
-            pytest.fail(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()} {tail}")
-        return self
+            opts += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        prefix = self._prefix[:1] + ["--pdeathsig", "SIGKILL"] + self._prefix[1:] if self._prefix else []
+        env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8", HOME=str(self.base))
+        env.pop("PGDATA", None)
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen([*prefix, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.base,
+                                          preexec_fn=None if self._prefix else _die_with_parent)
+        deadline = time.monotonic() + 120
+        while True:
+            r = self._run(self.bindir / "pg_isready", "-h", "127.0.0.1", "-p", self.port, check=False)
+            if r.returncode == 0:
+                return self
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+                self.stop("immediate")
+                pytest.fail(f"PostgreSQL did not start: {tail}")
+            time.sleep(0.05)
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server (``fast``: disconnect clients, like a restart of the database host's service)."""
-        if (self.data / "postmaster.pid").exists():
+        """Stop the server with pg_ctl (``fast``: disconnect clients, like a restart of the database host's
+        service) and reap the postmaster."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
             self._run(self.bindir / "pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", self.data, check=False)
+            try:
+                self._proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
 
     def restart(self) -> None:
         self.stop()

@@ -66,7 +66,7 @@ class Worker:
              str(root / "clm"), "--inventory", spec, "run", "--upstream", f"lab:{root / 'lab'}", "--interval", "0.3",
              "--parallel", str(parallel), "--lease", str(lease_s), "--worker-id", name, "--retries", "2",
              "--timeout", "15", "--ready-file", str(ready)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), preexec_fn=fleet.die_with_parent)
         wait_for(lambda: ready.exists() or self.proc.poll() is not None, 60, f"worker {name} to start")
         assert self.proc.poll() is None, self.log.read_text()[-2000:]
 
