@@ -10,7 +10,8 @@ The stages mirror seed 003's Table 1 (and ``agent.clm.Clm.enroll_once``): ``conn
 server certificate check, secure channel, session), ``csr_s`` (CreateSigningRequest round trip: the device's key
 generation and CSR signing are inside it; OPC UA has no field to report them separately), ``enroll_s`` (upstream,
 including pre-verification), ``pre_verify_s``, ``update_s`` (UpdateCertificate: the device's verification),
-``trustlist_s``, ``apply_s`` (the device's commit and deployment) and ``total_s``.
+``trustlist_s``, ``apply_s`` (the device's commit and deployment; 0 when the device needed no ApplyChanges because
+it reported applyChangesRequired FALSE, as servers without transactions do) and ``total_s``.
 """
 from __future__ import annotations
 
@@ -99,7 +100,10 @@ async def enroll_once(rec: dict, upstream, identity: Identity, *, domain: str, t
         stages["pre_verify_s"] = now - t_pre
         chain = tuple(path[1:])
         t = time.perf_counter()
-        await client.update_certificate(up.certificate, [c for c in chain if c.subject != c.issuer], kt)
+        # applyChangesRequired: a server without transactions (open62541, for one) applies at once and says FALSE;
+        # ApplyChanges is then not called (such a server may refuse it with nothing pending).
+        apply_needed = bool(await client.update_certificate(up.certificate, [c for c in chain if c.subject != c.issuer],
+                                                            kt))
         stages["update_s"] = time.perf_counter() - t
         t = time.perf_counter()
         # The CLM's own chain stays trusted on the device (its CA may not be the domain's), so a TrustList written
@@ -110,13 +114,13 @@ async def enroll_once(rec: dict, upstream, identity: Identity, *, domain: str, t
         have = await client.read_trust_list()
         if set(have.trusted_certificates) != set(want.trusted_certificates) or \
                 set(have.issuer_certificates) != set(want.issuer_certificates):
-            await client.write_trust_list(tlmod.TrustList(trusted_certificates=want.trusted_certificates,
-                                                          trusted_crls=have.trusted_crls,
-                                                          issuer_certificates=want.issuer_certificates,
-                                                          issuer_crls=have.issuer_crls))
+            apply_needed |= bool(await client.write_trust_list(tlmod.TrustList(
+                trusted_certificates=want.trusted_certificates, trusted_crls=have.trusted_crls,
+                issuer_certificates=want.issuer_certificates, issuer_crls=have.issuer_crls)))
         stages["trustlist_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        await client.apply_changes()
+        if apply_needed:
+            await client.apply_changes()
         stages["apply_s"] = time.perf_counter() - t
     finally:
         await client.close()
