@@ -176,6 +176,7 @@ def test_enroll_wall_vs_openssl(benchmark, pki, tmp_path):
 #                 imports, the exchange), also from getrusage;
 #   ours_inproc:  time.process_time() around the operation in this process (warm; the server is another process).
 # Ratios are of medians: ours_process/openssl and ours_inproc/openssl.
+VS_ROUNDS = 2 if CI else ROUNDS  # each round starts two processes per operation: keep make bench-ci short
 _ONE_OP = """
 import asyncio, json, sys
 from cryptography import x509
@@ -275,7 +276,7 @@ def test_cpu_vs_openssl_mock_server(benchmark, pki, mock_http, tmp_path, op):
     _child_cpu_ms(ns + common + ossl_args), _child_cpu_ms(py_cmd, env=env, cwd=REPO)  # warm page cache
     srv.run_async(one_inproc)
     ossl, proc, inproc = [], [], []
-    for _ in range(ROUNDS):
+    for _ in range(VS_ROUNDS):
         ossl.append(_child_cpu_ms(ns + common + ossl_args))
         proc.append(_child_cpu_ms(py_cmd, env=env, cwd=REPO))
         inproc.append(srv.run_async(one_inproc))
@@ -394,7 +395,7 @@ def test_cpu_vs_openssl_mockca(benchmark, mockca, tmp_path, op):
     cert, nk, new_key = fresh()
     asyncio.run(inproc(cert, new_key))  # warm
     ossl, proc, ins = [], [], []
-    for _ in range(ROUNDS):
+    for _ in range(VS_ROUNDS):
         cert, nk, _k = fresh()
         ossl.append(_child_cpu_ms(ossl_cmd(cert, nk)))
         cert, nk, _k = fresh()
