@@ -45,6 +45,7 @@ PENDING_SOURCE = "opcua"
 BOOTSTRAP_SOURCE = "opcua-bootstrap"
 DEFAULT_APPLICATION_GROUP = 14156  # ServerConfiguration_CertificateGroups_DefaultApplicationGroup
 MIN_NONCE = 32  # OPC 10000-12 §7.10.10: at least 32 bytes when regeneratePrivateKey is TRUE
+MAX_OPEN_FILES = 16  # TrustList handles open at once (each holds a copy of the list)
 MODE_READ = 0x01
 MODE_WRITE_ERASE = 0x06  # Write + EraseExisting: the only write mode a TrustList supports (§7.8.2.1)
 DER = serialization.Encoding.DER
@@ -497,6 +498,9 @@ class PushService:
         return f
 
     def _new_handle(self, f: OpenFile) -> int:
+        if len(self._files) >= MAX_OPEN_FILES:
+            raise PushError("BadTooManyOperations", f"TrustList Open: {MAX_OPEN_FILES} handles are open already; "
+                            "Close one (idle handles close after the activity timeout)")
         h = self._next_handle
         self._next_handle = self._next_handle % 0xFFFFFFFF + 1
         self._files[h] = f

@@ -444,6 +444,12 @@ def test_core_refusals_without_network(tmp_path, lab):
             await svc.open(Caller("s5", True, True, "gds2"), 0x06)
         assert e.value.status == "BadInvalidState"
         await svc.close(admin, h)
+        handles = [await svc.open(admin, 0x01) for _ in range(16)]
+        with pytest.raises(PushError) as e:
+            await svc.open(admin, 0x01)
+        assert e.value.status == "BadTooManyOperations"
+        for h in handles:
+            await svc.close(admin, h)
         assert snapshot(w.base) == before
 
     run(scenario())
