@@ -1,13 +1,20 @@
-"""Keystore operations at 10, 100 and 1,000 credentials (issue 2): time per operation and how it grows.
+"""Keystore operations at 10, 100 and 1,000 credentials (issues 2, 19): time per operation, how it grows, and the
+fsyncs each costs.
 
 - add:  ``Keystore.store_certificate`` of a new credential (verify-before-store, fsynced version files, one atomic
   index replace). The key and the certificate are made in the untimed setup; the credential added by the previous
   round is deleted there too, so the store keeps its size.
 - load: ``Keystore.get`` of a random credential (index lookup, PEM parse of certificate and chain).
-- list: ``Keystore.list`` of every credential.
+- list: ``Keystore.list`` of every credential. Dates, names, serials come from the index; certificates are read
+  when a caller first uses one (``Credential``), so this is what scheduling and ``keystore list`` pay.
+- keygen: ``generate_key`` (pending P-256 key, encrypted file, index record) + its CSR: Table 1 stage (2) without
+  CoAP.
+- summary: ``list`` plus ``summary()`` of each, which reads every chain (what ``devagent status --json`` pays).
 
-The tinydb index is one JSON document rewritten atomically on every change, so add grows with the store size;
-these figures show by how much. CI mode: sizes 5 and 10.
+The index is one tinydb JSON document, cached in memory and re-validated by the file's inode/size/mtime on every
+read, and rewritten atomically on every change with only the changed records re-encoded (docs/keystore.md). Each
+row records ``fsyncs`` per operation (counted by ``keystore.fsutil``, through which every keystore fsync goes) and
+``index_parses`` (how often the index file was actually parsed during the timed rounds). CI mode: sizes 5 and 10.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import random
 import pytest
 
 from benchmarks.conftest import DOMAIN, n_samples, record, sizes
+from keystore import fsutil
 
 SIZES = sizes((10, 100, 1000), (5, 10))
 _counter = itertools.count()
@@ -58,14 +66,19 @@ def test_keystore_add(benchmark, filled, lab_ca):
         added.append(name)
         return (name, cert, uri), {}
 
+    fsyncs: list[int] = []
+
     def add(name, cert, uri):
+        n = fsutil.fsync_count
         ks.store_certificate(name, cert, chain, key_uri=uri, domain=DOMAIN)
+        fsyncs.append(fsutil.fsync_count - n)
 
     benchmark.pedantic(add, setup=setup, rounds=n_samples(30, 3), iterations=1)
     while added:
         ks.delete(added.pop(), force=True)
     assert len(ks.list()) == size
-    record(benchmark, config={"op": "add", "size": size}, stage="add")
+    record(benchmark, config={"op": "add", "size": size}, stage="add", fsyncs=max(fsyncs),
+           index_bytes=(ks.root / "keystore.json").stat().st_size)
 
 
 @pytest.mark.benchmark(group="keystore")
@@ -76,13 +89,51 @@ def test_keystore_load(benchmark, filled):
     def setup():
         return (f"cred{rng.randrange(size)}",), {}
 
+    n, p = fsutil.fsync_count, ks._storage.parses
     benchmark.pedantic(ks.get, setup=setup, rounds=n_samples(100, 3), iterations=1)
-    record(benchmark, config={"op": "load", "size": size}, stage="load")
+    record(benchmark, config={"op": "load", "size": size}, stage="load", fsyncs=fsutil.fsync_count - n,
+           index_parses=ks._storage.parses - p)
 
 
 @pytest.mark.benchmark(group="keystore")
 def test_keystore_list(benchmark, filled):
     size, ks, _ = filled
+    n, p = fsutil.fsync_count, ks._storage.parses
     result = benchmark.pedantic(ks.list, rounds=n_samples(20, 2), iterations=1)
     assert len(result) == size
-    record(benchmark, config={"op": "list", "size": size}, stage="list")
+    record(benchmark, config={"op": "list", "size": size}, stage="list", fsyncs=fsutil.fsync_count - n,
+           index_parses=ks._storage.parses - p)
+
+
+@pytest.mark.benchmark(group="keystore")
+def test_keystore_keygen(benchmark, filled):
+    """Table 1 stage (2) without CoAP: a pending P-256 key in the keystore + its CSR (discarded in the setup)."""
+    from keystore.csr import build_csr, default_key_usage, parse_subject
+
+    size, ks, _ = filled
+    made: list[str] = []
+    fsyncs: list[int] = []
+
+    def setup():
+        while made:
+            ks.discard_key(made.pop())
+        return (), {}
+
+    def keygen():
+        n = fsutil.fsync_count
+        uri = ks.generate_key("p256", label="ldevid", pending_for={"source": "bench", "name": "ldevid"})
+        build_csr(ks.private_key(uri), parse_subject("CN=bench"), key_usage=default_key_usage("p256"))
+        fsyncs.append(fsutil.fsync_count - n)
+        made.append(uri)
+
+    benchmark.pedantic(keygen, setup=setup, rounds=n_samples(30, 3), iterations=1)
+    setup()
+    record(benchmark, config={"op": "keygen", "size": size}, stage="keygen", fsyncs=max(fsyncs))
+
+
+@pytest.mark.benchmark(group="keystore")
+def test_keystore_summary(benchmark, filled):
+    size, ks, _ = filled
+    result = benchmark.pedantic(lambda: [c.summary() for c in ks.list()], rounds=n_samples(10, 2), iterations=1)
+    assert len(result) == size and all(len(s["chain"]) == 2 for s in result)
+    record(benchmark, config={"op": "summary", "size": size}, stage="summary")

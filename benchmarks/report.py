@@ -580,19 +580,23 @@ class Report:
     # -- keystore --
     def keystore(self, benches: list[dict]) -> None:
         cells: dict = {}
+        fsyncs: dict = {}
         for b in benches:
-            cfg = (b.get("extra_info") or {}).get("config") or {}
+            ei = b.get("extra_info") or {}
+            cfg = ei.get("config") or {}
             if "op" not in cfg:
                 continue
             st = b.get("stats") or {}
             cells[(cfg["op"], cfg["size"])] = st
+            if isinstance(ei.get("fsyncs"), int):
+                fsyncs[cfg["op"]] = max(fsyncs.get(cfg["op"], 0), ei["fsyncs"])
         if not cells:
             return
-        ops = [o for o in ("add", "load", "list") if any(k[0] == o for k in cells)]
+        ops = [o for o in ("add", "keygen", "load", "list", "summary") if any(k[0] == o for k in cells)]
         sizes = sorted({k[1] for k in cells})
         rows = []
         for op in ops:
-            row = [op]
+            row = [f"{op} ({fsyncs[op]} fsyncs)" if op in fsyncs else op]
             for n in sizes:
                 st = cells.get((op, n))
                 row.append(f"{ms(st['mean'])} ± {ms(st['stddev'])} (n={st['rounds']})" if st else "–")
@@ -601,7 +605,10 @@ class Report:
             rows.append(row)
         self.w("## Keystore operations against the number of credentials", "")
         self.w("add = `store_certificate` of a new credential (verify-before-store, fsynced files, atomic index "
-               "replace); load = `get`; list = `list` of all credentials. Mean ± sd in ms.", "")
+               "replace); keygen = `generate_key` + CSR (stage (2) without CoAP); load = `get`; list = `list` of all "
+               "credentials (certificates read when first used); "
+               "summary = `list` + `summary()` of each (reads every chain). Mean ± sd in ms; fsyncs per operation "
+               "as counted by `keystore.fsutil` (docs/keystore.md explains each).", "")
         self.w(*table(["operation"] + [f"{n} credentials" for n in sizes] + [f"growth {sizes[0]}→{sizes[-1]}"], rows),
                "")
         plt = _pyplot()

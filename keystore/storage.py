@@ -4,6 +4,19 @@ tinydb's JSONStorage rewrites its file in place, so a crash mid-write loses the 
 writes the whole document to a temp file, fsyncs, ``os.replace``s and fsyncs the directory: a reader sees
 either the old or the new index, never a torn one. ``KeystoreLock`` (flock on ``.lock``) serialises
 read-modify-write cycles across processes so two ``devagent`` processes never lose an update.
+
+``IndexStorage`` (the keystore's index) adds an in-memory cache on top, so that a lookup neither re-reads nor
+re-parses the whole index and a change re-encodes only the records it touched:
+
+- The parsed document is kept together with an open descriptor of the file it came from. It is valid while
+  ``stat(path)`` still shows that file: same device and inode (which cannot be reused while we hold the file open,
+  and every write replaces the file, so another process's write always changes the inode), same size, mtime_ns and
+  ctime_ns (an in-place edit by hand). Every read re-validates; ``Keystore._txn`` reads under the lock.
+- The cached document is shared and read-only: its mappings are ``ReadOnlyDict`` (mutation raises ``TypeError``).
+  A transaction gets fresh top-level and table dicts (``mutable``) and replaces a record by a new dict to change it.
+- On write, a record that is the very object already encoded reuses its encoded line (records are immutable, and
+  the cache keeps a reference, so the object identity cannot be reused); only new or replaced records are encoded.
+  The bytes written are exactly what ``encode_index`` produces for the document.
 """
 from __future__ import annotations
 
@@ -18,26 +31,76 @@ from pathlib import Path
 from tinydb.storages import Storage
 
 from keystore import fsutil
-from keystore.errors import CorruptFileError, KeystoreLockError
+from keystore.errors import CorruptFileError, KeystoreLockError, NotDurableError
 
 LOCK_TIMEOUT_S = 30.0
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True)  # one instance: json.dumps(sort_keys=True) builds one per call
+
+
+def _row_key(k) -> tuple:
+    return len(str(k)), str(k)
+
+
+def _row_order(table: dict) -> list:
+    return sorted(table, key=_row_key)
+
+
+def _encode_row(key, value) -> bytes:
+    return f"{_ENCODER.encode(str(key))}: {_ENCODER.encode(value)}".encode()
+
+
+def _join(name: str, rows: list[bytes]) -> bytes:
+    head = _ENCODER.encode(name).encode()
+    return head + b": {\n  " + b",\n  ".join(rows) + b"\n }" if rows else head + b": {}"
+
+
+def _assemble(tables: list[bytes]) -> bytes:
+    return b"{\n " + b",\n ".join(tables) + b"\n}\n"
 
 
 def encode_index(data: dict) -> bytes:
     """The index as JSON with one record per line (readable, diffable), encoded by the C encoder.
 
     ``json.dumps(..., indent=N)`` falls back to the pure-Python encoder, which made every keystore change cost
-    ~0.3 ms per stored credential; per-record ``dumps`` without indent is about three times faster."""
+    ~0.3 ms per stored credential; per-record encoding without indent is about three times faster, and
+    ``IndexStorage`` re-encodes only the records a change touched."""
     tables = []
     for name in sorted(data):
         table = data[name]
         if not isinstance(table, dict):
-            tables.append(f"{json.dumps(name)}: {json.dumps(table, sort_keys=True)}")
+            tables.append(f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode())
             continue
-        rows = ",\n  ".join(f"{json.dumps(str(k))}: {json.dumps(v, sort_keys=True)}" for k, v in
-                            sorted(table.items(), key=lambda kv: (len(str(kv[0])), str(kv[0]))))
-        tables.append(f"{json.dumps(name)}: {{\n  {rows}\n }}" if rows else f"{json.dumps(name)}: {{}}")
-    return ("{\n " + ",\n ".join(tables) + "\n}\n").encode()
+        tables.append(_join(name, [_encode_row(k, table[k]) for k in _row_order(table)]))
+    return _assemble(tables)
+
+
+class ReadOnlyDict(dict):
+    """A mapping of the cached index: shared by every reader, so it must not change. Copy it (``dict(rec)``) and
+    store the copy to change a record."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_a, **_k):
+        raise TypeError("keystore index records are read-only (shared cache): copy with dict(rec), change the copy "
+                        "and store it in the transaction's table")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    update = pop = popitem = setdefault = clear = _refuse
+
+    def __reduce__(self):  # copy/pickle as a plain dict
+        return dict, (dict(self),)
+
+
+def freeze(obj):
+    """A read-only deep copy of a JSON value (dicts become ``ReadOnlyDict``; lists stay lists and, like every value
+    of the cache, are never changed in place)."""
+    if isinstance(obj, dict):
+        return ReadOnlyDict((k, freeze(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [freeze(v) for v in obj]
+    return obj
 
 
 class AtomicJSONStorage(Storage):
@@ -61,6 +124,157 @@ class AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         pass
+
+
+class IndexStorage(AtomicJSONStorage):
+    """``AtomicJSONStorage`` with the parsed document cached (see the module docstring). Not for documents whose
+    callers change what ``read`` returns in place (``AtomicJSONStorage`` hands out a fresh copy every time)."""
+
+    def __init__(self, path: str | os.PathLike, **_):
+        super().__init__(path)
+        self._doc: dict | None = None
+        self._fd = -1
+        self._ident: tuple | None = None
+        self._lines: dict[str, dict] = {}  # table -> {key: (record object, encoded line)}
+        self._order: dict[str, list] = {}  # table -> keys in file order
+        self.generation = 0  # changes whenever the cached document does (for views derived from it)
+        self.parses = 0  # how often the file was actually read and parsed (benchmarks, tests)
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _set(self, doc, fd: int, st: os.stat_result | None) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._doc, self._fd = doc, fd
+        self._ident = self._identity(st) if st is not None else None
+        self.generation += 1
+
+    def invalidate(self) -> None:
+        """Forget the cache (the next read parses the file again)."""
+        self._set(None, -1, None)
+        self._lines.clear()
+        self._order.clear()
+
+    def read(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._doc is not None:
+                self.invalidate()
+            return None
+        if self._doc is not None and self._identity(st) == self._ident:
+            return self._doc
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            self.invalidate()
+            return None
+        try:
+            st = os.fstat(fd)  # the identity of what is parsed, not of whatever the path names a moment later
+            chunks = []
+            while chunk := os.read(fd, max(st.st_size, 65536)):
+                chunks.append(chunk)
+            raw = b"".join(chunks)
+            doc = json.loads(raw, object_hook=ReadOnlyDict) if raw.strip() else None
+        except ValueError as e:
+            os.close(fd)
+            raise CorruptFileError(f"keystore index {self.path} is corrupt: {e}") from e
+        except BaseException:
+            os.close(fd)
+            raise
+        self.parses += 1
+        self._lines.clear()
+        self._order.clear()
+        if doc is None:
+            os.close(fd)
+            self._set(None, -1, None)
+            return None
+        self._set(doc, fd, st)
+        return doc
+
+    @staticmethod
+    def mutable(doc) -> dict:
+        """A document a transaction may change: fresh top-level and table dicts; the records are the cached
+        (read-only) ones, replaced — never changed in place — by the transaction."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in (doc or {}).items()}
+
+    def _encode(self, data: dict) -> tuple[bytes, dict, dict]:
+        tables, lines, order = [], {}, {}
+        for name in sorted(data):
+            table = data[name]
+            if not isinstance(table, dict):
+                tables.append(f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode())
+                continue
+            cached = self._lines.get(name, {})
+            tlines = {}
+            for k, v in table.items():
+                hit = cached.get(k)
+                tlines[k] = hit if hit is not None and hit[0] is v else (v, _encode_row(k, v))
+            keys = self._keys_in_order(self._order.get(name), table)
+            tables.append(_join(name, [tlines[k][1] for k in keys]))
+            lines[name], order[name] = tlines, keys
+        return _assemble(tables), lines, order
+
+    @staticmethod
+    def _keys_in_order(prev: list | None, table: dict) -> list:
+        """``_row_order(table)``, reusing the previous order: rows removed drop out, rows added that sort after
+        every kept row (new ids are max + 1) are appended; anything else sorts again."""
+        if prev is None:
+            return _row_order(table)
+        kept = [k for k in prev if k in table]
+        if len(kept) == len(table):
+            return kept
+        added = sorted(set(table).difference(kept), key=_row_key)
+        if kept and _row_key(added[0]) <= _row_key(kept[-1]):
+            return _row_order(table)
+        return kept + added
+
+    def write(self, data) -> None:
+        """Write ``data`` (the document of a transaction) atomically; afterwards it is the cached document.
+
+        Raises:
+            StorageError: nothing was changed (the cache is dropped).
+            NotDurableError: written and live, not synced (the cache holds the new document).
+        """
+        raw, lines, order = self._encode(data)
+        try:
+            st = fsutil.atomic_write(self.path, raw)
+        except NotDurableError:
+            self.invalidate()  # live on disk; parse it again rather than guess
+            raise
+        except BaseException:
+            self.invalidate()
+            raise
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self.invalidate()
+            return
+        cur = os.fstat(fd)
+        if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):  # cannot happen under the lock; be safe
+            os.close(fd)
+            self.invalidate()
+            return
+        frozen = {}
+        for name, table in data.items():
+            if not isinstance(table, dict):
+                frozen[name] = freeze(table)
+                continue
+            ft = {}
+            tl = lines[name]
+            for k, v in table.items():
+                fv = v if isinstance(v, ReadOnlyDict) else freeze(v)
+                ft[k] = fv
+                if fv is not v:
+                    tl[k] = (fv, tl[k][1])
+            frozen[name] = ReadOnlyDict(ft)
+        self._lines, self._order = lines, order
+        self._set(ReadOnlyDict(frozen), fd, cur)
+
+    def close(self) -> None:
+        self._set(None, -1, None)
 
 
 class KeystoreLock:

@@ -20,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -33,11 +34,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from tinydb import Query, TinyDB
 
 from keystore import fsutil
 from keystore.backends import BACKEND_NAMES, BackendContext, KeyBackend, backend_class, scheme_of
-from keystore.certs import describe, fingerprint, load_certificates, pem, same_public_key
+from keystore.certs import describe, fingerprint, load_certificates, pem, same_public_key, spki_der
 from keystore.errors import (
     AlreadyExistsError,
     CorruptFileError,
@@ -50,7 +52,7 @@ from keystore.errors import (
     VerificationError,
 )
 from keystore.keytypes import key_type_of, parse_key_type
-from keystore.storage import AtomicJSONStorage, KeystoreLock
+from keystore.storage import IndexStorage, KeystoreLock
 from keystore.verify import build_path, verify_ca_chain, verify_certificate
 
 INDEX = "keystore.json"
@@ -81,9 +83,17 @@ def _refuse_unfinished_wipe(root: Path) -> None:
                             "'devagent decommission' again to finish it (nothing else may use this keystore)")
 
 
+_SUMMARY_FIELDS = ("subject", "issuer", "serial", "not_before", "not_after", "fingerprint")
+
+
 @dataclasses.dataclass(frozen=True)
 class Credential:
-    """A stored credential: its live certificate version, chain and key reference."""
+    """A stored credential: its live certificate version, chain and key reference.
+
+    ``certificate`` and ``chain`` are read from the version directory when first used (``Keystore.get`` reads them
+    at once; ``Keystore.list`` only when a caller needs them): dates, subject, issuer, serial and fingerprint come
+    from the index record, so listing and scheduling never parse a certificate.
+    """
 
     name: str
     kind: str
@@ -91,17 +101,38 @@ class Credential:
     key_uri: str
     key_type: str
     version: int
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
     record: dict
+    _files: object = dataclasses.field(default=None, repr=False, compare=False)  # () -> (certificate, chain)
+
+    def _load(self) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        got = self.__dict__.get("_loaded")
+        if got is None:
+            got = self._files()
+            self.__dict__["_loaded"] = got  # frozen: cache beside the fields, like functools.cached_property
+        return got
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._load()[0]
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return self._load()[1]
+
+    def _record_time(self, field: str, cert_attr: str) -> datetime.datetime:
+        v = self.record.get(field)
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(v)
+        return getattr(self.certificate, cert_attr)
 
     @property
     def not_after(self) -> datetime.datetime:
-        return self.certificate.not_valid_after_utc
+        return self._record_time("not_after", "not_valid_after_utc")
 
     @property
     def not_before(self) -> datetime.datetime:
-        return self.certificate.not_valid_before_utc
+        return self._record_time("not_before", "not_valid_before_utc")
 
     @property
     def readonly(self) -> bool:
@@ -112,19 +143,62 @@ class Credential:
 
     def summary(self, now: datetime.datetime | None = None) -> dict:
         """JSON-friendly view (stable keys, documented in README)."""
-        d = describe(self.certificate)
+        rec = self.record
+        if all(isinstance(rec.get(k), str) for k in _SUMMARY_FIELDS):
+            d = {k: rec[k] for k in _SUMMARY_FIELDS}
+        else:
+            d = describe(self.certificate)
+        chain = [describe(c)["subject"] for c in self.chain]
         left = self.seconds_left(now)
         d.update(
             name=self.name, kind=self.kind, domain=self.domain, key_uri=self.key_uri, key_type=self.key_type,
             version=self.version, days_left=round(left / 86400, 2), expired=left <= 0,
-            profile=self.record.get("profile"), protocol=self.record.get("protocol"),
-            server=self.record.get("server"), chain=[describe(c)["subject"] for c in self.chain],
-            next_renewal=self.record.get("meta", {}).get("next_renewal"),
-            last_error=self.record.get("meta", {}).get("last_error"),
-            revoked=self.record.get("meta", {}).get("revoked"),
-            revoked_at=self.record.get("meta", {}).get("revoked_at"),
+            profile=rec.get("profile"), protocol=rec.get("protocol"),
+            server=rec.get("server"), chain=list(chain),
+            next_renewal=(rec.get("meta") or {}).get("next_renewal"),
+            last_error=(rec.get("meta") or {}).get("last_error"),
+            revoked=(rec.get("meta") or {}).get("revoked"),
+            revoked_at=(rec.get("meta") or {}).get("revoked_at"),
         )
         return d
+
+
+class _View:
+    """Lookups derived from one cached index document (rebuilt when the document changes)."""
+
+    def __init__(self, doc: dict):
+        self.doc = doc
+        self._creds = self._keys = self._trust = self._users = None
+
+    def table(self, name: str) -> dict:
+        return self.doc.get(name) or {}
+
+    def creds(self) -> dict[str, tuple[str, dict]]:
+        if self._creds is None:
+            self._creds = {r["name"]: (k, r) for k, r in self.table("credentials").items()}
+        return self._creds
+
+    def keys(self) -> dict[str, tuple[str, dict]]:
+        if self._keys is None:
+            self._keys = {r["uri"]: (k, r) for k, r in self.table("keys").items()}
+        return self._keys
+
+    def key_users(self) -> dict[str, list[str]]:
+        if self._users is None:
+            users: dict[str, list[str]] = {}
+            for r in self.table("credentials").values():
+                users.setdefault(r["key_uri"], []).append(r["name"])
+            self._users = users
+        return self._users
+
+    def trust(self) -> dict[str, list[dict]]:
+        if self._trust is None:
+            t: dict[str, list[dict]] = {}
+            for k in sorted(self.table("trust"), key=int):
+                r = self.table("trust")[k]
+                t.setdefault(r["domain"], []).append(r)
+            self._trust = t
+        return self._trust
 
 
 class Keystore:
@@ -133,12 +207,14 @@ class Keystore:
     def __init__(self, root: str | os.PathLike, backend_options: dict | None = None):
         self.root = Path(root)
         self._lock = KeystoreLock(self.root)
-        self._storage = AtomicJSONStorage(self.root / INDEX)
+        self._storage = IndexStorage(self.root / INDEX)
         self._db = TinyDB(storage=lambda *a, **k: self._storage)
+        self._view_of: tuple[int, _View] | None = None
         self._backend_options = backend_options or {}
         self._backends: dict[str, KeyBackend] = {}
         self._master: bytes | None = None
         self.unsynced: NotDurableError | None = None  # see _txn
+        self._parsed: dict[tuple, list[x509.Certificate]] = {}  # see _certs_of
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -180,10 +256,19 @@ class Keystore:
         for b in self._backends.values():
             b.close()
         self._backends.clear()
+        self._storage.close()
+        self._view_of = None
+
+    def _view(self) -> _View:
+        """Lookups over the cached index, re-validated against the file on every call (see storage.py)."""
+        doc = self._storage.read() or {}
+        gen = self._storage.generation
+        if self._view_of is None or self._view_of[0] != gen or self._view_of[1].doc is not doc:
+            self._view_of = (gen, _View(doc))
+        return self._view_of[1]
 
     def meta(self) -> dict:
-        data = self._storage.read() or {}
-        return dict((data.get("meta") or {}).get("1") or {})
+        return dict(self._view().table("meta").get("1") or {})
 
     # ---- master key and backends ----------------------------------------------------------------
     def _master_key(self) -> bytes:
@@ -228,7 +313,7 @@ class Keystore:
     def _txn(self):
         """Read the whole index under the lock, let the caller mutate it, write it back in one replace."""
         with self._lock:
-            data = self._storage.read() or {}
+            data = IndexStorage.mutable(self._storage.read())
             for t in ("credentials", "keys", "trust", "meta"):
                 data.setdefault(t, {})
             yield data
@@ -256,6 +341,19 @@ class Keystore:
             if all(doc.get(k) == v for k, v in match.items()):
                 return doc_id, doc
         return None, None
+
+    def _find_cred(self, data: dict, name: str) -> tuple[str | None, dict | None]:
+        """The credential record named ``name`` in a transaction's ``data`` (the cached view finds its id)."""
+        hit = self._view().creds().get(name)
+        if hit is not None and (data["credentials"].get(hit[0]) or {}).get("name") == name:
+            return hit[0], data["credentials"][hit[0]]
+        return self._find(data["credentials"], name=name)
+
+    def _find_key(self, data: dict, uri: str) -> tuple[str | None, dict | None]:
+        hit = self._view().keys().get(uri)
+        if hit is not None and (data["keys"].get(hit[0]) or {}).get("uri") == uri:
+            return hit[0], data["keys"][hit[0]]
+        return self._find(data["keys"], uri=uri)
 
     @staticmethod
     def _next_id(table: dict) -> str:
@@ -297,10 +395,11 @@ class Keystore:
         with self._lock:
             uri = be.generate(kt, label)
             try:
+                rec = {"uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
+                       "state": "pending", "label": label, "pending_for": pending_for or {}}
+                rec.update(self._public_fields(be.cached_public_key(uri)))
                 with self._txn() as data:
-                    data["keys"][self._next_id(data["keys"])] = {
-                        "uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
-                        "state": "pending", "label": label, "pending_for": pending_for or {}}
+                    data["keys"][self._next_id(data["keys"])] = rec
             except BaseException:
                 be.delete(uri)
                 raise
@@ -314,10 +413,11 @@ class Keystore:
         with self._lock:
             uri = be.import_key(private_key, label)
             try:
+                rec = {"uri": uri, "key_type": kt, "backend": "file", "created": _now().isoformat(),
+                       "state": state, "label": label, "pending_for": {}}
+                rec.update(self._public_fields(private_key.public_key()))
                 with self._txn() as data:
-                    data["keys"][self._next_id(data["keys"])] = {
-                        "uri": uri, "key_type": kt, "backend": "file", "created": _now().isoformat(),
-                        "state": state, "label": label, "pending_for": {}}
+                    data["keys"][self._next_id(data["keys"])] = rec
             except BaseException:
                 be.delete(uri)
                 raise
@@ -326,41 +426,71 @@ class Keystore:
 
     def register_key(self, uri: str, *, label: str = "", state: str = "pending") -> str:
         """Record a key that already exists in a backend (e.g. a TPM persistent handle holding the IDevID key)."""
-        pub = self.public_key(uri)
+        pub = self._backend_for(uri).public_key(uri)
         with self._txn() as data:
-            _, existing = self._find(data["keys"], uri=uri)
+            _, existing = self._find_key(data, uri)
             if existing is None:
                 data["keys"][self._next_id(data["keys"])] = {
                     "uri": uri, "key_type": key_type_of(pub), "backend": scheme_of(uri),
                     "created": _now().isoformat(), "state": state, "label": label, "pending_for": {},
-                    "origin": "external"}  # not created by devagent: wipe() forgets it, never destroys it
+                    "origin": "external",  # not created by devagent: wipe() forgets it, never destroys it
+                    **self._public_fields(pub)}
         return uri
+
+    @staticmethod
+    def _public_fields(pub) -> dict:
+        """What the index keeps of a key's public half (SubjectPublicKeyInfo, base64 DER): enough to check that a
+        certificate carries the key without asking the backend (which would decrypt a software key)."""
+        if pub is None:
+            return {}
+        return {"public_key": base64.b64encode(spki_der(pub)).decode()}
 
     def private_key(self, uri: str):
         return self._backend_for(uri).load(uri)
 
     def public_key(self, uri: str):
-        return self._backend_for(uri).public_key(uri)
+        """The public half of a key: from the backend's memory, else from the index (a pending key's record keeps
+        it; an active key's is its certificate's), and only else from the backend (a software key is then
+        decrypted; a token or TPM is asked)."""
+        be = self._backend_for(uri)
+        pub = be.cached_public_key(uri)
+        if pub is not None:
+            return pub
+        view = self._view()
+        hit = view.keys().get(uri)
+        spki = hit[1].get("public_key") if hit is not None else None
+        if isinstance(spki, str):  # a pending key
+            try:
+                return serialization.load_der_public_key(base64.b64decode(spki))
+            except ValueError:
+                pass  # a damaged record: ask the backend
+        for name in view.key_users().get(uri, ()):  # an active key: its certificate carries it
+            with contextlib.suppress(FileNotFoundError, KeystoreError):
+                return self._version_files(name, view.creds()[name][1]["version"])[0].public_key()
+        return be.public_key(uri)
 
     def key_file(self, uri: str):
         return self._backend_for(uri).key_file(uri)
 
     def key_record(self, uri: str) -> dict | None:
-        return self._table("keys").get(Query().uri == uri)
+        hit = self._view().keys().get(uri)
+        return dict(hit[1]) if hit is not None else None
 
     def pending_keys(self) -> list[dict]:
-        return self._table("keys").search(Query().state == "pending")
+        keys = self._view().table("keys")
+        return [dict(keys[k]) for k in sorted(keys, key=int) if keys[k].get("state") == "pending"]
 
     def discard_key(self, uri: str) -> None:
         """Destroy a key that no credential references (a pending key after a failed enrollment)."""
-        with self._txn() as data:
-            for c in data["credentials"].values():
-                if c["key_uri"] == uri:
-                    raise KeystoreError(f"key {uri} is in use by credential {c['name']}; delete the credential")
-            doc_id, _ = self._find(data["keys"], uri=uri)
-            if doc_id is not None:
-                del data["keys"][doc_id]
-        self._backend_for(uri).delete(uri)
+        with self._lock:
+            with self._txn() as data:
+                for c in data["credentials"].values():
+                    if c["key_uri"] == uri:
+                        raise KeystoreError(f"key {uri} is in use by credential {c['name']}; delete the credential")
+                doc_id, _ = self._find_key(data, uri)
+                if doc_id is not None:
+                    del data["keys"][doc_id]
+            self._backend_for(uri).delete(uri)
         self.audit("key-discard", key_uri=uri)
 
     # ---- trust anchors ------------------------------------------------------------------------
@@ -369,10 +499,22 @@ class Keystore:
         for rec in self._table("trust").search(Query().domain == domain):
             p = self.root / rec["file"]
             try:
-                out.extend(load_certificates(p.read_bytes(), str(p)))
+                out.extend(self._certs_of(p))
             except FileNotFoundError:
                 raise CorruptFileError(f"trust anchor file {p} for domain {domain} is missing") from None
         return out
+
+    def _certs_of(self, p: Path) -> list[x509.Certificate]:
+        """Certificates in ``p``, parsed once per content (keyed by the file's inode, size, mtime_ns, ctime_ns)."""
+        st = os.stat(p)
+        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._parsed.get(key)
+        if hit is None:
+            hit = load_certificates(self._read_file(p), str(p))
+            if len(self._parsed) > 256:
+                self._parsed.clear()
+            self._parsed[key] = hit
+        return list(hit)
 
     def trust_records(self, domain: str | None = None) -> list[dict]:
         t = self._table("trust")
@@ -432,38 +574,85 @@ class Keystore:
         return self.add_trust_anchors(domain, certs, source=source, role="ca", verified_by="chain")
 
     # ---- credentials --------------------------------------------------------------------------
-    def _load_credential(self, rec: dict) -> Credential:
-        vdir = self.root / "creds" / rec["name"] / f"{rec['version']:04d}"
+    def _version_files(self, name: str, version: int) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        """Certificate and chain of one version (its files never change once the index points at them).
+
+        Raises:
+            FileNotFoundError: the version directory is gone (pruned or deleted by another process).
+        """
+        vdir = self.root / "creds" / name / f"{version:04d}"
+        cert = load_certificates(self._read_file(vdir / "cert.pem"), str(vdir / "cert.pem"))[0]
         try:
-            cert = load_certificates((vdir / "cert.pem").read_bytes(), str(vdir / "cert.pem"))[0]
-            chain_file = vdir / "chain.pem"
-            chain = tuple(load_certificates(chain_file.read_bytes(), str(chain_file))) if chain_file.exists() and \
-                chain_file.stat().st_size else ()
-        except FileNotFoundError as e:
-            raise CorruptFileError(f"credential {rec['name']}: version {rec['version']} file missing: {e.filename}") from e
-        return Credential(rec["name"], rec["kind"], rec.get("domain"), rec["key_uri"], rec["key_type"],
-                          rec["version"], cert, chain, rec)
+            raw = self._read_file(vdir / "chain.pem")
+        except FileNotFoundError:
+            raw = b""
+        return cert, tuple(load_certificates(raw, str(vdir / "chain.pem"))) if raw.strip() else ()
+
+    @staticmethod
+    def _read_file(p: Path) -> bytes:
+        with open(p, "rb") as f:
+            return f.read()
+
+    def _credential(self, rec: dict, loaded=None) -> Credential:
+        name, version = rec["name"], rec["version"]
+
+        def files():
+            try:
+                return self._version_files(name, version)
+            except FileNotFoundError as e:
+                now = self._view().creds().get(name)
+                if now is None:
+                    raise NotFoundError(f"credential {name} was deleted (by another devagent process) while it was "
+                                        "being read") from None
+                if now[1]["version"] != version:
+                    raise NotFoundError(f"credential {name} was renewed (by another devagent process) while it was "
+                                        f"being read: version {version} is gone, {now[1]['version']} is live; "
+                                        "read it again") from None
+                raise CorruptFileError(f"credential {name}: version {version} file missing: {e.filename}") from e
+
+        cred = Credential(name, rec["kind"], rec.get("domain"), rec["key_uri"], rec["key_type"], version, rec, files)
+        if loaded is not None:
+            cred.__dict__["_loaded"] = loaded
+        return cred
+
+    def _record(self, name: str) -> dict:
+        hit = self._view().creds().get(name)
+        if hit is None:
+            raise NotFoundError(f"no credential named {name!r} (see 'devagent keystore list')")
+        return hit[1]
 
     def get(self, name: str) -> Credential:
-        rec = self._table("credentials").get(Query().name == name)
-        if rec is None:
-            raise NotFoundError(f"no credential named {name!r} (see 'devagent keystore list')")
-        return self._load_credential(dict(rec))
+        """The live version of credential ``name``, its certificate and chain read now.
+
+        A version that another process replaced between reading the index and reading its files is read again
+        from the new index (once); a credential deleted meanwhile is ``NotFoundError``.
+        """
+        for attempt in (0, 1):
+            rec = self._record(name)
+            try:
+                return self._credential(rec, self._version_files(name, rec["version"]))
+            except FileNotFoundError as e:
+                if attempt or self._record(name) is rec:  # the index still says so: the file is really missing
+                    raise CorruptFileError(f"credential {name}: version {rec['version']} file missing: "
+                                           f"{e.filename}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def exists(self, name: str) -> bool:
-        return self._table("credentials").contains(Query().name == name)
+        return name in self._view().creds()
 
     def list(self, kind: str | None = None, domain: str | None = None) -> list[Credential]:
+        """Every credential (optionally of one kind / domain), sorted by name. Certificates are read when first
+        used (see ``Credential``)."""
         out = []
-        for rec in sorted(self._table("credentials").all(), key=lambda r: r["name"]):
+        for _name, (_, rec) in sorted(self._view().creds().items()):
             if (kind and rec["kind"] != kind) or (domain and rec.get("domain") != domain):
                 continue
-            out.append(self._load_credential(dict(rec)))
+            out.append(self._credential(rec))
         return out
 
     def find_domain_credential(self, domain: str) -> Credential | None:
         for c in self.list(kind="ldevid", domain=domain):
-            return c
+            return self.get(c.name)
         return None
 
     def store_certificate(
@@ -499,8 +688,8 @@ class Keystore:
         if domain is None:
             raise ValueError("a domain is required for LDevID and application credentials")
         chain = tuple(chain)
-        current = self._table("credentials").get(Query().name == name)
-        if current is not None and current["kind"] == "idevid":
+        current = self._view().creds().get(name)
+        if current is not None and current[1]["kind"] == "idevid":
             raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
         pub = self.public_key(key_uri)
         anchors = self.trust_anchors(domain)
@@ -510,58 +699,69 @@ class Keystore:
         # is dropped, so a peer cannot plant extra certificates.
         stored_chain = tuple(path[1:])
         with self._lock:
-            existing = self._table("credentials").get(Query().name == name)
+            hit = self._view().creds().get(name)
+            existing = hit[1] if hit is not None else None
             if existing is not None and existing["kind"] == "idevid":
                 raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
             if existing is None and not allow_new:
                 raise NotFoundError(f"no credential named {name!r}")
             self._sweep_versions(name, existing)
             version = (existing["version"] + 1) if existing else 1
-            cdir_existed = (self.root / "creds" / name).exists()
-            vdir = self.root / "creds" / name / f"{version:04d}"
+            cdir = self.root / "creds" / name
+            vdir = cdir / f"{version:04d}"
             old_key = existing["key_uri"] if existing else None
+            created: list[Path] = []
             try:
-                fsutil.ensure_dir(self.root / "creds")
-                fsutil.ensure_dir(vdir)
-                fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain))
-                fsutil.atomic_write(vdir / "cert.pem", pem([certificate]))
+                # The version's files and directory entries are durable before the index names them: each
+                # file fsynced, then each directory that gained an entry (the version directory; creds/<name>
+                # for the new version directory; creds/ and the root for new directories) once.
+                created = fsutil.make_dirs(vdir, self.root)
+                fsutil.atomic_write(vdir / "chain.pem", pem(stored_chain), sync_dir=False)
+                fsutil.atomic_write(vdir / "cert.pem", pem([certificate]), sync_dir=False)
+                fsutil.sync_entries([vdir / "chain.pem", vdir / "cert.pem", *created])
                 # Once the index replace succeeded this version is live and its files stay, even if the
                 # directory fsync after it failed (_txn retries it and reports; see ``durable``).
-                self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server, meta,
-                                         key_uri, pub, certificate, old_key)
+                drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
+                                                meta, key_uri, pub, certificate, old_key)
             except BaseException:
                 # Not committed: the previous version is still live; remove what this attempt wrote.
                 with contextlib.suppress(OSError, KeystoreError):
-                    fsutil.remove_tree(vdir)
-                    if not cdir_existed:
-                        (self.root / "creds" / name).rmdir()
+                    fsutil.remove_tree(vdir, secret=False)
+                    for d in created[::-1]:
+                        if d != vdir:
+                            d.rmdir()
                 raise
             # Committed. Destroy the superseded key and prune old versions (only once the commit is durable: a
-            # power cut before the sync could bring back the previous index, which still needs both).
+            # power cut before the sync could bring back the previous index, which still needs both). Neither
+            # step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
+            # undoes an unlink, what stays is garbage that gc removes.
             unsynced = self.unsynced
-            if unsynced is None and old_key and old_key != key_uri and not self._key_in_use(old_key):
-                self._backend_for(old_key).delete(old_key)
+            if unsynced is None:
+                if old_key and old_key != key_uri and old_key not in self._view().key_users():
+                    self._backend_for(old_key).delete(old_key)
+                for v in drop:
+                    fsutil.remove_tree(cdir / f"{v:04d}", secret=False)
+            rec = self._record(name)
+        details = dict(name=name, kind=kind, domain=domain, version=version, serial=format(certificate.serial_number,
+                       "x"), fingerprint=fingerprint(certificate), not_after=certificate.not_valid_after_utc.isoformat())
         if unsynced is not None:
             _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
                          "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)
-            self.audit("certificate-store", name=name, kind=kind, domain=domain, version=version,
-                       serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
-                       not_after=certificate.not_valid_after_utc.isoformat(), sync_error=str(unsynced))
-            return self.get(name)
-        self.audit("certificate-store", name=name, kind=kind, domain=domain, version=version,
-                   serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
-                   not_after=certificate.not_valid_after_utc.isoformat(), rekeyed=bool(old_key and old_key != key_uri))
-        self._prune_versions(name)
-        return self.get(name)
+            self.audit("certificate-store", **details, sync_error=str(unsynced))
+        else:
+            self.audit("certificate-store", **details, rekeyed=bool(old_key and old_key != key_uri))
+        return self._credential(rec, (certificate, stored_chain))
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
-                        pub, certificate, old_key) -> None:
-        """One atomic index write making ``version`` live (see module invariants)."""
+                            pub, certificate, old_key) -> list[int]:
+        """One atomic index write making ``version`` live (see module invariants); older versions beyond
+        ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit."""
         with self._txn() as data:
             now_s = _now().isoformat()
-            doc_id, rec = self._find(data["credentials"], name=name)
+            doc_id, rec = self._find_cred(data, name)
             rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})
             versions = [v for v in rec.get("versions", []) if v != version] + [version]
+            drop, versions = versions[:-KEEP_VERSIONS], versions[-KEEP_VERSIONS:]
             rec.update(
                 kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
                 key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
@@ -572,17 +772,20 @@ class Keystore:
             m.pop("last_error", None)
             rec["meta"] = m
             data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
-            kid, krec = self._find(data["keys"], uri=key_uri)
+            kid, krec = self._find_key(data, key_uri)
             if krec is None:
                 kid = self._next_id(data["keys"])
                 krec = {"uri": key_uri, "key_type": key_type_of(pub), "backend": scheme_of(key_uri),
                         "created": now_s, "label": name}
-            krec = dict(krec, state="active", pending_for={}, credential=name)
-            data["keys"][kid] = krec
+            # An active key's public half is its certificate's: the record no longer needs it.
+            data["keys"][kid] = {k: v for k, v in dict(krec, state="active", pending_for={}, credential=name).items()
+                                 if k != "public_key"}
             if old_key and old_key != key_uri:
-                oid, _ = self._find(data["keys"], uri=old_key)
-                if oid is not None:
+                oid, _ = self._find_key(data, old_key)
+                if oid is not None and not any(c["key_uri"] == old_key for c in data["credentials"].values()
+                                               if c["name"] != name):
                     del data["keys"][oid]
+        return drop
 
     def _sweep_versions(self, name: str, rec: dict | None) -> None:
         """Under the lock: remove version directories of ``name`` the index does not reference (left by a crash
@@ -604,25 +807,12 @@ class Keystore:
         return None
 
     def _key_in_use(self, uri: str) -> bool:
-        return self._table("credentials").contains(Query().key_uri == uri)
-
-    def _prune_versions(self, name: str) -> None:
-        with self._txn() as data:
-            doc_id, rec = self._find(data["credentials"], name=name)
-            if rec is None:
-                return
-            versions = rec.get("versions", [])
-            drop = versions[:-KEEP_VERSIONS]
-            if not drop:
-                return
-            rec["versions"] = versions[-KEEP_VERSIONS:]
-        for v in drop:
-            fsutil.remove_tree(self.root / "creds" / name / f"{v:04d}")
+        return uri in self._view().key_users()
 
     def set_meta(self, name: str, **fields) -> None:
         """Update daemon bookkeeping for a credential (next_renewal, last_error, failures...)."""
         with self._txn() as data:
-            doc_id, rec = self._find(data["credentials"], name=name)
+            doc_id, rec = self._find_cred(data, name)
             if rec is None:
                 raise NotFoundError(f"no credential named {name!r}")
             m = dict(rec.get("meta") or {})
@@ -631,7 +821,7 @@ class Keystore:
                     m.pop(k, None)
                 else:
                     m[k] = v
-            rec["meta"] = m
+            data["credentials"][doc_id] = dict(rec, meta=m)
 
     def import_idevid(self, name: str, certificate: x509.Certificate, chain: Sequence[x509.Certificate] = (), *,
                       private_key=None, key_uri: str | None = None, force: bool = False,
@@ -701,23 +891,26 @@ class Keystore:
         if cred.readonly and not force:
             raise ReadOnlyError(f"credential {name} is the manufacturer's IDevID: it is read-only and is deleted "
                                 "only with --force")
-        with self._txn() as data:
-            doc_id, _ = self._find(data["credentials"], name=name)
-            if doc_id is not None:
+        with self._lock:  # the files go under the lock too: another process may be storing this name anew
+            with self._txn() as data:
+                doc_id, rec = self._find_cred(data, name)
+                if doc_id is None or rec["version"] != cred.version:
+                    raise NotFoundError(f"credential {name} changed (renewed or deleted by another devagent "
+                                        "process) while it was being deleted; look at it again")
                 del data["credentials"][doc_id]
-            kid, _ = self._find(data["keys"], uri=cred.key_uri)
-            if kid is not None and not any(c["key_uri"] == cred.key_uri for c in data["credentials"].values()):
-                del data["keys"][kid]
-        if not self.durable:  # a power cut could bring the credential back: gc removes its files once synced
-            _log.warning("credential %s deleted; its key and files are removed once the keystore is synced", name)
-            self.audit("credential-delete", name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
-                       serial=format(cred.certificate.serial_number, "x"), sync_error=str(self.unsynced))
-            return
-        if not self._key_in_use(cred.key_uri):
-            self._backend_for(cred.key_uri).delete(cred.key_uri)
-        fsutil.remove_tree(self.root / "creds" / name)
-        self.audit("credential-delete", name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
-                   serial=format(cred.certificate.serial_number, "x"))
+                kid, _ = self._find_key(data, cred.key_uri)
+                if kid is not None and not any(c["key_uri"] == cred.key_uri for c in data["credentials"].values()):
+                    del data["keys"][kid]
+            details = dict(name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
+                           serial=format(cred.certificate.serial_number, "x"))
+            if not self.durable:  # a power cut could bring the credential back: gc removes its files once synced
+                _log.warning("credential %s deleted; its key and files are removed once the keystore is synced", name)
+                self.audit("credential-delete", **details, sync_error=str(self.unsynced))
+                return
+            if not self._key_in_use(cred.key_uri):
+                self._backend_for(cred.key_uri).delete(cred.key_uri)
+            fsutil.remove_tree(self.root / "creds" / name, secret=False)
+        self.audit("credential-delete", **details)
 
     def purge_expired(self, now: datetime.datetime | None = None, include_idevid: bool = False) -> list[str]:
         """Delete credentials whose live certificate has expired (seed 000 §II.I). Returns their names."""
@@ -941,13 +1134,19 @@ class Keystore:
         return report
 
     def check(self) -> list[str]:
-        """Consistency check: every credential loads and its key matches. Returns problems found."""
+        """Consistency check: every credential loads and its key matches. Returns problems found.
+
+        The key is asked for its public half through its backend (a software key is decrypted), not taken from the
+        index: this is the check that the stored key and certificate really belong together."""
         problems = []
-        for rec in self._table("credentials").all():
+        for name, (_, rec) in sorted(self._view().creds().items()):
             try:
-                cred = self._load_credential(dict(rec))
-                if not same_public_key(cred.certificate.public_key(), self.public_key(cred.key_uri)):
-                    problems.append(f"{rec['name']}: certificate does not match key {cred.key_uri}")
+                cert = self._version_files(name, rec["version"])[0]
+                be = self._backend_for(rec["key_uri"])
+                if not same_public_key(cert.public_key(), be.public_key(rec["key_uri"])):
+                    problems.append(f"{name}: certificate does not match key {rec['key_uri']}")
+            except FileNotFoundError as e:
+                problems.append(f"{name}: version {rec['version']} file missing: {e.filename}")
             except KeystoreError as e:
-                problems.append(f"{rec['name']}: {e}")
+                problems.append(f"{name}: {e}")
         return problems

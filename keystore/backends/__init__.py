@@ -38,6 +38,11 @@ class KeyBackend(abc.ABC):
     def public_key(self, uri: str):
         return self.load(uri).public_key()
 
+    def cached_public_key(self, uri: str):
+        """The public key if this backend object already knows it (generated or loaded here), else None: never
+        touches the key itself."""
+        return None
+
     @abc.abstractmethod
     def delete(self, uri: str) -> None:
         """Destroy the key (secure-delete, evict, or destroy the token object). Missing key: no error."""

@@ -374,6 +374,9 @@ class Backend(KeyBackend):
         self._publics[uri] = pub
         return pub
 
+    def cached_public_key(self, uri: str):
+        return self._publics.get(uri)
+
     def load(self, uri: str):
         pub = self.public_key(uri)
         if isinstance(pub, ec.EllipticCurvePublicKey):

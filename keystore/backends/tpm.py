@@ -410,6 +410,9 @@ class Backend(KeyBackend):
     def public_key(self, uri: str):
         return self._public(uri)
 
+    def cached_public_key(self, uri: str):
+        return self._publics.get(uri)
+
     def delete(self, uri: str) -> None:
         kind, ref = self._parse(uri)
         self._publics.pop(uri, None)
