@@ -139,6 +139,9 @@ class IndexStorage(AtomicJSONStorage):
         self._order: dict[str, list] = {}  # table -> keys in file order
         self.generation = 0  # changes whenever the cached document does (for views derived from it)
         self.parses = 0  # how often the file was actually read and parsed (benchmarks, tests)
+        # Threads of one process (the daemon's asyncio.to_thread calls) share one Keystore: the cache changes under
+        # this lock. Writers hold the keystore's flock as well; readers take only this.
+        self._mutex = threading.RLock()
 
     @staticmethod
     def _identity(st: os.stat_result) -> tuple:
@@ -153,11 +156,16 @@ class IndexStorage(AtomicJSONStorage):
 
     def invalidate(self) -> None:
         """Forget the cache (the next read parses the file again)."""
-        self._set(None, -1, None)
-        self._lines.clear()
-        self._order.clear()
+        with self._mutex:
+            self._set(None, -1, None)
+            self._lines.clear()
+            self._order.clear()
 
     def read(self):
+        with self._mutex:
+            return self._read()
+
+    def _read(self):
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -236,8 +244,12 @@ class IndexStorage(AtomicJSONStorage):
 
         Raises:
             StorageError: nothing was changed (the cache is dropped).
-            NotDurableError: written and live, not synced (the cache holds the new document).
+            NotDurableError: written and live, not synced (the cache is dropped: the next read parses it).
         """
+        with self._mutex:
+            self._write(data)
+
+    def _write(self, data) -> None:
         raw, lines, order = self._encode(data)
         try:
             st = fsutil.atomic_write(self.path, raw)
@@ -274,7 +286,8 @@ class IndexStorage(AtomicJSONStorage):
         self._set(ReadOnlyDict(frozen), fd, cur)
 
     def close(self) -> None:
-        self._set(None, -1, None)
+        with self._mutex:
+            self._set(None, -1, None)
 
 
 class KeystoreLock:
