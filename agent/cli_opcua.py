@@ -77,9 +77,13 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
     from agent.opcua.push import PushConfig, PushService
     from keystore.store import check_name
 
+    from keystore.csr import parse_subject
+
     try:
         check_name(domain, "domain")
         check_name(cred_name, "credential name")
+        for dn in (*admin_subject, *admin_issuer):
+            parse_subject(dn)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     if not admin_subject and not admin_issuer:

@@ -102,6 +102,11 @@ class PushServer:
         self._bound_fp: str | None = None
         self.rebinds = 0
         service.on_apply = self._after_apply
+        from keystore.csr import parse_subject
+
+        # Compared as X.509 names (attribute order and spelling as parsed), not as strings. ValueError: bad DN.
+        self._admin_subjects = [parse_subject(d) for d in service.config.admin_subjects]
+        self._admin_issuers = [parse_subject(d) for d in service.config.admin_issuers]
 
     # ---- identity --------------------------------------------------------------------------------------------
     def _anchors(self):
@@ -132,8 +137,7 @@ class PushServer:
         except VerificationError as e:
             log.info("client %s is not trusted (%s): no role", who, e)
             return PushUser(role=UserRole.User, name=who, session_id=sid)
-        c = self.service.config
-        admin = who in c.admin_subjects or dn(cert.issuer) in c.admin_issuers
+        admin = cert.subject in self._admin_subjects or cert.issuer in self._admin_issuers
         return PushUser(role=UserRole.Admin if admin else UserRole.User, name=who, session_id=sid, admin=admin,
                         certificate=cert, chain=tuple(path[1:]))
 
