@@ -701,7 +701,11 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
     ks = app.keystore()
     name = name or f"ldevid-{domain}"
     _add_trust(ks, domain, kw.get("trust_files"))
-    if protocol == "est" and not ks.trust_anchors(domain):
+    if protocol == "est" and (not ks.trust_anchors(domain) or not _fingerprint_trusted(ks, domain,
+                                                                                      kw.get("ca_fingerprint"))):
+        # No anchor yet (RFC 7030 §4.1.1 bootstrap), or --ca-fingerprint names a root the domain does not trust
+        # yet (e.g. --trust gave the TLS front's CA): fetch /cacerts (over TLS authenticated by what is trusted,
+        # when anything is) and accept the root with that fingerprint, never silently ignore it.
         _bootstrap_est(app, ks, domain, server, kw)
     opts = _options_from(app, ks, protocol=protocol, server=server, domain=domain,
                          unprotected_requests=unprotected_requests, **kw)
@@ -762,8 +766,29 @@ def _with_secrets(auth, ref, secret, username, password):
                       username=username, password=resolve_secret(password, "--password"))
 
 
+def _fingerprint_trusted(ks, domain, fp) -> bool:
+    """True without ``fp``, or when one of the domain's anchors has that ``sha256:`` fingerprint."""
+    if not fp:
+        return True
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from enroll_clients.est.messages import parse_fingerprint
+
+    try:
+        want = parse_fingerprint(fp)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--ca-fingerprint") from None
+    return any(hashlib.sha256(a.public_bytes(serialization.Encoding.DER)).digest() == want
+               for a in ks.trust_anchors(domain))
+
+
 def _bootstrap_est(app, ks, domain, server, kw):
-    """RFC 7030 §4.1.1: fetch /cacerts without a trust anchor; store only after fingerprint check/confirmation."""
+    """RFC 7030 §4.1.1: fetch /cacerts and store CA certificates only after a fingerprint check or confirmation.
+
+    Without a trust anchor the TLS server is not authenticated (bootstrap, /cacerts only, no credential sent);
+    with anchors (--trust) it is, and ``--ca-fingerprint`` adds the matching root."""
     from agent import lifecycle
     from enroll_clients import client_for
     from enroll_clients.base import EnrollOptions
@@ -771,6 +796,7 @@ def _bootstrap_est(app, ks, domain, server, kw):
     fp = kw.get("ca_fingerprint")
     client = client_for("est", EnrollOptions(server=server, domain=domain, label=kw.get("label"),
                                              profile=kw.get("profile"), ca_fingerprint=fp,
+                                             trust_anchors=tuple(ks.trust_anchors(domain)),
                                              timeout_s=kw.get("timeout_s") or 30.0))
     result = run_async(client.ca_certs(None))
 

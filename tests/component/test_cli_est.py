@@ -136,6 +136,29 @@ def test_tls_ca_is_not_the_issuer_refused_before_the_server_issues(lab, dev):
         assert Keystore.open(dev.state).list() == [] and Keystore.open(dev.state).pending_keys() == []
 
 
+def test_tls_front_ca_with_the_domain_root_by_fingerprint(lab, dev, root_fp):
+    """Trustpoint behind a TLS front: --trust names the TLS CA, --ca-fingerprint the domain root, which is then
+    fetched from /cacerts over TLS authenticated by the TLS CA (the fingerprint is not ignored)."""
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, tls_domain="other") as est:
+        dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
+            "--username", USER, "--password", f"pass:{PASSWORD}", "--trust", str(lab.dir / "other" / "root.pem"),
+            "--ca-fingerprint", root_fp, "--subject", "CN=dev1")
+        cred = Keystore.open(dev.state).get("ldevid-plant")
+        assert cred.certificate.issuer == lab.domain("plant").ca_cert.subject
+        assert root_fp in [fingerprint(a) for a in Keystore.open(dev.state).trust_anchors("plant")]
+
+
+def test_fingerprint_that_matches_nothing_is_refused_even_with_trust(lab, dev):
+    with start_est_server(lab, "plant", users={USER: PASSWORD}) as est:
+        dev("keystore", "trust", "--domain", "plant", "--add", str(lab.dir / "plant" / "root.pem"))
+        before = stored(dev.state)
+        wrong = fingerprint(lab.domain("other").root_cert)
+        r = _enroll(dev, est.url, wrong, code=4)
+        assert f"none of the received CA certificates has fingerprint {wrong}" in r.output, r.output
+        assert stored(dev.state) == before
+        assert not any(m == "POST" for m, _ in est.requests)
+
+
 @pytest.mark.parametrize("fault,mode,code,stored_ok", [
     ("csrattrs-nul", "use", 0, True),      # libest's trailing NUL: tolerated
     ("csrattrs-garbage", "use", 0, True),   # unusable answer: warning, enrolled without attributes
