@@ -92,7 +92,7 @@ def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, su
     """Register a device (state "not operational")."""
     from agent.inventory import InventoryError
     from coap_services.errors import SecurityConfigError
-    from coap_services.security import detect_method, write_hmac_context
+    from coap_services.security import write_hmac_context
 
     inv = _inventory(ctx)
     if opcua or server_fingerprint or application_uri:
@@ -134,11 +134,7 @@ def add_device(ctx, device_id, uri, security, hmac_secret, board_id, context, su
         raise click.BadParameter(f"no {context / 'hmac.json'}: give the board's commissioning secret",
                                  param_hint="--hmac-secret")
     if security == "auto":
-        found = detect_method(context)
-        if uri.startswith("coaps://"):
-            security = "dtls-psk" if (context / "dtls.json").exists() else "none"
-        else:
-            security = found if found in ("oscore", "hmac") else "none"
+        security = _auto_security(uri, context)
         if security == "none":
             click.echo(f"WARNING: no {'DTLS-PSK' if uri.startswith('coaps://') else 'OSCORE'} context in {context}; "
                        "requests to this device are unauthenticated (the device refuses them unless --insecure)",
@@ -180,6 +176,102 @@ def _add_opcua_device(ctx, inv, device_id, uri, security, hmac_secret, subject, 
     except InventoryError as e:
         _fail(f"invalid value: {e}", 2)
     click.echo(_json.dumps(rec, indent=1) if ctx.obj.json else f"added {device_id} ({uri}, OPC UA push)")
+
+
+def _auto_security(uri: str, context: Path) -> str:
+    """The security method the context directory provides for ``uri`` (OSCORE/HMAC for coap://, DTLS-PSK for
+    coaps://), else "none"."""
+    from coap_services.security import detect_method
+
+    if uri.startswith("coaps://"):
+        return "dtls-psk" if (context / "dtls.json").exists() else "none"
+    found = detect_method(context)
+    return found if found in ("oscore", "hmac") else "none"
+
+
+IMPORT_FIELDS = ("id", "uri", "security", "context", "subject", "san", "key_type", "name", "domain", "profile")
+
+
+def _import_rows(source, fmt: str):
+    """(line number, dict) from JSON lines or CSV with a header row. Raises click.BadParameter naming the line."""
+    import csv
+
+    text = source.read()
+    if fmt == "auto":
+        fmt = "jsonl" if text.lstrip().startswith("{") else "csv"
+    if fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = _json.loads(line)
+            except ValueError as e:
+                raise click.BadParameter(f"line {n}: not JSON ({e})", param_hint="SOURCE") from None
+            if not isinstance(row, dict):
+                raise click.BadParameter(f"line {n}: not a JSON object", param_hint="SOURCE")
+            yield n, row
+        return
+    reader = csv.DictReader(text.splitlines())
+    unknown = set(reader.fieldnames or ()) - set(IMPORT_FIELDS)
+    if not reader.fieldnames or "id" not in reader.fieldnames or "uri" not in reader.fieldnames:
+        raise click.BadParameter("CSV needs a header row with at least id and uri", param_hint="SOURCE")
+    if unknown:
+        raise click.BadParameter(f"CSV column(s) {', '.join(sorted(unknown))} unknown; use {', '.join(IMPORT_FIELDS)}",
+                                 param_hint="SOURCE")
+    for n, row in enumerate(reader, 2):
+        row = {k: v for k, v in row.items() if v not in (None, "")}
+        if "san" in row:
+            row["san"] = row["san"].split()
+        yield n, row
+
+
+@clm.command("import")
+@click.argument("source", type=click.File("r"))
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
+              help="JSON lines (one object per line) or CSV with a header row.")
+@click.option("--replace", is_flag=True, help="Replace devices that are in the inventory already.")
+@click.pass_context
+def import_devices(ctx, source, fmt, replace):
+    """Add many devices at once from SOURCE ('-' for stdin), all or nothing.
+
+    Fields (JSON keys or CSV columns): id, uri (required), security (auto|oscore|dtls-psk|hmac|none, default auto:
+    from the context directory), context (default CLM_DIR/contexts/ID), subject, san (a list; in CSV separated by
+    spaces), key_type, name, domain, profile. A bad row names its line, and nothing is stored."""
+    from agent.inventory import InventoryError, new_record
+
+    inv = _inventory(ctx)
+    records = []
+    for n, row in _import_rows(source, fmt):
+        extra = set(row) - set(IMPORT_FIELDS)
+        if extra:
+            _fail(f"invalid value: line {n}: unknown field(s) {', '.join(sorted(extra))}; nothing was imported", 2)
+        if not isinstance(row.get("id"), str) or not isinstance(row.get("uri"), str):
+            _fail(f"invalid value: line {n}: 'id' and 'uri' are required; nothing was imported", 2)
+        context = Path(row.get("context") or inv.dir / "contexts" / row["id"])
+        security = row.get("security") or "auto"
+        if security == "auto":
+            security = _auto_security(row["uri"], context)
+        fields = {k: row[k] for k in ("subject", "key_type", "name", "domain", "profile") if k in row}
+        try:
+            records.append(new_record(row["id"], row["uri"], security=security,
+                                      context=str(context) if security != "none" else None,
+                                      san=tuple(row.get("san") or ()), **fields))
+        except (InventoryError, TypeError) as e:
+            _fail(f"invalid value: line {n}: {e}; nothing was imported", 2)
+    from collections import Counter
+
+    dup = sorted(i for i, k in Counter(r["id"] for r in records).items() if k > 1)
+    if dup:
+        _fail(f"invalid value: device(s) {', '.join(dup[:5])} appear more than once; nothing was imported", 2)
+    try:
+        n = inv.add_many(records, replace=replace)
+    except InventoryError as e:
+        _fail(f"invalid value: {e}; nothing was imported", 2)
+    unprotected = sum(1 for r in records if r["security"] == "none")
+    if unprotected:
+        click.echo(f"WARNING: {unprotected} device(s) without a security context: requests to them are "
+                   "unauthenticated (devices refuse them unless --insecure)", err=True)
+    click.echo(_json.dumps({"imported": n}) if ctx.obj.json else f"imported {n} device(s)")
 
 
 def _exists(inv, device_id: str) -> bool:

@@ -730,7 +730,7 @@ class Clm:
             try:
                 outcome, _, _ = await self._renew(rec, info, stop)
             except asyncio.CancelledError:
-                outcome = "abandoned: lease lost"
+                outcome = "abandoned (its lease went to another worker, or this worker stopped)"
             results[rec["id"]] = outcome
 
         try:

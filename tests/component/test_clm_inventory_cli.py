@@ -101,3 +101,40 @@ def test_bad_inventory_is_named_and_nothing_is_stored(tmp_path, spec, code, matc
 
     assert re.search(match, r.output), r.output
     assert snapshot(tmp_path) == before
+
+
+def test_import_jsonl_and_csv_all_or_nothing(tmp_path, inv_spec):
+    from agent.lab import fleet
+    from agent.lab.ca import LabCA
+
+    LabCA.create(tmp_path / "lab", domains=("plant",))
+    fleet.create(tmp_path / "fleet", 3, tmp_path / "state" / "clm", tmp_path / "lab")
+    lines = "\n".join(json.dumps({k: r[k] for k in ("id", "uri", "domain", "subject")})
+                      for r in fleet.records(tmp_path / "fleet"))
+    src = tmp_path / "devices.jsonl"
+    src.write_text(lines + "\n")
+    r = run(tmp_path, "clm", "--inventory", inv_spec, "import", str(src))
+    assert r.exit_code == 0 and "imported 3 device(s)" in r.output, r.output
+    rows = json.loads(run(tmp_path, "clm", "--inventory", inv_spec, "list", "--json").output)
+    assert [x["security"] for x in rows] == ["oscore"] * 3  # detected from CLM_DIR/contexts/ID
+    assert rows[0]["context"].endswith("/contexts/sim00000")
+    csv_src = tmp_path / "more.csv"
+    csv_src.write_text("id,uri,security,san,domain\npump-1,coap://10.1.0.1,none,dns:pump-1.plant dns:p1,plant\n"
+                       "pump-2,coap://10.1.0.2,none,,plant\n")
+    r = run(tmp_path, "clm", "--inventory", inv_spec, "import", str(csv_src))
+    assert r.exit_code == 0, r.output
+    assert "without a security context" in r.output
+    one = json.loads(run(tmp_path, "clm", "--inventory", inv_spec, "status", "pump-1", "--json").output)
+    assert one["san"] == ["dns:pump-1.plant", "dns:p1"] and one["context"] is None
+    before = run(tmp_path, "clm", "--inventory", inv_spec, "list", "--json").output
+    for content, match in (("id,uri\npump-3,coap://h\npump-1,coap://h\n", "already in the inventory"),
+                           ("id,uri\npump-3,coap://h\npump-4,http://h\n", "line 3: device URI 'http://h'"),
+                           ("id,uri,colour\npump-3,coap://h,red\n", "colour unknown"),
+                           ('{"id": "pump-3", "uri": "coap://h"}\n{"id": "pump-3", "uri": "coap://h"}\n',
+                            "pump-3 appear more than once"),
+                           ('{"id": "pump-3", "uri": "coap://h"}\n{"id": 5\n', "line 2: not JSON")):
+        bad = tmp_path / "bad.txt"
+        bad.write_text(content)
+        r = run(tmp_path, "clm", "--inventory", inv_spec, "import", str(bad))
+        assert r.exit_code == 2 and match in r.output, (content, r.output)
+        assert run(tmp_path, "clm", "--inventory", inv_spec, "list", "--json").output == before
