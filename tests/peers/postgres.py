@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -114,13 +115,17 @@ class PostgresServer:
                 "-c", "max_connections=100"]
         if not self.durable:
             opts += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        prefix = self._prefix[:1] + ["--pdeathsig", "SIGKILL"] + self._prefix[1:] if self._prefix else []
+        # PR_SET_PDEATHSIG fires when the *thread* that started the child ends: only bind the server's life to the
+        # main thread's (a start() from a worker thread would have the server killed when that thread exits).
+        bind = threading.current_thread() is threading.main_thread()
+        prefix = (self._prefix[:1] + (["--pdeathsig", "SIGKILL"] if bind else []) + self._prefix[1:]
+                  if self._prefix else [])
         env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8", HOME=str(self.base))
         env.pop("PGDATA", None)
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen([*prefix, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.base,
-                                          preexec_fn=None if self._prefix else _die_with_parent)
+                                          preexec_fn=_die_with_parent if bind and not self._prefix else None)
         deadline = time.monotonic() + 120
         while True:
             r = self._run(self.bindir / "pg_isready", "-h", "127.0.0.1", "-p", self.port, check=False)
