@@ -68,7 +68,8 @@ class App:
     def keystore(self):
         from keystore.store import Keystore
 
-        return Keystore.open(self.state_dir, self.backend_options())
+        return Keystore.open(self.state_dir, self.backend_options(),
+                             pending_max_age_s=self.config().keystore_pending_max_age_s)
 
     def backend_options(self) -> dict:
         """Key backend options from the effective config ([key] tcti/tpm_*/pkcs11_*, env DEVAGENT_KEY_*, profile).
@@ -203,6 +204,9 @@ def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = App(state_dir_option=state_dir, json=as_json, verbose=verbose,
                   config_path=config_path, board_profile=board_profile)
+    from keystore import owner  # the owner recorded with the pending keys this command makes (no arguments)
+
+    owner.COMMAND = f"devagent {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "devagent"
 
 
 pass_app = click.make_pass_decorator(App)
@@ -241,12 +245,26 @@ def keystore_list(app: App):
     """List credentials."""
     ks = app.keystore()
     items = [c.summary() for c in ks.list()]
-    pending = ks.pending_keys()
+    pending = [ks.pending_summary(k) for k in ks.pending_keys()]
     text = "\n".join([f"{'NAME':<20} {'KIND':<7} {'DOMAIN':<12} {'LEFT':>10}  SUBJECT"] + [_cred_line(s) for s in items])
     if pending:
-        text += f"\n({len(pending)} pending key(s) awaiting a certificate)"
-    app.out({"credentials": items, "pending_keys": [{"key_uri": k["uri"], "key_type": k["key_type"],
-                                                     "created": k["created"]} for k in pending]}, text)
+        text += f"\n\n{len(pending)} pending key(s) awaiting a certificate:"
+        for k in pending:
+            o = k["owner"] or {}
+            who = f"pid {o.get('pid')} {o.get('command') or '?'} ({o.get('state')})" if o else "owner unknown"
+            text += f"\n  {k['key_uri']:<40} {k['key_type']:<8} {_age(k['age_s']):>8} old  for {k['for'] or '-'}  " \
+                    f"by {who}"
+    app.out({"credentials": items, "pending_keys": pending}, text)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @keystore.command("show")
@@ -387,8 +405,12 @@ def keystore_check(app: App):
     ks = app.keystore()
     removed = ks.gc()
     problems = ks.check()
+    discarded = [r for r in removed if r.startswith("pending key ")]
+    files = len(removed) - len(discarded)
+    note = f"{files} leftover file(s) removed" + (f", {len(discarded)} orphaned pending key(s) discarded"
+                                                 if discarded else "")
     app.out({"problems": problems, "removed": removed},
-            "\n".join(problems) if problems else f"keystore OK ({len(removed)} leftover file(s) removed)")
+            "\n".join(problems) if problems else f"keystore OK ({note})")
     if problems:
         sys.exit(EXIT_KEYSTORE)
 

@@ -62,6 +62,8 @@ KEYS: tuple[Key, ...] = (
         choices=board_profiles.KEY_ALGORITHMS),
     Key("keystore.path", str, "/var/lib/devagent", "keystore directory (command line: --state-dir; environment "
         "also DEVAGENT_STATE_DIR)"),
+    Key("keystore.pending_max_age_s", float, 86400.0, "a pending key (generated, no certificate yet) older than this "
+        "is discarded by keystore check and the daemon's start, whatever its owner", 60.0, 365 * 86400.0),
     Key("serial.port", str, "/dev/serial0", "serial port for the CoAP-over-serial transport"),
     Key("coap.bind", str, "[::]:5684", "CoAP server bind address HOST:PORT"),
     Key("coap.security", str, "oscore", "CoAP security mode", choices=board_profiles.COAP_SECURITY),
@@ -174,6 +176,7 @@ class Config:
     log_level: str
     credentials: tuple[CredentialPolicy, ...] = ()
     clm_inventory: str = ""
+    keystore_pending_max_age_s: float = 86400.0
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def policy_for(self, name: str) -> CredentialPolicy:
@@ -192,7 +195,7 @@ def _lookup(cfg: Config, name: str):
             "clock.trusted": cfg.clock_trusted, "clock.tolerance_s": cfg.clock_tolerance_s,
             "ca.fingerprint": cfg.ca_fingerprint, "hooks.timeout_s": cfg.hooks_timeout_s,
             "metrics.textfile": cfg.metrics_textfile, "daemon.notify": cfg.notify, "log.level": cfg.log_level,
-            "clm.inventory": cfg.clm_inventory}
+            "clm.inventory": cfg.clm_inventory, "keystore.pending_max_age_s": cfg.keystore_pending_max_age_s}
     if name in flat:
         return flat[name]
     section, key = name.split(".", 1)
@@ -491,7 +494,8 @@ def load_config(cli_overrides: Mapping[str, Any] | None = None, env: Mapping[str
         clock_trusted=vals["clock.trusted"], clock_tolerance_s=vals["clock.tolerance_s"],
         ca_fingerprint=fp.lower() if fp else "", hooks_timeout_s=vals["hooks.timeout_s"],
         metrics_textfile=vals["metrics.textfile"], notify=vals["daemon.notify"], log_level=vals["log.level"],
-        credentials=policies, clm_inventory=vals["clm.inventory"], sources=sources)
+        credentials=policies, clm_inventory=vals["clm.inventory"],
+        keystore_pending_max_age_s=vals["keystore.pending_max_age_s"], sources=sources)
 
 
 def docs_table() -> str:

@@ -311,12 +311,16 @@ class Daemon:
 
         Returns what was done (for the log and tests).
         """
-        removed = await asyncio.to_thread(self.ks.gc)
+        from keystore import owner
+
+        removed = await asyncio.to_thread(self.ks.gc)  # discards pending keys whose owner is gone, or too old
         discarded = []
         names = {c.name for c in self.ks.list()}
         for k in self.ks.pending_keys():
             pf = k.get("pending_for") or {}
             target = pf.get("name") or pf.get("credential")
+            if owner.alive(k.get("owner")):
+                continue  # another running devagent's enrollment in progress: not ours to roll back
             if pf.get("op") == "renew" or target in names:
                 await asyncio.to_thread(self.ks.discard_key, k["uri"])
                 discarded.append(k["uri"])

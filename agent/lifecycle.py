@@ -28,7 +28,7 @@ from enroll_clients.base import (
 )
 from keystore.certs import fingerprint
 from keystore.csr import build_csr, default_key_usage
-from keystore.errors import KeystoreError, NotFoundError, VerificationError
+from keystore.errors import KeyGoneError, KeystoreError, NotFoundError, VerificationError
 from keystore.store import Credential, Keystore, check_name
 from keystore.verify import signed_by
 
@@ -73,10 +73,60 @@ def _sans_of(cert: x509.Certificate) -> tuple:
 
 
 def auth_for(ks: Keystore, cred: Credential) -> ClientAuth:
-    """Client authentication material for a stored credential (key stays in its backend)."""
-    kf = ks.key_file(cred.key_uri)
-    return ClientAuth(certificate=cred.certificate, private_key=ks.private_key(cred.key_uri), chain=cred.chain,
-                      key_file=kf[0] if kf else None, key_password=kf[1] if kf else None)
+    """Client authentication material for a stored credential (key stays in its backend).
+
+    The key is held (``Keystore.hold_key``) from here on: a concurrent renewal by another process retires it instead
+    of destroying it under us. The flows below release it when their exchange is over (``_auth``); a caller that
+    keeps the ClientAuth for the rest of its process does not need to.
+    """
+    return _auth(ks, cred)[0]
+
+
+class _Held:
+    """A key held for one flow (see ``_auth``); ``release`` is idempotent."""
+
+    def __init__(self, ks: Keystore, uri: str | None):
+        self.ks, self.uri = ks, uri
+
+    def release(self) -> None:
+        uri, self.uri = self.uri, None
+        if uri is not None:
+            self.ks.release_key(uri)
+
+
+def _auth(ks: Keystore, cred: Credential) -> tuple[ClientAuth, _Held, Credential]:
+    """(ClientAuth, its key's hold, the credential it was built from). A credential renewed by another process
+    between reading it and holding its key (the old key is gone) is read again and used in its new version, once."""
+    for attempt in (0, 1):
+        try:
+            ks.hold_key(cred.key_uri)
+        except KeyGoneError:
+            fresh = ks.get(cred.name)
+            if attempt or fresh.key_uri == cred.key_uri:
+                raise
+            log.info("credential %s was renewed by another process (version %d -> %d): using the new version",
+                     cred.name, cred.version, fresh.version)
+            cred = fresh
+            continue
+        held = _Held(ks, cred.key_uri)
+        try:
+            kf = ks.key_file(cred.key_uri)
+            auth = ClientAuth(certificate=cred.certificate, private_key=ks.private_key(cred.key_uri),
+                              chain=cred.chain, key_file=kf[0] if kf else None, key_password=kf[1] if kf else None)
+        except BaseException:
+            held.release()
+            raise
+        return auth, held, cred
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _renewed_since(ks: Keystore, cred: Credential) -> Credential | None:
+    """The credential's live version if another process replaced ``cred`` meanwhile, else None."""
+    try:
+        now = ks.get(cred.name)
+    except NotFoundError:
+        return None
+    return now if now.version != cred.version else None
 
 
 def validity_time(certificate: x509.Certificate, server_time: datetime.datetime | None,
@@ -127,7 +177,9 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
                  subject: x509.Name, sans: Sequence[x509.GeneralName], key: KeySpec, auth: ClientAuth,
                  profile: str | None, purpose: str | None, remember: dict, extensions=(),
                  challenge_password: bytes | None = None, now: datetime.datetime | None = None,
-                 check_validity: bool = True, csrattrs: str = "use") -> Credential:
+                 check_validity: bool = True, csrattrs: str = "use", held: _Held | None = None) -> Credential:
+    """The common flow; ``held``: the hold on ``auth``'s key, released as soon as the exchange is over (so that
+    the commit below can destroy that key when it is the one being replaced)."""
     if csrattrs not in CSRATTRS_MODES:
         raise ValueError(f"csrattrs mode {csrattrs!r}: use one of {', '.join(CSRATTRS_MODES)}")
     hash_name = None
@@ -151,6 +203,8 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
                           extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
                           profile=profile)
         result = await getattr(client, op)(req, auth)
+        if held is not None:
+            held.release()
         if key.server_keygen:
             if result.private_key is None:
                 raise EnrollError("server-side key generation was requested but the server returned no key")
@@ -318,14 +372,31 @@ async def request(ks: Keystore, client: EnrollmentClient, *, name: str, domain: 
                   remember: dict | None = None, auth: ClientAuth | None = None, **kw) -> Credential:
     """Application credential (CMP cr / EST simpleenroll) authenticated with the domain's LDevID."""
     check_name(name, "credential name")
-    if auth is None:
-        ldevid = ks.find_domain_credential(domain)
-        if ldevid is None:
-            raise LifecycleError(f"no domain credential (LDevID) for domain {domain}: run 'devagent enroll "
-                                 f"--domain {domain} ...' first")
-        auth = await asyncio.to_thread(auth_for, ks, ldevid)  # loading a token key is a blocking lookup
-    return await _issue(ks, "request", client, name=name, domain=domain, kind="app", subject=subject, sans=sans,
-                        key=key, auth=auth, profile=profile, purpose=None, remember=remember or {}, **kw)
+    if auth is not None:
+        return await _issue(ks, "request", client, name=name, domain=domain, kind="app", subject=subject,
+                            sans=sans, key=key, auth=auth, profile=profile, purpose=None, remember=remember or {},
+                            **kw)
+    ldevid = ks.find_domain_credential(domain)
+    if ldevid is None:
+        raise LifecycleError(f"no domain credential (LDevID) for domain {domain}: run 'devagent enroll "
+                             f"--domain {domain} ...' first")
+    for attempt in (0, 1):
+        # Loading a token key is a blocking lookup. The LDevID's key is held for the exchange.
+        auth, held, ldevid = await asyncio.to_thread(_auth, ks, ldevid)
+        try:
+            return await _issue(ks, "request", client, name=name, domain=domain, kind="app", subject=subject,
+                                sans=sans, key=key, auth=auth, profile=profile, purpose=None,
+                                remember=remember or {}, held=held, **kw)
+        except EnrollError:
+            fresh = None if attempt else _renewed_since(ks, ldevid)
+            if fresh is None:
+                raise
+            log.info("the LDevID %s was renewed by another process during the request: retrying once with "
+                     "version %d", ldevid.name, fresh.version)
+            ldevid = fresh
+        finally:
+            held.release()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: bool = True,
@@ -371,15 +442,31 @@ async def renew(ks: Keystore, name: str, *, client: EnrollmentClient, rekey: boo
                 log.info("the password source %s is not remembered (only env: and file: are): unattended "
                          "renewals will not send HTTP Basic", password_source.split(":", 1)[0] + ":")
     try:
-        auth = await asyncio.to_thread(auth_for, ks, cred)
-        if username is not None:
-            auth = dataclasses.replace(auth, username=username,
-                                       password=resolve_secret(password_source, "--password") or b"")
-        return await _issue(ks, "renew", client, name=name, domain=cred.domain, kind=cred.kind,
-                            subject=cred.certificate.subject, sans=_sans_of(cred.certificate), key=spec,
-                            auth=auth, profile=cred.record.get("profile"),
-                            purpose=cred.record.get("purpose"), remember=remember, now=now,
-                            check_validity=check_validity)
+        for attempt in (0, 1):
+            auth, held, cred = await asyncio.to_thread(_auth, ks, cred)
+            try:
+                if username is not None:
+                    auth = dataclasses.replace(auth, username=username,
+                                               password=resolve_secret(password_source, "--password") or b"")
+                if not rekey:
+                    spec = dataclasses.replace(spec, key_uri=cred.key_uri)
+                return await _issue(ks, "renew", client, name=name, domain=cred.domain, kind=cred.kind,
+                                    subject=cred.certificate.subject, sans=_sans_of(cred.certificate), key=spec,
+                                    auth=auth, profile=cred.record.get("profile"),
+                                    purpose=cred.record.get("purpose"), remember=remember, now=now,
+                                    check_validity=check_validity, held=held)
+            except EnrollError:
+                # Another process renewed it while we asked the CA (which may refuse the superseded certificate):
+                # renew the new version instead, once.
+                fresh = None if attempt else _renewed_since(ks, cred)
+                if fresh is None:
+                    raise
+                log.info("credential %s was renewed by another process during this renewal: retrying once with "
+                         "version %d", name, fresh.version)
+                cred = fresh
+            finally:
+                held.release()
+        raise AssertionError("unreachable")  # pragma: no cover
     except (EnrollError, KeystoreError) as e:
         ks.set_meta(name, last_error=f"{type(e).__name__}: {e}",
                     last_failure=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -390,15 +477,36 @@ async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: s
                  auth: ClientAuth | None = None) -> None:
     """Revoke ``name``'s certificate (CMP rr), signed with its own key (or ``auth``)."""
     cred = ks.get(name)
+    serials = []
     try:
-        await client.revoke(cred.certificate, auth or await asyncio.to_thread(auth_for, ks, cred), reason)
+        for attempt in (0, 1):
+            held = None
+            if auth is None:
+                use, held, cred = await asyncio.to_thread(_auth, ks, cred)
+            else:
+                use = auth
+            try:
+                await client.revoke(cred.certificate, use, reason)
+            finally:
+                if held is not None:
+                    held.release()
+            serials.append(format(cred.certificate.serial_number, "x"))
+            # Renewed by another process meanwhile: the live certificate is not the one just revoked. Revoke it
+            # too (once), or the credential would be marked revoked while its live certificate is not.
+            fresh = None if attempt else _renewed_since(ks, cred)
+            if fresh is None:
+                break
+            log.info("credential %s was renewed by another process during the revocation: revoking version %d too",
+                     name, fresh.version)
+            cred = fresh
     except (EnrollError, KeystoreError) as e:
         ks.set_meta(name, last_error=f"revoke: {type(e).__name__}: {e}",
                     last_failure=datetime.datetime.now(datetime.timezone.utc).isoformat())
         raise
     ks.set_meta(name, revoked=reason, revoked_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 last_error=None)
-    ks.audit("revoke", name=name, serial=format(cred.certificate.serial_number, "x"), reason=reason)
+    ks.audit("revoke", name=name, serial=serials[-1], reason=reason, **({"serials": serials} if len(serials) > 1
+                                                                         else {}))
 
 
 def _is_self_signed(c: x509.Certificate) -> bool:
@@ -503,12 +611,17 @@ async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_f
     root expires; the daemon calls this every CA check interval.
     """
     ldevid = ks.find_domain_credential(domain)
+    held = None
     if auth is None and ldevid is not None:
-        auth = await asyncio.to_thread(auth_for, ks, ldevid)
-    if client.protocol == "cmp":
-        result = await client.ca_certs(auth, old_root=old_root or current_root(ks, domain))
-    else:
-        result = await client.ca_certs(auth)
+        auth, held, ldevid = await asyncio.to_thread(_auth, ks, ldevid)
+    try:
+        if client.protocol == "cmp":
+            result = await client.ca_certs(auth, old_root=old_root or current_root(ks, domain))
+        else:
+            result = await client.ca_certs(auth)
+    finally:
+        if held is not None:
+            held.release()
     confirmed = False
     if not ks.trust_anchors(domain) and not ca_fingerprint and confirm is not None:
         confirmed = bool(confirm([(c.subject.rfc4514_string(), fingerprint(c)) for c in result.ca_certs]))

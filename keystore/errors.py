@@ -40,6 +40,11 @@ class NotFoundError(KeystoreError):
     """No credential, key or trust anchor by that name."""
 
 
+class KeyGoneError(NotFoundError):
+    """The key was destroyed: the credential that used it was renewed or deleted (by another devagent process).
+    Read the credential again to get its current key."""
+
+
 class AlreadyExistsError(KeystoreError):
     """A credential by that name exists already."""
 

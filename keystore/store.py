@@ -37,13 +37,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tinydb import Query, TinyDB
 
-from keystore import fsutil
+from keystore import fsutil, owner
 from keystore.backends import BACKEND_NAMES, BackendContext, KeyBackend, backend_class, scheme_of
 from keystore.certs import describe, fingerprint, load_certificates, pem, same_public_key, spki_der
 from keystore.errors import (
     AlreadyExistsError,
     CorruptFileError,
     KeystoreError,
+    KeyGoneError,
     KeystoreNotInitializedError,
     NotDurableError,
     NotFoundError,
@@ -51,6 +52,7 @@ from keystore.errors import (
     StorageError,
     VerificationError,
 )
+from keystore.keylocks import KeyLocks, lock_name
 from keystore.keytypes import key_type_of, parse_key_type
 from keystore.storage import IndexStorage, KeystoreLock
 from keystore.verify import build_path, verify_ca_chain, verify_certificate
@@ -63,6 +65,7 @@ FORMAT = 1
 KINDS = ("idevid", "ldevid", "app")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEEP_VERSIONS = 3
+PENDING_MAX_AGE_S = 24 * 3600.0  # [keystore] pending_max_age_s: a pending key older than this is discarded by gc
 _log = logging.getLogger("devagent.keystore")
 
 
@@ -204,8 +207,10 @@ class _View:
 class Keystore:
     """Open with ``Keystore.open(path)``; create with ``Keystore.init(path)``."""
 
-    def __init__(self, root: str | os.PathLike, backend_options: dict | None = None):
+    def __init__(self, root: str | os.PathLike, backend_options: dict | None = None, *,
+                 pending_max_age_s: float = PENDING_MAX_AGE_S):
         self.root = Path(root)
+        self.pending_max_age_s = pending_max_age_s  # gc discards pending keys older than this, whoever owns them
         self._lock = KeystoreLock(self.root)
         self._storage = IndexStorage(self.root / INDEX)
         self._db = TinyDB(storage=lambda *a, **k: self._storage)
@@ -215,15 +220,17 @@ class Keystore:
         self._master: bytes | None = None
         self.unsynced: NotDurableError | None = None  # see _txn
         self._parsed: dict[tuple, list[x509.Certificate]] = {}  # see _certs_of
+        self._locks = KeyLocks(self.root)  # who may still use a key: see keylocks.py and _destroy_now
+        self._destroyed: set[str] = set()  # keys destroyed here whose retired records the next _txn drops
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def init(cls, root: str | os.PathLike, backend_options: dict | None = None) -> "Keystore":
+    def init(cls, root: str | os.PathLike, backend_options: dict | None = None, **kw) -> "Keystore":
         """Create a keystore (idempotent: an existing one is opened, never overwritten)."""
         root = Path(root)
         _refuse_unfinished_wipe(root)
         fsutil.ensure_dir(root)
-        ks = cls(root, backend_options)
+        ks = cls(root, backend_options, **kw)
         with ks._lock:
             if not (root / MASTER_KEY).exists():
                 fsutil.atomic_write(root / MASTER_KEY, _secrets.token_hex(32).encode() + b"\n", mode=0o400)
@@ -234,7 +241,7 @@ class Keystore:
         return ks
 
     @classmethod
-    def open(cls, root: str | os.PathLike, backend_options: dict | None = None) -> "Keystore":
+    def open(cls, root: str | os.PathLike, backend_options: dict | None = None, **kw) -> "Keystore":
         """Open an existing keystore, refusing one whose directory or master key others can read.
 
         Raises:
@@ -246,13 +253,14 @@ class Keystore:
             raise KeystoreNotInitializedError(f"no keystore at {root}: run 'devagent keystore init' "
                                               "(or pass --state-dir / DEVAGENT_STATE_DIR)")
         fsutil.check_private(root, "keystore directory")
-        ks = cls(root, backend_options)
+        ks = cls(root, backend_options, **kw)
         meta = ks.meta()
         if meta.get("format", 0) > FORMAT:
             raise KeystoreError(f"keystore {root} has format {meta['format']}, newer than this devagent ({FORMAT})")
         return ks
 
     def close(self) -> None:
+        self._locks.release_all()
         for b in self._backends.values():
             b.close()
         self._backends.clear()
@@ -316,6 +324,7 @@ class Keystore:
             data = IndexStorage.mutable(self._storage.read())
             for t in ("credentials", "keys", "trust", "meta"):
                 data.setdefault(t, {})
+            dropped = self._drop_destroyed(data)
             yield data
             try:
                 self._storage.write(data)
@@ -329,6 +338,28 @@ class Keystore:
                                  "keystore check'", self.unsynced)
             else:
                 self.unsynced = None
+            self._destroyed -= dropped
+
+    def _drop_destroyed(self, data: dict) -> set[str]:
+        """Remove from a transaction what still names keys this object destroyed since its last write: their
+        retired records, and their entries in the ``destroying`` list (see ``store_certificate``)."""
+        dropped = set(self._destroyed)
+        if not dropped:
+            return dropped
+        for uri in dropped:
+            kid, rec = self._find_key(data, uri)
+            if kid is not None and rec.get("state") == "retired":
+                del data["keys"][kid]
+        meta = data["meta"].get("1") or {}
+        if set(meta.get("destroying") or ()) & dropped:
+            rest = [u for u in meta["destroying"] if u not in dropped]
+            data["meta"]["1"] = {k: v for k, v in dict(meta, destroying=rest).items() if k != "destroying" or rest}
+        return dropped
+
+    def _destroying(self) -> list[str]:
+        """Keys a commit unrecorded to destroy right after it (``meta.destroying``): normally emptied by the next
+        write; left over only by a crash in between, for gc."""
+        return list(self._view().table("meta").get("1", {}).get("destroying") or ())
 
     @property
     def durable(self) -> bool:
@@ -389,19 +420,43 @@ class Keystore:
     # ---- keys ---------------------------------------------------------------------------------
     def generate_key(self, key_type: str, *, backend: str = "soft", label: str = "", pending_for: dict | None = None,
                      allow_weak: bool = False) -> str:
-        """Generate a key in ``backend`` and record it as pending (not yet certified). Returns its URI."""
+        """Generate a key in ``backend`` and record it as pending (not yet certified), owned by this process (see
+        keystore/owner.py: ``gc`` discards it once the owner is gone). Returns its URI.
+
+        The record is written before the key is kept anywhere (``KeyBackend.prepare``): a crash at any point
+        leaves at most a pending record that ``gc`` cleans up through the backend — never a key file, TPM handle or
+        token object that nothing names.
+        """
         kt = parse_key_type(key_type, allow_weak=allow_weak)
         be = self.backend(backend)
         with self._lock:
-            uri = be.generate(kt, label)
+            nk = be.prepare(kt, label)
+            uri = nk.uri
+            rec = {"uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
+                   "state": "pending", "label": label, "pending_for": pending_for or {}, "owner": owner.current(),
+                   **self._public_fields(nk.public)}
+            self._locks.create(uri)
+            before = self._storage.read() if not self._destroyed else None
+            with self._txn() as data:
+                data["keys"][self._next_id(data["keys"])] = rec
             try:
-                rec = {"uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
-                       "state": "pending", "label": label, "pending_for": pending_for or {}}
-                rec.update(self._public_fields(be.cached_public_key(uri)))
-                with self._txn() as data:
-                    data["keys"][self._next_id(data["keys"])] = rec
+                nk.keep()
             except BaseException:
-                be.delete(uri)
+                # Not kept (or partly): destroy whatever exists under the URI, then forget the record (by writing
+                # back the index as it was, when this write changed nothing else: a failed key generation then
+                # leaves the keystore byte for byte as it found it).
+                with contextlib.suppress(KeystoreError, OSError):
+                    be.delete(uri)
+                with contextlib.suppress(KeystoreError):
+                    if before is not None:
+                        self._storage.write(IndexStorage.mutable(before))
+                    else:
+                        with self._txn() as data:
+                            kid, _ = self._find_key(data, uri)
+                            if kid is not None:
+                                del data["keys"][kid]
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._locks.path(uri))
                 raise
         self.audit("key-generate", key_uri=uri, key_type=kt, label=label)
         return uri
@@ -414,8 +469,10 @@ class Keystore:
             uri = be.import_key(private_key, label)
             try:
                 rec = {"uri": uri, "key_type": kt, "backend": "file", "created": _now().isoformat(),
-                       "state": state, "label": label, "pending_for": {}}
+                       "state": state, "label": label, "pending_for": {},
+                       **({"owner": owner.current()} if state == "pending" else {})}
                 rec.update(self._public_fields(private_key.public_key()))
+                self._locks.create(uri)
                 with self._txn() as data:
                     data["keys"][self._next_id(data["keys"])] = rec
             except BaseException:
@@ -428,6 +485,7 @@ class Keystore:
         """Record a key that already exists in a backend (e.g. a TPM persistent handle holding the IDevID key)."""
         pub = self._backend_for(uri).public_key(uri)
         with self._txn() as data:
+            self._locks.create(uri)
             _, existing = self._find_key(data, uri)
             if existing is None:
                 data["keys"][self._next_id(data["keys"])] = {
@@ -446,7 +504,85 @@ class Keystore:
         return {"public_key": base64.b64encode(spki_der(pub)).decode()}
 
     def private_key(self, uri: str):
+        """The key as a ``cryptography`` private-key object. This Keystore object holds the key from now on (see
+        ``hold_key``) until ``release_key`` or ``close``: no other process destroys it meanwhile.
+
+        Raises:
+            KeyGoneError: the key was destroyed (its credential renewed or deleted by another process).
+        """
+        self._hold(uri, explicit=False)
         return self._backend_for(uri).load(uri)
+
+    def hold_key(self, uri: str) -> None:
+        """Declare that a flow of this process uses ``uri`` (to sign, or through a TLS stack reading its file) until
+        ``release_key``: no process destroys the key meanwhile — a renewal that supersedes it retires it, and it is
+        destroyed once nobody holds it (keylocks.py). Holds are counted per Keystore object.
+
+        Raises:
+            KeyGoneError: the key was destroyed already.
+        """
+        self._hold(uri, explicit=True)
+
+    def release_key(self, uri: str) -> None:
+        """End one ``hold_key`` (and the hold ``private_key`` took). A retired key nobody holds any more is
+        destroyed now."""
+        if self._locks.release(uri, explicit=True):
+            hit = self._view().keys().get(uri)
+            if hit is not None and hit[1].get("state") == "retired":
+                with self._lock:
+                    if self._destroy_now(uri):
+                        self._destroyed.add(uri)
+
+    @contextlib.contextmanager
+    def holding(self, uri: str):
+        """``hold_key`` for the duration of a ``with`` block."""
+        self.hold_key(uri)
+        try:
+            yield
+        finally:
+            self.release_key(uri)
+
+    def _hold(self, uri: str, *, explicit: bool) -> None:
+        if self._locks.hold(uri, explicit=explicit):
+            return
+        with self._lock:  # no destroyer is at work while we hold the keystore lock: the index is the truth now
+            if self._locks.hold(uri, explicit=explicit):
+                return
+            view = self._view()
+            hit = view.keys().get(uri)
+            if hit is None and uri not in view.key_users() and uri not in self._destroying():
+                return  # not a key of this keystore's index (e.g. --key-uri before it is recorded): nothing to hold
+            if (hit is not None and hit[1].get("state") == "retired") or uri in self._destroying():
+                raise KeyGoneError(f"key {uri} was destroyed: the credential that used it was renewed or deleted "
+                                   "by another devagent process")
+            self._locks.create(uri)  # a keystore from before lock files, or a lock file a power cut lost
+            if not self._locks.hold(uri, explicit=explicit):
+                raise KeyGoneError(f"key {uri} is being destroyed by another devagent process")
+
+    def _destroy_now(self, uri: str) -> bool:
+        """Under the keystore lock, for a key the index no longer needs (retired, or a pending key being discarded):
+        destroy it if no process holds it. False: in use (here by a flow, or by another process); it stays retired
+        and whoever finds it free later destroys it."""
+        fd = self._claim(uri)
+        if fd is None:
+            return False
+        self._finish_destroy(uri, fd)
+        return True
+
+    def _claim(self, uri: str) -> int | None:
+        """The exclusive lock that lets us destroy ``uri`` (nobody can hold it meanwhile), or None if in use."""
+        if self._locks.in_use(uri):
+            return None
+        self._locks.release(uri, explicit=False)  # our own hold from private_key: nothing here uses it now
+        return self._locks.try_exclusive(uri)
+
+    def _finish_destroy(self, uri: str, fd: int) -> None:
+        try:
+            self._backend_for(uri).delete(uri)
+        except BaseException:
+            self._locks.release_exclusive(fd)
+            raise
+        self._locks.remove(uri, fd)
 
     def public_key(self, uri: str):
         """The public half of a key: from the backend's memory, else from the index (a pending key's record keeps
@@ -470,6 +606,9 @@ class Keystore:
         return be.public_key(uri)
 
     def key_file(self, uri: str):
+        """(path, password) of the key's encrypted PEM for TLS stacks that read a file, or None. Holds the key like
+        ``private_key``."""
+        self._hold(uri, explicit=False)
         return self._backend_for(uri).key_file(uri)
 
     def key_record(self, uri: str) -> dict | None:
@@ -480,18 +619,37 @@ class Keystore:
         keys = self._view().table("keys")
         return [dict(keys[k]) for k in sorted(keys, key=int) if keys[k].get("state") == "pending"]
 
+    def pending_summary(self, rec: dict, now: datetime.datetime | None = None) -> dict:
+        """A pending key for ``keystore list``: URI, type, age, what it is for, and its owner (running or gone)."""
+        now = now or _now()
+        try:
+            age = round((now - datetime.datetime.fromisoformat(rec["created"])).total_seconds(), 1)
+        except (KeyError, TypeError, ValueError):
+            age = None
+        pf = rec.get("pending_for") or {}
+        o = rec.get("owner")
+        state = {True: "running", False: "gone", None: "unknown"}[owner.alive(o)] if o else None
+        return {"key_uri": rec["uri"], "key_type": rec.get("key_type"), "created": rec.get("created"), "age_s": age,
+                "for": pf.get("name") or pf.get("credential"), "op": pf.get("op") or pf.get("source"),
+                "owner": dict(o, state=state) if isinstance(o, dict) else None}
+
     def discard_key(self, uri: str) -> None:
         """Destroy a key that no credential references (a pending key after a failed enrollment)."""
         with self._lock:
+            for name in self._view().key_users().get(uri, ()):
+                raise KeystoreError(f"key {uri} is in use by credential {name}; delete the credential")
+            # Destroyed first, unrecorded second: a crash in between leaves a record that gc finishes (the backend's
+            # delete is idempotent), never a key (a token object, a TPM handle) that no record names.
+            destroyed = self._destroy_now(uri)
             with self._txn() as data:
-                for c in data["credentials"].values():
-                    if c["key_uri"] == uri:
-                        raise KeystoreError(f"key {uri} is in use by credential {c['name']}; delete the credential")
-                doc_id, _ = self._find_key(data, uri)
+                doc_id, rec = self._find_key(data, uri)
                 if doc_id is not None:
-                    del data["keys"][doc_id]
-            self._backend_for(uri).delete(uri)
-        self.audit("key-discard", key_uri=uri)
+                    if destroyed:
+                        del data["keys"][doc_id]
+                    else:
+                        data["keys"][doc_id] = dict(rec, state="retired", retired=_now().isoformat())
+            self._destroyed.discard(uri)
+        self.audit("key-discard", key_uri=uri, **({} if destroyed else {"retired": "in use by another process"}))
 
     # ---- trust anchors ------------------------------------------------------------------------
     def trust_anchors(self, domain: str) -> list[x509.Certificate]:
@@ -705,11 +863,22 @@ class Keystore:
                 raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
             if existing is None and not allow_new:
                 raise NotFoundError(f"no credential named {name!r}")
+            krec = self._view().keys().get(key_uri)
+            if krec is not None and krec[1].get("state") == "retired":
+                raise KeyGoneError(f"key {key_uri} was discarded before its certificate arrived (a pending key older "
+                                   "than the keystore's bound, or one whose owner was taken for gone): nothing was "
+                                   "stored; request a new certificate")
             self._sweep_versions(name, existing)
+            self._reap_retired(exclude=existing["key_uri"] if existing else None)
             version = (existing["version"] + 1) if existing else 1
             cdir = self.root / "creds" / name
             vdir = cdir / f"{version:04d}"
             old_key = existing["key_uri"] if existing else None
+            replaced = old_key if old_key and old_key != key_uri and self._view().key_users().get(old_key) == [name] \
+                else None
+            # Nobody holding the superseded key: claim it now, unrecord it in the commit and destroy it right after
+            # (the commit lists it in meta.destroying for a crash in between). Held: the commit retires it.
+            claim = self._claim(replaced) if replaced else None
             created: list[Path] = []
             try:
                 # The version's files and directory entries are durable before the index names them: each
@@ -722,9 +891,11 @@ class Keystore:
                 # Once the index replace succeeded this version is live and its files stay, even if the
                 # directory fsync after it failed (_txn retries it and reports; see ``durable``).
                 drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
-                                                meta, key_uri, pub, certificate, old_key)
+                                                meta, key_uri, pub, certificate, replaced, claim is not None)
             except BaseException:
                 # Not committed: the previous version is still live; remove what this attempt wrote.
+                if claim is not None:
+                    self._locks.release_exclusive(claim)
                 with contextlib.suppress(OSError, KeystoreError):
                     fsutil.remove_tree(vdir, secret=False)
                     for d in created[::-1]:
@@ -736,9 +907,13 @@ class Keystore:
             # step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
             # undoes an unlink, what stays is garbage that gc removes.
             unsynced = self.unsynced
+            if claim is not None:
+                if unsynced is None:
+                    self._finish_destroy(replaced, claim)
+                    self._destroyed.add(replaced)  # the next index write drops it from meta.destroying
+                else:
+                    self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
             if unsynced is None:
-                if old_key and old_key != key_uri and old_key not in self._view().key_users():
-                    self._backend_for(old_key).delete(old_key)
                 for v in drop:
                     fsutil.remove_tree(cdir / f"{v:04d}", secret=False)
             rec = self._record(name)
@@ -753,7 +928,7 @@ class Keystore:
         return self._credential(rec, (certificate, stored_chain))
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
-                            pub, certificate, old_key) -> list[int]:
+                            pub, certificate, replaced, destroying) -> list[int]:
         """One atomic index write making ``version`` live (see module invariants); older versions beyond
         ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit."""
         with self._txn() as data:
@@ -780,12 +955,38 @@ class Keystore:
             # An active key's public half is its certificate's: the record no longer needs it.
             data["keys"][kid] = {k: v for k, v in dict(krec, state="active", pending_for={}, credential=name).items()
                                  if k != "public_key"}
-            if old_key and old_key != key_uri:
-                oid, _ = self._find_key(data, old_key)
-                if oid is not None and not any(c["key_uri"] == old_key for c in data["credentials"].values()
-                                               if c["name"] != name):
-                    del data["keys"][oid]
+            if replaced:
+                self._unrecord(data, replaced, destroying, now_s, name)
         return drop
+
+    @staticmethod
+    def _unrecord(data: dict, uri: str, destroying: bool, now_s: str, name: str) -> None:
+        """A key the index no longer needs, in a transaction: if it is about to be destroyed (claimed), its record
+        goes and ``meta.destroying`` names it until the next write (a crash before the destruction leaves it for
+        gc); else its record stays as ``retired`` until whoever finds it free destroys it. Either way a crash never
+        leaves a key (a token object, a TPM handle) that nothing names."""
+        kid, krec = Keystore._find(data["keys"], uri=uri)
+        if destroying:
+            if kid is not None:
+                del data["keys"][kid]
+            meta = dict(data["meta"].get("1") or {})
+            meta["destroying"] = sorted(set(meta.get("destroying") or ()) | {uri})
+            data["meta"]["1"] = meta
+            return
+        if kid is None:
+            kid, krec = str(max((int(k) for k in data["keys"]), default=0) + 1), {"uri": uri,
+                                                                                  "backend": scheme_of(uri)}
+        data["keys"][kid] = dict(krec, state="retired", retired=now_s, credential=name)
+
+    def _reap_retired(self, exclude: str | None = None) -> list[str]:
+        """Under the lock: destroy retired keys nobody holds any more (their records go with the next write)."""
+        done = []
+        todo = [u for u, (_, r) in self._view().keys().items() if r.get("state") == "retired"] + self._destroying()
+        for uri in todo:
+            if uri != exclude and uri not in self._destroyed and self._destroy_now(uri):
+                self._destroyed.add(uri)
+                done.append(uri)
+        return done
 
     def _sweep_versions(self, name: str, rec: dict | None) -> None:
         """Under the lock: remove version directories of ``name`` the index does not reference (left by a crash
@@ -892,23 +1093,33 @@ class Keystore:
             raise ReadOnlyError(f"credential {name} is the manufacturer's IDevID: it is read-only and is deleted "
                                 "only with --force")
         with self._lock:  # the files go under the lock too: another process may be storing this name anew
-            with self._txn() as data:
-                doc_id, rec = self._find_cred(data, name)
-                if doc_id is None or rec["version"] != cred.version:
-                    raise NotFoundError(f"credential {name} changed (renewed or deleted by another devagent "
-                                        "process) while it was being deleted; look at it again")
-                del data["credentials"][doc_id]
-                kid, _ = self._find_key(data, cred.key_uri)
-                if kid is not None and not any(c["key_uri"] == cred.key_uri for c in data["credentials"].values()):
-                    del data["keys"][kid]
-            details = dict(name=name, kind=cred.kind, key_uri=cred.key_uri, reason=reason,
+            uri = cred.key_uri
+            shared = self._view().key_users().get(uri, []) != [name]
+            claim = None if shared else self._claim(uri)  # see store_certificate
+            try:
+                with self._txn() as data:
+                    doc_id, rec = self._find_cred(data, name)
+                    if doc_id is None or rec["version"] != cred.version:
+                        raise NotFoundError(f"credential {name} changed (renewed or deleted by another devagent "
+                                            "process) while it was being deleted; look at it again")
+                    del data["credentials"][doc_id]
+                    if not shared:
+                        self._unrecord(data, uri, claim is not None, _now().isoformat(), name)
+            except BaseException:
+                if claim is not None:
+                    self._locks.release_exclusive(claim)
+                raise
+            details = dict(name=name, kind=cred.kind, key_uri=uri, reason=reason,
                            serial=format(cred.certificate.serial_number, "x"))
             if not self.durable:  # a power cut could bring the credential back: gc removes its files once synced
+                if claim is not None:
+                    self._locks.release_exclusive(claim)
                 _log.warning("credential %s deleted; its key and files are removed once the keystore is synced", name)
                 self.audit("credential-delete", **details, sync_error=str(self.unsynced))
                 return
-            if not self._key_in_use(cred.key_uri):
-                self._backend_for(cred.key_uri).delete(cred.key_uri)
+            if claim is not None:
+                self._finish_destroy(uri, claim)
+                self._destroyed.add(uri)
             fsutil.remove_tree(self.root / "creds" / name, secret=False)
         self.audit("credential-delete", **details)
 
@@ -963,10 +1174,21 @@ class Keystore:
             except OSError as e:
                 raise StorageError(f"cannot sync keystore directory {self.root} ({e.strerror or e}); nothing was "
                                    "removed") from e
+            reaped = self._reap_retired()
+            if reaped:
+                with self._txn():
+                    pass  # drops the records of the keys just destroyed
+                removed += [f"retired key {u}" for u in reaped]
+            removed += [f"pending key {u}" for u in self.discard_orphaned_pending()]
             data = self._storage.read() or {}
             creds = {c["name"]: c for c in (data.get("credentials") or {}).values()}
             key_uris = {k["uri"] for k in (data.get("keys") or {}).values()}
             key_uris |= {c["key_uri"] for c in creds.values()}
+            live_locks = {lock_name(u) for u in key_uris}
+            for p in self._locks.files():  # lock files of keys that are gone (nobody can hold those)
+                if p.name not in live_locks:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
             keydir = self.root / "keys"
             if keydir.is_dir():
                 for p in keydir.iterdir():
@@ -1000,6 +1222,52 @@ class Keystore:
                         with contextlib.suppress(OSError):
                             d.rmdir()
         return removed
+
+    def orphaned_pending(self, now: datetime.datetime | None = None) -> list[tuple[dict, str]]:
+        """Pending keys to discard, with the reason: the owner process is gone (pid, boot id and start time no
+        longer match), or the key is older than ``pending_max_age_s`` whoever owns it."""
+        now = now or _now()
+        out = []
+        for rec in self.pending_keys():
+            if owner.alive(rec.get("owner")) is False:
+                out.append((rec, f"its owner {owner.describe(rec.get('owner'))} is gone"))
+                continue
+            try:
+                age = (now - datetime.datetime.fromisoformat(rec["created"])).total_seconds()
+            except (KeyError, TypeError, ValueError):
+                age = float("inf")
+            if age > self.pending_max_age_s:
+                out.append((rec, f"it is {age / 3600:.1f} h old (more than {self.pending_max_age_s / 3600:g} h; "
+                                 f"owner {owner.describe(rec.get('owner'))})"))
+        return out
+
+    def discard_orphaned_pending(self, now: datetime.datetime | None = None) -> list[str]:
+        """Discard every pending key ``orphaned_pending`` names, through its backend (key file, TPM blob or handle,
+        token objects), each with an audit line. A key its (live) owner still holds is retired instead: its
+        enrollment can no longer store a certificate for it, and it is destroyed once released. Returns the URIs."""
+        done = []
+        with self._lock:
+            for rec, why in self.orphaned_pending(now):
+                uri = rec["uri"]
+                try:
+                    destroyed = self._destroy_now(uri)
+                except KeystoreError as e:
+                    _log.error("cannot discard pending key %s (%s): %s", uri, why, e)
+                    continue
+                with self._txn() as data:
+                    kid, cur = self._find_key(data, uri)
+                    if kid is not None and cur.get("state") == "pending":
+                        if destroyed:
+                            del data["keys"][kid]
+                        else:
+                            data["keys"][kid] = dict(cur, state="retired", retired=_now().isoformat())
+                self._destroyed.discard(uri)
+                _log.warning("discarded pending key %s: %s", uri, why)
+                self.audit("pending-key-discard", key_uri=uri, reason=why, owner=rec.get("owner"),
+                           created=rec.get("created"), pending_for=rec.get("pending_for"),
+                           **({} if destroyed else {"retired": "still held by its owner"}))
+                done.append(uri)
+        return done
 
     # ---- wipe (decommissioning) ----------------------------------------------------------------------
     def wipe(self, *, include_idevid: bool = False, audit_action: str = "keystore-wipe", **details) -> dict:
@@ -1115,7 +1383,8 @@ class Keystore:
                         fsutil.remove_tree(d) if d.is_dir() else fsutil.secure_delete(d)
             # Anything else in the state directory is not the IDevID's: CoAP security contexts (coap/), a CLM's
             # device inventory with its secrets (clm/), leftovers.
-            keep = {INDEX, MASTER_KEY, "master.tss", AUDIT_LOG, ".lock", WIPE_MARKER, "keys", "creds", "trust", "tpm"}
+            keep = {INDEX, MASTER_KEY, "master.tss", AUDIT_LOG, ".lock", WIPE_MARKER, "keys", "creds", "trust", "tpm",
+                    "locks"}
             for p in sorted(self.root.iterdir()):
                 if p.name not in keep:
                     fsutil.remove_tree(p) if p.is_dir() and not p.is_symlink() else fsutil.secure_delete(p)

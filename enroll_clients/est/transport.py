@@ -4,7 +4,8 @@ Invariants:
 - The server is authenticated against the EST trust anchors given by the caller and the host name in the URL;
   the system trust store is used only when explicitly asked (``system_trust``). TLS 1.2 is the minimum.
 - Unverified TLS exists only for the RFC 7030 §4.1.1 bootstrap of /cacerts, and then no credential is sent.
-- A client certificate's key reaches OpenSSL only as a file: the keystore's encrypted PEM (``key_file``), or a
+- A client certificate's key reaches OpenSSL only as a file: a copy of the keystore's encrypted PEM (``key_file``,
+  read once by descriptor, so a concurrent renewal replacing the keystore's file cannot break the handshake), or a
   software key written encrypted under a random one-time passphrase to a 0600 file in a 0700 temp directory that
   is removed as soon as OpenSSL has read it.
 - Every foreign exception is wrapped once, here: ``TransportError`` (retryable) or ``ProtectionError`` (TLS trust).
@@ -102,13 +103,27 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+def _read_key_file(path: str, tls: TlsConfig) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise EnrollError(f"cannot read the TLS client key {path} of "
+                          f"{tls.client_certificate.subject.rfc4514_string()!r}: {e.strerror or e}") from None
+
+
 def _load_client_credential(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     pem = serialization.Encoding.PEM
     chain_pem = tls.client_certificate.public_bytes(pem) + b"".join(c.public_bytes(pem) for c in tls.client_chain)
     with private_tempdir() as d:
         cert_path = _write_private(d, "cert", chain_pem)
         key_path, password = tls.key_file, tls.key_password
-        if key_path is None:
+        if key_path is not None:
+            # One read of the keystore's (encrypted) key file, by descriptor, into our private directory: OpenSSL
+            # then reads that copy, never the keystore's path, which a concurrent renewal may replace or destroy.
+            key_path = _write_private(d, "key", _read_key_file(key_path, tls))
+        else:
             if tls.client_key is None:
                 raise EnrollError("TLS client authentication needs the private key of "
                                   f"{tls.client_certificate.subject.rfc4514_string()!r} (ClientAuth.key_file or "

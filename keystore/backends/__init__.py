@@ -31,6 +31,14 @@ class KeyBackend(abc.ABC):
     def generate(self, key_type: str, label: str) -> str:
         """Generate a key of ``key_type`` inside the backend; return its URI."""
 
+    def prepare(self, key_type: str, label: str) -> "NewKey":
+        """Make a key without keeping it yet: its final URI (and, where the backend knows it before keeping the key,
+        its public half), and ``keep()`` that makes it persistent. The keystore records the URI durably between the
+        two, so that a crash never leaves a key (a file, a token object, a TPM handle) that no record names.
+        Default: generate at once (no such guarantee)."""
+        uri = self.generate(key_type, label)
+        return NewKey(uri, self.cached_public_key(uri), lambda: self.cached_public_key(uri) or self.public_key(uri))
+
     @abc.abstractmethod
     def load(self, uri: str) -> Any:
         """Return a ``cryptography`` private-key object that signs inside the backend."""
@@ -61,6 +69,18 @@ class KeyBackend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release sessions/contexts."""
+
+
+class NewKey:
+    """A key from ``KeyBackend.prepare``: ``uri``, ``public`` (None if unknown until kept), ``keep() -> public key``."""
+
+    __slots__ = ("uri", "public", "_keep")
+
+    def __init__(self, uri: str, public, keep):
+        self.uri, self.public, self._keep = uri, public, keep
+
+    def keep(self):
+        return self._keep()
 
 
 class HardwareKeyMixin:

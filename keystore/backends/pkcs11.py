@@ -38,7 +38,7 @@ import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from keystore.backends import HardwareKeyMixin, KeyBackend
+from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
 from keystore.errors import (
     ExportRefusedError,
     KeyBackendError,
@@ -319,6 +319,13 @@ class Backend(KeyBackend):
 
     # ---- KeyBackend --------------------------------------------------------------------------------
     def generate(self, key_type: str, label: str) -> str:
+        nk = self.prepare(key_type, label)
+        nk.keep()
+        return nk.uri
+
+    def prepare(self, key_type: str, label: str) -> NewKey:
+        """Only the URI (token, label, a random CKA_ID) before ``keep``: a token creates keys in place, so the
+        keystore records the URI first and a crash leaves a record to clean up, never an unnamed token object."""
         if key_type not in PKCS11_KEY_TYPES:
             raise UnsupportedKeyTypeError(
                 f"key type {key_type} is not supported on a PKCS#11 token; choose one of {', '.join(PKCS11_KEY_TYPES)}")
@@ -341,10 +348,14 @@ class Backend(KeyBackend):
             return s.generate_keypair(KeyType.RSA, int(key_type[3:]), store=True, id=key_id, label=obj_label,
                                       private_template=priv_t, public_template=pub_t2)
 
-        pub, _ = self._call(None, f"generating a {key_type} key", gen)
         uri = make_uri(token, obj_label, key_id)
-        self._publics[uri] = self._to_public(pub)
-        return uri
+
+        def keep():
+            pub, _ = self._call(None, f"generating a {key_type} key", gen)
+            self._publics[uri] = self._to_public(pub)
+            return self._publics[uri]
+
+        return NewKey(uri, None, keep)
 
     @staticmethod
     def _to_public(pub):

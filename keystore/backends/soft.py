@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from keystore import fsutil
-from keystore.backends import KeyBackend
+from keystore.backends import KeyBackend, NewKey
 from keystore.certs import load_private_key
 from keystore.errors import CorruptFileError, KeyBackendError, NotFoundError
 from keystore.keytypes import generate_software_key
@@ -91,12 +91,24 @@ class Backend(KeyBackend):
         return encrypt_pkcs8(key, self.ctx.master_key)
 
     def _store(self, key, label: str) -> str:
-        fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
-        name = f"{secrets.token_hex(8)}.key"
-        fsutil.atomic_write(Path(self.ctx.root) / KEY_DIR / name, self._encrypt(key))
-        uri = f"file:{KEY_DIR}/{name}"
-        self._keys[uri] = key
-        return uri
+        nk = self._prepared(key)
+        nk.keep()
+        return nk.uri
+
+    def _prepared(self, key) -> NewKey:
+        uri = f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
+
+        def keep():
+            fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
+            fsutil.atomic_write(self._path(uri), self._encrypt(key))
+            self._keys[uri] = key
+            return key.public_key()
+
+        return NewKey(uri, key.public_key(), keep)
+
+    def prepare(self, key_type: str, label: str) -> NewKey:
+        """The key exists in memory only until ``keep`` writes its encrypted file."""
+        return self._prepared(generate_software_key(key_type))
 
     def generate(self, key_type: str, label: str) -> str:
         return self._store(generate_software_key(key_type), label)

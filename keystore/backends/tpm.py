@@ -42,7 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keystore import fsutil
-from keystore.backends import HardwareKeyMixin, KeyBackend
+from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
 from keystore.errors import (
     CorruptFileError,
     ExportRefusedError,
@@ -349,27 +349,43 @@ class Backend(KeyBackend):
                         ectx.tr_close(tr)
 
     # ---- KeyBackend --------------------------------------------------------------------------------
-    def generate(self, key_type: str, label: str) -> str:
+    def prepare(self, key_type: str, label: str) -> NewKey:
+        """The TPM creates the key (TPM2_Create: nothing stays in the TPM); ``keep`` writes its blob, or makes it
+        persistent at the handle chosen here (free now; the keystore lock keeps other devagents from taking it)."""
         template = _template(key_type)
         with self._tpm.session(f"creating a {key_type} key") as ectx:
             tss = TSSPrivKey.create(ectx, template, parent=self._tpm.parent)
             pub = public_to_key(tss.public.publicArea)
             if self.persist == "handle":
                 handle = self._free_handle(ectx)
-                tr = tss.load(ectx)
-                try:
-                    ectx.evict_control(ESYS_TR.RH_OWNER, tr, handle)
-                finally:
-                    ectx.flush_context(tr)
                 uri = handle_uri(handle)
-                self._publics[uri] = pub
-                return uri
+
+                def keep():
+                    with self._tpm.session(f"making {uri} persistent") as ectx2:
+                        tr = tss.load(ectx2)
+                        try:
+                            ectx2.evict_control(ESYS_TR.RH_OWNER, tr, handle)
+                        finally:
+                            ectx2.flush_context(tr)
+                    self._publics[uri] = pub
+                    return pub
+
+                return NewKey(uri, pub, keep)
         bid = secrets.token_hex(8)
-        fsutil.ensure_dir(Path(self.ctx.root) / BLOB_DIR)
-        fsutil.atomic_write(Path(self.ctx.root) / BLOB_DIR / f"{bid}{BLOB_SUFFIX}", tss.to_pem())
         uri = f"tpm:blob/{bid}"
-        self._publics[uri] = pub
-        return uri
+
+        def keep_blob():
+            fsutil.ensure_dir(Path(self.ctx.root) / BLOB_DIR)
+            fsutil.atomic_write(Path(self.ctx.root) / BLOB_DIR / f"{bid}{BLOB_SUFFIX}", tss.to_pem())
+            self._publics[uri] = pub
+            return pub
+
+        return NewKey(uri, pub, keep_blob)
+
+    def generate(self, key_type: str, label: str) -> str:
+        nk = self.prepare(key_type, label)
+        nk.keep()
+        return nk.uri
 
     def _free_handle(self, ectx) -> int:
         _, data = ectx.get_capability(TPM2_CAP.HANDLES, self.handle_base, HANDLE_RANGE)

@@ -75,7 +75,8 @@ def test_failed_dir_sync_after_index_replace_keeps_the_new_version_live(ks, lab,
         assert any(e["action"] == "certificate-store" and e.get("sync_error") for e in opened.audit_entries())
     else:
         assert not old_key_file.exists(), "the retried sync succeeded: the superseded key is destroyed as usual"
-    opened.gc()  # syncs the directory again, then removes what nothing references
+    ks.close()  # the writer's process ends: it no longer holds the key it signed with
+    opened.gc()  # syncs the directory again, then destroys the retired key nobody holds
     assert not old_key_file.exists()
     assert opened.check() == [] and opened.get("dev").version == 2
 

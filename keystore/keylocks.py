@@ -1,0 +1,141 @@
+"""Who may still be using a key: one lock file per key, shared-locked by every process that uses it.
+
+``<keystore>/locks/<id>`` exists from a key's creation until it is destroyed (``id`` is derived from the key's
+URI). A process that uses a key (to sign, or to hand its file to a TLS stack) holds a shared ``flock`` on that file;
+a process that wants to destroy a key the index no longer needs takes an exclusive ``flock`` without waiting. If it
+gets it, nobody can be using the key: it destroys the key, then unlinks the lock file. If not, the key is *retired*
+(recorded in the index) and destroyed later by whichever process finds it free (``Keystore.gc`` and every commit
+look). The kernel drops a killed process's locks, so a crash never pins a key.
+
+A holder that opened the lock file just before its key was destroyed notices on acquiring the lock: the path no
+longer names the file it locked (unlinked), and it gives up (``hold`` returns False). A missing lock file means the
+key was destroyed, or the keystore predates lock files (the caller decides, under the keystore lock).
+
+Lock files carry no data and need no fsync: after a power cut no process holds anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from keystore import fsutil
+
+LOCK_DIR = "locks"
+_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def lock_name(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+class KeyLocks:
+    """The lock files of one keystore, and the shared locks this object holds (one descriptor per key)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.dir = Path(root) / LOCK_DIR
+        self._held: dict[str, list] = {}  # uri -> [fd, explicit uses]
+        self._mutex = threading.Lock()  # threads of one process (asyncio.to_thread) share this object
+
+    def path(self, uri: str) -> Path:
+        return self.dir / lock_name(uri)
+
+    # ---- creation and destruction (under the keystore lock) ---------------------------------------------
+    def create(self, uri: str) -> None:
+        """Make the lock file of a new key (idempotent)."""
+        if not self.dir.is_dir():
+            fsutil.ensure_dir(self.dir)
+        fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
+        os.close(fd)
+
+    def exists(self, uri: str) -> bool:
+        return self.path(uri).exists()
+
+    def try_exclusive(self, uri: str) -> int | None:
+        """An exclusive lock on the key's lock file if nobody holds it (creating the file if it is missing), as a
+        descriptor for ``remove``; None if some process (this object included) holds it."""
+        if self.held(uri):
+            return None
+        if not self.dir.is_dir():
+            fsutil.ensure_dir(self.dir)
+        fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        return fd
+
+    def remove(self, uri: str, fd: int) -> None:
+        """After the key is destroyed: unlink its lock file (still locked, so nobody can take it meanwhile)."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(uri))
+        finally:
+            os.close(fd)
+
+    def release_exclusive(self, fd: int) -> None:
+        os.close(fd)
+
+    # ---- holding ----------------------------------------------------------------------------------------
+    def hold(self, uri: str, *, explicit: bool) -> bool:
+        """Take (or count) a shared lock on ``uri``. False: its lock file is missing or being removed (the key was
+        destroyed, is being destroyed, or predates lock files)."""
+        with self._mutex:
+            h = self._held.get(uri)
+            if h is not None:
+                h[1] += int(explicit)
+                return True
+            try:
+                fd = os.open(self.path(uri), _FLAGS)
+            except OSError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                st, now = os.fstat(fd), os.stat(self.path(uri))
+                if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                    raise FileNotFoundError(self.path(uri))
+            except OSError:
+                os.close(fd)
+                return False
+            self._held[uri] = [fd, int(explicit)]
+            return True
+
+    def held(self, uri: str) -> bool:
+        with self._mutex:
+            return uri in self._held
+
+    def in_use(self, uri: str) -> bool:
+        """Held explicitly by this object (a flow of this process is using the key right now)."""
+        with self._mutex:
+            h = self._held.get(uri)
+            return h is not None and h[1] > 0
+
+    def release(self, uri: str, *, explicit: bool) -> bool:
+        """Undo one ``hold``; the lock is dropped when no explicit use is left (``explicit=False``: drop it unless
+        a flow still uses it). Returns True when the lock was dropped."""
+        with self._mutex:
+            h = self._held.get(uri)
+            if h is None:
+                return False
+            if explicit and h[1] > 0:
+                h[1] -= 1
+            if h[1] > 0:
+                return False
+            del self._held[uri]
+            os.close(h[0])
+            return True
+
+    def release_all(self) -> None:
+        with self._mutex:
+            for uri in list(self._held):
+                os.close(self._held.pop(uri)[0])
+
+    def files(self) -> list[Path]:
+        return list(self.dir.iterdir()) if self.dir.is_dir() else []
