@@ -55,7 +55,7 @@ from keystore.errors import (
 from keystore.keylocks import KeyLocks, lock_name
 from keystore.keytypes import key_type_of, parse_key_type
 from keystore.storage import IndexStorage, KeystoreLock
-from keystore.verify import build_path, verify_ca_chain, verify_certificate
+from keystore.validator import EKU_NAMES, Policy, validate
 
 INDEX = "keystore.json"
 MASTER_KEY = "master.key"
@@ -71,6 +71,14 @@ _log = logging.getLogger("devagent.keystore")
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _policy(purpose: str, now: datetime.datetime | None, check_validity: bool, **kw) -> Policy:
+    """The validator policy for a keystore decision: at ``now`` (default: the system clock), or, without a usable
+    clock (``check_validity=False``), only "after the clock floor" (see ``Policy.for_unknown_clock``)."""
+    if check_validity:
+        return Policy.for_purpose(purpose, now or _now(), **kw)
+    return Policy.for_unknown_clock(purpose, **kw)
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -728,7 +736,9 @@ class Keystore:
         """Add CA certificates that chain to the current anchors (issuing CA update; a new root needs
         a verified link or an operator's fingerprint: see agent.lifecycle.ca_update)."""
         anchors = self.trust_anchors(domain)
-        verify_ca_chain(list(certs), anchors, now=now, check_validity=check_validity)
+        policy = _policy("ca-cert", now, check_validity)
+        for c in certs:
+            validate(c, certs, anchors, policy, what="CA certificate")
         return self.add_trust_anchors(domain, certs, source=source, role="ca", verified_by="chain")
 
     # ---- credentials --------------------------------------------------------------------------
@@ -851,8 +861,11 @@ class Keystore:
             raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
         pub = self.public_key(key_uri)
         anchors = self.trust_anchors(domain)
-        path = verify_certificate(certificate, public_key=pub, chain=chain, trust_anchors=anchors, now=now,
-                                  check_validity=check_validity, purpose=purpose)
+        krec = self.key_record(key_uri) or {}
+        policy = _policy(
+            "credential", now, check_validity, eku={purpose} if purpose in EKU_NAMES else frozenset(),
+            min_rsa_bits=1024 if krec.get("key_type") == "rsa1024" else 2048)  # rsa1024 exists only if allowed
+        path = validate(certificate, chain, anchors, policy, public_key=pub, what=f"certificate for {name}")
         # Store the path the device presents: the chain as received minus anything not on the verified path
         # is dropped, so a peer cannot plant extra certificates.
         stored_chain = tuple(path[1:])
@@ -1047,8 +1060,9 @@ class Keystore:
         key_type_of(pub)
         chain = list(chain)
         roots = [c for c in chain if c.subject == c.issuer]
-        if chain:
-            build_path(certificate, chain, roots or chain[-1:])
+        if chain:  # the manufacturer's chain must be consistent; its validity is judged where the IDevID is used
+            validate(certificate, chain, roots or chain[-1:], Policy.for_unknown_clock("idevid"),
+                     what=f"IDevID certificate {name}")
         existing = self._table("credentials").get(Query().name == name)
         if existing is not None and not (force and existing["kind"] == "idevid"):
             raise AlreadyExistsError(f"credential {name} exists already" + (

@@ -89,6 +89,9 @@ LEAF_ROLES = ("end-entity", "ca", "cmp-signer")
 CLOCKS = ("trusted", "estimate")
 ENGINES = ("auto", "pyca", "fallback")
 MAX_INTERMEDIATES = 8
+# Earlier than any certificate devagent can meet: with no usable clock, "now" is only known to be after it.
+CLOCK_FLOOR = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+UNKNOWN_CLOCK_SPAN_S = 100 * 365.25 * 86400
 MIN_RSA_BITS = 2048
 WEAK_MIN_RSA_BITS = 1024  # only with allow_weak_keys (seed 003's Table 1 reproduces rsa1024)
 _POLICY_TREE_MAX_NODES = 1000
@@ -187,6 +190,14 @@ class Policy:
         fields = dict(PURPOSES[purpose])
         fields.update(overrides)
         return cls(purpose=purpose, at=at, **fields)
+
+    @classmethod
+    def for_unknown_clock(cls, purpose: str, floor: datetime.datetime = CLOCK_FLOOR, **overrides) -> "Policy":
+        """A board with no usable clock (no RTC, no NTP yet): the time is only known to be after ``floor``, so a
+        certificate must be valid at some instant after it (an estimate spanning ``floor`` .. 100 years on)."""
+        half = UNKNOWN_CLOCK_SPAN_S / 2
+        return cls.for_purpose(purpose, floor + datetime.timedelta(seconds=half), clock="estimate",
+                               uncertainty_s=half, **overrides)
 
     @property
     def clock_trusted(self) -> bool:
