@@ -31,8 +31,11 @@ def fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def spki_der(public_key) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def spki_der(obj) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key, a certificate, a CSR or a private key."""
+    if hasattr(obj, "public_key"):
+        obj = obj.public_key()
+    return obj.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def same_public_key(a, b) -> bool:

@@ -854,7 +854,29 @@ def _has_ext(cert, oid) -> bool:
         return False
 
 
+def issuer_chain(cert: x509.Certificate, pool: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The issuers of ``cert`` found in ``pool``, nearest first, by name and signature, up to a self-signed one.
+
+    Ordering only, not a trust decision: e.g. the chain a CMP response carries, before the keystore validates it.
+    """
+    pool = list(pool)
+    out: list = []
+    cur = cert
+    for _ in range(MAX_INTERMEDIATES + 1):
+        if _self_issued(cur) and self_signed(cur):
+            break
+        nxt = next((c for c in pool if c != cur and c not in out and c != cert and issued_by(cur, c)), None)
+        if nxt is None:
+            break
+        out.append(nxt)
+        cur = nxt
+    return tuple(out)
+
+
 # ---- root CA key update (RFC 4210 §4.4, RFC 9483 §4.3.2, RFC 7030 §4.1.3) ---------------------------------------
+_RU = "root CA key update: "
+
+
 def check_root_update(old_roots: Sequence[x509.Certificate], new_with_new: x509.Certificate,
                       new_with_old: x509.Certificate | None, old_with_new: x509.Certificate | None = None,
                       policy: Policy | None = None) -> x509.Certificate:
@@ -869,23 +891,23 @@ def check_root_update(old_roots: Sequence[x509.Certificate], new_with_new: x509.
         VerificationError: naming the link that failed (reason ``root-update``).
     """
     if not self_signed(new_with_new):
-        raise VerificationError("root-update", "root CA update: newWithNew is not a valid self-signed certificate")
+        raise VerificationError("root-update", _RU + "newWithNew is not a valid self-signed certificate")
     if new_with_old is None:
-        raise VerificationError("root-update", "root CA update: newWithOld is missing, so the new root cannot be "
+        raise VerificationError("root-update", _RU + "newWithOld is missing, so the new root cannot be "
                                 "linked to the current one; not trusting it")
     if not same_public_key(new_with_old.public_key(), new_with_new.public_key()) or \
             new_with_old.subject != new_with_new.subject:
-        raise VerificationError("root-update", "root CA update: newWithOld does not carry newWithNew's subject and "
+        raise VerificationError("root-update", _RU + "newWithOld does not carry newWithNew's subject and "
                                 "public key")
     old = next((r for r in old_roots if _verifies(new_with_old, r)), None)
     if old is None:
-        raise VerificationError("root-update", "root CA update: newWithOld does not verify with any current root "
+        raise VerificationError("root-update", _RU + "newWithOld does not verify with the old root "
                                 f"({'; '.join(_name(r) for r in old_roots) or 'none'}); not trusting the new root")
     if old_with_new is not None:
         if not same_public_key(old_with_new.public_key(), old.public_key()):
-            raise VerificationError("root-update", "root CA update: oldWithNew does not carry the old root's key")
+            raise VerificationError("root-update", _RU + "oldWithNew does not carry the old root's key")
         if not _verifies(old_with_new, new_with_new):
-            raise VerificationError("root-update", "root CA update: oldWithNew does not verify with the new root")
+            raise VerificationError("root-update", _RU + "oldWithNew does not verify with the new root")
     if policy is not None:
         _check_ca(new_with_new, policy, "new root CA")
         _check_basic(new_with_new, policy, "new root CA")

@@ -38,7 +38,8 @@ from enroll_clients.base import EnrollError
 from enroll_clients.cmp import asn1 as A
 from enroll_clients.cmp import messages as M
 from enroll_clients.cmp import protection as P
-from enroll_clients.cmp import verify as V
+from keystore.errors import VerificationError
+from keystore.validator import Policy, validate
 
 log = logging.getLogger("agent.lab.cmp_server")
 CONTENT_TYPE = "application/pkixcmp"
@@ -141,15 +142,16 @@ class CmpServerCore:
             raise Refusal("badMessageCheck", str(e)) from None
         dom = self.lab.domain(self.domain)
         try:
-            V.verify_signer(extra[0], list(extra[1:]) + [dom.ca_cert], (dom.root_cert,) + self.client_cas,
-                            M._utcnow())
-        except EnrollError as e:
+            validate(extra[0], list(extra[1:]) + [dom.ca_cert], (dom.root_cert,) + self.client_cas,
+                     Policy.for_purpose("credential", M._utcnow(), min_rsa_bits=1024), what="request signer")
+        except VerificationError as e:
             old = self._old_generation()
             if old is None:
                 raise Refusal("signerNotTrusted", str(e)) from None
             try:  # after a rollover, devices with certificates of the old hierarchy are still served
-                V.verify_signer(extra[0], list(extra[1:]) + [old[0]], (old[2],), M._utcnow())
-            except EnrollError:
+                validate(extra[0], list(extra[1:]) + [old[0]], (old[2],),
+                         Policy.for_purpose("credential", M._utcnow(), min_rsa_bits=1024), what="request signer")
+            except VerificationError:
                 raise Refusal("signerNotTrusted", str(e)) from None
             return "sig-old", extra[0]
         return "sig", extra[0]

@@ -27,8 +27,11 @@ def client_from_options(options: EnrollOptions):
 
     ``options.extra`` keys understood (all optional):
         ``old_root`` (x509.Certificate): current root; ``ca_certs()`` then asks for a root CA key update.
-        ``max_clock_skew_s`` (float): the device clock is trusted; reject responses whose messageTime
-            differs more. Default None (clock not trusted, e.g. a Pi without RTC before NTP).
+        ``max_clock_skew_s`` (float): messageTime tolerance with a trusted clock (default 300 s).
+        ``clock_trusted`` (bool): check messageTime against the clock (default True; False e.g. on a Pi without
+            RTC before NTP). The response signer's validity is checked either way (docs/trust.md).
+        ``server_certs`` (sequence of x509.Certificate): pinned response signer(s), ``--cmp-server-cert``.
+        ``ignore_keyusage`` (bool): tolerate a signer without digitalSignature keyUsage (off by default).
         ``cert_template`` (bool): ask for and apply the server's certReqTemplate before ir/cr.
         ``mac_iterations`` (int): iteration count of our PBM/PBMAC1 (default 10000).
         ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = system CAs).
@@ -87,7 +90,10 @@ def client_from_options(options: EnrollOptions):
         implicit_confirm=options.implicit_confirm,
         mac=options.mac,
         mac_iterations=extra.get("mac_iterations"),
-        max_clock_skew_s=extra.get("max_clock_skew_s"),
+        max_clock_skew_s=extra.get("max_clock_skew_s", 300.0),
+        clock_trusted=bool(extra.get("clock_trusted", True)),
+        server_certs=tuple(extra.get("server_certs") or ()),
+        ignore_keyusage=bool(extra.get("ignore_keyusage", False)),
         max_wait_s=options.max_wait_s,
         profile=options.profile,
         old_root=old_root,

@@ -31,11 +31,14 @@ from enroll_clients.base import (
     ProtocolError,
     UnsupportedError,
 )
-from enroll_clients.cmp import verify as V
 from enroll_clients.cmp.algs import MAC_SENDERS, OPERATION_FOR_BODY, mac_hash_name, owf_name
+from keystore.certs import spki_der
+from keystore.errors import VerificationError
+from keystore.validator import check_root_update, issuer_chain
 from enroll_clients.cmp.errors import STATUS_NAMES, CmpServerError, KeyMismatchError
 from enroll_clients.cmp.transport import Transport
 
+DEFAULT_CLOCK_SKEW_S = 300.0  # = messages.DEFAULT_CLOCK_SKEW_S (not imported here: messages loads pyasn1)
 REPLY_TYPE = {"ir": "ip", "cr": "cp", "p10cr": "cp", "kur": "kup"}
 CHECK_AFTER_MIN_S = 0.0
 INCORRECT_DATA_BIT = 7
@@ -73,8 +76,13 @@ class CmpClient(EnrollmentClient):
         implicit_confirm: ask for implicitConfirm (certConf is skipped only if the server grants it).
         mac: "pbm" (RFC 4210 PasswordBasedMac) or "pbmac1" (RFC 9481) for MAC-protected requests.
         mac_iterations: iteration count for our MAC (default 10000).
-        max_clock_skew_s: when set (the clock is trusted), responses whose messageTime differs more are
-            rejected and signer certificates are checked for validity now; None = clock not trusted.
+        max_clock_skew_s: with a trusted clock, responses whose messageTime differs more are rejected
+            (default 300 s); None = the clock is not trusted (same as ``clock_trusted=False``).
+        clock_trusted: check messageTime against our clock (never while it reads before the clock floor).
+            The response signer's validity is always checked (docs/trust.md, purpose cmp-signer).
+        server_certs: certificates trusted directly as the response signer (``--cmp-server-cert``, as
+            OpenSSL's ``-srvcert``): accepted without a path to ``trust_anchors`` or an RA/CA role.
+        ignore_keyusage: tolerated deviation: do not require digitalSignature in the signer's keyUsage.
         max_wait_s: bound on polling (status waiting, pollRep checkAfter).
         profile: certProfile to put in generalInfo (RFC 9483 3.1), None for the server's default.
         old_root: our current root; ``ca_certs()`` then also asks for a root CA key update (rootCaCert).
@@ -85,7 +93,9 @@ class CmpClient(EnrollmentClient):
 
     def __init__(self, transport: Transport, *, trust_anchors: Sequence[x509.Certificate] = (),
                  recipient: x509.Name | None = None, implicit_confirm: bool = False, mac: str = "pbm",
-                 mac_iterations: int | None = None, max_clock_skew_s: float | None = None,
+                 mac_iterations: int | None = None, max_clock_skew_s: float | None = DEFAULT_CLOCK_SKEW_S,
+                 clock_trusted: bool = True, server_certs: Sequence[x509.Certificate] = (),
+                 ignore_keyusage: bool = False,
                  max_wait_s: float = 300.0, profile: str | None = None,
                  old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None,
                  mac_alg: str | None = None, mac_owf: str | None = None, mac_sender: str = "subject",
@@ -105,6 +115,9 @@ class CmpClient(EnrollmentClient):
         self.mac_owf = owf_name(mac_owf) if mac_owf else None
         self.mac_sender = mac_sender
         self.max_clock_skew_s = max_clock_skew_s
+        self.clock_trusted = clock_trusted
+        self.server_certs = tuple(server_certs)
+        self.ignore_keyusage = ignore_keyusage
         self.max_wait_s = max_wait_s
         self.profile = profile
         self.profile_in_general_info = profile_in_general_info
@@ -175,7 +188,10 @@ class CmpClient(EnrollmentClient):
             update = M.decode_root_ca_key_update(M.genp_values(resp.body).get(str(A.id_it_rootCaKeyUpdate)))
             if update is not None:
                 nwn, nwo, own = update
-                V.verify_root_update(old_root, nwn, nwo, own)
+                try:
+                    check_root_update([old_root], nwn, nwo, own)
+                except VerificationError as e:
+                    raise ProtocolError(str(e)) from None
                 new_root = nwn
         return CaCertsResult(ca_certs=cas, new_root=new_root, new_with_old=nwo, old_with_new=own,
                              server_time=server_time)
@@ -202,26 +218,30 @@ class CmpClient(EnrollmentClient):
         if auth is None or self.unprotected_requests:
             # Responses are still verified: with the MAC secret when we have one, else by signature.
             secret = auth.secret if auth is not None else None
-            return M.Protector(unprotected=True, trust_anchors=self.trust_anchors, secret=secret)
+            return M.Protector(unprotected=True, secret=secret, **self._acceptance())
         if not isinstance(auth, ClientAuth):
             raise TypeError(f"auth must be a ClientAuth, not {type(auth).__name__}")
         if auth.certificate is not None and auth.private_key is not None:
             return M.Protector(certificate=auth.certificate, private_key=auth.private_key, chain=tuple(auth.chain),
-                               secret=auth.secret, trust_anchors=self.trust_anchors)
+                               secret=auth.secret, **self._acceptance())
         if auth.secret is not None:
             if not auth.reference:
                 raise ValueError("MAC protection needs auth.reference (sent as senderKID) with auth.secret")
             return M.Protector(reference=auth.reference, secret=auth.secret, mac_kind=self.mac,
                                mac_iterations=self.mac_iterations, mac_hash=self.mac_hash, mac_owf=self.mac_owf,
-                               trust_anchors=self.trust_anchors)
+                               **self._acceptance())
         raise ValueError("no CMP credentials in auth: give reference+secret (MAC) or certificate+private_key")
+
+    def _acceptance(self) -> dict:
+        return dict(trust_anchors=self.trust_anchors, pinned=self.server_certs, ignore_keyusage=self.ignore_keyusage)
 
     def _transaction(self, auth, sender: x509.Name | None = None, operation: str | None = None) -> M.Transaction:
         pr = self._protector(auth)
         if self.mac_sender == "null-dn" and not pr.uses_signature:
             sender = None  # NULL-DN; the server finds the secret by senderKID alone
         return M.Transaction(pr, sender=sender, recipient=self.recipient, max_clock_skew_s=self.max_clock_skew_s,
-                             now=self._now, operation=operation, tolerate_nonce_reuse=self.tolerate_nonce_reuse)
+                             clock_trusted=self.clock_trusted, now=self._now, operation=operation,
+                             tolerate_nonce_reuse=self.tolerate_nonce_reuse)
 
     def _general_info(self):
         gi = []
@@ -323,7 +343,7 @@ class CmpClient(EnrollmentClient):
         if resp.body["caPubs"].isValue:
             ca_pubs = tuple(M.asn1_to_cert(c, f"{reply} caPubs[{i}]") for i, c in enumerate(resp.body["caPubs"]))
         implicit = self.implicit_confirm and resp.implicit_confirm_granted
-        if V.spki(cert) != V.spki(public_key):
+        if spki_der(cert) != spki_der(public_key):
             if not implicit:
                 try:
                     cbody, pvno = M.cert_conf_body(cert, req_id, accept=False, reason="public key mismatch",
@@ -349,7 +369,7 @@ class CmpClient(EnrollmentClient):
                 # the certificate now would orphan it on the CA. The caller stores it and says so.
                 unconfirmed = f"the CA's pkiConf could not be verified: {e}"
         pool = list(resp.extra_certs) + list(ca_pubs)
-        chain = V.issuing_chain(cert, pool)
+        chain = issuer_chain(cert, pool)  # ordering only: the keystore validates before storing
         return EnrollResult(
             certificate=cert, chain=chain, ca_certs=ca_pubs, server_time=resp.server_time,
             info={"transaction_id": txn.tid.hex(), "status": STATUS_NAMES[status], "implicit_confirm": implicit,

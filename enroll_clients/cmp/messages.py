@@ -6,12 +6,16 @@ checked the same way, in this order, before any of its fields is used:
 
 1. DER decodes to a PKIMessage with no trailing bytes; pvno is 2 or 3.
 2. Protection verifies: MAC with our shared secret (PasswordBasedMac or PBMAC1), or a signature by
-   extraCerts[0] that chains to the configured CMP trust anchor, with sender == that certificate's subject.
+   extraCerts[0], with sender == that certificate's subject, where extraCerts[0] passes the validator's
+   ``cmp-signer`` policy (keystore.validator, docs/trust.md): valid at our time, chaining to the CMP trust
+   anchors, a CA certificate or an RA/CA certificate (id-kp-cmcRA / id-kp-cmcCA, RFC 9483 §3.1) — or the
+   pinned server certificate (``Protector.pinned``, ``--cmp-server-cert``).
    Missing/invalid protection is tolerated only on error content (``Response.protected`` is then False and
    the caller reports the error without trusting it).
 3. transactionID equals ours; recipNonce equals the senderNonce of our last request; senderNonce is present,
    at least 128 bits and not seen before in this transaction.
-4. messageTime is within ``max_clock_skew_s`` of our clock, when the clock is trusted (a set tolerance).
+4. messageTime is within ``max_clock_skew_s`` (default 5 minutes) of our clock, when the clock is trusted
+   (``clock_trusted`` and not before the validator's clock floor).
 5. The body type is one the caller expects (or error).
 """
 from __future__ import annotations
@@ -27,9 +31,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from enroll_clients.base import ProtectionError, ProtocolError
 from enroll_clients.cmp import asn1 as A
 from enroll_clients.cmp import protection as P
-from enroll_clients.cmp import verify as V
+from keystore.certs import spki_der
+from keystore.errors import VerificationError
+from keystore.validator import CLOCK_FLOOR, Policy, validate
 
 NONCE_BYTES = 16
+DEFAULT_CLOCK_SKEW_S = 300.0  # messageTime tolerance with a trusted clock
 PVNO_CMP2000 = 2
 PVNO_CMP2021 = 3
 
@@ -92,7 +99,7 @@ def directory_name(name: x509.Name | None):
 
 
 def spki_to_asn1(public_key):
-    return A.der_decode(V.spki(public_key), A.SubjectPublicKeyInfo())
+    return A.der_decode(spki_der(public_key), A.SubjectPublicKeyInfo())
 
 
 def parse_generalized_time(value) -> datetime.datetime | None:
@@ -122,6 +129,10 @@ class Protector:
     private_key: object = None
     chain: tuple[x509.Certificate, ...] = ()
     trust_anchors: tuple[x509.Certificate, ...] = ()
+    # Server certificates trusted directly as response signers (--cmp-server-cert, like OpenSSL's -srvcert).
+    pinned: tuple[x509.Certificate, ...] = ()
+    # Tolerated deviation (--ignore-keyusage, OpenSSL's -ignore_keyusage): the signer's keyUsage is not checked.
+    ignore_keyusage: bool = False
     unprotected: bool = False  # testing/diagnostics only: send without protection
 
     @property
@@ -132,7 +143,7 @@ class Protector:
         if self.unprotected:
             return
         if self.uses_signature:
-            if V.spki(self.certificate) != V.spki(self.private_key):
+            if spki_der(self.certificate) != spki_der(self.private_key):
                 raise ValueError("protection certificate and private key do not match")
             return
         if self.secret is None:
@@ -308,7 +319,8 @@ class Transaction:
     """One CMP transaction: builds its requests and checks its responses (see the module docstring)."""
 
     def __init__(self, protector: Protector, *, sender: x509.Name | None = None, recipient: x509.Name | None = None,
-                 max_clock_skew_s: float | None = None, now: Callable[[], datetime.datetime] = _utcnow,
+                 max_clock_skew_s: float | None = DEFAULT_CLOCK_SKEW_S, clock_trusted: bool = True,
+                 now: Callable[[], datetime.datetime] = _utcnow,
                  pvno: int = PVNO_CMP2000, transaction_id: bytes | None = None, operation: str | None = None,
                  tolerate_nonce_reuse: bool = False):
         protector.check()
@@ -324,7 +336,9 @@ class Transaction:
             sender = protector.certificate.subject  # RFC 9483 3.1: sender = subject of the protection cert
         self.sender = sender
         self.recipient = recipient
-        self.max_clock_skew_s = max_clock_skew_s
+        # max_clock_skew_s=None is the older spelling of "the clock is not trusted".
+        self.clock_trusted = clock_trusted and max_clock_skew_s is not None
+        self.max_clock_skew_s = DEFAULT_CLOCK_SKEW_S if max_clock_skew_s is None else float(max_clock_skew_s)
         self.now = now
         self.sender_nonce: bytes | None = None  # of our last request
         self.recip_nonce: bytes | None = None  # the server's last senderNonce
@@ -390,7 +404,7 @@ class Transaction:
         self.recip_nonce = nonce
         if h["messageTime"].isValue:
             resp.server_time = parse_generalized_time(h["messageTime"])
-            if self.max_clock_skew_s is not None and resp.server_time is not None:
+            if resp.server_time is not None and self._clock_usable(self.now()):
                 skew = abs((resp.server_time - self.now()).total_seconds())
                 if skew > self.max_clock_skew_s:
                     raise ProtocolError(f"response messageTime {resp.server_time:%Y-%m-%dT%H:%M:%SZ} is {skew:.0f} s "
@@ -425,9 +439,31 @@ class Transaction:
         s = h["sender"]
         if s.getName() != "directoryName" or name_der(s["directoryName"]) != signer.subject.public_bytes():
             raise ProtectionError("response sender is not the subject of its protection certificate")
-        at = self.now() if self.max_clock_skew_s is not None else None
-        V.verify_signer(signer, extra[1:], self.protector.trust_anchors, at)
+        if not self.protector.trust_anchors and not self.protector.pinned:
+            raise ProtectionError("signature-protected response, but no CMP trust anchor is configured "
+                                  "(EnrollOptions.trust_anchors, or pin the server with --cmp-server-cert); cannot "
+                                  "trust the signer")
+        try:
+            validate(signer, extra[1:], self.protector.trust_anchors, self.signer_policy(),
+                     what="CMP response signer")
+        except VerificationError as e:
+            raise ProtectionError(f"untrusted signer: {e} ({e.reason})") from None
         return signer
+
+    def _clock_usable(self, now: datetime.datetime) -> bool:
+        return self.clock_trusted and now >= CLOCK_FLOOR
+
+    def signer_policy(self) -> Policy:
+        """The validator policy for the response signer (RFC 9483 §3.1, RFC 4210 §5.1.3.3): at our time when
+        the clock is trusted; else valid within ``max_clock_skew_s`` of our estimate, or at some time after the
+        clock floor when our clock has never been set."""
+        now = self.now()
+        kw = dict(pinned=self.protector.pinned, ignore_key_usage=self.protector.ignore_keyusage)
+        if self._clock_usable(now):
+            return Policy.for_purpose("cmp-signer", now, **kw)
+        if now < CLOCK_FLOOR:
+            return Policy.for_unknown_clock("cmp-signer", **kw)
+        return Policy.for_purpose("cmp-signer", now, clock="estimate", uncertainty_s=self.max_clock_skew_s, **kw)
 
 
 def _tagged(seq, field: str, value):

@@ -18,7 +18,7 @@ from pyasn1.codec.der import decoder as _generic
 
 from enroll_clients.base import EnrollError, ProtocolError
 from enroll_clients.cmp import asn1 as A
-from enroll_clients.cmp import verify as V
+from keystore.certs import spki_der
 
 
 class TemplateMismatchError(EnrollError):
@@ -74,7 +74,7 @@ def decode_template(der: bytes | None) -> Template | None:
 
 
 def _check_key(t: Template, key) -> None:
-    spki = A.der_decode(V.spki(key), A.SubjectPublicKeyInfo())
+    spki = A.der_decode(spki_der(key), A.SubjectPublicKeyInfo())
     ours = (str(spki["algorithm"]["algorithm"]),
             bytes(spki["algorithm"]["parameters"]) if spki["algorithm"]["parameters"].isValue else None)
     if t.key_alg is not None:

@@ -33,6 +33,7 @@ from enroll_clients.cmp.errors import CmpServerError, KeyMismatchError
 from enroll_clients.cmp.template import TemplateMismatchError
 
 REF, SECRET = b"ref-1", b"s3cret"
+CMC_RA = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")
 NOW = lambda: datetime.datetime.now(datetime.timezone.utc)  # noqa: E731
 
 
@@ -40,13 +41,18 @@ def name(cn):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_cert(subject, pub, issuer_name, issuer_key, *, ca=False, days=30, ku_sign=True):
+def make_cert(subject, pub, issuer_name, issuer_key, *, ca=False, days=30, ku_sign=True, eku=None):
     now = NOW() - datetime.timedelta(minutes=1)
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(pub)
          .serial_number(x509.random_serial_number()).not_valid_before(now)
          .not_valid_after(now + datetime.timedelta(days=days))
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
          .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False))
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if ca:  # RFC 5280 §4.2.1.3: a CA MUST carry keyUsage (the validator, like pyca and -x509_strict, requires it)
+        b = b.add_extension(x509.KeyUsage(ku_sign, False, False, False, False, True, True, False, False),
+                            critical=True)
     h = None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return b.sign(issuer_key, h)
 
@@ -70,7 +76,7 @@ def keys():
     ca_key = k()
     ca = make_cert(name("Root"), ca_key.public_key(), name("Root"), ca_key, ca=True)
     ra_key = k()
-    ra = make_cert(name("RA"), ra_key.public_key(), ca.subject, ca_key)
+    ra = make_cert(name("RA"), ra_key.public_key(), ca.subject, ca_key, eku=[CMC_RA])  # RFC 9483 §3.1 RA
     rogue_key = k()
     rogue_ra = make_cert(name("RA"), rogue_key.public_key(), name("Root"), rogue_key)  # same names, other key
     idev_key = k()
@@ -449,11 +455,18 @@ def test_certificate_for_another_key(keys):
 def test_message_time_checked_only_when_clock_trusted(keys):
     ca = FakeCa(keys)
     ca.tamper["time_offset_s"] = 3600
-    run(client(ca, keys).enroll(req(keys), mac_auth()))  # clock not trusted: accepted, time reported
+    run(client(ca, keys, clock_trusted=False).enroll(req(keys), mac_auth()))  # not trusted: accepted, reported
     ca = FakeCa(keys)
     ca.tamper["time_offset_s"] = 3600
     with pytest.raises(ProtocolError, match="messageTime .* from our clock"):
-        run(client(ca, keys, max_clock_skew_s=300).enroll(req(keys), mac_auth()))
+        run(client(ca, keys).enroll(req(keys), mac_auth()))  # trusted by default, 5 minutes tolerance
+    ca = FakeCa(keys)
+    ca.tamper["time_offset_s"] = 200
+    run(client(ca, keys).enroll(req(keys), mac_auth()))
+    ca = FakeCa(keys)
+    ca.tamper["time_offset_s"] = 200
+    with pytest.raises(ProtocolError, match="tolerance 60 s"):
+        run(client(ca, keys, max_clock_skew_s=60).enroll(req(keys), mac_auth()))
 
 
 def test_server_keygen_refused_clearly(keys):
