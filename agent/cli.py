@@ -609,20 +609,12 @@ def _subject_sans(subject, sans):
 
 def _add_trust(ks, domain, trust_files):
     from keystore.certs import load_certificate_file
+    from keystore.validator import is_ca
 
     for f in trust_files or ():
-        certs = [c for c in load_certificate_file(f) if _is_ca(c)]
+        certs = [c for c in load_certificate_file(f) if is_ca(c)]
         if certs:
             ks.add_trust_anchors(domain, certs, source=f)
-
-
-def _is_ca(c) -> bool:
-    from cryptography import x509
-
-    try:
-        return c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _print_cred(app: App, cred, verb: str):

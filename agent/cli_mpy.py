@@ -171,7 +171,8 @@ def local_ca_strategy(ca_cert, ca_key, days: int = 365) -> EnrollStrategy:
 
 def _preverify(csr, certs, ca_cert) -> None:
     """Host-side checks before anything goes to the board (the board checks again)."""
-    from cryptography.exceptions import InvalidSignature
+    from keystore.errors import VerificationError
+    from keystore.validator import Policy, validate
 
     if not certs:
         raise BridgeError("upstream returned no certificate")
@@ -179,26 +180,12 @@ def _preverify(csr, certs, ca_cert) -> None:
     if leaf.public_key() != csr.public_key():
         raise BridgeError("upstream returned a certificate for another key")
     if ca_cert is not None:
-        chain = list(certs)
-        cur = leaf
-        for _ in range(len(chain) + 1):
-            try:
-                cur.verify_directly_issued_by(ca_cert)
-                return
-            except (ValueError, TypeError, InvalidSignature):
-                pass
-            nxt = None
-            for c in chain[1:]:
-                try:
-                    cur.verify_directly_issued_by(c)
-                    nxt = c
-                    break
-                except (ValueError, TypeError, InvalidSignature):
-                    continue
-            if nxt is None or nxt is cur:
-                break
-            cur = nxt
-        raise BridgeError("the certificate does not chain to the trust anchor given with --ca-cert")
+        policy = Policy.for_purpose("clm-preverify", datetime.datetime.now(datetime.timezone.utc), min_rsa_bits=1024)
+        try:
+            validate(leaf, certs[1:], [ca_cert], policy, public_key=csr.public_key(), what="board certificate")
+        except VerificationError as e:
+            raise BridgeError(f"the certificate does not pass pre-verification against the trust anchor given "
+                              f"with --ca-cert: {e}") from None
 
 
 def _der(cert) -> bytes:

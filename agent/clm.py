@@ -315,6 +315,14 @@ def _sans(obj) -> set:
         return set()
 
 
+def _weak_rsa_requested(csr) -> bool:
+    """The device asked for an RSA-1024 key: it runs with --allow-weak-keys (seed 003's Table 1)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = csr.public_key()
+    return isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048
+
+
 def pre_verify(csr: x509.CertificateSigningRequest, cert: x509.Certificate, chain: Sequence[x509.Certificate],
                anchors: Sequence[x509.Certificate], now: datetime.datetime | None = None) -> list[x509.Certificate]:
     """Everything that needs no private key: structure, CA signature and chain to ``anchors``, validity by the
@@ -323,14 +331,15 @@ def pre_verify(csr: x509.CertificateSigningRequest, cert: x509.Certificate, chai
     Returns the verified path. Raises PreVerificationError(reason, message).
     """
     from keystore.errors import VerificationError
-    from keystore.verify import verify_certificate
+    from keystore.validator import Policy, validate
 
     if not anchors:
         raise PreVerificationError("untrusted", "no trust anchor for pre-verification: give the CLM the CA root "
                                    "(--trust) or use an upstream that knows it")
     try:
-        path = verify_certificate(cert, public_key=csr.public_key(), chain=list(chain), trust_anchors=list(anchors),
-                                  now=now)
+        policy = Policy.for_purpose("clm-preverify", now or datetime.datetime.now(datetime.timezone.utc),
+                                    min_rsa_bits=1024 if _weak_rsa_requested(csr) else 2048)
+        path = list(validate(cert, chain, anchors, policy, public_key=csr.public_key(), what="issued certificate"))
     except VerificationError as e:
         raise PreVerificationError(e.reason, str(e)) from e
     if cert.subject != csr.subject:

@@ -30,7 +30,7 @@ from keystore.certs import fingerprint
 from keystore.csr import build_csr, default_key_usage
 from keystore.errors import KeyGoneError, KeystoreError, NotFoundError, VerificationError
 from keystore.store import Credential, Keystore, check_name
-from keystore.verify import signed_by
+from keystore.validator import CLOCK_FLOOR, Policy, check_root_update, issued_by, self_signed, validate
 
 log = logging.getLogger("devagent.lifecycle")
 CLOCK_SKEW_TOLERANCE_S = 300
@@ -509,8 +509,13 @@ async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: s
                                                                          else {}))
 
 
-def _is_self_signed(c: x509.Certificate) -> bool:
-    return c.subject == c.issuer and signed_by(c, c)
+def _ca_policy(result: CaCertsResult, now: datetime.datetime | None) -> Policy:
+    """CA certificates are checked at ``now``; with a clock that was never set, at the CA's time, or else only
+    after the validator's clock floor."""
+    at = now or datetime.datetime.now(datetime.timezone.utc)
+    if at < CLOCK_FLOOR:
+        at = result.server_time if result.server_time is not None and result.server_time >= CLOCK_FLOOR else None
+    return Policy.for_purpose("ca-cert", at) if at is not None else Policy.for_unknown_clock("ca-cert")
 
 
 def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fingerprint: str | None = None,
@@ -526,6 +531,7 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
     Returns the fingerprints added. Raises VerificationError when nothing can be trusted.
     """
     anchors = ks.trust_anchors(domain)
+    policy = _ca_policy(result, now)
     received = list(result.ca_certs) + [c for c in (result.new_root,) if c is not None]
     if not received:
         raise VerificationError("malformed", "the server sent no CA certificate")
@@ -546,19 +552,12 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
             raise VerificationError("untrusted", f"domain {domain} has no trust anchor yet: check the fingerprints "
                                     "out of band and pass --ca-fingerprint sha256:HEX (or confirm interactively): "
                                     + "; ".join(f"{c.subject.rfc4514_string()} {fp}" for fp, c in fps.items()))
-        roots = [c for c in received if _is_self_signed(c)] or received[-1:]
+        roots = [c for c in received if self_signed(c)] or received[-1:]
         added += ks.add_trust_anchors(domain, roots, source="ca-update", verified_by="operator confirmation")
         anchors = ks.trust_anchors(domain)
     if result.new_root is not None and fingerprint(result.new_root) not in {fingerprint(a) for a in anchors}:
-        nwo = result.new_with_old
-        if nwo is None or not _is_self_signed(result.new_root):
-            raise VerificationError("untrusted", "root CA update offered without a verifiable newWithOld link")
-        from keystore.certs import same_public_key
-
-        if not same_public_key(nwo.public_key(), result.new_root.public_key()) or not any(
-                signed_by(nwo, a) for a in anchors):
-            raise VerificationError("bad-signature", "root CA update rejected: newWithOld does not verify with "
-                                    "the current root or does not carry the new root's key")
+        check_root_update([a for a in anchors if self_signed(a)] or anchors, result.new_root, result.new_with_old,
+                          result.old_with_new, policy)
         try:
             added += ks.add_trust_anchors(domain, [result.new_root], source="ca-update",
                                           verified_by="newWithOld link")
@@ -572,9 +571,7 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
     chaining = []
     for c in rest:
         try:
-            from keystore.verify import build_path
-
-            build_path(c, rest, anchors)
+            validate(c, rest, anchors, policy, what="CA certificate")
             chaining.append(c)
         except VerificationError:
             log.warning("ignoring CA certificate %s: it does not chain to domain %s's anchors",
@@ -587,14 +584,14 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
 def current_root(ks: Keystore, domain: str) -> x509.Certificate | None:
     """The domain's root to ask a CMP root CA key update for: the self-signed anchor the LDevID chains to,
     else the self-signed anchor that expires last."""
-    roots = [a for a in ks.trust_anchors(domain) if _is_self_signed(a)]
+    roots = [a for a in ks.trust_anchors(domain) if self_signed(a)]
     if not roots:
         return None
     ldevid = ks.find_domain_credential(domain)
     if ldevid is not None:
         top = (list(ldevid.chain) or [ldevid.certificate])[-1]
         for r in roots:
-            if r == top or signed_by(top, r):
+            if r == top or issued_by(top, r):
                 return r
     return max(roots, key=lambda r: r.not_valid_after_utc)
 

@@ -55,7 +55,7 @@ from keystore.errors import (
 from keystore.keylocks import KeyLocks, lock_name
 from keystore.keytypes import key_type_of, parse_key_type
 from keystore.storage import IndexStorage, KeystoreLock
-from keystore.validator import EKU_NAMES, Policy, validate
+from keystore.validator import EKU_NAMES, Policy, is_ca, validate
 
 INDEX = "keystore.json"
 MASTER_KEY = "master.key"
@@ -73,7 +73,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _policy(purpose: str, now: datetime.datetime | None, check_validity: bool, **kw) -> Policy:
+def verification_policy(purpose: str, now: datetime.datetime | None, check_validity: bool, **kw) -> Policy:
     """The validator policy for a keystore decision: at ``now`` (default: the system clock), or, without a usable
     clock (``check_validity=False``), only "after the clock floor" (see ``Policy.for_unknown_clock``)."""
     if check_validity:
@@ -696,12 +696,7 @@ class Keystore:
         if not certs:
             raise ValueError("no certificate to add")
         for c in certs:
-            bc = None
-            try:
-                bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
-            except x509.ExtensionNotFound:
-                pass
-            if bc is None or not bc.ca:
+            if not is_ca(c):
                 raise VerificationError("not-a-ca", f"{c.subject.rfc4514_string()} is not a CA certificate; "
                                         "a trust anchor must be a CA")
         added = []
@@ -736,7 +731,7 @@ class Keystore:
         """Add CA certificates that chain to the current anchors (issuing CA update; a new root needs
         a verified link or an operator's fingerprint: see agent.lifecycle.ca_update)."""
         anchors = self.trust_anchors(domain)
-        policy = _policy("ca-cert", now, check_validity)
+        policy = verification_policy("ca-cert", now, check_validity)
         for c in certs:
             validate(c, certs, anchors, policy, what="CA certificate")
         return self.add_trust_anchors(domain, certs, source=source, role="ca", verified_by="chain")
@@ -862,7 +857,7 @@ class Keystore:
         pub = self.public_key(key_uri)
         anchors = self.trust_anchors(domain)
         krec = self.key_record(key_uri) or {}
-        policy = _policy(
+        policy = verification_policy(
             "credential", now, check_validity, eku={purpose} if purpose in EKU_NAMES else frozenset(),
             min_rsa_bits=1024 if krec.get("key_type") == "rsa1024" else 2048)  # rsa1024 exists only if allowed
         path = validate(certificate, chain, anchors, policy, public_key=pub, what=f"certificate for {name}")

@@ -273,14 +273,15 @@ class EstClient(EnrollmentClient):
             if c is match:
                 continue
             try:
-                m.build_chain(c, result.ca_certs, [match], what="CA certificate")
+                m.verified_chain(c, result.ca_certs, [match], purpose="ca-cert", what="CA certificate")
                 validated.append(c)
             except ProtectionError:
                 log.warning("bootstrap: %s does not chain to the accepted CA; ignored", c.subject.rfc4514_string())
         server_ok = False
         if result.server_certificate is not None:
             try:
-                m.build_chain(result.server_certificate, validated, [match], what="TLS server certificate")
+                m.verified_chain(result.server_certificate, validated, [match], purpose="est-tls-server",
+                                 what="TLS server certificate")
                 server_ok = True
             except ProtectionError:
                 pass
@@ -421,13 +422,13 @@ class EstClient(EnrollmentClient):
                              ) -> tuple[x509.Certificate, ...]:
         anchors = tuple(self._anchors) + self._ca_anchors
         try:
-            return m.build_chain(ee, tuple(rest) + (self._cacerts or ()), anchors + self._implicit(), what=what)
+            return m.verified_chain(ee, tuple(rest) + (self._cacerts or ()), anchors + self._implicit(), what=what)
         except ProtectionError:
             if self._cacerts is not None:
                 raise
         # The issuing CA is usually not in the response (RFC 7030 §4.2.3): fetch /cacerts once.
         await self.ca_certs()
-        return m.build_chain(ee, tuple(rest) + (self._cacerts or ()), anchors + self._implicit(), what=what)
+        return m.verified_chain(ee, tuple(rest) + (self._cacerts or ()), anchors + self._implicit(), what=what)
 
     def _implicit(self) -> tuple[x509.Certificate, ...]:
         # Roots from /cacerts received over TLS authenticated by the explicit TA (RFC 7030 §4.1.3 implicit TA).

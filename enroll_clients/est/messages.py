@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ObjectIdentifier
 
 from enroll_clients.base import ProtectionError, ProtocolError
+from keystore.certs import fingerprint  # noqa: F401  (the one sha256:HEX helper, re-exported for EST callers)
+from keystore.validator import issued_by, self_signed  # noqa: F401  (self_signed re-exported)
 
 EST_PATH = "/.well-known/est"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs")
-MAX_CHAIN_DEPTH = 8
 SERVER_TEXT_MAX_CHARS = 300
 
 # Media types (RFC 7030 §3.2.4, §4.*): what we send and what we accept when servers deviate.
@@ -123,11 +124,6 @@ def same_origin(a: str, b: str) -> bool:
 
 
 # ---- fingerprints ---------------------------------------------------------------------------------
-def fingerprint(cert: x509.Certificate) -> str:
-    """``sha256:HEX`` (lower-case) of the certificate's DER encoding."""
-    return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
 def parse_fingerprint(text: str) -> bytes:
     """Parse ``sha256:HEX`` (colons/spaces between hex pairs and any case allowed) into 32 bytes.
 
@@ -356,62 +352,37 @@ def split_issued(certs: Sequence[x509.Certificate], public_key, what: str = "res
     return ee, tuple(c for c in certs if c is not ee)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return cert.version == x509.Version.v1  # old self-signed roots without extensions
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-        return True
-    except Exception:  # InvalidSignature, unsupported algorithm, wrong key type
-        return False
-
-
 def _same(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a.subject == b.subject and _spki(a) == _spki(b)
 
 
-def build_chain(cert: x509.Certificate, pool: Iterable[x509.Certificate], anchors: Sequence[x509.Certificate],
-                now: datetime.datetime | None = None, what: str = "certificate") -> tuple[x509.Certificate, ...]:
-    """Path from ``cert`` (excluded) to a trust anchor (included), using CA certificates from ``pool``.
-
-    A protocol-level check (signature chaining, CA flag, validity); the keystore still does full RFC 5280
-    validation before anything is stored.
+def verified_chain(cert: x509.Certificate, pool: Iterable[x509.Certificate], anchors: Sequence[x509.Certificate],
+                   *, purpose: str = "credential", now: datetime.datetime | None = None,
+                   what: str = "certificate") -> tuple[x509.Certificate, ...]:
+    """Path from ``cert`` (excluded) to a trust anchor (included), decided by the validator (keystore.validator,
+    ``purpose``: ``credential`` for an issued certificate, ``ca-cert`` for /cacerts, ``est-tls-server``). The
+    keystore validates again against the domain's anchors before anything is stored.
 
     Raises:
-        ProtectionError: no path to any anchor.
+        ProtectionError: no acceptable path, naming the certificate and the check that failed.
     """
+    from keystore.errors import VerificationError
+    from keystore.validator import CLOCK_FLOOR, Policy, validate
+
     if not anchors:
         raise ProtectionError(f"{what}: no trust anchor to check the certificate chain against")
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    pool = [c for c in pool if _is_ca(c)]
-    path: list[x509.Certificate] = []
-    cur = cert
-    for _ in range(MAX_CHAIN_DEPTH):
-        for a in anchors:
-            if _same(cur, a) and cur is not cert:
-                return tuple(path)
-            if _issued_by(cur, a):
-                return tuple(path + ([] if any(p is a for p in path) else [a]))
-        nxt = [c for c in pool if not any(c is p for p in path) and c is not cur and _issued_by(cur, c)
-               and c.not_valid_before_utc <= now <= c.not_valid_after_utc]
-        if not nxt:
-            break
-        cur = nxt[0]
-        path.append(cur)
-    anchor_names = "; ".join(a.subject.rfc4514_string() for a in anchors)
-    raise ProtectionError(f"{what} {cert.subject.rfc4514_string()!r} (issuer {cert.issuer.rfc4514_string()!r}) "
-                          f"does not chain to the EST trust anchor(s) [{anchor_names}]; not accepted")
-
-
-def self_signed(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject and _issued_by(cert, cert)
+    # RSA-1024 only exists with --allow-weak-keys (the keystore holds the key to that); a never-set clock is
+    # judged by the keystore with the CA's time.
+    kw = dict(min_rsa_bits=1024)
+    policy = Policy.for_purpose(purpose, now, **kw) if now >= CLOCK_FLOOR else Policy.for_unknown_clock(purpose, **kw)
+    try:
+        return validate(cert, pool, anchors, policy, what=what)[1:]
+    except VerificationError as e:
+        text = str(e).replace("does not chain to the trust anchor(s)", "does not chain to the EST trust anchor(s)")
+        if "EST trust anchor" not in text:
+            text += f" (EST trust anchor(s): {'; '.join(a.subject.rfc4514_string() for a in anchors)})"
+        raise ProtectionError(f"{text}; not accepted") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,11 +402,11 @@ def rollover_links(certs: Sequence[x509.Certificate], anchors: Sequence[x509.Cer
             if _same(new, old) or not self_signed(new):
                 continue
             nwo = next((c for c in certs if _spki(c) == _spki(new) and c.subject == new.subject
-                        and _issued_by(c, old)), None)
+                        and issued_by(c, old)), None)
             if nwo is None:
                 continue
             own = next((c for c in certs if _spki(c) == _spki(old) and c.subject == old.subject
-                        and _issued_by(c, new)), None)
+                        and issued_by(c, new)), None)
             return RolloverLinks(new, nwo, own)
     return RolloverLinks()
 

@@ -26,6 +26,7 @@ def _cert(subject_key, cn, issuer_key=None, issuer_cn=None, ca=False, days=1):
             .public_key(subject_key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(NOW - datetime.timedelta(minutes=5)).not_valid_after(NOW + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False), critical=True)
             .sign(issuer_key, hashes.SHA256()))
 
 
@@ -172,20 +173,23 @@ def test_split_issued(pki):
 
 
 # ---- chains ---------------------------------------------------------------------------------------
-def test_build_chain(pki):
-    assert m.build_chain(pki["ee"], [pki["ca"]], [pki["root"]]) == (pki["ca"], pki["root"])
-    assert m.build_chain(pki["ee"], [], [pki["ca"]]) == (pki["ca"],)
+def test_verified_chain(pki):
+    """The EST client's chain checks are the validator's (docs/trust.md); the path excludes the certificate."""
+    assert m.verified_chain(pki["ee"], [pki["ca"]], [pki["root"]]) == (pki["ca"], pki["root"])
+    assert m.verified_chain(pki["ee"], [], [pki["ca"]]) == (pki["ca"],)
     foreign_root_k = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ProtectionError, match="does not verify|does not chain"):
+        m.verified_chain(pki["ee"], [pki["ca"]], [_cert(foreign_root_k, "root", ca=True)])
     with pytest.raises(ProtectionError, match="does not chain"):
-        m.build_chain(pki["ee"], [pki["ca"]], [_cert(foreign_root_k, "root", ca=True)])
-    with pytest.raises(ProtectionError, match="does not chain"):
-        m.build_chain(pki["ee"], [], [pki["root"]])  # intermediate missing
+        m.verified_chain(pki["ee"], [], [pki["root"]])  # intermediate missing
+    with pytest.raises(ProtectionError, match="no trust anchor"):
+        m.verified_chain(pki["ee"], [pki["ca"]], [])
 
 
-def test_build_chain_ignores_non_ca_intermediate(pki):
+def test_verified_chain_refuses_non_ca_intermediate(pki):
     fake_ca = _cert(pki["ca_key"], "issuing", pki["root_key"], "root", ca=False)
-    with pytest.raises(ProtectionError):
-        m.build_chain(pki["ee"], [fake_ca], [pki["root"]])
+    with pytest.raises(ProtectionError, match="is not a CA"):
+        m.verified_chain(pki["ee"], [fake_ca], [pki["root"]])
 
 
 def test_rollover_links(pki):
