@@ -71,6 +71,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     """
     import logging
 
+    from coap_services.authz import load_grants
     from coap_services.device import DeviceConfig, DeviceService
     from coap_services.errors import SecurityConfigError
     from coap_services.security import load_server_security
@@ -86,6 +87,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
     try:
         layers = load_server_security(security_dir or _state(ctx) / "coap", methods)
+        grants = load_grants(security_dir or _state(ctx) / "coap")
     except SecurityConfigError as e:
         _fail(f"configuration error: {e}", EXIT_CONFIG)
     if insecure:
@@ -111,7 +113,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
 
                 fsutil.atomic_write(ready_file, f"{server.uri}\n".encode())
 
-        await serve_forever(DeviceService(ks, cfg), layers, host=bind, port=port, insecure=insecure, ready=ready)
+        await serve_forever(DeviceService(ks, cfg, grants=grants), layers, host=bind, port=port, insecure=insecure, ready=ready)
 
     try:
         _run(main())
@@ -137,16 +139,36 @@ def coap():
 @click.option("--clm-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="CLM directory [default: STATE_DIR/clm]; the CLM half goes to CLM_DIR/contexts/DEVICE_ID.")
 @click.option("--force", is_flag=True, help="Replace existing contexts (do it on both ends).")
+@click.option("--domain", "domains", multiple=True,
+              help="PKI domain this context may enroll in; repeatable [the device service's --domain].")
+@click.option("--name", "names", multiple=True,
+              help="Credential name this context may create or replace; repeatable [any name in its domains].")
+@click.option("--allow-replace-cli", is_flag=True,
+              help="Let this context also replace credentials enrolled on the device itself (devagent enroll).")
 @click.pass_context
-def provision(ctx, device_id, method, peer, device_dir, clm_dir, force):
-    """Create a fresh OSCORE and/or DTLS-PSK context pair for DEVICE_ID and the CLM (files 0600)."""
+def provision(ctx, device_id, method, peer, device_dir, clm_dir, force, domains, names, allow_replace_cli):
+    """Create a fresh OSCORE and/or DTLS-PSK context pair for DEVICE_ID and the CLM (files 0600), bound to the
+    domains and credential names the CLM may manage on the device (coap_services/authz.py, docs/coap.md)."""
+    from coap_services.authz import Grant, write_grant
     from coap_services.errors import SecurityConfigError
     from coap_services.security import provision as do_provision
 
     methods = ("oscore", "dtls-psk") if method == "both" else (method,)
+    dev_dir = device_dir or _state(ctx) / "coap"
+    grant = Grant(peer, tuple(domains) or None, tuple(names) or None, allow_replace_cli)
+    from keystore.store import check_name
+
     try:
-        out = do_provision(device_id, device_dir or _state(ctx) / "coap", clm_dir or _state(ctx) / "clm",
+        for what, values in (("domain", domains), ("credential name", names)):
+            for v in values:
+                check_name(v, what)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    try:
+        out = do_provision(device_id, dev_dir, clm_dir or _state(ctx) / "clm",
                            methods=methods, peer=peer, force=force)
+        out["grant"] = grant.to_json()
+        out["files"].append(str(write_grant(dev_dir, grant)))
     except SecurityConfigError as e:
         _fail(f"configuration error: {e}", EXIT_CONFIG)
     if ctx.obj.json:

@@ -5,6 +5,13 @@
 verify_certificate service: the certificate must carry one of our pending keys and pass the keystore's
 verify-before-store against the domain trust anchor; only then is it stored.
 
+Authorization (coap_services.authz): every request comes from one provisioned security context (the peer claim
+the transport authenticated). /csr is refused unless the context's grant covers the domain and name, and the
+credential it would replace is one this context delivered itself in that domain (never an IDevID, another
+domain's credential, another context's, or — unless the grant allows it — a CLI-enrolled one). /verify accepts
+only a certificate for a key that the same context asked for, and checks the grant again before storing.
+Credentials requested with a profile other than ``ldevid`` are stored as kind ``app``.
+
 Invariants:
 - Nothing is stored when a check fails; every refusal is a ``ServiceError`` with a CoAP code, a stable reason and
   a message built from facts (never internal exception text).
@@ -21,6 +28,7 @@ import logging
 import time
 
 from coap_services import codec
+from coap_services.authz import DELEGATED_PROTOCOL, Grant, peer_of_claim
 from coap_services.errors import (
     BAD_REQUEST, CONFLICT, FORBIDDEN, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, ServiceError,
 )
@@ -29,9 +37,11 @@ from coap_services.ratelimit import TokenBucket
 log = logging.getLogger("devagent.coap")
 
 PENDING_SOURCE = "coap"
+_ANY_PEER = object()
 # VerificationError reasons that mean "not acceptable" (4.03) rather than "not understood" (4.00).
 FORBIDDEN_REASONS = {"key-mismatch", "untrusted", "bad-signature", "expired", "not-yet-valid", "not-a-ca",
-                     "bad-key-usage", "bad-eku", "is-ca", "unknown-critical-extension", "subject-mismatch"}
+                     "bad-key-usage", "bad-eku", "is-ca", "unknown-critical-extension", "subject-mismatch",
+                     "path-length", "name-constraints", "policy", "weak-key", "bad-algorithm", "not-authorized"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +92,72 @@ def _refuse(code, reason, message, **kw):
 class DeviceService:
     """Binds a keystore to the two services. ``keystore`` is a ``keystore.store.Keystore``."""
 
-    def __init__(self, keystore, config: DeviceConfig = DeviceConfig(), clock=time.monotonic):
+    def __init__(self, keystore, config: DeviceConfig = DeviceConfig(), clock=time.monotonic,
+                 grants: dict[str, Grant] | None = None):
         self.ks = keystore
         self.config = config
+        self.grants = dict(grants or {})  # peer name -> Grant (coap_services.authz.load_grants)
         self.bucket = TokenBucket(config.csr_rate_per_min / 60.0, config.csr_burst, clock)
         self._keygen = asyncio.Lock()
         self._store = asyncio.Lock()
 
     # ---- CSR_generation_request ----------------------------------------------------------------------------
-    def _plan_csr(self, req: codec.CsrRequest):
+    # ---- authorization ------------------------------------------------------------------------------------
+    def _grant(self, peer: str | None) -> Grant:
+        name = self._principal(peer)
+        return self.grants.get(name) or Grant(name)
+
+    @staticmethod
+    def _principal(peer: str | None) -> str:
+        """The provisioned peer behind a claim: its OSCORE and DTLS-PSK contexts are one principal."""
+        return peer_of_claim(peer) or "insecure"
+
+    def _authorize(self, peer: str | None, name: str, domain: str, kind: str) -> None:
+        """May the context ``peer`` create or replace credential ``name`` of ``kind`` in ``domain``?
+
+        Raises:
+            ServiceError: 4.03 with reason forbidden-domain, forbidden-name, read-only, other-domain,
+                other-context, cli-enrolled or kind-mismatch.
+        """
+        from keystore.errors import NotFoundError
+
+        grant = self._grant(peer)
+        domains = grant.domains_for(self.config.default_domain)
+        if domain not in domains:
+            raise _refuse(FORBIDDEN, "forbidden-domain", f"this security context may manage domain(s) "
+                          f"{', '.join(domains) or '(none)'} only, not {domain} (see 'devagent coap provision "
+                          "--domain')")
+        if grant.names is not None and name not in grant.names:
+            raise _refuse(FORBIDDEN, "forbidden-name", f"this security context may manage credential(s) "
+                          f"{', '.join(grant.names)} only, not {name}")
+        try:
+            cred = self.ks.get(name)
+        except NotFoundError:
+            return
+        if cred.kind == "idevid":
+            raise _refuse(FORBIDDEN, "read-only", f"{name} is the device's IDevID; it is never replaced")
+        if cred.domain != domain:
+            raise _refuse(FORBIDDEN, "other-domain", f"credential {name} belongs to another domain; it cannot be "
+                          f"replaced by an enrollment in {domain}")
+        if cred.record.get("protocol") == DELEGATED_PROTOCOL:
+            delivered_by = (cred.record.get("meta") or {}).get("coap_context") or \
+                peer_of_claim(cred.record.get("server"))
+            if delivered_by != grant.peer:
+                raise _refuse(FORBIDDEN, "other-context", f"credential {name} was delivered under another "
+                              "security context; only that context may replace it")
+        elif not grant.replace_cli:
+            raise _refuse(FORBIDDEN, "cli-enrolled", f"credential {name} was enrolled on the device itself "
+                          f"({cred.record.get('protocol') or 'import'}); a CLM may replace it only if provisioned "
+                          "with --allow-replace-cli")
+        if cred.kind != kind:
+            raise _refuse(FORBIDDEN, "kind-mismatch", f"credential {name} is a {cred.kind} credential; a request "
+                          f"for a {kind} credential cannot replace it")
+
+    @staticmethod
+    def _kind(profile: str | None) -> str:
+        return "ldevid" if profile in (None, "", "ldevid") else "app"
+
+    def _plan_csr(self, req: codec.CsrRequest, peer: str | None = None):
         """Validate a request against the device's rules; returns everything needed to generate."""
         from cryptography import x509
 
@@ -128,6 +195,8 @@ class DeviceService:
             except ValueError:
                 raise _refuse(BAD_REQUEST, "bad-name", f"{what} must be 1-64 letters, digits, '.', '_' or '-'") \
                     from None
+        kind = self._kind(req.profile)
+        self._authorize(peer, name, domain, kind)
         cas = []
         for i, der in enumerate(req.ca):
             try:
@@ -148,18 +217,25 @@ class DeviceService:
                 raise _refuse(CONFLICT, "no-trust-anchor", f"the device has no trust anchor for domain {domain}: "
                               "commission one, or run the service with --accept-ca-from-clm and send the root "
                               "in \"ca\"")
-        return kt, subject, sans, name, domain, cas, offered_roots
+        return kt, subject, sans, name, domain, cas, offered_roots, kind
 
-    def _pending(self) -> list[dict]:
-        return [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE]
+    def _pending(self, peer=_ANY_PEER) -> list[dict]:
+        """Pending keys made for a CLM (of security context ``peer``, when given)."""
+        out = [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE]
+        if peer is not _ANY_PEER:
+            me = self._principal(peer)
+            out = [k for k in out if self._principal(k["pending_for"].get("peer")) == me]
+        return out
 
-    def _make_room(self, name: str) -> None:
-        pending = sorted(self._pending(), key=lambda k: k.get("created", ""))
+    def _make_room(self, name: str, peer: str | None) -> None:
+        """Supersede this context's earlier pending key for ``name`` and bound its pending keys; another context's
+        pending keys are never touched."""
+        pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
         for k in pending:
             if k["pending_for"].get("name") == name:
                 self.ks.discard_key(k["uri"])  # superseded by this new request
                 log.info("discarded superseded pending key for %s", name)
-        pending = sorted(self._pending(), key=lambda k: k.get("created", ""))
+        pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
         while len(pending) >= self.config.max_pending:
             self.ks.discard_key(pending.pop(0)["uri"])
             log.info("discarded oldest pending key (bound %d)", self.config.max_pending)
@@ -170,10 +246,10 @@ class DeviceService:
         from keystore.certs import fingerprint
         from keystore.csr import build_csr, default_key_usage
 
-        kt, subject, sans, name, domain, cas, offered_roots = plan
+        kt, subject, sans, name, domain, cas, offered_roots, kind = plan
         t0 = time.perf_counter()
-        self._make_room(name)
-        pending_for = {"source": PENDING_SOURCE, "name": name, "domain": domain, "peer": peer,
+        self._make_room(name, peer)
+        pending_for = {"source": PENDING_SOURCE, "name": name, "domain": domain, "peer": peer, "kind": kind,
                        "subject": subject.rfc4514_string(), "ca_fps": [fingerprint(x) for x in cas],
                        "offered_roots": [x.public_bytes(serialization.Encoding.DER).hex() for x in offered_roots]}
         uri = self.ks.generate_key(kt, backend=self.config.key_backend, label=name, pending_for=pending_for,
@@ -192,7 +268,7 @@ class DeviceService:
         Raises:
             ServiceError: 4.00 bad request field, 4.09 no trust anchor, 5.03 rate limited or busy.
         """
-        plan = await asyncio.to_thread(self._plan_csr, req)
+        plan = await asyncio.to_thread(self._plan_csr, req, peer)
         wait = self.bucket.take()
         if wait > 0:
             raise _refuse(SERVICE_UNAVAILABLE, "rate-limited", f"key generation is rate limited; retry in "
@@ -219,13 +295,18 @@ class DeviceService:
 
         from keystore.certs import fingerprint, same_public_key
         from keystore.errors import KeystoreError, VerificationError
-        from keystore.verify import verify_certificate
+        from keystore.store import verification_policy
+        from keystore.validator import validate
 
         t0 = time.perf_counter()
-        pending = self._pending()
+        pending = self._pending(peer)
+        others = [k for k in self._pending() if k not in pending]
+        if any(same_public_key(c.public_key(), self.ks.public_key(k["uri"])) for k in others for c in certs):
+            raise _refuse(FORBIDDEN, "other-context", "the certificate is for a key that another security context "
+                          "requested; /verify must come from the context that asked for the CSR")
         if not pending:
-            raise _refuse(CONFLICT, "no-pending-key", "the device has no pending key: request a CSR (POST /csr) "
-                          "first")
+            raise _refuse(CONFLICT, "no-pending-key", "the device has no pending key for this security context: "
+                          "request a CSR (POST /csr) first")
         match = None
         for rec in pending:
             pub = self.ks.public_key(rec["uri"])
@@ -241,7 +322,8 @@ class DeviceService:
         cert, rec, pub = match
         pf = rec["pending_for"]
         chain = [c for c in certs if c is not cert]
-        name, domain = pf["name"], pf["domain"]
+        name, domain, kind = pf["name"], pf["domain"], pf.get("kind", "ldevid")
+        self._authorize(peer, name, domain, kind)  # again: the keystore may have changed since /csr
         if pf.get("subject") and cert.subject.rfc4514_string() != pf["subject"]:
             raise _refuse(FORBIDDEN, "subject-mismatch", f"certificate subject {cert.subject.rfc4514_string()} is "
                           f"not the requested {pf['subject']}")
@@ -251,16 +333,17 @@ class DeviceService:
             if not anchors and pf.get("offered_roots"):
                 adopt = [x509.load_der_x509_certificate(bytes.fromhex(h)) for h in pf["offered_roots"]]
                 anchors = adopt
-            path = verify_certificate(cert, public_key=pub, chain=chain, trust_anchors=anchors,
-                                      check_validity=self.config.check_validity)
+            policy = verification_policy("coap-verify", None, self.config.check_validity,
+                             min_rsa_bits=1024 if self.config.allow_weak_keys else 2048)
+            path = validate(cert, chain, anchors, policy, public_key=pub, what="certificate")
             if pf.get("ca_fps") and not {fingerprint(p) for p in path[1:]} & set(pf["ca_fps"]):
                 raise _refuse(FORBIDDEN, "unexpected-ca", "the certificate does not chain through the CA "
                               "certificate(s) announced in the CSR request")
             if adopt:
                 self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
-            cred = self.ks.store_certificate(name, cert, chain, key_uri=rec["uri"], kind="ldevid", domain=domain,
-                                             check_validity=self.config.check_validity, protocol="coap-delegated",
-                                             server=peer, meta={"via": "clm"})
+            cred = self.ks.store_certificate(name, cert, chain, key_uri=rec["uri"], kind=kind, domain=domain,
+                                             check_validity=self.config.check_validity, protocol=DELEGATED_PROTOCOL,
+                                             server=peer, meta={"via": "clm", "coap_context": self._grant(peer).peer})
         except VerificationError as e:
             code = FORBIDDEN if e.reason in FORBIDDEN_REASONS else BAD_REQUEST
             raise _refuse(code, e.reason, str(e)) from None

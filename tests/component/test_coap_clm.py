@@ -187,7 +187,7 @@ def test_cli_provision_writes_private_files(tmp_path):
     res = CliRunner().invoke(coap, ["provision", "devX", "--clm-dir", str(tmp_path / "clm")], obj=obj)
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert len(out["files"]) == 4
+    assert len(out["files"]) == 5  # oscore + dtls halves on both sides, and the device's authorization grant
     for root in (tmp_path / "dev" / "coap", tmp_path / "clm" / "contexts"):
         for dirpath, _dirs, files in os.walk(root):
             assert os.stat(dirpath).st_mode & 0o077 == 0
