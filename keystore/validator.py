@@ -32,11 +32,14 @@ How a path is judged:
 
    When pyca refuses a path, the fallback is run on the same input to name the precise reason; if it would
    accept, the refusal stands with pyca's own text (reason ``untrusted``).
-3. ``_check_path`` (both engines, on the verified path): every check of the fallback again (cheap without the
-   signatures), the CA EKU rule (a CA carrying extendedKeyUsage must allow the purpose, as OpenSSL does), and
-   RFC 5280 §6.1 certificate-policy processing with user-initial-policy-set anyPolicy: it only changes the
+3. ``_check_path_extras`` (both engines, on the verified path): the CA EKU rule (a CA carrying
+   extendedKeyUsage must allow the purpose, as OpenSSL does), and RFC 5280 §6.1 certificate-policy processing with user-initial-policy-set anyPolicy: it only changes the
    outcome when a requireExplicitPolicy constraint applies, and then the valid_policy_tree is computed; a chain
    that requires an explicit policy *and* maps policies is refused (``policy``), not guessed at.
+
+A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded): validating the same chain again
+(a flow checks it at the protocol level, then before storing; every response of a CMP transaction) re-checks the
+validity of each certificate on it at the new time and runs steps 1 and 3 again, without a second path build.
 
 Critical extensions devagent processes: basicConstraints, keyUsage, extendedKeyUsage, subjectAltName,
 nameConstraints, certificatePolicies, policyConstraints, inhibitAnyPolicy, policyMappings, the key identifiers.
@@ -95,6 +98,11 @@ UNKNOWN_CLOCK_SPAN_S = 100 * 365.25 * 86400
 MIN_RSA_BITS = 2048
 WEAK_MIN_RSA_BITS = 1024  # only with allow_weak_keys (seed 003's Table 1 reproduces rsa1024)
 _POLICY_TREE_MAX_NODES = 1000
+# Paths pyca accepted, by their exact inputs (DER of leaf, untrusted, anchors; max depth). pyca's verdict depends
+# on the time only through the certificates' validity, so a remembered path is reused after re-checking the
+# validity of each of its certificates at the new time; the per-purpose checks always run again.
+_PATH_MEMO: dict = {}
+_PATH_MEMO_MAX = 256
 
 # What pyca's WebPKI profile verifies; anything else goes to the fallback engine.
 _PYCA_SIGNATURES = frozenset({
@@ -102,7 +110,9 @@ _PYCA_SIGNATURES = frozenset({
     SignatureAlgorithmOID.RSA_WITH_SHA512, SignatureAlgorithmOID.ECDSA_WITH_SHA256,
     SignatureAlgorithmOID.ECDSA_WITH_SHA384, SignatureAlgorithmOID.ECDSA_WITH_SHA512,
 })
-_PYCA_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_PYCA_CURVE_NAMES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+_OID_RSA = x509.ObjectIdentifier("1.2.840.113549.1.1.1")
+_OID_EC = x509.ObjectIdentifier("1.2.840.10045.2.1")
 _WEAK_SIGNATURES = frozenset({
     SignatureAlgorithmOID.RSA_WITH_MD5, SignatureAlgorithmOID.RSA_WITH_SHA1, SignatureAlgorithmOID.ECDSA_WITH_SHA1,
     SignatureAlgorithmOID.DSA_WITH_SHA1,
@@ -185,11 +195,33 @@ class Policy:
         Raises:
             ValueError: unknown purpose or a field out of range.
         """
-        if purpose not in PURPOSES:
-            raise ValueError(f"unknown validation purpose {purpose!r} (one of {', '.join(PURPOSES)})")
-        fields = dict(PURPOSES[purpose])
-        fields.update(overrides)
-        return cls(purpose=purpose, at=at, **fields)
+        try:
+            key = (purpose, tuple(sorted((k, frozenset(v) if isinstance(v, set) else v)
+                                         for k, v in overrides.items())))
+            hash(key)
+        except TypeError:
+            key = None
+        template = _PRESET_CACHE.get(key) if key is not None else None
+        if template is None:
+            if purpose not in PURPOSES:
+                raise ValueError(f"unknown validation purpose {purpose!r} (one of {', '.join(PURPOSES)})")
+            fields = dict(PURPOSES[purpose])
+            fields.update(overrides)
+            template = cls(purpose=purpose, at=at, **fields)
+            if key is not None and len(_PRESET_CACHE) < 256:
+                _PRESET_CACHE[key] = template
+        return template._at(at)
+
+    def _at(self, at: datetime.datetime) -> "Policy":
+        """This policy at another time (the other fields are validated already)."""
+        if not isinstance(at, datetime.datetime):
+            raise TypeError("Policy.at must be a datetime (the time to check at is never absent)")
+        if at.tzinfo is None:
+            raise ValueError("Policy.at must be timezone-aware (UTC)")
+        p = object.__new__(Policy)
+        p.__dict__.update(self.__dict__)
+        object.__setattr__(p, "at", at.astimezone(datetime.timezone.utc))
+        return p
 
     @classmethod
     def for_unknown_clock(cls, purpose: str, floor: datetime.datetime = CLOCK_FLOOR, **overrides) -> "Policy":
@@ -205,10 +237,13 @@ class Policy:
         return self.clock == "trusted"
 
     def _window(self) -> tuple[datetime.datetime, datetime.datetime]:
+        if not self.uncertainty_s:
+            return self.at, self.at
         d = datetime.timedelta(seconds=self.uncertainty_s)
         return self.at - d, self.at + d
 
 
+_PRESET_CACHE: dict = {}  # (purpose, overrides) -> a validated Policy to copy with another ``at``
 _EE_SIGNING = frozenset({"digital_signature"})
 _TLS_SERVER_KU = frozenset({"digital_signature", "key_encipherment", "key_agreement"})
 # The presets. docs/trust.md explains each; callers add the per-call facts (eku of a profile, pinned certs).
@@ -330,13 +365,21 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         engine = "pyca" if _pyca_can_judge(leaf, untrusted, anchors, policy) else "fallback"
     if engine == "fallback":
         return _fallback_path(leaf, untrusted, anchors, policy, what)
+    key = (_der(leaf), tuple(_der(c) for c in untrusted), tuple(_der(a) for a in anchors), policy.max_intermediates)
+    path = _PATH_MEMO.get(key)
+    if path is not None and all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
+        _check_path_extras(path, policy, what)
+        return path
     try:
         path = _pyca_path(leaf, untrusted, anchors, policy)
     except pv.VerificationError as e:
         _fallback_path(leaf, untrusted, anchors, policy, what)  # names the precise reason when it refuses too
         raise VerificationError("untrusted", f"{what} {_name(leaf)} (issuer {dn(leaf.issuer)}) was refused by the "
                                 f"RFC 5280 path validator: {_pyca_text(e)}") from None
-    _check_path(path, policy, what, signatures=False)
+    _check_path_extras(path, policy, what)
+    if len(_PATH_MEMO) >= _PATH_MEMO_MAX:
+        _PATH_MEMO.pop(next(iter(_PATH_MEMO)))
+    _PATH_MEMO[key] = path
     return path
 
 
@@ -359,14 +402,14 @@ def _extensions(cert: x509.Certificate, role: str):
 
 
 def _check_leaf(leaf, policy: Policy, public_key, what: str) -> None:
-    _extensions(leaf, what)
+    by_oid = {e.oid: e.value for e in _extensions(leaf, what)}
     if public_key is not None and not same_public_key(leaf.public_key(), public_key):
         raise VerificationError("key-mismatch", f"{what} {_name(leaf)} is for another key: its public key does not "
                                 "match the key this request was made with (public key mismatch)")
     _check_key_strength(leaf, policy, what)
-    bc = ext(leaf, x509.BasicConstraints)
+    bc = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
     leaf_is_ca = bool(bc is not None and bc.ca)
-    eku = ext(leaf, x509.ExtendedKeyUsage)
+    eku = by_oid.get(ExtensionOID.EXTENDED_KEY_USAGE)
     eku_oids = {o.dotted_string for o in eku} if eku is not None else None
     pinned = bool(policy.pinned) and _der(leaf) in policy.pinned
     if policy.leaf == "end-entity" and leaf_is_ca:
@@ -382,7 +425,7 @@ def _check_leaf(leaf, policy: Policy, public_key, what: str) -> None:
                                     "another entity's certificate cannot sign CMP responses; pin the server's "
                                     "certificate with --cmp-server-cert if this one is really it")
     if policy.leaf != "ca" and not policy.ignore_key_usage:
-        ku = ext(leaf, x509.KeyUsage)
+        ku = by_oid.get(ExtensionOID.KEY_USAGE)
         if ku is not None and not any(_ku_bit(ku, b) for b in policy.key_usage):
             raise VerificationError("bad-key-usage", f"{what} {_name(leaf)}: keyUsage lacks "
                                     f"{' or '.join(sorted(_KU_NAMES[b] for b in policy.key_usage))}")
@@ -426,6 +469,9 @@ def _check_time(cert, policy: Policy, role: str) -> None:
 
 def _check_key_strength(cert, policy: Policy, role: str) -> None:
     try:
+        alg = cert.public_key_algorithm_oid
+        if alg == _OID_EC:
+            return
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
         raise VerificationError("malformed", f"{role} {_name(cert)}: unsupported or malformed public key: {e}") \
@@ -463,11 +509,11 @@ def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy) -> bool:
                     if any(not isinstance(g, _PYCA_NAME_FORMS) for g in t):
                         return False
         if c is not leaf:
-            k = c.public_key()
-            if isinstance(k, rsa.RSAPublicKey):
-                if k.key_size < MIN_RSA_BITS:
+            alg = c.public_key_algorithm_oid
+            if alg == _OID_RSA:
+                if c.public_key().key_size < MIN_RSA_BITS:
                     return False
-            elif not (isinstance(k, ec.EllipticCurvePublicKey) and isinstance(k.curve, _PYCA_CURVES)):
+            elif alg != _OID_EC or c.public_key().curve.name not in _PYCA_CURVE_NAMES:
                 return False
     return True
 
@@ -588,13 +634,6 @@ def _check_path(path: Sequence[x509.Certificate], policy: Policy, what: str, sig
         if bc.path_length is not None and depth > bc.path_length:
             raise VerificationError("path-length", f"{role} {_name(cert)}: path length constraint "
                                     f"{bc.path_length} exceeded ({depth} intermediate CA certificate(s) below it)")
-        if policy.eku:
-            ceku = ext(cert, x509.ExtendedKeyUsage)
-            if ceku is not None:
-                oids = {o.dotted_string for o in ceku}
-                if not oids & (policy.eku | {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string}):
-                    raise VerificationError("bad-eku", f"{role} {_name(cert)} restricts extendedKeyUsage to "
-                                            f"{_eku_text(oids)}, which does not allow {_eku_text(policy.eku)}")
         if child.signature_algorithm_oid in _WEAK_SIGNATURES:
             raise VerificationError("bad-algorithm", f"{_role(i - 1, n) if i > 1 else what} {_name(child)} is "
                                     f"signed with {child.signature_algorithm_oid._name}, which is not accepted")
@@ -606,6 +645,21 @@ def _check_path(path: Sequence[x509.Certificate], policy: Policy, what: str, sig
     if inters > policy.max_intermediates:
         raise VerificationError("path-length", f"{what} {_name(path[0])}: {inters} intermediate CA certificates, "
                                 f"more than the {policy.max_intermediates} allowed")
+    _check_path_extras(path, policy, what)
+
+
+def _check_path_extras(path: Sequence[x509.Certificate], policy: Policy, what: str = "certificate") -> None:
+    """What neither engine's path checks cover: the CA EKU rule and certificate policies (RFC 5280 §6.1)."""
+    n = len(path)
+    if policy.eku:
+        allowed = policy.eku | {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string}
+        for i in range(1, n):
+            ceku = ext(path[i], x509.ExtendedKeyUsage)
+            if ceku is not None:
+                oids = {o.dotted_string for o in ceku}
+                if not oids & allowed:
+                    raise VerificationError("bad-eku", f"{_role(i, n)} {_name(path[i])} restricts extendedKeyUsage "
+                                            f"to {_eku_text(oids)}, which does not allow {_eku_text(policy.eku)}")
     _check_policies(path, what)
 
 
