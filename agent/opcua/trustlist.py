@@ -116,10 +116,9 @@ def merge(current: TrustList, mask: int, update: TrustList) -> TrustList:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
+    from keystore.validator import is_ca  # the one copy (basicConstraints cA; malformed counts as not a CA)
+
+    return is_ca(cert)
 
 
 def check(tl: TrustList, now: datetime.datetime | None = None, check_validity: bool = True) -> None:
