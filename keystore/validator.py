@@ -509,6 +509,8 @@ def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy) -> bool:
                     if any(not isinstance(g, _PYCA_NAME_FORMS) for g in t):
                         return False
         if c is not leaf:
+            if not _webpki_ca_form(exts):
+                return False
             alg = c.public_key_algorithm_oid
             if alg == _OID_RSA:
                 if c.public_key().key_size < MIN_RSA_BITS:
@@ -520,6 +522,24 @@ def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy) -> bool:
 
 _CA_POLICY = None
 _EE_POLICY = None
+
+
+def _webpki_ca_form(exts) -> bool:
+    """The CA-extension forms pyca's WebPKI profile accepts (else the fallback's RFC 5280 rules judge)."""
+    by_oid = {e.oid: e for e in exts}
+    bc = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
+    if bc is not None and not bc.critical:
+        return False
+    if bc is not None and bc.value.ca and ExtensionOID.KEY_USAGE not in by_oid:
+        return False
+    for oid in (ExtensionOID.AUTHORITY_KEY_IDENTIFIER, ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+                ExtensionOID.AUTHORITY_INFORMATION_ACCESS):
+        e = by_oid.get(oid)
+        if e is not None and e.critical:
+            return False
+    aki = by_oid.get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    return aki is None or (aki.value.key_identifier is not None and aki.value.authority_cert_issuer is None
+                           and aki.value.authority_cert_serial_number is None)
 
 
 def _extension_policies():
@@ -679,30 +699,21 @@ def _check_basic(cert, policy: Policy, role: str) -> None:
 
 
 def _check_ca(cert, policy: Policy, role: str) -> None:
-    """pyca's ``webpki_defaults_ca`` extension rules (without the EKU rule: see ``_check_path``)."""
+    """RFC 5280 §6.1.4 (k) and (n) for a CA: basicConstraints present with cA TRUE, keyUsage (when present)
+    with keyCertSign, name constraints not empty.
+
+    Tolerated, as OpenSSL does without -x509_strict (and never security-relevant for a validator that
+    processes the extensions): a non-critical basicConstraints (libest's example CA), a CA without keyUsage
+    (no restriction, RFC 5280 §6.1.4 (n)), key identifier extensions in any form. pyca's WebPKI profile refuses
+    these, so chains with them are judged by the fallback engine (``_pyca_can_judge``)."""
     exts = _extensions(cert, role)
     by_oid = {e.oid: e for e in exts}
     bce = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
     if bce is None or not bce.value.ca:
         raise VerificationError("not-a-ca", f"{role} {_name(cert)} is not a CA (basicConstraints cA is not set)")
-    if not bce.critical:
-        raise VerificationError("not-a-ca", f"{role} {_name(cert)}: basicConstraints of a CA must be critical "
-                                "(RFC 5280 §4.2.1.9)")
     kue = by_oid.get(ExtensionOID.KEY_USAGE)
-    if kue is None or not kue.value.key_cert_sign:
-        raise VerificationError("bad-key-usage", f"{role} {_name(cert)}: keyUsage lacks keyCertSign" +
-                                (" (the CA certificate has no keyUsage extension)" if kue is None else ""))
-    for oid in (ExtensionOID.AUTHORITY_KEY_IDENTIFIER, ExtensionOID.SUBJECT_KEY_IDENTIFIER,
-                ExtensionOID.AUTHORITY_INFORMATION_ACCESS):
-        e = by_oid.get(oid)
-        if e is not None and e.critical:
-            raise VerificationError("malformed", f"{role} {_name(cert)}: the {oid._name} extension must not be "
-                                    "critical")
-    aki = by_oid.get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
-    if aki is not None and (aki.value.key_identifier is None or aki.value.authority_cert_issuer is not None
-                            or aki.value.authority_cert_serial_number is not None):
-        raise VerificationError("malformed", f"{role} {_name(cert)}: authorityKeyIdentifier must hold a "
-                                "keyIdentifier and neither authorityCertIssuer nor authorityCertSerialNumber")
+    if kue is not None and not kue.value.key_cert_sign:
+        raise VerificationError("bad-key-usage", f"{role} {_name(cert)}: keyUsage lacks keyCertSign")
     nce = by_oid.get(ExtensionOID.NAME_CONSTRAINTS)
     if nce is not None and not (nce.value.permitted_subtrees or nce.value.excluded_subtrees):
         raise VerificationError("malformed", f"{role} {_name(cert)}: nameConstraints with no subtree")

@@ -133,12 +133,12 @@ def chain(kind: str = "p256", depth: int = 3, *, root: Spec | None = None, inter
 
 
 def openssl_verify(ch: Chain, d: Path, purpose: str = "sslclient", at: datetime.datetime = NOW,
-                   extra: tuple = ()) -> tuple[bool, str]:
+                   extra: tuple = (), strict: bool = True) -> tuple[bool, str]:
     """``openssl verify -x509_strict -purpose PURPOSE -policy_check -policy anyPolicy`` on ``ch`` (the user-initial
     policy set the validator uses): (accepted, output)."""
     f = ch.write(d)
-    cmd = ["openssl", "verify", "-x509_strict", "-policy_check", "-policy", "2.5.29.32.0", "-purpose", purpose, "-attime",
-           str(int(at.timestamp())), "-CAfile", str(f["root"]), *extra]
+    cmd = ["openssl", "verify", *(["-x509_strict"] if strict else []), "-policy_check", "-policy", "2.5.29.32.0",
+           "-purpose", purpose, "-attime", str(int(at.timestamp())), "-CAfile", str(f["root"]), *extra]
     if ch.inters:
         cmd += ["-untrusted", str(f["untrusted"])]
     cmd.append(str(f["leaf"]))

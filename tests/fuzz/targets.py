@@ -97,8 +97,10 @@ def cmp_accept(data: bytes) -> None:
     from enroll_clients.cmp import messages as M
 
     c = _cmp_ctx()
+    # Recorded responses carry the messageTime of the recording: replay them with an untrusted clock (the
+    # time check is tested in tests/unit/test_cmp_client.py; here the decoder and protection are fuzzed).
     txn = M.Transaction(M.Protector(reference=c["ref"], secret=c["secret"], trust_anchors=(c["root"],)),
-                        transaction_id=c["tid"])
+                        transaction_id=c["tid"], clock_trusted=False)
     txn.sender_nonce = c["nonce"]  # the binding of the recorded request
     resp = txn.accept(data[1:], RESPONSE_TYPES)
     if resp.protected and M._protected_part(resp.msg) not in _seed_protected_parts():
