@@ -557,8 +557,9 @@ def apply_ca_update(ks: Keystore, domain: str, result: CaCertsResult, *, ca_fing
         anchors = ks.trust_anchors(domain)
     if result.new_root is not None and fingerprint(result.new_root) not in {fingerprint(a) for a in anchors}:
         check_root_update([a for a in anchors if self_signed(a)] or anchors, result.new_root, result.new_with_old,
-                          result.old_with_new, policy)
+                          result.old_with_new)
         try:
+            validate(result.new_root, [], [result.new_root], policy, what="new root")
             added += ks.add_trust_anchors(domain, [result.new_root], source="ca-update",
                                           verified_by="newWithOld link")
         except VerificationError as e:

@@ -710,7 +710,8 @@ def _check_ca(cert, policy: Policy, role: str) -> None:
     by_oid = {e.oid: e for e in exts}
     bce = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
     if bce is None or not bce.value.ca:
-        raise VerificationError("not-a-ca", f"{role} {_name(cert)} is not a CA (basicConstraints cA is not set)")
+        raise VerificationError("not-a-ca", f"{role} {_name(cert)} is not a CA certificate (basicConstraints cA is "
+                                "not set)")
     kue = by_oid.get(ExtensionOID.KEY_USAGE)
     if kue is not None and not kue.value.key_cert_sign:
         raise VerificationError("bad-key-usage", f"{role} {_name(cert)}: keyUsage lacks keyCertSign")
