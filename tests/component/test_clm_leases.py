@@ -45,22 +45,22 @@ def test_long_renewal_keeps_its_lease(spec, tmp_path, lab):
     claims_by_b = []
 
     async def main():
-        async with CoapClient(timeout_s=3.0) as c:
-            a = Clm(inv, LabUpstream(lab), c, retries=1, worker_id="A", lease_s=1.0)
+        async with CoapClient(timeout_s=4.0) as c:
+            a = Clm(inv, LabUpstream(lab), c, retries=1, worker_id="A", lease_s=1.5)
             task = asyncio.create_task(a.run(once=True))
             while not (await asyncio.to_thread(other.summary))["leased"].get("A"):
                 await asyncio.sleep(0.02)
             deadline = time.monotonic() + 30
             while not task.done() and time.monotonic() < deadline:  # worker B keeps trying while A works
-                claims_by_b.extend(await asyncio.to_thread(other.claim, "B", limit=5, lease_s=1.0))
+                claims_by_b.extend(await asyncio.to_thread(other.claim, "B", limit=5, lease_s=1.5))
                 await asyncio.sleep(0.1)
             res = await task
             a.close()
             return res
 
     results = asyncio.run(main())
-    assert claims_by_b == []  # the lease outlived its 1 s thanks to the heartbeat
-    assert "no answer within 3 s" in results["slow"]
+    assert claims_by_b == []  # the lease outlived its 1.5 s thanks to the heartbeat
+    assert "no answer within 4 s" in results["slow"]
     rec = inv.get("slow")
     assert rec["failures"] == 1 and rec["lease_owner"] is None and "no answer" in rec["last_error"]
     inv.close()
@@ -90,7 +90,6 @@ def test_renewal_abandoned_when_lease_cannot_be_confirmed(postgres, tmp_path, la
             task = asyncio.create_task(a.run(stop=stop, interval_s=0.2))
             while not (await asyncio.to_thread(inv.summary))["leased"]:
                 await asyncio.sleep(0.05)
-            lease_until = (await asyncio.to_thread(inv.get, "slow"))["lease_until"]
             postgres.stop()  # from this (the main) thread: the server's life is bound to it
             try:
                 deadline = time.monotonic() + 60
@@ -101,7 +100,8 @@ def test_renewal_abandoned_when_lease_cannot_be_confirmed(postgres, tmp_path, la
                 postgres.start()
             res = await asyncio.wait_for(task, 60)
             a.close()
-            return res, lease_until
+            # the worker stopped before the database came back, so this is the last lease it ever held
+            return res, (await asyncio.to_thread(inv.get, "slow"))["lease_until"]
 
     try:
         results, lease_until = asyncio.run(main())
@@ -110,7 +110,7 @@ def test_renewal_abandoned_when_lease_cannot_be_confirmed(postgres, tmp_path, la
     abandoned = [t for t, m in log.seen if "renewal abandoned" in m]
     assert abandoned, log.seen
     # it let go of the device before its last confirmed lease ran out: no other worker could have had it yet
-    assert abandoned[0] < datetime.datetime.fromisoformat(lease_until).timestamp() + 2.0 * 0.25
+    assert abandoned[0] < datetime.datetime.fromisoformat(lease_until).timestamp()
     assert results["slow"].startswith("abandoned"), results
     assert any("backing off" in m for _, m in log.seen)
     inv.close()

@@ -196,7 +196,6 @@ def test_concurrent_claims_never_share_a_device(spec, tmp_path, inv):
     assert not errors
     claimed = [d for ids in got.values() for d in ids]
     assert len(claimed) == n and len(set(claimed)) == n
-    assert sum(1 for ids in got.values() if ids) > 1  # the claims really were concurrent
 
 
 def test_spec_parsing_and_redaction(tmp_path):
