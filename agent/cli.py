@@ -483,7 +483,8 @@ def _server_options(f):
 
 
 # CMP switches remembered per credential (docs/cmp.md "Options" and "Deviations"); never secrets.
-CMP_REMEMBERED = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse")
+CMP_REMEMBERED = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse",
+                  "ignore_keyusage", "reuse_signer", "trusted_signer_fallback")
 
 
 def _cmp_options(f):
@@ -507,6 +508,15 @@ def _cmp_options(f):
         click.option("--tolerate-nonce-reuse/--no-tolerate-nonce-reuse", default=None,
                      help="CMP deviation: accept a response that repeats the server's senderNonce when recipNonce "
                           "and transactionID match (docs/cmp.md) [off]."),
+        click.option("--ignore-keyusage/--no-ignore-keyusage", default=None,
+                     help="CMP deviation: accept a response signer (CA or RA, still validated) whose keyUsage lacks "
+                          "digitalSignature, as openssl cmp -ignore_keyusage [off]."),
+        click.option("--reuse-signer/--no-reuse-signer", default=None,
+                     help="CMP deviation: verify a signed response without extraCerts (e.g. pkiConf) with the "
+                          "signer validated earlier in the same transaction [off]."),
+        click.option("--trusted-signer-fallback/--no-trusted-signer-fallback", default=None,
+                     help="CMP deviation: verify a signed response without extraCerts (e.g. genp) with a CMP trust "
+                          "anchor or pinned server certificate named as its sender [off]."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -32,6 +32,10 @@ def client_from_options(options: EnrollOptions):
             RTC before NTP). The response signer's validity is checked either way (docs/trust.md).
         ``server_certs`` (sequence of x509.Certificate): pinned response signer(s), ``--cmp-server-cert``.
         ``ignore_keyusage`` (bool): tolerate a signer without digitalSignature keyUsage (off by default).
+        ``reuse_signer`` (bool): verify a signed response without extraCerts with the signer validated earlier in
+            the transaction (off by default; docs/cmp.md "Deviations").
+        ``trusted_signer_fallback`` (bool): verify a signed response without extraCerts with a pinned
+            certificate or trust anchor named as its sender (off by default).
         ``cert_template`` (bool): ask for and apply the server's certReqTemplate before ir/cr.
         ``mac_iterations`` (int): iteration count of our PBM/PBMAC1 (default 10000).
         ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = system CAs).
@@ -94,6 +98,8 @@ def client_from_options(options: EnrollOptions):
         clock_trusted=bool(extra.get("clock_trusted", True)),
         server_certs=tuple(extra.get("server_certs") or ()),
         ignore_keyusage=bool(extra.get("ignore_keyusage", False)),
+        reuse_signer=bool(extra.get("reuse_signer", False)),
+        trusted_signer_fallback=bool(extra.get("trusted_signer_fallback", False)),
         max_wait_s=options.max_wait_s,
         profile=options.profile,
         old_root=old_root,

@@ -83,6 +83,10 @@ class CmpClient(EnrollmentClient):
         server_certs: certificates trusted directly as the response signer (``--cmp-server-cert``, as
             OpenSSL's ``-srvcert``): accepted without a path to ``trust_anchors`` or an RA/CA role.
         ignore_keyusage: tolerated deviation: do not require digitalSignature in the signer's keyUsage.
+        reuse_signer: tolerated deviation: a signed response without extraCerts is verified with the signer
+            validated earlier in the transaction (a pkiConf without extraCerts).
+        trusted_signer_fallback: tolerated deviation: a signed response without extraCerts is verified with a
+            pinned certificate or CMP trust anchor named as its sender (a genp to an unprotected genm).
         max_wait_s: bound on polling (status waiting, pollRep checkAfter).
         profile: certProfile to put in generalInfo (RFC 9483 3.1), None for the server's default.
         old_root: our current root; ``ca_certs()`` then also asks for a root CA key update (rootCaCert).
@@ -95,7 +99,7 @@ class CmpClient(EnrollmentClient):
                  recipient: x509.Name | None = None, implicit_confirm: bool = False, mac: str = "pbm",
                  mac_iterations: int | None = None, max_clock_skew_s: float | None = DEFAULT_CLOCK_SKEW_S,
                  clock_trusted: bool = True, server_certs: Sequence[x509.Certificate] = (),
-                 ignore_keyusage: bool = False,
+                 ignore_keyusage: bool = False, reuse_signer: bool = False, trusted_signer_fallback: bool = False,
                  max_wait_s: float = 300.0, profile: str | None = None,
                  old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None,
                  mac_alg: str | None = None, mac_owf: str | None = None, mac_sender: str = "subject",
@@ -118,6 +122,8 @@ class CmpClient(EnrollmentClient):
         self.clock_trusted = clock_trusted
         self.server_certs = tuple(server_certs)
         self.ignore_keyusage = ignore_keyusage
+        self.reuse_signer = reuse_signer
+        self.trusted_signer_fallback = trusted_signer_fallback
         self.max_wait_s = max_wait_s
         self.profile = profile
         self.profile_in_general_info = profile_in_general_info
@@ -233,7 +239,8 @@ class CmpClient(EnrollmentClient):
         raise ValueError("no CMP credentials in auth: give reference+secret (MAC) or certificate+private_key")
 
     def _acceptance(self) -> dict:
-        return dict(trust_anchors=self.trust_anchors, pinned=self.server_certs, ignore_keyusage=self.ignore_keyusage)
+        return dict(trust_anchors=self.trust_anchors, pinned=self.server_certs, ignore_keyusage=self.ignore_keyusage,
+                    reuse_signer=self.reuse_signer, trusted_signer_fallback=self.trusted_signer_fallback)
 
     def _transaction(self, auth, sender: x509.Name | None = None, operation: str | None = None) -> M.Transaction:
         pr = self._protector(auth)

@@ -133,6 +133,12 @@ class Protector:
     pinned: tuple[x509.Certificate, ...] = ()
     # Tolerated deviation (--ignore-keyusage, OpenSSL's -ignore_keyusage): the signer's keyUsage is not checked.
     ignore_keyusage: bool = False
+    # Tolerated deviation (--reuse-signer): a signed response without extraCerts (Trustpoint's pkiConf) is verified
+    # with the signer certificate validated earlier in the same transaction.
+    reuse_signer: bool = False
+    # Tolerated deviation (--trusted-signer-fallback): a signed response without extraCerts (the MockCA's genp to
+    # an unprotected genm) is verified with a pinned certificate or CMP trust anchor named as its sender.
+    trusted_signer_fallback: bool = False
     unprotected: bool = False  # testing/diagnostics only: send without protection
 
     @property
@@ -343,6 +349,7 @@ class Transaction:
         self.sender_nonce: bytes | None = None  # of our last request
         self.recip_nonce: bytes | None = None  # the server's last senderNonce
         self._seen_nonces: set[bytes] = set()
+        self._signer: tuple | None = None  # (certificate, untrusted certs) of the last validated signed response
         self.last_request_type = ""
         self._key_cache: dict = {}
         # One MAC protectionAlg (salt) per transaction: the PBM/PBKDF2 key is derived once.
@@ -431,11 +438,11 @@ class Transaction:
                 raise ProtectionError("response MAC does not verify with our shared secret (wrong secret, or the "
                                       "message was altered)")
             return None
-        if not extra:
-            raise ProtectionError("signature-protected response without extraCerts: the signer certificate "
-                                  "must come first in extraCerts (RFC 9483 3.3)")
-        signer = extra[0]
-        P.verify_signature(signer.public_key(), alg, value, data)
+        if extra:
+            signer, untrusted = extra[0], tuple(extra[1:])
+            P.verify_signature(signer.public_key(), alg, value, data)
+        else:
+            signer, untrusted = self._signer_without_extra_certs(msg, alg, value, data)
         s = h["sender"]
         if s.getName() != "directoryName" or name_der(s["directoryName"]) != signer.subject.public_bytes():
             raise ProtectionError("response sender is not the subject of its protection certificate")
@@ -444,11 +451,59 @@ class Transaction:
                                   "(EnrollOptions.trust_anchors, or pin the server with --cmp-server-cert); cannot "
                                   "trust the signer")
         try:
-            validate(signer, extra[1:], self.protector.trust_anchors, self.signer_policy(),
+            validate(signer, untrusted, self.protector.trust_anchors, self.signer_policy(),
                      what="CMP response signer")
         except VerificationError as e:
-            raise ProtectionError(f"untrusted signer: {e} ({e.reason})") from None
+            hint = ""
+            if e.reason == "bad-key-usage" and not self.protector.ignore_keyusage:
+                hint = (" -- if this CA/RA is known to sign without digitalSignature in its keyUsage, "
+                        "--ignore-keyusage accepts that (and nothing else)")
+            raise ProtectionError(f"untrusted signer: {e} ({e.reason}){hint}") from None
+        self._signer = (signer, untrusted)
         return signer
+
+    def _signer_without_extra_certs(self, msg, alg, value: bytes, data: bytes):
+        """(signer, untrusted) for a signed response that carries no extraCerts (RFC 9483 3.3 wants the signer
+        first in extraCerts): only with a deviation switch, and only a certificate we already trust for it; the
+        signature must verify with it and the validator's cmp-signer policy still applies afterwards."""
+        body = msg["body"].getName()
+        pr = self.protector
+        if pr.reuse_signer and self._signer is not None:
+            signer, untrusted = self._signer
+            try:
+                P.verify_signature(signer.public_key(), alg, value, data)
+            except ProtectionError as e:
+                raise ProtectionError(f"{body} without extraCerts: {e} -- --reuse-signer accepts only the signer "
+                                      f"validated earlier in this transaction ({signer.subject.rfc4514_string()})"
+                                      ) from None
+            self.tolerated.append(f"{body} without extraCerts, verified with the signer certificate validated earlier "
+                                  f"in this transaction (--reuse-signer)")
+            return signer, untrusted
+        if pr.trusted_signer_fallback:
+            s = msg["header"]["sender"]
+            sender = name_der(s["directoryName"]) if s.getName() == "directoryName" else None
+            for c in tuple(pr.pinned) + tuple(pr.trust_anchors):
+                if c.subject.public_bytes() != sender:
+                    continue
+                try:
+                    P.verify_signature(c.public_key(), alg, value, data)
+                except ProtectionError:
+                    continue
+                self.tolerated.append(f"{body} without extraCerts, verified with the trusted certificate "
+                                      f"{c.subject.rfc4514_string()} (--trusted-signer-fallback)")
+                return c, ()
+            raise ProtectionError(f"signature-protected {body} without extraCerts: its signature verifies with no "
+                                  "pinned certificate or CMP trust anchor named as its sender "
+                                  "(--trusted-signer-fallback accepts only those)")
+        hints = []
+        if self._signer is not None:
+            hints.append("--reuse-signer verifies it with the signer certificate validated earlier in this "
+                         "transaction")
+        hints.append("--trusted-signer-fallback verifies it with a CMP trust anchor or pinned certificate named as "
+                     "its sender")
+        raise ProtectionError(f"signature-protected {body} without extraCerts: the signer certificate must come "
+                              "first in extraCerts (RFC 9483 3.3); if this server is known to leave it out, "
+                              + "; ".join(hints))
 
     def _clock_usable(self, now: datetime.datetime) -> bool:
         return self.clock_trusted and now >= CLOCK_FLOOR

@@ -140,6 +140,12 @@ def test_pkiconf_without_extracerts_stored_with_exit_8(lab, run):
         assert "NOT authenticated" in out and "without extraCerts" in out
         rec = _show(run, "app1")
         assert rec["subject"] == "CN=dev1 app" and (run.state.parent / "app1.pem").exists()
+        assert "--reuse-signer" in out  # the switch that would have authenticated it is named
+        # with the switch: the pkiConf is verified with the signer validated earlier in the transaction
+        out = run("request", "app2", "--domain", "plant", "--subject", "CN=dev1 app2", "--reuse-signer")
+        assert "issued app2" in out and "NOT authenticated" not in out
+        meta = Keystore.open(run.state).get("app2").record["meta"]
+        assert meta["enroll"]["reuse_signer"] is True and "--reuse-signer" in meta["tolerated"][0]
 
 
 def test_revocation_state_and_failed_revoke(lab, run):

@@ -7,6 +7,9 @@ with a devagent template and must pass all 5 tests, as OpenSSL's template does.
 
 Known deviations of this server (shared/peers/README.md) and the switch each needs, named where used:
 - its pkiConf repeats the ip's senderNonce: ``--tolerate-nonce-reuse`` (else: stored, exit 8, message names it);
+- answers to signed requests are signed by its root, whose keyUsage lacks digitalSignature: ``--ignore-keyusage``
+  (as ``openssl cmp -ignore_keyusage``);
+- the genp to an unprotected genm carries no extraCerts: ``--trusted-signer-fallback`` (its root is our anchor);
 - its PBMAC1 answers use PBKDF2 with 262144 iterations: inside the PBKDF2 bound (no switch);
 - p10cr/genm with MAC want the NULL-DN sender and ref ``NULL-DN``: ``--mac-sender null-dn``.
 Never skipped: a missing Python 3.13 or build failure fails with what to install.
@@ -32,9 +35,13 @@ DEVAGENT = str(Path(sys.executable).with_name("devagent"))
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory):
+    from tests.peers import openssl_cmp as O
+
     d = tmp_path_factory.mktemp("mockca")
-    srv = MC.MockCA(d, allow_same_key=True)
+    pki = O.make_pki(d / "pki")  # its manufacturer IDevID CA goes into the MockCA's trust anchors
+    srv = MC.MockCA(d, allow_same_key=True, trust_anchors=(pki.idevid_ca,))
     srv.start()
+    srv.pki = pki
     (d / "root.pem").write_bytes(srv.root.public_bytes(serialization.Encoding.PEM))
     yield srv
     srv.stop()
@@ -177,3 +184,59 @@ def test_ca_update_over_mac(ca, tmp_path):
     after = snapshot(st)
     after.pop("audit.log", None), before.pop("audit.log", None)
     assert after == before
+
+
+def test_signed_flows_cr_kur_rr_with_ignore_keyusage(ca, tmp_path):
+    """cr, kur, rr signed with the LDevID; the MockCA's root signs the answers without digitalSignature in its
+    keyUsage: refused naming --ignore-keyusage, then, with the switch (remembered), every flow completes and the
+    certificates pass openssl verify."""
+    st = tmp_path / "st"
+    dv(st, "enroll", "--domain", "mock", *_mac(ca, "dv-sig-1"), "--tolerate-nonce-reuse", check=0)
+    before = snapshot(st)
+    r = dv(st, "request", "app1", "--domain", "mock", "--subject", "/CN=dv-sig-1", check=5)
+    assert "keyUsage lacks digitalSignature" in r.stderr and "--ignore-keyusage" in r.stderr, r.stderr
+    after = snapshot(st)
+    after.pop("audit.log", None), before.pop("audit.log", None)
+    assert after == before
+    dv(st, "request", "app1", "--domain", "mock", "--subject", "/CN=dv-sig-1", "--ignore-keyusage",
+       "--certout", tmp_path / "app1.pem", check=0)
+    dv(st, "renew", "ldevid-mock", "--ignore-keyusage", "--certout", tmp_path / "renewed.pem", check=0)
+    _verify(ca, tmp_path / "app1.pem", tmp_path / "renewed.pem")
+    dv(st, "revoke", "app1", "--reason", "superseded", check=0)  # remembered from 'request'
+    assert "REVOKED" in dv(st, "status", "app1", check=0).stdout
+    from keystore.store import Keystore
+
+    remembered = Keystore.open(st).get("ldevid-mock").record["meta"]["enroll"]
+    assert remembered["ignore_keyusage"] is True and remembered["tolerate_nonce_reuse"] is True  # renew -> daemon
+
+
+def test_idevid_signed_ir(ca, tmp_path):
+    """Zero-touch ir signed with the IDevID (its CA is in the MockCA's trust anchors)."""
+    pki = ca.pki
+    st = tmp_path / "st"
+    dv(st, "keystore", "init", check=0)
+    dv(st, "keystore", "import-idevid", "idevid", "--cert", pki.path("idevid.pem"), "--key", pki.path("idevid_key.pem"),
+       "--chain", pki.path("idevid_ca.pem"), check=0)
+    dv(st, "enroll", "--domain", "mock", "--idevid", "idevid", "--protocol", "cmp", "--server", ca.url,
+       "--subject", "/CN=dv-zt-1", "--recipient", MC.RECIPIENT, "--trust", _root(ca), "--ignore-keyusage",
+       "--tolerate-nonce-reuse", "--certout", tmp_path / "zt.pem", check=0)
+    _verify(ca, tmp_path / "zt.pem")
+
+
+def test_genp_to_unprotected_genm_needs_trusted_signer_fallback(ca):
+    """genm caCerts without protection: the MockCA's genp is signed by its root but carries no extraCerts.
+    Refused naming the switch; with --trusted-signer-fallback (and --ignore-keyusage for its root) the root we
+    trust is the signer."""
+    import asyncio
+
+    from enroll_clients.base import ProtectionError
+    from enroll_clients.cmp import CmpClient, HttpTransport
+
+    def client(**kw):
+        return CmpClient(HttpTransport(ca.url, retries=0), trust_anchors=(ca.root,),
+                         recipient=x509.Name.from_rfc4514_string(MC.RECIPIENT), **kw)
+
+    with pytest.raises(ProtectionError, match="without extraCerts.*--trusted-signer-fallback"):
+        asyncio.run(client(ignore_keyusage=True).ca_certs(None))
+    res = asyncio.run(client(ignore_keyusage=True, trusted_signer_fallback=True).ca_certs(None))
+    assert ca.root in res.ca_certs

@@ -188,3 +188,126 @@ def test_http_error_status_with_cmp_body_is_returned():
     t = HttpTransport("http://h/pkix/", retries=0)
     t._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     assert asyncio.run(t.exchange(b"x")) == b"\x30\x00"
+
+
+# --- signer deviations (docs/cmp.md "Deviations"): switch off -> refused naming it; on -> only that one ---------
+def _ra_without_digital_signature(keys):
+    import datetime as _dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=1)
+    cert = (x509.CertificateBuilder().subject_name(name("RA no DS")).issuer_name(keys.ca.subject)
+            .public_key(k.public_key()).serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + _dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, True, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")]), critical=False)
+            .sign(keys.ca_key, hashes.SHA256()))
+    return k, cert
+
+
+def _device_cert(keys):
+    """Another device's certificate: chains to the CMP anchor, digitalSignature, but neither CA nor RA."""
+    import datetime as _dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=1)
+    cert = (x509.CertificateBuilder().subject_name(name("other device")).issuer_name(keys.ca.subject)
+            .public_key(k.public_key()).serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + _dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .sign(keys.ca_key, hashes.SHA256()))
+    return k, cert
+
+
+class SignerCa(FakeCa):
+    """Signed answers with a chosen signer; ``bare`` = body types sent without extraCerts; ``bare_key`` signs
+    those instead of the signer (another key)."""
+
+    def __init__(self, keys, signer, *, bare=(), bare_key=None):
+        super().__init__(keys, signed=True)
+        self.signer = signer  # (key, cert)
+        self.bare = set(bare)
+        self.bare_key = bare_key
+
+    def __call__(self, der):
+        from datetime import datetime, timezone
+
+        req = A.der_decode(der, A.PKIMessage())
+        t = req["body"].getName()
+        self.seen.append(t)
+        h = req["header"]
+        body_type, body, gi = self.respond(t, req)
+        key, cert = self.signer
+        if body_type in self.bare and self.bare_key is not None:
+            key = self.bare_key
+        pr = M.Protector(certificate=cert, private_key=key, chain=(self.k.ca,))
+        return M.encode_message(pr, body_type, body, transaction_id=bytes(h["transactionID"]),
+                                sender_nonce=b"S" * 15 + bytes([len(self.seen)]), recip_nonce=bytes(h["senderNonce"]),
+                                general_info=gi, now=datetime.now(timezone.utc),
+                                protection_certs=body_type not in self.bare)
+
+
+def test_ignore_keyusage_off_refused_naming_it_on_accepts_only_that(keys):
+    ra = _ra_without_digital_signature(keys)
+    with pytest.raises(ProtectionError, match="keyUsage lacks digitalSignature.*--ignore-keyusage"):
+        run(client(SignerCa(keys, ra), keys).request(req(keys), ClientAuth(certificate=keys.idev,
+                                                                            private_key=keys.idev_key)))
+    r = run(client(SignerCa(keys, ra), keys, ignore_keyusage=True).request(
+        req(keys), ClientAuth(certificate=keys.idev, private_key=keys.idev_key)))
+    assert r.info["response_signer"] == "CN=RA no DS"
+    # another device's certificate as the signer still fails, with the switch on
+    with pytest.raises(ProtectionError, match="not-authorized"):
+        run(client(SignerCa(keys, _device_cert(keys)), keys, ignore_keyusage=True).request(
+            req(keys), ClientAuth(certificate=keys.idev, private_key=keys.idev_key)))
+
+
+def test_reuse_signer_for_pkiconf_without_extracerts(keys):
+    auth = ClientAuth(certificate=keys.idev, private_key=keys.idev_key)
+    signer = (keys.ra_key, keys.ra)
+    r = run(client(SignerCa(keys, signer, bare={"pkiconf"}), keys).request(req(keys), auth))
+    assert r.info["confirmation"] == "unauthenticated"
+    assert "--reuse-signer" in r.info["unconfirmed_reason"] and "without extraCerts" in r.info["unconfirmed_reason"]
+    r = run(client(SignerCa(keys, signer, bare={"pkiconf"}), keys, reuse_signer=True).request(req(keys), auth))
+    assert r.info["confirmation"] == "pkiConf" and "--reuse-signer" in r.info["tolerated"][0]
+    # a bare pkiConf signed by another device's key: the reused signer does not verify it
+    other_key, _ = _device_cert(keys)
+    r = run(client(SignerCa(keys, signer, bare={"pkiconf"}, bare_key=other_key), keys, reuse_signer=True)
+            .request(req(keys), auth))
+    assert r.info["confirmation"] == "unauthenticated" and "signature does not verify" in r.info["unconfirmed_reason"]
+    # the switch only covers a missing signer certificate, not a reused nonce
+    ca = NonceReusingCa(keys)
+    r = run(client(ca, keys, reuse_signer=True).enroll(req(keys), mac_auth()))
+    assert r.info["confirmation"] == "unauthenticated" and "--tolerate-nonce-reuse" in r.info["unconfirmed_reason"]
+
+
+def _anchor_signed(keys):
+    """The CA itself signs (as the MockCA's root does): signer = the trust anchor."""
+    return keys.ca_key, keys.ca
+
+
+def test_trusted_signer_fallback_for_genp_without_extracerts(keys):
+    ca_signed = _anchor_signed(keys)
+    with pytest.raises(ProtectionError, match="without extraCerts.*--trusted-signer-fallback"):
+        run(client(SignerCa(keys, ca_signed, bare={"genp"}), keys).ca_certs(None))
+    res = run(client(SignerCa(keys, ca_signed, bare={"genp"}), keys, trusted_signer_fallback=True).ca_certs(None))
+    assert res.ca_certs == ()
+    # a bare genp signed by another device's key, named like the anchor: no trusted certificate verifies it
+    other_key, _ = _device_cert(keys)
+    with pytest.raises(ProtectionError, match="verifies with no pinned certificate or CMP trust anchor"):
+        run(client(SignerCa(keys, ca_signed, bare={"genp"}, bare_key=other_key), keys,
+                   trusted_signer_fallback=True).ca_certs(None))
+    # the fallback does not make a certificate outside the trust store a signer: with the RA's (valid) cert
+    # left out, its name matches no anchor
+    with pytest.raises(ProtectionError, match="verifies with no pinned certificate"):
+        run(client(SignerCa(keys, (keys.ra_key, keys.ra), bare={"genp"}), keys,
+                   trusted_signer_fallback=True).ca_certs(None))
