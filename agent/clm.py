@@ -758,16 +758,18 @@ class Clm:
                         self._db_down(e)
                         timeout = db_delay
                         db_delay = min(db_delay * 2, DB_RETRY_MAX_S)
+                    fresh = 0
                     for rec in claimed:
                         if once and rec["id"] in seen:  # one pass: never twice (it fell due again already)
                             await self._db(self.inventory.release, rec["id"], self.worker_id, rec["lease_token"])
                             continue
+                        fresh += 1
                         seen.add(rec["id"])
                         info = _InFlight(None, rec["lease_token"], t0 + self.lease_s * LEASE_SAFETY)
                         info.task = asyncio.create_task(one(rec, info))
                         info.task.add_done_callback(lambda _t, d=rec["id"]: inflight.pop(d, None))
                         inflight[rec["id"]] = info
-                    if self._db_down_since is None and len(claimed) < free:
+                    if self._db_down_since is None and fresh < free:
                         if once and not inflight:
                             break
                         if not once:
@@ -777,7 +779,7 @@ class Clm:
                                     timeout = min(timeout, max(nd, 0.05))
                             except InventoryUnavailableError as e:
                                 self._db_down(e)
-                    elif len(claimed) == free:
+                    elif fresh == free:
                         continue  # more may be due: claim again once a slot frees (below) or at once
                 waits = [i.task for i in inflight.values()] + [stop_wait]
                 await asyncio.wait(waits, timeout=None if once and inflight and self._db_down_since is None
@@ -785,12 +787,13 @@ class Clm:
                 await asyncio.sleep(0)  # let finished renewals' callbacks run before claiming
         finally:
             if inflight:
-                done, pending = await asyncio.wait([i.task for i in inflight.values()], timeout=DRAIN_S)
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    await asyncio.wait(pending)
-                    for d, info in list(inflight.items()):
+                _, pending = await asyncio.wait([i.task for i in inflight.values()], timeout=DRAIN_S)
+                cancelled = {d: i for d, i in inflight.items() if i.task in pending}
+                for i in cancelled.values():
+                    i.task.cancel()
+                if cancelled:
+                    await asyncio.wait([i.task for i in cancelled.values()])
+                    for d, info in cancelled.items():  # let another worker have them at once
                         with contextlib.suppress(InventoryError):
                             await self._db(self.inventory.release, d, self.worker_id, info.token)
             hb.cancel()

@@ -303,3 +303,15 @@ def test_cmp_upstream_mac_alg_implicit_confirm_recipient(lab, one_device, tmp_pa
         assert res.exit_code == 0, res.output
         assert ca.core.requests[-1] == "p10cr"  # implicitConfirm granted: no certConf
     assert env.keystore().get("ldevid").version == 1
+
+
+def test_run_once_renews_each_device_once_even_if_due_again(lab, one_device):
+    """A certificate so short-lived that the device is due again the moment it is renewed: one pass (--once) still
+    renews it once and ends, with the lease given back."""
+    env, dev = one_device
+    inv = open_inventory(None, env.clm_dir)
+    inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN)
+    up = LabUpstream(lab, lifetime_s=1)  # backdated 60 s: its renewal time is already past
+    assert run_clm(inv, up, lambda m: m.run(once=True, parallel=1)) == {"dev1": "ok"}
+    rec = inv.get("dev1")
+    assert rec["enrollments"] == 1 and rec["lease_owner"] is None and inv.due() == ["dev1"]
