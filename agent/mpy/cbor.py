@@ -1,5 +1,8 @@
 """Minimal CBOR (RFC 8949) for small request maps: unsigned/negative ints, byte and text strings,
-arrays, maps, false/true/null. Definite lengths only; nesting depth bounded.
+arrays, maps, false/true/null. Definite lengths only; nesting depth bounded. Map keys are text strings, each
+at most once (every map of the board's protocol is keyed by text; RFC 8949 5.6 leaves duplicates to the
+protocol): a byte-string key is refused rather than kept next to text keys, where MicroPython compares the
+two types (and warns) and a lookup by the text name would silently miss it.
 
 Contract of ``loads``: bytes in, a value out, or ``CborError`` (a ValueError) naming what was wrong; no other
 exception escapes for any input (checked by the fuzz suite, tests/fuzz, under CPython and MicroPython)."""
@@ -86,9 +89,11 @@ def _read(b, i, depth):
             raise CborError("CBOR map longer than input")
         out = {}
         for _ in range(n):
+            if i < len(b) and b[i] >> 5 != 3:
+                raise CborError("CBOR map key must be a text string (major type %d at offset %d)" % (b[i] >> 5, i))
             k, i = _read(b, i, depth + 1)
-            if isinstance(k, (list, dict)):
-                raise CborError("CBOR map key must be a scalar")
+            if k in out:
+                raise CborError("duplicate CBOR map key %r" % k)
             out[k], i = _read(b, i, depth + 1)
         return out, i
     if major == 7 and ai in (20, 21, 22):

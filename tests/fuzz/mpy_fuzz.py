@@ -1,11 +1,16 @@
 """The board parsers' fuzz run under the MicroPython unix port (and CPython): same targets, same mutator.
 
-    micropython tests/fuzz/mpy_fuzz.py INPUTS [SEED]
+    micropython tests/fuzz/mpy_fuzz.py INPUTS [SEED] [trace | dump N]
 
 Reads the seeds of ``corpus/mpy_parsers/`` and ``regressions/mpy_parsers/``, runs them and INPUTS mutants
 through ``mpy_targets.run`` and prints one JSON line of figures (inputs, accepted, refused, foreign, hangs,
 kinds, seconds, slowest_ms). A foreign exception's kind is its type and message head; the first input of each
 kind is written to ``findings/mpy_parsers/``. Exit status 1 if anything foreign escaped.
+
+MicroPython prints some faults as a warning instead of raising (``Warning: Comparison between bytes and str``),
+which no ``except`` sees. ``trace`` prints ``#N`` to stderr before input N, so the host driver
+(``tests/fuzz/mpy_host.py``) can tie each warning to its input; ``dump N`` writes input N (the same
+deterministic sequence for the same INPUTS and SEED) to ``findings/mpy_parsers/input-N.bin`` and exits.
 """
 import os
 import sys
@@ -51,22 +56,30 @@ def _files(d):
 
 
 def _save(kind, data):
+    d = _mkdirs()
+    h = 0
+    for c in kind.encode():
+        h = (h * 31 + c) & 0xFFFFFFFF
+    with open("%s/mpy-%08x.bin" % (d, h), "wb") as f:
+        f.write(data)
+
+
+def _mkdirs():
     d = HERE + "/findings"
     for p in (d, d + "/mpy_parsers"):
         try:
             os.mkdir(p)
         except OSError:
             pass
-    h = 0
-    for c in kind.encode():
-        h = (h * 31 + c) & 0xFFFFFFFF
-    with open("%s/mpy_parsers/mpy-%08x.bin" % (d, h), "wb") as f:
-        f.write(data)
+    return d + "/mpy_parsers"
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    mode = sys.argv[3] if len(sys.argv) > 3 else ""
+    dump = int(sys.argv[4]) if mode == "dump" else -1
+    trace = mode == "trace"
     seeds = _files(HERE + "/corpus/mpy_parsers")
     if not seeds:
         print("no seeds in corpus/mpy_parsers")
@@ -81,6 +94,15 @@ def main():
             data = queue[st["inputs"]]
         else:
             data = mutate.mutate(rng, rng.choice(seeds), seeds, 1)
+        if dump >= 0:
+            if st["inputs"] == dump:
+                with open("%s/input-%d.bin" % (_mkdirs(), dump), "wb") as f:
+                    f.write(data)
+                return
+            st["inputs"] += 1
+            continue
+        if trace:
+            sys.stderr.write("#%d\n" % st["inputs"])
         s = _ticks_ms()
         try:
             mpy_targets.run(data)

@@ -5,6 +5,7 @@ Bad bytes from a peer or a file give the package's own error naming what and whe
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 from pathlib import Path
 
@@ -153,3 +154,16 @@ def test_board_cbor_errors_are_cbor_errors(board):
     for bad in (b"\x1f", b"\x62a", b"\xa1\x80\x01", b"\x00\x00", b"\x63\xff\xfe\xfd"):
         with pytest.raises(cbor.CborError):
             cbor.loads(bad)
+
+
+@pytest.mark.parametrize("bad,what", [(b"\xa1\x43san\x01", "text string (major type 2"),
+                                      (b"\xa2\x63san\x01\x43san\x02", "text string (major type 2"),
+                                      (b"\xa1\x01\x02", "text string (major type 0"),
+                                      (b"\xa2\x61a\x01\x61a\x02", "duplicate CBOR map key 'a'")])
+def test_board_cbor_map_keys_are_text_and_unique(board, bad, what):
+    """A byte-string key next to text keys was kept (MicroPython then compared bytes with str on every lookup,
+    printing a warning, and a lookup by the text name missed it); a duplicate key silently replaced the first."""
+    _, cbor = board
+    with pytest.raises(cbor.CborError, match=re.escape(what)):
+        cbor.loads(bad)
+    assert cbor.loads(b"\xa2\x61a\x01\x61b\x42\x00\x01") == {"a": 1, "b": b"\x00\x01"}

@@ -21,7 +21,8 @@ def _agent(ctx, sub):
 def test_cbor_roundtrip_and_errors(ctx):
     v = {"cn": "dev-1", "sans": ["a", "b"], "n": -500, "big": 1 << 40, "b": b"\x00\x01", "t": True, "z": None}
     assert cbor.loads(cbor.dumps(v)) == v
-    for bad in (b"", b"\xa1", b"\x62a", b"\x5f", b"\xa1\x80\x01", b"\x01\x02", b"\x81" * 20 + b"\x01"):
+    for bad in (b"", b"\xa1", b"\x62a", b"\x5f", b"\xa1\x80\x01", b"\x01\x02", b"\x81" * 20 + b"\x01",
+                b"\xa1\x43san\x01", b"\xa1\x01\x02", b"\xa2\x61a\x01\x61a\x02"):  # keys: text, once each
         raises(ValueError, cbor.loads, bad)
 
 
