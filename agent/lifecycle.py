@@ -268,9 +268,20 @@ async def _check_est_issuer(ks: Keystore, client, domain: str, auth: ClientAuth,
     if not anchors:
         raise VerificationError("untrusted", f"domain {domain} has no trust anchor: give its CA certificate with "
                                 "--trust or bootstrap with --ca-fingerprint; nothing was requested")
+    from enroll_clients.base import ProtectionError, ProtocolError, ServerError
+
     cert_auth = (dataclasses.replace(auth, username=None, password=None, reference=None, secret=None)
                  if auth.certificate is not None else None)  # never spend a (one-time) password on /cacerts
-    result = await client.ca_certs(cert_auth)
+    try:
+        result = await client.ca_certs(cert_auth)
+    except ProtectionError:
+        raise
+    except (ProtocolError, ServerError) as e:
+        # A server whose /cacerts is broken may still answer the enrollment with the whole chain: do not block it
+        # here; verify-before-store judges the issued certificate.
+        log.warning("EST /cacerts could not be checked against domain %s's anchors before the request (%s); the "
+                    "issued certificate is verified before it is stored", domain, e)
+        return
     at = result.server_time or now or datetime.datetime.now(datetime.timezone.utc)
     policy = Policy.for_purpose("ca-cert", at=at)
     for c in result.ca_certs:

@@ -52,7 +52,7 @@ EST_PREFIX = "/.well-known/est"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen", "csrattrs")
 FAULTS = ("bad-base64", "empty-pkcs7", "wrong-key", "foreign-chain", "no-key-part", "html", "html-500", "reset",
           "redirect-other", "redirect-same", "der", "pem", "no-cte", "no-retry-after", "silent", "csrattrs-nul",
-          "csrattrs-garbage", "csrattrs-500")
+          "csrattrs-garbage", "csrattrs-500", "cacerts-500")
 MAX_BODY_BYTES = 256 * 1024
 # /csrattrs default: ecdsa-with-SHA256, Attribute{ecPublicKey, {secp256r1}} (RFC 7030 §4.5.2 / RFC 9908 style).
 DEFAULT_CSRATTRS_DER = bytes.fromhex("3021" "06082a8648ce3d040302" "3015" "06072a8648ce3d0201" "310a"
@@ -292,7 +292,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._fault_prelude():
             return
         dom = self.server.lab.domain(self.server.cfg.domain)
-        if op == "cacerts":
+        if op == "cacerts" and self.server.cfg.fault == "cacerts-500":
+            self._text(500, "cacerts backend failure")
+        elif op == "cacerts":
             certs = [dom.ca_cert, dom.root_cert]
             for extra in (dom.old_root_cert, dom.new_with_old, dom.old_with_new):
                 if extra is not None:
@@ -405,6 +407,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._certs_response([cert] + chain)
             return
         cert = lab.issue(cfg.domain, pub, csr.subject, tuple(_sans_obj(csr)), profile, cfg.lifetime_s)
+        if cfg.fault == "cacerts-500":  # the chain comes with the certificate, as some servers send it
+            dom = lab.domain(cfg.domain)
+            self._certs_response([cert, dom.ca_cert, dom.root_cert])
+            return
         self._certs_response([cert])
 
     def _serverkeygen(self, csr, profile):

@@ -159,6 +159,15 @@ def test_fingerprint_that_matches_nothing_is_refused_even_with_trust(lab, dev):
         assert not any(m == "POST" for m, _ in est.requests)
 
 
+def test_broken_cacerts_does_not_block_a_server_that_sends_the_chain(lab, dev, caplog):
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, fault="cacerts-500") as est:
+        dev("keystore", "trust", "--domain", "plant", "--add", str(lab.dir / "plant" / "root.pem"))
+        dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
+            "--username", USER, "--password", f"pass:{PASSWORD}", "--subject", "CN=dev1", "--csrattrs", "ignore")
+        assert "could not be checked against domain plant's anchors" in caplog.text
+        assert Keystore.open(dev.state).get("ldevid-plant").certificate.subject.rfc4514_string() == "CN=dev1"
+
+
 @pytest.mark.parametrize("fault,mode,code,stored_ok", [
     ("csrattrs-nul", "use", 0, True),      # libest's trailing NUL: tolerated
     ("csrattrs-garbage", "use", 0, True),   # unusable answer: warning, enrolled without attributes
