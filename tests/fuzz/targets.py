@@ -6,8 +6,8 @@ the package's own error roots. Seeds are in ``tests/fuzz/corpus/<target>/`` (see
 
 | target | entry point | allowed |
 |---|---|---|
-| cmp_accept | ``Transaction.accept`` with the recorded binding of OpenSSL mock-server responses | EnrollError |
-| cmp_client | ``CmpClient`` enroll/request/renew/ca_certs/revoke against a fuzzing server holding the keys | EnrollError |
+| cmp_accept | ``Transaction.accept`` with the recorded binding of OpenSSL mock-server and MockCA responses | EnrollError |
+| cmp_client | ``CmpClient`` enroll/request/renew/ca_certs/cert_req_template/revoke against a fuzzing server holding the keys (``cmp_target.py``) | EnrollError |
 | est_certs | ``est.messages.parse_certs_body`` (certs-only in base64/PEM/DER) | ProtocolError |
 | est_serverkeygen | ``est.messages.parse_serverkeygen`` (Content-Type + multipart body) | EnrollError |
 | est_csrattrs | ``est.messages.parse_csrattrs`` | ProtocolError |
@@ -35,25 +35,49 @@ _TMP = None
 
 
 def tmpdir() -> Path:
+    """Scratch directory of the process: on tmpfs (/dev/shm) where there is one, so the fsyncs of accepted
+    imports cost what they cost on a board's RAM disk, not the shared test machine's disk."""
     global _TMP
     if _TMP is None:
-        _TMP = Path(tempfile.mkdtemp(prefix="devagent-fuzz-"))
+        shm = Path("/dev/shm")
+        base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        _TMP = Path(tempfile.mkdtemp(prefix="devagent-fuzz-", dir=base))
     return _TMP
 
 
+_HASHES: dict = {}  # (path, inode, size, mtime_ns, ctime_ns) -> sha256 of a file seen before
+
+
 def snapshot(root: Path) -> dict:
-    """{relative path: sha256} of every file under root (what is stored)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            if f.endswith(".lock"):
-                continue
+    """{relative path: sha256} of every file under root (what is stored). A file whose inode, size, mtime and
+    ctime are those of a file already hashed is not read again (every write -- in place or by rename -- changes
+    one of them; ctime cannot be set back from user space)."""
+    out: dict = {}
+    _scan(str(root), len(str(root)) + 1, out)
+    if len(_HASHES) > 100_000:
+        _HASHES.clear()
+    return out
+
+
+def _scan(d: str, strip: int, out: dict) -> None:
+    try:
+        entries = list(os.scandir(d))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            _scan(e.path, strip, out)
+        elif not e.name.endswith(".lock"):
             try:
-                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+                st = e.stat(follow_symlinks=False)
+                k = (e.path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                h = _HASHES.get(k)
+                if h is None:
+                    with open(e.path, "rb") as f:
+                        h = _HASHES[k] = hashlib.sha256(f.read()).hexdigest()
+                out[e.path[strip:]] = h
             except FileNotFoundError:
                 pass
-    return out
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -61,151 +85,11 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(changed[:5])
 
 
-# ---- CMP -------------------------------------------------------------------------------------------
-CMP_CONTEXT = CORPUS / "cmp.context"
-RESPONSE_TYPES = ("ip", "cp", "kup", "genp", "rp", "pkiconf", "pollRep")
+# ---- CMP: tests/fuzz/cmp_target.py ------------------------------------------------------------------
+def _cmp():
+    from tests.fuzz import cmp_target
 
-
-@functools.lru_cache(maxsize=1)
-def _cmp_ctx() -> dict:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    c = json.loads((CMP_CONTEXT / "context.json").read_text())
-    ctx = {"ref": c["reference"].encode(), "secret": c["secret"].encode(), "tid": bytes.fromhex(c["transaction_id"]),
-           "nonce": bytes.fromhex(c["sender_nonce"])}
-    for name in ("root", "server", "device_cert", "device_rsa_cert"):
-        ctx[name] = x509.load_pem_x509_certificate((CMP_CONTEXT / f"{name}.pem").read_bytes())
-    for name in ("server_key", "device_key", "device_rsa_key"):
-        ctx[name] = serialization.load_pem_private_key((CMP_CONTEXT / f"{name}.pem").read_bytes(), None)
-    return ctx
-
-
-@functools.lru_cache(maxsize=1)
-def _seed_protected_parts() -> frozenset:
-    from enroll_clients.cmp import messages as M
-
-    out = set()
-    for p in (CORPUS / "cmp_accept").iterdir():
-        out.add(M._protected_part(M.decode_message(p.read_bytes()[1:])))
-    return frozenset(out)
-
-
-def cmp_accept(data: bytes) -> None:
-    """A response through ``Transaction.accept`` bound to the recorded request. Property: an accepted,
-    protected response carries exactly the protected content (header + body) of one of the recorded ones."""
-    from enroll_clients.cmp import messages as M
-
-    c = _cmp_ctx()
-    # Recorded responses carry the messageTime of the recording: replay them with an untrusted clock (the
-    # time check is tested in tests/unit/test_cmp_client.py; here the decoder and protection are fuzzed).
-    txn = M.Transaction(M.Protector(reference=c["ref"], secret=c["secret"], trust_anchors=(c["root"],)),
-                        transaction_id=c["tid"], clock_trusted=False)
-    txn.sender_nonce = c["nonce"]  # the binding of the recorded request
-    resp = txn.accept(data[1:], RESPONSE_TYPES)
-    if resp.protected and M._protected_part(resp.msg) not in _seed_protected_parts():
-        raise AcceptedMutant("a response whose protected part was changed passed the protection check")
-
-
-OPS = ("ir", "cr", "p10cr", "kur", "genm", "rr")
-
-
-def _frames(data: bytes) -> list[bytes]:
-    out, i = [], 0
-    while i + 3 <= len(data) and len(out) < 8:
-        n = int.from_bytes(data[i:i + 3], "big")
-        out.append(data[i + 3:i + 3 + n])
-        i += 3 + n
-    return out
-
-
-def _reprotect(rsp: bytes, request: bytes, index: int) -> bytes:
-    """The fuzzed response bound to our real request and protected again with the keys the server holds
-    (MAC with the shared secret, or the mock server's signing key): the fuzzer plays an authenticated server."""
-    from enroll_clients.cmp import asn1 as A
-    from enroll_clients.cmp import messages as M
-    from enroll_clients.cmp import protection as P
-
-    c = _cmp_ctx()
-    try:
-        msg = A.der_decode(rsp, A.PKIMessage())
-        req = A.der_decode(request, A.PKIMessage())
-        h = msg["header"]
-        h["transactionID"] = h["transactionID"].clone(bytes(req["header"]["transactionID"]))
-        h["recipNonce"] = h["recipNonce"].clone(bytes(req["header"]["senderNonce"]))
-        h["senderNonce"] = h["senderNonce"].clone(hashlib.sha256(request + bytes([index])).digest()[:16])
-        if h["protectionAlg"].isValue and msg["protection"].isValue:
-            data = M._protected_part(msg)
-            if P.is_mac_alg(h["protectionAlg"]):
-                value = P.compute_mac(h["protectionAlg"], c["secret"], data)
-            else:
-                alg, sign = P.signature_alg_for(c["server_key"])
-                h["protectionAlg"] = M._tagged(h, "protectionAlg", alg)
-                value = sign(M._protected_part(msg))
-            msg["protection"] = msg["protection"].clone(A.BitString.fromOctetString(value))
-        return A.der_encode(msg)
-    except Exception:  # noqa: BLE001 - a mutant we cannot re-bind goes to the client as it is
-        return rsp
-
-
-def cmp_client(data: bytes) -> None:
-    """One client operation (``data[0]``) against a server that answers with the framed responses in ``data``,
-    re-bound and re-protected. Property: a certificate returned is for the key we asked for."""
-    from enroll_clients.base import CertRequest, ClientAuth
-    from enroll_clients.cmp.client import CmpClient
-    from enroll_clients.cmp.transport import CallableTransport
-    from keystore.csr import build_csr
-
-    if not data:
-        return
-    c = _cmp_ctx()
-    op = OPS[data[0] % len(OPS)]
-    responses = _frames(data[1:])
-    state = {"i": 0}
-
-    def server(request: bytes) -> bytes:
-        i = state["i"]
-        state["i"] += 1
-        return _reprotect(responses[i], request, i) if i < len(responses) else b""
-
-    async def nosleep(_s):
-        return None
-
-    client = CmpClient(CallableTransport(server), trust_anchors=(c["root"],), implicit_confirm=True,
-                       mac_iterations=500, max_wait_s=5.0, sleep=nosleep)
-    mac = ClientAuth(reference=c["ref"], secret=c["secret"])
-    sig = ClientAuth(certificate=c["device_cert"], private_key=c["device_key"])
-    key = c["device_key"]
-    subject = c["device_cert"].subject
-
-    async def go():
-        if op == "ir":
-            return await client.enroll(CertRequest(subject=subject, private_key=key), mac)
-        if op == "cr":
-            return await client.request(CertRequest(subject=subject, private_key=key), mac)
-        if op == "p10cr":
-            return await client.enroll(CertRequest(subject=subject, csr=_csr(key, subject)), mac)
-        if op == "kur":
-            return await client.renew(CertRequest(subject=subject, private_key=key), sig)
-        if op == "genm":
-            return await client.ca_certs(mac)
-        return await client.revoke(c["device_cert"], sig, "superseded")
-
-    result = asyncio.run(go())
-    cert = getattr(result, "certificate", None)
-    if cert is not None:
-        from keystore.certs import same_public_key
-
-        if not same_public_key(cert.public_key(), key.public_key()):
-            raise AcceptedMutant("the client returned a certificate for another key")
-    _ = build_csr
-
-
-@functools.lru_cache(maxsize=4)
-def _csr(key, subject):
-    from keystore.csr import build_csr
-
-    return build_csr(key, subject, [])
+    return cmp_target
 
 
 # ---- EST -------------------------------------------------------------------------------------------
@@ -234,11 +118,19 @@ _KS = {}
 IMPORT_KINDS = ("certificates", "private-key", "pkcs12", "idevid")
 
 
-def _keystore():
-    if "ks" not in _KS:
-        from keystore.store import Keystore
+KEYSTORE_MAX_FILES = 40  # accepted imports and trust anchors pile up: start afresh beyond this
 
-        root = tmpdir() / "keystore"
+
+def _keystore():
+    """The fuzz keystore (one per process), re-created once accepted inputs have filled it, so the cost of an
+    input does not grow with the number of inputs before it."""
+    from keystore.store import Keystore
+
+    root = tmpdir() / "keystore"
+    if "ks" in _KS and len(snapshot(root)) > KEYSTORE_MAX_FILES:
+        _KS.pop("ks").close()
+        shutil.rmtree(root)
+    if "ks" not in _KS:
         _KS["root"] = root
         _KS["ks"] = Keystore.init(root)
     return _KS["ks"], _KS["root"]
@@ -315,7 +207,7 @@ def cli_import(data: bytes) -> None:
     else:
         args = ["keystore", "trust", "--domain", "fuzz", "--add", str(f)]
     before = snapshot(root)
-    r = CliRunner().invoke(cli, ["--state-dir", str(root), *args], catch_exceptions=True)
+    r = CliRunner().invoke(cli, ["--state-dir", str(root), *args], catch_exceptions=True, env=_cli_env())
     if r.exit_code == 1 or "internal error" in r.output:
         exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
         raise exc or RuntimeError(f"CLI internal error: {r.output.strip()[-200:]}")
@@ -324,6 +216,18 @@ def cli_import(data: bytes) -> None:
         if after != before:
             raise StateChanged(f"refused CLI import changed {_diff(before, after)}")
         raise _CliRefused(r.exit_code)
+
+
+@functools.lru_cache(maxsize=1)
+def _cli_env() -> dict:
+    """The generic board profile of this CPU by name (DEVAGENT_PROFILE, the documented override): every input
+    would otherwise re-read all board profiles for detection, which has nothing to do with the file under test."""
+    import platform
+
+    import board_profiles
+
+    name = f"generic-{platform.machine()}"
+    return {"DEVAGENT_PROFILE": name} if (Path(board_profiles.__file__).parent / f"{name}.toml").exists() else {}
 
 
 class _CliRefused(Exception):
@@ -401,12 +305,12 @@ def _coap():
 
 
 def all_targets() -> dict[str, Target]:
-    coap = _coap()
+    coap, cmp = _coap(), _cmp()
     ts = [
-        Target("cmp_accept", cmp_accept, _enroll_error(), "CMP responses (openssl cmp mock server) -> accept()",
-               prefix=1),
-        Target("cmp_client", cmp_client, _enroll_error(), "CMP client flows against a key-holding fuzz server",
-               prefix=1),
+        Target("cmp_accept", cmp.cmp_accept, _enroll_error(),
+               "CMP responses (openssl cmp mock server, Siemens MockCA) -> accept()", prefix=1),
+        Target("cmp_client", cmp.cmp_client, _enroll_error(), "CMP client flows against a key-holding fuzz server",
+               prefix=1, teardown=cmp.close),
         Target("est_certs", est_certs, _protocol_error(), "EST certs-only bodies"),
         Target("est_serverkeygen", est_serverkeygen, _enroll_error(), "EST /serverkeygen multipart"),
         Target("est_csrattrs", est_csrattrs, _protocol_error(), "EST /csrattrs"),
@@ -424,5 +328,6 @@ def all_targets() -> dict[str, Target]:
 
 
 def cleanup() -> None:
+    _cmp().close()
     if _TMP is not None:
         shutil.rmtree(_TMP, ignore_errors=True)

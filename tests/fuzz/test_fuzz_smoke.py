@@ -47,7 +47,7 @@ def test_target_smoke(name):
 
 def test_seeds_are_accepted_where_they_should_be():
     """The recorded real responses must pass: a corpus the parsers refuse would fuzz nothing but the front door."""
-    for name in ("cmp_accept", "est_certs", "est_csrattrs", "mpy_parsers"):
+    for name in ("cmp_accept", "cmp_client", "est_certs", "est_csrattrs", "mpy_parsers"):
         t = TARGETS[name]
         s = engine.Stats(name, "seeds")
         for data in t.seed_inputs():
