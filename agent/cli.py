@@ -364,18 +364,29 @@ def keystore_purge(app: App, expired):
 
 @keystore.command("trust")
 @click.option("--domain", required=True)
-@click.option("--add", "add_file", type=click.Path(exists=True, dir_okay=False), help="Add CA certificate(s) from this file.")
+@click.option("--purpose", type=click.Choice(["pki", "tls", "cmp", "cmp-server"]), default=None,
+              help="Trust store: pki (domain CA, default for --add), tls (EST server TLS), cmp (CMP signer anchors), "
+              "cmp-server (pinned CMP server certificates). Listing: only this store.")
+@click.option("--add", "add_file", type=click.Path(exists=True, dir_okay=False), help="Add certificate(s) from this file.")
+@click.option("--remove", "remove_fp", metavar="FP", help="Remove the anchor with this sha256 fingerprint (or a unique "
+              "prefix of it) from the store (every store without --purpose).")
 @pass_app
-def keystore_trust(app: App, domain, add_file):
-    """List (or add to) a domain's trust anchors."""
+def keystore_trust(app: App, domain, purpose, add_file, remove_fp):
+    """List a domain's trust anchors by store, add to or remove from a store (docs/trust.md)."""
     from keystore.certs import load_certificate_file
 
     ks = app.keystore()
+    if add_file and remove_fp:
+        raise click.UsageError("--add and --remove exclude each other")
     if add_file:
-        ks.add_trust_anchors(domain, load_certificate_file(add_file), source=add_file)
-    recs = ks.trust_records(domain)
+        ks.add_trust_anchors(domain, load_certificate_file(add_file), source=add_file, purpose=purpose or "pki")
+    if remove_fp:
+        stores = ks.remove_trust_anchor(domain, remove_fp, purpose)
+        click.echo(f"removed {remove_fp} from the {', '.join(stores)} store(s) of {domain}", err=True)
+    recs = ks.trust_records(domain, purpose)
     app.out({"domain": domain, "anchors": recs},
-            "\n".join(f"{r['fingerprint']}  {r['role']:<4} {r['subject']}" for r in recs) or "(none)")
+            "\n".join(f"{r['fingerprint']}  {r['purpose']:<10} {r['role']:<4} {r['subject']}" for r in recs)
+            or "(none)")
 
 
 @keystore.command("audit")
@@ -464,6 +475,15 @@ def _server_options(f):
                           "[use; remembered]."),
         click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="CA certificate(s) of the domain to trust (PEM/DER); repeatable."),
+        click.option("--tls-trust", "tls_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="EST: CA certificate(s) that authenticate the server's TLS certificate when that is not "
+                     "the domain CA (reverse proxy, site PKI); kept in the domain's tls store; repeatable."),
+        click.option("--cmp-trust", "cmp_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="CMP: anchor(s) for the response signer when not the domain CA; kept in the cmp store."),
+        click.option("--cmp-server-cert", "cmp_server_files", multiple=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="CMP: trust this server certificate directly as the response signer (like openssl cmp "
+                     "-srvcert); kept in the cmp-server store."),
         click.option("--ca-fingerprint", help="sha256:HEX of the root to accept at bootstrap (EST /cacerts)."),
         click.option("--ref", help="CMP: reference (senderKID) for MAC protection."),
         click.option("--secret", help="CMP: shared secret for MAC protection: env:VAR, file:PATH or pass:TEXT."),
@@ -559,15 +579,18 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
     from enroll_clients.base import EnrollOptions
     from keystore.certs import load_certificate_file
 
+    from agent.lifecycle import server_trust
+
     trust = []
     for f in trust_files or ():
         trust.extend(load_certificate_file(f))
-    anchors = tuple(trust) or tuple(ks.trust_anchors(domain)) if domain else tuple(trust)
+    anchors, trust_extra = server_trust(ks, domain, protocol, trust)
     return EnrollOptions(
         server=server, trust_anchors=anchors, domain=domain, profile=profile, label=label,
         timeout_s=timeout_s or 30.0, recipient=_recipient(recipient),
         implicit_confirm=bool(implicit_confirm), mac=mac or "pbm", reqout=reqout, rspin=rspin,
-        ca_fingerprint=ca_fingerprint, extra={**_cmp_extra(kw), **({"cert_template": True} if cert_template else {}),
+        ca_fingerprint=ca_fingerprint, extra={**trust_extra, **_cmp_extra(kw),
+                                              **({"cert_template": True} if cert_template else {}),
                                               **({"unprotected": True} if unprotected_requests else {})})
 
 
@@ -617,14 +640,61 @@ def _subject_sans(subject, sans):
     return parse_subject(subject or f"CN={socket.gethostname()}"), tuple(parse_san(s) for s in sans)
 
 
-def _add_trust(ks, domain, trust_files):
+def _add_trust(ks, domain, trust_files, purpose: str = "pki"):
     from keystore.certs import load_certificate_file
     from keystore.validator import is_ca
 
     for f in trust_files or ():
-        certs = [c for c in load_certificate_file(f) if is_ca(c)]
+        certs = [c for c in load_certificate_file(f) if purpose == "cmp-server" or is_ca(c)]
         if certs:
-            ks.add_trust_anchors(domain, certs, source=f)
+            ks.add_trust_anchors(domain, certs, source=f, purpose=purpose)
+
+
+def _add_trust_stores(ks, domain, kw) -> None:
+    """--trust, --tls-trust, --cmp-trust, --cmp-server-cert into the domain's trust stores (docs/trust.md)."""
+    for opt, purpose in (("trust_files", "pki"), ("tls_trust_files", "tls"), ("cmp_trust_files", "cmp"),
+                         ("cmp_server_files", "cmp-server")):
+        _add_trust(ks, domain, kw.get(opt), purpose)
+
+
+_TRUST_OPTIONS = ("trust_files", "tls_trust_files", "cmp_trust_files", "cmp_server_files")
+
+
+def _undo_trust_on_failure(f):
+    """A failed enroll/request leaves no trust anchor behind that its --trust, --tls-trust, --cmp-trust or
+    --cmp-server-cert added (an EST bootstrap root accepted by fingerprint or confirmation stays: that trust was
+    established on its own)."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(app, *args, **kw):
+        domain = kw.get("domain")
+        files = {str(p) for o in _TRUST_OPTIONS for p in (kw.get(o) or ())}
+        if not files:
+            return f(app, *args, **kw)
+        ks = app.keystore()
+        before = {(r["fingerprint"], r["purpose"]) for r in ks.trust_records(domain)}
+        try:
+            return f(app, *args, **kw)
+        except SystemExit as e:
+            if e.code in (0, None, EXIT_UNCONFIRMED):  # stored (an unauthenticated pkiConf still stores)
+                raise
+            _remove_added_trust(ks, domain, before, files)
+            raise
+        except BaseException:
+            _remove_added_trust(ks, domain, before, files)
+            raise
+
+    return wrapper
+
+
+def _remove_added_trust(ks, domain, before, files) -> None:
+    for r in ks.trust_records(domain):
+        if (r["fingerprint"], r["purpose"]) not in before and r.get("source") in files:
+            try:
+                ks.remove_trust_anchor(domain, r["fingerprint"], r["purpose"])
+            except Exception as e:  # pragma: no cover - reported, the original error is what matters
+                click.echo(f"devagent: warning: could not remove trust anchor {r['fingerprint']}: {e}", err=True)
 
 
 def _print_cred(app: App, cred, verb: str):
@@ -709,6 +779,7 @@ def _load_csr(csr_file: str):
 @_key_options
 @_request_options
 @pass_app
+@_undo_trust_on_failure
 def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, username, password, key_type, key_backend,
            key_ref, server_keygen, allow_weak_keys, subject, sans, csr_file, certout, chainout, unprotected_requests,
            **kw):
@@ -724,7 +795,7 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
     csr = _load_csr(csr_file) if csr_file is not None else None
     ks = app.keystore()
     name = name or f"ldevid-{domain}"
-    _add_trust(ks, domain, kw.get("trust_files"))
+    _add_trust_stores(ks, domain, kw)
     if protocol == "est" and (not ks.trust_anchors(domain) or not _fingerprint_trusted(ks, domain,
                                                                                       kw.get("ca_fingerprint"))):
         # No anchor yet (RFC 7030 §4.1.1 bootstrap), or --ca-fingerprint names a root the domain does not trust
@@ -845,6 +916,7 @@ def _bootstrap_est(app, ks, domain, server, kw):
 @_key_options
 @_request_options
 @pass_app
+@_undo_trust_on_failure
 def request(app: App, name, domain, protocol, server, ref, secret, username, password, key_type, key_backend, key_ref,
             server_keygen, allow_weak_keys, subject, sans, csr_file, certout, chainout, unprotected_requests, **kw):
     """Obtain an application credential (CMP cr, or p10cr with --csr / EST simpleenroll), authenticated by the
@@ -856,6 +928,7 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     ldevid = ks.find_domain_credential(domain)
     if ldevid is None:
         raise lifecycle.LifecycleError(f"no LDevID for domain {domain}: run 'devagent enroll --domain {domain}' first")
+    _add_trust_stores(ks, domain, {k: v for k, v in kw.items() if k != "trust_files"})  # --trust: this request only
     protocol = protocol or ldevid.record.get("protocol")
     server = server or ldevid.record.get("server")
     remembered = ldevid.record.get("meta", {}).get("enroll", {})

@@ -638,6 +638,29 @@ async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_f
     return apply_ca_update(ks, domain, result, ca_fingerprint=ca_fingerprint, confirmed=confirmed)
 
 
+def server_trust(ks: Keystore, domain: str | None, protocol: str | None,
+                 pki: Sequence[x509.Certificate] = ()) -> tuple[tuple, dict]:
+    """(EnrollOptions.trust_anchors, extra) that authenticate ``domain``'s server (docs/trust.md, trust stores):
+    EST: the ``tls`` store, else the domain PKI (``pki`` or the ``pki`` store), and the domain PKI as
+    ``extra["ca_anchors"]`` for the issued certificate when TLS has its own anchors; CMP: the ``cmp`` store, else
+    the domain PKI, and the ``cmp-server`` store's pinned certificates as ``extra["server_certs"]``."""
+    if not domain:
+        return tuple(pki), {}
+    pki = tuple(pki) or tuple(ks.trust_anchors(domain))
+    extra: dict = {}
+    if protocol == "est":
+        tls = tuple(ks.trust_anchors(domain, "tls"))
+        if tls and pki:
+            extra["ca_anchors"] = pki
+        return tls or pki, extra
+    if protocol == "cmp":
+        pinned = tuple(ks.trust_anchors(domain, "cmp-server"))
+        if pinned:
+            extra["server_certs"] = pinned
+        return tuple(ks.trust_anchors(domain, "cmp")) or pki, extra
+    return pki, extra
+
+
 def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> tuple[str, EnrollOptions]:
     """Rebuild (protocol, EnrollOptions) for a stored credential from what its record remembers."""
     remembered = dict(cred.record.get("meta", {}).get("enroll") or {})
@@ -648,9 +671,10 @@ def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | Non
         raise LifecycleError(f"credential {cred.name} does not record how it was enrolled; give --protocol and "
                              "--server")
     trust_domain = remembered.get("server_trust_domain") or cred.domain
-    trust = tuple(ks.trust_anchors(trust_domain)) if trust_domain else ()
     recipient = remembered.get("recipient")
     extra = {k: v for k, v in remembered.items() if k.startswith("x_")}
+    trust, more = server_trust(ks, trust_domain, protocol)
+    extra.update(more)
     if protocol == "cmp":
         extra.update({k: remembered[k] for k in CMP_EXTRA if remembered.get(k) is not None})
     opts = EnrollOptions(

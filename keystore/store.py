@@ -65,6 +65,10 @@ FORMAT = 1
 KINDS = ("idevid", "ldevid", "app")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEEP_VERSIONS = 3
+# A domain's trust stores (docs/trust.md "Trust stores by purpose").
+TRUST_PURPOSES = {"pki": "domain PKI: what issued certificates must chain to",
+                  "tls": "EST server TLS anchors", "cmp": "CMP response signer anchors",
+                  "cmp-server": "pinned CMP server certificates (like openssl cmp -srvcert)"}
 PENDING_MAX_AGE_S = 24 * 3600.0  # [keystore] pending_max_age_s: a pending key older than this is discarded by gc
 _log = logging.getLogger("devagent.keystore")
 
@@ -660,9 +664,12 @@ class Keystore:
         self.audit("key-discard", key_uri=uri, **({} if destroyed else {"retired": "in use by another process"}))
 
     # ---- trust anchors ------------------------------------------------------------------------
-    def trust_anchors(self, domain: str) -> list[x509.Certificate]:
+    def trust_anchors(self, domain: str, purpose: str = "pki") -> list[x509.Certificate]:
+        """The anchors of ``domain`` for ``purpose`` (``TRUST_PURPOSES``; records older than purposes: pki)."""
         out = []
         for rec in self._table("trust").search(Query().domain == domain):
+            if rec.get("purpose", "pki") != purpose:
+                continue
             p = self.root / rec["file"]
             try:
                 out.extend(self._certs_of(p))
@@ -682,21 +689,27 @@ class Keystore:
             self._parsed[key] = hit
         return list(hit)
 
-    def trust_records(self, domain: str | None = None) -> list[dict]:
+    def trust_records(self, domain: str | None = None, purpose: str | None = None) -> list[dict]:
         t = self._table("trust")
-        return t.search(Query().domain == domain) if domain else t.all()
+        recs = t.search(Query().domain == domain) if domain else t.all()
+        out = [dict(r, purpose=r.get("purpose", "pki")) for r in recs]
+        return [r for r in out if purpose is None or r["purpose"] == purpose]
 
     def add_trust_anchors(self, domain: str, certs: Sequence[x509.Certificate], *, source: str,
-                          role: str = "root", verified_by: str = "operator") -> list[str]:
-        """Add CA certificates to a domain's truststore (the caller has established trust in them).
+                          role: str = "root", verified_by: str = "operator", purpose: str = "pki") -> list[str]:
+        """Add certificates to one of a domain's trust stores (the caller has established trust in them).
 
-        Returns the fingerprints added (existing ones are kept, not duplicated).
+        ``purpose`` (``TRUST_PURPOSES``): ``pki`` (what issued certificates must chain to), ``tls`` (EST TLS
+        server anchors), ``cmp`` (CMP response signer anchors) — CA certificates — or ``cmp-server`` (pinned CMP
+        server certificates, any certificate). Returns the fingerprints added (existing ones are kept).
         """
         check_name(domain, "domain")
+        if purpose not in TRUST_PURPOSES:
+            raise ValueError(f"unknown trust purpose {purpose!r} (one of {', '.join(TRUST_PURPOSES)})")
         if not certs:
             raise ValueError("no certificate to add")
         for c in certs:
-            if not is_ca(c):
+            if purpose != "cmp-server" and not is_ca(c):
                 raise VerificationError("not-a-ca", f"{c.subject.rfc4514_string()} is not a CA certificate; "
                                         "a trust anchor must be a CA")
         added = []
@@ -705,26 +718,54 @@ class Keystore:
         with self._txn() as data:
             for c in certs:
                 fp = fingerprint(c)
-                if self._find(data["trust"], domain=domain, fingerprint=fp)[1] is not None:
+                if any(r.get("domain") == domain and r.get("fingerprint") == fp and r.get("purpose", "pki") == purpose
+                       for r in data["trust"].values()):
                     continue
-                rel = f"trust/{domain}/{fp.split(':')[1][:32]}.pem"
+                prefix = "" if purpose == "pki" else f"{purpose}-"
+                rel = f"trust/{domain}/{prefix}{fp.split(':')[1][:32]}.pem"
                 fsutil.atomic_write(self.root / rel, pem([c]))
                 data["trust"][self._next_id(data["trust"])] = {
                     "domain": domain, "fingerprint": fp, "subject": c.subject.rfc4514_string(),
-                    "not_after": c.not_valid_after_utc.isoformat(), "file": rel, "role": role,
+                    "not_after": c.not_valid_after_utc.isoformat(), "file": rel, "role": role, "purpose": purpose,
                     "source": source, "verified_by": verified_by, "added": _now().isoformat()}
                 added.append(fp)
         if added:
-            self.audit("trust-add", domain=domain, fingerprints=added, source=source, verified_by=verified_by)
+            self.audit("trust-add", domain=domain, fingerprints=added, source=source, verified_by=verified_by,
+                       purpose=purpose)
         return added
 
-    def remove_trust_anchor(self, domain: str, fp: str) -> None:
+    def remove_trust_anchor(self, domain: str, fp: str, purpose: str | None = None) -> list[str]:
+        """Remove the anchor ``fp`` (``sha256:HEX``, or a unique prefix of its hex) from ``domain``'s store for
+        ``purpose`` (every store when None), and its file. Returns the purposes it was removed from.
+
+        Raises:
+            NotFoundError: no such anchor (or the prefix is ambiguous).
+        """
+        want = fp.lower()
+        want = want if want.startswith("sha256:") else "sha256:" + want.replace(":", "")
+        removed, files = [], []
         with self._txn() as data:
-            doc_id, rec = self._find(data["trust"], domain=domain, fingerprint=fp)
-            if doc_id is None:
-                raise NotFoundError(f"no trust anchor {fp} in domain {domain}")
-            del data["trust"][doc_id]
-        self.audit("trust-remove", domain=domain, fingerprint=fp)
+            hits = {k: r for k, r in data["trust"].items() if r.get("domain") == domain
+                    and r.get("fingerprint", "").startswith(want) and (purpose is None or
+                                                                      r.get("purpose", "pki") == purpose)}
+            if len({r["fingerprint"] for r in hits.values()}) > 1:
+                raise NotFoundError(f"{fp} matches several trust anchors in domain {domain}; give more of the "
+                                    "fingerprint")
+            if not hits:
+                raise NotFoundError(f"no trust anchor {fp} in domain {domain}"
+                                    + (f" for purpose {purpose}" if purpose else "")
+                                    + " (see 'devagent keystore trust --domain " + domain + "')")
+            for k, r in hits.items():
+                del data["trust"][k]
+                removed.append(r.get("purpose", "pki"))
+                if not any(o.get("file") == r["file"] for o in data["trust"].values()):
+                    files.append(r["file"])
+            fp = next(iter(hits.values()))["fingerprint"]
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                fsutil.secure_delete(self.root / f)
+        self.audit("trust-remove", domain=domain, fingerprint=fp, purposes=removed)
+        return removed
 
     def update_ca_certs(self, domain: str, certs: Sequence[x509.Certificate], *, source: str,
                         now: datetime.datetime | None = None, check_validity: bool = True) -> list[str]:

@@ -68,3 +68,14 @@ def test_hole4_name_constraints_are_enforced_before_store(tmp_path):
     assert ks2.store_certificate("ldevid", ok.leaf, ok.untrusted, key_uri=uri2, domain="plant").version == 1
 
 
+
+
+def test_pinned_server_certificate_signs_responses(keys):
+    """--cmp-server-cert: a server signing with a plain EE certificate is accepted only when pinned."""
+    k = key("p256", 24)
+    srv, _ = build(Spec(subject=name("CMP server"), key=k), keys.ca.subject, keys.ca_key, "leaf", "p256", 24)
+    auth = ClientAuth(certificate=keys.idev, private_key=keys.idev_key)
+    with pytest.raises(EnrollError, match="not-authorized"):
+        run(client(_signed_by(keys, srv, k), keys).enroll(req(keys), auth))
+    res = run(client(_signed_by(keys, srv, k), keys, trust_anchors=(), server_certs=(srv,)).enroll(req(keys), auth))
+    assert res.info["response_signer"] == srv.subject.rfc4514_string()
