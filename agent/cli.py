@@ -585,6 +585,8 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
     for f in trust_files or ():
         trust.extend(load_certificate_file(f))
     anchors, trust_extra = server_trust(ks, domain, protocol, trust)
+    if protocol == "cmp":
+        trust_extra["clock_trusted"] = _clock_trusted(app)
     return EnrollOptions(
         server=server, trust_anchors=anchors, domain=domain, profile=profile, label=label,
         timeout_s=timeout_s or 30.0, recipient=_recipient(recipient),
@@ -592,6 +594,17 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
         ca_fingerprint=ca_fingerprint, extra={**trust_extra, **_cmp_extra(kw),
                                               **({"cert_template": True} if cert_template else {}),
                                               **({"unprotected": True} if unprotected_requests else {})})
+
+
+def _clock_trusted(app) -> bool:
+    """``clock.trusted`` of the configuration (default false): CMP checks messageTime against the clock only
+    then; the response signer's validity is checked either way (docs/trust.md)."""
+    from agent.config import ConfigError
+
+    try:
+        return bool(app.config().clock_trusted)
+    except ConfigError:
+        return False
 
 
 def _recipient(recipient):

@@ -187,7 +187,7 @@ class Daemon:
         if self._client_factory is not None:
             inner = self._client_factory(cred)
         else:
-            inner = self.ops.client_for_credential(self.ks, cred, {})
+            inner = self.ops.client_for_credential(self.ks, cred, {"clock_trusted": self.cfg.clock_trusted})
         return _TimeObservingClient(inner, self._observe_time)
 
     # ---- time --------------------------------------------------------------------------------------

@@ -677,6 +677,8 @@ def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | Non
     extra.update(more)
     if protocol == "cmp":
         extra.update({k: remembered[k] for k in CMP_EXTRA if remembered.get(k) is not None})
+        if (overrides or {}).get("clock_trusted") is not None:  # the daemon's clock.trusted
+            extra["clock_trusted"] = bool(overrides["clock_trusted"])
     opts = EnrollOptions(
         server=server, trust_anchors=trust, domain=cred.domain, profile=remembered.get("profile"),
         label=remembered.get("label"), timeout_s=float(remembered.get("timeout_s") or 30.0),
