@@ -15,7 +15,7 @@ APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
 APT_STAMP := $(VENV)/.apt-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
 
-.PHONY: all deps apt venv test test-fast lint fuzz bench bench-ci demo clean help
+.PHONY: all deps apt venv test test-fast soak lint fuzz bench bench-ci demo clean help
 
 all: test
 
@@ -25,6 +25,7 @@ help:
 	@echo "make fuzz      every fuzz target for FUZZ_INPUTS inputs (default 100000; atheris where it installs)"
 	@echo "make bench     full benchmarks (figures + benchmarks/REPORT.md)"
 	@echo "make bench-ci  benchmark smoke run (few rounds)"
+	@echo "make soak      long fault runs: 1,000 kill -9 trials, many processes on one keystore"
 	@echo "make lint      ruff"
 
 # ---- dependencies --------------------------------------------------------------------------------
@@ -56,6 +57,12 @@ deps: $(DEPS_STAMP)
 test: deps
 	$(PYTEST) -q tests
 	$(MAKE) bench-ci
+
+# Long fault runs (issue 20): 1,000 kill -9 trials of enroll/request/renew/serve/run with software keys (100 each with
+# swtpm and SoftHSM2), and the N = 2/4/10 concurrency test with 5 rounds per process. About 15 min on 2 cores.
+soak: deps
+	DEVAGENT_KILL_TRIALS=1000 DEVAGENT_SOAK_ROUNDS=5 $(PYTEST) -q tests/fault/test_kill_pending.py \
+	  tests/component/test_keystore_concurrency.py
 
 test-fast: deps
 	$(PYTEST) -q -x tests/unit

@@ -139,3 +139,36 @@ class KeyLocks:
 
     def files(self) -> list[Path]:
         return list(self.dir.iterdir()) if self.dir.is_dir() else []
+
+
+class TurnLock:
+    """Processes of one keystore taking turns at a device (TPM, PKCS#11 token): an exclusive ``flock`` on
+    ``path`` (named ``.lock`` inside the backend's directory), re-entrant within a thread, taken for the length of
+    one device operation. A keystore that cannot create it (read-only) goes on without turns."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    def __enter__(self):
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth == 0:
+            fd = -1
+            try:
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), fsutil.FILE_MODE)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                if fd >= 0:
+                    os.close(fd)
+                fd = -1
+            self._local.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        self._local.depth -= 1
+        if self._local.depth == 0 and self._local.fd >= 0:
+            os.close(self._local.fd)
+            self._local.fd = -1
+        return False

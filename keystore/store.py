@@ -1456,16 +1456,41 @@ class Keystore:
         """Consistency check: every credential loads and its key matches. Returns problems found.
 
         The key is asked for its public half through its backend (a software key is decrypted), not taken from the
-        index: this is the check that the stored key and certificate really belong together."""
+        index: this is the check that the stored key and certificate really belong together. Each key is held while
+        it is checked, so a renewal by another process cannot destroy it meanwhile; a credential renewed or deleted
+        while the check runs is checked in its new version (or not at all)."""
         problems = []
-        for name, (_, rec) in sorted(self._view().creds().items()):
-            try:
-                cert = self._version_files(name, rec["version"])[0]
-                be = self._backend_for(rec["key_uri"])
-                if not same_public_key(cert.public_key(), be.public_key(rec["key_uri"])):
-                    problems.append(f"{name}: certificate does not match key {rec['key_uri']}")
-            except FileNotFoundError as e:
-                problems.append(f"{name}: version {rec['version']} file missing: {e.filename}")
-            except KeystoreError as e:
-                problems.append(f"{name}: {e}")
+        for name in sorted(self._view().creds()):
+            for attempt in (0, 1):
+                hit = self._view().creds().get(name)
+                if hit is None:
+                    break  # deleted meanwhile
+                rec = hit[1]
+                problem = self._check_one(name, rec)
+                if problem is None:
+                    break
+                now = self._view().creds().get(name)
+                if attempt or now is None or now[1] is rec:
+                    if now is not None:
+                        problems.append(problem)
+                    break
         return problems
+
+    def _check_one(self, name: str, rec: dict) -> str | None:
+        uri = rec["key_uri"]
+        try:
+            self.hold_key(uri)
+        except KeyGoneError as e:
+            return f"{name}: {e}"
+        try:
+            cert = self._version_files(name, rec["version"])[0]
+            be = self._backend_for(uri)
+            if not same_public_key(cert.public_key(), be.public_key(uri)):
+                return f"{name}: certificate does not match key {uri}"
+        except FileNotFoundError as e:
+            return f"{name}: version {rec['version']} file missing: {e.filename}"
+        except KeystoreError as e:
+            return f"{name}: {e}"
+        finally:
+            self.release_key(uri)
+        return None

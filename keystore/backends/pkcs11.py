@@ -29,6 +29,7 @@ import os
 import secrets
 import threading
 import urllib.parse
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -39,6 +40,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
+from keystore.keylocks import TurnLock
 from keystore.errors import (
     ExportRefusedError,
     KeyBackendError,
@@ -221,6 +223,9 @@ class Backend(KeyBackend):
         self.token_label = opts.get("token_label")
         self._pin_spec = opts.get("pin")
         self._lock = threading.RLock()
+        # devagent processes of one keystore take turns at the token (flock): SoftHSM2's file store, for one, can
+        # be read half-written by a process while another one writes it.
+        self._turns = TurnLock(Path(self.ctx.root) / "pkcs11" / ".lock")
         self._sessions: dict[str, object] = {}  # token label -> open session
         self._publics: dict[str, object] = {}
 
@@ -290,7 +295,7 @@ class Backend(KeyBackend):
     def _call(self, attrs: dict | None, doing: str, fn):
         """Run ``fn(session)`` under the lock; reopen the session once after a stale-session error."""
         label = self._token_of(attrs)
-        with self._lock:
+        with self._lock, self._turns:
             for attempt in (0, 1):
                 s = self._session(label)
                 try:

@@ -37,12 +37,14 @@ import os
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keystore import fsutil
 from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
+from keystore.keylocks import TurnLock
 from keystore.errors import (
     CorruptFileError,
     ExportRefusedError,
@@ -160,15 +162,44 @@ def handle_uri(handle: int) -> str:
 
 
 # ---- connection ------------------------------------------------------------------------------------
+# TPM warnings that say "not now" rather than "no": no room for one more loaded object or session (several
+# processes share a TPM without a resource manager, e.g. a simulator or /dev/tpm0 via a daemon), or the TPM asks to
+# be called again. Retried with a short backoff for up to RETRY_WAIT_S.
+_TRANSIENT_RC = {0x902, 0x903, 0x904, 0x908, 0x90A, 0x922}  # OBJECT/SESSION_MEMORY, MEMORY, YIELDED, TESTING, RETRY
+RETRY_WAIT_S = 30.0
+
+
+def _transient(e: Exception) -> bool:
+    rc = getattr(e, "rc", None)
+    return isinstance(e, TSS2_Exception) and rc is not None and (rc & 0xFFF) in _TRANSIENT_RC
+
+
+def _retrying(fn, *args):
+    """``fn(*args)``, again after a short pause while the TPM answers with a transient warning (see above)."""
+    deadline = time.monotonic() + RETRY_WAIT_S
+    pause = 0.005
+    while True:
+        try:
+            return fn(*args)
+        except TSS2_Exception as e:
+            if not _transient(e) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 class _Tpm:
     """One ESAPI connection with error wrapping, shared by the key backend and the master-key sealing."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: dict, lock_file: Path | None = None):
         self.tcti = str(options.get("tcti") or DEFAULT_TCTI)
         parent = options.get("parent", "owner")
         self.parent = _OWNER if parent in (None, "", "owner") else _parse_handle(parent, "TPM parent handle")
         self.lock = threading.RLock()
         self._ectx: ESAPI | None = None
+        # devagent processes of one keystore take turns at the TPM (flock): a TPM holds only a few loaded objects,
+        # and without a resource manager (a simulator; some boards) their loads would otherwise exhaust them.
+        self._turns = TurnLock(lock_file) if lock_file is not None else contextlib.nullcontext()
 
     def _wrap(self, e: Exception, doing: str) -> TpmError:
         rc = getattr(e, "rc", None)
@@ -200,7 +231,7 @@ class _Tpm:
     @contextlib.contextmanager
     def session(self, doing: str):
         """Yield the ESAPI context under the lock; TSS errors become TpmError naming the TCTI."""
-        with self.lock:
+        with self.lock, self._turns:
             try:
                 yield self.esapi()
             except TSS2_Exception as e:
@@ -275,7 +306,7 @@ class Backend(KeyBackend):
     def __init__(self, context):
         super().__init__(context)
         opts = self.ctx.options
-        self._tpm = _Tpm(opts)
+        self._tpm = _Tpm(opts, Path(self.ctx.root) / BLOB_DIR / ".lock")
         self.persist = str(opts.get("persist", "blob"))
         if self.persist not in ("blob", "handle"):
             raise KeyBackendError(f"TPM option persist={self.persist!r}: use 'blob' or 'handle'")
@@ -327,7 +358,7 @@ class Backend(KeyBackend):
                         tr = ectx.context_load(saved)
                 if tr is None:
                     try:
-                        tr = tss.load(ectx)
+                        tr = _retrying(tss.load, ectx)
                     except TSS2_Exception as e:
                         if "tcti" in str(e):
                             raise
@@ -354,7 +385,7 @@ class Backend(KeyBackend):
         persistent at the handle chosen here (free now; the keystore lock keeps other devagents from taking it)."""
         template = _template(key_type)
         with self._tpm.session(f"creating a {key_type} key") as ectx:
-            tss = TSSPrivKey.create(ectx, template, parent=self._tpm.parent)
+            tss = _retrying(lambda: TSSPrivKey.create(ectx, template, parent=self._tpm.parent))
             pub = public_to_key(tss.public.publicArea)
             if self.persist == "handle":
                 handle = self._free_handle(ectx)
@@ -362,7 +393,7 @@ class Backend(KeyBackend):
 
                 def keep():
                     with self._tpm.session(f"making {uri} persistent") as ectx2:
-                        tr = tss.load(ectx2)
+                        tr = _retrying(tss.load, ectx2)
                         try:
                             ectx2.evict_control(ESYS_TR.RH_OWNER, tr, handle)
                         finally:
