@@ -138,13 +138,14 @@ class KeyLocks:
                 os.close(self._held.pop(uri)[0])
 
     def files(self) -> list[Path]:
-        return list(self.dir.iterdir()) if self.dir.is_dir() else []
+        """The keys' lock files (not ``.lock``, the devices' TurnLock)."""
+        return [p for p in self.dir.iterdir() if not p.name.startswith(".")] if self.dir.is_dir() else []
 
 
 class TurnLock:
-    """Processes of one keystore taking turns at a device (TPM, PKCS#11 token): an exclusive ``flock`` on
-    ``path`` (named ``.lock`` inside the backend's directory), re-entrant within a thread, taken for the length of
-    one device operation. A keystore that cannot create it (read-only) goes on without turns."""
+    """Processes of one keystore taking turns at a key device (TPM, PKCS#11 token): an exclusive ``flock`` on
+    ``locks/.lock``, re-entrant within a thread, taken for the length of one device operation. A keystore that
+    cannot create it (read-only) goes on without turns."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

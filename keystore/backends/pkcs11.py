@@ -40,7 +40,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
-from keystore.keylocks import TurnLock
+from keystore.keylocks import LOCK_DIR, TurnLock
 from keystore.errors import (
     ExportRefusedError,
     KeyBackendError,
@@ -225,7 +225,7 @@ class Backend(KeyBackend):
         self._lock = threading.RLock()
         # devagent processes of one keystore take turns at the token (flock): SoftHSM2's file store, for one, can
         # be read half-written by a process while another one writes it.
-        self._turns = TurnLock(Path(self.ctx.root) / "pkcs11" / ".lock")
+        self._turns = TurnLock(Path(self.ctx.root) / LOCK_DIR / ".lock")
         self._sessions: dict[str, object] = {}  # token label -> open session
         self._publics: dict[str, object] = {}
 

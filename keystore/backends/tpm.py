@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keystore import fsutil
 from keystore.backends import HardwareKeyMixin, KeyBackend, NewKey
-from keystore.keylocks import TurnLock
+from keystore.keylocks import LOCK_DIR, TurnLock
 from keystore.errors import (
     CorruptFileError,
     ExportRefusedError,
@@ -306,7 +306,7 @@ class Backend(KeyBackend):
     def __init__(self, context):
         super().__init__(context)
         opts = self.ctx.options
-        self._tpm = _Tpm(opts, Path(self.ctx.root) / BLOB_DIR / ".lock")
+        self._tpm = _Tpm(opts, Path(self.ctx.root) / LOCK_DIR / ".lock")
         self.persist = str(opts.get("persist", "blob"))
         if self.persist not in ("blob", "handle"):
             raise KeyBackendError(f"TPM option persist={self.persist!r}: use 'blob' or 'handle'")
