@@ -282,9 +282,11 @@ def _eku_oid(e) -> x509.ObjectIdentifier:
 # ---- small shared helpers (the only copies in devagent) ----------------------------------------------------------
 def ext(cert: x509.Certificate, cls):
     """The value of ``cert``'s extension of type ``cls``, or None. Raises VerificationError("malformed")."""
+    oid = cls.oid  # by OID: get_extension_for_class's isinstance checks on every extension cost more
     try:
-        return cert.extensions.get_extension_for_class(cls).value
-    except x509.ExtensionNotFound:
+        for e in cert.extensions:
+            if e.oid == oid:
+                return e.value
         return None
     except ValueError as e:
         raise VerificationError("malformed", f"certificate {_name(cert)}: malformed extension: {e}") from e
@@ -365,7 +367,8 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         engine = "pyca" if _pyca_can_judge(leaf, untrusted, anchors, policy) else "fallback"
     if engine == "fallback":
         return _fallback_path(leaf, untrusted, anchors, policy, what)
-    key = (_der(leaf), tuple(_der(c) for c in untrusted), tuple(_der(a) for a in anchors), policy.max_intermediates)
+    # Certificates hash and compare by their DER (in Rust), so they are their own exact key.
+    key = (leaf, tuple(untrusted), tuple(anchors), policy.max_intermediates)
     path = _PATH_MEMO.get(key)
     if path is not None and all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
         _check_path_extras(path, policy, what)
