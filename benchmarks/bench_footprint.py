@@ -5,14 +5,19 @@ imports must stay lazy).
 - serve: a ``devagent serve`` child process (OSCORE + DTLS-PSK contexts provisioned in its state directory) is
   measured from /proc: VmRSS once it answers, after an idle second, and VmRSS/VmHWM after a CLM has enrolled it
   K times over OSCORE (K = 50; CI: 5), with the child's CPU seconds.
-- start-up: wall time of the console script, n runs each (20; CI: 3), plus ``python -c pass`` as the floor. The
-  heavy modules a command imports (cryptography, aiocoap, pyasn1 ...) are listed next to its time.
+- start-up: wall time of the console script, n runs each (20; CI: 3), plus ``python -c pass`` as the floor, with
+  compiled bytecode (the session fixture byte-compiles the packages and site-packages first, as pip does when it
+  installs: this machine sets PYTHONDONTWRITEBYTECODE=1). The heavy modules a command imports (cryptography,
+  aiocoap, pyasn1 ...) and its ``python -X importtime`` profile (total, slowest packages) are listed next to its
+  time; ``devagent enroll --protocol cmp`` is timed as a whole process next to ``openssl cmp -keep_alive 0``
+  against OpenSSL's mock server in the same run.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.coap import free_port_pair
-from benchmarks.conftest import CI, DOMAIN, n_samples, record
+from benchmarks.conftest import CI, DOMAIN, REPO, n_samples, record
 
 HEAVY = ("cryptography.x509", "aiocoap", "pyasn1", "pyasn1_modules", "pyasn1_alt_modules", "httpx", "tinydb",
          "cbor2", "tpm2_pytss", "pkcs11", "matplotlib")
@@ -163,9 +168,47 @@ def _heavy_modules(args: list[str], env: dict) -> list[str]:
     return ["?"]
 
 
-def _startup(benchmark, args: list[str], what: str, env: dict | None = None, cmd: list[str] | None = None):
+def import_profile(args: list[str], env: dict, prefix: list[str] = (), top: int = 6) -> dict:
+    """``python -X importtime`` of ``devagent ARGS``: total import time (ms, the top-level imports' cumulative
+    times) and the ``top`` slowest top-level packages with their cumulative ms."""
+    code = "import sys\nfrom agent.cli import main\nsys.argv=['devagent']+sys.argv[1:]\nmain()"
+    p = subprocess.run([*prefix, sys.executable, "-X", "importtime", "-c", code, *args], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=REPO)
+    cum: dict[str, int] = {}
+    total = 0
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if not m:
+            continue
+        depth, us, mod = len(m.group(3)) // 2, int(m.group(2)), m.group(4)
+        if depth == 0:
+            total += us
+        if depth <= 1:
+            pkg = mod.split(".")[0]
+            cum[pkg] = max(cum.get(pkg, 0), us)
+    slow = sorted(cum.items(), key=lambda kv: -kv[1])[:top]
+    return {"import_ms": round(total / 1000, 1), "top_imports": {k: round(v / 1000, 1) for k, v in slow}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_bytecode():
+    """Start-up is measured as an installed package runs: with compiled bytecode. This machine sets
+    PYTHONDONTWRITEBYTECODE=1, so nothing would ever be cached and every run would compile every module; the
+    repository's packages and the virtualenv's site-packages are byte-compiled once here (what pip does at install).
+    """
+    import site
+    import sysconfig
+
+    dirs = [str(REPO / d) for d in ("agent", "keystore", "enroll_clients", "coap_services", "board_profiles")]
+    dirs.append(sysconfig.get_paths()["purelib"])
+    dirs += [d for d in site.getsitepackages() if d not in dirs]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *dirs], capture_output=True, timeout=600)
+
+
+def _startup(benchmark, args: list[str], what: str, env: dict | None = None, cmd: list[str] | None = None,
+             prefix: list[str] = ()):
     env = dict(os.environ, **(env or {}))
-    cmd = (cmd or devagent_cmd()) + args
+    cmd = [*prefix, *(cmd or devagent_cmd()), *args]
     samples: list[float] = []
 
     def run():
@@ -174,12 +217,18 @@ def _startup(benchmark, args: list[str], what: str, env: dict | None = None, cmd
         samples.append(time.perf_counter() - t0)
         assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode()[-1000:]}"
 
-    run()  # warm the page cache and .pyc files
+    run()  # warm the page cache
     samples.clear()
     benchmark.pedantic(run, rounds=n_samples(20, 3), iterations=1)
-    heavy = _heavy_modules(args, env) if cmd[0] != sys.executable or args[:1] != ["-c"] else []
-    record(benchmark, what=what, samples_s=samples, stage="startup",
-           note=("heavy modules imported: " + (", ".join(heavy) or "none")) if heavy is not None else "")
+    ours = not (cmd[len(prefix)] == sys.executable and args[:1] == ["-c"]) and cmd[len(prefix)] != "openssl"
+    heavy = _heavy_modules(args, env) if ours and not prefix else None
+    profile = import_profile(args, env, list(prefix)) if ours else {}
+    note = ("heavy modules imported: " + (", ".join(heavy) or "none")) if heavy is not None else ""
+    if profile:
+        note += (("; " if note else "") + f"imports {profile['import_ms']:.0f} ms (-X importtime; slowest: " +
+                 ", ".join(f"{k} {v:.0f}" for k, v in profile["top_imports"].items()) + ")")
+    record(benchmark, what=what, samples_s=samples, stage="startup", note=note, **profile)
+    return samples
 
 
 @pytest.mark.benchmark(group="footprint")
@@ -197,3 +246,46 @@ def test_startup_help(benchmark):
 def test_startup_status(benchmark, device_state):
     state, _ = device_state
     _startup(benchmark, ["status"], "devagent status start-up (1 credential)", env={"DEVAGENT_STATE_DIR": str(state)})
+
+
+@pytest.mark.benchmark(group="footprint")
+def test_startup_enroll_cmp_vs_openssl(benchmark, tmp_path):
+    """``devagent enroll --protocol cmp`` (ir, P-256, MAC) as a whole process against OpenSSL's mock server (HTTP,
+    in its own network namespace), next to ``openssl cmp -keep_alive 0`` doing the same ir in the same run.
+
+    OpenSSL's mock server answers with its configured certificate, so both use its key (``--key`` /
+    ``-newkey``); devagent stores the credential (verify-before-store, fsynced) each time, openssl writes a file.
+    """
+    from tests.peers import openssl_cmp as O
+
+    O.require_tools()
+    pki = O.make_pki(tmp_path / "pki")
+    state, config = tmp_path / "state", tmp_path / "agent.toml"
+    config.write_text("")
+    env = {"DEVAGENT_STATE_DIR": str(state), "DEVAGENT_CONFIG": str(config)}
+    full_env = dict(os.environ, **env)
+    for args in (["keystore", "init"], ["keystore", "trust", "--domain", "plant", "--add", pki.path("root.pem")]):
+        subprocess.run([*devagent_cmd(), *args], env=full_env, check=True, capture_output=True, timeout=60)
+    with O.MockServer(pki, signed=False) as srv:
+        ns = ["nsenter", f"--net=/proc/{srv.pid}/ns/net"]
+        ours = _startup(benchmark, ["enroll", "--protocol", "cmp", "--server", srv.url, "--domain", "plant",
+                                    "--name", "ldevid", "--ref", O.REF, "--secret", f"pass:{O.SECRET}",
+                                    "--subject", "CN=device-0001,O=devagent test", "--key", pki.path("device_key.pem")],
+                        "devagent enroll --protocol cmp (ir, P-256) vs OpenSSL's mock server, whole process",
+                        env=env, prefix=ns)
+        ossl: list[float] = []
+        ossl_cmd = [*ns, "openssl", "cmp", "-config", "/dev/null", "-server", f"127.0.0.1:{srv.port}", "-path",
+                    "pkix/", "-keep_alive", "0", "-cmd", "ir", "-ref", O.REF, "-secret", f"pass:{O.SECRET}",
+                    "-newkey", pki.path("device_key.pem"), "-subject", "/CN=device-0001/O=devagent test",
+                    "-trusted", pki.path("root.pem"), "-certout", str(tmp_path / "o.pem")]
+        for _ in range(n_samples(20, 3)):
+            t0 = time.perf_counter()
+            subprocess.run(ossl_cmd, check=True, capture_output=True, timeout=60)
+            ossl.append(time.perf_counter() - t0)
+    import statistics
+
+    ratio = statistics.median(ours) / statistics.median(ossl)
+    benchmark.extra_info.update(openssl_samples_s=ossl, openssl_median_ms=statistics.median(ossl) * 1000,
+                                ratio_vs_openssl=ratio)
+    benchmark.extra_info["note"] += f"; openssl cmp -keep_alive 0: {statistics.median(ossl) * 1000:.0f} ms " \
+                                    f"median, devagent/openssl {ratio:.0f}x"

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from keystore.errors import KeystorePermissionError, NotDurableError, StorageError
@@ -138,6 +137,19 @@ def sync_entries(paths) -> None:
             raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
 
 
+def _mkstemp(p: Path) -> tuple[int, str]:
+    """``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp", dir=p.parent)`` (0600, O_EXCL, O_NOFOLLOW) without
+    importing tempfile (and shutil, random) into every command."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    for _ in range(100):
+        tmp = str(p.parent / f".{p.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, FILE_MODE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(p.parent))
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
                  sync_dir: bool = True) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
@@ -155,7 +167,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     p = Path(path)
     fd, tmp = -1, None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        fd, tmp = _mkstemp(p)
         os.fchmod(fd, mode)
         _fault("write", p)
         view = memoryview(data)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -30,6 +29,8 @@ _FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 def lock_name(uri: str) -> str:
+    import hashlib  # not at import: `devagent status` never needs it
+
     return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 

@@ -20,26 +20,20 @@ Invariants:
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import datetime
-import getpass
 import json
 import logging
 import os
 import re
-import secrets as _secrets
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from tinydb import Query, TinyDB
 
-from keystore import fsutil, owner
+from keystore import fsutil, lazy, owner
 from keystore.backends import BACKEND_NAMES, BackendContext, KeyBackend, backend_class, scheme_of
-from keystore.certs import describe, fingerprint, load_certificates, pem, same_public_key, spki_der
 from keystore.errors import (
     AlreadyExistsError,
     CorruptFileError,
@@ -53,9 +47,27 @@ from keystore.errors import (
     VerificationError,
 )
 from keystore.keylocks import KeyLocks, lock_name
-from keystore.keytypes import key_type_of, parse_key_type
 from keystore.storage import IndexStorage, KeystoreLock
-from keystore.validator import EKU_NAMES, Policy, is_ca, validate
+
+# Imported when first used (keystore/lazy.py): listing credentials and `devagent status` read the index only and
+# never need cryptography, which costs more start-up time than the rest of the command.
+x509 = lazy.module("cryptography.x509")
+serialization = lazy.module("cryptography.hazmat.primitives.serialization")
+base64 = lazy.module("base64")
+getpass = lazy.module("getpass")
+_secrets = lazy.module("secrets")
+describe = lazy.attr("keystore.certs", "describe")
+fingerprint = lazy.attr("keystore.certs", "fingerprint")
+load_certificates = lazy.attr("keystore.certs", "load_certificates")
+pem = lazy.attr("keystore.certs", "pem")
+same_public_key = lazy.attr("keystore.certs", "same_public_key")
+spki_der = lazy.attr("keystore.certs", "spki_der")
+key_type_of = lazy.attr("keystore.keytypes", "key_type_of")
+parse_key_type = lazy.attr("keystore.keytypes", "parse_key_type")
+EKU_NAMES = lazy.attr("keystore.validator", "EKU_NAMES")
+Policy = lazy.attr("keystore.validator", "Policy")
+is_ca = lazy.attr("keystore.validator", "is_ca")
+validate = lazy.attr("keystore.validator", "validate")
 
 INDEX = "keystore.json"
 MASTER_KEY = "master.key"
@@ -163,7 +175,9 @@ class Credential:
             d = {k: rec[k] for k in _SUMMARY_FIELDS}
         else:
             d = describe(self.certificate)
-        chain = [describe(c)["subject"] for c in self.chain]
+        chain = rec.get("chain_subjects")
+        if not isinstance(chain, list):
+            chain = [describe(c)["subject"] for c in self.chain]
         left = self.seconds_left(now)
         d.update(
             name=self.name, kind=self.kind, domain=self.domain, key_uri=self.key_uri, key_type=self.key_type,
@@ -269,7 +283,30 @@ class Keystore:
         meta = ks.meta()
         if meta.get("format", 0) > FORMAT:
             raise KeystoreError(f"keystore {root} has format {meta['format']}, newer than this devagent ({FORMAT})")
+        ks._migrate()
         return ks
+
+    def _migrate(self) -> None:
+        """Bring records of earlier versions up to date, once, in one atomic index write (a crash leaves the old
+        or the new index): credential records get ``chain_subjects`` so that ``status`` and ``list`` read no
+        certificate. A keystore this process cannot write is left as it is (everything falls back)."""
+        old = [n for n, (_, r) in self._view().creds().items() if not isinstance(r.get("chain_subjects"), list)]
+        if not old or not os.access(self.root / INDEX, os.W_OK):
+            return
+        try:
+            with self._lock:
+                with self._txn() as data:
+                    for doc_id, rec in list(data["credentials"].items()):
+                        if isinstance(rec.get("chain_subjects"), list):
+                            continue
+                        try:
+                            chain = self._version_files(rec["name"], rec["version"])[1]
+                        except (FileNotFoundError, KeystoreError):
+                            continue  # check() reports it; nothing to migrate
+                        data["credentials"][doc_id] = dict(rec, chain_subjects=[describe(c)["subject"]
+                                                                                 for c in chain])
+        except KeystoreError as e:  # e.g. locked by another process for long: try again next time
+            _log.debug("index migration postponed: %s", e)
 
     def close(self) -> None:
         self._locks.release_all()
@@ -940,7 +977,8 @@ class Keystore:
                 # Once the index replace succeeded this version is live and its files stay, even if the
                 # directory fsync after it failed (_txn retries it and reports; see ``durable``).
                 drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
-                                                meta, key_uri, pub, certificate, replaced, claim is not None)
+                                                meta, key_uri, pub, certificate, stored_chain, replaced,
+                                                claim is not None)
             except BaseException:
                 # Not committed: the previous version is still live; remove what this attempt wrote.
                 if claim is not None:
@@ -977,7 +1015,7 @@ class Keystore:
         return self._credential(rec, (certificate, stored_chain))
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
-                            pub, certificate, replaced, destroying) -> list[int]:
+                            pub, certificate, chain, replaced, destroying) -> list[int]:
         """One atomic index write making ``version`` live (see module invariants); older versions beyond
         ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit."""
         with self._txn() as data:
@@ -990,7 +1028,8 @@ class Keystore:
                 kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
                 key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
                 updated=now_s, protocol=protocol or rec.get("protocol"), server=server or rec.get("server"),
-                purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()})
+                purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()},
+                chain_subjects=[describe(c)["subject"] for c in chain])
             m = dict(rec.get("meta") or {})
             m.update(meta or {})
             m.pop("last_error", None)

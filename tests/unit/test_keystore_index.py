@@ -204,3 +204,32 @@ def test_renewal_costs_a_bounded_number_of_fsyncs(ks, lab):
     ks.generate_key("p256")
     assert fsutil.fsync_count - n == 5
     assert os.path.exists(ks.root / "keystore.json")
+
+
+def test_status_imports_no_cryptography_httpx_pyasn1_or_aiocoap(ks, lab, tmp_path):
+    """`devagent status` reads the index only (issue 19): its process never imports the heavy packages."""
+    import sys
+
+    _store(ks, lab, "dev")
+    config = tmp_path / "agent.toml"
+    config.write_text("")
+    code = ("import sys\nfrom agent.cli import main\nsys.argv = ['devagent', 'status']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = ('cryptography', 'httpx', 'pyasn1', 'aiocoap', 'tpm2_pytss', 'pkcs11')\n"
+            "print('HEAVY', [m for m in heavy if m in sys.modules])")
+    env = dict(os.environ, DEVAGENT_STATE_DIR=str(ks.root), DEVAGENT_CONFIG=str(config))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                         check=True).stdout
+    assert "CN=dev" in out and "HEAVY []" in out, out
+
+
+def test_records_of_earlier_versions_are_completed_on_open(ks, lab):
+    """Credential records written before chain_subjects existed get it on the next open, in one atomic write."""
+    cred = _store(ks, lab, "dev")
+    with ks._txn() as data:
+        doc_id, rec = ks._find_cred(data, "dev")
+        data["credentials"][doc_id] = {k: v for k, v in rec.items() if k != "chain_subjects"}
+    assert "chain_subjects" not in Keystore(ks.root).get("dev").record
+    opened = Keystore.open(ks.root)
+    assert opened.get("dev").record["chain_subjects"] == [c.subject.rfc4514_string() for c in cred.chain]
+    assert opened.list()[0].summary()["chain"] == opened.get("dev").summary()["chain"]
