@@ -23,8 +23,10 @@ import random
 
 import pytest
 
-from benchmarks.conftest import DOMAIN, n_samples, record, sizes
+from benchmarks.conftest import CI, DOMAIN, n_samples, record, sizes
 from keystore import fsutil
+from tests.peers.pkcs11 import softhsm  # noqa: F401  (session fixture)
+from tests.peers.tpm import swtpm  # noqa: F401  (session fixture)
 
 SIZES = sizes((10, 100, 1000), (5, 10))
 _counter = itertools.count()
@@ -137,3 +139,92 @@ def test_keystore_summary(benchmark, filled):
     result = benchmark.pedantic(lambda: [c.summary() for c in ks.list()], rounds=n_samples(10, 2), iterations=1)
     assert len(result) == size and all(len(s["chain"]) == 2 for s in result)
     record(benchmark, config={"op": "summary", "size": size}, stage="summary")
+
+
+# ---- many processes on one keystore, and kill -9 trials (issue 20) -------------------------------------------------
+# N worker processes, each running tests/peers/keystore_load.worker_ops as separate devagent processes (request,
+# renew of the shared LDevID and of its own credential, status, keystore check, a revoke) against the lab CMP
+# server: commands per second over the whole run and the p50/p99 latency of one command. CI: software keys, N = 2
+# and 4, one round; full: every backend, N = 2/4/10, two rounds.
+CONC = [(b, n) for b in (("soft",) if CI else ("soft", "tpm", "pkcs11")) for n in ((2, 4) if CI else (2, 4, 10))]
+
+
+@pytest.fixture(scope="module")
+def load_lab(tmp_path_factory):
+    from agent.lab.ca import LabCA
+    from agent.lab.cmp_server import start_cmp_server
+    from tests.peers.keystore_load import REF, SECRET
+
+    lab = LabCA.create(tmp_path_factory.mktemp("load-lab"), domains=(DOMAIN, "other"))
+    srv = start_cmp_server(lab, DOMAIN, secrets={REF.encode(): SECRET.encode()})
+    yield lab, srv
+    srv.stop()
+
+
+def _peer(request, backend):
+    """The session's swtpm / SoftHSM2 (shared with bench_table1: SoftHSM2 reads its configuration once per
+    process)."""
+    if backend == "tpm":
+        tpm = request.getfixturevalue("swtpm")
+        tpm.flush_all()
+        return tpm
+    if backend == "pkcs11":
+        return request.getfixturevalue("softhsm")
+    return None
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+@pytest.mark.benchmark(group="keystore-concurrency")
+@pytest.mark.parametrize("backend,n", CONC, ids=[f"{b}-N{n}" for b, n in CONC])
+def test_keystore_concurrent(benchmark, load_lab, tmp_path, request, backend, n):
+    from tests.peers.keystore_load import check_clean, close_zygotes, make_world, run_concurrently
+
+    lab, srv = load_lab
+    world = make_world(tmp_path, lab, srv.url, backend, _peer(request, backend))
+    request.addfinalizer(close_zygotes)
+    rounds = 1 if CI else 2
+    out = {}
+    benchmark.pedantic(lambda: out.update(run_concurrently(world, n, rounds, seed=n)), rounds=1, iterations=1)
+    res = out["results"]
+    lat = [r["s"] for r in res]
+    failed = [r for r in res if r["code"] != 0]
+    left = check_clean(world)
+    assert not failed and left == {}, (failed[:3], left)
+    record(benchmark, config={"backend": backend, "n": n, "rounds": rounds}, stage="concurrent",
+           samples_s=lat, commands=len(res), wall_s=out["wall_s"], commands_per_s=len(res) / out["wall_s"],
+           p50_ms=_quantile(lat, 0.5) * 1000, p99_ms=_quantile(lat, 0.99) * 1000, failed=len(failed),
+           note=f"{len(res)} devagent commands by {n} processes in {out['wall_s']:.1f} s: "
+                f"{len(res) / out['wall_s']:.1f}/s, p50 {_quantile(lat, 0.5) * 1000:.0f} ms, "
+                f"p99 {_quantile(lat, 0.99) * 1000:.0f} ms; 0 failed, nothing left after keystore check")
+
+
+@pytest.mark.benchmark(group="keystore-concurrency")
+def test_keystore_kill_trials(benchmark, load_lab, tmp_path, request):
+    """kill -9 trials per minute (software keys): a command (enroll, request, renew, serve, run in turn) killed at a
+    random point of its run, then `devagent keystore check` and the leftovers count, as tests/fault does."""
+    from tests.fault.test_kill_pending import run_trials
+    from tests.peers.keystore_load import close_zygotes, make_world
+
+    lab, srv = load_lab
+    world = make_world(tmp_path, lab, srv.url, "soft")
+    request.addfinalizer(close_zygotes)
+    trials = n_samples(50, 5)
+    out = {}
+
+    def go():
+        import time
+
+        t0 = time.perf_counter()
+        out.update(run_trials(world, lab, trials, seed=7))
+        out["wall_s"] = time.perf_counter() - t0
+
+    benchmark.pedantic(go, rounds=1, iterations=1)
+    per_min = trials / out["wall_s"] * 60
+    record(benchmark, config={"backend": "soft", "trials": trials}, stage="kill", trials=trials,
+           trials_per_min=per_min, killed=out["killed"], finished=out["finished"], durations_ms=out["durations_ms"],
+           note=f"{trials} trials ({out['killed']} killed mid-way) in {out['wall_s']:.1f} s, incl. command "
+                f"calibration and a keystore check after each: {per_min:.0f} trials/min, nothing left behind")

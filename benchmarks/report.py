@@ -741,6 +741,33 @@ class Report:
                "policies, CMP signer role, critical extensions on every certificate).", "")
         self.w(*table(["purpose", "key", "depth", "new", "repeat", "old", "old / new", "old / repeat"], out), "")
 
+    # -- keystore under concurrency and kill -9 (issue 20) --
+    def keystore_concurrency(self, benches: list[dict]) -> None:
+        rows, kills = [], []
+        for b in sorted(benches, key=lambda b: b.get("name", "")):
+            ei = b.get("extra_info") or {}
+            cfg = ei.get("config") or {}
+            if ei.get("stage") == "concurrent":
+                rows.append([cfg.get("backend"), cfg.get("n"), ei.get("commands"), f"{ei.get('wall_s', 0):.1f}",
+                             f"{ei.get('commands_per_s', 0):.1f}", f"{ei.get('p50_ms', 0):.0f}",
+                             f"{ei.get('p99_ms', 0):.0f}", ei.get("failed")])
+            elif ei.get("stage") == "kill":
+                kills.append(f"{ei.get('trials')} kill -9 trials (enroll, request, renew, serve, run in turn; "
+                             f"{ei.get('killed')} killed mid-way), each followed by `keystore check`: "
+                             f"**{ei.get('trials_per_min', 0):.0f} trials/min**, nothing left behind.")
+        if not rows and not kills:
+            return
+        self.w("## Many devagent processes on one keystore", "")
+        if rows:
+            self.w("N processes, each running request / renew (the shared LDevID and its own credential) / status / "
+                   "keystore check / revoke as separate `devagent` commands against the lab CMP server "
+                   "(tests/peers/keystore_load.py). Every command succeeded; nothing was left after "
+                   "`keystore check`.", "")
+            self.w(*table(["key backend", "N", "commands", "wall s", "commands/s", "p50 ms", "p99 ms", "failed"],
+                          rows), "")
+        for k in kills:
+            self.w(k, "")
+
     # -- anything else --
     # -- CMP client CPU next to openssl cmp --
     def cmp_vs_openssl(self, benches: list[dict]) -> None:
@@ -805,7 +832,8 @@ class Report:
         groups = groups_of(self.data)
         known = {"table1": self.table1, "opcua-push": self.opcua_push, "fleet": self.fleet,
                  "footprint": self.footprint, "keystore": self.keystore, "serve-load": self.serve_load, "est": self.est,
-                 "cmp-vs-openssl": self.cmp_vs_openssl, "validator": self.validator}
+                 "cmp-vs-openssl": self.cmp_vs_openssl, "validator": self.validator,
+                 "keystore-concurrency": self.keystore_concurrency}
         body_start = len(self.lines)
         for g, fn in known.items():
             if g in groups:
