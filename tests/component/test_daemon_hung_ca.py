@@ -251,14 +251,19 @@ def test_daemon_names_the_clock_when_est_tls_fails_on_validity(tmp_path):
         with open(log, "wb") as errf:
             proc = subprocess.Popen([faketime, "-f", "-1825d", sys.executable, "-m", "agent.cli", "--state-dir",
                                      str(state), "--config", str(tmp_path / "agent.toml"), "run"], cwd=REPO, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=errf)
+                                    stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
         try:
             wait_for(lambda: "renewal failed" in log.read_text(), "the failed renewal", proc, log)
             err = wait_for(lambda: not _status(state)["ldevid-plant"].get("renewing") and
                            _status(state)["ldevid-plant"].get("last_error"), "the daemon's record of it", proc, log)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            # faketime forks the daemon and waits for it: signal the whole group, or the daemon outlives the test
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
     assert "not yet valid by this device's clock" in err, err
     assert "the local clock is the likely cause" in err and "when a certificate this device already holds" in err
     assert "likely cause" in log.read_text()
