@@ -51,13 +51,29 @@ def _encode_row(key, value) -> bytes:
     return f"{_ENCODER.encode(str(key))}: {_ENCODER.encode(value)}".encode()
 
 
-def _join(name: str, rows: list[bytes]) -> bytes:
+def _join(name: str, rows: list[bytes]) -> list[bytes]:
+    """The pieces of one table (joined once, with everything else, by ``_assemble``)."""
     head = _ENCODER.encode(name).encode()
-    return head + b": {\n  " + b",\n  ".join(rows) + b"\n }" if rows else head + b": {}"
+    if not rows:
+        return [head + b": {}"]
+    out = [head + b": {\n  "]
+    for r in rows:
+        out.append(r)
+        out.append(b",\n  ")
+    out[-1] = b"\n }"
+    return out
 
 
-def _assemble(tables: list[bytes]) -> bytes:
-    return b"{\n " + b",\n ".join(tables) + b"\n}\n"
+def _assemble(tables: list[list[bytes]]) -> bytes:
+    parts = [b"{\n "]
+    for t in tables:
+        parts.extend(t)
+        parts.append(b",\n ")
+    if tables:
+        parts[-1] = b"\n}\n"
+    else:
+        parts.append(b"\n}\n")
+    return b"".join(parts)
 
 
 def encode_index(data: dict) -> bytes:
@@ -70,7 +86,7 @@ def encode_index(data: dict) -> bytes:
     for name in sorted(data):
         table = data[name]
         if not isinstance(table, dict):
-            tables.append(f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode())
+            tables.append([f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode()])
             continue
         tables.append(_join(name, [_encode_row(k, table[k]) for k in _row_order(table)]))
     return _assemble(tables)
@@ -96,6 +112,8 @@ class ReadOnlyDict(dict):
 def freeze(obj):
     """A read-only deep copy of a JSON value (dicts become ``ReadOnlyDict``; lists stay lists and, like every value
     of the cache, are never changed in place)."""
+    if isinstance(obj, ReadOnlyDict):
+        return obj
     if isinstance(obj, dict):
         return ReadOnlyDict((k, freeze(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
@@ -208,22 +226,28 @@ class IndexStorage(AtomicJSONStorage):
         (read-only) ones, replaced — never changed in place — by the transaction."""
         return {k: dict(v) if isinstance(v, dict) else v for k, v in (doc or {}).items()}
 
-    def _encode(self, data: dict) -> tuple[bytes, dict, dict]:
-        tables, lines, order = [], {}, {}
+    def _encode(self, data: dict) -> tuple[bytes, dict, dict, dict]:
+        """(bytes, encoded lines, row order, the rows that were not cached: table -> keys)."""
+        tables, lines, order, changed = [], {}, {}, {}
         for name in sorted(data):
             table = data[name]
             if not isinstance(table, dict):
-                tables.append(f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode())
+                tables.append([f"{_ENCODER.encode(name)}: {_ENCODER.encode(table)}".encode()])
                 continue
             cached = self._lines.get(name, {})
-            tlines = {}
+            tlines = dict(cached) if cached else {}
+            fresh = []
             for k, v in table.items():
                 hit = cached.get(k)
-                tlines[k] = hit if hit is not None and hit[0] is v else (v, _encode_row(k, v))
+                if hit is None or hit[0] is not v:
+                    tlines[k] = (v, _encode_row(k, v))
+                    fresh.append(k)
+            if len(tlines) != len(table):  # rows removed
+                tlines = {k: tlines[k] for k in table}
             keys = self._keys_in_order(self._order.get(name), table)
             tables.append(_join(name, [tlines[k][1] for k in keys]))
-            lines[name], order[name] = tlines, keys
-        return _assemble(tables), lines, order
+            lines[name], order[name], changed[name] = tlines, keys, fresh
+        return _assemble(tables), lines, order, changed
 
     @staticmethod
     def _keys_in_order(prev: list | None, table: dict) -> list:
@@ -250,7 +274,7 @@ class IndexStorage(AtomicJSONStorage):
             self._write(data)
 
     def _write(self, data) -> None:
-        raw, lines, order = self._encode(data)
+        raw, lines, order, changed = self._encode(data)
         try:
             st = fsutil.atomic_write(self.path, raw)
         except NotDurableError:
@@ -274,12 +298,12 @@ class IndexStorage(AtomicJSONStorage):
             if not isinstance(table, dict):
                 frozen[name] = freeze(table)
                 continue
-            ft = {}
+            ft = dict(table)
             tl = lines[name]
-            for k, v in table.items():
-                fv = v if isinstance(v, ReadOnlyDict) else freeze(v)
-                ft[k] = fv
-                if fv is not v:
+            for k in changed.get(name, ()):  # only these can be plain (new or replaced) records
+                v = ft[k]
+                if not isinstance(v, ReadOnlyDict):
+                    ft[k] = fv = freeze(v)
                     tl[k] = (fv, tl[k][1])
             frozen[name] = ReadOnlyDict(ft)
         self._lines, self._order = lines, order

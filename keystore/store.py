@@ -47,7 +47,7 @@ from keystore.errors import (
     VerificationError,
 )
 from keystore.keylocks import KeyLocks, lock_name
-from keystore.storage import IndexStorage, KeystoreLock
+from keystore.storage import IndexStorage, KeystoreLock, ReadOnlyDict
 
 # Imported when first used (keystore/lazy.py): listing credentials and `devagent status` read the index only and
 # never need cryptography, which costs more start-up time than the rest of the command.
@@ -197,7 +197,7 @@ class _View:
 
     def __init__(self, doc: dict):
         self.doc = doc
-        self._creds = self._keys = self._trust = self._users = None
+        self._creds = self._keys = self._trust = self._users = self._retired = None
 
     def table(self, name: str) -> dict:
         return self.doc.get(name) or {}
@@ -211,6 +211,11 @@ class _View:
         if self._keys is None:
             self._keys = {r["uri"]: (k, r) for k, r in self.table("keys").items()}
         return self._keys
+
+    def retired(self) -> list[str]:
+        if self._retired is None:
+            self._retired = [u for u, (_, r) in self.keys().items() if r.get("state") == "retired"]
+        return list(self._retired)
 
     def key_users(self) -> dict[str, list[str]]:
         if self._users is None:
@@ -423,21 +428,29 @@ class Keystore:
         return None, None
 
     def _find_cred(self, data: dict, name: str) -> tuple[str | None, dict | None]:
-        """The credential record named ``name`` in a transaction's ``data`` (the cached view finds its id)."""
-        hit = self._view().creds().get(name)
-        if hit is not None and (data["credentials"].get(hit[0]) or {}).get("name") == name:
-            return hit[0], data["credentials"][hit[0]]
-        return self._find(data["credentials"], name=name)
+        """The credential record named ``name`` in a transaction's ``data``."""
+        return self._find_in(data["credentials"], "name", name, self._view().creds())
 
     def _find_key(self, data: dict, uri: str) -> tuple[str | None, dict | None]:
-        hit = self._view().keys().get(uri)
-        if hit is not None and (data["keys"].get(hit[0]) or {}).get("uri") == uri:
-            return hit[0], data["keys"][hit[0]]
-        return self._find(data["keys"], uri=uri)
+        return self._find_in(data["keys"], "uri", uri, self._view().keys())
+
+    @staticmethod
+    def _find_in(table: dict, field: str, value, by_value: dict) -> tuple[str | None, dict | None]:
+        """Look ``value`` up through the cached view of the index the transaction started from; only records the
+        transaction itself added or replaced (plain dicts, not the cache's read-only ones) can be missing from it."""
+        hit = by_value.get(value)
+        if hit is not None:
+            row = table.get(hit[0])
+            if row is not None and row.get(field) == value:
+                return hit[0], row
+        for k, row in table.items():
+            if not isinstance(row, ReadOnlyDict) and row.get(field) == value:
+                return k, row
+        return None, None
 
     @staticmethod
     def _next_id(table: dict) -> str:
-        return str(max((int(k) for k in table), default=0) + 1)
+        return str(max(map(int, table), default=0) + 1)
 
     def _table(self, name: str):
         return self._db.table(name, cache_size=0)
@@ -1047,13 +1060,12 @@ class Keystore:
                 self._unrecord(data, replaced, destroying, now_s, name)
         return drop
 
-    @staticmethod
-    def _unrecord(data: dict, uri: str, destroying: bool, now_s: str, name: str) -> None:
+    def _unrecord(self, data: dict, uri: str, destroying: bool, now_s: str, name: str) -> None:
         """A key the index no longer needs, in a transaction: if it is about to be destroyed (claimed), its record
         goes and ``meta.destroying`` names it until the next write (a crash before the destruction leaves it for
         gc); else its record stays as ``retired`` until whoever finds it free destroys it. Either way a crash never
         leaves a key (a token object, a TPM handle) that nothing names."""
-        kid, krec = Keystore._find(data["keys"], uri=uri)
+        kid, krec = self._find_key(data, uri)
         if destroying:
             if kid is not None:
                 del data["keys"][kid]
@@ -1069,7 +1081,7 @@ class Keystore:
     def _reap_retired(self, exclude: str | None = None) -> list[str]:
         """Under the lock: destroy retired keys nobody holds any more (their records go with the next write)."""
         done = []
-        todo = [u for u, (_, r) in self._view().keys().items() if r.get("state") == "retired"] + self._destroying()
+        todo = self._view().retired() + self._destroying()
         for uri in todo:
             if uri != exclude and uri not in self._destroyed and self._destroy_now(uri):
                 self._destroyed.add(uri)
