@@ -138,6 +138,12 @@ class KeyLocks:
             for uri in list(self._held):
                 os.close(self._held.pop(uri)[0])
 
+    def __del__(self):  # a Keystore dropped without close(): its holds end with it, as with a process's exit
+        try:
+            self.release_all()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def files(self) -> list[Path]:
         """The keys' lock files (not ``.lock``, the devices' TurnLock)."""
         return [p for p in self.dir.iterdir() if not p.name.startswith(".")] if self.dir.is_dir() else []

@@ -313,6 +313,14 @@ class IndexStorage(AtomicJSONStorage):
         with self._mutex:
             self._set(None, -1, None)
 
+    def __del__(self):  # the cached file's descriptor must not outlive the object
+        try:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
 
 class KeystoreLock:
     """Exclusive advisory lock on ``<dir>/.lock``; re-entrant within one object."""

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -244,7 +245,8 @@ class Keystore:
         self.pending_max_age_s = pending_max_age_s  # gc discards pending keys older than this, whoever owns them
         self._lock = KeystoreLock(self.root)
         self._storage = IndexStorage(self.root / INDEX)
-        self._db = TinyDB(storage=lambda *a, **k: self._storage)
+        storage = self._storage  # not self: no reference cycle keeps a dropped Keystore's files open
+        self._db = TinyDB(storage=lambda *a, **k: storage)
         self._view_of: tuple[int, _View] | None = None
         self._backend_options = backend_options or {}
         self._backends: dict[str, KeyBackend] = {}
@@ -362,7 +364,8 @@ class Keystore:
     def backend(self, name_or_scheme: str) -> KeyBackend:
         scheme = BACKEND_NAMES.get(name_or_scheme, name_or_scheme)
         if scheme not in self._backends:
-            ctx = BackendContext(self.root, self._master_key, self._backend_options.get(
+            me = weakref.ref(self)  # no cycle Keystore -> backend -> context -> Keystore (see __init__)
+            ctx = BackendContext(self.root, lambda: me()._master_key(), self._backend_options.get(
                 {"file": "soft"}.get(scheme, scheme), {}))
             self._backends[scheme] = backend_class(scheme)(ctx)
         return self._backends[scheme]

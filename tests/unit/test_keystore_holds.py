@@ -148,3 +148,19 @@ def test_keystores_from_before_lock_files_still_work(ks, lab):
     assert _file(ks, v1.key_uri).exists()
     user.release_key(v1.key_uri)
     assert not _file(ks, v1.key_uri).exists()
+
+
+def test_a_keystore_object_dropped_without_close_holds_nothing(ks, lab):
+    """Like a process's exit: a Keystore that goes out of use releases its holds and its open files (no cycles keep
+    it alive), so long-running callers that open keystores repeatedly pin no keys and leak no descriptors."""
+    v1 = _renew(ks, lab)
+    ks.close()
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        user = Keystore.open(ks.root)
+        user.private_key(v1.key_uri)
+        user.check()
+        del user
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    _renew(Keystore.open(ks.root), lab)
+    assert not _file(ks, v1.key_uri).exists(), "nobody holds the old key any more: destroyed at once"
