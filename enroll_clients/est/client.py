@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import urllib.parse
 from typing import Any, Callable
@@ -198,7 +199,12 @@ class EstClient(EnrollmentClient):
         where = f"{method} {url}: HTTP {resp.status} {resp.reason}".rstrip()
         if resp.status == 401:
             challenge = resp.headers.get("www-authenticate", "")
-            if basic:
+            if re.search(r"proof.of.possession|\bpop\b|tls.unique", text, re.I):
+                # libest estserver -t: the CSR must carry the TLS session's tls-unique value (RFC 7030 §3.5).
+                hint = ("the server requires the CSR to be bound to the TLS session (challengePassword carrying "
+                        "tls-unique, RFC 7030 §3.5), which devagent does not do; ask the operator to turn that check "
+                        "off for this client (libest: estserver without -t)")
+            elif basic:
                 hint = (f"authentication failed for user {basic[0]!r}: wrong username or password, or a one-time "
                         "password that was already used")
             elif client_cert:

@@ -244,6 +244,29 @@ def test_ca_update(dev, peer):
     assert dev.json("ca-update", "--domain", DOMAIN)["added"] == []
 
 
+def test_pop_binding_required_is_named(dev, peer, tmp_path):
+    """estserver -t wants the CSR bound to the TLS session (tls-unique in challengePassword, RFC 7030 §3.5).
+    libest's own client does that; devagent does not (docs/est.md), and says so instead of blaming the password."""
+    key = _write_key_file(tmp_path / "k.pem")
+    with libest.EstServer(peer.build, peer.ca, peer.ns, port=8089, extra_args=["-t"]) as srv:
+        out = tmp_path / "ref"
+        r = libest.estclient(peer.build, ["-e", "-z", "-u", USER, "-h", PASSWORD, "-x", key, "--common-name", "pop1",
+                                          "--pem-output"], port=srv.port, cacert=peer.ca.cacert, outdir=out,
+                             netns=peer.ns)
+        assert r.returncode == 0 and (out / "cert-0-0.pem").exists(), r.stdout[-1500:]
+        dev("keystore", "trust", "--domain", DOMAIN, "--add", str(peer.ca.cacert))
+        before = stored(dev.state)
+        r = _enroll(dev, peer, srv, "--key-type", "p256", "--csrattrs", "ignore", trust=False, code=5)
+        assert "bound to the TLS session" in r.output and "tls-unique" in r.output, r.output
+        assert stored(dev.state) == before
+
+
+def _write_key_file(path):
+    path.write_bytes(new_key("p256").private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return path
+
+
 def test_revoke_is_not_in_est(dev, peer):
     _enroll(dev, peer, peer.relaxed)
     before = stored(dev.state)
