@@ -893,19 +893,21 @@ def _fingerprint_trusted(ks, domain, fp) -> bool:
 
 
 def _bootstrap_est(app, ks, domain, server, kw):
-    """RFC 7030 §4.1.1: fetch /cacerts and store CA certificates only after a fingerprint check or confirmation.
+    """RFC 7030 §4.1.1: fetch /cacerts and store the domain's CA certificates only after a fingerprint check or
+    confirmation.
 
-    Without a trust anchor the TLS server is not authenticated (bootstrap, /cacerts only, no credential sent);
-    with anchors (--trust) it is, and ``--ca-fingerprint`` adds the matching root."""
+    The TLS server is authenticated by the domain's tls store (--tls-trust: a TLS front with its own CA), else by
+    its PKI anchors (--trust); with neither it is not (the bootstrap proper: /cacerts only, no credential sent).
+    ``--ca-fingerprint`` then picks the domain root among what /cacerts returned."""
     from agent import lifecycle
     from enroll_clients import client_for
     from enroll_clients.base import EnrollOptions
 
     fp = kw.get("ca_fingerprint")
+    tls_anchors, _ = lifecycle.server_trust(ks, domain, "est")
     client = client_for("est", EnrollOptions(server=server, domain=domain, label=kw.get("label"),
                                              profile=kw.get("profile"), ca_fingerprint=fp,
-                                             trust_anchors=tuple(ks.trust_anchors(domain)),
-                                             timeout_s=kw.get("timeout_s") or 30.0))
+                                             trust_anchors=tls_anchors, timeout_s=kw.get("timeout_s") or 30.0))
     result = run_async(client.ca_certs(None))
 
     def confirm(items):
@@ -1084,8 +1086,10 @@ def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint
             raise click.UsageError(f"no LDevID for {domain}: give --protocol and --server")
         extra = {k: remembered[k] for k in CMP_REMEMBERED if remembered.get(k) is not None}
         extra.update(_cmp_extra(kw))
+        server_anchors, trust_extra = lifecycle.server_trust(ks, domain, protocol)  # EST: the tls store first
+        extra.update(trust_extra)
         client = client_for(protocol, EnrollOptions(
-            server=server, trust_anchors=tuple(ks.trust_anchors(domain)), domain=domain,
+            server=server, trust_anchors=server_anchors, domain=domain,
             label=label or remembered.get("label"), profile=profile or remembered.get("profile"),
             ca_fingerprint=ca_fingerprint, timeout_s=timeout_s or 30.0, mac=mac or remembered.get("mac") or "pbm",
             recipient=_recipient(recipient or remembered.get("recipient")), extra=extra))

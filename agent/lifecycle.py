@@ -296,7 +296,8 @@ async def _check_est_issuer(ks: Keystore, client, domain: str, auth: ClientAuth,
     raise VerificationError("untrusted", f"the EST server's CA certificates ({got}) do not chain to domain {domain}'s "
                             f"trust anchors ({have}): a certificate it issued would be refused, so nothing was "
                             "requested; if the server's TLS certificate comes from another CA than the one that "
-                            "issues, give the issuing domain's root with --trust (or --ca-fingerprint)")
+                            "issues, give that CA with --tls-trust and the domain's root with --trust or "
+                            "--ca-fingerprint")
 
 
 async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, extensions: tuple, subject,

@@ -232,7 +232,7 @@ class EstClient(EnrollmentClient):
             await self.bootstrap_cacerts()
             return
         raise EnrollError(f"no EST trust anchor for {self.options.server}: give the CA certificate that issued the "
-                          "server's TLS certificate, or bootstrap with --ca-fingerprint sha256:HEX "
+                          "server's TLS certificate (--tls-trust or --trust), or bootstrap with --ca-fingerprint sha256:HEX "
                           "(RFC 7030 §4.1.1); the system trust store is not used by default")
 
     # ---- /cacerts --------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         if tls.system_trust:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if not pem and not tls.system_trust:
-            raise EnrollError("no EST trust anchor: give the server's CA certificate (--trust FILE), or bootstrap "
+            raise EnrollError("no EST trust anchor: give the server's CA certificate (--tls-trust or --trust FILE), "
+                              "or bootstrap "
                               "/cacerts with --ca-fingerprint sha256:HEX (RFC 7030 §4.1.1); the system trust "
                               "store is used only when asked for explicitly")
     else:
@@ -196,8 +197,8 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
             err.validity = validity
             return err
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
-                               f"({detail}); give the CA that issued the server's TLS certificate with --trust, or "
-                               "bootstrap with --ca-fingerprint")
+                               f"({detail}); give the CA that issued the server's TLS certificate with --tls-trust "
+                               "(--trust when it is the domain's CA), or bootstrap with --ca-fingerprint")
     if isinstance(chain, ssl.SSLError):
         if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):

@@ -137,15 +137,43 @@ def test_tls_ca_is_not_the_issuer_refused_before_the_server_issues(lab, dev):
 
 
 def test_tls_front_ca_with_the_domain_root_by_fingerprint(lab, dev, root_fp):
-    """Trustpoint behind a TLS front: --trust names the TLS CA, --ca-fingerprint the domain root, which is then
-    fetched from /cacerts over TLS authenticated by the TLS CA (the fingerprint is not ignored)."""
+    """Trustpoint behind a TLS front: --tls-trust names the TLS CA, --ca-fingerprint the domain root, which is
+    then fetched from /cacerts over TLS authenticated by the TLS CA (neither ignored). The two stay in their own
+    stores, and renewal and ca-update use both."""
+    other_root = lab.dir / "other" / "root.pem"
     with start_est_server(lab, "plant", users={USER: PASSWORD}, tls_domain="other") as est:
         dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
-            "--username", USER, "--password", f"pass:{PASSWORD}", "--trust", str(lab.dir / "other" / "root.pem"),
+            "--username", USER, "--password", f"pass:{PASSWORD}", "--tls-trust", str(other_root),
             "--ca-fingerprint", root_fp, "--subject", "CN=dev1")
-        cred = Keystore.open(dev.state).get("ldevid-plant")
-        assert cred.certificate.issuer == lab.domain("plant").ca_cert.subject
-        assert root_fp in [fingerprint(a) for a in Keystore.open(dev.state).trust_anchors("plant")]
+        ks = Keystore.open(dev.state)
+        assert ks.get("ldevid-plant").certificate.issuer == lab.domain("plant").ca_cert.subject
+        assert root_fp in [fingerprint(a) for a in ks.trust_anchors("plant")]
+        assert [fingerprint(a) for a in ks.trust_anchors("plant", "tls")] == [fingerprint(lab.domain("other").root_cert)]
+        assert fingerprint(lab.domain("other").root_cert) not in [fingerprint(a) for a in ks.trust_anchors("plant")]
+        assert ("GET", "/.well-known/est/plant/cacerts") in est.requests
+        dev("renew", "ldevid-plant")
+        assert dev.json("ca-update", "--domain", "plant")["added"] == []
+
+
+def test_tls_front_with_both_stores_given(lab, dev):
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, tls_domain="other") as est:
+        dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
+            "--username", USER, "--password", f"pass:{PASSWORD}", "--tls-trust", str(lab.dir / "other" / "root.pem"),
+            "--trust", str(lab.dir / "plant" / "root.pem"), "--subject", "CN=dev1")
+        dev("request", "app1", "--domain", "plant", "--subject", "CN=dev1 app")
+
+
+def test_tls_front_without_the_domain_root_stores_nothing(lab, dev):
+    """Only the TLS CA and no way to know the domain root (no --trust, no fingerprint, no terminal to confirm):
+    refused before any POST, and the --tls-trust anchor does not stay behind."""
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, tls_domain="other") as est:
+        before = stored(dev.state)
+        r = dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant",
+                "--username", USER, "--password", f"pass:{PASSWORD}", "--tls-trust",
+                str(lab.dir / "other" / "root.pem"), "--subject", "CN=dev1", code=4)
+        assert "no trust anchor yet" in r.output and "--ca-fingerprint" in r.output, r.output
+        assert stored(dev.state) == before
+        assert not any(m == "POST" for m, _ in est.requests)
 
 
 def test_fingerprint_that_matches_nothing_is_refused_even_with_trust(lab, dev):

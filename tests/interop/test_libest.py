@@ -119,6 +119,16 @@ def test_bootstrap_by_fingerprint_and_builtin_csrattrs(dev, peer, tmp_path):
     assert cred.key_type == "p384"
 
 
+def test_bootstrap_over_tls_authenticated_by_tls_trust(dev, peer, tmp_path):
+    """--tls-trust authenticates the server (here libest's own CA), --ca-fingerprint picks the domain root."""
+    fp = fingerprint(peer.ca.root())
+    _enroll(dev, peer, peer.relaxed, "--tls-trust", str(peer.ca.cacert), "--ca-fingerprint", fp, trust=False)
+    ks = Keystore.open(dev.state)
+    assert [fingerprint(c) for c in ks.trust_anchors(DOMAIN)] == [fp]
+    assert [fingerprint(c) for c in ks.trust_anchors(DOMAIN, "tls")] == [fp]
+    _verify(dev, peer, f"ldevid-{DOMAIN}", tmp_path)
+
+
 def test_bootstrap_wrong_fingerprint_trusts_and_stores_nothing(dev, peer, lab):
     before = stored(dev.state)
     r = _enroll(dev, peer, peer.stock, "--ca-fingerprint", fingerprint(lab.domain("plant").root_cert), trust=False,

@@ -130,8 +130,8 @@ __all__ = ["est_lab", "est_root", "est_server", "_est_fault_server", "est_fault_
 def stored(state) -> dict:
     """What a keystore directory holds, for "a failure stored nothing" checks: the SHA-256 of every file, with
     the index compared as data minus the failure bookkeeping a failed renewal records on purpose for
-    ``devagent status`` (``meta.last_error``, ``meta.last_failure``). The append-only audit log is left out: it
-    records the attempt (a pending key generated and discarded) by design."""
+    ``devagent status`` (``meta.last_error``, ``meta.last_failure``) and without empty tables. The append-only
+    audit log is left out: it records the attempt (a pending key generated and discarded) by design."""
     import hashlib
     import json
     import os
@@ -150,6 +150,7 @@ def stored(state) -> dict:
                 for rec in (doc.get("credentials") or {}).values():
                     for k in ("last_error", "last_failure"):
                         (rec.get("meta") or {}).pop(k, None)
+                doc = {k: v for k, v in doc.items() if v != {}}  # an empty table is no stored data
                 out[rel] = json.dumps(doc, sort_keys=True)
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
