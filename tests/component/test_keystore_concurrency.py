@@ -47,6 +47,34 @@ def _peer(request, backend):
     return None
 
 
+@pytest.fixture(scope="module")
+def est_server(lab):
+    from agent.lab.est_server import start_est_server
+    from tests.peers.keystore_load import EST_PASSWORD, EST_USER
+
+    with start_est_server(lab, "plant", users={EST_USER: EST_PASSWORD.encode()}) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("n", [4, 10])
+def test_n_processes_over_est_tls_client_auth(tmp_path, lab, cmp_server, est_server, request, n):
+    """The report's case: requests authenticated by the LDevID's TLS client certificate while other processes
+    renew that LDevID (a renewal used to destroy the key file another process's TLS stack was about to read)."""
+    world = make_world(tmp_path, lab, cmp_server.url, "soft", est_url=est_server.url)
+    request.addfinalizer(close_zygotes)
+    out = run_concurrently(world, n, 1, seed=100 + n)
+    results = out["results"]
+    assert len(results) == n * ops_per_worker(1)
+    failed = [r for r in results if r["code"] != 0]
+    assert not failed, "\n".join(f"worker {r['p']} {r['op']}: exit {r['code']}: {r['err']}" for r in failed)
+    assert check_clean(world) == {}
+    ks = world.keystore()
+    try:
+        assert ks.get(world.ldevid).version == 1 + 2 * n
+    finally:
+        ks.close()
+
+
 @pytest.mark.parametrize("backend,n,rounds", CASES, ids=[f"{b}-N{n}" for b, n, _ in CASES])
 def test_n_processes_on_one_keystore(tmp_path, lab, cmp_server, request, backend, n, rounds):
     world = make_world(tmp_path, lab, cmp_server.url, backend, _peer(request, backend))

@@ -40,6 +40,7 @@ class World:
     prefix: str  # credential names (and so token object labels) of this world start with it
     peer: object = None  # SwtpmServer | SoftHsmToken | None
     options: dict = dataclasses.field(default_factory=dict)  # Keystore backend_options for in-process checks
+    protocol: str = "cmp"  # how the LDevID was enrolled; requests and renewals use the same
 
     @property
     def ldevid(self) -> str:
@@ -51,8 +52,13 @@ class World:
         return Keystore.open(self.state, self.options)
 
 
-def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None) -> World:
-    """A keystore trusting the lab root, with an LDevID enrolled over CMP (MAC) in ``backend``."""
+EST_USER, EST_PASSWORD = "load-user", "load-password-not-secret"
+
+
+def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None, est_url: str | None = None) -> World:
+    """A keystore trusting the lab root, with an LDevID enrolled over CMP (MAC) in ``backend`` — or, with
+    ``est_url``, over EST (HTTP Basic), so that requests and renewals authenticate with the LDevID as TLS client
+    certificate (software keys only: the key must reach OpenSSL as a file)."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agent.toml"
     config.write_text('[metrics]\ntextfile = ""\n')
@@ -65,7 +71,8 @@ def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None) -
         env.update(DEVAGENT_PKCS11_MODULE=peer.module, DEVAGENT_PKCS11_TOKEN_LABEL=peer.label,
                    DEVAGENT_PKCS11_PIN="env:DEVAGENT_LOAD_PKCS11_PIN", DEVAGENT_LOAD_PKCS11_PIN=peer.pin)
         options = {"pkcs11": dict(peer.options)}
-    w = World(tmp / "state", backend, env, cmp_url, f"w{secrets.token_hex(3)}-", peer, options)
+    w = World(tmp / "state", backend, env, cmp_url, f"w{secrets.token_hex(3)}-", peer, options,
+              protocol="est" if est_url else "cmp")
     root, other = tmp / "root.pem", tmp / "other-root.pem"
     from cryptography.hazmat.primitives import serialization
 
@@ -73,6 +80,9 @@ def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None) -
     other.write_bytes(lab.domain(DEVICE_DOMAIN).root_cert.public_bytes(serialization.Encoding.PEM))
     for args in (("keystore", "init"), ("keystore", "trust", "--domain", "plant", "--add", str(root)),
                  ("keystore", "trust", "--domain", DEVICE_DOMAIN, "--add", str(other)),
+                 ("enroll", "--protocol", "est", "--server", est_url, "--label", "plant", "--domain", "plant",
+                  "--name", w.ldevid, "--username", EST_USER, "--password", f"pass:{EST_PASSWORD}",
+                  "--subject", f"CN={w.ldevid}", "--key-backend", backend) if est_url else
                  ("enroll", "--protocol", "cmp", "--server", cmp_url, "--domain", "plant", "--name", w.ldevid,
                   "--ref", REF, "--secret", f"pass:{SECRET}", "--subject", f"CN={w.ldevid}",
                   "--key-backend", backend)):
@@ -225,7 +235,10 @@ def worker_ops(world: World, p: int, rounds: int) -> list[tuple[str, ...]]:
                 ("renew", world.ldevid), ("renew", own), ("status",), ("keystore", "check")]
     if not rounds:  # the short form: the shared LDevID renewed while the others request with it
         ops.append(("renew", world.ldevid))
-    ops.append(("revoke", revoked_name(world, p, rounds), "--reason", "superseded"))
+    if world.protocol == "est":  # EST has no revocation: a second renewal of the shared LDevID instead
+        ops.append(("renew", world.ldevid))
+    else:
+        ops.append(("revoke", revoked_name(world, p, rounds), "--reason", "superseded"))
     return ops
 
 
