@@ -112,7 +112,8 @@ class PostgresInventory(SqlInventory):
                 raise InventoryError(f"inventory {self.where}: {_first_line(e)}") from None
 
     def _merge_extra(self) -> str:
-        return "(coalesce(extra, '{}')::jsonb || %s::jsonb)::text"
+        # jsonb_strip_nulls: setting a field to None removes it, as SQLite's json_patch (RFC 7396) does
+        return "jsonb_strip_nulls(coalesce(extra, '{}')::jsonb || %s::jsonb)::text"
 
     def _is_unique_violation(self, e: Exception) -> bool:
         return isinstance(e, _psycopg().errors.UniqueViolation)

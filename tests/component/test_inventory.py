@@ -47,6 +47,8 @@ def test_add_get_update_remove_roundtrip(inv, spec, tmp_path):
     up = inv.update("dev1", state="operational", not_after="2030-01-01T00:00:00Z", serial="ab", line="L4", bay=2)
     assert up["not_after"] == "2030-01-01T00:00:00+00:00" and up["line"] == "L4" and up["bay"] == 2
     assert inv.get("dev1") == up
+    assert "bay" not in inv.update("dev1", bay=None)  # an extension field set to None is removed
+    up = inv.update("dev1", bay=2)
     # a second object (another process) sees the same state
     other = open_inventory(spec, tmp_path / "clm")
     try:
