@@ -58,8 +58,8 @@ test: deps
 	$(PYTEST) -q tests
 	$(MAKE) bench-ci
 
-# Long fault runs (issue 20): 1,000 kill -9 trials of enroll/request/renew/serve/run with software keys (100 each with
-# swtpm and SoftHSM2), and the N = 2/4/10 concurrency test with 5 rounds per process. About 15 min on 2 cores.
+# Long fault runs (issue 20): 1,000 kill -9 trials of enroll/request/renew/serve/run (800 with software keys, 100 each
+# with swtpm and SoftHSM2), and the N = 2/4/10 concurrency test with 5 rounds per process. About 15 min on 2 cores.
 soak: deps
 	DEVAGENT_KILL_TRIALS=1000 DEVAGENT_SOAK_ROUNDS=5 $(PYTEST) -q tests/fault/test_kill_pending.py \
 	  tests/component/test_keystore_concurrency.py
