@@ -118,16 +118,16 @@ class KeyLocks:
             h = self._held.get(uri)
             return h is not None and h[1] > 0
 
-    def release(self, uri: str, *, explicit: bool) -> bool:
+    def release(self, uri: str, *, explicit: bool, everything: bool = False) -> bool:
         """Undo one ``hold``; the lock is dropped when no explicit use is left (``explicit=False``: drop it unless
-        a flow still uses it). Returns True when the lock was dropped."""
+        a flow still uses it; ``everything``: drop it whatever uses it). Returns True when the lock was dropped."""
         with self._mutex:
             h = self._held.get(uri)
             if h is None:
                 return False
             if explicit and h[1] > 0:
                 h[1] -= 1
-            if h[1] > 0:
+            if h[1] > 0 and not everything:
                 return False
             del self._held[uri]
             os.close(h[0])

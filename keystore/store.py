@@ -634,11 +634,12 @@ class Keystore:
         self._finish_destroy(uri, fd)
         return True
 
-    def _claim(self, uri: str) -> int | None:
-        """The exclusive lock that lets us destroy ``uri`` (nobody can hold it meanwhile), or None if in use."""
-        if self._locks.in_use(uri):
+    def _claim(self, uri: str, *, ours_too: bool = False) -> int | None:
+        """The exclusive lock that lets us destroy ``uri`` (nobody can hold it meanwhile), or None if in use.
+        ``ours_too``: this object's own holds do not count (an explicit delete by this process)."""
+        if self._locks.in_use(uri) and not ours_too:
             return None
-        self._locks.release(uri, explicit=False)  # our own hold from private_key: nothing here uses it now
+        self._locks.release(uri, explicit=False, everything=ours_too)  # nothing here uses it now
         return self._locks.try_exclusive(uri)
 
     def _finish_destroy(self, uri: str, fd: int) -> None:
@@ -1199,7 +1200,8 @@ class Keystore:
         with self._lock:  # the files go under the lock too: another process may be storing this name anew
             uri = cred.key_uri
             shared = self._view().key_users().get(uri, []) != [name]
-            claim = None if shared else self._claim(uri)  # see store_certificate
+            # See store_certificate. Deleting is this process's own decision: its own holds do not keep the key.
+            claim = None if shared else self._claim(uri, ours_too=True)
             try:
                 with self._txn() as data:
                     doc_id, rec = self._find_cred(data, name)

@@ -164,3 +164,14 @@ def test_a_keystore_object_dropped_without_close_holds_nothing(ks, lab):
     assert len(os.listdir("/proc/self/fd")) <= fds
     _renew(Keystore.open(ks.root), lab)
     assert not _file(ks, v1.key_uri).exists(), "nobody holds the old key any more: destroyed at once"
+
+
+def test_deleting_a_credential_destroys_its_key_even_if_this_process_holds_it(ks, lab):
+    """An explicit delete is this process's decision: its own holds (a ClientAuth it built) do not keep the key,
+    other processes' do."""
+    from agent import lifecycle
+
+    v1 = _renew(ks, lab)
+    lifecycle.auth_for(ks, ks.get("dev"))  # held explicitly by this Keystore object
+    ks.delete("dev")
+    assert not _file(ks, v1.key_uri).exists()
