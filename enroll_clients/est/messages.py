@@ -834,21 +834,20 @@ def apply_csrattrs(request, attrs: CsrAttrs):
 
 
 # ---- Retry-After (RFC 9110 §10.2.3) --------------------------------------------------------------
+MAX_DELTA_SECONDS = 2 ** 31  # RFC 9111 1.2.2: a delta-seconds too large to represent counts as 2^31
+
+
 def parse_retry_after(value: str | None, now: datetime.datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or unparsable."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or unparsable.
+    Never raises for a peer's header value."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
+    if value and value.isascii() and value.isdigit():  # delta-seconds = 1*DIGIT (ASCII digits only)
+        return float(MAX_DELTA_SECONDS if len(value) > 10 else min(int(value), MAX_DELTA_SECONDS))
+    when = _parse_http_date(value)
     if when is None:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return max(0.0, (when - now).total_seconds())
 
@@ -859,13 +858,17 @@ def http_date(value: str | None) -> datetime.datetime | None:
     without a trustworthy clock, never a reason to fail an exchange)."""
     if not value:
         return None
+    return _parse_http_date(value.strip())
+
+
+def _parse_http_date(value: str) -> datetime.datetime | None:
     try:
-        t = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+        t = email.utils.parsedate_to_datetime(value)
+        if t is None:
+            return None
+        if t.tzinfo is None:  # asctime form carries no zone: it is GMT by definition
+            t = t.replace(tzinfo=datetime.timezone.utc)
+        return t.astimezone(datetime.timezone.utc)
+    except (TypeError, ValueError, IndexError, OverflowError):  # garbage, a huge year, 9999-12-31 west of UTC
         return None
-    if t is None:
-        return None
-    if t.tzinfo is None:  # asctime form carries no zone: it is GMT by definition
-        t = t.replace(tzinfo=datetime.timezone.utc)
-    return t.astimezone(datetime.timezone.utc)
 

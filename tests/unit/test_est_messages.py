@@ -265,6 +265,19 @@ def test_retry_after():
     assert 28 <= got <= 31
 
 
+@pytest.mark.parametrize("value,expected", [
+    ("1\u00b20", None),  # str.isdigit() holds for a superscript two, int() refuses it: not delta-seconds
+    ("\u0661\u0662", None),  # Arabic-Indic digits: delta-seconds is ASCII DIGIT only (RFC 9110 10.2.3)
+    ("9" * 5000, float(2 ** 31)),  # too large to represent: 2^31 (RFC 9111 1.2.2), not an OverflowError
+    ("Wed, 21 Oct 2026 08:2877777777", None), ("Sun Nov  6 08:49:37 " + "9" * 30, None),
+    ("Fri, 31 Dec 9999 23:59:59 -0100", None),  # past datetime.max once in UTC
+])
+def test_retry_after_never_raises(value, expected):
+    """Found by the fuzz suite (tests/fuzz, target est_headers): these raised ValueError/OverflowError."""
+    assert m.parse_retry_after(value, NOW) == expected
+    assert m.http_date(value) is None
+
+
 def test_server_text_reduces_html():
     t = m.server_text(b"<html><head><title>502 Bad Gateway</title><style>x{}</style></head>"
                       b"<body><h1>Bad Gateway</h1><script>evil()</script></body></html>", "text/html")
