@@ -64,12 +64,17 @@ def decode_template(der: bytes | None) -> Template | None:
         key_alg = (str(alg["algorithm"]), bytes(alg["parameters"]) if alg["parameters"].isValue else None)
     rsa_len = None
     if c["keySpec"].isValue:
-        for atv in c["keySpec"]:
-            if str(atv["type"]) == str(A.id_regCtrl_algId):
-                alg = A.der_decode(bytes(atv["value"]), A.AlgorithmIdentifier())
-                key_alg = (str(alg["algorithm"]), bytes(alg["parameters"]) if alg["parameters"].isValue else None)
-            elif str(atv["type"]) == str(A.id_regCtrl_rsaKeyLen):
-                rsa_len = int(A.der_decode(bytes(atv["value"]), A.Integer()))
+        for i, atv in enumerate(c["keySpec"]):
+            try:
+                if str(atv["type"]) == str(A.id_regCtrl_algId):
+                    alg = A.der_decode(bytes(atv["value"]), A.AlgorithmIdentifier())
+                    key_alg = (str(alg["algorithm"]), bytes(alg["parameters"]) if alg["parameters"].isValue else None)
+                elif str(atv["type"]) == str(A.id_regCtrl_rsaKeyLen):
+                    rsa_len = int(A.der_decode(bytes(atv["value"]), A.Integer()))
+            except ValueError as e:
+                raise ProtocolError(f"genp certReqTemplate keySpec[{i}] ({atv['type']}) is malformed: {e}") from None
+        if rsa_len is not None and rsa_len < 1:
+            raise ProtocolError(f"genp certReqTemplate keySpec rsaKeyLen {rsa_len} is not a key length (1..MAX)")
     return Template(subject=subject, extensions=exts, key_alg=key_alg, rsa_key_len=rsa_len)
 
 
@@ -92,7 +97,12 @@ def _check_key(t: Template, key) -> None:
 
 
 def apply_template(t: Template, subject: x509.Name, sans, extensions, key):
-    """(subject, extensions) for the request after applying ``t``; raises TemplateMismatchError."""
+    """(subject, extensions) for the request after applying ``t``.
+
+    Raises:
+        TemplateMismatchError: our key or request cannot satisfy the template.
+        ProtocolError: the template fixes a value that cannot be put into a request (names the attribute).
+    """
     _check_key(t, key)
     if t.subject is not None:
         ours = {a.oid.dotted_string: a.value for a in subject}
@@ -103,7 +113,11 @@ def apply_template(t: Template, subject: x509.Name, sans, extensions, key):
                     raise TemplateMismatchError(f"the server's certReqTemplate needs subject attribute {oid}, "
                                                 "which our request does not have")
                 value = ours[oid]
-            attrs.append(x509.NameAttribute(ObjectIdentifier(oid), value))
+            try:
+                attrs.append(x509.NameAttribute(ObjectIdentifier(oid), value))
+            except ValueError as e:  # e.g. a CN over 64 characters, a country name that is not 2 letters
+                raise ProtocolError(f"the server's certReqTemplate fixes subject attribute {oid} to a value that "
+                                    f"cannot be requested: {e}") from None
         subject = x509.Name(attrs)
     ours_ext = {e.oid.dotted_string: e for e in extensions}
     if sans and x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string not in ours_ext:
@@ -115,7 +129,10 @@ def apply_template(t: Template, subject: x509.Name, sans, extensions, key):
             if oid in ours_ext:
                 out.append(ours_ext[oid])
             continue
-        o = ObjectIdentifier(oid)
+        try:
+            o = ObjectIdentifier(oid)
+        except ValueError as e:
+            raise ProtocolError(f"the server's certReqTemplate names extension {oid}: {e}") from None
         out.append(x509.Extension(o, critical, x509.UnrecognizedExtension(o, value)))
     listed = {oid for oid, _, _ in t.extensions}
     # Extensions the template does not mention stay: the template constrains, it does not forbid.
