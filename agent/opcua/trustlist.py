@@ -160,13 +160,29 @@ def check(tl: TrustList, now: datetime.datetime | None = None, check_validity: b
                 cas.append(c)
     for field, ua_name in (("trusted_crls", "TrustedCrls"), ("issuer_crls", "IssuerCrls")):
         for i, der in enumerate(getattr(tl, field)):
-            try:
-                crl = x509.load_der_x509_crl(der)
-            except ValueError as e:
-                raise PushError("BadCertificateInvalid", f"{ua_name}[{i}] is not a DER CRL: {e}") from None
+            crl = load_crl(der, f"{ua_name}[{i}]")
             if not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in cas):
                 raise PushError("BadCertificateInvalid", f"{ua_name}[{i}] (issuer {crl.issuer.rfc4514_string()}) is "
                                 "not signed by any CA certificate in the TrustList")
+
+
+def load_crl(der: bytes, where: str) -> x509.CertificateRevocationList:
+    """A DER CRL with every lazily parsed part touched (issuer, times, signature algorithm, extensions, each
+    revoked entry), so a malformed one is refused here, naming ``where``, and not later by whatever reads it.
+
+    Raises:
+        PushError(BadCertificateInvalid): not a DER CRL, or a part of it does not parse.
+    """
+    from keystore.certs import PARSE_ERRORS
+
+    try:
+        crl = x509.load_der_x509_crl(der)
+        _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc, crl.signature_algorithm_oid, crl.extensions)
+        for r in crl:
+            _ = (r.serial_number, r.revocation_date_utc, r.extensions)
+    except PARSE_ERRORS as e:  # cryptography parses CRL parts on first access (InvalidVersion, DuplicateExtension...)
+        raise PushError("BadCertificateInvalid", f"{where} is not a DER CRL: {e}") from None
+    return crl
 
 
 def _crl_signed_by(crl, ca) -> bool:

@@ -79,6 +79,23 @@ def test_check_refuses_wrong_entries(lab):
     assert e.value.status == "BadCertificateTimeInvalid"
 
 
+@pytest.mark.parametrize("part,value", [(0, (0x02, b"\x00")),  # version 0: cryptography's InvalidVersion
+                                        (2, (0x0E, b"\x00"))])  # issuer not a Name: ValueError on first access
+def test_check_refuses_crls_whose_parts_do_not_parse(lab, part, value):
+    """Found by the fuzz suite (tests/fuzz, target opcua_trustlist): cryptography parses a CRL's parts lazily,
+    so these escaped check() as InvalidVersion/ValueError; now BadCertificateInvalid naming the list entry."""
+    from tests.fuzz.mutate import encode_der, parse_der
+
+    d = lab.domain("plant")
+    tree = parse_der(lab.crl("plant").public_bytes(DER))
+    tbs = tree[0][2][0][2]
+    tbs[part] = [value[0], "p", value[1]]
+    bad = tl.TrustList(trusted_certificates=(d.root_cert.public_bytes(DER),), trusted_crls=(encode_der(tree),))
+    with pytest.raises(PushError) as e:
+        tl.check(bad)
+    assert e.value.status == "BadCertificateInvalid" and "TrustedCrls[0] is not a DER CRL" in str(e.value)
+
+
 def test_split_der_and_subject_names(lab):
     a, b = lab.domain("plant").root_cert.public_bytes(DER), lab.domain("plant").ca_cert.public_bytes(DER)
     assert _split_der(a + b) == [a, b]
