@@ -196,7 +196,10 @@ def _import_rows(source, fmt: str):
     """(line number, dict) from JSON lines or CSV with a header row. Raises click.BadParameter naming the line."""
     import csv
 
-    text = source.read()
+    try:
+        text = source.read()
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"not UTF-8 text (byte {e.start}: {e.reason})", param_hint="SOURCE") from None
     if fmt == "auto":
         fmt = "jsonl" if text.lstrip().startswith("{") else "csv"
     if fmt == "jsonl":
@@ -205,24 +208,46 @@ def _import_rows(source, fmt: str):
                 continue
             try:
                 row = _json.loads(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
                 raise click.BadParameter(f"line {n}: not JSON ({e})", param_hint="SOURCE") from None
             if not isinstance(row, dict):
                 raise click.BadParameter(f"line {n}: not a JSON object", param_hint="SOURCE")
-            yield n, row
+            yield n, {k: v for k, v in row.items() if v is not None}  # null = not given
         return
-    reader = csv.DictReader(text.splitlines())
-    unknown = set(reader.fieldnames or ()) - set(IMPORT_FIELDS)
-    if not reader.fieldnames or "id" not in reader.fieldnames or "uri" not in reader.fieldnames:
-        raise click.BadParameter("CSV needs a header row with at least id and uri", param_hint="SOURCE")
-    if unknown:
-        raise click.BadParameter(f"CSV column(s) {', '.join(sorted(unknown))} unknown; use {', '.join(IMPORT_FIELDS)}",
-                                 param_hint="SOURCE")
-    for n, row in enumerate(reader, 2):
-        row = {k: v for k, v in row.items() if v not in (None, "")}
-        if "san" in row:
-            row["san"] = row["san"].split()
-        yield n, row
+    reader = csv.DictReader(text.splitlines(), restkey=CSV_EXTRA)
+    try:
+        header = reader.fieldnames
+        unknown = set(header or ()) - set(IMPORT_FIELDS)
+        if not header or "id" not in header or "uri" not in header:
+            raise click.BadParameter("CSV needs a header row with at least id and uri", param_hint="SOURCE")
+        if unknown:
+            raise click.BadParameter(f"CSV column(s) {', '.join(sorted(unknown))} unknown; use "
+                                     f"{', '.join(IMPORT_FIELDS)}", param_hint="SOURCE")
+        for n, row in enumerate(reader, 2):
+            if CSV_EXTRA in row:
+                raise click.BadParameter(f"line {n}: {len(row[CSV_EXTRA])} more field(s) than the header row has "
+                                         "columns", param_hint="SOURCE")
+            row = {k: v for k, v in row.items() if v not in (None, "")}
+            if "san" in row:
+                row["san"] = row["san"].split()
+            yield n, row
+    except csv.Error as e:  # a NUL byte, a field over the csv module's size limit ...
+        raise click.BadParameter(f"line {reader.line_num + 1}: not CSV ({e})", param_hint="SOURCE") from None
+
+
+CSV_EXTRA = "\0extra"  # DictReader's key for the fields of a row beyond the header's columns
+
+
+def _check_row_types(n: int, row: dict) -> None:
+    """Every field is text, ``san`` a list of texts (JSON lines can carry any type)."""
+    for k, v in row.items():
+        if k == "san":
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                _fail(f"invalid value: line {n}: 'san' must be a list of strings like \"dns:dev1.plant\"; nothing "
+                      "was imported", 2)
+        elif not isinstance(v, str):
+            _fail(f"invalid value: line {n}: {k!r} must be a string, not {type(v).__name__}; nothing was imported",
+                  2)
 
 
 @clm.command("import")
@@ -247,6 +272,7 @@ def import_devices(ctx, source, fmt, replace):
             _fail(f"invalid value: line {n}: unknown field(s) {', '.join(sorted(extra))}; nothing was imported", 2)
         if not isinstance(row.get("id"), str) or not isinstance(row.get("uri"), str):
             _fail(f"invalid value: line {n}: 'id' and 'uri' are required; nothing was imported", 2)
+        _check_row_types(n, row)
         context = Path(row.get("context") or inv.dir / "contexts" / row["id"])
         security = row.get("security") or "auto"
         if security == "auto":

@@ -138,3 +138,43 @@ def test_import_jsonl_and_csv_all_or_nothing(tmp_path, inv_spec):
         r = run(tmp_path, "clm", "--inventory", inv_spec, "import", str(bad))
         assert r.exit_code == 2 and match in r.output, (content, r.output)
         assert run(tmp_path, "clm", "--inventory", inv_spec, "list", "--json").output == before
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"id,uri\npump-3,coap://h,extra,more\n", "line 2: 2 more field(s) than the header row"),
+    (b"id,uri\npump-3,coap://h\xff\n", "not UTF-8 text (byte 22"),
+    (b'id,uri\npump-3,"' + b"x" * 200000 + b'"\n', "line 2: not CSV (field larger than field limit"),
+    (b'{"id": "pump-3", "uri": "coap://h", "subject": 5}\n', "line 1: 'subject' must be a string, not int"),
+    (b'{"id": "pump-3", "uri": "coap://h", "san": "dns:x"}\n', "line 1: 'san' must be a list of strings"),
+    (b'{"id": "pump-3", "uri": "coap://h", "x": ' + b"[" * 100000 + b"\n", "line 1: not JSON"),
+])
+def test_import_refuses_malformed_files_naming_what(tmp_path, content, match):
+    """Found by the fuzz suite (tests/fuzz, target clm_import): extra CSV fields, a non-UTF-8 byte, a NUL, JSON
+    values of other types and deep nesting ended in 'internal error' (TypeError, UnicodeDecodeError, csv.Error,
+    RecursionError) or stored non-text fields; now exit 2 naming the line and nothing is stored."""
+    spec = f"sqlite:{tmp_path / 'fleet.sqlite'}"
+    assert run(tmp_path, "clm", "--inventory", spec, "add-device", "d0", "--uri", "coap://10.0.0.1",
+               "--security", "none").exit_code == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    before = snapshot(tmp_path)
+    r = CliRunner().invoke(cli, ["--state-dir", str(tmp_path / "state"), "clm", "--inventory", spec, "import",
+                                 str(bad)], env={})
+    assert r.exit_code == 2 and match in r.output, r.output
+    after = snapshot(tmp_path)
+    for k in [k for k in set(before) | set(after) if k.startswith("fleet.sqlite")]:
+        before.pop(k, None), after.pop(k, None)  # compared as rows below (-wal/-shm come and go)
+    assert after == before
+    inv = open_inventory(spec, tmp_path / "state" / "clm")
+    try:
+        assert [x["id"] for x in inv.list()] == ["d0"]
+    finally:
+        inv.close()
+
+
+def test_import_jsonl_null_is_absent(tmp_path):
+    spec = f"sqlite:{tmp_path / 'fleet.sqlite'}"
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"id": "pump-9", "uri": "coap://10.0.0.9", "security": "none", "name": null, "san": null}\n')
+    r = run(tmp_path, "clm", "--inventory", spec, "import", str(src))
+    assert r.exit_code == 0, r.output
