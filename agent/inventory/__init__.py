@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import datetime
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ class InventoryUnavailableError(InventoryError):
 
 
 # ---- value conversion (shared by the backends) -------------------------------------------------------------------
+MIN_EPOCH = -62135596800.0  # 0001-01-01T00:00:00Z
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
+INT64 = 2 ** 63
+
+
 def to_epoch(value: Any, field: str) -> float | None:
     """ISO 8601 string / aware datetime / number -> epoch seconds. Raises InventoryError naming the field."""
     if value is None or value == "":
@@ -80,7 +86,10 @@ def to_epoch(value: Any, field: str) -> float | None:
     if isinstance(value, bool):
         raise InventoryError(f"{field}: {value!r} is not a time")
     if isinstance(value, (int, float)):
-        return float(value)
+        v = float(value) if abs(value) < 1e300 else float("inf")
+        if not MIN_EPOCH <= v <= MAX_EPOCH:  # also NaN and infinity: no time a datetime can show
+            raise InventoryError(f"{field}: {value!r} is not a time between the years 1 and 9999")
+        return v
     if isinstance(value, str):
         try:
             value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -117,10 +126,19 @@ def encode_fields(fields: dict) -> dict:
         if kind == "time":
             out[k] = to_epoch(v, k)
         elif kind == "json":
+            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v)):
+                raise InventoryError(f"{k}: {v!r} must be a list of strings")
             out[k] = json.dumps(list(v) if v is not None else [])
         elif kind == "int":
-            out[k] = int(v or 0)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not -INT64 <= v < INT64):
+                raise InventoryError(f"{k}: {v!r} must be an integer (64 bits)")
+            out[k] = v or 0
         elif kind == "real":
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(float(v) if abs(v) < 1e300 else math.inf)):
+                raise InventoryError(f"{k}: {v!r} must be a finite number")
             out[k] = None if v is None else float(v)
         else:
             if v is not None and not isinstance(v, str):

@@ -33,7 +33,8 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from agent.inventory import (
-    JSON_NAME, InventoryError, InventorySpecError, InventoryUnavailableError, to_epoch,
+    JSON_NAME, STATES, InventoryError, InventorySpecError, InventoryUnavailableError, check_device, encode_fields,
+    to_epoch,
 )
 from agent.inventory.sql import SqlInventory
 
@@ -140,10 +141,13 @@ def _json_records(json_path: Path, raw: bytes) -> list[dict]:
     """The device records of an inventory.json. Raises InventoryError naming the file and device."""
     try:
         data = json.loads(raw) if raw.strip() else {}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InventoryError(f"cannot migrate {json_path}: it is not valid JSON ({e}); nothing was changed — "
                              "restore it from a backup or remove it to start with an empty inventory") from None
-    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise InventoryError(f"cannot migrate {json_path}: it is not an inventory (a JSON object with 'devices'); "
+                             "nothing was changed")
+    devices = data.get("devices")
     if devices is None:
         devices = {}
     if not isinstance(devices, dict):
@@ -160,6 +164,11 @@ def _json_records(json_path: Path, raw: bytes) -> list[dict]:
         try:
             for k in ("not_after", "enrolled_at", "next_renewal", "next_attempt", "added"):
                 r[k] = to_epoch(r.get(k), k)
+            # the checks and conversions a record added today gets (id, URI scheme, security, field types)
+            check_device(key, r["uri"], r["security"])
+            if r.get("state", STATES[0]) not in STATES:
+                raise InventoryError(f"state {r['state']!r} is not one of {', '.join(STATES)}")
+            encode_fields({k: v for k, v in r.items() if k != "id"})
         except InventoryError as e:
             raise InventoryError(f"cannot migrate {where}: {e}; nothing was changed") from None
         pem = certs / f"{key}.pem"

@@ -88,7 +88,19 @@ def test_migration_keeps_every_field(tmp_path):
 @pytest.mark.parametrize("content", [b'{"devices": {"dev1": {"uri": "coap://h:1"', b'{"devices": []}',
                                      b'{"devices": {"dev1": {"id": "dev2", "uri": "coap://h:1", "security": "none"}}}',
                                      b'{"devices": {"dev1": {"uri": "coap://h:1", "security": "none", '
-                                     b'"next_renewal": "tomorrow"}}}'])
+                                     b'"next_renewal": "tomorrow"}}}',
+                                     # found by the fuzz suite (tests/fuzz, target clm_migrate): an internal
+                                     # error, or migrated as given / as an empty inventory
+                                     b'{"devices": {"dev1": {"uri": "coap://h:1", "security": "none", "san": 5}}}',
+                                     b'{"devices": {"dev1": {"uri": "coap://h:1", "security": "none", '
+                                     b'"not_after": 1e999}}}',
+                                     b'{"devices": {"dev1": {"uri": "coap://h:1", "security": "none", '
+                                     b'"enrollments": 1000000000000000000000000000000}}}',
+                                     b'{"devices": {"dev1": {"uri": "ftp://h", "security": "bogus"}}}',
+                                     b'{"devices": {"../dev1": {"uri": "coap://h:1", "security": "none"}}}',
+                                     b'{"devices": {"dev1": {"uri": "coap://h:1", "security": "none", '
+                                     b'"state": "broken"}}}',
+                                     b'[1, 2]', b"[" * 100000])
 def test_corrupt_json_inventory_is_refused_and_nothing_changes(tmp_path, content):
     clm = tmp_path / "clm"
     clm.mkdir()
