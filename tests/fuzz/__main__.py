@@ -7,7 +7,9 @@
 ``--engine auto`` uses atheris (coverage-guided) where it is installed, else the mutation engine. Exit status 1
 when any target had a foreign exception, a hang, an accepted mutant or a stored-state change; the first input of
 each kind is in ``tests/fuzz/findings/<target>/`` (copy it to ``tests/fuzz/regressions/<target>/`` with the fix).
-``--json FILE`` writes the figures.
+``--json FILE`` writes the figures with what they were measured on (``run_info``: commit, whether the tree had
+uncommitted changes, engine, Python and MicroPython versions, CPU count, load average); ``python -m
+tests.fuzz.figures`` merges such files into ``tests/fuzz/data/long-run.json`` and prints the table the docs quote.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def run_atheris(name: str, inputs: int, seconds: float | None) -> engine.Stats:
     d = json.loads(out.read_text())
     s = engine.Stats(name, "atheris")
     for k in ("inputs", "accepted", "refused", "foreign", "hangs", "accepted_mutants", "state_changes", "slowest_s",
-              "kinds"):
+              "slowest_wall_s", "kinds"):
         setattr(s, k, d[k])
     s.seconds = d.get("seconds") or (time.perf_counter() - t0)
     return s
@@ -105,8 +107,33 @@ def main(argv=None) -> int:
              else f"FINDINGS in {', '.join(bad)} (inputs under tests/fuzz/findings/)"))
     if a.json_out:
         with open(a.json_out, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=1)
+            json.dump({"run": run_info(eng, a), "rows": [r.as_dict() for r in rows]}, f, indent=1)
+            f.write("\n")
     return 1 if bad else 0
+
+
+def run_info(eng: str, a) -> dict:
+    """What the figures were measured on: the commit (and whether the tree differed from it), engine, runtimes."""
+    import datetime
+    import platform
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=engine.REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "agent", "keystore", "enroll_clients",
+                     "coap_services", "board_profiles", "tests/fuzz"))
+    mpy = ""
+    try:
+        mpy = subprocess.run([mpy_host.micropython(), "-c", "import sys; print(sys.version)"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": git("rev-parse", "HEAD"), "dirty": dirty,
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "engine": eng, "inputs_per_target": a.inputs, "seed": a.seed, "python": platform.python_version(),
+            "micropython": mpy, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "nice": os.nice(0)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One-off generator of the non-CMP seed corpora (CMP: ``record_cmp_seeds.py``, from OpenSSL's mock server).
 
     .venv/bin/python -m tests.fuzz.make_seeds            # rewrites tests/fuzz/corpus/<target>/ (not cmp_*)
+    .venv/bin/python -m tests.fuzz.make_seeds opcua clm  # only these groups (see GROUPS)
 
 Seeds are what real peers and files look like: EST bodies in the encodings servers send (base64 with LF and
 CRLF, PEM, raw DER, libest's csrattrs answer with its trailing NUL, RFC 7030's example csrattrs), a TEST-ONLY lab
@@ -253,13 +254,155 @@ def mpy(p):
         (d / name).write_bytes(bytes([sel]) + data)
 
 
-def main() -> int:
+def opcua(p):
+    """TrustListDataType streams (UA Binary) as a GDS writes them: every list with a CRL in each CRL list, trusted
+    certificates only, issuers only, an empty list, a pinned application certificate."""
+    root_key, root, ca_key, ca, dev_key, leaf, rsa_key, rsa_leaf = p
+    from agent.opcua.trustlist import ALL, ISSUER_CERTIFICATES, ISSUER_CRLS, TRUSTED_CERTIFICATES, TrustList, encode
+
+    def crl(issuer, key, serials=()):
+        now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+        b = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject).last_update(now)
+             .next_update(now + datetime.timedelta(days=36500)))
+        for n in serials:
+            b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(n).revocation_date(now)
+                                          .build())
+        return b.sign(key, hashes.SHA256()).public_bytes(DER)
+
+    d = _dir("opcua_trustlist")
+    full = TrustList(trusted_certificates=(root.public_bytes(DER),), trusted_crls=(crl(root, root_key, (7,)),),
+                     issuer_certificates=(ca.public_bytes(DER),), issuer_crls=(crl(ca, ca_key),))
+    (d / "full").write_bytes(encode(full, ALL))
+    (d / "trusted-only").write_bytes(encode(TrustList(trusted_certificates=(root.public_bytes(DER),
+                                                                            leaf.public_bytes(DER))),
+                                            TRUSTED_CERTIFICATES))
+    (d / "issuers-only").write_bytes(encode(TrustList(issuer_certificates=(ca.public_bytes(DER),),
+                                                      issuer_crls=(crl(ca, ca_key, (1, 2)),)),
+                                            ISSUER_CERTIFICATES | ISSUER_CRLS))
+    (d / "empty-all").write_bytes(encode(TrustList(), ALL))
+    (d / "pinned-rsa").write_bytes(encode(TrustList(trusted_certificates=(rsa_leaf.public_bytes(DER),)),
+                                          TRUSTED_CERTIFICATES))
+
+
+def cmp_template():
+    """genp certReqTemplate values (DER CertReqTemplateContent, RFC 9480 2.14): the Siemens MockCA's (RSA-2048 by
+    keySpec), one fixing O and leaving CN to us with an EC P-256 key algorithm, one with extensions to fill and to
+    keep, and the publicKey algorithm in the template itself."""
+    from enroll_clients.cmp import asn1 as A
+    from enroll_clients.cmp import messages as M
+    from pyasn1.codec.der import encoder
+
+    d = _dir("cmp_template")
+    mock = CORPUS / "cmp_accept" / "mockca-genm-template-0.der"
+    if mock.exists():
+        msg = M.decode_message(mock.read_bytes()[1:])
+        (d / "mockca-rsa2048").write_bytes(M.genp_values(msg["body"].getComponent())[str(A.id_it_certReqTemplate)])
+
+    def content(tpl, key_spec=()):
+        c = A.CertReqTemplateContent()
+        c["certTemplate"] = tpl
+        if key_spec:
+            ks = c.setComponentByName("keySpec").getComponentByName("keySpec")
+            for i, (oid, value) in enumerate(key_spec):
+                atv = ks.componentType.clone()
+                atv["type"] = oid
+                atv["value"] = A.Any(encoder.encode(value))
+                ks.setComponentByPosition(i, atv)
+        return A.der_encode(c)
+
+    ec_alg = A.AlgorithmIdentifier()
+    ec_alg["algorithm"] = A.univ.ObjectIdentifier("1.2.840.10045.2.1")
+    ec_alg["parameters"] = A.Any(encoder.encode(A.univ.ObjectIdentifier("1.2.840.10045.3.1.7")))
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "plant"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "to-be-filled")])
+    from tests.fuzz.mutate import _all_nodes, encode_der, parse_der
+
+    def emptied(tpl, old: bytes):
+        """``tpl`` with the value whose content is ``old`` made empty (RFC 9483 4.3.3: "ours to fill in")."""
+        tree = parse_der(A.der_encode(tpl))
+        for node, _, _ in _all_nodes(tree, [], None):
+            if node[1] != "c" and encode_der([node])[2 if len(old) < 126 else 4:] == old or node[2] == old:
+                node[1], node[2] = "p", b""
+        return A.der_decode(encode_der(tree), A.CertTemplate())
+
+    tpl = emptied(M.cert_template(subject), b"to-be-filled")
+    (d / "subject-o-fixed-cn-ours-ec").write_bytes(content(tpl, [(A.id_regCtrl_algId, ec_alg)]))
+    ku = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                       encipher_only=False, decipher_only=False)
+    san = x509.SubjectAlternativeName([x509.DNSName("placeholder")])
+    exts = [x509.Extension(x509.oid.ExtensionOID.KEY_USAGE, True, ku),
+            x509.Extension(x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False, san)]
+    tpl = emptied(M.cert_template(None, extensions=exts), san.public_bytes())
+    (d / "extensions-ku-fixed-san-ours").write_bytes(content(tpl, [(A.id_regCtrl_rsaKeyLen, A.Integer(2048))]))
+    rsa_pub = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    tpl = M.cert_template(None, rsa_pub)
+    (d / "publickey-alg-rsa").write_bytes(content(tpl))
+
+
+def est_headers():
+    """Header values EST servers send: Retry-After (delta-seconds, IMF-fixdate), Date (the three forms of RFC
+    9110 5.6.7) and Content-Type (certs-only, multipart with a boundary, csrattrs, with parameters and quoting)."""
+    d = _dir("est_headers")
+    seeds = {"retry-after-seconds": (0, "120"), "retry-after-date": (0, "Wed, 21 Oct 2026 07:28:00 GMT"),
+             "date-imf": (1, "Sun, 06 Nov 1994 08:49:37 GMT"), "date-rfc850": (1, "Sunday, 06-Nov-94 08:49:37 GMT"),
+             "date-asctime": (1, "Sun Nov  6 08:49:37 1994"),
+             "ct-certs-only": (2, "application/pkcs7-mime; smime-type=certs-only"),
+             "ct-multipart": (2, 'multipart/mixed; boundary="estServerKeyGenBoundary"'),
+             "ct-csrattrs": (2, "application/csrattrs"),
+             "ct-rfc2231": (2, "application/pkcs8; name*=utf-8''k%C3%A9y.p8; charset=\"latin-1\"")}
+    for name, (sel, value) in seeds.items():
+        (d / name).write_bytes(bytes([sel]) + value.encode("latin-1"))
+
+
+def clm():
+    """CLM inventory inputs: ``clm import`` files (CSV with every column, JSON lines with lists and nulls) and an
+    ``inventory.json`` as devagent <= 0.1 wrote it (its devices with ISO times)."""
+    import json
+
+    d = _dir("clm_import")
+    csv_text = ("id,uri,security,subject,san,key_type,name,domain,profile\n"
+                "line-1,coap://10.1.0.1:5683,none,CN=line-1,dns:line-1.plant ip:10.1.0.1,p256,ldevid,plant,\n"
+                "line-2,coaps://10.1.0.2:5684,auto,\"CN=line-2,O=Plant\",,rsa2048,,plant,tls-client\n")
+    (d / "csv-every-column").write_bytes(bytes([1]) + csv_text.encode())
+    (d / "csv-auto-replace").write_bytes(bytes([3]) + b"id,uri\nplc-0,coap://10.0.0.9:5683\n")
+    rows = [{"id": "robot-1", "uri": "coap://10.2.0.1:5683", "security": "none", "san": ["dns:robot-1.plant"],
+             "subject": "CN=robot-1", "key_type": "p384", "domain": "plant"},
+            {"id": "robot-2", "uri": "coap://[fd00::2]:5683", "security": "none", "name": None}]
+    (d / "jsonl").write_bytes(bytes([2]) + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (d / "jsonl-auto").write_bytes(bytes([0]) + (json.dumps(rows[0]) + "\n\n").encode())
+    d = _dir("clm_migrate")
+    devices = {}
+    for i, op in enumerate((True, False)):
+        dev = f"dev{i:04d}"
+        devices[dev] = {"id": dev, "uri": f"coap://10.0.0.{i + 1}:5683", "security": "oscore",
+                        "context": f"/var/lib/devagent/clm/contexts/{dev}",
+                        "state": "operational" if op else "not operational",
+                        "not_after": "2027-01-01T00:00:00+00:00" if op else None,
+                        "last_error": None if op else "device unreachable", "subject": f"CN={dev}",
+                        "san": [f"dns:{dev}.plant"], "key_type": "p256", "name": None, "domain": "plant",
+                        "profile": None, "failures": 0 if op else 2, "enrolled_at": "2026-01-01T00:00:00+00:00",
+                        "next_renewal": "2026-09-01T00:00:00+00:00" if op else None,
+                        "next_attempt": None if op else "2026-01-01T01:00:00+00:00", "serial": "1a" if op else None,
+                        "added": "2025-12-01T00:00:00+00:00"}
+    (d / "inventory-v0.1").write_bytes(json.dumps({"devices": devices}, indent=1).encode())
+    (d / "empty-devices").write_bytes(b'{"devices": {}}')
+    (d / "empty-file").write_bytes(b"")
+
+
+GROUPS = {"est": lambda p: est(p), "keystore_import": keystore_import, "toml": lambda p: toml_seeds(),
+          "coap": coap, "mpy": mpy, "opcua": opcua, "cmp_template": lambda p: cmp_template(),
+          "est_headers": lambda p: est_headers(), "clm": lambda p: clm()}
+
+
+def main(argv=None) -> int:
+    names = list(argv if argv is not None else sys.argv[1:]) or list(GROUPS)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise SystemExit(f"unknown seed group(s) {', '.join(unknown)}; groups: {', '.join(GROUPS)}")
     p = pki()
-    est(p)
-    keystore_import(p)
-    toml_seeds()
-    coap(p)
-    mpy(p)
+    for n in names:
+        GROUPS[n](p)
     return 0
 
 

@@ -10,7 +10,12 @@ the package's own error roots. Seeds are in ``tests/fuzz/corpus/<target>/`` (see
 | cmp_client | ``CmpClient`` enroll/request/renew/ca_certs/cert_req_template/revoke against a fuzzing server holding the keys (``cmp_target.py``) | EnrollError |
 | est_certs | ``est.messages.parse_certs_body`` (certs-only in base64/PEM/DER) | ProtocolError |
 | est_serverkeygen | ``est.messages.parse_serverkeygen`` (Content-Type + multipart body) | EnrollError |
-| est_csrattrs | ``est.messages.parse_csrattrs`` | ProtocolError |
+| est_csrattrs | ``est.messages.parse_csrattrs`` -> ``apply_csrattrs`` -> ``keystore.csr.build_csr`` | ProtocolError |
+| est_headers | ``parse_retry_after``, ``http_date``, ``media_type`` (header values) | nothing (never raise) |
+| cmp_template | ``cmp.template.decode_template``/``describe_template``/``apply_template`` | EnrollError |
+| opcua_trustlist | ``agent.opcua.trustlist.decode`` -> ``merge`` -> ``check`` | PushError |
+| clm_import | ``devagent clm import`` in-process (CSV, JSON lines) (``clm_target.py``) | exit code != 1 |
+| clm_migrate | ``inventory.json`` -> SQLite migration on first open (``devagent clm list``) | exit code != 1 |
 | keystore_import | ``keystore.certs`` loaders + ``Keystore.import_idevid`` (PEM, DER, PKCS#7, PKCS#8, PKCS#12) | KeystoreError |
 | cli_import | ``devagent keystore import-idevid`` / ``keystore trust --add`` in-process (click) | exit code != 1 |
 | coap_device | a real ``devagent serve`` site on 127.0.0.1 fed raw datagrams (incl. Block1) | any CoAP answer but 5.00 |
@@ -108,9 +113,107 @@ def est_serverkeygen(data: bytes) -> None:
 
 
 def est_csrattrs(data: bytes) -> None:
-    from enroll_clients.est.messages import parse_csrattrs
+    """/csrattrs body -> ``CsrAttrs`` -> applied to a request -> the CSR devagent would sign with it (the server's
+    extensions and signature hash go into our CSR; ``agent.lifecycle._apply_server_attributes``)."""
+    from enroll_clients.base import CertRequest
+    from enroll_clients.est.messages import apply_csrattrs, parse_csrattrs
+    from keystore.csr import build_csr
 
-    parse_csrattrs(data)
+    attrs = parse_csrattrs(data)
+    key, subject = _fixed_key()
+    applied = apply_csrattrs(CertRequest(subject=subject), attrs)  # no key type of ours: nothing to conflict with
+    build_csr(key, subject, (), extensions=applied.extensions, hash_name=attrs.signature_hash)
+
+
+@functools.lru_cache(maxsize=1)
+def _fixed_key():
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()), x509.Name.from_rfc4514_string("CN=fuzz-device,O=devagent fuzz")
+
+
+HEADERS = ("Retry-After", "Date", "Content-Type")
+
+
+def est_headers(data: bytes) -> None:
+    """An EST server's header value (``data[0]`` picks it; httpx hands values over as latin-1 text). Contracts:
+    ``parse_retry_after`` -> seconds >= 0 or None and ``http_date`` -> an aware datetime or None, never an
+    exception (a bad header is ignored); ``media_type`` -> (type, params), never an exception (the caller then
+    refuses the type by name)."""
+    from enroll_clients.est.messages import http_date, media_type, parse_retry_after
+
+    if not data:
+        return
+    header, value = HEADERS[data[0] % len(HEADERS)], data[1:].decode("latin-1")
+    if header == "Retry-After":
+        v = parse_retry_after(value)
+        if v is not None and not (isinstance(v, float) and v >= 0):
+            raise AssertionError(f"Retry-After {value!r} -> {v!r}")
+    elif header == "Date":
+        v = http_date(value)
+        if v is not None and v.utcoffset() is None:
+            raise AssertionError(f"Date {value!r} -> naive {v!r}")
+    else:
+        mtype, params = media_type(value)
+        if not isinstance(mtype, str) or not isinstance(params, dict):
+            raise AssertionError(f"Content-Type {value!r} -> {mtype!r}, {params!r}")
+
+
+# ---- CMP certReqTemplate (RFC 9483 4.3.3) ----------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _template_keys():
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    return ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def cmp_template(data: bytes) -> None:
+    """The genp certReqTemplate value (DER CertReqTemplateContent) -> ``template.decode_template`` ->
+    ``describe_template`` (what ``devagent cert-template`` prints) -> ``apply_template`` to a request with a
+    P-256 and with an RSA-2048 key (what ``--cert-template`` does before an ir/cr)."""
+    from cryptography import x509
+
+    from enroll_clients.base import EnrollError
+    from enroll_clients.cmp import template as T
+
+    t = T.decode_template(data)
+    T.describe_template(t)
+    if t is None:
+        return
+    _, subject = _fixed_key()
+    sans = (x509.DNSName("fuzz-device.plant.example"),)
+    refused = []
+    for key in _template_keys():
+        try:
+            T.apply_template(t, subject, sans, (), key)
+        except EnrollError as e:
+            refused.append(e)
+    if len(refused) == len(_template_keys()):
+        raise refused[0]  # neither key satisfies the template: a refusal (the other outcome is an accepted one)
+
+
+# ---- OPC UA TrustList (OPC 10000-12 7.8.2) -------------------------------------------------------------
+OPCUA_NOW = "2026-06-01T00:00:00+00:00"  # inside the validity of the seed certificates (make_seeds)
+
+
+def opcua_trustlist(data: bytes) -> None:
+    """A TrustList written by a GDS: ``agent.opcua.trustlist.decode`` (UA Binary TrustListDataType) -> ``merge``
+    into the current list -> ``check`` (what the device does before it applies a TrustList write)."""
+    import datetime
+
+    from agent.opcua import trustlist as TL
+
+    mask, update = TL.decode(data)
+    merged = TL.merge(_opcua_current(), mask, update)
+    TL.check(merged, now=datetime.datetime.fromisoformat(OPCUA_NOW))
+
+
+@functools.lru_cache(maxsize=1)
+def _opcua_current():
+    from agent.opcua import trustlist as TL
+
+    return TL.decode((CORPUS / "opcua_trustlist" / "full").read_bytes())[1]
 
 
 # ---- keystore import ----------------------------------------------------------------------------------
@@ -285,6 +388,12 @@ def _protocol_error():
     return (ProtocolError,)
 
 
+def _push_error():
+    from agent.opcua.errors import PushError
+
+    return (PushError,)
+
+
 def _keystore_error():
     from keystore.errors import KeystoreError
 
@@ -305,6 +414,8 @@ def _coap():
 
 
 def all_targets() -> dict[str, Target]:
+    from tests.fuzz import clm_target as clm
+
     coap, cmp = _coap(), _cmp()
     ts = [
         Target("cmp_accept", cmp.cmp_accept, _enroll_error(),
@@ -313,7 +424,12 @@ def all_targets() -> dict[str, Target]:
                prefix=1, teardown=cmp.close),
         Target("est_certs", est_certs, _protocol_error(), "EST certs-only bodies"),
         Target("est_serverkeygen", est_serverkeygen, _enroll_error(), "EST /serverkeygen multipart"),
-        Target("est_csrattrs", est_csrattrs, _protocol_error(), "EST /csrattrs"),
+        Target("est_csrattrs", est_csrattrs, _protocol_error(), "EST /csrattrs -> applied -> our CSR"),
+        Target("est_headers", est_headers, (), "EST Retry-After / Date / Content-Type header values", prefix=1),
+        Target("cmp_template", cmp_template, _enroll_error(), "CMP genp certReqTemplate -> decode/describe/apply"),
+        Target("opcua_trustlist", opcua_trustlist, _push_error(), "OPC UA TrustList write -> decode/merge/check"),
+        Target("clm_import", clm.clm_import, (clm.Refused,), "devagent clm import (CSV / JSON lines)", prefix=1),
+        Target("clm_migrate", clm.clm_migrate, (clm.Refused,), "CLM inventory.json -> SQLite migration"),
         Target("keystore_import", keystore_import, _keystore_error(), "PEM/DER/PKCS#7/PKCS#8/PKCS#12 + import",
                prefix=1),
         Target("cli_import", cli_import, (_CliRefused,), "devagent keystore import-idevid / trust --add",

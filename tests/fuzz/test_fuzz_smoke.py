@@ -42,7 +42,8 @@ def test_target_smoke(name):
             t.teardown()
     print(engine.format_table([s]))
     assert s.ok, engine.format_table([s])
-    assert s.refused > 0, f"{name}: no input was refused: the mutants never reached the parser's checks"
+    if t.allowed:  # (a target whose contract is "never raises", est_headers, refuses nothing)
+        assert s.refused > 0, f"{name}: no input was refused: the mutants never reached the parser's checks"
 
 
 def test_seeds_are_accepted_where_they_should_be():
