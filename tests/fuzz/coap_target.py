@@ -4,7 +4,8 @@ The site (``coap_services.server.DeviceServer``, aiocoap's UDP transport, block-
 on a keystore copied from ``corpus/coap_device.context/keystore`` (one pending key, the domain ``fuzz`` anchored
 at the lab root there). An input is up to 8 datagrams, each framed as a 2-byte length + the datagram; the
 datagrams go out one by one from a fresh UDP socket (so no reassembly or deduplication state crosses inputs),
-with fresh message IDs, and each well-formed request must be answered within ``engine.HANG_S``.
+with fresh message IDs, and each well-formed request must be answered within ``engine.HANG_WALL_S`` (the engine
+counts an input whose server and client side together take more than ``engine.HANG_S`` of CPU as a hang too).
 
 Properties: no 5.00 and no exception logged by the service (a foreign exception is re-raised with its
 traceback); a request answered with an error changes nothing stored; a 2.04 to /verify stored exactly the
@@ -19,7 +20,7 @@ import os
 import shutil
 import socket
 
-from tests.fuzz.engine import CORPUS, HANG_S, AcceptedMutant, StateChanged
+from tests.fuzz.engine import CORPUS, HANG_WALL_S, AcceptedMutant, StateChanged
 
 CONTEXT = CORPUS / "coap_device.context"
 _S: dict = {}
@@ -142,7 +143,7 @@ async def _exchange(frames: list[bytes]) -> list[tuple[int, bytes]]:
                 dgram = dgram[:2] + _S["mid"].to_bytes(2, "big") + dgram[4:]
             expect = _is_request(dgram)
             await loop.sock_sendto(sock, dgram, (host, port))
-            deadline = loop.time() + (HANG_S if expect else 0.0)
+            deadline = loop.time() + (HANG_WALL_S if expect else 0.0)
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -173,7 +174,7 @@ async def _exchange(frames: list[bytes]) -> list[tuple[int, bytes]]:
 
 class _NoAnswer(Exception):
     def __init__(self, dgram):
-        super().__init__(f"no answer within {HANG_S:g} s to a well-formed request ({len(dgram)} bytes)")
+        super().__init__(f"no answer within {HANG_WALL_S:g} s to a well-formed request ({len(dgram)} bytes)")
 
 
 def run(data: bytes) -> None:
