@@ -1173,7 +1173,9 @@ class Keystore:
                 now_s = _now().isoformat()
                 rec = {"name": name, "kind": "idevid", "domain": None, "key_uri": key_uri,
                        "key_type": key_type_of(pub), "version": version, "versions": [version], "created": now_s,
-                       "updated": now_s, "source": source, "meta": {}, **describe(certificate)}
+                       "updated": now_s, "source": source, "meta": {}, **describe(certificate),
+                       # as _commit_certificate writes it: else the next open's _migrate rewrites the index
+                       "chain_subjects": [describe(c)["subject"] for c in chain]}
                 data["credentials"][doc_id or self._next_id(data["credentials"])] = rec
                 kid, krec = self._find(data["keys"], uri=key_uri)
                 if kid is not None:

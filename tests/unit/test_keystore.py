@@ -142,6 +142,19 @@ def test_idevid_is_read_only(ks, lab, tmp_path):
         ks.get("idevid")
 
 
+def test_idevid_import_needs_no_index_migration_at_next_open(ks, lab):
+    """Found by the fuzz suite (tests/fuzz, target cli_import): the IDevID record lacked chain_subjects, so the next
+    command's Keystore.open rewrote keystore.json -- a refused command changed what is stored."""
+    from keystore.store import Keystore
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = lab.issue("other", key.public_key(), parse_subject("CN=idevid,serialNumber=SN1"))
+    ks.import_idevid("idevid", cert, lab.domain("other").chain, private_key=key)
+    before = snapshot(ks.root)
+    Keystore.open(ks.root).close()
+    assert snapshot(ks.root) == before
+
+
 def test_idevid_key_mismatch(ks, lab):
     key = ec.generate_private_key(ec.SECP256R1())
     cert = lab.issue("other", ec.generate_private_key(ec.SECP256R1()).public_key(), parse_subject("CN=x"))
