@@ -484,9 +484,12 @@ class Keystore:
 
     # ---- keys ---------------------------------------------------------------------------------
     def generate_key(self, key_type: str, *, backend: str = "soft", label: str = "", pending_for: dict | None = None,
-                     allow_weak: bool = False) -> str:
+                     allow_weak: bool = False, pending: bool = True) -> str:
         """Generate a key in ``backend`` and record it as pending (not yet certified), owned by this process (see
         keystore/owner.py: ``gc`` discards it once the owner is gone). Returns its URI.
+
+        ``pending=False`` records a key that is in use without a credential of the keystore (an OPC UA server's
+        self-signed bootstrap certificate): state ``active``, never discarded by ``gc``; its user discards it.
 
         The record is written before the key is kept anywhere (``KeyBackend.prepare``): a crash at any point
         leaves at most a pending record that ``gc`` cleans up through the backend — never a key file, TPM handle or
@@ -498,8 +501,8 @@ class Keystore:
             nk = be.prepare(kt, label)
             uri = nk.uri
             rec = {"uri": uri, "key_type": kt, "backend": be.scheme, "created": _now().isoformat(),
-                   "state": "pending", "label": label, "pending_for": pending_for or {}, "owner": owner.current(),
-                   **self._public_fields(nk.public)}
+                   "state": "pending" if pending else "active", "label": label, "pending_for": pending_for or {},
+                   "owner": owner.current(), **self._public_fields(nk.public)}
             self._locks.create(uri)
             before = self._storage.read() if not self._destroyed else None
             with self._txn() as data:

@@ -227,8 +227,10 @@ class PushService:
 
         c = self.config
         kt = parse_key_type(c.rsa_key_type)
+        # Not pending: this key serves the secure channel for as long as no managed certificate is pushed, across
+        # restarts of this process; a pending key would be discarded by keystore gc once its owner process is gone.
         uri = self.ks.generate_key(kt, backend=c.key_backend, label=f"{c.name}-bootstrap",
-                                   pending_for={"source": BOOTSTRAP_SOURCE, "name": c.name})
+                                   pending_for={"source": BOOTSTRAP_SOURCE, "name": c.name}, pending=False)
         try:
             key = self.ks.private_key(uri)
             cert = build_self_signed(key, self._default_subject(), self._sans(parse_san),

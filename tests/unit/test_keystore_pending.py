@@ -147,3 +147,24 @@ def test_keystore_list_shows_pending_keys_with_age_and_owner(ks):
     r = CliRunner().invoke(cli, ["--state-dir", str(ks.root), "keystore", "check"])
     assert r.exit_code == 0 and "1 orphaned pending key(s) discarded" in r.output, r.output
     assert [p["for"] for p in (ks.pending_summary(k) for k in ks.pending_keys())] == ["ldevid"]
+
+
+def test_a_key_in_use_without_a_credential_is_not_pending_and_survives_its_owner(ks):
+    """An OPC UA server's bootstrap key (self-signed certificate until a GDS pushes a managed one) outlives the
+    process that made it: generated with pending=False it is active, and gc never discards it."""
+    uris = []
+
+    def child():
+        uris.append(Keystore.open(ks.root).generate_key("p256", label="opcua-bootstrap", pending=False,
+                                                        pending_for={"source": "opcua-bootstrap"}))
+        (ks.root / "uri").write_text(uris[0])
+
+    _in_child(child)
+    uri = (ks.root / "uri").read_text()
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+    opened = Keystore.open(ks.root)
+    assert opened.pending_keys() == [] and opened.orphaned_pending(now=later) == []
+    assert opened.gc() == [] and opened.key_record(uri)["state"] == "active"
+    assert build_csr(opened.private_key(uri), parse_subject("CN=x")).is_signature_valid
+    opened.discard_key(uri)  # its user discards it when a managed certificate replaces it
+    assert _key_files(ks.root) == []
