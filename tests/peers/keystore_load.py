@@ -80,12 +80,14 @@ def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None, e
     other.write_bytes(lab.domain(DEVICE_DOMAIN).root_cert.public_bytes(serialization.Encoding.PEM))
     for args in (("keystore", "init"), ("keystore", "trust", "--domain", "plant", "--add", str(root)),
                  ("keystore", "trust", "--domain", DEVICE_DOMAIN, "--add", str(other)),
+                 # --timeout (remembered for requests and renewals): a loaded CI machine with ten processes at
+                 # one in-process lab server must not turn slowness into failures a serial run would not have.
                  ("enroll", "--protocol", "est", "--server", est_url, "--label", "plant", "--domain", "plant",
                   "--name", w.ldevid, "--username", EST_USER, "--password", f"pass:{EST_PASSWORD}",
-                  "--subject", f"CN={w.ldevid}", "--key-backend", backend) if est_url else
+                  "--subject", f"CN={w.ldevid}", "--key-backend", backend, "--timeout", "120") if est_url else
                  ("enroll", "--protocol", "cmp", "--server", cmp_url, "--domain", "plant", "--name", w.ldevid,
                   "--ref", REF, "--secret", f"pass:{SECRET}", "--subject", f"CN={w.ldevid}",
-                  "--key-backend", backend)):
+                  "--key-backend", backend, "--timeout", "120")):
         code, err, _ = run_cli(w, *args)
         assert code == 0, f"devagent {' '.join(args)}: exit {code}: {err}"
     return w
@@ -214,7 +216,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def run_cli(world: World, *args: str, timeout_s: float = 120.0) -> tuple[int, str, float]:
+def run_cli(world: World, *args: str, timeout_s: float = 300.0) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     pid, out = start_cli(world, *args)
     code, text = wait_cli(world, pid, out, timeout_s)
