@@ -426,7 +426,7 @@ def kill_trial(world: World, op: str, delay_s: float, n: int, lab_dir: str = "")
     args = {
         "enroll": ("enroll", "--protocol", "cmp", "--server", world.cmp_url, "--domain", "plant", "--name", name,
                    "--ref", REF, "--secret", f"pass:{SECRET}", "--subject", f"CN={name}",
-                   "--key-backend", world.backend),
+                   "--key-backend", world.backend, "--timeout", "120"),
         "request": ("request", name, "--domain", "plant", "--subject", f"CN={name}", "--key-backend", world.backend),
         "renew": ("renew", world.ldevid),
         "run": ("run", "--once"),
