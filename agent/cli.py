@@ -469,6 +469,10 @@ def _server_options(f):
         click.option("--profile", help="Certificate profile: EST path segment after the label "
                                        "(/.well-known/est/<label>/<profile>/..., Trustpoint-style); CMP profile."),
         click.option("--label", help="EST label: /.well-known/est/<label>/..."),
+        click.option("--tls-unique/--no-tls-unique", "tls_unique", default=None,
+                     help="EST: bind the CSR to the TLS session, challengePassword = tls-unique (RFC 7030 §3.5; TLS "
+                          "1.2), for servers that check proof-of-possession linking (libest estserver -t) [automatic "
+                          "when /csrattrs asks for a challengePassword; remembered]."),
         click.option("--csrattrs", "csrattrs", type=click.Choice(["require", "use", "ignore"]), default=None,
                      help="EST /csrattrs: 'use' applies the server's attributes and goes on without them when the "
                           "answer is unusable (warning); 'require' makes that fatal; 'ignore' skips the request "
@@ -592,6 +596,8 @@ def _options_from(app: App, ks, *, protocol, server, domain, profile, label, tru
         timeout_s=timeout_s or 30.0, recipient=_recipient(recipient),
         implicit_confirm=bool(implicit_confirm), mac=mac or "pbm", reqout=reqout, rspin=rspin,
         ca_fingerprint=ca_fingerprint, extra={**trust_extra, **_cmp_extra(kw),
+                                              **({"tls_unique": kw["tls_unique"]} if protocol == "est" and
+                                                 kw.get("tls_unique") is not None else {}),
                                               **({"cert_template": True} if cert_template else {}),
                                               **({"unprotected": True} if unprotected_requests else {})})
 
@@ -620,10 +626,10 @@ def _recipient(recipient):
 
 
 def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s, recipient, key_backend,
-              csrattrs=None, cmp=None) -> dict:
+              csrattrs=None, cmp=None, tls_unique=None) -> dict:
     d = dict(protocol=protocol, server=server, label=label, profile=profile, mac=mac,
              implicit_confirm=implicit_confirm, timeout_s=timeout_s, recipient=recipient, key_backend=key_backend,
-             csrattrs=csrattrs if protocol == "est" else None)
+             csrattrs=csrattrs if protocol == "est" else None, tls_unique=tls_unique if protocol == "est" else None)
     d.update(cmp or {})
     return {k: v for k, v in d.items() if v is not None}
 
@@ -824,7 +830,8 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
     auth = _with_secrets(auth, ref, secret, username, password)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw))
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw),
+                         kw.get("tls_unique"))
     client = client_for(protocol, opts)
     if csr is not None:
         key_uri = _key_spec(ks, None, None, key_ref, False, allow_weak_keys, name)[0].key_uri if key_ref else None
@@ -947,7 +954,7 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     protocol = protocol or ldevid.record.get("protocol")
     server = server or ldevid.record.get("server")
     remembered = ldevid.record.get("meta", {}).get("enroll", {})
-    for k in ("label", "mac", "recipient", "timeout_s", "csrattrs", "implicit_confirm") + CMP_REMEMBERED:
+    for k in ("label", "mac", "recipient", "timeout_s", "csrattrs", "tls_unique", "implicit_confirm") + CMP_REMEMBERED:
         if kw.get(k) is None and remembered.get(k) is not None:
             kw[k] = remembered[k]
     if csr_file is not None and protocol != "cmp":
@@ -958,7 +965,8 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     auth = _with_secrets(lifecycle.auth_for(ks, ldevid), ref, secret, username, password)
     subj, san_list = _subject_sans(subject, sans)
     remember = _remember(protocol, server, kw.get("label"), kw.get("profile"), kw.get("mac"), kw.get("implicit_confirm"),
-                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw))
+                         kw.get("timeout_s"), kw.get("recipient"), key_backend, kw.get("csrattrs"), _cmp_extra(kw),
+                         kw.get("tls_unique"))
     client = client_for(protocol, opts)
     if csr is not None:
         key_uri = _key_spec(ks, None, None, key_ref, False, allow_weak_keys, name)[0].key_uri if key_ref else None

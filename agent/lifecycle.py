@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import logging
 from typing import Sequence
 
@@ -37,7 +38,8 @@ CLOCK_SKEW_TOLERANCE_S = 300
 
 # Remembered per credential (never secrets): enough to rebuild the client for renewal.
 REMEMBERED = ("protocol", "server", "label", "profile", "mac", "implicit_confirm", "timeout_s", "recipient",
-              "server_trust_domain", "key_backend", "rekey", "csrattrs", "renew_username", "renew_password_source")
+              "server_trust_domain", "key_backend", "rekey", "csrattrs", "renew_username", "renew_password_source",
+              "tls_unique")
 CSRATTRS_MODES = ("require", "use", "ignore")
 # CMP switches (docs/cmp.md), remembered so renewals and the daemon talk to the server the same way; they are
 # handed to the client as EnrollOptions.extra.
@@ -200,10 +202,17 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             csr = await asyncio.to_thread(build_csr, private_key, subject, sans, key_usage=default_key_usage(kt),
                                           extensions=extensions, challenge_password=challenge_password,
                                           hash_name=hash_name)
+        # The same CSR with a challengePassword, for protocols that bind it to their session (EST tls-unique,
+        # RFC 7030 §3.5); signed in the key's backend like the first.
+        builder = None if private_key is None else functools.partial(
+            build_csr, private_key, subject, sans, key_usage=default_key_usage(kt), extensions=tuple(extensions),
+            hash_name=hash_name)
         req = CertRequest(subject=subject, private_key=private_key, csr=csr, sans=tuple(sans),
                           extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
-                          profile=profile)
+                          profile=profile, csr_builder=builder)
         result = await getattr(client, op)(req, auth)
+        if (result.info or {}).get("tls_unique_bound") and not remember.get("tls_unique"):
+            remember = {**remember, "tls_unique": True}  # the server wants the binding: renewals bind too
         if held is not None:
             held.release()
         if key.server_keygen:
@@ -357,9 +366,13 @@ async def _apply_server_attributes(client, auth: ClientAuth, key: KeySpec, exten
                  key.key_type)
         hash_name = None
     if getattr(attrs, "challenge_password", False):
-        log.warning("EST server asks for a challengePassword (RFC 7030 §3.5 tls-unique binding of the CSR to the "
-                    "TLS session): devagent does not bind CSRs to the session, so the request is sent without it; "
-                    "a server that enforces the binding (libest -t) will refuse it")
+        if getattr(client, "binds_to_session", False):
+            log.info("EST server asks for a challengePassword: the CSR is bound to the TLS session (tls-unique, "
+                     "RFC 7030 §3.5)")
+        else:
+            log.warning("EST server asks for a challengePassword (RFC 7030 §3.5 tls-unique binding of the CSR to the "
+                        "TLS session), and binding is off (--no-tls-unique): the request is sent without it; a "
+                        "server that enforces the binding (libest -t) will refuse it")
     missing = [o for o in getattr(attrs, "extension_oids", ()) if o not in {e.oid.dotted_string for e in extensions}]
     if missing:
         log.info("EST server asks for attribute(s)/extension(s) %s without a value; devagent does not fill them in",
@@ -676,6 +689,8 @@ def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | Non
     extra = {k: v for k, v in remembered.items() if k.startswith("x_")}
     trust, more = server_trust(ks, trust_domain, protocol)
     extra.update(more)
+    if protocol == "est" and remembered.get("tls_unique") is not None:
+        extra["tls_unique"] = bool(remembered["tls_unique"])
     if protocol == "cmp":
         extra.update({k: remembered[k] for k in CMP_EXTRA if remembered.get(k) is not None})
         if (overrides or {}).get("clock_trusted") is not None:  # the daemon's clock.trusted

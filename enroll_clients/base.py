@@ -92,6 +92,10 @@ class CertRequest:
     key_type: str | None = None
     server_keygen: bool = False
     profile: str | None = None
+    # The same CSR for a given challengePassword: ``csr_builder(challenge_password=bytes) -> CSR`` (built by the
+    # keystore, signed by ``private_key``), for protocols that bind the CSR to their session (EST tls-unique,
+    # RFC 7030 §3.5). None: no binding possible.
+    csr_builder: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

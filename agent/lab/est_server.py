@@ -88,6 +88,7 @@ class EstServerConfig:
     bad_credentials_status: int = 401  # Trustpoint answers a wrong password with 403
     basic_on_reenroll: bool = False  # require HTTP Basic besides the client certificate (libest without -o)
     tls_domain: str | None = None  # lab domain that issued the TLS server certificate (None: ``domain``)
+    require_pop: bool = False  # the CSR's challengePassword must be this session's tls-unique (RFC 7030 §3.5)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -222,6 +223,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.server.used_one_time.add(user)
         return ok, user
 
+    def _pop_linked(self, csr) -> bool:
+        """RFC 7030 §3.5: challengePassword == base64(tls-unique) of this connection (TLS 1.2)."""
+        tls_unique = self.request.get_channel_binding("tls-unique")
+        try:
+            got = csr.attributes.get_attribute_for_oid(x509.oid.AttributeOID.CHALLENGE_PASSWORD).value
+        except x509.AttributeNotFound:
+            return False
+        return bool(tls_unique) and got == base64.b64encode(tls_unique)
+
     def _unauthorized(self, why: str):
         self._text(401, why, {"WWW-Authenticate": f'Basic realm="{self.server.cfg.realm}", charset="UTF-8"'})
 
@@ -348,6 +358,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if not csr.is_signature_valid:
             self._text(400, "CSR signature does not verify (proof of possession failed)")
+            return
+        if self.server.cfg.require_pop and not self._pop_linked(csr):
+            self._unauthorized("Proof of Possession Mismatch: the CSR's challengePassword is not this TLS session's "
+                               "tls-unique value (RFC 7030 section 3.5)")
             return
         # Authentication (RFC 7030 §3.2.3, §3.3.2)
         client = self._client_cert()
@@ -550,7 +564,7 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
                      pending_rounds: int = 0, retry_after_s: int = 1, csrattrs_der: bytes | None = DEFAULT_CSRATTRS_DER,
                      tls_names=("127.0.0.1", "localhost"), client_cas=(), lifetime_s: int | None = None,
                      fault: str | None = None, bad_credentials_status: int = 401, basic_on_reenroll: bool = False,
-                     tls_domain: str | None = None) -> EstServerHandle:
+                     tls_domain: str | None = None, require_pop: bool = False) -> EstServerHandle:
     """Start the lab EST server on 127.0.0.1:``port`` (0 = ephemeral) in a daemon thread.
 
     Args:
@@ -565,6 +579,8 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
         basic_on_reenroll: /simplereenroll needs HTTP Basic besides the client certificate.
         tls_domain: the lab domain whose CA issues the TLS server certificate (a TLS front with its own PKI);
             issuance and /cacerts stay with ``domain``.
+        require_pop: every CSR must carry this TLS session's tls-unique as challengePassword (RFC 7030 §3.5, as
+            libest ``estserver -t``); TLS is then limited to 1.2 (TLS 1.3 has no tls-unique).
 
     Returns:
         A handle with ``url``, ``port``, ``tls_certificate``, ``set_fault()``, ``stop()``.
@@ -577,7 +593,9 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
     ctx, cert = _server_context(lab, domain, tls_names, client_cas, tls_domain)
     cfg = EstServerConfig(domain, dict(users or {}), set(one_time), pending_rounds, retry_after_s, csrattrs_der,
                           fault, lifetime_s, tuple(client_cas), bad_credentials_status=bad_credentials_status,
-                          basic_on_reenroll=basic_on_reenroll, tls_domain=tls_domain)
+                          basic_on_reenroll=basic_on_reenroll, tls_domain=tls_domain, require_pop=require_pop)
+    if require_pop:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     server = _Server(("127.0.0.1", port), _Handler, lab, cfg, ctx)
     t = threading.Thread(target=server.serve_forever, name=f"lab-est-{domain}", daemon=True)
     t.start()

@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import re
@@ -103,6 +104,11 @@ class EstClient(EnrollmentClient):
         self._system_trust = bool(extra.get("system_trust", False))
         self._ca_anchors = tuple(extra.get("ca_anchors", ()))
         self._anchors: tuple[x509.Certificate, ...] = tuple(options.trust_anchors)
+        tu = extra.get("tls_unique", "auto")
+        self._tls_unique = {True: "on", False: "off", None: "auto"}.get(tu, tu)
+        if self._tls_unique not in ("on", "off", "auto"):
+            raise EstConfigError(f"tls_unique must be on, off or auto, not {tu!r}")
+        self._challenge_requested = False  # /csrattrs asked for a challengePassword (RFC 7030 §3.5)
         self._cacerts: tuple[x509.Certificate, ...] | None = None
         self._transport = transport or HttpxTransport()
         self._sleep = sleep
@@ -130,7 +136,10 @@ class EstClient(EnrollmentClient):
 
     async def _exchange(self, operation: str, method: str, body: bytes | None = None,
                         content_type: str | None = None, *, auth: ClientAuth | None = None, use_cert: bool = False,
-                        verify: bool = True, accept: str = "*/*", profile: str | None = None) -> HttpResponse:
+                        verify: bool = True, accept: str = "*/*", profile: str | None = None,
+                        bind=None) -> HttpResponse:
+        """One EST exchange with redirects, 202 waits and GET retries. ``bind``: ``make_body(tls_unique)`` for a
+        body bound to the TLS session (each attempt binds to its own session)."""
         try:
             url = self.url(operation, profile)
         except ValueError as e:
@@ -151,7 +160,14 @@ class EstClient(EnrollmentClient):
         polls = redirects = attempts = 0
         while True:
             try:
-                resp = await self._transport.request(method, url, headers, body, tls, self.options.timeout_s, basic)
+                if bind is not None:
+                    if not hasattr(self._transport, "bound_request"):
+                        raise UnsupportedError("this EST transport cannot bind a request to its TLS session")
+                    resp = await self._transport.bound_request(method, url, headers, bind, tls, self.options.timeout_s,
+                                                               basic, self.url("cacerts", profile))
+                else:
+                    resp = await self._transport.request(method, url, headers, body, tls, self.options.timeout_s,
+                                                         basic)
             except TransportError:
                 # POSTs are not repeated here (the agent's scheduler decides); GETs are idempotent.
                 attempts += 1
@@ -202,8 +218,8 @@ class EstClient(EnrollmentClient):
             if re.search(r"proof.of.possession|\bpop\b|tls.unique", text, re.I):
                 # libest estserver -t: the CSR must carry the TLS session's tls-unique value (RFC 7030 §3.5).
                 hint = ("the server requires the CSR to be bound to the TLS session (challengePassword carrying "
-                        "tls-unique, RFC 7030 §3.5), which devagent does not do; ask the operator to turn that check "
-                        "off for this client (libest: estserver without -t)")
+                        "tls-unique, RFC 7030 §3.5): pass --tls-unique (remembered), or ask the operator to turn the "
+                        "check off (libest: estserver without -t)")
             elif basic:
                 hint = (f"authentication failed for user {basic[0]!r}: wrong username or password, or a one-time "
                         "password that was already used")
@@ -338,7 +354,9 @@ class EstClient(EnrollmentClient):
         if mtype == "text/html":
             raise ProtocolError(f"GET {resp.url}: got an HTML page instead of application/csrattrs: "
                                 f"{m.server_text(resp.body, mtype)!r}")
-        return m.parse_csrattrs(resp.body, f"GET {resp.url}")
+        attrs = m.parse_csrattrs(resp.body, f"GET {resp.url}")
+        self._challenge_requested = attrs.challenge_password
+        return attrs
 
     # ---- enrollment --------------------------------------------------------------------------------
     async def enroll(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
@@ -394,8 +412,15 @@ class EstClient(EnrollmentClient):
                       csr: x509.CertificateSigningRequest | None = None) -> EnrollResult:
         csr = csr or self._csr(request)
         await self._ensure_anchors()
+        bind, bound = None, {}
+        if self._binding():
+            if request.csr_builder is None:
+                raise EnrollError("binding the CSR to the TLS session (tls-unique, RFC 7030 §3.5) needs "
+                                  "CertRequest.csr_builder (a CSR built by the keystore for a given challengePassword)")
+            bind, bound = self._binder(request, request.csr_builder)
         resp = await self._exchange(op, "POST", m.encode_csr(csr), m.CT_PKCS10, auth=auth, use_cert=use_cert,
-                                    accept=m.CT_PKCS7, profile=request.profile)
+                                    accept=m.CT_PKCS7, profile=request.profile, bind=bind)
+        csr = bound.get("csr", csr)
         what = f"POST {resp.url}"
         certs = m.parse_certs_body(resp.body, resp.headers.get("content-type"), what)
         ee, rest = m.split_issued(certs, csr.public_key(), what)
@@ -403,14 +428,46 @@ class EstClient(EnrollmentClient):
         return EnrollResult(ee, chain, ca_certs=self._cacerts or (), server_time=m.http_date(resp.headers.get("date")),
                             info={"protocol": "est", "operation": op, "url": resp.url,
                                   "basic_auth_used": auth.username is not None,
-                                  "tls_client_cert": use_cert})
+                                  "tls_client_cert": use_cert, "tls_unique_bound": bind is not None})
+
+    @property
+    def binds_to_session(self) -> bool:
+        """Whether POSTs now carry the RFC 7030 §3.5 tls-unique binding (see ``extra["tls_unique"]``)."""
+        return self._binding()
+
+    def _binding(self) -> bool:
+        """Bind POSTs to the TLS session: ``tls_unique`` on, or ``auto`` after /csrattrs asked for a
+        challengePassword."""
+        return self._tls_unique == "on" or (self._tls_unique == "auto" and self._challenge_requested)
+
+    @staticmethod
+    def _binder(request: CertRequest, build):
+        """(make_body for ``_exchange``, a dict that receives the CSR it built) when ``request`` asks for the RFC
+        7030 §3.5 binding, else (None, {}). The challengePassword is the base64 of the session's tls-unique."""
+        if request.csr_builder is None:
+            return None, {}
+        bound: dict = {}
+
+        def make_body(tls_unique: bytes) -> bytes:
+            # Signed here, inside the TLS session (a TPM/PKCS#11 key blocks for its one signature).
+            csr = build(challenge_password=base64.b64encode(tls_unique))
+            if request.private_key is not None and m._spki(request.private_key) != m._spki(csr):
+                raise EnrollError("CertRequest.csr_builder built a CSR for another key than CertRequest.private_key")
+            bound["csr"] = csr
+            return m.encode_csr(csr)
+
+        return make_body, bound
 
     async def _serverkeygen(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
         csr = request.csr or _throwaway_csr(request)
         await self._ensure_anchors()
+        bind = None
+        if self._binding():
+            builder = request.csr_builder or (lambda challenge_password: _throwaway_csr(request, challenge_password))
+            bind, _ = self._binder(dataclasses.replace(request, private_key=None, csr_builder=builder), builder)
         resp = await self._exchange("serverkeygen", "POST", m.encode_csr(csr), m.CT_PKCS10, auth=auth,
                                     use_cert=auth.certificate is not None,
-                                    accept=f"{m.CT_MULTIPART}", profile=request.profile)
+                                    accept=f"{m.CT_MULTIPART}", profile=request.profile, bind=bind)
         what = f"POST {resp.url}"
         skg = m.parse_serverkeygen(resp.headers.get("content-type") or "", resp.body, what)
         ee, rest = m.split_issued(skg.certificates, skg.private_key.public_key(), what)
@@ -449,7 +506,7 @@ def _sans(obj) -> list:
         return []
 
 
-def _throwaway_csr(request: CertRequest) -> x509.CertificateSigningRequest:
+def _throwaway_csr(request: CertRequest, challenge_password: bytes | None = None) -> x509.CertificateSigningRequest:
     """/serverkeygen still carries a CSR (RFC 7030 §4.4.1) for subject and extensions; its key is a throwaway
     whose type tells the server which key type to generate. It is never stored or used again."""
     kt = request.key_type or "p256"
@@ -465,4 +522,6 @@ def _throwaway_csr(request: CertRequest) -> x509.CertificateSigningRequest:
         b = b.add_extension(x509.SubjectAlternativeName(list(request.sans)), critical=False)
     for e in request.extensions:
         b = b.add_extension(e.value, critical=e.critical)
+    if challenge_password is not None:
+        b = b.add_attribute(x509.oid.AttributeOID.CHALLENGE_PASSWORD, challenge_password)
     return b.sign(key, hashes.SHA256())

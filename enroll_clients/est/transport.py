@@ -57,6 +57,9 @@ class Transport(Protocol):
     async def request(self, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig,
                       timeout_s: float, basic: tuple[str, bytes] | None) -> HttpResponse: ...
 
+    # Optional: ``bound_request(method, url, headers, make_body, tls, timeout_s, basic, probe_url)`` for bodies
+    # bound to the TLS session (HttpxTransport.bound_request).
+
 
 @contextlib.contextmanager
 def private_tempdir():
@@ -227,42 +230,92 @@ class HttpxTransport:
         import httpx
 
         ctx = make_ssl_context(tls)
-        auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
         try:
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
-                req = client.build_request(method, url, headers=headers, content=body)
-                try:
-                    resp = await client.send(req, auth=auth, stream=True)
-                except (httpx.ReadError, httpx.RemoteProtocolError) as e:
-                    err = _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate)
-                    if tls.client_certificate is not None and not isinstance(err, ProtectionError):
-                        # TLS 1.3 rejects a client certificate after the client's handshake finished: the
-                        # alert may arrive as a plain reset before any response.
-                        err = TransportError(f"{err}; the connection closed before any response, which is how a "
-                                             "server rejects a TLS client certificate under TLS 1.3 — check that "
-                                             "the certificate is issued by a CA the server trusts")
-                    raise err from e
-                try:
-                    peer = None
-                    stream = resp.extensions.get("network_stream")
-                    sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
-                    if sslobj is not None:
-                        der = sslobj.getpeercert(binary_form=True)
-                        peer = x509.load_der_x509_certificate(der) if der else None
-                    chunks, size = [], 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > MAX_RESPONSE_BYTES:
-                            raise TransportError(f"{method} {url}: response larger than {MAX_RESPONSE_BYTES} bytes")
-                        chunks.append(chunk)
-                finally:
-                    await resp.aclose()
+                resp, _ = await _send(client, method, url, headers, body, tls, timeout_s, basic)
+                return resp
         except EnrollError:
             raise
         except httpx.HTTPError as e:
             raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
         except (ssl.SSLError, OSError) as e:
             raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
-        return HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
-                            b"".join(chunks), url, peer)
+
+    async def bound_request(self, method: str, url: str, headers: dict, make_body, tls: TlsConfig, timeout_s: float,
+                            basic: tuple[str, bytes] | None, probe_url: str) -> HttpResponse:
+        """A request whose body is bound to its TLS session (RFC 7030 §3.5 proof-of-possession linking).
+
+        On one TLS 1.2 connection (tls-unique does not exist in TLS 1.3): an anonymous GET ``probe_url`` completes
+        the handshake, ``make_body(tls_unique)`` builds the body from that connection's tls-unique value (the
+        first Finished message, RFC 5929), and the request goes over the same connection.
+
+        Raises:
+            ProtocolError: the server closed the connection after the probe, so the body cannot be bound to it.
+        """
+        import httpx
+
+        from enroll_clients.base import ProtocolError
+
+        ctx = make_ssl_context(tls)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
+                                         trust_env=False, http2=False) as client:
+                _, stream = await _send(client, "GET", probe_url, {"Accept": "*/*", "User-Agent":
+                                        headers.get("User-Agent", "devagent-est/1")}, None, tls, timeout_s, None)
+                sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
+                tls_unique = sslobj.get_channel_binding("tls-unique") if sslobj is not None else None
+                if not tls_unique:
+                    raise ProtocolError(f"{method} {url}: the TLS session has no tls-unique value (TLS "
+                                        f"{sslobj.version() if sslobj else '?'}); the CSR cannot be bound to it")
+                resp, stream2 = await _send(client, method, url, headers, make_body(tls_unique), tls, timeout_s,
+                                            basic)
+                if stream2 is not stream:
+                    raise ProtocolError(f"{method} {url}: the server closed the TLS connection after GET {probe_url}, "
+                                        "so the request went over a new session and its binding (tls-unique) "
+                                        "cannot match; the server must keep the connection open (HTTP keep-alive)")
+                return resp
+        except EnrollError:
+            raise
+        except httpx.HTTPError as e:
+            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
+        except (ssl.SSLError, OSError) as e:
+            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
+
+
+async def _send(client, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig, timeout_s: float,
+                basic: tuple[str, bytes] | None):
+    """One request on ``client``: (HttpResponse with the body read and bounded, the connection's network stream)."""
+    import httpx
+
+    auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
+    req = client.build_request(method, url, headers=headers, content=body)
+    try:
+        resp = await client.send(req, auth=auth, stream=True)
+    except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+        err = _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate)
+        if tls.client_certificate is not None and not isinstance(err, ProtectionError):
+            # TLS 1.3 rejects a client certificate after the client's handshake finished: the
+            # alert may arrive as a plain reset before any response.
+            err = TransportError(f"{err}; the connection closed before any response, which is how a "
+                                 "server rejects a TLS client certificate under TLS 1.3 — check that "
+                                 "the certificate is issued by a CA the server trusts")
+        raise err from e
+    try:
+        peer = None
+        stream = resp.extensions.get("network_stream")
+        sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
+        if sslobj is not None:
+            der = sslobj.getpeercert(binary_form=True)
+            peer = x509.load_der_x509_certificate(der) if der else None
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise TransportError(f"{method} {url}: response larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(chunk)
+    finally:
+        await resp.aclose()
+    return (HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
+                         b"".join(chunks), url, peer), stream)

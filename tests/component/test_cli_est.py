@@ -4,6 +4,7 @@ required on re-enrollment (libest without -o), a TLS server certificate from ano
 plus /csrattrs handling (--csrattrs require|use|ignore) and timeouts. After every failure nothing is stored."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
@@ -194,6 +195,43 @@ def test_broken_cacerts_does_not_block_a_server_that_sends_the_chain(lab, dev, c
             "--username", USER, "--password", f"pass:{PASSWORD}", "--subject", "CN=dev1", "--csrattrs", "ignore")
         assert "could not be checked against domain plant's anchors" in caplog.text
         assert Keystore.open(dev.state).get("ldevid-plant").certificate.subject.rfc4514_string() == "CN=dev1"
+
+
+def test_tls_unique_binding_when_the_server_checks_it(lab, dev, root_fp):
+    """RFC 7030 §3.5: the lab server (require_pop) wants challengePassword = base64(tls-unique) of the session."""
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, require_pop=True) as est:
+        dev("keystore", "trust", "--domain", "plant", "--add", str(lab.dir / "plant" / "root.pem"))
+        before = stored(dev.state)
+        r = _enroll(dev, est.url, root_fp, code=5)
+        assert "bound to the TLS session" in r.output and "--tls-unique" in r.output, r.output
+        assert stored(dev.state) == before
+        _enroll(dev, est.url, root_fp, "--tls-unique")
+        assert Keystore.open(dev.state).get("ldevid-plant").record["meta"]["enroll"]["tls_unique"] is True
+        dev("renew", "ldevid-plant")  # remembered
+        dev("request", "app1", "--domain", "plant", "--subject", "CN=dev1 app")  # inherited from the LDevID
+        dev("enroll", "--protocol", "est", "--server", est.url, "--label", "plant", "--domain", "plant", "--name",
+            "skg", "--username", USER, "--password", f"pass:{PASSWORD}", "--subject", "CN=skg", "--server-keygen",
+            "--tls-unique")
+
+
+def test_tls_unique_automatic_when_csrattrs_asks(lab, dev, root_fp, caplog):
+    from agent.lab.est_server import DEFAULT_CSRATTRS_DER
+    from enroll_clients.est import messages as m
+
+    # challengePassword (bare OID) + the lab default (ecdsa-with-SHA256, ecPublicKey{secp256r1})
+    caplog.set_level(logging.INFO, logger="devagent.lifecycle")
+    items = [m.CsrAttrItem("1.2.840.113549.1.9.7")] + list(m.decode_csrattrs(DEFAULT_CSRATTRS_DER))
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, require_pop=True,
+                          csrattrs_der=m.encode_csrattrs(items)) as est:
+        dev("keystore", "trust", "--domain", "plant", "--add", str(lab.dir / "plant" / "root.pem"))
+        before = stored(dev.state)
+        r = _enroll(dev, est.url, root_fp, "--no-tls-unique", code=5)
+        assert "bound to the TLS session" in r.output
+        assert "binding is off (--no-tls-unique)" in caplog.text
+        assert stored(dev.state) == before
+        _enroll(dev, est.url, root_fp)
+        assert "the CSR is bound to the TLS session" in caplog.text
+        dev("renew", "ldevid-plant")  # the binding was remembered when the server asked for it
 
 
 @pytest.mark.parametrize("fault,mode,code,stored_ok", [

@@ -20,6 +20,7 @@ paths (built without uriparser: --label/--profile are tested against the lab ser
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import threading
 
@@ -159,14 +160,18 @@ def test_simpleenroll_key_types(dev, peer, tmp_path, key_type):
 
 
 def test_rfc7030_example_csrattrs(dev, peer, tmp_path, caplog):
-    """/csrattrs exactly as RFC 7030 §4.5.2's example (attribute form): P-384, SHA-384, challengePassword."""
-    with libest.EstServer(peer.build, peer.ca, peer.ns, port=8088, csrattrs_b64=RFC7030_EXAMPLE_B64) as srv:
+    """/csrattrs exactly as RFC 7030 §4.5.2's example (attribute form): P-384, SHA-384, challengePassword (bound:
+    the server runs with -t)."""
+    caplog.set_level(logging.INFO, logger="devagent.lifecycle")
+    # -t: the example's challengePassword is then enforced (tls-unique binding, automatic when csrattrs asks).
+    with libest.EstServer(peer.build, peer.ca, peer.ns, port=8088, csrattrs_b64=RFC7030_EXAMPLE_B64,
+                          extra_args=["-t"]) as srv:
         r = libest.estclient(peer.build, ["-a"], port=srv.port, cacert=peer.ca.cacert, outdir=tmp_path / "ref",
                              netns=peer.ns)
         assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-1000:]
         _enroll(dev, peer, srv)
     assert _verify(dev, peer, f"ldevid-{DOMAIN}", tmp_path).key_type == "p384"
-    assert "challengePassword" in caplog.text and "tls-unique" in caplog.text
+    assert "challengePassword: the CSR is bound to the TLS session" in caplog.text
 
 
 # ---- request with the LDevID as TLS client certificate --------------------------------------------------------
@@ -254,11 +259,12 @@ def test_ca_update(dev, peer):
     assert dev.json("ca-update", "--domain", DOMAIN)["added"] == []
 
 
-def test_pop_binding_required_is_named(dev, peer, tmp_path):
-    """estserver -t wants the CSR bound to the TLS session (tls-unique in challengePassword, RFC 7030 §3.5).
-    libest's own client does that; devagent does not (docs/est.md), and says so instead of blaming the password."""
+def test_pop_binding_tls_unique(dev, peer, tmp_path):
+    """estserver -t wants the CSR bound to the TLS session (tls-unique in challengePassword, RFC 7030 §3.5), as
+    libest's own client does with -z. Without --tls-unique devagent says so; with it, enroll, renew (remembered),
+    request (inherited) and serverkeygen go through."""
     key = _write_key_file(tmp_path / "k.pem")
-    with libest.EstServer(peer.build, peer.ca, peer.ns, port=8089, extra_args=["-t"]) as srv:
+    with libest.EstServer(peer.build, peer.ca, peer.ns, port=8089, extra_args=["-t", "-o"]) as srv:
         out = tmp_path / "ref"
         r = libest.estclient(peer.build, ["-e", "-z", "-u", USER, "-h", PASSWORD, "-x", key, "--common-name", "pop1",
                                           "--pem-output"], port=srv.port, cacert=peer.ca.cacert, outdir=out,
@@ -267,8 +273,16 @@ def test_pop_binding_required_is_named(dev, peer, tmp_path):
         dev("keystore", "trust", "--domain", DOMAIN, "--add", str(peer.ca.cacert))
         before = stored(dev.state)
         r = _enroll(dev, peer, srv, "--key-type", "p256", "--csrattrs", "ignore", trust=False, code=5)
-        assert "bound to the TLS session" in r.output and "tls-unique" in r.output, r.output
+        assert "bound to the TLS session" in r.output and "--tls-unique" in r.output, r.output
         assert stored(dev.state) == before
+        _enroll(dev, peer, srv, "--key-type", "p256", "--csrattrs", "ignore", "--tls-unique", trust=False)
+        _verify(dev, peer, f"ldevid-{DOMAIN}", tmp_path)
+        dev("renew", f"ldevid-{DOMAIN}")
+        _verify(dev, peer, f"ldevid-{DOMAIN}", tmp_path)
+        dev("request", "app1", "--domain", DOMAIN, "--subject", "CN=dev1 app", "--csrattrs", "ignore")
+        _verify(dev, peer, "app1", tmp_path)
+        _enroll(dev, peer, srv, "--server-keygen", "--tls-unique", name="skg", trust=False)
+        _verify(dev, peer, "skg", tmp_path)
 
 
 def _write_key_file(path):

@@ -60,7 +60,7 @@ BUILD_TOOLS = ("gcc", "make")
 INSTALL_HINT = "apt-get install -y build-essential libssl-dev (Makefile APT_PACKAGES installs them)"
 NETNS_HINT = "needs util-linux 'unshare'/'nsenter' and iproute2 'ip', run as root: apt-get install -y util-linux iproute2"
 EST_USER, EST_PASSWORD = "estuser", "estpwd"
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0  # generous: the CI box may be loaded
 # The example's server files (scripts and OpenSSL configs), copied next to the binaries.
 EXAMPLE_FILES = ("createCA.sh", "ESTcommon.sh", "estExampleCA.cnf", "extExampleCA.cnf", "ext.cnf")
 
@@ -232,7 +232,7 @@ class Netns:
         require_netns()
         self.proc = subprocess.Popen(["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 86400"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + START_TIMEOUT_S
         while True:  # up once loopback answers inside
             if self.proc.poll() is not None:
                 _fail(f"cannot create a network namespace ({self.proc.stderr.read().decode(errors='replace')}); "
