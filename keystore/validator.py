@@ -120,6 +120,59 @@ _WEAK_SIGNATURES = frozenset({
 _PYCA_NAME_FORMS = (x509.DNSName, x509.IPAddress)
 
 
+# ---- the time to check at ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ClockReading:
+    """What the caller knows about the time: ``at``, and how far it may be off.
+
+    ``clock="trusted"``: ``at`` is a real clock (NTP, an RTC; ``clock.trusted = true``), checked strictly.
+    ``clock="estimate"``: ``at`` is an estimate (the daemon's CA-time estimate, a board without an RTC) that may
+    be off by ``uncertainty_s`` either way, derived by whoever made it from how it was obtained (resolution of
+    the CA's time, network round trip, drift since); ``source`` says how, for messages, the audit and status.
+    ``Policy.for_purpose(purpose, reading)`` takes the clock fields from it.
+    """
+
+    at: datetime.datetime
+    clock: str = "trusted"
+    uncertainty_s: float = 0.0
+    source: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.at, datetime.datetime):
+            raise TypeError("ClockReading.at must be a datetime (the time to check at is never absent)")
+        if self.at.tzinfo is None:
+            raise ValueError("ClockReading.at must be timezone-aware (UTC)")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"ClockReading.clock must be one of {CLOCKS}, not {self.clock!r}")
+        if not self.uncertainty_s >= 0 or (self.clock == "trusted" and self.uncertainty_s):
+            raise ValueError("ClockReading.uncertainty_s must be >= 0, and 0 with a trusted clock")
+        object.__setattr__(self, "at", self.at.astimezone(datetime.timezone.utc))
+        object.__setattr__(self, "uncertainty_s", float(self.uncertainty_s))
+
+    @classmethod
+    def unknown(cls, floor: datetime.datetime | None = None, source: str = "no usable clock") -> "ClockReading":
+        """No usable clock at all (no RTC, no NTP, no CA time yet): only "after ``floor``" is known."""
+        floor = floor or CLOCK_FLOOR
+        half = UNKNOWN_CLOCK_SPAN_S / 2
+        return cls(floor + datetime.timedelta(seconds=half), "estimate", half, source)
+
+    @property
+    def trusted(self) -> bool:
+        return self.clock == "trusted"
+
+    def describe(self) -> str:
+        """``2026-12-01T10:00:00Z`` (trusted) or ``2026-12-01T10:00:00Z +- 3 s (estimated: SOURCE)``."""
+        if self.trusted:
+            return _fmt(self.at) + (f" ({self.source})" if self.source else "")
+        return f"{_fmt(self.at)} +- {self.uncertainty_s:.0f} s (estimated" + (
+            f": {self.source})" if self.source else ")")
+
+    def record(self) -> dict:
+        """For the audit log and status: ``{"at", "clock", "uncertainty_s", "source"}``."""
+        return {"at": _fmt(self.at), "clock": self.clock, "uncertainty_s": round(self.uncertainty_s, 3),
+                "source": self.source}
+
+
 # ---- the policy ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -132,6 +185,7 @@ class Policy:
             the daemon's estimate of the CA's time): then each certificate need only be valid at some instant
             of ``[at - uncertainty_s, at + uncertainty_s]``.
         uncertainty_s: how far ``at`` may be off (``estimate`` only; 0 with a trusted clock).
+        clock_source: how the time was obtained (from a ``ClockReading``), named in validity errors.
         leaf: the role the leaf must have: ``end-entity`` (basicConstraints cA absent or false), ``ca`` (a CA
             certificate, e.g. a truststore update) or ``cmp-signer`` (RFC 9483 §3.1: a CA certificate, or an EE
             certificate carrying id-kp-cmcRA or id-kp-cmcCA).
@@ -152,6 +206,7 @@ class Policy:
     at: datetime.datetime
     clock: str = "trusted"
     uncertainty_s: float = 0.0
+    clock_source: str = ""
     leaf: str = "end-entity"
     eku: frozenset = frozenset()
     eku_required: bool = False
@@ -189,12 +244,23 @@ class Policy:
             for p in self.pinned))
 
     @classmethod
-    def for_purpose(cls, purpose: str, at: datetime.datetime, **overrides) -> "Policy":
+    def for_purpose(cls, purpose: str, at, **overrides) -> "Policy":
         """The preset for ``purpose`` (see ``PURPOSES`` and docs/trust.md), with ``overrides`` applied.
+
+        ``at`` is a timezone-aware datetime (a trusted clock unless ``clock=`` says otherwise) or a
+        ``ClockReading``, whose clock, uncertainty and source then apply.
 
         Raises:
             ValueError: unknown purpose or a field out of range.
         """
+        if isinstance(at, ClockReading):
+            if {"clock", "uncertainty_s", "clock_source"} & set(overrides):
+                raise ValueError("give the clock either as a ClockReading or as clock=/uncertainty_s=, not both")
+            p = cls.for_purpose(purpose, at.at, **overrides)
+            object.__setattr__(p, "clock", at.clock)
+            object.__setattr__(p, "uncertainty_s", at.uncertainty_s)
+            object.__setattr__(p, "clock_source", at.source)
+            return p
         try:
             key = (purpose, tuple(sorted((k, frozenset(v) if isinstance(v, set) else v)
                                          for k, v in overrides.items())))
@@ -227,14 +293,18 @@ class Policy:
     def for_unknown_clock(cls, purpose: str, floor: datetime.datetime = CLOCK_FLOOR, **overrides) -> "Policy":
         """A board with no usable clock (no RTC, no NTP yet): the time is only known to be after ``floor``, so a
         certificate must be valid at some instant after it (an estimate spanning ``floor`` .. 100 years on)."""
-        half = UNKNOWN_CLOCK_SPAN_S / 2
-        return cls.for_purpose(purpose, floor + datetime.timedelta(seconds=half), clock="estimate",
-                               uncertainty_s=half, **overrides)
+        return cls.for_purpose(purpose, ClockReading.unknown(
+            floor, f"no usable clock: the time is only known to be after {_fmt(floor)}"), **overrides)
 
     @property
     def clock_trusted(self) -> bool:
         """True when ``at`` is a real clock (then e.g. CMP messageTime can be checked against it)."""
         return self.clock == "trusted"
+
+    @property
+    def reading(self) -> ClockReading:
+        """The time this policy checks at, as a ``ClockReading``."""
+        return ClockReading(self.at, self.clock, self.uncertainty_s, self.clock_source)
 
     def _window(self) -> tuple[datetime.datetime, datetime.datetime]:
         if not self.uncertainty_s:
@@ -461,13 +531,18 @@ def _ku_bit(ku: x509.KeyUsage, bit: str) -> bool:
 def _check_time(cert, policy: Policy, role: str) -> None:
     lo, hi = policy._window()
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-    clock = "" if policy.clock_trusted else f" +- {policy.uncertainty_s:.0f} s (estimated clock)"
+    if policy.clock_trusted:
+        at = _fmt(policy.at)
+    else:  # name the estimate, its uncertainty and where it came from: the plant engineer's first question
+        at = (f"the estimated time {_fmt(policy.at)} +- {policy.uncertainty_s:.0f} s, i.e. between {_fmt(lo)} and "
+              f"{_fmt(hi)}" + (f"; estimate: {policy.clock_source}" if policy.clock_source else ""))
     if hi < nb:
+        ahead = f", {(nb - hi).total_seconds():.0f} s after the latest time allowed" if not policy.clock_trusted \
+            else ""
         raise VerificationError("not-yet-valid", f"{role} {_name(cert)} is not valid before {_fmt(nb)} (checked at "
-                                f"{_fmt(policy.at)}{clock}; is the clock right?)")
+                                f"{at}{ahead}; is the clock right?)")
     if lo > na:
-        raise VerificationError("expired", f"{role} {_name(cert)} expired at {_fmt(na)} (checked at "
-                                f"{_fmt(policy.at)}{clock})")
+        raise VerificationError("expired", f"{role} {_name(cert)} expired at {_fmt(na)} (checked at {at})")
 
 
 def _check_key_strength(cert, policy: Policy, role: str) -> None:

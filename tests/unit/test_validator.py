@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.oid import NameOID
 
 from keystore.errors import VerificationError
-from keystore.validator import OID_CMC_CA, OID_CMC_RA, Policy, _pyca_can_judge, check_root_update, validate
+from keystore.validator import OID_CMC_CA, OID_CMC_RA, ClockReading, Policy, _pyca_can_judge, check_root_update, validate
 from tests.certfactory import DAY, NOW, Spec, chain, key, ku, name, openssl_verify
 
 PAST = dict(not_before=NOW - 30 * DAY, not_after=NOW - DAY)
@@ -252,6 +252,59 @@ def test_estimated_clock_window():
     loose = Policy.for_purpose("credential", NOW, clock="estimate", uncertainty_s=3 * 86400)
     assert validate(ch.leaf, ch.untrusted, [ch.root], loose)
     assert not loose.clock_trusted and strict.clock_trusted
+
+
+SEC = datetime.timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("where", ["leaf", "inter"])
+@pytest.mark.parametrize("engine", ["auto", "fallback"])
+def test_estimated_clock_reading_widens_validity_by_its_uncertainty(where, engine):
+    """The daemon's CA-time estimate (a ClockReading with clock="estimate"): a certificate whose notBefore is a few
+    seconds ahead of the estimate, or whose notAfter just passed, is accepted within the uncertainty and refused
+    outside it, with an error naming the estimate, its uncertainty and its source; a trusted clock stays strict."""
+    ahead = Spec(not_before=NOW + 5 * SEC, not_after=NOW + 30 * DAY)
+    behind = Spec(not_before=NOW - 30 * DAY, not_after=NOW - 5 * SEC)
+    for spec, reason in ((ahead, "not-yet-valid"), (behind, "expired")):
+        ch = chain(**({"leaf": spec} if where == "leaf" else {"inters": [spec]}))
+        inside = ClockReading(NOW, "estimate", 7, "CA time from CMP messageTime, seen 3 s ago")
+        path = validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", inside), engine=engine)
+        assert path[0] == ch.leaf and path[-1] == ch.root
+        for reading in (ClockReading(NOW, "estimate", 3, "CA time from CMP messageTime, seen 3 s ago"),
+                        ClockReading(NOW, source="system clock")):
+            with pytest.raises(VerificationError) as e:
+                validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", reading), engine=engine)
+            assert e.value.reason == reason
+            if not reading.trusted:
+                assert "estimated time" in str(e.value) and "+- 3 s" in str(e.value)
+                assert "CA time from CMP messageTime" in str(e.value)
+        # an estimate is not a licence: far outside the uncertainty stays refused
+        far = ClockReading(NOW + (-1 if reason == "not-yet-valid" else 1) * DAY, "estimate", 60, "estimate")
+        with pytest.raises(VerificationError) as e:
+            validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", far), engine=engine)
+        assert e.value.reason == reason
+
+
+def test_clock_reading_is_checked_and_carried_by_the_policy():
+    r = ClockReading(NOW, "estimate", 2.5, "newest notBefore + uptime")
+    p = Policy.for_purpose("cmp-signer", r, ignore_key_usage=True)
+    assert (p.at, p.clock, p.uncertainty_s, p.clock_source, p.ignore_key_usage) == (
+        NOW, "estimate", 2.5, "newest notBefore + uptime", True)
+    assert not p.clock_trusted and p.reading == r
+    assert Policy.for_purpose("cmp-signer", ClockReading(NOW)).clock_trusted
+    assert r.record() == {"at": NOW.strftime("%Y-%m-%dT%H:%M:%SZ"), "clock": "estimate", "uncertainty_s": 2.5,
+                          "source": "newest notBefore + uptime"}
+    with pytest.raises(ValueError):
+        ClockReading(NOW, "trusted", 1.0)  # a trusted clock has no uncertainty
+    with pytest.raises(ValueError):
+        ClockReading(NOW, "estimate", -1.0)
+    with pytest.raises(ValueError):
+        ClockReading(datetime.datetime(2026, 1, 1))
+    with pytest.raises(TypeError):
+        ClockReading(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Policy.for_purpose("credential", r, uncertainty_s=1)  # one way to give the clock, not two
+    assert not Policy.for_unknown_clock("credential").clock_trusted
 
 
 def test_weak_rsa_only_when_allowed():
