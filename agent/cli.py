@@ -446,6 +446,7 @@ def status(app: App, name):
         meta = c.record.get("meta") or {}
         s["renewing"] = renewal_status.renewing(meta, now)
         s["clock"] = renewal_status.clock(meta, c.not_before, c.not_after, now)
+        s["checked_at"] = renewal_status.checked_at(meta)
         items.append(s)
     lines = []
     for s in items:

@@ -26,7 +26,9 @@ Invariants:
   garbage files, and redeploys when the deployed fingerprint is not the live one (an interrupted deployment
   resumes).
 - Time: with ``clock.trusted = false`` the CA's time (CMP messageTime, HTTP Date) corrects a clock that is
-  obviously wrong; certificates are checked and scheduled in that corrected time, and the correction is logged. A
+  obviously wrong; certificates are checked and scheduled in that corrected time, and the correction is logged.
+  Certificates are checked at ``reading()``: the estimate with its uncertainty (resolution of the CA's time, round
+  trip, drift; the notBefore floor up to an hour), widened only in estimate mode, strict with a trusted clock. A
   failure on a validity period ("not yet valid", "expired", also in EST's TLS) says when the local clock is the
   likely cause (``agent.policy.clock_hint``).
 - One credential's failure (or hang) never stops or delays the others; the loop itself only ends on SIGTERM/SIGINT
@@ -110,30 +112,35 @@ class Notifier:
 class _TimeObservingClient(EnrollmentClient):
     """Delegates to the real client and feeds every ``server_time`` it sees into the daemon's clock estimate."""
 
-    def __init__(self, inner: EnrollmentClient, observe: Callable[[datetime.datetime, str], None]):
+    def __init__(self, inner: EnrollmentClient, observe: Callable[..., None], mono: Callable[[], float]):
         self.inner = inner
         self.protocol = inner.protocol
         self._observe = observe
+        self._mono = mono
 
-    def _seen(self, res):
+    async def _seen(self, call):
+        # The server stamped its time somewhere within this call: its duration bounds the round trip.
+        t0 = self._mono()
+        res = await call
         if getattr(res, "server_time", None) is not None:
-            self._observe(res.server_time, f"{self.protocol or 'CA'} response time")
+            self._observe(res.server_time, f"{self.protocol or 'CA'} response time",
+                          round_trip_s=max(0.0, self._mono() - t0))
         return res
 
     async def enroll(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
-        return self._seen(await self.inner.enroll(request, auth))
+        return await self._seen(self.inner.enroll(request, auth))
 
     async def request(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
-        return self._seen(await self.inner.request(request, auth))
+        return await self._seen(self.inner.request(request, auth))
 
     async def renew(self, request: CertRequest, auth: ClientAuth) -> EnrollResult:
-        return self._seen(await self.inner.renew(request, auth))
+        return await self._seen(self.inner.renew(request, auth))
 
     async def revoke(self, certificate, auth: ClientAuth, reason: str) -> None:
         await self.inner.revoke(certificate, auth, reason)
 
     async def ca_certs(self, auth: ClientAuth | None = None, **kw) -> CaCertsResult:
-        return self._seen(await self.inner.ca_certs(auth, **kw))  # CMP: old_root= (rootCaCert)
+        return await self._seen(self.inner.ca_certs(auth, **kw))  # CMP: old_root= (rootCaCert)
 
 
 class Daemon:
@@ -187,8 +194,10 @@ class Daemon:
         if self._client_factory is not None:
             inner = self._client_factory(cred)
         else:
-            inner = self.ops.client_for_credential(self.ks, cred, {"clock_trusted": self.cfg.clock_trusted})
-        return _TimeObservingClient(inner, self._observe_time)
+            # CMP checks its response signer (and, with a trusted clock, messageTime) at the daemon's time.
+            inner = self.ops.client_for_credential(self.ks, cred, {"clock_trusted": self.cfg.clock_trusted,
+                                                                   "now": self.reading})
+        return _TimeObservingClient(inner, self._observe_time, self.mono)
 
     # ---- time --------------------------------------------------------------------------------------
     def now(self) -> datetime.datetime:
@@ -215,7 +224,51 @@ class Daemon:
         if newest is not None and (self._cert_floor is None or newest > self._cert_floor[0]):
             self._cert_floor = (newest, self.mono())
 
-    def _observe_time(self, server_time: datetime.datetime, source: str) -> None:
+    def reading(self):
+        """The time to check certificates at (``keystore.validator.ClockReading``): ``now()`` with how far it may be
+        off and how it was obtained (docs/trust.md "The time to check at").
+
+        - ``clock.trusted = true``: the system clock, trusted (strict checks).
+        - CA time seen (CMP messageTime, HTTP Date): when the system clock was obviously wrong, the CA's time
+          carried forward, uncertain by its resolution + the round trip that carried it + drift since; when the
+          system clock agreed with it, the system clock, uncertain by that disagreement besides.
+        - no CA time, clock never set, a certificate seen: ``policy.floor_window`` of the newest notBefore plus
+          the time since (the true time is at least that, and CAs backdate notBefore by up to an hour).
+        - no CA time, clock never set, nothing seen: no usable clock ("only after 2024").
+        - no CA time yet, a plausible system clock: the system clock, uncertain by ``clock.tolerance_s`` (the
+          error the configuration accepts from it before CA time replaces it).
+        """
+        from keystore.validator import ClockReading
+
+        wall = self.wall()
+        if self.cfg.clock_trusted:
+            return ClockReading(wall, "trusted", 0.0, "system clock (clock.trusted = true)")
+        now = self.now()
+        if self._ca_seen is not None:
+            ca_t, seen_mono, src, rtt = self._ca_seen
+            age = max(0.0, self.mono() - seen_mono)
+            u = policy.ca_time_uncertainty(rtt, age)
+            if self.clock.offset_s:
+                return ClockReading(now, "estimate", u, f"the CA's time ({src}) seen {age:.0f} s ago, carried "
+                                    f"forward; the system clock reads {_iso(wall)}")
+            off = abs((ca_t + datetime.timedelta(seconds=age) - wall).total_seconds())
+            return ClockReading(now, "estimate", u + off, f"system clock, {off:.0f} s from the CA's time ({src}) "
+                                f"seen {age:.0f} s ago")
+        if now > wall:  # raised to the certificate floor (see now())
+            nb, seen_mono = self._cert_floor
+            age = max(0.0, self.mono() - seen_mono)
+            at, u = policy.floor_window(now, age)
+            return ClockReading(at, "estimate", u, f"no CA time and the system clock reads {_iso(wall)}: at least "
+                                f"{_iso(now)} (the newest notBefore of our certificates + {age:.0f} s uptime), and "
+                                f"CAs backdate notBefore by up to {policy.NOT_BEFORE_SLACK_S:.0f} s")
+        if wall < policy.CLOCK_FLOOR:
+            return ClockReading.unknown(source=f"no CA time and the system clock reads {_iso(wall)} (never set): "
+                                        f"only after {_iso(policy.CLOCK_FLOOR)} is known")
+        return ClockReading(wall, "estimate", self.cfg.clock_tolerance_s,
+                            "system clock, not yet compared with the CA's time (clock.trusted = false; up to "
+                            "clock.tolerance_s off)")
+
+    def _observe_time(self, server_time: datetime.datetime, source: str, round_trip_s: float = 0.0) -> None:
         if server_time.tzinfo is None:
             server_time = server_time.replace(tzinfo=datetime.timezone.utc)
         local = self.wall()
@@ -229,13 +282,13 @@ class Daemon:
             log.info("system clock agrees with the CA again; using it")
             self._clock_warned = False
         self.clock = new
-        self._ca_seen = (server_time, self.mono(), source)
+        self._ca_seen = (server_time, self.mono(), source, round_trip_s)
 
     def ca_time(self) -> tuple[datetime.datetime, str] | None:
         """The CA's time now as last seen (its time plus the monotonic time since), and where it came from."""
         if self._ca_seen is None:
             return None
-        t, seen_mono, source = self._ca_seen
+        t, seen_mono, source, _rtt = self._ca_seen
         return t + datetime.timedelta(seconds=max(0.0, self.mono() - seen_mono)), source
 
     def _clock_meta(self) -> dict | None:
@@ -247,6 +300,10 @@ class Daemon:
         if abs(off) <= self.cfg.clock_tolerance_s:
             return None
         return {"offset_s": round(off, 1), "seen": _iso(self._ca_seen[0]), "source": ca[1]}
+
+    def _checked_meta(self, reading) -> dict | None:
+        """meta ``checked_at``: the estimated time the last attempt checked certificates at (None when trusted)."""
+        return None if reading is None or reading.trusted else reading.record()
 
     def _clock_hint(self, e: BaseException) -> str | None:
         """``policy.clock_hint`` for a failure on a validity period (keystore VerificationError reason, or an
@@ -557,7 +614,8 @@ class Daemon:
                             await step("ca-check")
                             await self._ca_check(cred.domain, cred, client)
                         await step("request")
-                        new = await self.ops.renew(self.ks, name, client=client, rekey=rekey, now=self.now())
+                        # Checked at the daemon's time as it is after the exchange (with this response's CA time).
+                        new = await self.ops.renew(self.ks, name, client=client, rekey=rekey, now=self.reading)
                         self._note_not_before([new])  # at once: the clock estimate without CA time leans on it
             except TimeoutError:
                 what = {"waiting": f"waiting for another request to {server} to end",
@@ -580,7 +638,8 @@ class Daemon:
                 await asyncio.to_thread(self._discard_pending, name)
             await self._meta(name, failures=failures, failures_total=int(m.get("failures_total", 0)) + 1,
                              last_error=f"{_iso(now)}: {err}", last_attempt=_iso(now), next_renewal=_iso(retry),
-                             schedule_for=fingerprint(cred.certificate), renewing=None, clock=self._clock_meta())
+                             schedule_for=fingerprint(cred.certificate), renewing=None, clock=self._clock_meta(),
+                             checked_at=self._checked_meta(self.reading()))
             return
         finally:
             self.in_flight.pop(name, None)
@@ -591,12 +650,15 @@ class Daemon:
             return
         now = self.now()
         nxt = self._schedule(new, pol)
+        checked = self._checked_meta(self.reading())
         await self._meta(name, failures=0, last_success=_iso(now), last_attempt=_iso(now), last_error=None,
                          next_renewal=_iso(nxt), schedule_for=fingerprint(new.certificate), deploy_retry_at=None,
-                         renewing=None, clock=self._clock_meta())
+                         renewing=None, clock=self._clock_meta(), checked_at=checked)
         self._write_metrics()
-        log.info("credential %s: renewed, version %d, valid until %s, next renewal %s", name, new.version,
-                 _iso(new.not_after), _iso(nxt))
+        log.info("credential %s: renewed, version %d, valid from %s until %s, next renewal %s%s", name, new.version,
+                 _iso(new.not_before), _iso(new.not_after), _iso(nxt),
+                 f"; validity checked at the estimated time {checked['at']} +- {checked['uncertainty_s']:.0f} s "
+                 f"({checked['source']})" if checked else "")
         if pol.deploy or pol.hooks:
             await self._deploy(self.ks.get(name), pol, "renewed")
 

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import time
 from typing import Sequence
 
 from cryptography import x509
@@ -31,7 +32,7 @@ from keystore.certs import fingerprint
 from keystore.csr import build_csr, default_key_usage
 from keystore.errors import KeyGoneError, KeystoreError, NotFoundError, VerificationError
 from keystore.store import Credential, Keystore, check_name
-from keystore.validator import CLOCK_FLOOR, Policy, check_root_update, issued_by, self_signed, validate
+from keystore.validator import CLOCK_FLOOR, ClockReading, Policy, check_root_update, issued_by, self_signed, validate
 
 log = logging.getLogger("devagent.lifecycle")
 CLOCK_SKEW_TOLERANCE_S = 300
@@ -132,36 +133,52 @@ def _renewed_since(ks: Keystore, cred: Credential) -> Credential | None:
     return now if now.version != cred.version else None
 
 
-def validity_time(certificate: x509.Certificate, server_time: datetime.datetime | None,
-                  now: datetime.datetime | None = None) -> datetime.datetime | None:
-    """The time at which to check a freshly issued certificate's validity (``None``: the system clock as is).
+def _resolve_now(now):
+    """``now`` as given to a lifecycle flow: None (the system clock), a datetime (a trusted clock), a
+    ``ClockReading``, or a callable returning one of these (the daemon's ``reading``, asked when it is used, so a
+    CA time seen in this very exchange counts)."""
+    return now() if callable(now) else now
 
-    Devices without an RTC start in 1970, and a fresh certificate must never be rejected for a clock that is
-    obviously wrong; only the validity *time* is replaced, so a certificate that is wrong for any other reason (not
-    for our key, untrusted, wrong key usage) is still rejected:
+
+def validity_time(certificate: x509.Certificate, server_time: datetime.datetime | None,
+                  now=None, *, round_trip_s: float = 0.0):
+    """The time at which to check a freshly issued certificate's validity: ``None`` (the system clock, trusted), a
+    datetime (trusted) or a ``keystore.validator.ClockReading`` (an estimate with its uncertainty).
+
+    ``now`` given as a ``ClockReading`` (the daemon: it already folded this response's time into its estimate) is
+    used as it is: strict when trusted, widened by its uncertainty when an estimate. Otherwise (the CLI), devices
+    without an RTC start in 1970, and a fresh certificate must never be rejected for a clock that is obviously
+    wrong; only the validity *time* is replaced, so a certificate that is wrong for any other reason (not for our
+    key, untrusted, wrong key usage) is still rejected:
     - the CA sent its time (CMP messageTime) and it differs from ours by more than ``CLOCK_SKEW_TOLERANCE_S``:
-      the CA's time;
+      the CA's time, uncertain by its resolution and the exchange's ``round_trip_s``;
     - no CA time, and our clock reads before ``agent.policy.CLOCK_FLOOR`` (no certificate this software meets is
       that old): the certificate's notBefore, but not before the floor, so a certificate that expired before it
       is still rejected.
     Each correction is logged as a warning.
     """
-    from agent.policy import CLOCK_FLOOR
+    from agent.policy import CLOCK_FLOOR, ca_time_uncertainty
 
+    if isinstance(now, ClockReading):
+        return now
     local = now or datetime.datetime.now(datetime.timezone.utc)
     if server_time is not None:
         skew = (local - server_time).total_seconds()
         if abs(skew) > CLOCK_SKEW_TOLERANCE_S:
+            u = ca_time_uncertainty(max(0.0, round_trip_s), 0.0)
             log.warning("local clock differs from the CA's by %.0f s; checking validity against the CA's "
-                        "time %s", skew, server_time.isoformat())
-            return server_time
+                        "time %s (+- %.0f s)", skew, server_time.isoformat(), u)
+            return ClockReading(server_time, "estimate", u, f"the CA's time in its response (the system clock reads "
+                                f"{local:%Y-%m-%dT%H:%M:%SZ}, {skew:+.0f} s off)")
         return now
     if local < CLOCK_FLOOR:
         at = max(certificate.not_valid_before_utc, CLOCK_FLOOR)
         log.warning("local clock reads %s, before %s: it was never set (no RTC/NTP?) and the CA sent no time; "
                     "checking the new certificate's validity at %s instead; fix the clock",
                     local.isoformat(), CLOCK_FLOOR.date().isoformat(), at.isoformat())
-        return at
+        return ClockReading(at, "estimate", 0.0, f"the certificate's own notBefore (not before "
+                            f"{CLOCK_FLOOR:%Y-%m-%d}): the system clock reads {local:%Y-%m-%dT%H:%M:%SZ} (never "
+                            "set) and the CA sent no time")
     return now
 
 
@@ -191,7 +208,7 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
         key, extensions, hash_name = await _apply_server_attributes(client, auth, key, tuple(extensions), subject,
                                                                     csrattrs)
     if getattr(client, "protocol", None) == "est":
-        await _check_est_issuer(ks, client, domain, auth, now)
+        await _check_est_issuer(ks, client, domain, auth, _resolve_now(now))
     # Key generation and CSR signing block (TPM/PKCS#11 round trips, RSA keygen): keep them off the event loop.
     key_uri, private_key, created = await asyncio.to_thread(
         _new_key, ks, key, name, {"name": name, "domain": domain, "op": op})
@@ -210,7 +227,9 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
         req = CertRequest(subject=subject, private_key=private_key, csr=csr, sans=tuple(sans),
                           extensions=tuple(extensions), key_type=key.key_type, server_keygen=key.server_keygen,
                           profile=profile, csr_builder=builder)
+        t0 = time.monotonic()
         result = await getattr(client, op)(req, auth)
+        round_trip_s = time.monotonic() - t0
         if (result.info or {}).get("tls_unique_bound") and not remember.get("tls_unique"):
             remember = {**remember, "tls_unique": True}  # the server wants the binding: renewals bind too
         if held is not None:
@@ -222,7 +241,7 @@ async def _issue(ks: Keystore, op: str, client: EnrollmentClient, *, name: str, 
             created = True
             ks.audit("server-keygen", name=name, domain=domain, protocol=client.protocol,
                      server=remember.get("server"))
-        eff_now = validity_time(result.certificate, result.server_time, now)
+        eff_now = validity_time(result.certificate, result.server_time, _resolve_now(now), round_trip_s=round_trip_s)
         cred = ks.store_certificate(name, result.certificate, result.chain, key_uri=key_uri, kind=kind,
                                     domain=domain, profile=profile, purpose=purpose, protocol=client.protocol,
                                     server=remember.get("server"), meta={"enroll": remember, "last_success":
@@ -678,7 +697,7 @@ def server_trust(ks: Keystore, domain: str | None, protocol: str | None,
 def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | None = None) -> tuple[str, EnrollOptions]:
     """Rebuild (protocol, EnrollOptions) for a stored credential from what its record remembers."""
     remembered = dict(cred.record.get("meta", {}).get("enroll") or {})
-    remembered.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    remembered.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "now"})
     protocol = remembered.get("protocol") or cred.record.get("protocol")
     server = remembered.get("server") or cred.record.get("server")
     if not protocol or not server:
@@ -695,6 +714,8 @@ def options_for_credential(ks: Keystore, cred: Credential, overrides: dict | Non
         extra.update({k: remembered[k] for k in CMP_EXTRA if remembered.get(k) is not None})
         if (overrides or {}).get("clock_trusted") is not None:  # the daemon's clock.trusted
             extra["clock_trusted"] = bool(overrides["clock_trusted"])
+        if (overrides or {}).get("now") is not None:  # the daemon's time (ClockReading) for the signer check
+            extra["now"] = overrides["now"]
     opts = EnrollOptions(
         server=server, trust_anchors=trust, domain=cred.domain, profile=remembered.get("profile"),
         label=remembered.get("label"), timeout_s=float(remembered.get("timeout_s") or 30.0),

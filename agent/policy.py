@@ -11,6 +11,9 @@ Invariants (tests/unit/test_policy.py checks them):
   keeps trying ever more often before expiry instead of sleeping through it.
 - A clock is "obviously wrong" when it is before ``CLOCK_FLOOR`` (an RTC-less board after power-up) or differs from
   a CA's time by more than the tolerance; then CA time plus monotonic elapsed time is used instead.
+- An estimated time carries its uncertainty, derived from how it was obtained (``ca_time_uncertainty``,
+  ``floor_window``): it never shrinks as the estimate ages, and it always covers the CA time's resolution and the
+  round trip of the exchange that carried it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,14 @@ RETRY_CAP_S = 3600.0
 CLOCK_TOLERANCE_S = 300.0
 # Earlier than any certificate this software can meet: a reading before it is a clock that was never set.
 CLOCK_FLOOR = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+# How an estimate of the CA's time is uncertain (docs/trust.md "The time to check at"):
+CA_TIME_RESOLUTION_S = 1.0  # HTTP Date and CMP messageTime (GeneralizedTime, RFC 5280 4.1.2.5.2) carry whole seconds
+# Drift of the monotonic clock of a board without NTP between two contacts with the CA: quartz crystals are specified
+# at 20-100 ppm over temperature; twice the worst of that, so a day-old estimate is off by at most ~17 s more.
+CLOCK_DRIFT_PPM = 200.0
+# CAs backdate notBefore (the lab CA and step-ca by a minute, Let's Encrypt's Boulder by an hour): a certificate's
+# notBefore says only that the true time is at least it, and at most about this much later at its issuance.
+NOT_BEFORE_SLACK_S = 3600.0
 _MAX_EXP = 60  # 2**60 * base overflows nothing and exceeds any cap
 
 
@@ -142,6 +153,35 @@ def human_duration(s: float) -> str:
             v = s / n
             return f"{v:.0f} {unit}{'s' if unit == 'day' and round(v) != 1 else ''}"
     return f"{s:.0f} s"
+
+
+def ca_time_uncertainty(round_trip_s: float, age_s: float, *, resolution_s: float = CA_TIME_RESOLUTION_S,
+                        drift_ppm: float = CLOCK_DRIFT_PPM) -> float:
+    """How far the CA's time, carried forward with the monotonic clock, may be off now.
+
+    The server stamped its time (CMP messageTime, HTTP Date) at some instant between our request and its response
+    (``round_trip_s``), truncated to ``resolution_s``; since then (``age_s``) our monotonic clock drifted by up to
+    ``drift_ppm``. The estimate is CA time + elapsed, so it is off by at most the sum.
+    """
+    if round_trip_s < 0 or age_s < 0:
+        raise ValueError("round_trip_s and age_s must be >= 0")
+    return resolution_s + round_trip_s + age_s * drift_ppm / 1e6
+
+
+def floor_window(floor: datetime.datetime, age_s: float, *, slack_s: float = NOT_BEFORE_SLACK_S,
+                 drift_ppm: float = CLOCK_DRIFT_PPM) -> tuple[datetime.datetime, float]:
+    """The time to check at, and its uncertainty, when all we know is a lower bound: ``floor`` = the newest notBefore
+    of our certificates plus the monotonic time since we saw it (no CA time, a clock that was never set).
+
+    The true time lies in [floor, floor + slack_s] (CAs backdate notBefore by up to ``slack_s``), widened by the
+    drift since: returns the middle of that interval and half its width, so a certificate that expired before the
+    floor is still refused and one whose notBefore is more than ``slack_s`` ahead of it too.
+    """
+    if age_s < 0:
+        raise ValueError("age_s must be >= 0")
+    drift = age_s * drift_ppm / 1e6
+    half = (slack_s + 2 * drift) / 2
+    return floor + datetime.timedelta(seconds=slack_s / 2), half
 
 
 @dataclasses.dataclass(frozen=True)

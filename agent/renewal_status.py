@@ -4,7 +4,8 @@ local clock against the CA's time. Pure (the record's ``meta`` in, JSON fields a
 The daemon (``agent.daemon``) writes, per credential: ``renewing`` while an attempt runs (``started``, ``server``,
 ``step``, ``attempt``, ``of``, ``gives_up_at``, ``pid``) and ``clock`` (``offset_s`` = CA time minus the local
 clock, ``seen``, ``source``) when its last contact with the CA showed them disagreeing by more than
-``clock.tolerance_s``.
+``clock.tolerance_s``, and ``checked_at`` (``at``, ``clock``, ``uncertainty_s``, ``source``) when its last attempt
+checked certificates at an estimated time rather than a trusted clock (docs/trust.md "The time to check at").
 """
 from __future__ import annotations
 
@@ -70,6 +71,12 @@ def clock(meta: dict, not_before: datetime.datetime, not_after: datetime.datetim
     return out
 
 
+def checked_at(meta: dict) -> dict | None:
+    """The estimated time the daemon's last attempt checked validity at, or None (a trusted clock)."""
+    c = meta.get("checked_at")
+    return dict(c) if isinstance(c, dict) and isinstance(c.get("uncertainty_s"), (int, float)) else None
+
+
 def lines(item: dict) -> list[str]:
     """Extra ``devagent status`` text lines for a credential summary carrying ``renewing`` / ``clock``."""
     out = []
@@ -86,4 +93,8 @@ def lines(item: dict) -> list[str]:
     c = item.get("clock")
     if c:
         out.append(f"    clock: {c['note']}")
+    e = item.get("checked_at")
+    if e:
+        out.append(f"    validity checked at the estimated time {e.get('at')} +- {e['uncertainty_s']:.0f} s "
+                   f"({e.get('source')}); set clock.trusted = true on a board with NTP or an RTC")
     return out

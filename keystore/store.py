@@ -90,9 +90,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def verification_policy(purpose: str, now: datetime.datetime | None, check_validity: bool, **kw) -> Policy:
-    """The validator policy for a keystore decision: at ``now`` (default: the system clock), or, without a usable
-    clock (``check_validity=False``), only "after the clock floor" (see ``Policy.for_unknown_clock``)."""
+def verification_policy(purpose: str, now, check_validity: bool, **kw) -> Policy:
+    """The validator policy for a keystore decision: at ``now`` (a datetime = a trusted clock, or a
+    ``keystore.validator.ClockReading`` = possibly an estimate with its uncertainty; default: the system clock),
+    or, without a usable clock (``check_validity=False``), only "after the clock floor" (see
+    ``Policy.for_unknown_clock``)."""
     if check_validity:
         return Policy.for_purpose(purpose, now or _now(), **kw)
     return Policy.for_unknown_clock(purpose, **kw)
@@ -1026,6 +1028,8 @@ class Keystore:
             rec = self._record(name)
         details = dict(name=name, kind=kind, domain=domain, version=version, serial=format(certificate.serial_number,
                        "x"), fingerprint=fingerprint(certificate), not_after=certificate.not_valid_after_utc.isoformat())
+        if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
+            details["checked_at"] = policy.reading.record()
         if unsynced is not None:
             _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
                          "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)

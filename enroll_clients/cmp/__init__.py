@@ -30,6 +30,9 @@ def client_from_options(options: EnrollOptions):
         ``max_clock_skew_s`` (float): messageTime tolerance with a trusted clock (default 300 s).
         ``clock_trusted`` (bool): check messageTime against the clock (default True; False e.g. on a Pi without
             RTC before NTP). The response signer's validity is checked either way (docs/trust.md).
+        ``now`` (callable): our time, a datetime or a ``keystore.validator.ClockReading`` (the daemon's CA-time
+            estimate with its uncertainty: the response signer is validated at it; messageTime is checked only
+            against a trusted clock). Default: the system clock.
         ``server_certs`` (sequence of x509.Certificate): pinned response signer(s), ``--cmp-server-cert``.
         ``ignore_keyusage`` (bool): tolerate a signer without digitalSignature keyUsage (off by default).
         ``reuse_signer`` (bool): verify a signed response without extraCerts with the signer validated earlier in
@@ -95,7 +98,7 @@ def client_from_options(options: EnrollOptions):
         mac=options.mac,
         mac_iterations=extra.get("mac_iterations"),
         max_clock_skew_s=extra.get("max_clock_skew_s", 300.0),
-        clock_trusted=bool(extra.get("clock_trusted", True)),
+        clock_trusted=bool(extra.get("clock_trusted", True)), now=extra.get("now"),
         server_certs=tuple(extra.get("server_certs") or ()),
         ignore_keyusage=bool(extra.get("ignore_keyusage", False)),
         reuse_signer=bool(extra.get("reuse_signer", False)),

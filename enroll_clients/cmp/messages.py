@@ -15,7 +15,9 @@ checked the same way, in this order, before any of its fields is used:
 3. transactionID equals ours; recipNonce equals the senderNonce of our last request; senderNonce is present,
    at least 128 bits and not seen before in this transaction.
 4. messageTime is within ``max_clock_skew_s`` (default 5 minutes) of our clock, when the clock is trusted
-   (``clock_trusted`` and not before the validator's clock floor).
+   (``clock_trusted`` and not before the validator's clock floor). ``now`` may return a
+   ``keystore.validator.ClockReading`` (the daemon's CA-time estimate): an estimate is never checked against
+   messageTime (it is made from the CA's times) but is the time the signer is validated at, with its uncertainty.
 5. The body type is one the caller expects (or error).
 """
 from __future__ import annotations
@@ -33,10 +35,12 @@ from enroll_clients.cmp import asn1 as A
 from enroll_clients.cmp import protection as P
 from keystore.certs import spki_der
 from keystore.errors import VerificationError
-from keystore.validator import CLOCK_FLOOR, Policy, validate
+from keystore.validator import CLOCK_FLOOR, ClockReading, Policy, validate
 
 NONCE_BYTES = 16
 DEFAULT_CLOCK_SKEW_S = 300.0  # messageTime tolerance with a trusted clock
+# An estimate this uncertain (no usable clock at all) is no time to put into our messageTime: send the system clock.
+_SEND_MAX_UNCERTAINTY_S = 86400.0
 PVNO_CMP2000 = 2
 PVNO_CMP2021 = 3
 
@@ -365,7 +369,7 @@ class Transaction:
         self.sender_nonce = os.urandom(NONCE_BYTES)
         der = encode_message(self.protector, body_type, body_value, pvno=pvno or self.pvno, sender=self.sender,
                              recipient=self.recipient, transaction_id=self.tid, sender_nonce=self.sender_nonce,
-                             recip_nonce=self.recip_nonce, general_info=general_info, now=self.now(),
+                             recip_nonce=self.recip_nonce, general_info=general_info, now=self._send_time(),
                              mac_alg=self._mac_alg, key_cache=self._key_cache)
         self.last_request_type = body_type
         return der
@@ -411,8 +415,9 @@ class Transaction:
         self.recip_nonce = nonce
         if h["messageTime"].isValue:
             resp.server_time = parse_generalized_time(h["messageTime"])
-            if resp.server_time is not None and self._clock_usable(self.now()):
-                skew = abs((resp.server_time - self.now()).total_seconds())
+            now = self._trusted_now()
+            if resp.server_time is not None and now is not None:
+                skew = abs((resp.server_time - now).total_seconds())
                 if skew > self.max_clock_skew_s:
                     raise ProtocolError(f"response messageTime {resp.server_time:%Y-%m-%dT%H:%M:%SZ} is {skew:.0f} s "
                                         f"from our clock (tolerance {self.max_clock_skew_s:.0f} s)")
@@ -508,12 +513,32 @@ class Transaction:
     def _clock_usable(self, now: datetime.datetime) -> bool:
         return self.clock_trusted and now >= CLOCK_FLOOR
 
+    def _trusted_now(self) -> datetime.datetime | None:
+        """Our time when it may be held against messageTime (a trusted clock, after the floor), else None."""
+        now = self.now()
+        if isinstance(now, ClockReading):
+            if not now.trusted:
+                return None
+            now = now.at
+        return now if self._clock_usable(now) else None
+
+    def _send_time(self) -> datetime.datetime:
+        now = self.now()
+        if isinstance(now, ClockReading):
+            return now.at if now.uncertainty_s <= _SEND_MAX_UNCERTAINTY_S else _utcnow()
+        return now
+
     def signer_policy(self) -> Policy:
         """The validator policy for the response signer (RFC 9483 §3.1, RFC 4210 §5.1.3.3): at our time when
-        the clock is trusted; else valid within ``max_clock_skew_s`` of our estimate, or at some time after the
-        clock floor when our clock has never been set."""
+        the clock is trusted; at the caller's estimate with its uncertainty (a ``ClockReading``, the daemon);
+        else valid within ``max_clock_skew_s`` of our clock, or at some time after the clock floor when our clock
+        has never been set."""
         now = self.now()
         kw = dict(pinned=self.protector.pinned, ignore_key_usage=self.protector.ignore_keyusage)
+        if isinstance(now, ClockReading):
+            if not now.trusted:
+                return Policy.for_purpose("cmp-signer", now, **kw)
+            now = now.at
         if self._clock_usable(now):
             return Policy.for_purpose("cmp-signer", now, **kw)
         if now < CLOCK_FLOOR:

@@ -279,6 +279,59 @@ def test_scenario(world, story, lifetime, setup, check, caplog):
         assert any("newest notBefore of our certificates" in r.getMessage() for r in caplog.records)
 
 
+def test_1970_no_ca_time_stores_a_certificate_a_few_seconds_ahead_of_the_estimate(world, caplog):
+    """A board at 1970+uptime whose CA sends no time estimates the time as the newest notBefore of its certificates
+    plus uptime. The enrolled certificate was backdated 4 s and the renewals are not backdated (as with many CAs),
+    so the first renewal's notBefore is >= 3 s after that estimate: inside its uncertainty, so it is stored (checked
+    at the estimate as a trusted time, it was refused as not yet valid), and status/audit say it was checked at an
+    estimated time."""
+    caplog.set_level(logging.INFO, logger="devagent")
+    w = world(lifetime_s=5, backdate_s=4)
+    cfg = w.config(deploy_toml(w), **FAST)
+    w.sim = TimelessSim(w.ca, w.sim.domain, lifetime_s=5, backdate_s=0)
+    first_nb = w.ks.get(NAME).not_before
+    epoch = utcnow()
+
+    def wall():
+        return datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + (utcnow() - epoch)
+    asyncio.run(drive(w, w.daemon(cfg, wall=wall), until=lambda: version(w) >= 3 and deployed_live(w)))
+    assert meta(w).get("failures_total", 0) == 0, meta(w).get("last_error")
+    assert w.sim.issued[0].not_valid_before_utc - first_nb >= datetime.timedelta(seconds=3)
+    checked = meta(w)["checked_at"]  # status shows what the last renewal's validity was checked at
+    assert checked["clock"] == "estimate" and 0 < checked["uncertainty_s"] <= policy.NOT_BEFORE_SLACK_S
+    assert "newest notBefore" in checked["source"]
+    stores = [e for e in w.ks.audit_entries() if e["action"] == "certificate-store" and e["version"] > 1]
+    assert stores and all(e["checked_at"]["clock"] == "estimate" for e in stores)  # the audit log, per certificate
+    assert any("validity checked at the estimated time" in r.getMessage() for r in caplog.records)
+
+
+def test_1970_no_ca_time_refuses_a_certificate_far_ahead_of_the_estimate(world, caplog):
+    """A board at 1970+uptime whose CA sends no time, and a CA whose notBefore is two hours ahead of what the board
+    can know (newest notBefore + uptime, plus the hour CAs backdate by): the certificate is refused as not yet
+    valid, the error names the estimate, its window and how it was made, the current certificate stays live and
+    deployed, and nothing new is stored."""
+    caplog.set_level(logging.INFO, logger="devagent")
+    w = world(lifetime_s=30)
+    cfg = w.config(deploy_toml(w), **{"renewal.fraction": 0.1})  # due ~3 s after issuance, valid for 30 s
+    w.sim = TimelessSim(w.ca, w.sim.domain, lifetime_s=w.sim.lifetime_s, clock_offset_s=2 * 3600.0)
+    epoch = utcnow()
+
+    def wall():
+        return datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + (utcnow() - epoch)
+    old = w.ks.get(NAME)
+    asyncio.run(drive(w, w.daemon(cfg, wall=wall), until=lambda: meta(w).get("failures", 0) >= 1
+                      and deployed_live(w)))
+    cred = w.ks.get(NAME)
+    assert cred.version == old.version and fingerprint(cred.certificate) == fingerprint(old.certificate)
+    assert len(w.sim.issued) >= 1  # the CA did issue; the keystore refused it
+    err = meta(w)["last_error"]
+    assert "is not valid before" in err and "estimated time" in err and "newest notBefore" in err, err
+    assert "s after the latest time allowed" in err
+    assert meta(w)["checked_at"]["clock"] == "estimate"
+    assert not [e for e in w.ks.audit_entries() if e["action"] == "certificate-store" and e.get("version", 0) > 1]
+    assert w.bundle_ok(w.deploy_dir / "bundle.pem") is None  # the old one is still deployed and valid
+
+
 def test_rollover_without_link_keeps_old_certificate(world, caplog):
     """A new root offered without a verifiable link and no operator fingerprint is refused: the device keeps its
     (still valid) certificate, reports the error, and does not trust the new root."""
@@ -366,3 +419,37 @@ def test_revoked_credential_is_neither_renewed_nor_deployed(world):
     assert w.ks.get(NAME).version == old.version
     assert not (w.deploy_dir / "bundle.pem").exists()
     assert w.ks.get(NAME).summary()["revoked"] == "keyCompromise"
+
+
+def test_daemon_time_reading_per_source(world):
+    """What the daemon checks certificates at (Daemon.reading), per what it knows: a trusted clock is strict; an
+    untrusted one is an estimate whose uncertainty comes from how it was obtained."""
+    w = world(lifetime_s=60)
+    real = utcnow()
+    mono = {"t": 1000.0}
+    wall = {"t": real}
+    trusted = w.daemon(w.config("", **{"clock.trusted": True}), wall=lambda: wall["t"], mono=lambda: mono["t"])
+    r = trusted.reading()
+    assert r.trusted and r.at == real and r.uncertainty_s == 0
+    d = w.daemon(w.config(""), wall=lambda: wall["t"], mono=lambda: mono["t"])
+    r = d.reading()  # plausible system clock, not compared with the CA yet: up to clock.tolerance_s off
+    assert (r.clock, r.uncertainty_s) == ("estimate", 300.0) and "not yet compared" in r.source
+    d._observe_time(real + datetime.timedelta(seconds=2), "cmp response time", round_trip_s=0.5)
+    r = d.reading()  # agrees with the CA within tolerance: the system clock, off by that much besides
+    assert r.at == real and r.uncertainty_s == pytest.approx(1 + 0.5 + 2) and "2 s from the CA's time" in r.source
+    wall["t"] = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    d._observe_time(real, "cmp response time", round_trip_s=0.5)
+    mono["t"] += 600  # ten minutes later (by both clocks)
+    wall["t"] += datetime.timedelta(seconds=600)
+    r = d.reading()  # obviously wrong clock: the CA's time carried forward, its resolution + round trip + drift
+    assert r.at == real + datetime.timedelta(seconds=600)
+    assert r.uncertainty_s == pytest.approx(1 + 0.5 + 600 * policy.CLOCK_DRIFT_PPM / 1e6)
+    assert "the CA's time (cmp response time) seen 600 s ago" in r.source
+    blank = w.daemon(w.config(""), wall=lambda: wall["t"], mono=lambda: mono["t"])
+    assert blank.reading().uncertainty_s > 10 * 365 * 86400  # 1970, nothing known: only "after 2024"
+    blank._note_not_before(w.ks.list())
+    r = blank.reading()  # 1970, no CA time: at least the newest notBefore + uptime, CAs backdate up to an hour
+    nb = w.ks.get(NAME).not_before
+    assert r.at - datetime.timedelta(seconds=r.uncertainty_s) <= nb
+    assert r.at + datetime.timedelta(seconds=r.uncertainty_s) >= nb + datetime.timedelta(hours=1)
+    assert "newest notBefore" in r.source

@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import metrics, policy, renewal_status
@@ -15,6 +15,7 @@ UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
+@settings(deadline=None)  # a property, not a timing: a loaded CI machine must not fail it
 @given(st.integers(0, 50), st.floats(1, 10 * 86400), st.floats(0.5, 600), st.floats(1, 7200))
 def test_attempts_before_expiry_is_a_positive_count_that_shrinks(failures, left, base, cap_extra):
     cap = base + cap_extra
@@ -103,3 +104,12 @@ def test_status_clock_note(offset_days, valid_by_ca):
     assert ("not yet valid only by the local clock" in c["note"]) is valid_by_ca
     assert f"{abs(offset_days)} days {'behind' if offset_days > 0 else 'ahead of'} the CA's time" in c["note"]
     assert renewal_status.clock({}, nb, na, NOW) is None
+
+
+def test_status_says_when_validity_was_checked_at_an_estimated_time():
+    meta = {"checked_at": {"at": "2026-12-01T10:00:00Z", "clock": "estimate", "uncertainty_s": 1.6,
+                           "source": "the CA's time (cmp response time) seen 2 s ago"}}
+    item = {"checked_at": renewal_status.checked_at(meta)}
+    (line,) = renewal_status.lines(item)
+    assert "estimated time 2026-12-01T10:00:00Z +- 2 s" in line and "cmp response time" in line
+    assert renewal_status.checked_at({}) is None and renewal_status.lines({"checked_at": None}) == []

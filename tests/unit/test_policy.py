@@ -120,3 +120,20 @@ def test_naive_server_time_is_refused():
 def test_clock_before_floor_is_obviously_wrong():
     assert policy.clock_obviously_wrong(datetime.datetime(1970, 1, 1, 0, 2, tzinfo=UTC))
     assert not policy.clock_obviously_wrong(T0)
+
+
+def test_ca_time_uncertainty_covers_resolution_round_trip_and_drift():
+    assert policy.ca_time_uncertainty(0.25, 0.0) == pytest.approx(1.25)  # 1 s resolution + the round trip
+    day = policy.ca_time_uncertainty(0.25, 86400.0)
+    assert day == pytest.approx(1.25 + 86400 * policy.CLOCK_DRIFT_PPM / 1e6)  # grows with the estimate's age
+    with pytest.raises(ValueError):
+        policy.ca_time_uncertainty(-1.0, 0.0)
+
+
+@given(age=st.floats(0, 10 * 86400))
+def test_floor_window_covers_floor_to_floor_plus_slack(age):
+    floor = datetime.datetime(2026, 5, 1, tzinfo=datetime.timezone.utc)
+    at, u = policy.floor_window(floor, age)
+    lo, hi = at - datetime.timedelta(seconds=u), at + datetime.timedelta(seconds=u)
+    assert lo <= floor and hi >= floor + datetime.timedelta(seconds=policy.NOT_BEFORE_SLACK_S)
+    assert (floor - lo).total_seconds() <= age * policy.CLOCK_DRIFT_PPM / 1e6 + 1e-3  # only the drift below it

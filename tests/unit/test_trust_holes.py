@@ -7,6 +7,7 @@ Hole 1 (CoAP authorization) is in tests/component/test_coap_authz.py.
 """
 from __future__ import annotations
 
+import datetime
 
 import pytest
 from cryptography import x509
@@ -79,3 +80,31 @@ def test_pinned_server_certificate_signs_responses(keys):
         run(client(_signed_by(keys, srv, k), keys).enroll(req(keys), auth))
     res = run(client(_signed_by(keys, srv, k), keys, trust_anchors=(), server_certs=(srv,)).enroll(req(keys), auth))
     assert res.info["response_signer"] == srv.subject.rfc4514_string()
+
+
+def test_cmp_signer_is_checked_at_the_daemons_estimate_with_its_uncertainty(keys):
+    """The daemon hands CmpClient its CA-time estimate (a ClockReading): the response signer is validated at it,
+    widened by its uncertainty only (an RA certificate that expired 10 s before the estimate passes with +- 30 s
+    and is refused with +- 3 s, the error naming the estimate); messageTime is not held against an estimate."""
+    from keystore.validator import ClockReading
+
+    k = key("p256", 23)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ra, _ = build(Spec(subject=name("RA"), key=k, eku=[x509.ObjectIdentifier("1.3.6.1.5.5.7.3.28")],
+                       not_before=NOW - 30 * DAY, not_after=now - datetime.timedelta(seconds=10)),
+                  keys.ca.subject, keys.ca_key, "leaf", "p256", 23)
+    auth = ClientAuth(certificate=keys.idev, private_key=keys.idev_key)
+    src = "the CA's time (cmp response time) seen 3 s ago"
+
+    def estimate(u):
+        return lambda: ClockReading(datetime.datetime.now(datetime.timezone.utc), "estimate", u, src)
+    ca = _signed_by(keys, ra, k)
+    ca.tamper["time_offset_s"] = 3600  # an estimate is not compared with messageTime (it is made from it)
+    res = run(client(ca, keys, clock_trusted=False, now=estimate(30.0)).enroll(req(keys), auth))
+    assert res.certificate is not None
+    with pytest.raises(EnrollError) as e:
+        run(client(_signed_by(keys, ra, k), keys, clock_trusted=False, now=estimate(3.0)).enroll(req(keys), auth))
+    assert "expired" in str(e.value) and "estimated time" in str(e.value) and src in str(e.value)
+    with pytest.raises(EnrollError, match="expired"):  # a trusted clock stays strict
+        run(client(_signed_by(keys, ra, k), keys, now=lambda: ClockReading(
+            datetime.datetime.now(datetime.timezone.utc))).enroll(req(keys), auth))
