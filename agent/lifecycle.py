@@ -76,6 +76,9 @@ def _sans_of(cert: x509.Certificate) -> tuple:
         return ()
 
 
+AUTH_ATTEMPTS = 3  # reads of a credential renewed under us before its key is held (each retry: a renewal happened)
+
+
 def auth_for(ks: Keystore, cred: Credential) -> ClientAuth:
     """Client authentication material for a stored credential (key stays in its backend).
 
@@ -100,13 +103,14 @@ class _Held:
 
 def _auth(ks: Keystore, cred: Credential) -> tuple[ClientAuth, _Held, Credential]:
     """(ClientAuth, its key's hold, the credential it was built from). A credential renewed by another process
-    between reading it and holding its key (the old key is gone) is read again and used in its new version, once."""
-    for attempt in (0, 1):
+    between reading it and holding its key (the old key is gone) is read again and used in its new version; again
+    (up to ``AUTH_ATTEMPTS`` in all) only if it was renewed once more in that moment."""
+    for attempt in range(AUTH_ATTEMPTS):
         try:
-            ks.hold_key(cred.key_uri)
+            ks.hold_key(cred.key_uri, credential=cred.name)
         except KeyGoneError:
             fresh = ks.get(cred.name)
-            if attempt or fresh.key_uri == cred.key_uri:
+            if attempt == AUTH_ATTEMPTS - 1 or fresh.key_uri == cred.key_uri:
                 raise
             log.info("credential %s was renewed by another process (version %d -> %d): using the new version",
                      cred.name, cred.version, fresh.version)

@@ -583,15 +583,20 @@ class Keystore:
         self._hold(uri, explicit=False)
         return self._backend_for(uri).load(uri)
 
-    def hold_key(self, uri: str) -> None:
+    def hold_key(self, uri: str, *, credential: str | None = None) -> None:
         """Declare that a flow of this process uses ``uri`` (to sign, or through a TLS stack reading its file) until
         ``release_key``: no process destroys the key meanwhile — a renewal that supersedes it retires it, and it is
         destroyed once nobody holds it (keylocks.py). Holds are counted per Keystore object.
 
+        ``credential``: the name of the credential whose record gave ``uri`` (a ``Credential`` read earlier). Such
+        a key was in the index, so if the index no longer names it at all, it was destroyed (a renewal or delete by
+        another process, and a later write that forgot it) — not a key that is merely not recorded yet (a
+        ``--key-uri`` before its first certificate), which is used without a hold.
+
         Raises:
             KeyGoneError: the key was destroyed already.
         """
-        self._hold(uri, explicit=True)
+        self._hold(uri, explicit=True, credential=credential)
 
     def release_key(self, uri: str) -> None:
         """End one ``hold_key`` (and the hold ``private_key`` took). A retired key nobody holds any more is
@@ -612,7 +617,7 @@ class Keystore:
         finally:
             self.release_key(uri)
 
-    def _hold(self, uri: str, *, explicit: bool) -> None:
+    def _hold(self, uri: str, *, explicit: bool, credential: str | None = None) -> None:
         if self._locks.hold(uri, explicit=explicit):
             return
         with self._lock:  # no destroyer is at work while we hold the keystore lock: the index is the truth now
@@ -620,11 +625,17 @@ class Keystore:
                 return
             view = self._view()
             hit = view.keys().get(uri)
-            if hit is None and uri not in view.key_users() and uri not in self._destroying():
-                return  # not a key of this keystore's index (e.g. --key-uri before it is recorded): nothing to hold
-            if (hit is not None and hit[1].get("state") == "retired") or uri in self._destroying():
-                raise KeyGoneError(f"key {uri} was destroyed: the credential that used it was renewed or deleted "
-                                   "by another devagent process")
+            gone = (hit is not None and hit[1].get("state") == "retired") or uri in self._destroying()
+            if hit is None and uri not in view.key_users() and not gone:
+                if credential is None:
+                    return  # not a key of this keystore's index (e.g. --key-uri before it is recorded): no hold
+                # It was a credential's key, and the index has forgotten it: destroyed, its record and its entry
+                # in meta.destroying dropped by later writes (the caller read the credential before that).
+                gone = True
+            if gone:
+                raise KeyGoneError(f"key {uri} was destroyed: the credential that used it"
+                                   f"{f' ({credential})' if credential else ''} was renewed or deleted by another "
+                                   "devagent process")
             self._locks.create(uri)  # a keystore from before lock files, or a lock file a power cut lost
             if not self._locks.hold(uri, explicit=explicit):
                 raise KeyGoneError(f"key {uri} is being destroyed by another devagent process")
@@ -1544,7 +1555,7 @@ class Keystore:
     def _check_one(self, name: str, rec: dict) -> str | None:
         uri = rec["key_uri"]
         try:
-            self.hold_key(uri)
+            self.hold_key(uri, credential=name)
         except KeyGoneError as e:
             return f"{name}: {e}"
         try:

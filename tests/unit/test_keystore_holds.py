@@ -90,6 +90,37 @@ def test_credential_renewed_and_key_destroyed_before_we_hold_it_is_read_again(ks
     held.release()
 
 
+def test_credential_renewed_and_its_key_forgotten_by_the_index_before_we_hold_it_is_read_again(ks, lab):
+    """The CI race (test_n_processes_on_one_keystore[soft-N10]: "private key file:keys/<id>.key is missing" in a
+    request): the LDevID read by a request, then renewed by another process that destroyed the old key, and a
+    later write of the index dropped every trace of that key (its record and its meta.destroying entry) before the
+    request held it. The hold must not take it for a key that is merely not recorded yet."""
+    v1 = _renew(ks, lab)
+    ks.close()
+    stale_reader = Keystore.open(ks.root)
+    stale = stale_reader.get("dev")
+    renewer = Keystore.open(ks.root)
+    v2 = _renew(renewer, lab)  # destroyed at once, named in meta.destroying until the next write
+    renewer.set_meta("dev", touched=True)  # any later write (another command's commit or gc) forgets it
+    assert not _file(ks, v1.key_uri).exists() and stale_reader.key_record(v1.key_uri) is None
+    assert v1.key_uri not in (stale_reader.meta().get("destroying") or ())
+    auth, held, cred = lifecycle._auth(stale_reader, stale)  # what every flow uses: one retry, new version
+    assert cred.version == v2.version and auth.certificate == v2.certificate
+    held.release()
+    with pytest.raises(KeyGoneError, match=r"\(dev\) was renewed or deleted"):
+        stale_reader.hold_key(stale.key_uri, credential="dev")
+    # The same when the credential is checked by `keystore check` from a stale read: its new version is checked.
+    assert stale_reader.check() == []
+
+
+def test_a_key_not_recorded_yet_is_used_without_a_hold(ks):
+    """``--key-uri`` of a key the index does not name yet (its first certificate not stored): no lock, no error."""
+    be = ks.backend("soft")
+    uri = be.generate("p256", "external")
+    ks.hold_key(uri)
+    assert ks.private_key(uri) is not None and not ks._locks.held(uri)
+
+
 def test_deleting_a_credential_whose_key_is_held_retires_the_key(ks, lab):
     v1 = _renew(ks, lab)
     ks.close()
