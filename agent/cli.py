@@ -252,7 +252,7 @@ def keystore_list(app: App):
         for k in pending:
             o = k["owner"] or {}
             who = f"pid {o.get('pid')} {o.get('command') or '?'} ({o.get('state')})" if o else "owner unknown"
-            text += f"\n  {k['key_uri']:<40} {k['key_type']:<8} {_age(k['age_s']):>8} old  for {k['for'] or '-'}  " \
+            text += f"\n  {k['key_uri']:<40} {k['key_type'] or '?':<8} {_age(k['age_s']):>8} old  for {k['for'] or '-'}  " \
                     f"by {who}"
     app.out({"credentials": items, "pending_keys": pending}, text)
 
@@ -412,16 +412,18 @@ def keystore_seal_master_key(app: App):
 @keystore.command("check")
 @pass_app
 def keystore_check(app: App):
-    """Check every credential loads and matches its key; remove leftovers of interrupted writes."""
+    """Check every credential loads and matches its key; remove leftovers of interrupted writes (only when the
+    check passes: files an inconsistent index does not name may be what it lost, and are kept)."""
     ks = app.keystore()
-    removed = ks.gc()
     problems = ks.check()
+    removed = [] if problems else ks.gc()
     discarded = [r for r in removed if r.startswith("pending key ")]
     files = len(removed) - len(discarded)
     note = f"{files} leftover file(s) removed" + (f", {len(discarded)} orphaned pending key(s) discarded"
                                                  if discarded else "")
     app.out({"problems": problems, "removed": removed},
-            "\n".join(problems) if problems else f"keystore OK ({note})")
+            "\n".join(problems + ["nothing was removed: fix the problems above, then run 'devagent keystore check' "
+                                  "again"]) if problems else f"keystore OK ({note})")
     if problems:
         sys.exit(EXIT_KEYSTORE)
 

@@ -92,6 +92,77 @@ def encode_index(data: dict) -> bytes:
     return _assemble(tables)
 
 
+# The record fields readers rely on, by table: field -> (accepted types, required). A field not named here is read
+# with a default where it is read. Times (TIME_FIELDS) must also be ISO 8601 text.
+_T, _N = (str,), (str, type(None))
+FIELDS = {
+    "credentials": {"name": (_T, True), "kind": (_T, True), "version": ((int,), True), "versions": ((list,), True),
+                    "key_uri": (_T, True), "domain": (_N, False), "subject": (_N, False), "issuer": (_N, False),
+                    "fingerprint": (_N, False), "serial": (_N, False), "not_before": (_N, False),
+                    "not_after": (_N, False), "key_type": (_T, True), "profile": (_N, False),
+                    "purpose": (_N, False), "protocol": (_N, False), "server": (_N, False), "source": (_N, False),
+                    "created": (_N, False), "updated": (_N, False), "meta": ((dict,), False),
+                    "chain_subjects": ((list,), False)},
+    "keys": {"uri": (_T, True), "state": (_N, False), "key_type": (_N, False), "label": (_N, False),
+             "backend": (_N, False), "created": (_N, False), "credential": (_N, False),
+             "pending_for": ((dict, type(None)), False), "owner": ((dict, type(None)), False)},
+    "trust": {"file": (_T, True), "domain": (_T, True), "fingerprint": (_T, True), "subject": (_N, False),
+              "role": (_N, False), "purpose": (_N, False), "not_after": (_N, False), "added": (_N, False),
+              "source": (_N, False), "verified_by": (_N, False)},
+    "meta": {"format": ((int,), False), "created": (_N, False), "master_key": (_N, False),
+             "destroying": ((list,), False)},
+}
+TIME_FIELDS = ("created", "updated", "not_before", "not_after", "added")
+
+
+def check_document(doc) -> None:
+    """The index's shape: an object of tables, each an object of records (objects), each field ``FIELDS`` names of
+    its type (required ones present; ``versions`` a list of integers, ``chain_subjects`` of text, times ISO 8601
+    with a UTC offset, trust files inside ``trust/``; record ids are numbers).
+    Raises ValueError naming the table, record and field, so a damaged index is one clear error
+    (``CorruptFileError``) instead of a KeyError or TypeError wherever a record happens to be read."""
+    import datetime
+
+    if doc is None:
+        return
+    if not isinstance(doc, dict):
+        raise ValueError(f"the document is a {type(doc).__name__}, not an object of tables")
+    for table, records in doc.items():
+        if not isinstance(records, dict):
+            raise ValueError(f"table {table!r} is a {type(records).__name__}, not an object of records")
+        spec = FIELDS.get(table, {})
+        for rid, rec in records.items():
+            if not (rid.isascii() and rid.isdigit()):
+                raise ValueError(f"{table} record id {rid[:40]!r} is not a number")
+            if not isinstance(rec, dict):
+                raise ValueError(f"{table} record {rid} is a {type(rec).__name__}, not an object")
+            for field, (kinds, required) in spec.items():
+                if field not in rec:
+                    if required:
+                        raise ValueError(f"{table} record {rid}: {field!r} is missing")
+                    continue
+                v = rec[field]
+                if isinstance(v, bool) or not isinstance(v, kinds):
+                    raise ValueError(f"{table} record {rid}: {field!r} is a {type(v).__name__}, not "
+                                     f"{' or '.join(k.__name__ for k in kinds)}")
+                if field in TIME_FIELDS and isinstance(v, str):
+                    try:
+                        t = datetime.datetime.fromisoformat(v)
+                    except ValueError:
+                        t = None
+                    if t is None or t.utcoffset() is None:  # devagent writes UTC times; a naive one is not comparable
+                        raise ValueError(f"{table} record {rid}: {field!r} {v[:40]!r} is not an ISO 8601 time with "
+                                         "a UTC offset") from None
+            if table == "trust":  # read as root / file: it must name a file inside the keystore's trust/
+                parts = rec["file"].split("/")
+                if parts[0] != "trust" or len(parts) < 2 or any(x in ("", ".", "..") for x in parts):
+                    raise ValueError(f"trust record {rid}: 'file' {rec['file'][:60]!r} is not a path inside trust/")
+            for field, kind in (("versions", int), ("chain_subjects", str), ("destroying", str)):
+                items = rec.get(field) if field in spec else None
+                if items is not None and any(isinstance(x, bool) or not isinstance(x, kind) for x in items):
+                    raise ValueError(f"{table} record {rid}: {field!r} holds something other than {kind.__name__}s")
+
+
 class ReadOnlyDict(dict):
     """A mapping of the cached index: shared by every reader, so it must not change. Copy it (``dict(rec)``) and
     store the copy to change a record."""
@@ -204,7 +275,8 @@ class IndexStorage(AtomicJSONStorage):
                 chunks.append(chunk)
             raw = b"".join(chunks)
             doc = json.loads(raw, object_hook=ReadOnlyDict) if raw.strip() else None
-        except ValueError as e:
+            check_document(doc)
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             os.close(fd)
             raise CorruptFileError(f"keystore index {self.path} is corrupt: {e}") from e
         except BaseException:

@@ -1550,6 +1550,41 @@ class Keystore:
                     if now is not None:
                         problems.append(problem)
                     break
+        return self._check_index() + problems + self._check_trust()
+
+    def _check_index(self) -> list[str]:
+        """What the index itself says wrongly: two records for one credential name or one key, a current version
+        missing from the credential's version list."""
+        view, problems = self._view(), []
+        for table, field in (("credentials", "name"), ("keys", "uri")):
+            seen: dict[str, str] = {}
+            for rid, rec in view.table(table).items():
+                if rec[field] in seen:
+                    problems.append(f"{self._storage.path}: {table} records {seen[rec[field]]} and {rid} have the same "
+                                    f"{field} {rec[field]!r}")
+                seen.setdefault(rec[field], rid)
+        for rid, rec in view.table("credentials").items():
+            if rec["version"] not in rec["versions"]:
+                problems.append(f"{rec['name']}: version {rec['version']} is not in its versions {rec['versions']} "
+                                f"({self._storage.path}, credentials record {rid})")
+        return problems
+
+    def _check_trust(self) -> list[str]:
+        """Every trust anchor file the index names exists, parses, and has the fingerprint its record gives."""
+        problems = []
+        for _rid, rec in sorted(self._view().table("trust").items(), key=lambda kv: int(kv[0])):
+            p = self.root / rec["file"]
+            what = f"trust anchor {rec['fingerprint']} of domain {rec['domain']} ({p})"
+            try:
+                certs = self._certs_of(p)
+            except FileNotFoundError:
+                problems.append(f"{what} is missing")
+                continue
+            except (KeystoreError, OSError) as e:
+                problems.append(f"{what}: {e}")
+                continue
+            if not any(fingerprint(c) == rec["fingerprint"] for c in certs):
+                problems.append(f"{what}: the file holds no certificate with that fingerprint")
         return problems
 
     def _check_one(self, name: str, rec: dict) -> str | None:
