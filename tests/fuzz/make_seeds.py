@@ -390,9 +390,48 @@ def clm():
     (d / "empty-file").write_bytes(b"")
 
 
+def keystore_index(p):
+    """A keystore as devagent writes it (a lab CA's LDevID with its chain and an older version, an imported
+    IDevID, trust anchors, a pending key) for the keystore_index target: its files are the context, its
+    ``keystore.json`` the seed (and one from an empty keystore)."""
+    from agent.lab.ca import LabCA
+    from keystore.csr import build_csr, parse_san, parse_subject
+    from keystore.store import Keystore
+
+    work = Path(tempfile.mkdtemp(prefix="ks-index-seeds-"))
+    try:
+        lab = LabCA.create(work / "lab", domains=("plant",))
+        ctxd = _dir("keystore_index.context")
+        root = ctxd / "keystore"
+        ks = Keystore.init(root)
+        ks.add_trust_anchors("plant", [lab.domain("plant").root_cert], source="fuzz corpus")
+        for _ in range(2):  # two versions of one credential
+            uri = ks.generate_key("p256")
+            csr = build_csr(ks.private_key(uri), parse_subject("CN=fuzz-device"), [parse_san("dns:fuzz.plant")])
+            cert = lab.issue("plant", csr.public_key(), csr.subject)
+            ks.store_certificate("ldevid-plant", cert, lab.domain("plant").chain, key_uri=uri, domain="plant")
+        idev_key = ec.generate_private_key(ec.SECP256R1())
+        idev = lab.issue("plant", idev_key.public_key(), parse_subject("CN=fuzz IDevID,serialNumber=SN1"))
+        ks.import_idevid("idevid", idev, lab.domain("plant").chain, private_key=idev_key, source="fuzz corpus")
+        ks.generate_key("p256")  # a pending key (no credential yet)
+        ks.close()
+        (ctxd / "README").write_text("TEST-ONLY keystore for the keystore_index fuzz target (its keystore.json is "
+                                     "the input; corpus/keystore_index/ the seeds)\n")
+        d = _dir("keystore_index")
+        (d / "enrolled").write_bytes((root / "keystore.json").read_bytes())
+        empty = work / "empty"
+        Keystore.init(empty).close()
+        (d / "empty-keystore").write_bytes((empty / "keystore.json").read_bytes())
+        (root / "audit.log").write_bytes(b"")
+        shutil.rmtree(root / "locks", ignore_errors=True)  # runtime state, made again on use
+        (root / ".lock").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 GROUPS = {"est": lambda p: est(p), "keystore_import": keystore_import, "toml": lambda p: toml_seeds(),
           "coap": coap, "mpy": mpy, "opcua": opcua, "cmp_template": lambda p: cmp_template(),
-          "est_headers": lambda p: est_headers(), "clm": lambda p: clm()}
+          "est_headers": lambda p: est_headers(), "clm": lambda p: clm(), "keystore_index": keystore_index}
 
 
 def main(argv=None) -> int:

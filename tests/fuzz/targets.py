@@ -19,6 +19,7 @@ the package's own error roots. Seeds are in ``tests/fuzz/corpus/<target>/`` (see
 | keystore_import | ``keystore.certs`` loaders + ``Keystore.import_idevid`` (PEM, DER, PKCS#7, PKCS#8, PKCS#12) | KeystoreError |
 | cli_import | ``devagent keystore import-idevid`` / ``keystore trust --add`` in-process (click) | exit code != 1 |
 | coap_device | a real ``devagent serve`` site on 127.0.0.1 fed raw datagrams (incl. Block1) | any CoAP answer but 5.00 |
+| keystore_index | ``keystore.json`` read by ``devagent keystore list`` / ``status`` / ``keystore check`` in-process | exit code != 1 |
 | toml_config | ``agent.config.load_config`` and ``board_profiles.load_file`` | ConfigError, BoardProfileError |
 | mpy_parsers | the board's DER/X.509/PKCS#7/CBOR/frame/CoAP parsers (also under MicroPython) | their own errors |
 """
@@ -337,6 +338,56 @@ class _CliRefused(Exception):
     """The CLI refused the input with a documented exit code (2 usage, 3 keystore, 4 rejected...)."""
 
 
+# ---- keystore index (keystore.json) ------------------------------------------------------------------
+INDEX_COMMANDS = (["--json", "keystore", "list"], ["--json", "status"], ["keystore", "check"])
+
+
+def keystore_index(data: bytes) -> None:
+    """A keystore whose index ``keystore.json`` is the input (the rest of the keystore -- master key, key files,
+    certificates, trust anchors -- is the committed context), read by ``devagent keystore list``, ``status`` and
+    ``keystore check`` in-process. Properties: a damaged index is a keystore error naming the file (exit 3),
+    never exit 1; a command refused for it changes nothing stored."""
+    d = tmpdir() / "ks-index"
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(CORPUS / "keystore_index.context" / "keystore", d)
+    for dirpath, _, files in os.walk(d):
+        os.chmod(dirpath, 0o700)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o600)
+    (d / "keystore.json").write_bytes(data)
+    os.chmod(d / "keystore.json", 0o600)
+    refused = 0
+    for args in INDEX_COMMANDS:
+        before = snapshot(d)
+        r = _invoke(["--state-dir", str(d), *args])
+        if r.exit_code != 0:
+            refused += 1
+            after = snapshot(d)
+            for snap in (before, after):  # the audit log, and lock files made on use, are not stored content
+                for k in [k for k in snap if k == "audit.log" or k.startswith("locks/")]:
+                    del snap[k]
+            if after != before:
+                raise StateChanged(f"'{' '.join(args)}' refused (exit {r.exit_code}) and changed {_diff(before, after)}")
+    if refused == len(INDEX_COMMANDS):
+        raise _CliRefused(3)
+
+
+def _invoke(args: list[str]):
+    """The devagent CLI in-process (click's entry point); exit 1 ("internal error") raises what escaped."""
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    r = CliRunner().invoke(cli, args, catch_exceptions=True, env=_cli_env())
+    if r.exit_code == 1 or "internal error" in r.output:
+        exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
+        if exc is None:  # the CLI caught it and exited 1: re-run with -v is not needed, the cause is chained
+            raise RuntimeError(f"CLI internal error: {r.output.strip()[-300:]}")
+        raise exc
+    return r
+
+
 # ---- TOML --------------------------------------------------------------------------------------------
 def toml_config(data: bytes) -> None:
     """``data[0]`` even: agent.toml through ``load_config``; odd: a board profile through ``load_file``."""
@@ -436,6 +487,7 @@ def all_targets() -> dict[str, Target]:
                seeds="cli_import", prefix=1),
         Target("coap_device", coap.run, coap.allowed(), "CoAP /csr /verify /status datagrams (real aiocoap site)",
                setup=coap.setup, teardown=coap.teardown),
+        Target("keystore_index", keystore_index, (_CliRefused,), "keystore.json read by keystore list/status/check"),
         Target("toml_config", toml_config, _config_errors(), "agent.toml and board profile TOML", prefix=1),
         Target("mpy_parsers", mpy_parsers, _mpy_allowed(), "board DER/X.509/PKCS#7/CBOR/frame/CoAP (CPython)",
                prefix=1),
