@@ -84,7 +84,32 @@ def check_certificate(cert: x509.Certificate, source: str = "certificate") -> x5
         cert.signature_hash_algorithm  # noqa: B018 (None for EdDSA; raises for an unknown algorithm)
     except PARSE_ERRORS as e:
         raise CorruptFileError(f"{source}: certificate {part} does not parse: {_describe_error(e)}") from None
+    unused = _signature_unused_bits(cert.public_bytes(serialization.Encoding.DER))
+    if unused:
+        # cryptography reads the signature bytes and ignores the count, so the same signed certificate could be
+        # stored (and fingerprinted) in a second encoding the CA never issued
+        raise CorruptFileError(f"{source}: certificate signature value is a BIT STRING with {unused} unused bit(s), "
+                               "not whole octets")
     return cert
+
+
+def _der_header(buf: bytes, i: int) -> tuple[int, int, int]:
+    """(tag, content start, content end) of the DER TLV at ``buf[i]`` (the certificate already parsed: trusted)."""
+    tag, n = buf[i], buf[i + 1]
+    i += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n, i = int.from_bytes(buf[i:i + k], "big"), i + k
+    return tag, i, i + n
+
+
+def _signature_unused_bits(der: bytes) -> int:
+    """The unused-bits octet of a DER certificate's signatureValue (after tbsCertificate and signatureAlgorithm)."""
+    _, i, _ = _der_header(der, 0)
+    for _ in range(2):
+        i = _der_header(der, i)[2]
+    tag, start, end = _der_header(der, i)
+    return der[start] if tag == 0x03 and end > start else 0
 
 
 def load_der_certificate(der: bytes, source: str = "certificate") -> x509.Certificate:

@@ -64,6 +64,28 @@ def test_duplicate_extension_is_a_corrupt_file_naming_the_part():
                                    + b"-----END CERTIFICATE-----\n" for d in (der, bad)), "chain.pem")
 
 
+def test_signature_bit_string_with_unused_bits_is_refused():
+    """Found by the fuzz suite (coap_device): cryptography ignores the unused-bits count of signatureValue, so the
+    same signed certificate re-encoded with a count of 1 verified and was stored in an encoding the CA never
+    issued (its fingerprint differs). The boundary refuses it."""
+    from keystore.certs import _der_header
+
+    der = _cert()
+    while der[-1] & 1:  # DER: the unused bits must be zero, so take a signature whose last bit is 0
+        der = _cert()
+
+    _, i, _ = _der_header(der, 0)
+    i = _der_header(der, _der_header(der, i)[2])[2]
+    tag, start, _ = _der_header(der, i)
+    assert tag == 0x03 and der[start] == 0
+    load_der_certificate(der, "ok")
+    bad = der[:start] + b"\x01" + der[start + 1:]
+    assert x509.load_der_x509_certificate(bad).signature == x509.load_der_x509_certificate(der).signature
+    with pytest.raises(CorruptFileError, match=r"/verify payload: certificate signature value is a BIT STRING with 1 "
+                                               r"unused bit\(s\)"):
+        load_der_certificate(bad, "/verify payload")
+
+
 def test_cmp_extra_certs_name_the_index():
     from enroll_clients.cmp import asn1 as A
     from enroll_clients.cmp import messages as M
