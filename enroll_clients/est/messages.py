@@ -634,7 +634,7 @@ def decode_csrattrs(der: bytes, what: str = "/csrattrs response") -> tuple[CsrAt
     univ, CsrAttrs, _, _ = _asn1()
     try:
         seq, rest = decoder.decode(der, asn1Spec=CsrAttrs())
-    except (PyAsn1Error, ValueError, TypeError, IndexError) as e:
+    except (PyAsn1Error, ValueError, TypeError, IndexError, OverflowError) as e:  # Overflow: a huge length
         raise ProtocolError(f"{what}: not a DER CsrAttrs (SEQUENCE OF AttrOrOID): {e}") from None
     if rest:
         raise ProtocolError(f"{what}: {len(rest)} trailing bytes after CsrAttrs")

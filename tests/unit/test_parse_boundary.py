@@ -86,6 +86,15 @@ def test_signature_bit_string_with_unused_bits_is_refused():
         load_der_certificate(bad, "/verify payload")
 
 
+def test_csrattrs_with_a_huge_length_is_a_protocol_error():
+    """Found by the fuzz suite (est_csrattrs): pyasn1 raised OverflowError for a length beyond an index."""
+    from enroll_clients.est.messages import decode_csrattrs
+
+    data = (REGRESSIONS / "est_csrattrs" / "huge-length-overflow.bin").read_bytes()
+    with pytest.raises(ProtocolError, match=r"/csrattrs response: not a DER CsrAttrs"):
+        decode_csrattrs(data)
+
+
 def test_cmp_extra_certs_name_the_index():
     from enroll_clients.cmp import asn1 as A
     from enroll_clients.cmp import messages as M
