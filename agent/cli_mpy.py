@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -43,80 +44,307 @@ class UpstreamError(BridgeError):
     """The upstream EST/CMP server refused or failed; nothing was sent to the board."""
 
 
-class BoardError(BridgeError):
-    """The board answered ERR: ``code`` (CoAP-style, "4.03"), ``reason`` (as in CoAP diagnostics), ``message``."""
+class RejectedError(BridgeError):
+    """The host's pre-verification refused the upstream's certificate; nothing was sent to the board."""
 
-    def __init__(self, code: str, message: str, reason: str = "unknown"):
-        super().__init__(f"board refused ({code} {reason}): {message}")
+
+class LinkError(BridgeError):
+    """The serial link failed: ``kind`` is "stuck" (the board stopped reading our request), "no-reply" (the
+    request was sent in full, no answer within the timeout), "closed" (the board closed the port: process exited,
+    USB unplugged) or "io" (the port reported an error, or could not be opened). ``port`` names the port."""
+
+    def __init__(self, port: str, kind: str, message: str):
+        super().__init__(f"{port}: {message}")
+        self.port = port
+        self.kind = kind
+        self.detail = message
+
+
+class BoardError(BridgeError):
+    """The board answered ERR to ``request``: ``code`` (CoAP-style, "4.03"), ``reason`` (as in CoAP diagnostics),
+    ``message``."""
+
+    def __init__(self, code: str, message: str, reason: str = "unknown", request: str = "?"):
+        super().__init__(f"board refused {request} ({code} {reason}): {message}")
         self.code = code
         self.reason = reason
         self.message = message
+        self.request = request
+
+
+RX_LIMIT = 4 * (0xFFFF + 14)  # bytes kept that the board sent while we were writing (four largest frames)
+RX_CHUNK = 65536  # bytes read at once
+
+
+def _port_name(port) -> str:
+    for attr in ("port", "name"):
+        v = getattr(port, attr, None)
+        if isinstance(v, str) and v:
+            return v
+    return "the board's port"
 
 
 class BoardLink:
-    """Request/response over a byte stream (a pyserial ``Serial`` or anything with read/write)."""
+    """Request/response with the board over an open serial port; every wait is bounded.
 
-    def __init__(self, port, timeout_s: float = 10.0):
+    ``port`` is an open pyserial port (a device, a pty, any pyserial URL) or anything with read/write.
+    Where the port has a file descriptor (POSIX serial devices and ptys, ``socket://``) the link does its own
+    non-blocking I/O with ``poll()``: pyserial waits in ``select()``, which fails with ValueError once the
+    descriptor is >= FD_SETSIZE (1024, e.g. in a long-running process), and its ``write()`` without a
+    ``write_timeout`` retries EAGAIN forever. Other ports (``loop://``, ``rfc2217://``) go through pyserial in
+    chunks, each written with ``write_timeout`` set to the time left (where the port supports one).
+    Either way, while a request is being written the link keeps reading what the board sends (so a board that
+    is blocked writing to us can go back to reading), keeping at most ``RX_LIMIT`` bytes of it for the reply.
+    A request that cannot be written by its deadline raises ``LinkError`` ("stuck"): the board drops an
+    incomplete frame, so nothing is stored on it.
+    """
+
+    WRITE_CHUNK = 256  # pyserial path: bytes per write() between reads
+
+    def __init__(self, port, timeout_s: float = 10.0, name: str | None = None):
         self.port = port
+        self.name = name or _port_name(port)
         self.timeout_s = timeout_s
         self._seq = int(time.monotonic()) % 1000 * 1000
+        self._rx = bytearray()
+        self._deadline = 0.0  # of the request in progress; the frame reader's reads wait until then
+        self._got = 0  # bytes received during the current request
+        self._dropped = 0  # of them, dropped unread because the board sent more than RX_LIMIT while we wrote
+        self._corrupt = ""  # the board's last complaint about a corrupt frame (ERR seq 0) during it
+        self._fd = None
+        try:
+            fd = port.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+            fd = None
+        self._write_timeout_ok = True  # rfc2217:// refuses any write_timeout (NotImplementedError)
+        if isinstance(fd, int) and fd >= 0 and hasattr(select, "poll"):
+            self._fd = fd
+            os.set_blocking(fd, False)
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+        else:
+            try:
+                port.write_timeout = timeout_s
+            except (AttributeError, NotImplementedError, ValueError):
+                self._write_timeout_ok = False
+        self._reader = frame.FrameReader(self._pull, max_body=0xFFFF, chunk=4096)
 
-        def read(n: int) -> bytes:
-            waiting = getattr(port, "in_waiting", 0)
-            return port.read(max(1, min(n, waiting)))
+    # ---- byte level ----
 
-        self._reader = frame.FrameReader(read, max_body=0xFFFF, chunk=4096)
+    def _closed(self, cause=None) -> LinkError:
+        why = f" ({cause})" if cause else ""
+        return LinkError(self.name, "closed", f"the board closed the connection{why}: its agent exited, it was "
+                                              "reset or unplugged")
 
-    def send_raw(self, data: bytes) -> None:
-        self.port.write(data)
-        if hasattr(self.port, "flush"):
-            self.port.flush()
+    def _io_error(self, e: Exception) -> LinkError:
+        return LinkError(self.name, "io", f"serial I/O failed: {type(e).__name__}: {e}")
+
+    def _wait(self, deadline: float, events: int) -> int:
+        """poll() the descriptor until an event or the deadline; 0 on timeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return 0
+        self._poll.modify(self._fd, events)
+        try:
+            ready = self._poll.poll(max(1, int(left * 1000 + 0.999)))
+        except InterruptedError:
+            return 0
+        ev = ready[0][1] if ready else 0
+        if ev & select.POLLNVAL:
+            raise LinkError(self.name, "io", "the port's descriptor was closed under the link")
+        if ev & (select.POLLERR | select.POLLHUP) and not ev & select.POLLIN:  # pending data is read first
+            raise self._closed()
+        return ev
+
+    def _read_now(self, n: int) -> bytes:
+        """What can be read without waiting (at most n bytes)."""
+        if self._fd is not None:
+            try:
+                data = os.read(self._fd, n)
+            except BlockingIOError:
+                return b""
+            except OSError as e:  # a pty whose other side is gone answers EIO
+                raise self._closed(e) from e
+            if not data:
+                raise self._closed()
+            self._got += len(data)
+            return data
+        try:
+            waiting = self.port.in_waiting
+            data = self.port.read(min(n, waiting)) if waiting else b""
+        except (OSError, ValueError) as e:  # SerialException is an OSError
+            raise self._io_error(e) from e
+        self._got += len(data)
+        return data
+
+    def _recv(self, n: int, deadline: float) -> bytes:
+        """Up to n bytes, waiting until the deadline at most; b"" when nothing came."""
+        if self._fd is not None:
+            if not self._wait(deadline, select.POLLIN):
+                return b""
+            return self._read_now(n)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        try:
+            wait = min(left, 0.2)
+            if self.port.timeout != wait:  # pyserial reconfigures the port on every change
+                self.port.timeout = wait
+            waiting = getattr(self.port, "in_waiting", 0)
+            data = self.port.read(max(1, min(n, waiting)))
+        except (OSError, ValueError) as e:
+            raise self._io_error(e) from e
+        self._got += len(data)
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        self._rx += data
+        if len(self._rx) > RX_LIMIT:  # a flooding board: keep the newest (the reader resynchronises on "~")
+            self._dropped += len(self._rx) - RX_LIMIT
+            del self._rx[:len(self._rx) - RX_LIMIT]
+
+    def _pull(self, n: int) -> bytes:
+        """The frame reader's source: what was kept, else what comes by the request's deadline (b"" then).
+
+        Reads what is there in one go and hands it out as asked (the reader asks for 1 byte while it looks for a
+        frame start), so a loaded host does one poll() and read() per burst, not per byte."""
+        if not self._rx:
+            self._rx += self._recv(RX_CHUNK, self._deadline)
+        data = bytes(self._rx[:n])
+        del self._rx[:n]
+        return data
+
+    def _send(self, data: bytes, deadline: float, what: str) -> None:
+        start = time.monotonic()
+        sent = 0
+        while sent < len(data):
+            if self._fd is not None:
+                ev = self._wait(deadline, select.POLLIN | select.POLLOUT)
+                if ev & select.POLLIN:
+                    self._keep(self._read_now(RX_CHUNK))
+                if ev & select.POLLOUT:
+                    try:
+                        sent += os.write(self._fd, data[sent:])
+                    except BlockingIOError:
+                        time.sleep(0.001)
+                    except OSError as e:
+                        raise self._closed(e) from e
+                    continue
+            else:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    try:
+                        if self._write_timeout_ok:
+                            self.port.write_timeout = left
+                        chunk = data[sent:sent + self.WRITE_CHUNK]
+                        n = self.port.write(chunk)
+                        sent += len(chunk) if n is None else n
+                        self._keep(self._read_now(RX_CHUNK))
+                        continue
+                    except (OSError, ValueError) as e:  # SerialTimeoutException is a SerialException
+                        if "timeout" not in str(e).lower():
+                            raise self._io_error(e) from e
+            if time.monotonic() >= deadline:
+                raise LinkError(self.name, "stuck",
+                                f"the board stopped reading: {sent} of {len(data)} bytes of the {what} request "
+                                f"written in {time.monotonic() - start:.1f} s (the board drops an incomplete "
+                                f"request, nothing was stored)")
+
+    def send_raw(self, data: bytes, timeout_s: float | None = None) -> None:
+        """Write bytes to the board within ``timeout_s`` (default: the link's), reading what it sends meanwhile.
+
+        Raises:
+            LinkError: the board did not take the bytes in time ("stuck"), or the port failed.
+        """
+        self._send(bytes(data), time.monotonic() + (timeout_s or self.timeout_s), "raw")
 
     def call(self, kind: str, payload: bytes = b"", timeout_s: float | None = None) -> tuple[str, bytes]:
-        """Send one request and wait for the reply with the same sequence number.
+        """Send one request and wait for the reply with the same sequence number, all within the timeout.
 
         Raises:
             BoardError: the board answered ERR for this request.
-            BridgeError: no reply within the timeout.
+            LinkError: the request could not be written in time, no reply came in time, or the port failed.
         """
+        return self._exchange(kind, payload, timeout_s)
+
+    def _exchange(self, kind, payload, timeout_s, earlier=()) -> tuple[str, bytes]:
+        """``call``; a reply to one of the ``earlier`` sequence numbers (the same request sent before) counts."""
         self._seq += 1
         seq = self._seq
-        self.send_raw(frame.encode(kind, seq, payload))
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        while time.monotonic() < deadline:
+        timeout_s = timeout_s or self.timeout_s
+        start = time.monotonic()
+        self._deadline = start + timeout_s
+        self._got, self._dropped, self._corrupt = 0, 0, ""
+        self._send(frame.encode(kind, seq, payload), self._deadline, kind)
+        while time.monotonic() < self._deadline:
             try:
                 rkind, rseq, rpayload = self._reader.read()
             except frame.FrameError:
                 continue  # line noise: keep waiting for our reply
             except frame.FrameTimeout:
                 continue
-            if rseq != seq:
+            if rseq != seq and rseq not in earlier:
+                if rseq == 0 and rkind == "ERR":  # the board could not parse a frame: maybe ours
+                    self._corrupt = _err_text(rpayload)
                 continue  # a late reply to an earlier attempt, or an ERR for a corrupt frame
             if rkind == "ERR":
                 try:
                     err = json.loads(rpayload)
                 except ValueError:
-                    raise BoardError("?", rpayload[:200].decode(errors="replace")) from None
+                    raise BoardError("?", rpayload[:200].decode(errors="replace"), request=kind) from None
                 if not isinstance(err, dict):
-                    raise BoardError("?", str(err)[:200])
+                    raise BoardError("?", str(err)[:200], request=kind)
                 raise BoardError(str(err.get("code")), str(err.get("message", err.get("error")))[:500],
-                                 str(err.get("error", "unknown"))[:64])
+                                 str(err.get("error", "unknown"))[:64], request=kind)
             return rkind, rpayload
-        raise BridgeError(f"no reply from the board to {kind} within {timeout_s or self.timeout_s:.0f} s")
+        seen = ""
+        if self._corrupt:
+            seen = f"; the board reported a corrupt frame ({self._corrupt})"
+        elif self._got:
+            seen = (f"; {self._got} bytes came from the board meanwhile, none of them the reply (other output on "
+                    f"this port: a REPL, log lines?)")
+        if self._dropped:
+            seen += f" ({self._dropped} bytes of it dropped unread while the request was written)"
+        raise LinkError(self.name, "no-reply", f"no reply from the board to {kind} within {timeout_s:g} s{seen}")
 
     def hello(self, wait_s: float = 15.0) -> dict:
-        """Ping until the board's agent answers (it may still be booting)."""
+        """Ping until the board's agent answers (it may still be booting): one HELLO per second at most.
+
+        Raises:
+            LinkError: no answer within ``wait_s`` (or the port failed); BoardError, BridgeError.
+        """
         deadline = time.monotonic() + wait_s
-        last: Exception | None = None
+        last: LinkError | None = None
+        sent: list[int] = []  # a late answer to an earlier HELLO is as good (a slow, loaded board)
         while time.monotonic() < deadline:
             try:
-                _, payload = self.call("HELLO", b"", timeout_s=min(1.0, max(0.1, deadline - time.monotonic())))
-                return json.loads(payload)
-            except BoardError:
-                raise
-            except (BridgeError, ValueError) as e:
+                _, payload = self._exchange("HELLO", b"", min(1.0, max(0.1, deadline - time.monotonic())),
+                                            tuple(sent))
+            except LinkError as e:
+                if e.kind != "no-reply":
+                    raise
                 last = e
-        raise BridgeError(f"the board's agent did not answer HELLO within {wait_s:.0f} s ({last})")
+                sent.append(self._seq)
+                continue
+            try:
+                info = json.loads(payload)
+            except ValueError:
+                info = None
+            if not isinstance(info, dict):
+                raise BridgeError(f"{self.name}: the board answered HELLO with {payload[:80]!r}, not a JSON object: "
+                                  f"is it running the devagent agent?")
+            return info
+        raise LinkError(self.name, "no-reply", f"the board's agent did not answer HELLO within {wait_s:g} s "
+                                               f"({last.detail if last else 'no attempt'}): is the board running "
+                                               f"the devagent agent (main.py: run.serial_main)?")
+
+
+def _err_text(payload: bytes) -> str:
+    try:
+        err = json.loads(payload)
+        return f"{err.get('code')} {err.get('error')}: {err.get('message')}"[:200]
+    except (ValueError, AttributeError):
+        return payload[:120].decode(errors="replace")
 
 
 # ---- enroll strategies ----
@@ -175,17 +403,17 @@ def _preverify(csr, certs, ca_cert) -> None:
     from keystore.validator import Policy, validate
 
     if not certs:
-        raise BridgeError("upstream returned no certificate")
+        raise RejectedError("upstream returned no certificate; nothing was sent to the board")
     leaf = certs[0]
     if leaf.public_key() != csr.public_key():
-        raise BridgeError("upstream returned a certificate for another key")
+        raise RejectedError("upstream returned a certificate for another key; nothing was sent to the board")
     if ca_cert is not None:
         policy = Policy.for_purpose("clm-preverify", datetime.datetime.now(datetime.timezone.utc), min_rsa_bits=1024)
         try:
             validate(leaf, certs[1:], [ca_cert], policy, public_key=csr.public_key(), what="board certificate")
         except VerificationError as e:
-            raise BridgeError(f"the certificate does not pass pre-verification against the trust anchor given "
-                              f"with --ca-cert: {e}") from None
+            raise RejectedError(f"the certificate does not pass pre-verification against the trust anchor given "
+                                f"with --ca-cert: {e}; nothing was sent to the board") from None
 
 
 def _der(cert) -> bytes:
@@ -202,7 +430,9 @@ def run_bridge(link: BoardLink, enroll: EnrollStrategy, ca_cert=None, cn: str | 
     Returns:
         The board's answer to CERT: {gen, cn, not_after}, plus "hello" (the board's status before).
     Raises:
-        BoardError, BridgeError; upstream (EnrollError) errors propagate unchanged.
+        LinkError (the board stopped reading, did not answer in time, or the port failed), BoardError (the
+        board refused), RejectedError (host pre-verification), UpstreamError, BridgeError (the board answered
+        wrongly); errors of a custom enroll strategy propagate unchanged.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -232,8 +462,19 @@ def run_bridge(link: BoardLink, enroll: EnrollStrategy, ca_cert=None, cn: str | 
         payload = _der(certs[0])
     else:
         payload = pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
-    _, answer = link.call("CERT", payload, timeout_s=max(link.timeout_s, 30))
-    info = json.loads(answer)
+    try:
+        _, answer = link.call("CERT", payload, timeout_s=max(link.timeout_s, 30))
+    except LinkError as e:
+        if e.kind != "no-reply":
+            raise  # stuck or closed before the frame was complete: the board dropped it
+        raise LinkError(e.port, e.kind, f"{e.detail}; the certificate was sent in full, so the board may have "
+                                        f"stored it: the next bridge run shows the board's generation") from e
+    try:
+        info = json.loads(answer)
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise BridgeError(f"{link.name}: the board answered CERT with {answer[:80]!r} ({e})") from None
     info["hello"] = hello
     return info
 
@@ -295,6 +536,29 @@ def deploy_commands(port: str, staged: Path, mpremote: str | None = None) -> lis
 
 # ---- click ----
 
+def exit_status(e: BridgeError) -> tuple[int, str]:
+    """The exit code (README "Exit codes") and the label for a bridge failure."""
+    from agent.cli import EXIT_INTERNAL, EXIT_NETWORK, EXIT_REJECTED, EXIT_SERVER, classify
+
+    if isinstance(e, LinkError):
+        return EXIT_NETWORK, "board link error"
+    if isinstance(e, RejectedError):
+        return EXIT_REJECTED, "certificate rejected"
+    if isinstance(e, BoardError):
+        return (EXIT_REJECTED, "certificate rejected by the board") if e.request == "CERT" else \
+            (EXIT_SERVER, "the board refused")
+    if isinstance(e, UpstreamError):  # as `devagent enroll` would exit: network 6, rejected 4, refused 5
+        code, label = classify(e.__cause__) if e.__cause__ is not None else (EXIT_INTERNAL, "")
+        return (code, label) if code != EXIT_INTERNAL else (EXIT_SERVER, "enrollment failed")
+    return EXIT_SERVER, "the board answered wrongly"
+
+
+def _fail(e: BridgeError):
+    code, label = exit_status(e)
+    click.echo(f"devagent: {label}: {e}", err=True)
+    sys.exit(code)
+
+
 @click.group()
 def mpy():
     """MicroPython boards: enroll over USB/UART (bridge) and install the agent (deploy)."""
@@ -317,7 +581,8 @@ def mpy():
 @click.option("--password", help="EST password as env:VAR, file:PATH, pass:TEXT or stdin (never a bare value).")
 @click.option("--reference", help="CMP MAC reference (senderKID).")
 @click.option("--secret", help="CMP MAC secret as env:VAR, file:PATH, pass:TEXT or stdin (never a bare value).")
-@click.option("--timeout", "timeout_s", default=10.0, show_default=True, help="Seconds per board request.")
+@click.option("--timeout", "timeout_s", default=10.0, show_default=True,
+              help="Seconds per board request (writing it and waiting for the answer; CSR and CERT: at least 30).")
 def bridge(port, baud, ca_cert, push_ca, cn, serial, san, new_key, upstream, server, ca_key, username, password,
            reference, secret, timeout_s):
     """Enroll the board on PORT: CSR from the board, certificate from upstream, verified on the board."""
@@ -348,16 +613,19 @@ def bridge(port, baud, ca_cert, push_ca, cn, serial, san, new_key, upstream, ser
                           reference=reference.encode() if reference else None, secret=secret_b)
         enroll = client_strategy(client, auth, f"{upstream.upper()} {server}")
     try:
+        # BoardLink bounds every write: poll() on the descriptor, else pyserial's write_timeout
         ser = pyserial.serial_for_url(port, baudrate=baud, timeout=0.2)
     except (pyserial.SerialException, ValueError) as e:
-        raise click.ClickException(f"cannot open {port}: {e}") from e
+        _fail(LinkError(port, "io", f"cannot open the port: {e}"))
     try:
-        info = run_bridge(BoardLink(ser, timeout_s), enroll, anchor, cn, serial, san, new_key, push_ca)
+        info = run_bridge(BoardLink(ser, timeout_s, name=port), enroll, anchor, cn, serial, san, new_key, push_ca)
     except BridgeError as e:
-        raise click.ClickException(str(e)) from e
-    except Exception as e:  # upstream EnrollError and friends: one clear line, traceback only with -v upstairs
+        _fail(e)
+    except Exception as e:  # a strategy's own error: one clear line, no traceback
         if type(e).__name__.endswith("Error"):
-            raise click.ClickException(f"upstream enrollment failed: {e}") from e
+            err = UpstreamError(f"upstream enrollment failed: {e}")
+            err.__cause__ = e  # its exit code is the cause's (network 6, rejected 4, refused 5)
+            _fail(err)
         raise
     finally:
         ser.close()

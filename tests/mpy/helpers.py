@@ -156,15 +156,19 @@ def out_dir(tmp_path):
 
 
 class Board:
-    """A board agent in a child process whose console is the master side of a pty."""
+    """A board agent in a child process whose console is the master side of a pty.
 
-    def __init__(self, runtime, staged):
+    ``program`` replaces the agent's main loop (``run.serial_main``) with other code run on the board, e.g. a
+    board that stops reading: it runs with ``sys.path`` set to the staged lib and ``ROOT`` the staged state dir.
+    """
+
+    def __init__(self, runtime, staged, program=None):
         self.staged = staged
         m, s = pty.openpty()
         tty.setraw(s)
         exe = micropython_binary() if runtime == "micropython" else sys.executable
-        code = ("import sys; sys.path.insert(0, %r); from mpy import run; run.serial_main(%r)"
-                % (str(staged / "lib"), str(staged / "devagent")))
+        code = ("import sys; sys.path.insert(0, %r); ROOT = %r\n" % (str(staged / "lib"), str(staged / "devagent"))
+                + (program or "from mpy import run; run.serial_main(ROOT)"))
         self.proc = subprocess.Popen([exe, "-c", code], stdin=m, stdout=m, stderr=subprocess.PIPE,
                                      close_fds=True)
         os.close(m)
@@ -180,3 +184,4 @@ class Board:
         os.close(self._s)
         self.proc.kill()
         self.proc.wait(5)
+        self.proc.stderr.close()
