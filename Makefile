@@ -61,7 +61,7 @@ test: deps
 # Long fault runs (issue 20): 1,000 kill -9 trials of enroll/request/renew/serve/run (800 with software keys, 100 each
 # with swtpm and SoftHSM2), and the N = 2/4/10 concurrency test with 5 rounds per process. About 15 min on 2 cores.
 soak: deps
-	DEVAGENT_KILL_TRIALS=1000 DEVAGENT_SOAK_ROUNDS=5 $(PYTEST) -q tests/fault/test_kill_pending.py \
+	DEVAGENT_KILL_TRIALS=1000 DEVAGENT_SOAK_ROUNDS=5 $(PYTEST) -q --timeout=0 tests/fault/test_kill_pending.py \
 	  tests/component/test_keystore_concurrency.py
 
 test-fast: deps
@@ -87,7 +87,7 @@ BENCH_JSON ?= benchmarks/results/latest.json
 
 bench: deps
 	@mkdir -p benchmarks/results
-	$(PYTEST) benchmarks -q --benchmark-only --benchmark-save-data --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(PYTEST) benchmarks -q --timeout=0 --benchmark-only --benchmark-save-data --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
 	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md \
 	  --data-out benchmarks/data/bench.json; fi
 	@echo "commit benchmarks/data/bench.json with REPORT.md: the report is generated from it"
