@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import serial
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import cli_mpy
+from agent.mpy import frame
 from tests.mpy.helpers import REPO, Board, make_ca, micropython_binary
 
 BIG = os.urandom(30000)  # a CERT frame of ~40 KB: more than a pty buffers in one direction (~17 KB)
@@ -132,8 +134,17 @@ def test_cli_on_a_board_that_stops_reading(make_board, tmp_path):
     assert _snapshot(board) == before  # the CA was never read, let alone installed
 
 
+def _wait_for_output(board, deadline_s=60):
+    """Until the board's program has printed something (it may start slowly on a loaded machine)."""
+    end = time.monotonic() + deadline_s
+    while not board.ser.in_waiting:
+        assert time.monotonic() < end, f"the board printed nothing within {deadline_s} s"
+        time.sleep(0.05)
+
+
 def test_board_that_floods_the_port(make_board):
     board = make_board(FLOODS)
+    _wait_for_output(board)
     link = cli_mpy.BoardLink(board.ser, timeout_s=2)
     r = _bounded(link.hello, wait_s=3)
     e = r.get("error")
@@ -145,11 +156,14 @@ def test_board_that_floods_the_port(make_board):
 
 def test_host_reads_while_writing_to_a_board_that_is_writing(make_board):
     """Both sides write at once: the board its boot log (blocking once the host's side is full), the host a
-    frame larger than the pty buffers. Without reading while writing this deadlocks; with it the board gets to
-    its agent, which refuses the frame as too large (the board takes at most 8 KB), and then answers."""
+    frame larger than the pty buffers. Without reading while writing this deadlocks; with it the write completes
+    and the board gets to its agent, which refuses the frame as too large (the board takes at most 8 KB) and then
+    answers. (The write gets a generous bound: a loaded machine may run the board's 200 KB slowly.)"""
     board = make_board(BURST_THEN_SERVES)
-    link = cli_mpy.BoardLink(board.ser, timeout_s=10)
-    r = _bounded(link.call, "CERT", BIG)
+    link = cli_mpy.BoardLink(board.ser, timeout_s=60)
+    r = _bounded(link.send_raw, frame.encode("CERT", 1, BIG))
+    assert r == {"value": None}, r
+    r = _bounded(link.call, "CERT", BIG[:9000], timeout_s=10)  # the agent reads now: refused, unanswered
     e = r.get("error")
     assert isinstance(e, cli_mpy.LinkError) and e.kind == "no-reply", r
     assert "corrupt frame (4.00 malformed-frame: bad frame length)" in str(e), e
