@@ -501,7 +501,7 @@ class Daemon:
         try:
             client = client or self._client(cred)
             added = await self.ops.ca_update(self.ks, domain, client=client,
-                                             ca_fingerprint=self.cfg.ca_fingerprint or None)
+                                             ca_fingerprint=self.cfg.ca_fingerprint or None, now=self.reading)
             self._ca_next[domain] = self.mono() + self.cfg.renewal.ca_check_interval_s
             if added:
                 log.info("domain %s: new CA certificate(s) accepted: %s", domain, ", ".join(added))

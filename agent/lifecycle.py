@@ -558,9 +558,12 @@ async def revoke(ks: Keystore, name: str, *, client: EnrollmentClient, reason: s
                                                                          else {}))
 
 
-def _ca_policy(result: CaCertsResult, now: datetime.datetime | None) -> Policy:
-    """CA certificates are checked at ``now``; with a clock that was never set, at the CA's time, or else only
-    after the validator's clock floor."""
+def _ca_policy(result: CaCertsResult, now) -> Policy:
+    """CA certificates are checked at ``now`` (a ``ClockReading`` from the daemon: at its estimate, within its
+    uncertainty); with a clock that was never set, at the CA's time, or else only after the validator's clock
+    floor."""
+    if isinstance(now, ClockReading):
+        return Policy.for_purpose("ca-cert", now)
     at = now or datetime.datetime.now(datetime.timezone.utc)
     if at < CLOCK_FLOOR:
         at = result.server_time if result.server_time is not None and result.server_time >= CLOCK_FLOOR else None
@@ -648,14 +651,15 @@ def current_root(ks: Keystore, domain: str) -> x509.Certificate | None:
 
 async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_fingerprint: str | None = None,
                     confirm=None, auth: ClientAuth | None = None,
-                    old_root: x509.Certificate | None = None) -> list[str]:
+                    old_root: x509.Certificate | None = None, now=None) -> list[str]:
     """Fetch CA certificates (EST /cacerts, CMP genm caCerts + rootCaCert) and apply the trust policy above.
 
     ``confirm`` is an optional callable(list[(subject, fingerprint)]) -> bool used for interactive bootstrap.
     ``auth``: how the request is authenticated (default: the domain's LDevID; CMP also takes a MAC secret).
     Over CMP, ``old_root`` (default: ``current_root``) is sent in genm rootCaCert, so a root CA key update
     (newWithNew/newWithOld, checked by the client and again by ``apply_ca_update``) is found before the old
-    root expires; the daemon calls this every CA check interval.
+    root expires; the daemon calls this every CA check interval, with ``now`` = its ``reading`` (see
+    ``_resolve_now``; default the system clock).
     """
     ldevid = ks.find_domain_credential(domain)
     held = None
@@ -672,7 +676,8 @@ async def ca_update(ks: Keystore, domain: str, *, client: EnrollmentClient, ca_f
     confirmed = False
     if not ks.trust_anchors(domain) and not ca_fingerprint and confirm is not None:
         confirmed = bool(confirm([(c.subject.rfc4514_string(), fingerprint(c)) for c in result.ca_certs]))
-    return apply_ca_update(ks, domain, result, ca_fingerprint=ca_fingerprint, confirmed=confirmed)
+    return apply_ca_update(ks, domain, result, ca_fingerprint=ca_fingerprint, confirmed=confirmed,
+                           now=_resolve_now(now))
 
 
 def server_trust(ks: Keystore, domain: str | None, protocol: str | None,

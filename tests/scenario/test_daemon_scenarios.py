@@ -453,3 +453,23 @@ def test_daemon_time_reading_per_source(world):
     assert r.at - datetime.timedelta(seconds=r.uncertainty_s) <= nb
     assert r.at + datetime.timedelta(seconds=r.uncertainty_s) >= nb + datetime.timedelta(hours=1)
     assert "newest notBefore" in r.source
+
+
+def test_ca_update_is_checked_at_the_daemons_reading(world):
+    """The daemon's CA checks (rollover) judge the offered certificates at its reading too: a new root whose
+    notBefore is 20 s after the estimate is accepted within +- 30 s and refused with +- 5 s (nothing trusted)."""
+    from agent import lifecycle
+    from keystore.errors import VerificationError
+    from keystore.validator import ClockReading
+
+    w = world(lifetime_s=60)
+    w.sim.rollover()
+    result = asyncio.run(w.sim.ca_certs())
+    before = [r["fingerprint"] for r in w.ks.trust_records("plant")]
+    at = result.new_root.not_valid_before_utc - datetime.timedelta(seconds=20)
+    with pytest.raises(VerificationError) as e:
+        lifecycle.apply_ca_update(w.ks, "plant", result, now=ClockReading(at, "estimate", 5.0, "test estimate"))
+    assert e.value.reason == "not-yet-valid" and "test estimate" in str(e.value)
+    assert [r["fingerprint"] for r in w.ks.trust_records("plant")] == before
+    added = lifecycle.apply_ca_update(w.ks, "plant", result, now=ClockReading(at, "estimate", 30.0, "test estimate"))
+    assert fingerprint(result.new_root) in added
