@@ -26,6 +26,7 @@ from agent.lab.cmp_server import start_cmp_server
 from keystore.csr import parse_subject
 from keystore.errors import VerificationError
 from keystore.store import Keystore
+from tests.peers import faketime
 from tests.peers.labsim import LabSimClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,18 +34,12 @@ EPOCH = "1970-01-02 00:00:00"
 T1970 = datetime.datetime(1970, 1, 2, tzinfo=datetime.timezone.utc)
 
 
-def faketime() -> str:
-    path = shutil.which("faketime")
-    assert path, "faketime is missing: apt-get install -y faketime (make test installs it)"
-    return path
-
-
 def devagent_at(when: str, state: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVAGENT_")}
     env.update(PYTHONPATH=str(REPO), DEVAGENT_PROFILE="generic-x86_64", DEVAGENT_CONFIG=str(state.parent / "none.toml"))
     (state.parent / "none.toml").write_text("")
-    return subprocess.run([faketime(), when, sys.executable, "-m", "agent.cli", "--state-dir", str(state), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--state-dir", str(state), *args],
+                          cwd=REPO, env=faketime.env("@" + when, env), capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from agent.cli import cli
 from agent.lab.ca import LabCA
 from agent.lab.est_server import start_est_server
 from keystore.store import Keystore
+from tests.peers import faketime
 
 REPO = Path(__file__).resolve().parents[2]
 LIFETIME_S = 40  # issued certificates; renewal.fraction 0.1 makes them due 4 s after issuance
@@ -216,8 +217,6 @@ notify = false
 def test_est_tls_expired_by_a_wrong_clock_is_reported_as_the_clock(tmp_path):
     """The lab EST server's TLS certificate is valid now; at a local clock 5 years ahead it is "expired": the error
     names the clock, not the trust anchors."""
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime is missing: apt-get install -y faketime (make test installs it)"
     lab = LabCA.create(tmp_path / "lab", domains=("plant",))
     with start_est_server(lab, "plant", users={"u": "p"}) as est:
         state = tmp_path / "state"
@@ -225,8 +224,8 @@ def test_est_tls_expired_by_a_wrong_clock_is_reported_as_the_clock(tmp_path):
         _enroll(state, lab, est, "plant", "ldevid-plant")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEVAGENT_")}
         env.update(PYTHONPATH=str(REPO), DEVAGENT_PROFILE="generic-x86_64")
-        r = subprocess.run([faketime, "-f", "+1825d", sys.executable, "-m", "agent.cli", "--state-dir", str(state), "renew",
-                            "ldevid-plant"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "--state-dir", str(state), "renew", "ldevid-plant"],
+                           cwd=REPO, env=faketime.env("+1825d", env), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "expired by this device's clock" in r.stderr and "fix NTP or the RTC" in r.stderr, r.stderr
     assert "not trusted by the EST trust anchor" not in r.stderr
@@ -236,8 +235,6 @@ def test_daemon_names_the_clock_when_est_tls_fails_on_validity(tmp_path):
     """`devagent run` on a board whose clock is 5 years behind: the EST server's TLS certificate is "not yet valid";
     the failure recorded for the renewal says the local clock is the likely cause, with the evidence (the notBefore
     of the certificate the device already holds from that CA)."""
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime is missing: apt-get install -y faketime (make test installs it)"
     lab = LabCA.create(tmp_path / "lab", domains=("plant",))
     with start_est_server(lab, "plant", users={"u": "p"}, lifetime_s=20) as est:
         state = tmp_path / "state"
@@ -249,15 +246,16 @@ def test_daemon_names_the_clock_when_est_tls_fails_on_validity(tmp_path):
         env.update(PYTHONPATH=str(REPO), DEVAGENT_PROFILE="generic-x86_64")
         log = tmp_path / "run.log"
         with open(log, "wb") as errf:
-            proc = subprocess.Popen([faketime, "-f", "-1825d", sys.executable, "-m", "agent.cli", "--state-dir",
-                                     str(state), "--config", str(tmp_path / "agent.toml"), "run"], cwd=REPO, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--state-dir",
+                                     str(state), "--config", str(tmp_path / "agent.toml"), "run"], cwd=REPO,
+                                    env=faketime.env("-1825d", env),
                                     stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
         try:
             wait_for(lambda: "renewal failed" in log.read_text(), "the failed renewal", proc, log)
             err = wait_for(lambda: not _status(state)["ldevid-plant"].get("renewing") and
                            _status(state)["ldevid-plant"].get("last_error"), "the daemon's record of it", proc, log)
         finally:
-            # faketime forks the daemon and waits for it: signal the whole group, or the daemon outlives the test
+            # signal the whole group (the daemon's own children too), or something outlives the test
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(30)
