@@ -47,7 +47,7 @@ FLEET_SIZES = sizes((100, 1000, 10000), (20,))
 PG_WORKERS = sizes((1, 2, 4), (2,))
 PG_N = 20 if CI else int(os.environ.get("DEVAGENT_BENCH_FLEET_PG_N", "1000"))
 PARALLEL = 32
-DEVICES_PER_SHARD = 5000  # a simulated device holds 2 file descriptors
+DEVICES_PER_SHARD = 5000  # at most; fewer where RLIMIT_NOFILE is lower (fleet.devices_per_process())
 LIFETIME_S = 30 * 86400
 
 
@@ -215,7 +215,7 @@ def run_config(benchmark, world: World, *, n: int, inventory: str, workers: int,
         spec = pg.create_database(f"fleet_{n}_{workers}_{uuid.uuid4().hex[:6]}")
     inv = open_inventory(spec, clm_dir)
     inv.add_many(fleet.records(fdir))
-    shards = -(-n // DEVICES_PER_SHARD)
+    shards = -(-n // min(DEVICES_PER_SHARD, fleet.devices_per_process()))
     timeout_s = 120 + n * 0.5
     procs = []
     with fleet.FleetProcesses(fdir, shards=shards, timeout_s=timeout_s, log_dir=world.disk) as sim:

@@ -10,8 +10,9 @@ Each device listens on its own loopback address, ``127.77.x.y`` (x = i // 250, y
 port chosen at creation — the way a plant has one address per board on the CoAP port. Linux routes all of
 127.0.0.0/8 to ``lo``, so nothing needs configuring.
 
-File descriptors: a device holds two (its UDP socket and the lock of its OSCORE context), so a process serves at
-most about half of ``RLIMIT_NOFILE`` devices; ``serve --shards K`` splits the fleet over K processes. Put the
+File descriptors: a device holds three (its UDP socket, the lock of its OSCORE context and its keystore's cached
+index), and briefly a key lock while it makes a key, so a process serves at most ``RLIMIT_NOFILE / FDS_PER_DEVICE``
+devices; ``serve --shards K`` splits the fleet over K processes. Put the
 fleet directory on a tmpfs (``/dev/shm``) for benchmarks: the devices' fsyncs would happen on N separate flash
 chips in a plant, not serialised on this machine's one disk.
 
@@ -137,6 +138,15 @@ def records(fleet_dir: str | os.PathLike, **fields) -> list[dict]:
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
+FDS_PER_DEVICE = 4  # socket, OSCORE context lock, keystore index (kept open by the keystore), a transient key lock
+FDS_SPARE = 256
+
+
+def devices_per_process() -> int:
+    """How many devices one simulator process can serve under this machine's hard RLIMIT_NOFILE."""
+    return max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - FDS_SPARE) // FDS_PER_DEVICE)
+
+
 def _raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -154,7 +164,7 @@ async def _serve_shard(fleet_dir: Path, indices: range, ready_file: Path | None,
     from keystore.store import Keystore
 
     m = load_manifest(fleet_dir)
-    _raise_fd_limit(2 * len(indices) + 256)
+    _raise_fd_limit(FDS_PER_DEVICE * len(indices) + FDS_SPARE)
     servers, services, stores = [], [], []
     t0 = time.perf_counter()
     try:
