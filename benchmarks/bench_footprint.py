@@ -57,6 +57,7 @@ def proc_cpu_s(pid: int) -> float:
 def device_state(tmp_path_factory, lab_ca):
     """A device state directory: keystore trusting the lab root, one LDevID, OSCORE + DTLS contexts for a CLM."""
     from coap_services.security import provision
+    from coap_services.authz import Grant, write_grant
     from keystore.csr import build_csr, parse_subject
     from keystore.store import Keystore
 
@@ -69,6 +70,9 @@ def device_state(tmp_path_factory, lab_ca):
     ks.store_certificate("ldevid", cert, lab_ca.domain(DOMAIN).chain, key_uri=uri, domain=DOMAIN)
     ks.close()
     provision("footprint-dev", state / "coap", clm_dir)
+    # the LDevID above was stored on the device itself: the CLM may replace it only with this grant
+    # (`devagent coap provision --allow-replace-cli`, docs/coap.md)
+    write_grant(state / "coap", Grant("clm", (DOMAIN,), None, replace_cli=True))
     return state, clm_dir
 
 
