@@ -161,18 +161,6 @@ def load_lab(tmp_path_factory):
     srv.stop()
 
 
-def _peer(request, backend):
-    """The session's swtpm / SoftHSM2 (shared with bench_table1: SoftHSM2 reads its configuration once per
-    process)."""
-    if backend == "tpm":
-        tpm = request.getfixturevalue("swtpm")
-        tpm.flush_all()
-        return tpm
-    if backend == "pkcs11":
-        return request.getfixturevalue("softhsm")
-    return None
-
-
 def _quantile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -181,10 +169,10 @@ def _quantile(xs, q):
 @pytest.mark.benchmark(group="keystore-concurrency")
 @pytest.mark.parametrize("backend,n", CONC, ids=[f"{b}-N{n}" for b, n in CONC])
 def test_keystore_concurrent(benchmark, load_lab, tmp_path, request, backend, n):
-    from tests.peers.keystore_load import check_clean, close_zygotes, make_world, run_concurrently
+    from tests.peers.keystore_load import backend_peer, check_clean, close_zygotes, make_world, run_concurrently
 
     lab, srv = load_lab
-    world = make_world(tmp_path, lab, srv.url, backend, _peer(request, backend))
+    world = make_world(tmp_path, lab, srv.url, backend, backend_peer(request, backend))
     request.addfinalizer(close_zygotes)
     rounds = 1 if CI else 2
     out = {}

@@ -16,7 +16,7 @@ import pytest
 
 from agent.lab.cmp_server import start_cmp_server
 from tests.peers.keystore_load import (
-    REF, SECRET, check_clean, close_zygotes, make_world, ops_per_worker, revoked_name, run_concurrently,
+    REF, SECRET, backend_peer, check_clean, close_zygotes, make_world, ops_per_worker, revoked_name, run_concurrently,
 )
 from tests.peers.pkcs11 import softhsm  # noqa: F401  (session fixture)
 from tests.peers.tpm import swtpm  # noqa: F401  (session fixture)
@@ -36,15 +36,6 @@ def cmp_server(lab):
     yield srv
     srv.stop()
 
-
-def _peer(request, backend):
-    if backend == "tpm":
-        tpm = request.getfixturevalue("swtpm")
-        tpm.flush_all()
-        return tpm
-    if backend == "pkcs11":
-        return request.getfixturevalue("softhsm")
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,7 @@ def test_n_processes_over_est_tls_client_auth(tmp_path, lab, cmp_server, est_ser
 
 @pytest.mark.parametrize("backend,n,rounds", CASES, ids=[f"{b}-N{n}" for b, n, _ in CASES])
 def test_n_processes_on_one_keystore(tmp_path, lab, cmp_server, request, backend, n, rounds):
-    world = make_world(tmp_path, lab, cmp_server.url, backend, _peer(request, backend))
+    world = make_world(tmp_path, lab, cmp_server.url, backend, backend_peer(request, backend))
     request.addfinalizer(close_zygotes)
     out = run_concurrently(world, n, rounds, seed=n)
     results = out["results"]

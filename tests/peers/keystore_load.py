@@ -55,6 +55,18 @@ class World:
 EST_USER, EST_PASSWORD = "load-user", "load-password-not-secret"
 
 
+def backend_peer(request, backend: str):
+    """The session's swtpm / SoftHSM2 fixture for ``backend`` (None for software keys); the TPM is flushed first.
+    Shared by the concurrency tests and bench_keystore (SoftHSM2 reads its configuration once per process)."""
+    if backend == "tpm":
+        tpm = request.getfixturevalue("swtpm")
+        tpm.flush_all()
+        return tpm
+    if backend == "pkcs11":
+        return request.getfixturevalue("softhsm")
+    return None
+
+
 def make_world(tmp: Path, lab, cmp_url: str, backend: str = "soft", peer=None, est_url: str | None = None) -> World:
     """A keystore trusting the lab root, with an LDevID enrolled over CMP (MAC) in ``backend`` — or, with
     ``est_url``, over EST (HTTP Basic), so that requests and renewals authenticate with the LDevID as TLS client
