@@ -222,6 +222,19 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
     return TransportError(f"{url}: {name}: {text or 'connection failed'}")
 
 
+@contextlib.contextmanager
+def _transport_errors(method: str, url: str, timeout_s: float, tls: TlsConfig):
+    """httpx / TLS / socket failures of one exchange -> the EnrollError that names them (``_tls_error``)."""
+    import httpx
+
+    try:
+        yield
+    except EnrollError:
+        raise
+    except (httpx.HTTPError, ssl.SSLError, OSError) as e:
+        raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
+
+
 class HttpxTransport:
     """The production transport: httpx over TLS, one connection per request (EST exchanges are rare)."""
 
@@ -230,17 +243,11 @@ class HttpxTransport:
         import httpx
 
         ctx = make_ssl_context(tls)
-        try:
+        with _transport_errors(method, url, timeout_s, tls):
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
                 resp, _ = await _send(client, method, url, headers, body, tls, timeout_s, basic)
                 return resp
-        except EnrollError:
-            raise
-        except httpx.HTTPError as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
-        except (ssl.SSLError, OSError) as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
 
     async def bound_request(self, method: str, url: str, headers: dict, make_body, tls: TlsConfig, timeout_s: float,
                             basic: tuple[str, bytes] | None, probe_url: str) -> HttpResponse:
@@ -259,7 +266,7 @@ class HttpxTransport:
 
         ctx = make_ssl_context(tls)
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        try:
+        with _transport_errors(method, url, timeout_s, tls):
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
                 _, stream = await _send(client, "GET", probe_url, {"Accept": "*/*", "User-Agent":
@@ -276,12 +283,6 @@ class HttpxTransport:
                                         "so the request went over a new session and its binding (tls-unique) "
                                         "cannot match; the server must keep the connection open (HTTP keep-alive)")
                 return resp
-        except EnrollError:
-            raise
-        except httpx.HTTPError as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
-        except (ssl.SSLError, OSError) as e:
-            raise _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate) from e
 
 
 async def _send(client, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig, timeout_s: float,
