@@ -121,6 +121,19 @@ _PYCA_NAME_FORMS = (x509.DNSName, x509.IPAddress)
 
 
 # ---- the time to check at ------------------------------------------------------------------------------------
+def _check_clock(what: str, at, clock: str, uncertainty_s: float) -> None:
+    """The time fields a ClockReading and a Policy share: an aware datetime, a known clock, an uncertainty >= 0
+    (0 with a trusted clock; NaN refused)."""
+    if not isinstance(at, datetime.datetime):
+        raise TypeError(f"{what}.at must be a datetime (the time to check at is never absent)")
+    if at.tzinfo is None:
+        raise ValueError(f"{what}.at must be timezone-aware (UTC)")
+    if clock not in CLOCKS:
+        raise ValueError(f"{what}.clock must be one of {CLOCKS}, not {clock!r}")
+    if not uncertainty_s >= 0 or (clock == "trusted" and uncertainty_s):
+        raise ValueError(f"{what}.uncertainty_s must be >= 0, and 0 with a trusted clock")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClockReading:
     """What the caller knows about the time: ``at``, and how far it may be off.
@@ -138,14 +151,7 @@ class ClockReading:
     source: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.at, datetime.datetime):
-            raise TypeError("ClockReading.at must be a datetime (the time to check at is never absent)")
-        if self.at.tzinfo is None:
-            raise ValueError("ClockReading.at must be timezone-aware (UTC)")
-        if self.clock not in CLOCKS:
-            raise ValueError(f"ClockReading.clock must be one of {CLOCKS}, not {self.clock!r}")
-        if not self.uncertainty_s >= 0 or (self.clock == "trusted" and self.uncertainty_s):
-            raise ValueError("ClockReading.uncertainty_s must be >= 0, and 0 with a trusted clock")
+        _check_clock("ClockReading", self.at, self.clock, self.uncertainty_s)
         object.__setattr__(self, "at", self.at.astimezone(datetime.timezone.utc))
         object.__setattr__(self, "uncertainty_s", float(self.uncertainty_s))
 
@@ -220,14 +226,7 @@ class Policy:
     def __post_init__(self):
         if self.purpose not in PURPOSES:
             raise ValueError(f"unknown validation purpose {self.purpose!r} (one of {', '.join(PURPOSES)})")
-        if not isinstance(self.at, datetime.datetime):
-            raise TypeError("Policy.at must be a datetime (the time to check at is never absent)")
-        if self.at.tzinfo is None:
-            raise ValueError("Policy.at must be timezone-aware (UTC)")
-        if self.clock not in CLOCKS:
-            raise ValueError(f"Policy.clock must be one of {CLOCKS}, not {self.clock!r}")
-        if self.uncertainty_s < 0 or (self.clock == "trusted" and self.uncertainty_s):
-            raise ValueError("Policy.uncertainty_s must be >= 0, and 0 with a trusted clock")
+        _check_clock("Policy", self.at, self.clock, self.uncertainty_s)
         if self.leaf not in LEAF_ROLES:
             raise ValueError(f"Policy.leaf must be one of {LEAF_ROLES}, not {self.leaf!r}")
         if not set(self.key_usage) <= set(KEY_USAGE_BITS):
