@@ -55,13 +55,9 @@ def state(d: Path) -> dict:
 
 
 def _cli(args: list[str]):
-    from click.testing import CliRunner
+    from tests.fuzz.targets import invoke_cli, tmpdir
 
-    from agent.cli import cli
-    from tests.fuzz.targets import _cli_env, tmpdir
-
-    r = CliRunner().invoke(cli, ["--state-dir", str(tmpdir() / "clm-state"), *args], catch_exceptions=True,
-                           env=_cli_env())
+    r = invoke_cli(["--state-dir", str(tmpdir() / "clm-state"), *args])
     if r.exit_code == 1 or "internal error" in r.output:
         exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
         raise exc or RuntimeError(f"CLI internal error: {r.output.strip()[-200:]}")

@@ -68,7 +68,7 @@ async def _start():
     ks = Keystore.open(root)
     svc = DeviceService(ks, DeviceConfig(device_id="fuzz-device", default_domain="fuzz", check_validity=False))
     server = await DeviceServer.start(svc, [], host="127.0.0.1", port=0 if False else _free_port(), insecure=True)
-    _S.update(root=root, ks=ks, server=server)
+    _S.update(root=root, ks=ks, svc=svc, server=server)
 
 
 def _free_port() -> int:
@@ -104,6 +104,7 @@ def teardown():
 
 
 async def _restart():
+    await _S["svc"].drain()  # as `devagent serve` does on SIGTERM: a keystore write in progress completes
     await _S["server"].stop()
     await _start()
 
@@ -117,17 +118,30 @@ def _frames(data: bytes) -> list[bytes]:
     return out
 
 
-def _is_request(dgram: bytes) -> bool:
+def _request_ids(dgram: bytes) -> tuple[int, bytes] | None:
+    """(message ID, token) of a datagram the server must answer (a CON or NON request), else None."""
     import aiocoap
 
     try:
         m = aiocoap.Message.decode(dgram)
     except Exception:  # noqa: BLE001 - not a CoAP message: the server may ignore it
-        return False
-    return m.code.is_request() and int(m.mtype) in (0, 1)
+        return None
+    return (m.mid, m.token) if m.code.is_request() and int(m.mtype) in (0, 1) else None
+
+
+def _answers(m, ids: tuple[int, bytes]) -> bool:
+    """Whether message ``m`` from the server answers the request ``ids``: an ACK or RST carries its message ID
+    (RFC 7252 §4.2), a separate response (CON/NON) its token (§5.3.2)."""
+    mid, token = ids
+    if int(m.mtype) in (2, 3):
+        return m.mid == mid
+    return m.code.is_response() and m.token == token
 
 
 async def _exchange(frames: list[bytes]) -> list[tuple[int, bytes]]:
+    """Send the datagrams one by one, each request waiting for *its* answer (matched by message ID or token:
+    an answer to something else, e.g. the RST to a CoAP ping or to a stray response, is kept aside and never
+    taken for the request's), then settle. Returns the requests' answers, then the stray ones."""
     import aiocoap
 
     loop = asyncio.get_running_loop()
@@ -135,46 +149,86 @@ async def _exchange(frames: list[bytes]) -> list[tuple[int, bytes]]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     sock.bind(("127.0.0.1", 0))
-    answers = []
-    try:
-        for dgram in frames:
-            if len(dgram) >= 4:
-                _S["mid"] = (_S["mid"] % 0xFFFF) + 1
-                dgram = dgram[:2] + _S["mid"].to_bytes(2, "big") + dgram[4:]
-            expect = _is_request(dgram)
-            await loop.sock_sendto(sock, dgram, (host, port))
-            deadline = loop.time() + (HANG_WALL_S if expect else 0.0)
-            while True:
+    answers, stray = [], []
+
+    async def receive(ids, size):
+        """Wait (at most HANG_WALL_S) for the answer to the request ``ids`` of ``size`` bytes; with ``ids``
+        None, only collect the datagrams already queued."""
+        deadline = loop.time() + HANG_WALL_S
+        while True:
+            if ids is None:
+                try:
+                    raw = sock.recv(65536)
+                except BlockingIOError:
+                    return None
+            else:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    if expect:
-                        raise _NoAnswer(dgram)
-                    break
+                    raise _NoAnswer(size)
                 try:
                     raw = await asyncio.wait_for(loop.sock_recv(sock, 65536), remaining)
                 except asyncio.TimeoutError:
                     continue
-                try:
-                    m = aiocoap.Message.decode(raw)
-                except Exception:  # noqa: BLE001
-                    continue
-                if int(m.mtype) == 0:  # a separate response arrives as CON: acknowledge it
-                    await loop.sock_sendto(sock, bytes([0x60, 0, raw[2], raw[3]]), (host, port))
-                if int(m.code) == 0 and int(m.mtype) in (2, 3):
-                    if int(m.mtype) == 3:  # RST: an answer
-                        answers.append((0, b""))
-                        break
-                    continue  # empty ACK: the separate response follows
-                answers.append((int(m.code), m.payload))
-                break
+            try:
+                m = aiocoap.Message.decode(raw)
+            except Exception:  # noqa: BLE001
+                continue
+            if int(m.mtype) == 0:  # a separate response arrives as CON: acknowledge it
+                await loop.sock_sendto(sock, bytes([0x60, 0, raw[2], raw[3]]), (host, port))
+            if ids is None or not _answers(m, ids):
+                if int(m.code) != 0 or int(m.mtype) == 3:  # (not an empty ACK)
+                    stray.append((int(m.code), m.payload))
+                continue
+            if int(m.code) == 0 and int(m.mtype) == 2:
+                continue  # empty ACK: the separate response follows
+            return (int(m.code), m.payload) if int(m.mtype) != 3 else (0, b"")
+
+    try:
+        for dgram in frames:
+            if len(dgram) >= 4:
+                dgram = dgram[:2] + _next_mid().to_bytes(2, "big") + dgram[4:]
+            ids = _request_ids(dgram)
+            await loop.sock_sendto(sock, dgram, (host, port))
+            if ids is not None:
+                answers.append(await receive(ids, len(dgram)))
+        await _settle(sock, receive)
     finally:
         sock.close()
-    return answers
+    return answers + stray
+
+
+def _next_mid() -> int:
+    _S["mid"] = (_S["mid"] % 0xFFFF) + 1
+    return _S["mid"]
+
+
+async def _settle(sock, receive) -> None:
+    """Return once nothing this input started is still running on the site, so the snapshot after it (and the
+    next input's snapshot before) sees a keystore at rest: a CoAP ping (CON, empty) is answered with a RST only
+    after the server has read every datagram sent before it; then wait until no request is being rendered and no
+    keystore operation of the service holds its lock; answers still queued are collected as stray ones."""
+    loop = asyncio.get_running_loop()
+    host, port = _S["server"].bind
+    mid = _next_mid()
+    await loop.sock_sendto(sock, bytes([0x40, 0, mid >> 8, mid & 0xFF]), (host, port))
+    await receive((mid, b""), 4)
+    deadline = loop.time() + HANG_WALL_S
+    app, svc, quiet = _S["server"].app, _S["svc"], 0
+    while quiet < 3:  # three consecutive loop iterations at rest (a dispatched request starts rendering)
+        await asyncio.sleep(0)
+        busy = app.in_flight or svc._store.locked() or svc._keygen.locked()
+        quiet = 0 if busy else quiet + 1
+        if busy and loop.time() > deadline:
+            raise _NoAnswer(0)
+        if busy:
+            await asyncio.sleep(0.001)
+    await receive(None, 0)
 
 
 class _NoAnswer(Exception):
-    def __init__(self, dgram):
-        super().__init__(f"no answer within {HANG_WALL_S:g} s to a well-formed request ({len(dgram)} bytes)")
+    def __init__(self, size: int):
+        super().__init__(f"no answer within {HANG_WALL_S:g} s to a well-formed request ({size} bytes)" if size else
+                         f"the site still busy {HANG_WALL_S:g} s after the last answer")
 
 
 def run(data: bytes) -> None:

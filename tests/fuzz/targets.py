@@ -288,10 +288,6 @@ def keystore_import(data: bytes) -> None:
 def cli_import(data: bytes) -> None:
     """``devagent keystore import-idevid --cert F --key K [--chain C]`` / ``keystore trust --add F`` in-process.
     Property: bad input never ends in exit 1 ("internal error"); a refusal changes nothing stored."""
-    from click.testing import CliRunner
-
-    from agent.cli import cli
-
     if not data:
         return
     ks, root = _keystore()
@@ -311,7 +307,7 @@ def cli_import(data: bytes) -> None:
     else:
         args = ["keystore", "trust", "--domain", "fuzz", "--add", str(f)]
     before = snapshot(root)
-    r = CliRunner().invoke(cli, ["--state-dir", str(root), *args], catch_exceptions=True, env=_cli_env())
+    r = invoke_cli(["--state-dir", str(root), *args])
     if r.exit_code == 1 or "internal error" in r.output:
         exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
         raise exc or RuntimeError(f"CLI internal error: {r.output.strip()[-200:]}")
@@ -320,6 +316,41 @@ def cli_import(data: bytes) -> None:
         if after != before:
             raise StateChanged(f"refused CLI import changed {_diff(before, after)}")
         raise _CliRefused(r.exit_code)
+
+
+def invoke_cli(args: list[str]):
+    """The devagent CLI in-process through click's entry point (``CliRunner``, exceptions caught), with the board
+    profile named (``_cli_env``); then click's cache of the runner's streams is emptied (``_click_stream_caches``)."""
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+
+    try:
+        return CliRunner().invoke(cli, args, catch_exceptions=True, env=_cli_env())
+    finally:
+        for cache in _click_stream_caches():
+            cache.clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _click_stream_caches() -> tuple:
+    """click (8.1 to 8.5 at least) remembers the text stream it made for each ``sys.stdin``/``stdout``/``stderr``
+    it has seen in a ``WeakKeyDictionary`` (``click._compat._make_cached_stream_func``) whose value refers to its
+    key, so the entry never goes: every in-process invocation kept the runner's output streams (~20 objects) for
+    good. After ~85,000 ``keystore_index`` inputs (3 commands each) the heap held ~2 million objects, and the
+    full garbage collection that some input's allocation triggers -- its cost is the whole heap's, not the
+    input's -- took 1-1.7 s of CPU under load: the 4 "hangs" of the f5b92a9 long run (tests/fuzz/README.md).
+    A process runs the CLI once; only this harness needs the caches emptied."""
+    import weakref
+
+    from click import _compat
+
+    out = []
+    for name in ("_default_text_stdin", "_default_text_stdout", "_default_text_stderr"):
+        for cell in getattr(getattr(_compat, name, None), "__closure__", None) or ():
+            if isinstance(cell.cell_contents, weakref.WeakKeyDictionary):
+                out.append(cell.cell_contents)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -375,11 +406,7 @@ def keystore_index(data: bytes) -> None:
 
 def _invoke(args: list[str]):
     """The devagent CLI in-process (click's entry point); exit 1 ("internal error") raises what escaped."""
-    from click.testing import CliRunner
-
-    from agent.cli import cli
-
-    r = CliRunner().invoke(cli, args, catch_exceptions=True, env=_cli_env())
+    r = invoke_cli(args)
     if r.exit_code == 1 or "internal error" in r.output:
         exc = r.exception if r.exception is not None and not isinstance(r.exception, SystemExit) else None
         if exc is None:  # the CLI caught it and exited 1: re-run with -v is not needed, the cause is chained
