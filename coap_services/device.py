@@ -119,8 +119,6 @@ class DeviceService:
             ServiceError: 4.03 with reason forbidden-domain, forbidden-name, read-only, other-domain,
                 other-context, cli-enrolled or kind-mismatch.
         """
-        from keystore.errors import NotFoundError
-
         grant = self._grant(peer)
         domains = grant.domains_for(self.config.default_domain)
         if domain not in domains:
@@ -130,9 +128,8 @@ class DeviceService:
         if grant.names is not None and name not in grant.names:
             raise _refuse(FORBIDDEN, "forbidden-name", f"this security context may manage credential(s) "
                           f"{', '.join(grant.names)} only, not {name}")
-        try:
-            cred = self.ks.get(name)
-        except NotFoundError:
+        cred = self.ks.lookup(name)  # the record's facts only: no certificate file is read
+        if cred is None:
             return
         if cred.kind == "idevid":
             raise _refuse(FORBIDDEN, "read-only", f"{name} is the device's IDevID; it is never replaced")

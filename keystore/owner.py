@@ -48,11 +48,17 @@ def boot_id() -> str:
     return _BOOT_ID
 
 
+_START: tuple[int, int | None] | None = None  # (pid, its start ticks): fixed for a process, re-read after a fork
+
+
 def current() -> dict:
     """This process as the owner of a key it is about to generate."""
+    global _START
     pid = os.getpid()
+    if _START is None or _START[0] != pid:
+        _START = (pid, start_ticks(pid))
     command = COMMAND or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
-    return {"pid": pid, "boot_id": boot_id(), "start": start_ticks(pid), "command": command}
+    return {"pid": pid, "boot_id": boot_id(), "start": _START[1], "command": command}
 
 
 def alive(owner: dict | None) -> bool | None:

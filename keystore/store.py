@@ -84,6 +84,7 @@ TRUST_PURPOSES = {"pki": "domain PKI: what issued certificates must chain to",
                   "cmp-server": "pinned CMP server certificates (like openssl cmp -srvcert)"}
 PENDING_MAX_AGE_S = 24 * 3600.0  # [keystore] pending_max_age_s: a pending key older than this is discarded by gc
 _log = logging.getLogger("devagent.keystore")
+_USERS: dict[int, str] = {}  # euid -> user name for audit lines (one pwd lookup per process and uid)
 
 
 def _now() -> datetime.datetime:
@@ -461,15 +462,24 @@ class Keystore:
         return self._db.table(name, cache_size=0)
 
     # ---- audit --------------------------------------------------------------------------------
-    def audit(self, action: str, **details) -> None:
-        """Append an audit record (who/what/when). Callers never pass secrets."""
-        try:
-            user = getpass.getuser()
-        except Exception:
-            user = str(os.geteuid())
-        entry = {"ts": _now().isoformat(), "uid": os.geteuid(), "user": user, "pid": os.getpid(),
+    def audit(self, action: str, *, durable: bool = True, **details) -> None:
+        """Append an audit record (who/what/when). Callers never pass secrets.
+
+        ``durable=False``: the line is not fsynced on its own; the next durable line fsyncs the file and with it
+        this one. Only for a line whose loss on a power cut loses nothing that survives it (see ``generate_key``).
+        """
+        uid = os.geteuid()
+        user = _USERS.get(uid)
+        if user is None:
+            try:
+                user = getpass.getuser()
+            except Exception:
+                user = str(uid)
+            _USERS[uid] = user
+        entry = {"ts": _now().isoformat(), "uid": uid, "user": user, "pid": os.getpid(),
                  "action": action, **details}
-        fsutil.append_line(self.root / AUDIT_LOG, json.dumps(entry, sort_keys=True, default=str).encode())
+        fsutil.append_line(self.root / AUDIT_LOG, json.dumps(entry, sort_keys=True, default=str).encode(),
+                           sync=durable)
 
     def audit_entries(self) -> list[dict]:
         out = []
@@ -528,7 +538,12 @@ class Keystore:
                     with contextlib.suppress(OSError):
                         os.unlink(self._locks.path(uri))
                 raise
-        self.audit("key-generate", key_uri=uri, key_type=kt, label=label)
+        # A pending key's line is not fsynced on its own (one fsync less per key generation): it becomes durable
+        # with the next durable line (the key's certificate-store, key-discard or pending-key-discard line, or any
+        # other). A power cut before that loses it only together with the key's use: a pending key never
+        # survives a reboot (its owner is gone: gc discards it, and that fsynced line names the key, its type, when
+        # it was made, by whom and for what). A key in use without a credential (pending=False) is durable at once.
+        self.audit("key-generate", key_uri=uri, key_type=kt, label=label, durable=not pending)
         return uri
 
     def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
@@ -737,7 +752,7 @@ class Keystore:
     def trust_anchors(self, domain: str, purpose: str = "pki") -> list[x509.Certificate]:
         """The anchors of ``domain`` for ``purpose`` (``TRUST_PURPOSES``; records older than purposes: pki)."""
         out = []
-        for rec in self._table("trust").search(Query().domain == domain):
+        for rec in self._view().trust().get(domain, ()):  # the cached index, in record order
             if rec.get("purpose", "pki") != purpose:
                 continue
             p = self.root / rec["file"]
@@ -910,6 +925,13 @@ class Keystore:
                     raise CorruptFileError(f"credential {name}: version {rec['version']} file missing: "
                                            f"{e.filename}") from e
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def lookup(self, name: str) -> Credential | None:
+        """The live version of credential ``name`` from the index alone (certificate and chain read when first
+        used, as ``list`` gives them), or None: for callers that need the record's facts (kind, domain, key,
+        protocol, meta), not the certificate."""
+        hit = self._view().creds().get(name)
+        return self._credential(hit[1]) if hit is not None else None
 
     def exists(self, name: str) -> bool:
         return name in self._view().creds()
@@ -1390,7 +1412,7 @@ class Keystore:
                 self._destroyed.discard(uri)
                 _log.warning("discarded pending key %s: %s", uri, why)
                 self.audit("pending-key-discard", key_uri=uri, reason=why, owner=rec.get("owner"),
-                           created=rec.get("created"), pending_for=rec.get("pending_for"),
+                           created=rec.get("created"), key_type=rec.get("key_type"), label=rec.get("label"), pending_for=rec.get("pending_for"),
                            **({} if destroyed else {"retired": "still held by its owner"}))
                 done.append(uri)
         return done
