@@ -616,9 +616,10 @@ class Report:
             got = [(n, cells[(op, n)]) for n in sizes if (op, n) in cells and cells[(op, n)].get("median")]
             if len(got) < 2:
                 continue
-            per = [(n, st["median"] / n) for n, st in got]
-            per_rows.append([op] + [f"{p * 1e6:.2f}" if (n, p) in per else "–" for n, p in per]
-                            + [f"×{per[-1][1] / per[0][1]:.2f}", f"×{got[-1][1]['median'] / got[0][1]['median']:.0f}"])
+            per = dict((n, st["median"] / n) for n, st in got)
+            first, last = got[0][0], got[-1][0]
+            per_rows.append([op] + [f"{per[n] * 1e6:.2f}" if n in per else "–" for n in sizes]
+                            + [f"×{per[last] / per[first]:.2f}", f"×{got[-1][1]['median'] / got[0][1]['median']:.0f}"])
         self.w("## Keystore operations against the number of credentials", "")
         self.w("add = `store_certificate` of a new credential (verify-before-store, fsynced files, atomic index "
                "replace); keygen = `generate_key` + CSR (stage (2) without CoAP); load = `get`; list = `list` of all "
