@@ -40,6 +40,8 @@ How a path is judged:
 A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded): validating the same chain again
 (a flow checks it at the protocol level, then before storing; every response of a CMP transaction) re-checks the
 validity of each certificate on it at the new time and runs steps 1 and 3 again, without a second path build.
+pyca's ``Store`` and policy builder are prepared once per set of anchors (``_ANCHOR_SETS``, bounded, keyed by the
+anchor certificates), with the check that pyca can judge those anchors; only the time is set per call.
 
 Critical extensions devagent processes: basicConstraints, keyUsage, extendedKeyUsage, subjectAltName,
 nameConstraints, certificatePolicies, policyConstraints, inhibitAnyPolicy, policyMappings, the key identifiers.
@@ -260,12 +262,15 @@ class Policy:
             object.__setattr__(p, "uncertainty_s", at.uncertainty_s)
             object.__setattr__(p, "clock_source", at.source)
             return p
-        try:
-            key = (purpose, tuple(sorted((k, frozenset(v) if isinstance(v, set) else v)
-                                         for k, v in overrides.items())))
-            hash(key)
-        except TypeError:
-            key = None
+        if not overrides:
+            key = purpose
+        else:
+            try:
+                key = (purpose, tuple(sorted((k, frozenset(v) if isinstance(v, set) else v)
+                                             for k, v in overrides.items())))
+                hash(key)
+            except TypeError:
+                key = None
         template = _PRESET_CACHE.get(key) if key is not None else None
         if template is None:
             if purpose not in PURPOSES:
@@ -284,8 +289,9 @@ class Policy:
         if at.tzinfo is None:
             raise ValueError("Policy.at must be timezone-aware (UTC)")
         p = object.__new__(Policy)
-        p.__dict__.update(self.__dict__)
-        object.__setattr__(p, "at", at.astimezone(datetime.timezone.utc))
+        d = p.__dict__
+        d.update(self.__dict__)
+        d["at"] = at if at.tzinfo is datetime.timezone.utc else at.astimezone(datetime.timezone.utc)
         return p
 
     @classmethod
@@ -432,18 +438,20 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     if not anchors:
         raise VerificationError("untrusted", f"{what} {_name(leaf)}: no trust anchor is configured for this "
                                 f"purpose ({policy.purpose}); add one (--trust CA.pem, or 'devagent ca-update')")
+    aset = _anchor_set(anchors)
     if engine == "auto":
-        engine = "pyca" if _pyca_can_judge(leaf, untrusted, anchors, policy) else "fallback"
+        engine = "pyca" if _pyca_can_judge(leaf, untrusted, anchors, policy, aset) else "fallback"
     if engine == "fallback":
         return _fallback_path(leaf, untrusted, anchors, policy, what)
-    # Certificates hash and compare by their DER (in Rust), so they are their own exact key.
-    key = (leaf, tuple(untrusted), tuple(anchors), policy.max_intermediates)
+    # Certificates hash and compare by their DER (in Rust), so they are their own exact key; the anchor set
+    # stands for its anchors (it is keyed by them), and the key's hash is computed once for the lookup and the store.
+    key = _MemoKey((leaf, tuple(untrusted), aset, policy.max_intermediates))
     path = _PATH_MEMO.get(key)
     if path is not None and all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
         _check_path_extras(path, policy, what)
         return path
     try:
-        path = _pyca_path(leaf, untrusted, anchors, policy)
+        path = _pyca_path(leaf, untrusted, anchors, policy, aset)
     except pv.VerificationError as e:
         _fallback_path(leaf, untrusted, anchors, policy, what)  # names the precise reason when it refuses too
         raise VerificationError("untrusted", f"{what} {_name(leaf)} (issuer {dn(leaf.issuer)}) was refused by the "
@@ -455,12 +463,39 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     return path
 
 
+class _MemoKey:
+    """A ``_PATH_MEMO`` key that hashes its parts once."""
+
+    __slots__ = ("parts", "_hash")
+
+    def __init__(self, parts: tuple):
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _MemoKey) and self.parts == other.parts
+
+
 def _pyca_text(e: Exception) -> str:
     text = str(e)
     return text.split(" (encountered processing", 1)[0]
 
 
 # ---- step 1: the leaf ------------------------------------------------------------------------------------------
+def _same_key(a, b) -> bool:
+    """``a`` is ``b``'s key. pyca's key equality (EVP_PKEY_eq) first: it is True only for the same key and costs
+    less than two DER encodings; a key object of another kind (TPM, PKCS#11) is compared by its DER."""
+    try:
+        if a == b:
+            return True
+    except Exception:  # noqa: BLE001 -- a foreign key class's __eq__: compare the encodings instead
+        pass
+    return same_public_key(a, b)
+
+
 def _extensions(cert: x509.Certificate, role: str):
     try:
         exts = cert.extensions
@@ -474,8 +509,17 @@ def _extensions(cert: x509.Certificate, role: str):
 
 
 def _check_leaf(leaf, policy: Policy, public_key, what: str) -> None:
-    by_oid = {e.oid: e.value for e in _extensions(leaf, what)}
-    if public_key is not None and not same_public_key(leaf.public_key(), public_key):
+    try:
+        exts = leaf.extensions
+    except ValueError as e:
+        raise VerificationError("malformed", f"{what} {_name(leaf)}: malformed extension: {e}") from e
+    by_oid = {}
+    for e in exts:
+        oid = e.oid
+        if e.critical and oid not in KNOWN_EXTENSIONS:
+            _extensions(leaf, what)  # raises, naming the extension
+        by_oid[oid] = e.value
+    if public_key is not None and not _same_key(leaf.public_key(), public_key):
         raise VerificationError("key-mismatch", f"{what} {_name(leaf)} is for another key: its public key does not "
                                 "match the key this request was made with (public key mismatch)")
     _check_key_strength(leaf, policy, what)
@@ -530,6 +574,8 @@ def _ku_bit(ku: x509.KeyUsage, bit: str) -> bool:
 def _check_time(cert, policy: Policy, role: str) -> None:
     lo, hi = policy._window()
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if lo <= na and nb <= hi:
+        return
     if policy.clock_trusted:
         at = _fmt(policy.at)
     else:  # name the estimate, its uncertainty and where it came from: the plant engineer's first question
@@ -562,39 +608,83 @@ def _check_key_strength(cert, policy: Policy, role: str) -> None:
 
 
 # ---- step 2a: pyca -----------------------------------------------------------------------------------------------
-def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy) -> bool:
-    certs = [leaf, *untrusted, *anchors]
+def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy, aset: "_AnchorSet | None" = None) -> bool:
+    aset = aset or _anchor_set(anchors)
+    if not aset.pyca_ok:
+        return False
     if not policy.clock_trusted:
         at = policy.at
-        if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in certs):
+        if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in [leaf, *untrusted, *anchors]):
             return False
-    anchor_ids = {id(a) for a in anchors}
-    for c in certs:
-        # An anchor's own signature is never checked (it is trusted as it is), so its algorithm does not matter.
-        if id(c) not in anchor_ids and c.signature_algorithm_oid not in _PYCA_SIGNATURES:
+    return all(_pyca_form(c, c is leaf, any(c is a for a in anchors)) for c in [leaf, *untrusted])
+
+
+def _pyca_form(c, is_leaf: bool, is_anchor: bool) -> bool:
+    """``c`` is in a form pyca's WebPKI profile judges (signature algorithm, name-constraint forms, no critical
+    policyMappings; for a CA also the extension forms, the key type and size)."""
+    # An anchor's own signature is never checked (it is trusted as it is), so its algorithm does not matter.
+    if not is_anchor and c.signature_algorithm_oid not in _PYCA_SIGNATURES:
+        return False
+    try:
+        exts = c.extensions
+    except ValueError:
+        return False
+    for e in exts:
+        if e.oid == OID_POLICY_MAPPINGS and e.critical:
             return False
-        try:
-            exts = c.extensions
-        except ValueError:
-            return False
-        for e in exts:
-            if e.oid == OID_POLICY_MAPPINGS and e.critical:
-                return False
-            if e.oid == ExtensionOID.NAME_CONSTRAINTS:
-                nc = e.value
-                for t in (nc.permitted_subtrees or ()), (nc.excluded_subtrees or ()):
-                    if any(not isinstance(g, _PYCA_NAME_FORMS) for g in t):
-                        return False
-        if c is not leaf:
-            if not _webpki_ca_form(exts):
-                return False
-            alg = c.public_key_algorithm_oid
-            if alg == _OID_RSA:
-                if c.public_key().key_size < MIN_RSA_BITS:
+        if e.oid == ExtensionOID.NAME_CONSTRAINTS:
+            nc = e.value
+            for t in (nc.permitted_subtrees or ()), (nc.excluded_subtrees or ()):
+                if any(not isinstance(g, _PYCA_NAME_FORMS) for g in t):
                     return False
-            elif alg != _OID_EC or c.public_key().curve.name not in _PYCA_CURVE_NAMES:
+    if not is_leaf:
+        if not _webpki_ca_form(exts):
+            return False
+        alg = c.public_key_algorithm_oid
+        if alg == _OID_RSA:
+            if c.public_key().key_size < MIN_RSA_BITS:
                 return False
+        elif alg != _OID_EC or c.public_key().curve.name not in _PYCA_CURVE_NAMES:
+            return False
     return True
+
+
+class _AnchorSet:
+    """What a set of trust anchors costs to prepare once, not per validation: pyca's ``Store`` (it keeps each
+    anchor's parsed public key) and its policy builders, and whether pyca can judge the anchors at all. Keyed by
+    the anchors themselves (certificates hash and compare by their DER), so a trust store loaded again from disk
+    finds its entry."""
+
+    __slots__ = ("anchors", "pyca_ok", "_builders")
+
+    def __init__(self, anchors: tuple):
+        self.anchors = anchors
+        self.pyca_ok = all(_pyca_form(a, False, True) for a in anchors)
+        self._builders: dict = {}
+
+    def builder(self, max_intermediates: int) -> "pv.PolicyBuilder":
+        b = self._builders.get(max_intermediates)
+        if b is None:
+            ca_policy, ee_policy = _extension_policies()
+            b = (pv.PolicyBuilder().store(pv.Store(list(self.anchors))).max_chain_depth(max_intermediates)
+                 .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy))
+            self._builders[max_intermediates] = b
+        return b
+
+
+_ANCHOR_SETS: dict = {}
+_ANCHOR_SETS_MAX = 32
+
+
+def _anchor_set(anchors) -> _AnchorSet:
+    key = tuple(anchors)
+    aset = _ANCHOR_SETS.get(key)
+    if aset is None:
+        aset = _AnchorSet(key)
+        if len(_ANCHOR_SETS) >= _ANCHOR_SETS_MAX:
+            _ANCHOR_SETS.pop(next(iter(_ANCHOR_SETS)))
+        _ANCHOR_SETS[key] = aset
+    return aset
 
 
 _CA_POLICY = None
@@ -635,12 +725,12 @@ def _extension_policies():
     return _CA_POLICY, _EE_POLICY
 
 
-def _pyca_path(leaf, untrusted, anchors, policy: Policy) -> tuple[x509.Certificate, ...]:
-    ca_policy, ee_policy = _extension_policies()
-    verifier = (pv.PolicyBuilder().store(pv.Store(anchors)).time(policy.at)
-                .max_chain_depth(policy.max_intermediates)
-                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-                .build_client_verifier())
+def _pyca_path(leaf, untrusted, anchors, policy: Policy, aset: _AnchorSet | None = None,
+               ) -> tuple[x509.Certificate, ...]:
+    aset = aset or _anchor_set(anchors)
+    verifier = aset.builder(policy.max_intermediates).time(policy.at).build_client_verifier()
+    # The path ends at the Store's anchor object (the same certificate as the caller's, its extensions parsed
+    # once), as a remembered path holds the objects of the first validation.
     return tuple(verifier.verify(leaf, untrusted).chain)
 
 
@@ -748,6 +838,12 @@ def _check_path(path: Sequence[x509.Certificate], policy: Policy, what: str, sig
 def _check_path_extras(path: Sequence[x509.Certificate], policy: Policy, what: str = "certificate") -> None:
     """What neither engine's path checks cover: the CA EKU rule and certificate policies (RFC 5280 §6.1)."""
     n = len(path)
+    # One look at each certificate's extensions: most paths have no CA EKU and no policyConstraints, and then
+    # neither rule can refuse them.
+    ca_oids = {e.oid for c in path[1:] for e in c.extensions}
+    if ExtensionOID.EXTENDED_KEY_USAGE not in ca_oids and ExtensionOID.POLICY_CONSTRAINTS not in ca_oids and \
+            not any(e.oid == ExtensionOID.POLICY_CONSTRAINTS for e in path[0].extensions):
+        return
     if policy.eku:
         allowed = policy.eku | {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string}
         for i in range(1, n):
