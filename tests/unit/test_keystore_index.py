@@ -240,3 +240,35 @@ def test_records_of_earlier_versions_are_completed_on_open(ks, lab):
     opened = Keystore.open(ks.root)
     assert opened.get("dev").record["chain_subjects"] == [c.subject.rfc4514_string() for c in cred.chain]
     assert opened.list()[0].summary()["chain"] == opened.get("dev").summary()["chain"]
+
+
+def test_lookup_gives_the_record_without_reading_files(ks, lab):
+    """Keystore.lookup (authorization checks of /csr and /verify): the record's facts, no certificate file read."""
+    from keystore.errors import CorruptFileError
+
+    assert ks.lookup("dev") is None
+    stored = _store(ks, lab, "dev")
+    vdir = ks.root / "creds" / "dev" / f"{stored.version:04d}"
+    (vdir / "cert.pem").rename(vdir / "cert.pem.away")  # a lookup must not need it
+    cred = ks.lookup("dev")
+    assert (cred.name, cred.kind, cred.domain, cred.key_uri, cred.version) == \
+        ("dev", "ldevid", DOMAIN, stored.key_uri, stored.version)
+    assert cred.not_after == stored.certificate.not_valid_after_utc
+    with pytest.raises(CorruptFileError, match="file missing"):
+        cred.certificate  # noqa: B018 - read when first used
+    (vdir / "cert.pem.away").rename(vdir / "cert.pem")
+    assert ks.lookup("dev").certificate == stored.certificate
+
+
+def test_a_discarded_pending_key_is_named_by_a_durable_audit_line(ks, monkeypatch):
+    """The key-generate line of a pending key is not fsynced on its own (docs/keystore.md): gc's fsynced discard line
+    names the key, its type and label, its owner and when it was made."""
+    from keystore import owner
+
+    uri = ks.generate_key("p256", label="ldevid", pending_for={"name": "ldevid"})
+    monkeypatch.setattr(owner, "alive", lambda o: False)  # as after a reboot
+    assert ks.discard_orphaned_pending() == [uri]
+    line = ks.audit_entries()[-1]
+    assert (line["action"], line["key_uri"], line["key_type"], line["label"]) == \
+        ("pending-key-discard", uri, "p256", "ldevid")
+    assert line["created"] and line["owner"]["pid"] == os.getpid()
