@@ -87,7 +87,8 @@ IMPORTS = {
     "asn1 layer (enroll_clients.cmp.messages)": "import enroll_clients.cmp.messages",
     "pyasn1_modules.rfc4210": "from pyasn1_modules import rfc4210",
     "pyasn1_alt_modules.rfc9480 (not used)": "from pyasn1_alt_modules import rfc9480",
-    "httpx (first HTTP request)": "import httpx",
+    "http.client (the CMP HTTP transport, first HTTP request)": "import http.client",
+    "httpx (EST's transport; CMP's until session 5)": "import httpx",
 }
 BASELINE = "import enroll_clients.base"
 

@@ -18,7 +18,6 @@ import hashlib
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 
 from keystore.errors import CorruptFileError
 
@@ -144,6 +143,8 @@ def load_certificates(data: bytes, source: str = "input") -> list[x509.Certifica
         # first); DER starts with a SEQUENCE tag and is never taken for PEM.
         if data[:1] != b"\x30" and b"-----BEGIN" in data:
             if any(m in data for m in PEM_PKCS7):
+                from cryptography.hazmat.primitives.serialization import pkcs7  # lazy: it loads email (S/MIME)
+
                 certs = pkcs7.load_pem_pkcs7_certificates(data)
             else:
                 if PEM_CERT not in data:
@@ -154,6 +155,8 @@ def load_certificates(data: bytes, source: str = "input") -> list[x509.Certifica
             try:
                 certs = [x509.load_der_x509_certificate(data)]
             except ValueError:
+                from cryptography.hazmat.primitives.serialization import pkcs7
+
                 certs = pkcs7.load_der_pkcs7_certificates(data)
     except CorruptFileError:
         raise
@@ -246,6 +249,8 @@ def load_pkcs12(data: bytes, source: str, password: bytes | None):
         raise CorruptFileError(f"{source}: PKCS#12 asks for {iterations} key-derivation iterations (more than "
                                f"{MAX_PKCS12_ITERATIONS}); refusing it rather than spending minutes on it")
     try:
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
         key, cert, extra = pkcs12.load_key_and_certificates(data, password)
     except PARSE_ERRORS as e:
         raise CorruptFileError(f"{source}: cannot open PKCS#12 (wrong password or corrupt file): "

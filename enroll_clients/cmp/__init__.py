@@ -1,7 +1,7 @@
 """CMP client (RFC 9483 lightweight CMP profile; RFC 4210/9810, 4211, 6712, 9480, 9481).
 
-Cheap to import: nothing here (or in ``client``/``transport``) imports pyasn1 or httpx; the ASN.1 layer
-loads on the first CMP message and httpx on the first HTTP request.
+Cheap to import: nothing here (or in ``client``/``transport``) imports pyasn1; the ASN.1 layer loads on the
+first CMP message. The HTTP transport is the standard library's ``http.client`` (httpx is EST's alone).
 
 Public API::
 
@@ -41,7 +41,8 @@ def client_from_options(options: EnrollOptions):
             certificate or trust anchor named as its sender (off by default).
         ``cert_template`` (bool): ask for and apply the server's certReqTemplate before ir/cr.
         ``mac_iterations`` (int): iteration count of our PBM/PBMAC1 (default 10000).
-        ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = system CAs).
+        ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = the system trust store;
+            a str is a CA file or directory).
         ``http_keep_alive`` (bool): reuse the HTTP connection between messages (default False).
         ``file_wait_s`` (float): how long the file transport waits for a response file
             (default ``options.max_wait_s``).

@@ -1,6 +1,6 @@
 """CMP transports behind one small interface: ``await transport.exchange(request_der) -> response_der``.
 
-- ``HttpTransport``: RFC 6712 HTTP POST of ``application/pkixcmp`` (httpx, imported on first use), with a
+- ``HttpTransport``: RFC 6712 HTTP POST of ``application/pkixcmp`` (stdlib ``http.client``), with a
   timeout per message and retries on transport errors only (connect/read failures, timeouts); an HTTP error
   status, a wrong Content-Type or an empty body is a ``ServerError``/``ProtocolError`` and is never retried,
   except that an HTTP error carrying an ``application/pkixcmp`` body is returned as the CMP answer (a CMP error
@@ -19,11 +19,13 @@ import abc
 import asyncio
 import inspect
 import os
-import tempfile
+import socket
+import threading
 
 from enroll_clients.base import ProtocolError, ServerError, TransportError
 
 CONTENT_TYPE = "application/pkixcmp"
+USER_AGENT = "devagent-cmp/1"
 RETRY_BASE_S = 0.5
 MAX_RESPONSE_BYTES = 1 << 20  # a CMP response larger than 1 MiB is not something a device should parse
 FILE_POLL_S = 0.05
@@ -56,7 +58,16 @@ class HttpTransport(Transport):
     ``operation_labels`` the base the RFC 9483 6.1 labels are appended to
     (``https://ca/.well-known/cmp/p/plant`` -> ``.../p/plant/initialization``). ``path_profile`` (a
     certificate profile name) is inserted as a path segment before the label (``.../p/plant/<profile>/...``),
-    for servers that read the profile from the path."""
+    for servers that read the profile from the path.
+
+    On the standard library's ``http.client`` (one POST per message needs no more; httpx + anyio cost
+    ~60-80 ms of start-up, most of a short ``devagent enroll``): the blocking round trip runs in a daemon
+    thread, so a cancelled exchange returns at once (its socket is shut down) and never holds up the event
+    loop's shutdown. ``timeout_s`` bounds the connect and each read/write. Redirects are not followed (a 3xx
+    is a ``ServerError``). ``verify``: True = the system trust store (OpenSSL's default paths, which honour
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), False = no verification, a CA file or directory path, or an
+    ``ssl.SSLContext``. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
                  retry_base_s: float = RETRY_BASE_S, headers: dict | None = None, keep_alive: bool = False,
@@ -67,6 +78,15 @@ class HttpTransport(Transport):
             raise ValueError("timeout_s must be > 0 and retries >= 0")
         if path_profile is not None and (not path_profile or "/" in path_profile or path_profile in (".", "..")):
             raise ValueError(f"certificate profile {path_profile!r} cannot be a URL path segment")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"CMP URL has no host: {url!r}")
+        try:
+            _ = parts.port  # a port that is not a number is refused here, not on the first message
+        except ValueError as e:
+            raise ValueError(f"CMP URL {url!r}: {e}") from None
         self.url = url
         self.operation_labels = operation_labels
         self.path_profile = path_profile
@@ -75,14 +95,17 @@ class HttpTransport(Transport):
         self.retries = retries
         self.verify = verify
         self.retry_base_s = retry_base_s
+        self.keep_alive = keep_alive
         self.headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, "Cache-Control": "no-cache",
-                        **(headers or {})}
+                        "User-Agent": USER_AGENT, **(headers or {})}
         if not keep_alive:
             # One connection per message by default: OpenSSL 3.0's CMP server loses the transaction when the
             # certConf arrives on an HTTP/1.1 persistent connection ("unexpected pkibody"); seen in
             # tests/interop. A CMP message is self-contained, so nothing is lost but a TCP handshake.
             self.headers.setdefault("Connection", "close")
-        self._client = None
+        self._ssl = None  # the TLS context, built on the first https request (loading CAs costs 20-80 ms)
+        self._conn = None  # (key, http.client connection) kept between messages with keep_alive
+        self._lock = None
 
     def describe(self) -> str:
         return self._last_url
@@ -103,53 +126,145 @@ class HttpTransport(Transport):
         return "/".join(parts)
 
     async def exchange(self, request: bytes, *, operation: str | None = None) -> bytes:
-        import httpx  # lazy: ~80-150 ms
+        import http.client
 
         url = self._last_url = self.url_for(operation)
-
-        if self._client is None:
-            # Plain http:// needs no TLS context; building one loads the CA bundle (~20-80 ms at start-up).
-            verify = self.verify if self.url.startswith("https://") else False
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=verify)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry_base_s * (2 ** (attempt - 1)))
             try:
-                rsp = await self._client.post(url, content=request, headers=self.headers)
-            except httpx.TimeoutException as e:
+                if self.keep_alive:  # one kept connection: one message at a time on it
+                    async with self._lock:
+                        status, reason, ctype, body = await self._post(url, request)
+                else:
+                    status, reason, ctype, body = await self._post(url, request)
+            except TimeoutError as e:
                 last = TransportError(f"POST {url}: no response within {self.timeout_s:g} s "
                                       f"({type(e).__name__}); attempt {attempt + 1} of {self.retries + 1}")
                 continue
-            except httpx.TransportError as e:
+            except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
                 continue
-            return self._check(rsp, url, operation)
+            return self._check(status, reason, ctype, body, url, operation)
         raise last
 
-    def _check(self, rsp, url: str, operation: str | None = None) -> bytes:
-        ctype = rsp.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = rsp.content
-        if rsp.status_code != 200:
+    async def _post(self, url: str, request: bytes):
+        """One POST in a daemon thread -> (status, reason, content type, body of at most MAX+1 bytes)."""
+        conn, target, headers = self._connection(url)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        finished = threading.Event()
+
+        def settle(outcome, error):
+            if not done.done():
+                if error is None:
+                    done.set_result(outcome)
+                else:
+                    done.set_exception(error)
+
+        def worker():
+            try:
+                conn.request("POST", target, body=request, headers=headers)
+                rsp = conn.getresponse()
+                body = rsp.read(MAX_RESPONSE_BYTES + 1)
+                outcome, error = (rsp.status, rsp.reason, rsp.getheader("Content-Type", ""), body), None
+                if not self.keep_alive or rsp.will_close or len(body) > MAX_RESPONSE_BYTES:
+                    conn.close()
+            except BaseException as e:  # handed to the awaiting task, which decides
+                conn.close()
+                outcome, error = None, e
+            finished.set()
+            try:
+                loop.call_soon_threadsafe(settle, outcome, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        threading.Thread(target=worker, name="devagent-cmp-http", daemon=True).start()
+        try:
+            return await done
+        except BaseException:
+            self._drop(conn)
+            if not finished.is_set():  # cancelled: make the worker's blocking call return now
+                _abort(conn)
+            raise
+
+    def _connection(self, url: str):
+        """(connection for ``url`` (kept or new), request target (the path, or the URL via a proxy), headers)."""
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        https = parts.scheme == "https"
+        host, port = parts.hostname, parts.port or (443 if https else 80)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        proxy = _proxy_for(parts.scheme, host)
+        key = (parts.scheme, host, port, proxy)
+        headers = self.headers
+        if proxy is not None and not https:  # plain HTTP via a proxy: the absolute URL as the request target
+            target = url
+            if proxy[2]:
+                headers = {**headers, "Proxy-Authorization": proxy[2]}
+        if self._conn is not None:
+            if self._conn[0] == key:
+                return self._conn[1], target, headers
+            old, self._conn = self._conn[1], None
+            old.close()
+        if proxy is None:
+            conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=self._context())
+                    if https else http.client.HTTPConnection(host, port, timeout=self.timeout_s))
+        else:
+            p_host, p_port, p_auth = proxy
+            tunnel_headers = {"Proxy-Authorization": p_auth} if p_auth else None
+            if https:  # CONNECT to the server, then TLS to it (server_hostname = the CMP host)
+                conn = http.client.HTTPSConnection(p_host, p_port, timeout=self.timeout_s, context=self._context())
+                conn.set_tunnel(host, port, headers=tunnel_headers)
+            else:
+                conn = http.client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
+        if self.keep_alive:
+            self._conn = (key, conn)
+        return conn, target, headers
+
+    def _drop(self, conn) -> None:
+        if self._conn is not None and self._conn[1] is conn:
+            self._conn = None
+
+    def _context(self):
+        if self._ssl is None:
+            self._ssl = _ssl_context(self.verify)
+        return self._ssl
+
+    def _check(self, status: int, reason: str, ctype: str, body: bytes, url: str,
+               operation: str | None = None) -> bytes:
+        ctype = (ctype or "").split(";")[0].strip().lower()
+        if status != 200:
             if ctype == CONTENT_TYPE and body and len(body) <= MAX_RESPONSE_BYTES:
                 # A CMP error message with an HTTP error status (RFC 6712 3.3 allows it): the client checks and
                 # reports it; that says far more than the status line.
                 return body
             snippet = _printable(body[:200]) if ctype.startswith("text/") else f"{len(body)} bytes of {ctype or 'unknown type'}"
             hint = ""
-            if rsp.status_code == 404:
+            if status == 404:
                 hint = " -- check the CMP path/alias in the URL"
-            elif rsp.status_code in (502, 503, 504):
+            elif status in (502, 503, 504):
                 hint = " -- server temporarily unavailable; retry later"
-            elif rsp.status_code >= 500:
+            elif status >= 500:
                 what = f" {operation}" if operation else " this"
                 hint = (f" -- the server failed without a CMP answer: it may not implement{what} request "
                         "(a retry will not help; check the server's log or its supported operations"
                         + ("" if self.operation_labels else ", or whether it wants one URL per operation "
                            "(--operation-labels)") + ")")
-            raise ServerError(f"POST {url}: HTTP {rsp.status_code} {rsp.reason_phrase}: {snippet}{hint}",
-                              status=rsp.status_code, text=snippet)
+            if not reason:
+                import http
+
+                try:
+                    reason = http.HTTPStatus(status).phrase
+                except ValueError:
+                    reason = ""
+            raise ServerError(f"POST {url}: HTTP {status} {reason}: {snippet}{hint}", status=status, text=snippet)
         if ctype != CONTENT_TYPE:
             raise ProtocolError(f"POST {url}: server answered Content-Type {ctype or '(none)'!r}, not "
                                 f"{CONTENT_TYPE!r} (RFC 6712); is this a CMP endpoint? First bytes: "
@@ -157,13 +272,75 @@ class HttpTransport(Transport):
         if not body:
             raise ProtocolError(f"POST {url}: empty {CONTENT_TYPE} response")
         if len(body) > MAX_RESPONSE_BYTES:
-            raise ProtocolError(f"POST {url}: response of {len(body)} bytes exceeds {MAX_RESPONSE_BYTES}")
+            raise ProtocolError(f"POST {url}: response of more than {MAX_RESPONSE_BYTES} bytes")
         return body
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        if self._conn is not None:
+            conn, self._conn = self._conn[1], None
+            conn.close()
+
+
+def _abort(conn) -> None:
+    """Shut down a connection's socket from another thread: a blocked send/recv on it returns at once."""
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _ssl_context(verify):
+    """The TLS context for ``verify`` (see ``HttpTransport``): TLS 1.2 or later, host name checked."""
+    import ssl
+
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is True:
+        ctx = ssl.create_default_context()
+    elif verify is False:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif isinstance(verify, (str, os.PathLike)):
+        path = os.fspath(verify)
+        if os.path.isdir(path):
+            ctx = ssl.create_default_context(capath=path)
+        elif os.path.isfile(path):
+            ctx = ssl.create_default_context(cafile=path)
+        else:
+            raise ValueError(f"TLS trust {path!r}: no such CA file or directory")
+    else:
+        raise TypeError(f"verify must be a bool, a CA path or an ssl.SSLContext, not {type(verify).__name__}")
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _proxy_for(scheme: str, host: str):
+    """(host, port, Proxy-Authorization or None) of the HTTP proxy the environment names for ``scheme://host``,
+    or None. Proxy variables are looked at only when one is set (urllib.request costs start-up time)."""
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        return None
+    import urllib.request
+    from urllib.parse import unquote, urlsplit
+
+    proxies = urllib.request.getproxies_environment()
+    spec = proxies.get(scheme) or proxies.get("all")
+    if not spec or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    if "://" not in spec:
+        spec = "http://" + spec
+    p = urlsplit(spec)
+    if p.scheme != "http" or not p.hostname:
+        raise TransportError(f"proxy {spec!r} (from the {scheme}_proxy/all_proxy environment): only http:// "
+                             "proxies are supported for CMP")
+    auth = None
+    if p.username is not None:
+        import base64
+
+        auth = "Basic " + base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+    return p.hostname, p.port or 80, auth
 
 
 def _printable(b: bytes) -> str:
@@ -239,6 +416,8 @@ def _nth(names: list[str], n: int) -> str:
 
 def _write_atomic(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cmp-req-")
     try:
         with os.fdopen(fd, "wb") as f:

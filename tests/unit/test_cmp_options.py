@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 
 from enroll_clients.base import CertRequest, ClientAuth, ProtectionError, ServerError
@@ -164,30 +163,6 @@ def test_enroll_csr_with_auth_none_sends_unprotected_p10cr(keys):
         run(c.enroll(CertRequest(subject=csr.subject, csr=csr), None))
     sent = A.der_decode(c.transport.requests[0], A.PKIMessage())
     assert sent["body"].getName() == "p10cr" and not sent["header"]["protectionAlg"].isValue
-
-
-@pytest.mark.parametrize("status,wanted,unwanted", [
-    (500, "may not implement keyupdate request", "retry later"),
-    (503, "retry later", "may not implement"),
-])
-def test_http_5xx_wording(status, wanted, unwanted):
-    def handler(request):
-        return httpx.Response(status, text="no suitable responder", headers={"content-type": "text/plain"})
-
-    t = HttpTransport("http://h/pkix/", retries=0)
-    t._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    with pytest.raises(ServerError) as ei:
-        asyncio.run(t.exchange(b"x", operation="keyupdate"))
-    assert wanted in str(ei.value) and unwanted not in str(ei.value)
-
-
-def test_http_error_status_with_cmp_body_is_returned():
-    def handler(request):
-        return httpx.Response(400, content=b"\x30\x00", headers={"content-type": "application/pkixcmp"})
-
-    t = HttpTransport("http://h/pkix/", retries=0)
-    t._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    assert asyncio.run(t.exchange(b"x")) == b"\x30\x00"
 
 
 # --- signer deviations (docs/cmp.md "Deviations"): switch off -> refused naming it; on -> only that one ---------

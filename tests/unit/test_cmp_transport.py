@@ -1,5 +1,6 @@
-"""CMP transports: HTTP (RFC 6712) against a real loopback HTTP server that misbehaves on purpose, and the
-file transport. Retries happen on transport errors only; HTTP errors and wrong content are never retried."""
+"""CMP transports: HTTP (RFC 6712) against a real loopback HTTP(S) server that misbehaves on purpose (and an HTTP
+proxy), and the file transport. Retries happen on transport errors only; HTTP errors and wrong content are never
+retried."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from enroll_clients.cmp.client import CmpClient
 
 class Handler(http.server.BaseHTTPRequestHandler):
     counts: dict = {}
+    peers: list = []
 
     def log_message(self, *a):
         pass
@@ -31,6 +33,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, "text/plain", b"no such CA alias")
         elif self.path == "/500":
             self._send(500, "text/html", b"<html><body>Internal error</body></html>")
+        elif self.path in ("/500text", "/503"):
+            self._send(int(self.path[1:4]), "text/plain", b"no suitable responder")
+        elif self.path == "/400cmp":  # a CMP error message with an HTTP error status (RFC 6712 3.3)
+            self._send(400, "application/pkixcmp", b"\x30\x00")
+        elif self.path == "/302":
+            self._send(302, "text/plain", b"moved", location="/ok")
+        elif self.path == "/big":
+            self._send(200, "application/pkixcmp", b"\x30" * ((1 << 20) + 10))
+        elif self.path == "/chunked":
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pkixcmp")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (body[:1], body[1:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = False  # HTTP/1.1 keep-alive
+            Handler.peers.append(self.client_address)
         elif self.path == "/html":
             self._send(200, "text/html; charset=utf-8", b"<!DOCTYPE html><html>login portal</html>")
         elif self.path == "/empty":
@@ -45,9 +66,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             self._send(200, "application/pkixcmp", b"second try")
 
-    def _send(self, code, ctype, body):
+    def _send(self, code, ctype, body, location=None):
         self.send_response(code)
         self.send_header("Content-Type", ctype)
+        if location:
+            self.send_header("Location", location)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -116,6 +139,67 @@ def test_retry_on_transport_error_only(http_server):
     assert Handler.counts["/flaky"] == 2
 
 
+@pytest.mark.parametrize("path,status,wanted,unwanted", [
+    ("/500text", 500, "may not implement keyupdate request", "retry later"),
+    ("/503", 503, "retry later", "may not implement"),
+])
+def test_http_5xx_wording(http_server, path, status, wanted, unwanted):
+    async def go():
+        t = HttpTransport(http_server + path, retries=0)
+        return await t.exchange(b"x", operation="keyupdate")
+
+    with pytest.raises(ServerError) as ei:
+        asyncio.run(go())
+    assert ei.value.status == status and "no suitable responder" in str(ei.value)
+    assert wanted in str(ei.value) and unwanted not in str(ei.value)
+
+
+def test_http_error_status_with_cmp_body_is_returned(http_server):
+    assert exchange(http_server + "/400cmp") == b"\x30\x00"
+
+
+def test_redirect_not_followed(http_server):
+    Handler.counts.pop("/ok", None)
+    with pytest.raises(ServerError, match=r"HTTP 302 Found: moved"):
+        exchange(http_server + "/302", retries=2, retry_base_s=0.01)
+    assert "/ok" not in Handler.counts
+
+
+def test_oversized_response_refused(http_server):
+    with pytest.raises(ProtocolError, match=r"response of more than 1048576 bytes"):
+        exchange(http_server + "/big")
+
+
+def test_chunked_response_and_keep_alive(http_server):
+    async def go():
+        t = HttpTransport(http_server + "/chunked", keep_alive=True)
+        try:
+            return [await t.exchange(b"abc"), await t.exchange(b"de")]
+        finally:
+            await t.aclose()
+
+    Handler.peers.clear()
+    assert asyncio.run(go()) == [b"abc", b"de"]
+    assert "Connection" not in Handler.last_headers
+    assert len(Handler.peers) == 2 and Handler.peers[0] == Handler.peers[1]  # one connection for both
+
+
+def test_cancelled_exchange_returns_at_once(http_server):
+    """A cancelled exchange (a daemon attempt timeout, Ctrl-C) does not wait for the server or the socket timeout,
+    and the event loop closes without waiting for the worker thread."""
+    async def go():
+        t = HttpTransport(http_server + "/slow", timeout_s=30, retries=0)
+        task = asyncio.create_task(t.exchange(b"x"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    t0 = time.monotonic()
+    asyncio.run(go())
+    assert time.monotonic() - t0 < 0.9  # the server answers /slow after 1 s
+
+
 def test_connection_refused_after_retries():
     import socket
 
@@ -181,3 +265,135 @@ def test_options_build_http_client():
     assert isinstance(c.transport, HttpTransport)
     with pytest.raises(TypeError):
         client_from_options({"server": "x"})
+
+
+# --- TLS and proxies -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """The same handler over TLS, with a certificate for 127.0.0.1 from a test CA; yields (url, CA file)."""
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.certfactory import Spec, chain
+
+    ch = chain("p256", 2, leaf=Spec(san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    d = tmp_path_factory.mktemp("cmp-tls")
+    files = ch.write(d)
+    (d / "key.pem").write_bytes(ch.leaf_key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(files["leaf"], d / "key.pem")
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}", str(files["root"])
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_https_with_ca_file(https_server):
+    url, ca = https_server
+    assert exchange(url + "/ok", b"tls", verify=ca) == b"slt"
+
+
+def test_https_untrusted_server_is_a_transport_error(https_server, monkeypatch):
+    url, _ = https_server
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with pytest.raises(TransportError, match=r"POST https://127\.0\.0\.1:\d+/ok: SSLCertVerificationError: .*"
+                                             r"certificate verify failed"):
+        exchange(url + "/ok", verify=True, retries=0)
+
+
+def test_https_bad_ca_path(https_server, tmp_path):
+    with pytest.raises(ValueError, match="no such CA file or directory"):
+        exchange(https_server[0] + "/ok", verify=str(tmp_path / "missing.pem"))
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """A forwarding HTTP proxy: absolute-URI requests, and CONNECT tunnels (for https)."""
+    seen: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        import http.client
+        from urllib.parse import urlsplit
+
+        ProxyHandler.seen.append((self.command, self.path, self.headers.get("Proxy-Authorization")))
+        u = urlsplit(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        c.request("POST", u.path, body=body, headers={"Content-Type": self.headers["Content-Type"]})
+        r = c.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        self.send_header("Content-Type", r.getheader("Content-Type"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_CONNECT(self):
+        import select
+        import socket
+
+        ProxyHandler.seen.append((self.command, self.path, self.headers.get("Proxy-Authorization")))
+        host, port = self.path.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        conns = [self.connection, upstream]
+        while True:
+            ready, _, _ = select.select(conns, [], [], 10)
+            if not ready:
+                break
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    upstream.close()
+                    return
+                (upstream if s is self.connection else self.connection).sendall(data)
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://user:p%40ss@127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_proxy_from_environment(http_server, https_server, proxy, monkeypatch):
+    import base64
+
+    for k in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+              "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("http_proxy", proxy)
+    monkeypatch.setenv("https_proxy", proxy)
+    ProxyHandler.seen.clear()
+    auth = "Basic " + base64.b64encode(b"user:p@ss").decode()
+    assert exchange(http_server + "/ok", b"via") == b"aiv"
+    assert ProxyHandler.seen == [("POST", http_server + "/ok", auth)]
+    url, ca = https_server
+    assert exchange(url + "/ok", b"tunnel", verify=ca) == b"lennut"
+    assert ProxyHandler.seen[1] == ("CONNECT", url.removeprefix("https://"), auth)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    ProxyHandler.seen.clear()
+    assert exchange(http_server + "/ok", b"direct") == b"tcerid"
+    assert ProxyHandler.seen == []
+
+
+def test_unsupported_proxy_scheme_is_named(http_server, monkeypatch):
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("http_proxy", "socks5://127.0.0.1:1080")
+    with pytest.raises(TransportError, match=r"proxy 'socks5://127.0.0.1:1080'.*only http:// proxies"):
+        exchange(http_server + "/ok")
