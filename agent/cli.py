@@ -222,12 +222,28 @@ def run_async(coro):
 GC_PAUSE_MAX_S = 10.0  # the longest a command runs without cyclic garbage collection (see ``main``)
 
 
-def resume_gc() -> None:
-    """End the pause of the cyclic garbage collector (see ``main``): what is loaded so far (modules, classes,
-    tables: they live until exit) is frozen out of later collections. Idempotent; any thread."""
+_gc_paused = False  # the collector is off because ``pause_gc`` turned it off (not someone else)
+
+
+def pause_gc() -> None:
+    """Pause the cyclic garbage collector while a command starts (see ``main``)."""
     import gc
 
-    if not gc.isenabled():
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def resume_gc() -> None:
+    """End the pause of ``pause_gc`` (a collector someone else turned off stays off): what is loaded so far
+    (modules, classes, tables: they live until exit) is frozen out of later collections. Idempotent; any
+    thread."""
+    import gc
+
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
         gc.freeze()
         gc.enable()
 
@@ -1205,7 +1221,7 @@ def main(argv=None):
     import gc
     import threading
 
-    gc.disable()
+    pause_gc()
     timer = threading.Timer(GC_PAUSE_MAX_S, resume_gc)
     timer.daemon = True
     timer.start()
@@ -1214,7 +1230,7 @@ def main(argv=None):
     finally:
         timer.cancel()
         gc.freeze()
-        gc.enable()
+        resume_gc()
 
 
 if __name__ == "__main__":

@@ -20,15 +20,19 @@ with contextlib.redirect_stdout(io.StringIO()):
     except SystemExit:
         pass
 print("after-main", gc.isenabled(), gc.get_freeze_count() > 0)
-gc.disable()
+c.pause_gc()
 c.cli.get_command(click.Context(c.cli), "profile")  # a lazily loaded command (serve, run, clm ... alike)
 print("lazy-command", gc.isenabled())
-gc.disable()
+c.pause_gc()
 c.cli.get_command(click.Context(c.cli), "status")  # a command of agent.cli itself: still paused
 print("own-command", gc.isenabled())
-t = __import__("threading").Thread(target=c.resume_gc)
+t = __import__("threading").Thread(target=c.resume_gc)  # what main's timer does after GC_PAUSE_MAX_S
 t.start(); t.join()
 print("timer-thread", gc.isenabled())
+gc.disable()  # turned off by someone else: left off
+c.cli.get_command(click.Context(c.cli), "clm")
+c.resume_gc()
+print("not-ours", gc.isenabled())
 """
 
 
@@ -40,6 +44,7 @@ def test_gc_pause_ends_and_lazy_commands_resume_it():
     assert lines["lazy-command"] == "True"
     assert lines["own-command"] == "False"
     assert lines["timer-thread"] == "True"
+    assert lines["not-ours"] == "False"
 
 
 def test_pause_is_bounded():
