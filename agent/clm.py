@@ -478,7 +478,8 @@ class Clm:
         req = codec.CsrRequest(subject=rec.get("subject"), san=tuple(rec.get("san") or ()),
                                key_type=rec.get("key_type") or self.default_key_type, name=rec.get("name"),
                                domain=domain, ca=tuple(a.public_bytes(serialization.Encoding.DER) for a in anchors))
-        self._seen("csr-request", codec.encode_csr_request(req))
+        if self.on_message is not None:  # the test hook sees the request as sent; encoding it costs a renewal
+            self._seen("csr-request", codec.encode_csr_request(req))
         csr, csr_der, rtt_csr, dev_keygen = await dev.csr(req)
         self._seen("csr-response", csr_der)
         t_enroll = time.perf_counter()
