@@ -4,6 +4,7 @@ retried."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import os
 import threading
@@ -76,14 +77,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@contextlib.contextmanager
+def serving(handler, wrap=None):
+    """A threading HTTP server with ``handler`` on 127.0.0.1 (its socket wrapped by ``wrap``, e.g. TLS); yields its
+    port."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if wrap is not None:
+        srv.socket = wrap(srv.socket)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.fixture(scope="module")
 def http_server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def exchange(url, data=b"\x30\x00", **kw):
@@ -287,13 +299,8 @@ def https_server(tmp_path_factory):
                                                           serialization.NoEncryption()))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(files["leaf"], d / "key.pem")
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"https://127.0.0.1:{srv.server_address[1]}", str(files["root"])
-    srv.shutdown()
-    srv.server_close()
+    with serving(Handler, lambda s: ctx.wrap_socket(s, server_side=True)) as port:
+        yield f"https://127.0.0.1:{port}", str(files["root"])
 
 
 def test_https_with_ca_file(https_server):
@@ -362,12 +369,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def proxy():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://user:p%40ss@127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(ProxyHandler) as port:
+        yield f"http://user:p%40ss@127.0.0.1:{port}"
 
 
 def test_http_proxy_from_environment(http_server, https_server, proxy, monkeypatch):
