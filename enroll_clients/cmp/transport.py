@@ -127,6 +127,7 @@ class HttpTransport(Transport):
 
     async def exchange(self, request: bytes, *, operation: str | None = None) -> bytes:
         import http.client
+        import ssl  # http.client has loaded it already
 
         url = self._last_url = self.url_for(operation)
         if self._lock is None:
@@ -145,6 +146,11 @@ class HttpTransport(Transport):
                 last = TransportError(f"POST {url}: no response within {self.timeout_s:g} s "
                                       f"({type(e).__name__}); attempt {attempt + 1} of {self.retries + 1}")
                 continue
+            except ssl.SSLCertVerificationError as e:  # the same certificate next time: retrying cannot help
+                raise TransportError(f"POST {url}: {type(e).__name__}: certificate verify failed: "
+                                     f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by the "
+                                     "store it is checked against (by default the system trust store: add its CA "
+                                     "there, or name a CA file with SSL_CERT_FILE)") from None
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")

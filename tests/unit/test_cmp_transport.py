@@ -316,6 +316,15 @@ def test_https_untrusted_server_is_a_transport_error(https_server, monkeypatch):
         exchange(url + "/ok", verify=True, retries=0)
 
 
+def test_an_untrusted_server_certificate_is_not_retried(https_server, monkeypatch):
+    url, _ = https_server
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with pytest.raises(TransportError) as e:
+        exchange(url + "/ok", verify=True, retries=2)
+    assert "certificate verify failed" in str(e.value) and "is not trusted" in str(e.value)
+    assert "attempt" not in str(e.value), "a TLS verification failure is final: no retry"
+
+
 def test_https_bad_ca_path(https_server, tmp_path):
     with pytest.raises(ValueError, match="no such CA file or directory"):
         exchange(https_server[0] + "/ok", verify=str(tmp_path / "missing.pem"))
