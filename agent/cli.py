@@ -495,6 +495,13 @@ def status(app: App, name):
 
 
 # ---- enrollment ---------------------------------------------------------------------------------------
+_TLS_TRUST_OPTION = click.option(
+    "--tls-trust", "tls_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+    help="CA certificate(s) that authenticate the server's TLS certificate (EST; CMP over https://) when that is "
+         "not the domain CA (reverse proxy, site PKI); kept in the domain's tls store, so renewals need no option "
+         "(for CMP they replace the system trust store); repeatable.")
+
+
 def _server_options(f):
     opts = [
         click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Enrollment protocol."),
@@ -512,9 +519,7 @@ def _server_options(f):
                           "[use; remembered]."),
         click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="CA certificate(s) of the domain to trust (PEM/DER); repeatable."),
-        click.option("--tls-trust", "tls_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                     help="EST: CA certificate(s) that authenticate the server's TLS certificate when that is not "
-                     "the domain CA (reverse proxy, site PKI); kept in the domain's tls store; repeatable."),
+        _TLS_TRUST_OPTION,
         click.option("--cmp-trust", "cmp_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="CMP: anchor(s) for the response signer when not the domain CA; kept in the cmp store."),
         click.option("--cmp-server-cert", "cmp_server_files", multiple=True,
@@ -673,15 +678,30 @@ def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, lab
 
     if key_ref and server_keygen:
         raise click.UsageError("--key and --server-keygen exclude each other")
-    key_uri = None
+    key_uri, imported = None, False
     if key_ref:
         if key_ref.split(":", 1)[0] in ("tpm", "pkcs11", "file") and not os.path.exists(key_ref):
             key_uri = ks.register_key(key_ref, label=label)
         else:
             with open(key_ref, "rb") as f:
-                key_uri = ks.import_key(load_private_key(f.read(), key_ref), label=label)
+                key_uri, imported = ks.import_key(load_private_key(f.read(), key_ref), label=label), True
     return KeySpec(key_type=key_type or "p256", backend=key_backend or "soft", key_uri=key_uri,
-                   server_keygen=server_keygen, allow_weak=allow_weak, explicit=bool(key_type)), bool(key_ref and not key_uri.startswith(("tpm", "pkcs11")))
+                   server_keygen=server_keygen, allow_weak=allow_weak, explicit=bool(key_type)), imported
+
+
+def _issue_discarding_import(ks, spec, imported: bool, coro):
+    """Run the enrollment ``coro``; when it fails, a key this command imported from a PEM file (--key FILE) and
+    no credential uses is discarded again (the operator still has the file): a failed enroll stores nothing."""
+    try:
+        return run_async(coro)
+    except BaseException:
+        rec = ks.key_record(spec.key_uri) if imported else None
+        if rec is not None and rec.get("state") == "pending":
+            try:
+                ks.discard_key(spec.key_uri)
+            except Exception as e:  # pragma: no cover - reported; the enrollment's error is what matters
+                click.echo(f"devagent: warning: could not discard the imported key {spec.key_uri}: {e}", err=True)
+        raise
 
 
 def _subject_sans(subject, sans):
@@ -692,39 +712,74 @@ def _subject_sans(subject, sans):
     return parse_subject(subject or f"CN={socket.gethostname()}"), tuple(parse_san(s) for s in sans)
 
 
-def _add_trust(ks, domain, trust_files, purpose: str = "pki"):
+# option (its click name) -> (trust store, command-line flag)
+_TRUST_STORES = {"trust_files": ("pki", "--trust"), "tls_trust_files": ("tls", "--tls-trust"),
+                 "cmp_trust_files": ("cmp", "--cmp-trust"), "cmp_server_files": ("cmp-server", "--cmp-server-cert")}
+_TRUST_OPTIONS = tuple(_TRUST_STORES)
+
+
+def _trust_file_certs(path, opt: str) -> list:
+    """The anchors a trust option's file gives (CA certificates; any certificate for --cmp-server-cert). A file
+    that is not certificates, or has none usable, is a usage error naming the option and the file."""
     from keystore.certs import load_certificate_file
+    from keystore.errors import KeystoreError
     from keystore.validator import is_ca
 
-    for f in trust_files or ():
-        certs = [c for c in load_certificate_file(f) if purpose == "cmp-server" or is_ca(c)]
-        if certs:
-            ks.add_trust_anchors(domain, certs, source=f, purpose=purpose)
+    purpose, flag = _TRUST_STORES[opt]
+    try:
+        certs = load_certificate_file(str(path))
+    except KeystoreError as e:
+        raise click.BadParameter(str(e), param_hint=flag) from None
+    if purpose != "cmp-server":
+        certs = [c for c in certs if is_ca(c)]
+        if not certs:
+            raise click.BadParameter(f"{path}: no CA certificate in it (a trust anchor is the CA certificate that "
+                                     "issued the server's or the domain's certificates, basicConstraints CA:TRUE)"
+                                     + ("; to trust a CMP server's own certificate use --cmp-server-cert"
+                                        if purpose == "cmp" else ""), param_hint=flag)
+    return certs
 
 
-def _add_trust_stores(ks, domain, kw) -> None:
-    """--trust, --tls-trust, --cmp-trust, --cmp-server-cert into the domain's trust stores (docs/trust.md)."""
-    for opt, purpose in (("trust_files", "pki"), ("tls_trust_files", "tls"), ("cmp_trust_files", "cmp"),
-                         ("cmp_server_files", "cmp-server")):
-        _add_trust(ks, domain, kw.get(opt), purpose)
+def _add_trust_stores(ks, domain, kw, only=_TRUST_OPTIONS, check=()) -> None:
+    """--trust, --tls-trust, --cmp-trust, --cmp-server-cert into the domain's trust stores (docs/trust.md).
+    Every file (also those of the ``check`` options, used for this command only) is read and checked before
+    anything is stored."""
+    loaded = [(opt, f, _trust_file_certs(f, opt)) for opt in (*only, *check) for f in (kw.get(opt) or ())]
+    for opt, f, certs in loaded:
+        if opt in only:
+            ks.add_trust_anchors(domain, certs, source=str(f), purpose=_TRUST_STORES[opt][0])
 
 
-_TRUST_OPTIONS = ("trust_files", "tls_trust_files", "cmp_trust_files", "cmp_server_files")
+def _trust_domain(cred) -> str:
+    """The domain whose trust stores authenticate ``cred``'s server (lifecycle.options_for_credential)."""
+    return (cred.record.get("meta", {}).get("enroll") or {}).get("server_trust_domain") or cred.domain
 
 
-def _undo_trust_on_failure(f):
-    """A failed enroll/request leaves no trust anchor behind that its --trust, --tls-trust, --cmp-trust or
-    --cmp-server-cert added (an EST bootstrap root accepted by fingerprint or confirmation stays: that trust was
-    established on its own)."""
+def _undo_trust_on_failure(f=None, *, credential_domain: bool = False):
+    """A failed enroll/request (renew/revoke/ca-update/cert-template) leaves no trust anchor behind that its
+    --trust, --tls-trust, --cmp-trust or --cmp-server-cert added (an EST bootstrap root accepted by fingerprint or
+    confirmation stays: that trust was established on its own). ``credential_domain``: the domain is the trust
+    domain of the credential named by the command's ``name`` (renew, revoke)."""
     import functools
+
+    if f is None:
+        return functools.partial(_undo_trust_on_failure, credential_domain=credential_domain)
 
     @functools.wraps(f)
     def wrapper(app, *args, **kw):
-        domain = kw.get("domain")
         files = {str(p) for o in _TRUST_OPTIONS for p in (kw.get(o) or ())}
         if not files:
             return f(app, *args, **kw)
         ks = app.keystore()
+        if credential_domain:
+            from agent.lifecycle import get_or_none
+
+            cred = get_or_none(ks, kw.get("name"))
+            if cred is None:
+                return f(app, *args, **kw)  # it names the missing credential; nothing was added
+            domain = _trust_domain(cred)
+        else:
+            domain = kw.get("domain")
         before = {(r["fingerprint"], r["purpose"]) for r in ks.trust_records(domain)}
         try:
             return f(app, *args, **kw)
@@ -872,10 +927,10 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
                                              key_uri=key_uri, op="enroll", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
-    cred = run_async(lifecycle.enroll(ks, client, name=name, domain=domain, subject=subj,
-                                      sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
-                                       csrattrs=kw.get("csrattrs") or "use"))
+    spec, imported = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    cred = _issue_discarding_import(ks, spec, imported, lifecycle.enroll(
+        ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
+        profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))
     _write_outputs(cred.certificate, cred.chain, certout, chainout)
     _print_cred(app, cred, "enrolled")
     _unconfirmed_exit(app, cred)
@@ -983,7 +1038,8 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
     ldevid = ks.find_domain_credential(domain)
     if ldevid is None:
         raise lifecycle.LifecycleError(f"no LDevID for domain {domain}: run 'devagent enroll --domain {domain}' first")
-    _add_trust_stores(ks, domain, {k: v for k, v in kw.items() if k != "trust_files"})  # --trust: this request only
+    _add_trust_stores(ks, domain, kw, only=tuple(o for o in _TRUST_OPTIONS if o != "trust_files"),
+                      check=("trust_files",))  # --trust: this request only
     protocol = protocol or ldevid.record.get("protocol")
     server = server or ldevid.record.get("server")
     remembered = ldevid.record.get("meta", {}).get("enroll", {})
@@ -1007,10 +1063,10 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
                                              key_uri=key_uri, op="request", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, _ = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
-    cred = run_async(lifecycle.request(ks, client, name=name, domain=domain, subject=subj,
-                                       sans=san_list, key=spec, auth=auth, profile=kw.get("profile"), remember=remember,
-                                        csrattrs=kw.get("csrattrs") or "use"))
+    spec, imported = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    cred = _issue_discarding_import(ks, spec, imported, lifecycle.request(
+        ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
+        profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))
     _write_outputs(cred.certificate, cred.chain, certout, chainout)
     _print_cred(app, cred, "issued")
     _unconfirmed_exit(app, cred)
@@ -1041,18 +1097,22 @@ def _cmp_overrides(kw) -> dict:
 @click.option("--password", help="EST: HTTP Basic password: env:VAR, file:PATH or pass:TEXT (env:/file: are "
                                  "remembered as the reference, never the secret).")
 @click.option("--implicit-confirm/--no-implicit-confirm", default=None, help="CMP implicitConfirm (remembered).")
+@_TLS_TRUST_OPTION
 @_cmp_options
 @_output_options
 @pass_app
+@_undo_trust_on_failure(credential_domain=True)
 def renew(app: App, name, rekey, protocol, server, timeout_s, username, password, certout, chainout, **kw):
     """Renew a credential (CMP kur / EST simplereenroll) with its current certificate. CMP switches given here
-    override the remembered ones and are remembered for the daemon's renewals."""
+    override the remembered ones and are remembered for the daemon's renewals; so is --tls-trust (the domain's
+    tls store)."""
     from agent import lifecycle
 
     if password is not None and username is None:
         raise click.UsageError("--password needs --username")
     ks = app.keystore()
     cred = ks.get(name)
+    _add_trust_stores(ks, _trust_domain(cred), kw, only=("tls_trust_files",))
     overrides = _cmp_overrides(kw)
     client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, "timeout_s": timeout_s,
                                                         **overrides})
@@ -1072,14 +1132,17 @@ REASONS = ("unspecified", "keyCompromise", "cACompromise", "affiliationChanged",
 @click.option("--reason", type=click.Choice(REASONS), default="unspecified", show_default=True)
 @click.option("--protocol", type=click.Choice(["cmp", "est"]), help="Override the remembered protocol.")
 @click.option("--server", help="Override the remembered server URL.")
+@_TLS_TRUST_OPTION
 @_cmp_options
 @pass_app
+@_undo_trust_on_failure(credential_domain=True)
 def revoke(app: App, name, reason, protocol, server, **kw):
     """Revoke a credential's certificate (CMP rr). EST has no revocation."""
     from agent import lifecycle
 
     ks = app.keystore()
     cred = ks.get(name)
+    _add_trust_stores(ks, _trust_domain(cred), kw, only=("tls_trust_files",))
     client = lifecycle.client_for_credential(ks, cred, {"protocol": protocol, "server": server, **_cmp_overrides(kw)})
     run_async(lifecycle.revoke(ks, name, client=client, reason=reason))
     app.out({"revoked": name, "reason": reason}, f"revoked {name} ({reason})")
@@ -1100,8 +1163,10 @@ def revoke(app: App, name, reason, protocol, server, **kw):
 @click.option("--old-root", "old_root_file", type=click.Path(exists=True, dir_okay=False),
               help="CMP: the current root to ask a root CA key update for (genm rootCaCert) [the domain's "
                    "trust anchor].")
+@_TLS_TRUST_OPTION
 @_cmp_options
 @pass_app
+@_undo_trust_on_failure
 def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint, timeout_s, ref, secret, mac,
               recipient, old_root_file, **kw):
     """Fetch the CA certificates (EST /cacerts, CMP genm caCerts + rootCaCert) and update the truststore.
@@ -1115,6 +1180,7 @@ def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint
 
     ks = app.keystore()
     cred = ks.find_domain_credential(domain)
+    _add_trust_stores(ks, domain, kw, only=("tls_trust_files",))
     overrides = {"protocol": protocol, "server": server, "label": label, "profile": profile, "timeout_s": timeout_s,
                  **_cmp_overrides({**kw, "mac": mac, "recipient": recipient})}
     if cred is not None and not secret:
@@ -1159,8 +1225,10 @@ def ca_update(app: App, domain, protocol, server, label, profile, ca_fingerprint
 @click.option("--trust", "trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="CMP trust anchor(s) for a signed genp [the domain's].")
 @click.option("--timeout", "timeout_s", type=float, default=None)
+@_TLS_TRUST_OPTION
 @_cmp_options
 @pass_app
+@_undo_trust_on_failure
 def cert_template(app: App, domain, server, ref, secret, mac, recipient, trust_files, timeout_s, **kw):
     """Show the CMP server's certificate request template (genm certReqTemplate, RFC 9483 4.3.3).
 
@@ -1177,6 +1245,8 @@ def cert_template(app: App, domain, server, ref, secret, mac, recipient, trust_f
     server = server or remembered.get("server")
     if not server:
         raise click.UsageError(f"no LDevID for {domain} to take the server from: give --server")
+    _add_trust_stores(ks, domain, {**kw, "trust_files": trust_files}, only=("tls_trust_files",),
+                      check=("trust_files",))
     if secret:
         if not ref:
             raise click.UsageError("--secret needs --ref")
@@ -1188,6 +1258,8 @@ def cert_template(app: App, domain, server, ref, secret, mac, recipient, trust_f
     trust = tuple(c for f in trust_files for c in load_certificate_file(f)) or tuple(ks.trust_anchors(domain))
     extra = {k: remembered[k] for k in CMP_REMEMBERED if k in remembered}
     extra.update(_cmp_extra(kw))
+    tls = lifecycle.server_trust(ks, domain, "cmp")[1]  # an https:// server: the domain's tls store
+    extra.update({k: v for k, v in tls.items() if k.startswith("tls_")})
     client = client_for("cmp", EnrollOptions(
         server=server, trust_anchors=trust, domain=domain, timeout_s=timeout_s or 30.0,
         mac=mac or remembered.get("mac") or "pbm", recipient=_recipient(recipient or remembered.get("recipient")),

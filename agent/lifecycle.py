@@ -685,7 +685,8 @@ def server_trust(ks: Keystore, domain: str | None, protocol: str | None,
     """(EnrollOptions.trust_anchors, extra) that authenticate ``domain``'s server (docs/trust.md, trust stores):
     EST: the ``tls`` store, else the domain PKI (``pki`` or the ``pki`` store), and the domain PKI as
     ``extra["ca_anchors"]`` for the issued certificate when TLS has its own anchors; CMP: the ``cmp`` store, else
-    the domain PKI, and the ``cmp-server`` store's pinned certificates as ``extra["server_certs"]``."""
+    the domain PKI, the ``cmp-server`` store's pinned certificates as ``extra["server_certs"]``, and the ``tls``
+    store as ``extra["tls_verify"]`` (what authenticates an https:// CMP server; without it the system store)."""
     if not domain:
         return tuple(pki), {}
     pki = tuple(pki) or tuple(ks.trust_anchors(domain))
@@ -699,6 +700,12 @@ def server_trust(ks: Keystore, domain: str | None, protocol: str | None,
         pinned = tuple(ks.trust_anchors(domain, "cmp-server"))
         if pinned:
             extra["server_certs"] = pinned
+        tls = tuple(ks.trust_anchors(domain, "tls"))
+        if tls:  # an https:// CMP server is authenticated by these alone (else: the system trust store)
+            extra["tls_verify"] = tls
+            extra["tls_trust_source"] = (f"domain {domain}'s tls trust store ({len(tls)} anchor(s), from --tls-trust; "
+                                         f"'devagent keystore trust --domain {domain} --purpose tls' lists them, "
+                                         "--remove FP drops one)")
         return tuple(ks.trust_anchors(domain, "cmp")) or pki, extra
     return pki, extra
 

@@ -1059,8 +1059,9 @@ class Keystore:
                 for v in drop:
                     fsutil.remove_tree(cdir / f"{v:04d}", secret=False)
             rec = self._record(name)
-        details = dict(name=name, kind=kind, domain=domain, version=version, serial=format(certificate.serial_number,
-                       "x"), fingerprint=fingerprint(certificate), not_after=certificate.not_valid_after_utc.isoformat())
+        details = dict(name=name, kind=kind, domain=domain, version=version,
+                       serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
+                       not_after=certificate.not_valid_after_utc.isoformat())
         if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
             details["checked_at"] = policy.reading.record()
         if unsynced is not None:
@@ -1412,7 +1413,8 @@ class Keystore:
                 self._destroyed.discard(uri)
                 _log.warning("discarded pending key %s: %s", uri, why)
                 self.audit("pending-key-discard", key_uri=uri, reason=why, owner=rec.get("owner"),
-                           created=rec.get("created"), key_type=rec.get("key_type"), label=rec.get("label"), pending_for=rec.get("pending_for"),
+                           created=rec.get("created"), key_type=rec.get("key_type"), label=rec.get("label"),
+                           pending_for=rec.get("pending_for"),
                            **({} if destroyed else {"retired": "still held by its owner"}))
                 done.append(uri)
         return done

@@ -41,8 +41,10 @@ def client_from_options(options: EnrollOptions):
             certificate or trust anchor named as its sender (off by default).
         ``cert_template`` (bool): ask for and apply the server's certReqTemplate before ir/cr.
         ``mac_iterations`` (int): iteration count of our PBM/PBMAC1 (default 10000).
-        ``tls_verify`` (bool | str | ssl.SSLContext): for https:// URLs (default True = the system trust store;
-            a str is a CA file or directory).
+        ``tls_verify`` (bool | str | sequence of x509.Certificate | ssl.SSLContext): what authenticates an
+            https:// server (default True = the system trust store; a str is a CA file or directory; certificates
+            are the TLS trust anchors, only they: the domain's ``tls`` store, ``--tls-trust``).
+        ``tls_trust_source`` (str): how an untrusted-server error names where that trust came from.
         ``http_keep_alive`` (bool): reuse the HTTP connection between messages (default False).
         ``file_wait_s`` (float): how long the file transport waits for a response file
             (default ``options.max_wait_s``).
@@ -82,6 +84,7 @@ def client_from_options(options: EnrollOptions):
     else:
         transport = HttpTransport(options.server, timeout_s=options.timeout_s, retries=options.retries,
                                   verify=extra.get("tls_verify", True),
+                                  trust_source=extra.get("tls_trust_source"),
                                   keep_alive=bool(extra.get("http_keep_alive", False)),
                                   operation_labels=bool(extra.get("operation_labels", False)),
                                   path_profile=options.profile if profile_in in ("path", "both") else None)

@@ -65,13 +65,15 @@ class HttpTransport(Transport):
     thread, so a cancelled exchange returns at once (its socket is shut down) and never holds up the event
     loop's shutdown. ``timeout_s`` bounds the connect and each read/write. Redirects are not followed (a 3xx
     is a ``ServerError``). ``verify``: True = the system trust store (OpenSSL's default paths, which honour
-    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), False = no verification, a CA file or directory path, or an
-    ``ssl.SSLContext``. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``), False = no verification, a CA file or directory path, a sequence of
+    ``x509.Certificate`` (the TLS trust anchors, e.g. the domain's ``tls`` store: ``--tls-trust``), or an
+    ``ssl.SSLContext``. ``trust_source`` names where that trust comes from in the error of a server certificate
+    that does not verify (default: described from ``verify``). An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
                  retry_base_s: float = RETRY_BASE_S, headers: dict | None = None, keep_alive: bool = False,
-                 operation_labels: bool = False, path_profile: str | None = None):
+                 operation_labels: bool = False, path_profile: str | None = None, trust_source: str | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"CMP URL must start with http:// or https://: {url!r}")
         if timeout_s <= 0 or retries < 0:
@@ -93,7 +95,13 @@ class HttpTransport(Transport):
         self._last_url = url
         self.timeout_s = timeout_s
         self.retries = retries
+        if isinstance(verify, (list, tuple)):
+            verify = tuple(verify)
+            if not verify:
+                raise ValueError("TLS trust anchors: the sequence is empty (give at least one CA certificate, or "
+                                 "verify=True for the system trust store)")
         self.verify = verify
+        self.trust_source = trust_source
         self.retry_base_s = retry_base_s
         self.keep_alive = keep_alive
         self.headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, "Cache-Control": "no-cache",
@@ -147,10 +155,10 @@ class HttpTransport(Transport):
                                       f"({type(e).__name__}); attempt {attempt + 1} of {self.retries + 1}")
                 continue
             except ssl.SSLCertVerificationError as e:  # the same certificate next time: retrying cannot help
+                source, hint = self._trust_description()
                 raise TransportError(f"POST {url}: {type(e).__name__}: certificate verify failed: "
-                                     f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by the "
-                                     "store it is checked against (by default the system trust store: add its CA "
-                                     "there, or name a CA file with SSL_CERT_FILE)") from None
+                                     f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by "
+                                     f"{source}; {hint}") from None
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
@@ -243,6 +251,24 @@ class HttpTransport(Transport):
             self._ssl = _ssl_context(self.verify)
         return self._ssl
 
+    def _trust_description(self) -> tuple[str, str]:
+        """(where the TLS trust comes from, what to do) for the error of a server certificate that does not
+        verify: the option, file or store a user can act on."""
+        give = "give the CA that issued the server's TLS certificate with --tls-trust FILE"
+        if self.trust_source:
+            return self.trust_source, give
+        v = self.verify
+        if v is True:
+            env = [f"{k}={os.environ[k]}" for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if os.environ.get(k)]
+            where = ", ".join(env) if env else "OpenSSL's default paths"
+            return (f"the system trust store ({where})",
+                    f"{give} (it then replaces the system store), or add that CA to the system store")
+        if isinstance(v, (str, os.PathLike)):
+            return f"the CA {'directory' if os.path.isdir(v) else 'file'} {os.fspath(v)}", give
+        if isinstance(v, tuple):
+            return f"the {len(v)} TLS trust anchor(s) given", give
+        return "the given ssl.SSLContext", "load the CA that issued the server's TLS certificate into it"
+
     def _check(self, status: int, reason: str, ctype: str, body: bytes, url: str,
                operation: str | None = None) -> bytes:
         ctype = (ctype or "").split(";")[0].strip().lower()
@@ -309,6 +335,14 @@ def _ssl_context(verify):
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    elif isinstance(verify, tuple):  # x509.Certificate anchors: these only, not the system store (as curl --cacert)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        try:
+            pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in verify)
+        except AttributeError:
+            raise TypeError("TLS trust anchors must be x509.Certificate objects") from None
+        ctx = ssl.create_default_context(cadata=pem)
     elif isinstance(verify, (str, os.PathLike)):
         path = os.fspath(verify)
         if os.path.isdir(path):
@@ -318,7 +352,8 @@ def _ssl_context(verify):
         else:
             raise ValueError(f"TLS trust {path!r}: no such CA file or directory")
     else:
-        raise TypeError(f"verify must be a bool, a CA path or an ssl.SSLContext, not {type(verify).__name__}")
+        raise TypeError(f"verify must be a bool, a CA path, x509.Certificate anchors or an ssl.SSLContext, not "
+                        f"{type(verify).__name__}")
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

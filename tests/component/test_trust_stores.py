@@ -48,7 +48,11 @@ def test_stores_are_separate(ks):
     anchors, extra = server_trust(ks, "plant", "est")
     assert anchors == (tls,) and extra == {"ca_anchors": (pki,)}
     anchors, extra = server_trust(ks, "plant", "cmp")
-    assert anchors == (cmp_, pki) and extra == {"server_certs": (srv,)}
+    assert anchors == (cmp_, pki) and extra["server_certs"] == (srv,)
+    assert extra["tls_verify"] == (tls,) and "domain plant's tls trust store" in extra["tls_trust_source"]
+    assert set(extra) == {"server_certs", "tls_verify", "tls_trust_source"}  # https:// CMP: the tls store alone
+    ks.remove_trust_anchor("plant", __import__("keystore.certs").certs.fingerprint(tls), "tls")
+    assert "tls_verify" not in server_trust(ks, "plant", "cmp")[1]  # no tls store: the system store
 
 
 def test_remove_from_one_store_or_all(ks):

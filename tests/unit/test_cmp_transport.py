@@ -325,6 +325,43 @@ def test_an_untrusted_server_certificate_is_not_retried(https_server, monkeypatc
     assert "attempt" not in str(e.value), "a TLS verification failure is final: no retry"
 
 
+def test_https_with_certificate_anchors(https_server):
+    """verify= x509.Certificate anchors (the domain's tls store): these alone authenticate the server."""
+    from cryptography import x509
+
+    url, ca = https_server
+    root = x509.load_pem_x509_certificate(open(ca, "rb").read())
+    assert exchange(url + "/ok", b"tls", verify=[root]) == b"slt"
+    with pytest.raises(ValueError, match="sequence is empty"):
+        exchange(url + "/ok", verify=())
+    with pytest.raises(TypeError, match="x509.Certificate"):
+        exchange(url + "/ok", verify=("not a certificate",))
+
+
+def test_untrusted_server_error_names_where_trust_came_from(https_server, tmp_path, monkeypatch):
+    from tests.certfactory import Spec, chain, key
+
+    url, _ = https_server
+    other = chain(root=Spec(key=key("p256", 41), subject=None)).root
+    with pytest.raises(TransportError, match=r"not trusted by domain plant's tls store; give the CA that issued "
+                                             r"the server's TLS certificate with --tls-trust FILE"):
+        exchange(url + "/ok", verify=[other], retries=0, trust_source="domain plant's tls store")
+    with pytest.raises(TransportError, match=r"not trusted by the 1 TLS trust anchor\(s\) given"):
+        exchange(url + "/ok", verify=[other], retries=0)
+    f = tmp_path / "other.pem"
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    f.write_bytes(other.public_bytes(Encoding.PEM))
+    with pytest.raises(TransportError, match=f"not trusted by the CA file {f}"):
+        exchange(url + "/ok", verify=str(f), retries=0)
+    monkeypatch.setenv("SSL_CERT_FILE", str(f))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with pytest.raises(TransportError, match=rf"not trusted by the system trust store \(SSL_CERT_FILE={f}\); "
+                                             r"give the CA .* with --tls-trust FILE \(it then replaces the system "
+                                             r"store\)"):
+        exchange(url + "/ok", verify=True, retries=0)
+
+
 def test_https_bad_ca_path(https_server, tmp_path):
     with pytest.raises(ValueError, match="no such CA file or directory"):
         exchange(https_server[0] + "/ok", verify=str(tmp_path / "missing.pem"))

@@ -1,0 +1,138 @@
+"""`devagent` CMP over https:// against OpenSSL's CMP mock server behind a TLS front whose certificate comes from
+a site CA that is not the domain's CA (issue #13, trust stores by purpose): --tls-trust SITE-CA authenticates the
+server, is kept in the domain's tls store and serves kur, rr, genm and the daemon's renewals without the option;
+without it, or with the wrong CA, the enrollment fails with one clear TransportError and stores nothing (no
+--trust anchor left behind); a missing or garbage --tls-trust file is a usage error naming it.
+
+The mock server (``openssl cmp -port``, plain HTTP) and the front (Python ssl = OpenSSL) run in a private
+network namespace; the CLI runs in-process on a thread that joined it (tests/peers/openssl_cmp.py)."""
+from __future__ import annotations
+
+import pytest
+
+from keystore.certs import fingerprint
+from keystore.store import Keystore
+from tests.peers import openssl_cmp as O
+from tests.peers.est import Devagent, stored
+from tests.peers.tls_front import TlsFront, make_site_pki
+
+NO_SYSTEM_TRUST = {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    O.require_tools()
+    return O.make_pki(tmp_path_factory.mktemp("cmp-pki"))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return make_site_pki(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def front(pki, site):
+    with O.MockServer(pki, signed=True) as srv, TlsFront(site, srv.port, netns_pid=srv.pid) as tls:
+        tls.srv = srv
+        yield tls
+
+
+@pytest.fixture
+def dev(tmp_path, front):
+    d = Devagent(tmp_path / "state", inside=front.srv.run, env=NO_SYSTEM_TRUST)
+    d("keystore", "init")
+    return d
+
+
+def _enroll(dev, front, pki, *extra, code=0):
+    return dev("enroll", "--protocol", "cmp", "--server", front.url, "--domain", "plant", "--ref", O.REF,
+               "--secret", f"pass:{O.SECRET}", "--trust", pki.path("root.pem"), "--key", pki.path("device_key.pem"),
+               "--subject", "CN=device-0001", *extra, code=code)
+
+
+def test_tls_trust_enrolls_and_is_remembered_for_kur_rr_genm(dev, front, pki, site):
+    shakes, forwarded = front.handshakes, front.forwarded
+    _enroll(dev, front, pki, "--tls-trust", site.ca_file)
+    ks = Keystore.open(dev.state)
+    assert ks.get("ldevid-plant").certificate == pki.device_cert
+    assert [fingerprint(a) for a in ks.trust_anchors("plant", "tls")] == [fingerprint(site.ca)]
+    assert fingerprint(site.ca) not in [fingerprint(a) for a in ks.trust_anchors("plant")]  # not a domain anchor
+    listed = dev("keystore", "trust", "--domain", "plant", "--purpose", "tls").output
+    assert fingerprint(site.ca) in listed and "tls" in listed
+    # kur (the mock answers one fixed certificate: no rekey), genm, rr: no --tls-trust needed any more
+    dev("renew", "ldevid-plant", "--no-rekey")
+    assert Keystore.open(dev.state).get("ldevid-plant").version == 2
+    # genm over TLS: OpenSSL 3.0's mock echoes caCerts without certificates (test_cmp_openssl), so the verified
+    # answer ends in "no CA certificate" (exit 4) -- not in a TLS error (exit 6)
+    r = dev("ca-update", "--domain", "plant", code=4)
+    assert "the server sent no CA certificate" in r.output, r.output
+    # the daemon's renewal path: the client it builds from the record (lifecycle.client_for_credential)
+    from agent import lifecycle
+
+    ks = Keystore.open(dev.state)
+    client = lifecycle.client_for_credential(ks, ks.get("ldevid-plant"))
+    assert client.transport.verify == (site.ca,)
+    ks.close()
+    dev("revoke", "ldevid-plant", "--reason", "superseded")
+    assert Keystore.open(dev.state).get("ldevid-plant").record["meta"].get("revoked") == "superseded"
+    # ir, certConf, kur, certConf, genm, rr: each a connection of its own, TLS through the front to the mock
+    assert front.handshakes - shakes >= 6 and front.forwarded - forwarded == front.handshakes - shakes
+
+
+def _refused(dev, front, pki, *extra):
+    before = stored(dev.state)
+    forwarded = front.forwarded
+    r = _enroll(dev, front, pki, *extra, code=6)
+    assert "certificate verify failed" in r.output and "not trusted by" in r.output, r.output
+    assert "attempt" not in r.output, "a TLS verification failure is final, not retried"
+    assert front.forwarded == forwarded, "no CMP request may reach the server"
+    assert stored(dev.state) == before, "nothing stored, no --trust anchor left behind"
+    ks = Keystore.open(dev.state)
+    assert ks.trust_records("plant") == [] and ks.list() == [] and ks.pending_keys() == []
+    return r.output
+
+
+def test_without_tls_trust_the_system_store_refuses_the_site_ca(dev, front, pki):
+    out = _refused(dev, front, pki)
+    assert "the system trust store (OpenSSL's default paths)" in out and "--tls-trust" in out, out
+
+
+def test_with_the_wrong_tls_trust_refused_naming_the_tls_store(dev, front, pki, tmp_path):
+    out = _refused(dev, front, pki, "--tls-trust", pki.path("root.pem"))  # the domain CA, not the site CA
+    assert "domain plant's tls trust store" in out and "--tls-trust" in out, out
+    other = make_site_pki(tmp_path / "other", cn="Other Site CA")
+    _refused(dev, front, pki, "--tls-trust", other.ca_file)
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "not-a-ca"])
+def test_bad_tls_trust_file_is_a_usage_error_naming_it(dev, front, pki, site, tmp_path, case):
+    path = tmp_path / "site.pem"
+    if case == "garbage":
+        path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    elif case == "not-a-ca":
+        path.write_bytes(site.server.public_bytes(__import__("cryptography.hazmat.primitives.serialization",
+                                                             fromlist=["Encoding"]).Encoding.PEM))
+    before = stored(dev.state)
+    forwarded = front.forwarded
+    r = _enroll(dev, front, pki, "--tls-trust", str(path), code=2)
+    assert "--tls-trust" in r.output and "site.pem" in r.output, r.output
+    assert front.forwarded == forwarded and stored(dev.state) == before
+
+
+def test_renew_with_tls_trust_after_the_front_changed_ca(dev, front, pki, site, tmp_path):
+    """An LDevID enrolled before the front (no tls store) renews once --tls-trust is given to renew; a failed
+    renew with a wrong file leaves that anchor behind in no store."""
+    _enroll(dev, front, pki, "--tls-trust", site.ca_file)
+    ks = Keystore.open(dev.state)
+    ks.remove_trust_anchor("plant", fingerprint(site.ca), "tls")
+    ks.close()
+    other = make_site_pki(tmp_path / "other", cn="Other Site CA")
+    before = stored(dev.state)
+    r = dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", other.ca_file, code=6)
+    assert "certificate verify failed" in r.output and "domain plant's tls trust store" in r.output, r.output
+    assert stored(dev.state) == before
+    r = dev("renew", "ldevid-plant", "--no-rekey", code=6)
+    assert "the system trust store" in r.output, r.output
+    dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", site.ca_file)
+    dev("renew", "ldevid-plant", "--no-rekey")
+    assert Keystore.open(dev.state).get("ldevid-plant").version == 3
