@@ -18,6 +18,10 @@ Invariants:
 - At most one key generation runs at a time, /csr is rate limited, and at most ``max_pending`` keys made for the
   CLM are pending: a new /csr for a credential supersedes (destroys) the earlier pending key for that name.
 - Blocking work (key generation, keystore fsyncs) runs in a worker thread, one keystore operation at a time.
+- /verify answers once the new version's commit and its audit line are durable; destroying the superseded key
+  and pruning old versions (``Keystore.flush``) runs right after, as the next keystore operation (a crash in
+  between is finished by the keystore's ``gc``: the commit lists the key in ``meta.destroying``). ``drain``
+  waits for it.
 """
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class DeviceService:
         self.bucket = TokenBucket(config.csr_rate_per_min / 60.0, config.csr_burst, clock)
         self._keygen = asyncio.Lock()
         self._store = asyncio.Lock()
+        self._cleanup: asyncio.Task | None = None  # the flush after the last /verify answer (see verify)
 
     # ---- CSR_generation_request ----------------------------------------------------------------------------
     # ---- authorization ------------------------------------------------------------------------------------
@@ -340,7 +345,8 @@ class DeviceService:
                 self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
             cred = self.ks.store_certificate(name, cert, chain, key_uri=rec["uri"], kind=kind, domain=domain,
                                              check_validity=self.config.check_validity, protocol=DELEGATED_PROTOCOL,
-                                             server=peer, meta={"via": "clm", "coap_context": self._grant(peer).peer})
+                                             server=peer, meta={"via": "clm", "coap_context": self._grant(peer).peer},
+                                             defer_cleanup=True)  # flushed after the answer: see verify
         except VerificationError as e:
             code = FORBIDDEN if e.reason in FORBIDDEN_REASONS else BAD_REQUEST
             raise _refuse(code, e.reason, str(e)) from None
@@ -357,15 +363,40 @@ class DeviceService:
             ServiceError: 4.09 no pending key, 4.03 rejected (reason = keystore VerificationError reason).
         """
         async with self._store:
-            res = await asyncio.to_thread(self._verify_and_store, certs, peer)
+            try:
+                res = await asyncio.to_thread(self._verify_and_store, certs, peer)
+            finally:
+                # The superseded key's destruction and the pruning of old versions, deferred by the store: a task
+                # whose first step runs once this one yields, i.e. after the caller has sent the answer (aiocoap
+                # sends the rendered response in the same step). It queues on _store, ahead of the next request.
+                if self.ks.deferred:
+                    self._cleanup = asyncio.get_running_loop().create_task(self._flush(),
+                                                                           name="devagent-verify-flush")
         log.info("stored certificate %s v%d (not after %s) from %s, verified in %.3f s", res.name, res.version,
                  res.not_after.isoformat(), peer or "-", res.elapsed_s)
         return res
 
-    async def drain(self) -> None:
-        """Wait until a key generation or store in progress has finished (clean shutdown)."""
+    async def _flush(self) -> None:
         async with self._store:
-            pass
+            try:
+                await asyncio.to_thread(self.ks.flush)  # logs and audits its own failures; gc finishes them
+            except Exception as e:  # noqa: BLE001 - e.g. the keystore lock timed out: gc finishes it
+                log.error("deferred keystore cleanup failed: %s: %s", type(e).__name__, e)
+
+    async def flush(self) -> None:
+        """Wait until the work deferred by the last /verify (destroying the superseded key, pruning old
+        versions) is done."""
+        task = self._cleanup
+        if task is not None:
+            await asyncio.shield(task)
+        async with self._store:
+            if self.ks.deferred:
+                await asyncio.to_thread(self.ks.flush)
+
+    async def drain(self) -> None:
+        """Wait until a key generation or store in progress, and the cleanup after a /verify, has finished
+        (clean shutdown)."""
+        await self.flush()
 
     # ---- status -------------------------------------------------------------------------------------------
     def _status(self) -> dict:

@@ -196,6 +196,17 @@ class Credential:
         return d
 
 
+@dataclasses.dataclass
+class _Cleanup:
+    """What a durable commit leaves to do (``Keystore._cleanup``): the superseded key to destroy (claimed by the
+    exclusive lock ``claim``) and the version directories of credential ``name`` to remove."""
+
+    name: str
+    key: str | None
+    claim: int | None
+    versions: tuple[int, ...]
+
+
 class _View:
     """Lookups derived from one cached index document (rebuilt when the document changes)."""
 
@@ -258,6 +269,7 @@ class Keystore:
         self._parsed: dict[tuple, list[x509.Certificate]] = {}  # see _certs_of
         self._locks = KeyLocks(self.root)  # who may still use a key: see keylocks.py and _destroy_now
         self._destroyed: set[str] = set()  # keys destroyed here whose retired records the next _txn drops
+        self._deferred: list[_Cleanup] = []  # store_certificate(defer_cleanup=True) work for flush(), under _lock
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -319,6 +331,7 @@ class Keystore:
             _log.debug("index migration postponed: %s", e)
 
     def close(self) -> None:
+        self.flush()  # a superseded key whose destruction was deferred goes now (its claim is held until then)
         self._locks.release_all()
         for b in self._backends.values():
             b.close()
@@ -381,6 +394,7 @@ class Keystore:
     def _txn(self):
         """Read the whole index under the lock, let the caller mutate it, write it back in one replace."""
         with self._lock:
+            self._run_deferred()
             data = IndexStorage.mutable(self._storage.read())
             for t in ("credentials", "keys", "trust", "meta"):
                 data.setdefault(t, {})
@@ -968,11 +982,19 @@ class Keystore:
         now: datetime.datetime | None = None,
         check_validity: bool = True,
         allow_new: bool = True,
+        defer_cleanup: bool = False,
     ) -> Credential:
         """Verify ``certificate`` against our key and the domain's anchors, then make it the live version.
 
         A renewal of an existing credential adds a new version; the previous one stays live until this
         commit, and its key (if different) is destroyed afterwards.
+
+        ``defer_cleanup``: return once the commit and its audit line are durable, and leave destroying the
+        superseded key and removing versions beyond ``KEEP_VERSIONS`` to ``flush`` (a service answers its peer
+        first, then flushes). Nothing waits on that work for crash safety: the commit already lists the key in
+        ``meta.destroying`` and the pruned versions are unreferenced, so after a crash ``gc`` (or the next
+        ``store_certificate``) finishes both. Until then this object keeps the key claimed (no process can use
+        it), and every later write of this object, ``gc``, ``delete`` and ``close`` flush first.
 
         Raises:
             VerificationError: rejected (nothing written).
@@ -998,6 +1020,7 @@ class Keystore:
         # is dropped, so a peer cannot plant extra certificates.
         stored_chain = tuple(path[1:])
         with self._lock:
+            self._run_deferred()
             hit = self._view().creds().get(name)
             existing = hit[1] if hit is not None else None
             if existing is not None and existing["kind"] == "idevid":
@@ -1045,19 +1068,18 @@ class Keystore:
                             d.rmdir()
                 raise
             # Committed. Destroy the superseded key and prune old versions (only once the commit is durable: a
-            # power cut before the sync could bring back the previous index, which still needs both). Neither
-            # step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
-            # undoes an unlink, what stays is garbage that gc removes.
+            # power cut before the sync could bring back the previous index, which still needs both): now, or
+            # with defer_cleanup after this call's audit line, when the caller flushes (see _cleanup).
             unsynced = self.unsynced
-            if claim is not None:
-                if unsynced is None:
-                    self._finish_destroy(replaced, claim)
-                    self._destroyed.add(replaced)  # the next index write drops it from meta.destroying
-                else:
-                    self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
+            cleanup = None
             if unsynced is None:
-                for v in drop:
-                    fsutil.remove_tree(cdir / f"{v:04d}", secret=False)
+                cleanup = _Cleanup(name, replaced if claim is not None else None, claim, tuple(drop))
+            elif claim is not None:
+                self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
+            if cleanup is not None and not defer_cleanup:
+                self._cleanup(cleanup, deferred=False)
+            elif cleanup is not None and (cleanup.key or cleanup.versions):
+                self._deferred.append(cleanup)
             rec = self._record(name)
         details = dict(name=name, kind=kind, domain=domain, version=version,
                        serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
@@ -1132,6 +1154,54 @@ class Keystore:
                 self._destroyed.add(uri)
                 done.append(uri)
         return done
+
+    @property
+    def deferred(self) -> bool:
+        """True while ``store_certificate(defer_cleanup=True)`` left work for ``flush``."""
+        return bool(self._deferred)
+
+    def flush(self) -> None:
+        """Finish the work ``store_certificate(defer_cleanup=True)`` left: destroy the superseded keys (through
+        their backends) and remove version directories beyond ``KEEP_VERSIONS``. A failure is logged and audited
+        (``deferred-cleanup-failed``), never raised: the key stays listed in ``meta.destroying`` and the versions
+        unreferenced, and ``gc`` finishes them. Idempotent; a no-op when nothing is deferred."""
+        if not self._deferred:
+            return
+        with self._lock:
+            self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        """Under the lock: run the deferred cleanups (see ``flush``)."""
+        while self._deferred:
+            self._cleanup(self._deferred.pop(0), deferred=True)
+
+    def _cleanup(self, job: "_Cleanup", *, deferred: bool) -> None:
+        """Under the lock, after a durable commit: destroy the superseded key ``job.key`` (claimed by
+        ``job.claim``) and remove the version directories ``job.versions`` of ``job.name`` — only those the index
+        does not reference now (a deferred prune may run after the credential was deleted and enrolled anew).
+        Neither step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
+        undoes an unlink, what stays is garbage that gc removes. ``deferred=False``: errors propagate (as the
+        synchronous store always did)."""
+        try:
+            if job.key is not None:
+                self._finish_destroy(job.key, job.claim)
+                self._destroyed.add(job.key)  # the next index write drops it from meta.destroying
+            if job.versions:
+                hit = self._view().creds().get(job.name)
+                keep = (set(hit[1].get("versions", [])) | {hit[1]["version"]}) if hit is not None else set()
+                cdir = self.root / "creds" / job.name
+                for v in job.versions:
+                    if v not in keep:
+                        fsutil.remove_tree(cdir / f"{v:04d}", secret=False)
+        except (KeystoreError, OSError) as e:
+            if not deferred:
+                raise
+            _log.error("after storing %s: could not finish destroying the superseded key %s or removing old "
+                       "versions %s: %s; 'devagent keystore check' (gc) finishes it", job.name, job.key,
+                       list(job.versions), e)
+            with contextlib.suppress(KeystoreError):
+                self.audit("deferred-cleanup-failed", name=job.name, key_uri=job.key, versions=list(job.versions),
+                           error=str(e))
 
     def _sweep_versions(self, name: str, rec: dict | None) -> None:
         """Under the lock: remove version directories of ``name`` the index does not reference (left by a crash
@@ -1241,6 +1311,7 @@ class Keystore:
             raise ReadOnlyError(f"credential {name} is the manufacturer's IDevID: it is read-only and is deleted "
                                 "only with --force")
         with self._lock:  # the files go under the lock too: another process may be storing this name anew
+            self._run_deferred()
             uri = cred.key_uri
             shared = self._view().key_users().get(uri, []) != [name]
             # See store_certificate. Deleting is this process's own decision: its own holds do not keep the key.
@@ -1315,6 +1386,7 @@ class Keystore:
         ctx = contextlib.nullcontext() if locked else self._lock
         removed = []
         with ctx:
+            self._run_deferred()
             # A commit whose directory fsync failed left its superseded files unreferenced by an index that may not
             # be durable yet: sync first (StorageError if that still fails), so nothing a power cut could bring
             # back into use is removed.
@@ -1448,6 +1520,7 @@ class Keystore:
             KeystoreError: a key could not be destroyed (e.g. the TPM is unreachable); the plan stays, re-run.
         """
         with self._lock:
+            self._run_deferred()
             data = self._storage.read() or {}
             creds = list((data.get("credentials") or {}).values())
             keep = [c for c in creds if c["kind"] == "idevid" and not include_idevid]

@@ -153,3 +153,52 @@ def test_two_processes_never_lose_an_update(ks, lab):
     names = {c.name for c in opened.list()}
     assert names == {f"p{p}-{i}" for p in range(2) for i in range(per_proc)}
     assert opened.pending_keys() == [] and opened.check() == []
+
+
+def test_sigkill_between_the_answer_and_the_deferred_destroy_is_finished_by_gc(ks, lab):
+    """store_certificate(defer_cleanup=True) returned (the device answered /verify) and the process is killed
+    before its flush: the new version is live and usable, the superseded key is listed in meta.destroying, and
+    the next gc destroys it and removes the version beyond KEEP_VERSIONS; nothing live is lost."""
+    chain = lab.domain(DOMAIN).chain
+
+    def renew(k, **kw):
+        uri = k.generate_key("p256")
+        csr = build_csr(k.private_key(uri), parse_subject("CN=dev"))
+        return k.store_certificate("dev", lab.issue(DOMAIN, csr.public_key(), csr.subject), chain, key_uri=uri,
+                                   domain=DOMAIN, **kw)
+
+    for _ in range(3):
+        old = renew(ks)
+    ks.close()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the device service, killed right after answering
+        try:
+            os.close(r)
+            cred = renew(Keystore.open(ks.root), defer_cleanup=True)
+            os.write(w, (json.dumps([cred.version, cred.key_uri, cred.record["fingerprint"]]) + "\n").encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    with os.fdopen(r) as f:
+        version, key_uri, fp = json.loads(f.readline())
+    old_file = ks.root / old.key_uri.split(":", 1)[1]
+    opened = Keystore.open(ks.root)
+    assert old_file.exists(), "the kill must land before the deferred destroy"
+    assert opened.meta().get("destroying") == [old.key_uri]
+    assert sorted(int(p.name) for p in (ks.root / "creds" / "dev").iterdir()) == [1, 2, 3, 4]
+    cred = opened.get("dev")
+    assert (cred.version, cred.key_uri, cred.record["fingerprint"]) == (version, key_uri, fp) == (4, key_uri, fp)
+    assert build_csr(opened.private_key(cred.key_uri), cred.certificate.subject).is_signature_valid
+    assert opened.check() == []
+    opened.close()
+    removed = Keystore.open(ks.root).gc()
+    assert f"retired key {old.key_uri}" in removed
+    assert not old_file.exists() and Keystore.open(ks.root).meta().get("destroying") is None
+    assert sorted(int(p.name) for p in (ks.root / "creds" / "dev").iterdir()) == [2, 3, 4]
+    after = Keystore.open(ks.root)
+    assert after.get("dev").version == 4 and after.check() == []
+    assert build_csr(after.private_key(key_uri), after.get("dev").certificate.subject).is_signature_valid
