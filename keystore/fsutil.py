@@ -133,6 +133,65 @@ def drain_closes() -> None:
     _CLOSER.drain()
 
 
+# ---- concurrent fsync ----------------------------------------------------------------------------------------
+# Several fsyncs that must all be done before one later step, with no order among them (the files of a new version
+# and the directories that gained their entries, all before the index names them), are issued together: the file
+# system commits them in one journal transaction (ext4's jbd2 joins fsyncs that arrive while a commit is being
+# prepared) instead of one after another. Measured on the loaded CI host: two new files and two directories
+# 0.6-0.9 ms together against 1.5-7 ms in sequence. Each fsync still happens, on its own descriptor; what changes is
+# only that the caller waits for all of them at once. The threads are created on first use (none for a command
+# that writes nothing) and a forked child starts without them.
+SYNC_THREADS = 4
+
+
+class _Syncer:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool = None
+
+    def executor(self):
+        with self.lock:
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="devagent-fsync")
+            return self.pool
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # the pool's threads do not exist in the child (and its lock may have been held)
+
+
+_SYNCER = _Syncer()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SYNCER.after_fork_in_child)
+
+
+def fsync_all(fds: list[int]) -> list[OSError | None]:
+    """fsync every descriptor in ``fds``, concurrently when there are several; return once all are done, with
+    the error of each (None: synced). Never raises for an fsync's failure: the caller names what failed."""
+    global fsync_count
+    fsync_count += len(fds)
+    out: list[OSError | None] = [None] * len(fds)
+    futures = None
+    if len(fds) > 1:
+        try:
+            ex = _SYNCER.executor()
+            futures = [ex.submit(os.fsync, fd) for fd in fds[1:]]
+        except RuntimeError:  # interpreter shutting down: no new threads; one after the other
+            futures = None
+    for i, fd in enumerate(fds if futures is None else fds[:1]):
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            out[i] = e
+    for i, f in enumerate(futures or (), start=1):
+        try:
+            f.result()
+        except OSError as e:
+            out[i] = e
+    return out
+
+
 def _fault(stage: str, path) -> None:
     hook = _FAULT_HOOK
     if hook is not None:
@@ -205,12 +264,11 @@ def make_dirs(path: str | os.PathLike, top: str | os.PathLike, mode: int = DIR_M
     return created
 
 
-def sync_entries(paths) -> None:
-    """Make the directory entries of ``paths`` durable: one fsync per distinct parent directory (the "fsync-dir"
-    step of each path, fault-injectable). Use after writing files with ``atomic_write(..., sync_dir=False)``.
+def _entry_dirs(paths) -> dict[str, Path]:
+    """The distinct directories holding ``paths`` (running each path's "fsync-dir" fault hook).
 
     Raises:
-        StorageError: a directory fsync failed.
+        StorageError: the hook failed (tests).
     """
     parents: dict[str, Path] = {}
     for path in paths:
@@ -220,11 +278,30 @@ def sync_entries(paths) -> None:
         except OSError as e:
             raise StorageError(f"cannot sync the directory of {p}: {e.strerror or e}") from e
         parents.setdefault(str(p.parent), p.parent)
-    for d in parents.values():
-        try:
-            fsync_dir(d)
-        except OSError as e:
-            raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
+    return parents
+
+
+def sync_entries(paths) -> None:
+    """Make the directory entries of ``paths`` durable: one fsync per distinct parent directory (the "fsync-dir"
+    step of each path, fault-injectable). Use after writing files with ``atomic_write(..., sync_dir=False)``.
+
+    Raises:
+        StorageError: a directory fsync failed.
+    """
+    parents = _entry_dirs(paths)
+    fds: list[int] = []
+    try:
+        for d in parents.values():
+            try:
+                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
+            except OSError as e:
+                raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
+        for d, e in zip(parents.values(), fsync_all(fds), strict=True):  # together: no order among them (see fsync_all)
+            if e is not None:
+                raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _mkstemp(p: Path) -> tuple[int, str]:
@@ -241,11 +318,15 @@ def _mkstemp(p: Path) -> tuple[int, str]:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
-                 sync_dir: bool = True) -> os.stat_result:
+                 sync_dir: bool = True, sync_first=()) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
 
     ``sync_dir=False`` leaves the directory fsync to the caller (``sync_entries``), for several files written into
     one directory before anything refers to them: a crash before that sync leaves garbage, never a torn file.
+
+    ``sync_first``: paths whose directory entries must be durable before ``path`` is replaced (``sync_entries`` of
+    them): their directories are fsynced together with the temp file (``fsync_all``), all before the replace. A
+    failure there is a ``StorageError`` with nothing changed, as for the temp file's own fsync.
 
     Returns:
         ``os.fstat`` of the written file (its inode, size and mtime identify this content: see storage.py).
@@ -256,6 +337,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     """
     p = Path(path)
     fd, tmp = -1, None
+    dirs = _entry_dirs(sync_first) if sync_first else {}
+    dfds: list[int] = []
     try:
         fd, tmp = _mkstemp(p)
         os.fchmod(fd, mode)
@@ -265,7 +348,20 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
             n = os.write(fd, view)
             view = view[n:]
         _fault("fsync", p)
-        _fsync(fd)
+        if dirs:
+            for d in dirs.values():
+                try:
+                    dfds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
+                except OSError as e:
+                    raise StorageError(f"cannot sync directory {d}: {e.strerror or e}; nothing was changed") from e
+            errs = fsync_all([fd, *dfds])
+            for d, e in zip(dirs.values(), errs[1:], strict=True):
+                if e is not None:
+                    raise StorageError(f"cannot sync directory {d}: {e.strerror or e}; nothing was changed") from e
+            if errs[0] is not None:
+                raise errs[0]
+        else:
+            _fsync(fd)
         st = os.fstat(fd)
         os.close(fd)
         fd = -1
@@ -277,6 +373,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     finally:
         if fd >= 0:
             os.close(fd)
+        for dfd in dfds:
+            os.close(dfd)
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -287,6 +385,57 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
             raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is "
                                   "in place but may not survive a power cut", str(p)) from e
     return st
+
+
+def atomic_write_all(items, mode: int = FILE_MODE) -> None:
+    """``atomic_write(path, data, mode, sync_dir=False)`` for each ``(path, data)`` of ``items``, with the files'
+    fsyncs issued together (``fsync_all``): every temp file is written, all are fsynced, then each is renamed into
+    place. For files written into directories nothing refers to yet; the caller syncs their entries
+    (``sync_entries``) before anything durable names them.
+
+    Raises:
+        StorageError: a step failed. Before the first rename nothing was changed (every temp file is removed);
+            a rename that fails leaves the files renamed before it in place (the caller removes the directory).
+    """
+    files: list[list] = []  # [path, fd, tmp]
+    cur = None
+    try:
+        try:
+            for path, data in items:
+                cur = p = Path(path)
+                fd, tmp = _mkstemp(p)
+                files.append([p, fd, tmp])
+                os.fchmod(fd, mode)
+                _fault("write", p)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            for p, _fd, _tmp in files:
+                cur = p
+                _fault("fsync", p)
+        except OSError as e:
+            raise StorageError(f"cannot write {cur}: {e.strerror or e}; nothing was changed") from e
+        for (p, _fd, _tmp), e in zip(files, fsync_all([f[1] for f in files]), strict=True):
+            if e is not None:
+                raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
+        for f in files:
+            os.close(f[1])
+            f[1] = -1
+        for f in files:
+            p = f[0]
+            try:
+                _fault("replace", p)
+                os.replace(f[2], p)
+            except OSError as e:
+                raise StorageError(f"cannot write {p}: {e.strerror or e}") from e
+            f[2] = None
+    finally:
+        for _p, fd, tmp in files:
+            if fd >= 0:
+                os.close(fd)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:

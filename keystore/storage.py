@@ -344,20 +344,21 @@ class IndexStorage(AtomicJSONStorage):
             return _row_order(table)
         return kept + added
 
-    def write(self, data) -> None:
+    def write(self, data, sync_first=()) -> None:
         """Write ``data`` (the document of a transaction) atomically; afterwards it is the cached document.
+        ``sync_first``: see ``fsutil.atomic_write`` (entries that must be durable before the index names them).
 
         Raises:
             StorageError: nothing was changed (the cache is dropped).
             NotDurableError: written and live, not synced (the cache is dropped: the next read parses it).
         """
         with self._mutex:
-            self._write(data)
+            self._write(data, sync_first)
 
-    def _write(self, data) -> None:
+    def _write(self, data, sync_first=()) -> None:
         raw, lines, order, changed = self._encode(data)
         try:
-            st = fsutil.atomic_write(self.path, raw)
+            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first)
         except NotDurableError:
             self.invalidate()  # live on disk; parse it again rather than guess
             raise
