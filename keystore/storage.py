@@ -344,21 +344,22 @@ class IndexStorage(AtomicJSONStorage):
             return _row_order(table)
         return kept + added
 
-    def write(self, data, sync_first=()) -> None:
+    def write(self, data, sync_first=(), sync_dir: bool = True) -> None:
         """Write ``data`` (the document of a transaction) atomically; afterwards it is the cached document.
-        ``sync_first``: see ``fsutil.atomic_write`` (entries that must be durable before the index names them).
+        ``sync_first``, ``sync_dir``: see ``fsutil.atomic_write`` (``sync_dir=False``: the caller makes the
+        replace durable before anything depends on it).
 
         Raises:
             StorageError: nothing was changed (the cache is dropped).
             NotDurableError: written and live, not synced (the cache is dropped: the next read parses it).
         """
         with self._mutex:
-            self._write(data, sync_first)
+            self._write(data, sync_first, sync_dir)
 
-    def _write(self, data, sync_first=()) -> None:
+    def _write(self, data, sync_first=(), sync_dir: bool = True) -> None:
         raw, lines, order, changed = self._encode(data)
         try:
-            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first)
+            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first, sync_dir=sync_dir)
         except NotDurableError:
             self.invalidate()  # live on disk; parse it again rather than guess
             raise

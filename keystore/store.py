@@ -391,9 +391,11 @@ class Keystore:
 
     # ---- index transactions -------------------------------------------------------------------
     @contextlib.contextmanager
-    def _txn(self, sync_first=()):
+    def _txn(self, sync_first=(), sync_dir: bool = True):
         """Read the whole index under the lock, let the caller mutate it, write it back in one replace (after the
-        entries of ``sync_first`` are durable: see ``fsutil.atomic_write``)."""
+        entries of ``sync_first`` are durable: see ``fsutil.atomic_write``). ``sync_dir=False``: the replace is
+        not made durable here; the caller does it (``generate_key`` with the key file) before anything depends on
+        it."""
         with self._lock:
             self._run_deferred()
             data = IndexStorage.mutable(self._storage.read())
@@ -402,7 +404,7 @@ class Keystore:
             dropped = self._drop_destroyed(data)
             yield data
             try:
-                self._storage.write(data, sync_first)
+                self._storage.write(data, sync_first, sync_dir)
             except NotDurableError as e:
                 # Replaced, not synced: the change is live. Retry the sync once; if it still fails, remember it
                 # (``durable`` is False) so that nothing the previous index references is destroyed until a
@@ -532,10 +534,12 @@ class Keystore:
                    "owner": owner.current(), **self._public_fields(nk.public)}
             self._locks.create(uri)
             before = self._storage.read() if not self._destroyed else None
-            with self._txn() as data:
+            # A software key makes the record durable itself: the index's directory is fsynced together with the
+            # key's temp file, and the key file gets its name only after that (NewKey.syncs_first).
+            with self._txn(sync_dir=not nk.syncs_first) as data:
                 data["keys"][self._next_id(data["keys"])] = rec
             try:
-                nk.keep()
+                nk.keep(sync_first=(self.root / INDEX,))
             except BaseException:
                 # Not kept (or partly): destroy whatever exists under the URI, then forget the record (by writing
                 # back the index as it was, when this write changed nothing else: a failed key generation then

@@ -72,15 +72,19 @@ class KeyBackend(abc.ABC):
 
 
 class NewKey:
-    """A key from ``KeyBackend.prepare``: ``uri``, ``public`` (None if unknown until kept), ``keep() -> public key``."""
+    """A key from ``KeyBackend.prepare``: ``uri``, ``public`` (None if unknown until kept), ``keep() -> public key``.
 
-    __slots__ = ("uri", "public", "_keep")
+    ``syncs_first``: ``keep(sync_first=paths)`` makes the directory entries of ``paths`` durable itself before the
+    key gets its name, fsyncing them together with its own file (``fsutil.atomic_write(..., sync_first=...)``): the
+    keystore then leaves the index's directory fsync to it. Otherwise ``keep()`` takes no argument."""
 
-    def __init__(self, uri: str, public, keep):
-        self.uri, self.public, self._keep = uri, public, keep
+    __slots__ = ("uri", "public", "_keep", "syncs_first")
 
-    def keep(self):
-        return self._keep()
+    def __init__(self, uri: str, public, keep, *, syncs_first: bool = False):
+        self.uri, self.public, self._keep, self.syncs_first = uri, public, keep, syncs_first
+
+    def keep(self, sync_first=()):
+        return self._keep(sync_first) if self.syncs_first else self._keep()
 
 
 class HardwareKeyMixin:

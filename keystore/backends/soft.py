@@ -98,13 +98,16 @@ class Backend(KeyBackend):
     def _prepared(self, key) -> NewKey:
         uri = f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
 
-        def keep():
+        def keep(sync_first=()):
+            # sync_first (the index, whose record names this key): its directory is fsynced together with the
+            # key's temp file, and only then does the key file get its name (a temp file names no key; gc removes
+            # one that a crash leaves).
             fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
-            fsutil.atomic_write(self._path(uri), self._encrypt(key))
+            fsutil.atomic_write(self._path(uri), self._encrypt(key), sync_first=sync_first)
             self._keys[uri] = key
             return key.public_key()
 
-        return NewKey(uri, key.public_key(), keep)
+        return NewKey(uri, key.public_key(), keep, syncs_first=True)
 
     def prepare(self, key_type: str, label: str) -> NewKey:
         """The key exists in memory only until ``keep`` writes its encrypted file."""
