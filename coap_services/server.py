@@ -465,6 +465,7 @@ class DeviceServer:
         self._ticker.cancel()
         try:
             await self.context.shutdown()
+            await self.app.service.flush()  # what the last /verify deferred (the superseded key's destruction)
         finally:
             release_oscore_contexts(self.context.server_credentials)
             self.app.log_summary.tick(force=True)

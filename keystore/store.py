@@ -270,6 +270,7 @@ class Keystore:
         self._locks = KeyLocks(self.root)  # who may still use a key: see keylocks.py and _destroy_now
         self._destroyed: set[str] = set()  # keys destroyed here whose retired records the next _txn drops
         self._deferred: list[_Cleanup] = []  # store_certificate(defer_cleanup=True) work for flush(), under _lock
+        self._flushing = 0  # a thread is running the deferred work (close() waits for it: see flush)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -1172,15 +1173,21 @@ class Keystore:
         their backends) and remove version directories beyond ``KEEP_VERSIONS``. A failure is logged and audited
         (``deferred-cleanup-failed``), never raised: the key stays listed in ``meta.destroying`` and the versions
         unreferenced, and ``gc`` finishes them. Idempotent; a no-op when nothing is deferred."""
-        if not self._deferred:
+        if not self._deferred and not self._flushing:
             return
-        with self._lock:
+        with self._lock:  # also waits for another thread's flush in progress (the lock is held while it runs)
             self._run_deferred()
 
     def _run_deferred(self) -> None:
         """Under the lock: run the deferred cleanups (see ``flush``)."""
-        while self._deferred:
-            self._cleanup(self._deferred.pop(0), deferred=True)
+        if not self._deferred:
+            return
+        self._flushing += 1
+        try:
+            while self._deferred:
+                self._cleanup(self._deferred.pop(0), deferred=True)
+        finally:
+            self._flushing -= 1
 
     def _cleanup(self, job: "_Cleanup", *, deferred: bool) -> None:
         """Under the lock, after a durable commit: destroy the superseded key ``job.key`` (claimed by

@@ -127,3 +127,35 @@ def test_without_defer_cleanup_the_store_destroys_at_once(ks, lab):
     v1 = _renew(ks, lab)
     _renew(ks, lab)
     assert not ks.deferred and not _file(ks, v1.key_uri).exists()
+
+
+def test_close_waits_for_a_flush_running_in_another_thread(ks, lab):
+    import threading
+
+    v1 = _renew(ks, lab)
+    _renew(ks, lab, defer_cleanup=True)
+    key = str(_file(ks, v1.key_uri))
+    inside, release = threading.Event(), threading.Event()
+
+    def hook(stage, path):
+        if stage == "unlink" and path == key:
+            inside.set()
+            release.wait(30)
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        flusher = threading.Thread(target=ks.flush)  # e.g. the device service's flush in a worker thread
+        flusher.start()
+        assert inside.wait(30)
+        closer = threading.Thread(target=ks.close)
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive(), "close() must wait for the flush in progress"
+        release.set()
+        flusher.join(30)
+        closer.join(30)
+    finally:
+        release.set()
+        fsutil._FAULT_HOOK = None
+    assert not _file(ks, v1.key_uri).exists() and not ks.deferred
+    assert Keystore.open(ks.root).check() == []
