@@ -546,7 +546,7 @@ def _server_options(f):
 
 # CMP switches remembered per credential (docs/cmp.md "Options" and "Deviations"); never secrets.
 CMP_REMEMBERED = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse",
-                  "ignore_keyusage", "reuse_signer", "trusted_signer_fallback")
+                  "ignore_keyusage", "reuse_signer", "trusted_signer_fallback", "tls_client_auth")
 
 
 def _cmp_options(f):
@@ -576,6 +576,11 @@ def _cmp_options(f):
         click.option("--reuse-signer/--no-reuse-signer", default=None,
                      help="CMP deviation: verify a signed response without extraCerts (e.g. pkiConf) with the "
                           "signer validated earlier in the same transaction [off]."),
+        click.option("--tls-client-auth/--no-tls-client-auth", default=None,
+                     help="CMP over https://: present the certificate that signs the request (the IDevID with "
+                          "--idevid, the LDevID on request/renew/revoke/ca-update) as the TLS client certificate, "
+                          "for servers behind a TLS front that requires one (openssl cmp -tls_cert) [off; "
+                          "remembered; software keys only]."),
         click.option("--trusted-signer-fallback/--no-trusted-signer-fallback", default=None,
                      help="CMP deviation: verify a signed response without extraCerts (e.g. genp) with a CMP trust "
                           "anchor or pinned server certificate named as its sender [off]."),

@@ -45,7 +45,7 @@ CSRATTRS_MODES = ("require", "use", "ignore")
 # CMP switches (docs/cmp.md), remembered so renewals and the daemon talk to the server the same way; they are
 # handed to the client as EnrollOptions.extra.
 CMP_EXTRA = ("mac_alg", "mac_owf", "mac_sender", "operation_labels", "profile_in", "tolerate_nonce_reuse",
-             "ignore_keyusage", "reuse_signer", "trusted_signer_fallback")
+             "ignore_keyusage", "reuse_signer", "trusted_signer_fallback", "tls_client_auth")
 
 
 class LifecycleError(KeystoreError):

@@ -45,6 +45,8 @@ def client_from_options(options: EnrollOptions):
             https:// server (default True = the system trust store; a str is a CA file or directory; certificates
             are the TLS trust anchors, only they: the domain's ``tls`` store, ``--tls-trust``).
         ``tls_trust_source`` (str): how an untrusted-server error names where that trust came from.
+        ``tls_client_auth`` (bool): over https://, present the certificate that signs the request (``auth``:
+            the IDevID or LDevID) as the TLS client certificate (off by default; software keys only).
         ``http_keep_alive`` (bool): reuse the HTTP connection between messages (default False).
         ``file_wait_s`` (float): how long the file transport waits for a response file
             (default ``options.max_wait_s``).
@@ -117,6 +119,7 @@ def client_from_options(options: EnrollOptions):
         profile_in_general_info=profile_in in ("generalinfo", "both"),
         tolerate_nonce_reuse=bool(extra.get("tolerate_nonce_reuse", False)),
         unprotected_requests=bool(extra.get("unprotected", False)),
+        tls_client_auth=bool(extra.get("tls_client_auth", False)),
     )
 
 

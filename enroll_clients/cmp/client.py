@@ -104,12 +104,13 @@ class CmpClient(EnrollmentClient):
                  old_root: x509.Certificate | None = None, use_cert_template: bool = False, now=None, sleep=None,
                  mac_alg: str | None = None, mac_owf: str | None = None, mac_sender: str = "subject",
                  profile_in_general_info: bool = True, tolerate_nonce_reuse: bool = False,
-                 unprotected_requests: bool = False):
+                 unprotected_requests: bool = False, tls_client_auth: bool = False):
         if mac not in ("pbm", "pbmac1"):
             raise ValueError(f"unknown MAC {mac!r} (expected 'pbm' or 'pbmac1')")
         if mac_sender not in MAC_SENDERS:
             raise ValueError(f"unknown MAC sender {mac_sender!r} (one of {', '.join(MAC_SENDERS)})")
         self.transport = transport
+        self.tls_client_auth = tls_client_auth
         self.trust_anchors = tuple(trust_anchors)
         self.recipient = recipient
         self.implicit_confirm = implicit_confirm
@@ -244,6 +245,12 @@ class CmpClient(EnrollmentClient):
 
     def _transaction(self, auth, sender: x509.Name | None = None, operation: str | None = None) -> M.Transaction:
         pr = self._protector(auth)
+        if self.tls_client_auth and hasattr(self.transport, "use_client_credential"):
+            if auth is None or auth.certificate is None:
+                raise ValueError("TLS client authentication (--tls-client-auth) needs a certificate to present: "
+                                 "the IDevID (enroll --idevid) or the domain's LDevID (request, renew, revoke, "
+                                 "ca-update without --secret)")
+            self.transport.use_client_credential(auth)
         if self.mac_sender == "null-dn" and not pr.uses_signature:
             sender = None  # NULL-DN; the server finds the secret by senderKID alone
         return M.Transaction(pr, sender=sender, recipient=self.recipient, max_clock_skew_s=self.max_clock_skew_s,

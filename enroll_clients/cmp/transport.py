@@ -68,7 +68,10 @@ class HttpTransport(Transport):
     ``SSL_CERT_FILE``/``SSL_CERT_DIR``), False = no verification, a CA file or directory path, a sequence of
     ``x509.Certificate`` (the TLS trust anchors, e.g. the domain's ``tls`` store: ``--tls-trust``), or an
     ``ssl.SSLContext``. ``trust_source`` names where that trust comes from in the error of a server certificate
-    that does not verify (default: described from ``verify``). An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    that does not verify (default: described from ``verify``). ``use_client_credential(auth)`` presents a
+    certificate as the TLS client certificate (``--tls-client-auth``, RFC 9483 6.1: TLS besides the CMP message
+    protection). A server's TLS alert (it refused our client certificate, or wants one) is a final
+    ``TransportError`` naming it, never retried. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
@@ -112,6 +115,8 @@ class HttpTransport(Transport):
             # tests/interop. A CMP message is self-contained, so nothing is lost but a TCP handshake.
             self.headers.setdefault("Connection", "close")
         self._ssl = None  # the TLS context, built on the first https request (loading CAs costs 20-80 ms)
+        self._client_auth = None  # ClientAuth whose certificate is our TLS client certificate
+        self._client_id = None
         self._conn = None  # (key, http.client connection) kept between messages with keep_alive
         self._lock = None
 
@@ -159,6 +164,12 @@ class HttpTransport(Transport):
                 raise TransportError(f"POST {url}: {type(e).__name__}: certificate verify failed: "
                                      f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by "
                                      f"{source}; {hint}") from None
+            except ssl.SSLError as e:
+                if "ALERT" not in (e.reason or ""):  # EOF/reset in the middle of TLS: like a dropped connection
+                    last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
+                                          f"{self.retries + 1}")
+                    continue
+                raise self._alert_error(url, e) from None
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
@@ -246,10 +257,46 @@ class HttpTransport(Transport):
         if self._conn is not None and self._conn[1] is conn:
             self._conn = None
 
+    def use_client_credential(self, auth) -> None:
+        """Present ``auth.certificate`` (+ ``auth.chain``, key ``auth.key_file``/``auth.private_key``) as the TLS
+        client certificate from the next connection on; None: none."""
+        cid = None
+        if auth is not None:
+            from cryptography.hazmat.primitives.hashes import SHA256
+
+            cid = (auth.certificate.fingerprint(SHA256()), auth.key_file, id(auth.private_key))
+        if cid != self._client_id:
+            self._client_auth, self._client_id, self._ssl = auth, cid, None
+            if self._conn is not None:  # a kept connection carries the old identity
+                conn, self._conn = self._conn[1], None
+                conn.close()
+
     def _context(self):
         if self._ssl is None:
-            self._ssl = _ssl_context(self.verify)
+            ctx = _ssl_context(self.verify)
+            a = self._client_auth
+            if a is not None:
+                from enroll_clients.tls import load_client_credential
+
+                load_client_credential(ctx, a.certificate, tuple(a.chain), private_key=a.private_key,
+                                       key_file=a.key_file, key_password=a.key_password)
+            self._ssl = ctx
         return self._ssl
+
+    def _alert_error(self, url: str, e) -> TransportError:
+        """A TLS alert from the server: final (the same credential meets the same refusal next time)."""
+        reason = e.reason or str(e)
+        cert_alert = any(a in reason for a in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE"))
+        a = self._client_auth
+        if cert_alert and a is not None:
+            return TransportError(f"POST {url}: the CMP server refused our TLS client certificate "
+                                  f"{a.certificate.subject.rfc4514_string()!r} ({reason}): check that it is issued by "
+                                  "a CA the server trusts for TLS clients and still valid")
+        if cert_alert:
+            return TransportError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it probably "
+                                  "requires a TLS client certificate; --tls-client-auth presents the IDevID "
+                                  "(enroll --idevid) or the LDevID (request, renew, revoke, ca-update)")
+        return TransportError(f"POST {url}: the CMP server ended the TLS handshake with an alert ({reason})")
 
     def _trust_description(self) -> tuple[str, str]:
         """(where the TLS trust comes from, what to do) for the error of a server certificate that does not

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import secrets
-import shutil
 import ssl
-import tempfile
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
+from enroll_clients.tls import load_client_credential
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -61,23 +58,6 @@ class Transport(Protocol):
     # bound to the TLS session (HttpxTransport.bound_request).
 
 
-@contextlib.contextmanager
-def private_tempdir():
-    """A 0700 temporary directory (mkdtemp's mode) removed on exit, whatever happens."""
-    d = tempfile.mkdtemp(prefix="devagent-est-")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _write_private(directory: str, name: str, data: bytes) -> str:
-    fd, path = tempfile.mkstemp(prefix=name, dir=directory)  # mkstemp creates 0600
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
-
 def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """An SSLContext: TLS ≥ 1.2, server verified against ``tls.trust_anchors`` and host name, client cert loaded.
 
@@ -107,47 +87,9 @@ def make_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _read_key_file(path: str, tls: TlsConfig) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise EnrollError(f"cannot read the TLS client key {path} of "
-                          f"{tls.client_certificate.subject.rfc4514_string()!r}: {e.strerror or e}") from None
-
-
 def _load_client_credential(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
-    pem = serialization.Encoding.PEM
-    chain_pem = tls.client_certificate.public_bytes(pem) + b"".join(c.public_bytes(pem) for c in tls.client_chain)
-    with private_tempdir() as d:
-        cert_path = _write_private(d, "cert", chain_pem)
-        key_path, password = tls.key_file, tls.key_password
-        if key_path is not None:
-            # One read of the keystore's (encrypted) key file, by descriptor, into our private directory: OpenSSL
-            # then reads that copy, never the keystore's path, which a concurrent renewal may replace or destroy.
-            key_path = _write_private(d, "key", _read_key_file(key_path, tls))
-        else:
-            if tls.client_key is None:
-                raise EnrollError("TLS client authentication needs the private key of "
-                                  f"{tls.client_certificate.subject.rfc4514_string()!r} (ClientAuth.key_file or "
-                                  "private_key)")
-            password = secrets.token_bytes(32)
-            try:
-                key_pem = tls.client_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                       serialization.BestAvailableEncryption(password))
-            except Exception as e:  # TPM/PKCS#11 keys cannot be exported
-                raise EnrollError(
-                    "TLS client authentication with a non-exportable (TPM/PKCS#11) key is not supported by the "
-                    "EST client yet: Python's ssl needs the key as a file or through an OpenSSL provider "
-                    f"(tpm2-openssl); give ClientAuth.key_file for such a key ({type(e).__name__})") from None
-            key_path = _write_private(d, "key", key_pem)
-        try:
-            ctx.load_cert_chain(cert_path, key_path, password=password)
-        except (ssl.SSLError, OSError, ValueError) as e:
-            raise EnrollError(f"cannot load the TLS client credential "
-                              f"{tls.client_certificate.subject.rfc4514_string()!r} with key "
-                              f"{tls.key_file or '(in memory)'}: {e}") from None
+    load_client_credential(ctx, tls.client_certificate, tls.client_chain, private_key=tls.client_key,
+                           key_file=tls.key_file, key_password=tls.key_password)
 
 
 TIMEOUT_PHASES = {"ConnectTimeout": "connect", "ReadTimeout": "read", "WriteTimeout": "write",

@@ -136,3 +136,58 @@ def test_renew_with_tls_trust_after_the_front_changed_ca(dev, front, pki, site, 
     dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", site.ca_file)
     dev("renew", "ldevid-plant", "--no-rekey")
     assert Keystore.open(dev.state).get("ldevid-plant").version == 3
+
+
+# --- TLS client authentication (--tls-client-auth; RFC 9483 §6.1) ----------------------------------------------
+@pytest.fixture(scope="module")
+def mtls(pki, site):
+    """The front requires a TLS client certificate from the IDevID CA or the domain root (TLS 1.3), and a second
+    one the same at TLS 1.2 for the refusals."""
+    with O.MockServer(pki, signed=True) as srv, \
+            TlsFront(site, srv.port, netns_pid=srv.pid, client_cas=pki.path("trusted_clients.pem")) as tls, \
+            TlsFront(site, srv.port, netns_pid=srv.pid, client_cas=pki.path("trusted_clients.pem"),
+                     max_tls12=True) as tls12:
+        tls.srv = tls12.srv = srv
+        tls.tls12 = tls12
+        yield tls
+
+
+@pytest.fixture
+def mdev(tmp_path, mtls, pki):
+    d = Devagent(tmp_path / "state", inside=mtls.srv.run, env=NO_SYSTEM_TRUST)
+    d("keystore", "init")
+    d("keystore", "import-idevid", "idevid", "--cert", pki.path("idevid.pem"), "--key", pki.path("idevid_key.pem"),
+      "--chain", pki.path("idevid_ca.pem"))
+    return d
+
+
+def _zero_touch(dev, url, pki, site, *extra, code=0):
+    return dev("enroll", "--protocol", "cmp", "--server", url, "--domain", "plant", "--idevid", "idevid",
+               "--trust", pki.path("root.pem"), "--tls-trust", site.ca_file, "--key", pki.path("device_key.pem"),
+               "--subject", "CN=device-0001", *extra, code=code)
+
+
+def test_tls_client_auth_idevid_then_ldevid_remembered(mdev, mtls, pki, site):
+    seen = len(mtls.client_subjects)
+    _zero_touch(mdev, mtls.url, pki, site, "--tls-client-auth")
+    assert Keystore.open(mdev.state).get("ldevid-plant").certificate == pki.device_cert
+    assert set(mtls.client_subjects[seen:]) == {"organizationName=devagent test, commonName=device-0001 IDevID"}
+    seen = len(mtls.client_subjects)
+    mdev("renew", "ldevid-plant", "--no-rekey")  # remembered: the LDevID is the TLS client certificate now
+    mdev("revoke", "ldevid-plant")
+    assert set(mtls.client_subjects[seen:]) == {"organizationName=devagent test, commonName=device-0001"}
+
+
+def test_without_tls_client_auth_the_refusal_is_named_and_nothing_stored(mdev, mtls, pki, site):
+    front = mtls.tls12
+    before, forwarded = stored(mdev.state), front.forwarded
+    r = _zero_touch(mdev, front.url, pki, site, code=6)
+    assert "requires a TLS client certificate" in r.output and "--tls-client-auth" in r.output, r.output
+    assert "attempt" not in r.output and front.forwarded == forwarded
+    assert stored(mdev.state) == before
+    # MAC-protected enroll asking for TLS client auth has no certificate to present: refused before sending
+    r = mdev("enroll", "--protocol", "cmp", "--server", front.url, "--domain", "plant", "--ref", O.REF,
+             "--secret", f"pass:{O.SECRET}", "--trust", pki.path("root.pem"), "--tls-trust", site.ca_file,
+             "--tls-client-auth", code=2)
+    assert "needs a certificate to present" in r.output, r.output
+    assert front.forwarded == forwarded and stored(mdev.state) == before

@@ -7,7 +7,10 @@ that is not the PKI domain's CA, relayed byte for byte to ``127.0.0.1:<backend_p
 - ``TlsFront(site, backend_port, netns_pid=...)``: listens inside the network namespace of ``netns_pid`` (the
   mock server's, ``MockServer.pid``), so clients reach it from ``MockServer.run``. Use as a context manager.
   ``handshakes`` counts completed TLS handshakes, ``forwarded`` the connections that sent bytes to the backend,
-  ``failed`` the handshake errors (a client that refused our certificate).
+  ``failed`` the handshake errors (a client that refused our certificate). ``client_cas`` (PEM file): require a
+  TLS client certificate issued by one of them (``client_subjects`` records the subjects seen); ``max_tls12``
+  caps the version (a refused client certificate is then a handshake alert the client reads before it sends
+  anything, where TLS 1.3 would race the alert against the request on a closing socket).
 
 Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread per connection, one
 ``select`` loop per thread (an SSLSocket is never used from two threads).
@@ -91,7 +94,8 @@ def make_site_pki(directory, *, cn: str = "Site TLS CA") -> SitePki:
 
 
 class TlsFront:
-    def __init__(self, site: SitePki, backend_port: int, *, netns_pid: int | None = None, port: int = 0):
+    def __init__(self, site: SitePki, backend_port: int, *, netns_pid: int | None = None, port: int = 0,
+                 client_cas: str | None = None, max_tls12: bool = False):
         self.site = site
         self.backend_port = backend_port
         self.netns_pid = netns_pid
@@ -99,6 +103,7 @@ class TlsFront:
         self.handshakes = 0
         self.forwarded = 0
         self.failed: list[str] = []
+        self.client_subjects: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -107,6 +112,11 @@ class TlsFront:
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self._ctx.load_cert_chain(site.cert_file, site.key_file)
+        if client_cas:
+            self._ctx.load_verify_locations(cafile=client_cas)
+            self._ctx.verify_mode = ssl.CERT_REQUIRED
+        if max_tls12:
+            self._ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 
     @property
     def url(self) -> str:
@@ -175,6 +185,9 @@ class TlsFront:
             return
         with self._lock:
             self.handshakes += 1
+            peer = tls.getpeercert()
+            if peer:
+                self.client_subjects.append(", ".join(f"{k}={v}" for rdn in peer["subject"] for k, v in rdn))
         sent = False
         try:
             tls.setblocking(False)

@@ -1,0 +1,90 @@
+"""TLS client authentication for the enrollment clients (EST always with its credential; CMP over https with
+``--tls-client-auth``): load a keystore credential into an ``ssl.SSLContext``.
+
+Python's ``ssl`` takes the client certificate and key as files only. The certificate chain and the key go into
+a private 0700 directory for the ``load_cert_chain`` call and are removed right after: a software key as an
+encrypted copy of the keystore's own key file (read once, by descriptor) or, in memory only, re-encrypted with a
+random one-time password. TPM/PKCS#11 keys cannot be used this way (no OpenSSL provider in use): a clear
+``EnrollError`` says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import ssl
+import tempfile
+from typing import Any, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enroll_clients.base import EnrollError
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """A 0700 temporary directory (mkdtemp's mode) removed on exit, whatever happens."""
+    d = tempfile.mkdtemp(prefix="devagent-tls-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_private(directory: str, name: str, data: bytes) -> str:
+    fd, path = tempfile.mkstemp(prefix=name, dir=directory)  # mkstemp creates 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _read_key_file(path: str, certificate: x509.Certificate) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise EnrollError(f"cannot read the TLS client key {path} of "
+                          f"{certificate.subject.rfc4514_string()!r}: {e.strerror or e}") from None
+
+
+def load_client_credential(ctx: ssl.SSLContext, certificate: x509.Certificate,
+                           chain: Sequence[x509.Certificate] = (), *, private_key: Any = None,
+                           key_file: str | None = None, key_password: bytes | None = None) -> None:
+    """Load ``certificate`` (+ ``chain``) and its key (``key_file`` with ``key_password``, else the exportable
+    ``private_key``) into ``ctx`` as the TLS client credential.
+
+    Raises:
+        EnrollError: no key, a non-exportable (TPM/PKCS#11) key without ``key_file``, or a key/certificate
+            OpenSSL cannot load (naming the certificate's subject).
+    """
+    pem = serialization.Encoding.PEM
+    chain_pem = certificate.public_bytes(pem) + b"".join(c.public_bytes(pem) for c in chain)
+    with private_tempdir() as d:
+        cert_path = _write_private(d, "cert", chain_pem)
+        key_path, password = key_file, key_password
+        if key_path is not None:
+            # One read of the keystore's (encrypted) key file, by descriptor, into our private directory: OpenSSL
+            # then reads that copy, never the keystore's path, which a concurrent renewal may replace or destroy.
+            key_path = _write_private(d, "key", _read_key_file(key_path, certificate))
+        else:
+            if private_key is None:
+                raise EnrollError("TLS client authentication needs the private key of "
+                                  f"{certificate.subject.rfc4514_string()!r} (ClientAuth.key_file or private_key)")
+            password = secrets.token_bytes(32)
+            try:
+                key_pem = private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                    serialization.BestAvailableEncryption(password))
+            except Exception as e:  # TPM/PKCS#11 keys cannot be exported
+                raise EnrollError(
+                    "TLS client authentication with a non-exportable (TPM/PKCS#11) key is not supported by "
+                    "devagent's TLS client yet: Python's ssl needs the key as a file or through an OpenSSL provider "
+                    f"(tpm2-openssl); give ClientAuth.key_file for such a key ({type(e).__name__})") from None
+            key_path = _write_private(d, "key", key_pem)
+        try:
+            ctx.load_cert_chain(cert_path, key_path, password=password)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise EnrollError(f"cannot load the TLS client credential {certificate.subject.rfc4514_string()!r} with "
+                              f"key {key_file or '(in memory)'}: {e}") from None
