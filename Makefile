@@ -92,9 +92,12 @@ bench: deps
 	  --data-out benchmarks/data/bench.json; fi
 	@echo "commit benchmarks/data/bench.json with REPORT.md: the report is generated from it"
 
+# --capture=sys: Python output is still captured, but file descriptor 2 stays the terminal's, so that a crash in C
+# code (glibc's "double free"/"corrupted size" line, a C library's assert) is in the log beside faulthandler's
+# thread stacks; with pytest's default fd capture that line is lost with the aborted process (docs/cmp.md).
 bench-ci: deps
 	@mkdir -p benchmarks/results
-	DEVAGENT_BENCH_CI=1 $(PYTEST) benchmarks -q --benchmark-only --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
+	DEVAGENT_BENCH_CI=1 $(PYTEST) benchmarks -q --capture=sys --benchmark-only --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
 	  --benchmark-warmup=off --benchmark-json=benchmarks/results/ci.json
 	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py benchmarks/results/ci.json --out benchmarks/results/REPORT-ci.md; fi
 

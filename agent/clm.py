@@ -454,9 +454,10 @@ class Clm:
         return self.coap.device(rec["uri"], security, rec.get("context"))
 
     def _release_device(self, rec: dict) -> None:
-        """Let go of the device's security context after a renewal (another worker may renew it next)."""
+        """Let go of the device's security context after a renewal (another worker may renew it next); a DTLS
+        session is shut down here, on the loop's thread (``CoapClient.release``), not left to the garbage collector."""
         release = getattr(self.coap, "release", None)
-        if release is not None and (rec.get("security") or "none") == "oscore":
+        if release is not None and (rec.get("security") or "none") in ("oscore", "dtls-psk"):
             release(rec["uri"])
 
     def _seen(self, direction: str, payload: bytes) -> None:

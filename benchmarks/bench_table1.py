@@ -226,6 +226,12 @@ def test_table1(benchmark, cfg: Cfg, lab_ca, tmp_path, request):
                 benchmark.pedantic(one, rounds=n, iterations=1)
             finally:
                 loop.run_until_complete(rig.stop())
+                # The row's garbage (aiocoap's DTLS connections and their DTLSSocket/tinydtls contexts hold
+                # reference cycles) is finalized here, on this thread with its loop still open, instead of in
+                # whichever thread next triggers a collection: in the next row that can be the CMP transport's
+                # worker or an asyncio.to_thread worker (measured; see docs/cmp.md "One intermittent abort").
+                gc.collect()
+                loop.run_until_complete(asyncio.sleep(0))
     finally:
         loop.close()
     assert len(samples) == n and all(s["attempts"] == 1 for s in samples)

@@ -26,6 +26,14 @@ def _timing_s(msg) -> float | None:
     return None
 
 
+def _device_key(uri: str) -> str:
+    """``scheme://host:port`` of a device URI (the DTLS connections held per device)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class CoapClient:
     """``async with CoapClient() as c: dev = c.device(uri, method, context_dir)``."""
 
@@ -33,6 +41,9 @@ class CoapClient:
         self.timeout_s = timeout_s
         self._ctx = None
         self._loaded: set[str] = set()
+        # The DTLS connections this client has used, per device (scheme://host:port), held until ``release`` of
+        # that device or close (see ``_hold``).
+        self._dtls: dict[str, dict[int, object]] = {}
 
     async def __aenter__(self) -> "CoapClient":
         import aiocoap
@@ -47,8 +58,41 @@ class CoapClient:
             try:
                 await self._ctx.shutdown()
             finally:
-                release_oscore_contexts(self._ctx.client_credentials)
-                self._ctx = None
+                try:
+                    self._close_dtls()
+                    await asyncio.sleep(0)  # the connections' cancelled retransmission tasks end here
+                finally:
+                    self._dtls.clear()
+                    release_oscore_contexts(self._ctx.client_credentials)
+                    self._ctx = None
+
+    def _hold(self, uri: str, remote) -> None:
+        """Keep the DTLS connection (aiocoap's tinydtls transport) a request to ``uri`` went over referenced until
+        ``release`` of the device or ``close``.
+
+        aiocoap's pool holds its connections weakly and each connection sits in reference cycles (its tasks), so a
+        connection nobody references between two requests (the CLM's /csr and /verify, with the CA exchange in
+        between) is left to the cyclic garbage collector, which runs in whatever thread allocates when it is due:
+        the CMP transport's worker, an asyncio.to_thread worker, a lab server's request thread. Its finalizer then
+        resets the live tinydtls session from that thread, beside the event loop that owns it; in ``make bench-ci``
+        that crashed the process (SIGSEGV in DTLSSocket's resetPeer; the earlier SIGABRT in that row fits the same
+        pattern: docs/cmp.md), and the next request needed a new DTLS handshake. Held here, a connection lives as
+        long as the device is in use and is shut down on the loop's thread."""
+        if type(remote).__module__ == "aiocoap.transports.tinydtls":
+            self._dtls.setdefault(_device_key(uri), {}).setdefault(id(remote), remote)
+
+    def _close_dtls(self, key: str | None = None) -> None:
+        """Shut the held DTLS connections (of device ``key``, or all) down now, on this thread, and let go of them
+        (``shutdown`` is idempotent in aiocoap; ``Context.shutdown`` does it for those still in its pool)."""
+        held = [self._dtls.pop(key, {})] if key is not None else list(self._dtls.values())
+        if key is None:
+            self._dtls.clear()
+        for remotes in held:
+            for remote in remotes.values():
+                try:
+                    remote.shutdown()
+                except Exception:  # noqa: BLE001 -- a connection that failed before it was set up has less to shut
+                    pass
 
     def device(self, uri: str, method: str = "none", context_dir=None) -> "DeviceClient":
         """Raises SecurityConfigError for missing or unsafe context files."""
@@ -64,12 +108,14 @@ class CoapClient:
     def release(self, uri: str) -> None:
         """Unload the OSCORE context ``device()`` loaded for ``uri``: its sequence number is persisted and its
         lock file released, so another process (a second CLM worker) can use the context next, and a CLM
-        serving many devices holds only the contexts of renewals in flight. A later ``device()`` reloads it."""
+        serving many devices holds only the contexts of renewals in flight. A later ``device()`` reloads it. The
+        DTLS connection to the device (if any) is shut down here too, on this (the event loop's) thread."""
         from urllib.parse import urlsplit
 
         from coap_services.security import release_oscore_contexts
 
         uri = uri.rstrip("/")
+        self._close_dtls(_device_key(uri))
         keys = [k for k in self._loaded if k.startswith(uri + "|")]
         if not keys or self._ctx is None:
             return
@@ -105,6 +151,7 @@ class CoapClient:
             raise DeviceUnreachableError(f"{uri}: {type(e).__name__}: {e}") from e
         except OSError as e:
             raise DeviceUnreachableError(f"{uri}: {e.strerror or e}") from e
+        self._hold(uri, resp.remote)
         return resp, time.perf_counter() - t0
 
 

@@ -69,3 +69,50 @@ def test_keystore_close_closes_every_replaced_index(ks, lab):
         ks.store_certificate("dev", cert, lab.domain("plant").chain, key_uri=uri, domain="plant")
     ks.close()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_the_closer_never_closes_a_descriptor_it_does_not_own(ks, lab, tmp_path):
+    """Ownership: each descriptor handed to close_later is closed once, by the closer, and no other.
+
+    A close of a stale number would hit whatever the kernel handed that number to next (a socket, the event loop's
+    self-pipe, the DTLS transport). While credentials rotate (each store hands the replaced index's descriptor and
+    the superseded key's to the closer), a second thread keeps opening files and checks that each of its own
+    descriptors still names its own file (same inode) until it closes it itself."""
+    import threading
+
+    from keystore.csr import build_csr, parse_subject
+
+    stop, problems, checked = threading.Event(), [], [0]
+
+    def neighbour():
+        n = 0
+        while not stop.is_set():
+            p = tmp_path / f"n{n % 8}"
+            p.write_bytes(b"z" * 100)
+            fd = os.open(p, os.O_RDONLY)
+            ino = os.stat(p).st_ino
+            for _ in range(20):
+                try:
+                    if os.fstat(fd).st_ino != ino:
+                        problems.append(f"descriptor {fd} now names another file")
+                except OSError as e:
+                    problems.append(f"descriptor {fd} closed under its owner: {e}")
+                    break
+                checked[0] += 1
+            else:
+                os.close(fd)
+            n += 1
+
+    t = threading.Thread(target=neighbour)
+    t.start()
+    try:
+        for _ in range(12):
+            uri = ks.generate_key("p256")
+            cert = lab.issue_from_csr("plant", build_csr(ks.private_key(uri), parse_subject("CN=dev"), []))
+            ks.store_certificate("dev", cert, lab.domain("plant").chain, key_uri=uri, domain="plant")
+        ks.close()
+    finally:
+        stop.set()
+        t.join()
+    fsutil.drain_closes()
+    assert checked[0] > 0 and not problems, problems[:5]
