@@ -178,11 +178,24 @@ class HttpTransport(Transport):
         raise last
 
     async def _post(self, url: str, request: bytes):
-        """One POST in a daemon thread -> (status, reason, content type, body of at most MAX+1 bytes)."""
+        """One POST in a daemon thread -> (status, reason, content type, body of at most MAX+1 bytes).
+
+        The connection's socket is owned by the worker thread, which closes it; a cancelled exchange only shuts it
+        down (so the worker's blocking call returns) and never after the worker closed it: ``gate`` orders the two,
+        so a shutdown can never reach a descriptor number the kernel has meanwhile given to another socket or file
+        of the process (the DTLS transport's, the event loop's self-pipe, a keystore file)."""
         conn, target, headers = self._connection(url)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        finished = threading.Event()
+        gate = threading.Lock()
+        state = {"closed": False, "finished": False, "cancelled": False}
+
+        def close_conn():
+            with gate:
+                if state["closed"]:
+                    return
+                state["closed"] = True
+            conn.close()
 
         def settle(outcome, error):
             if not done.done():
@@ -198,11 +211,15 @@ class HttpTransport(Transport):
                 body = rsp.read(MAX_RESPONSE_BYTES + 1)
                 outcome, error = (rsp.status, rsp.reason, rsp.getheader("Content-Type", ""), body), None
                 if not self.keep_alive or rsp.will_close or len(body) > MAX_RESPONSE_BYTES:
-                    conn.close()
+                    close_conn()
             except BaseException as e:  # handed to the awaiting task, which decides
-                conn.close()
+                close_conn()
                 outcome, error = None, e
-            finished.set()
+            with gate:
+                state["finished"] = True
+                abandoned = state["cancelled"]
+            if abandoned:  # a kept connection the cancelled caller dropped: nobody uses it any more
+                close_conn()
             try:
                 loop.call_soon_threadsafe(settle, outcome, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
@@ -213,8 +230,14 @@ class HttpTransport(Transport):
             return await done
         except BaseException:
             self._drop(conn)
-            if not finished.is_set():  # cancelled: make the worker's blocking call return now
-                _abort(conn)
+            with gate:
+                state["cancelled"] = True
+                if not state["finished"] and not state["closed"]:
+                    # cancelled mid-exchange: make the worker's blocking call return now (the worker closes)
+                    _abort(conn)
+                idle = state["finished"] and not state["closed"]
+            if idle:  # the worker kept it open for keep-alive and is gone: close it here
+                close_conn()
             raise
 
     def _connection(self, url: str):

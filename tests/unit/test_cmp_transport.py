@@ -212,6 +212,28 @@ def test_cancelled_exchange_returns_at_once(http_server):
     assert time.monotonic() - t0 < 0.9  # the server answers /slow after 1 s
 
 
+def test_cancel_after_the_answer_closes_the_kept_connection(http_server):
+    """keep_alive: an exchange cancelled after its worker got the answer (before the caller took it) closes the
+    connection it drops, on the caller's side, instead of leaving an open socket to the garbage collector; a
+    shutdown from the canceller never comes after the worker's close (see HttpTransport._post)."""
+    async def go():
+        t = HttpTransport(http_server + "/chunked", timeout_s=30, retries=0, keep_alive=True)
+        task = asyncio.create_task(t.exchange(b"xy"))
+        await asyncio.sleep(0)  # the task has started its worker and waits for it
+        conn = t._conn[1]
+        deadline = time.monotonic() + 30
+        while any(th.name == "devagent-cmp-http" for th in threading.enumerate()):
+            assert time.monotonic() < deadline, "the worker did not finish"
+            time.sleep(0.01)  # blocks the loop on purpose: the worker's answer waits in the loop's queue
+        assert conn.sock is not None  # the worker kept it open for the next message
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert t._conn is None and conn.sock is None
+
+    asyncio.run(go())
+
+
 def test_connection_refused_after_retries():
     import socket
 
