@@ -65,6 +65,24 @@ def _read_secret_json(path: Path, what: str) -> dict:
         raise SecurityConfigError(f"{what} {path} cannot be read: {e}") from e
 
 
+# DTLSSocket's tinydtls copies the PSK into a fixed buffer without checking its length: a PSK of 19 bytes or more
+# fails the handshake with an internal_error alert, 128 bytes or more overwrite the process's stack (seen: SIGSEGV).
+# ``provision`` writes 16; a longer one (a hand-edited file) is refused here, before the DTLS stack sees it.
+DTLS_PSK_MAX_BYTES = 16
+
+
+def _read_dtls_psk(path: Path) -> dict:
+    """A DTLS PSK file ({"identity", "psk_ascii"}), checked. Raises SecurityConfigError naming the file."""
+    d = _read_secret_json(path, "DTLS PSK file")
+    if not isinstance(d, dict) or not isinstance(d.get("identity"), str) or not isinstance(d.get("psk_ascii"), str):
+        raise SecurityConfigError(f"DTLS PSK file {path} needs 'identity' and 'psk_ascii'")
+    n = len(d["psk_ascii"].encode())
+    if not 1 <= n <= DTLS_PSK_MAX_BYTES:
+        raise SecurityConfigError(f"DTLS PSK file {path}: 'psk_ascii' is {n} bytes; the DTLS stack (tinydtls) takes "
+                                  f"1 to {DTLS_PSK_MAX_BYTES}: run 'devagent coap provision --force' for a new pair")
+    return d
+
+
 # ---- commissioning --------------------------------------------------------------------------------------------
 def _oscore_pair(dir_a: Path, sender_a: bytes, dir_b: Path, sender_b: bytes) -> None:
     secret, salt = secrets.token_bytes(32), secrets.token_bytes(8)
@@ -200,10 +218,7 @@ def load_server_security(security_dir: str | os.PathLike, methods=METHODS) -> li
     if "dtls-psk" in methods and (root / "dtls").is_dir():
         psks = {}
         for f in sorted((root / "dtls").glob("*.json")):
-            d = _read_secret_json(f, "DTLS PSK file")
-            if not isinstance(d.get("identity"), str) or not isinstance(d.get("psk_ascii"), str):
-                raise SecurityConfigError(f"DTLS PSK file {f} needs 'identity' and 'psk_ascii'")
-            psks[f.stem] = d
+            psks[f.stem] = _read_dtls_psk(f)
         if psks:
             layers.append(DtlsPskServer(psks))
     return layers
@@ -294,7 +309,7 @@ def client_credentials(uri: str, method: str, context_dir: str | os.PathLike | N
         if parts.scheme != "coaps":
             raise SecurityConfigError(f"DTLS-PSK needs a coaps:// URI (the device serves DTLS on its CoAP port + 1), "
                                       f"not {uri}")
-        p = _read_secret_json(d / "dtls.json", "DTLS PSK file")
+        p = _read_dtls_psk(d / "dtls.json")
         return {base: {"dtls": {"psk": {"ascii": p["psk_ascii"]}, "client-identity": {"ascii": p["identity"]}}}}
     raise SecurityConfigError(f"unknown security method {method!r}; use oscore, dtls-psk or none")
 
