@@ -229,7 +229,8 @@ def test_table1(benchmark, cfg: Cfg, lab_ca, tmp_path, request):
                 # The row's garbage (aiocoap's DTLS connections and their DTLSSocket/tinydtls contexts hold
                 # reference cycles) is finalized here, on this thread with its loop still open, instead of in
                 # whichever thread next triggers a collection: in the next row that can be the CMP transport's
-                # worker or an asyncio.to_thread worker (measured; see docs/cmp.md "One intermittent abort").
+                # worker or an asyncio.to_thread worker (measured: docs/cmp.md, "The intermittent abort in
+                # make bench-ci").
                 gc.collect()
                 loop.run_until_complete(asyncio.sleep(0))
     finally:
