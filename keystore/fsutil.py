@@ -318,7 +318,7 @@ def _mkstemp(p: Path) -> tuple[int, str]:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
-                 sync_dir: bool = True, sync_first=()) -> os.stat_result:
+                 sync_dir: bool = True, sync_first=(), fsync_files: NewFiles | None = None) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
 
     ``sync_dir=False`` leaves the directory fsync to the caller (``sync_entries``), for several files written into
@@ -327,6 +327,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     ``sync_first``: paths whose directory entries must be durable before ``path`` is replaced (``sync_entries`` of
     them): their directories are fsynced together with the temp file (``fsync_all``), all before the replace. A
     failure there is a ``StorageError`` with nothing changed, as for the temp file's own fsync.
+
+    ``fsync_files``: files ``write_new_files`` left unsynced, fsynced in the same batch (before the replace).
 
     Returns:
         ``os.fstat`` of the written file (its inode, size and mtime identify this content: see storage.py).
@@ -348,14 +350,23 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
             n = os.write(fd, view)
             view = view[n:]
         _fault("fsync", p)
-        if dirs:
+        files = list(fsync_files.files) if fsync_files is not None else []
+        for fp, _ffd in files:
+            try:
+                _fault("fsync", fp)
+            except OSError as e:
+                raise StorageError(f"cannot write {fp}: {e.strerror or e}; nothing was changed") from e
+        if dirs or files:
             for d in dirs.values():
                 try:
                     dfds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
                 except OSError as e:
                     raise StorageError(f"cannot sync directory {d}: {e.strerror or e}; nothing was changed") from e
-            errs = fsync_all([fd, *dfds])
-            for d, e in zip(dirs.values(), errs[1:], strict=True):
+            errs = fsync_all([fd, *(f[1] for f in files), *dfds])  # together: no order among them
+            for (fp, _ffd), e in zip(files, errs[1:1 + len(files)], strict=True):
+                if e is not None:
+                    raise StorageError(f"cannot write {fp}: {e.strerror or e}; nothing was changed") from e
+            for d, e in zip(dirs.values(), errs[1 + len(files):], strict=True):
                 if e is not None:
                     raise StorageError(f"cannot sync directory {d}: {e.strerror or e}; nothing was changed") from e
             if errs[0] is not None:
@@ -387,55 +398,58 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     return st
 
 
-def atomic_write_all(items, mode: int = FILE_MODE) -> None:
-    """``atomic_write(path, data, mode, sync_dir=False)`` for each ``(path, data)`` of ``items``, with the files'
-    fsyncs issued together (``fsync_all``): every temp file is written, all are fsynced, then each is renamed into
-    place. For files written into directories nothing refers to yet; the caller syncs their entries
-    (``sync_entries``) before anything durable names them.
+class NewFiles:
+    """Files ``write_new_files`` wrote and renamed into a directory nothing refers to yet, still open and not yet
+    fsynced: ``atomic_write(..., fsync_files=it)`` fsyncs them together with what it writes, before its replace.
+    ``close()`` closes them (idempotent)."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, int]] = []
+
+    def close(self) -> None:
+        while self.files:
+            os.close(self.files.pop()[1])
+
+
+def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
+    """Write each ``(path, data)`` of ``items`` (temp file, then renamed to ``path``) into a directory that nothing
+    refers to yet, and leave the fsyncs to the write that will refer to it (``atomic_write(..., fsync_files=...,
+    sync_first=...)``), so that they are issued together with its own.
+
+    Renaming before the fsync is safe only there: until something durable names the directory, a file that a power
+    cut leaves torn is garbage in an unreferenced directory (``Keystore.gc`` removes it), and the referring write
+    happens only after every fsync returned.
 
     Raises:
-        StorageError: a step failed. Before the first rename nothing was changed (every temp file is removed);
-            a rename that fails leaves the files renamed before it in place (the caller removes the directory).
+        StorageError: a step failed; the temp file of the failing step is removed, files renamed before it stay
+            (the caller removes the directory).
     """
-    files: list[list] = []  # [path, fd, tmp]
-    cur = None
-    try:
+    out = NewFiles()
+    for path, data in items:
+        p = Path(path)
+        fd, tmp = -1, None
         try:
-            for path, data in items:
-                cur = p = Path(path)
-                fd, tmp = _mkstemp(p)
-                files.append([p, fd, tmp])
-                os.fchmod(fd, mode)
-                _fault("write", p)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            for p, _fd, _tmp in files:
-                cur = p
-                _fault("fsync", p)
+            fd, tmp = _mkstemp(p)
+            os.fchmod(fd, mode)
+            _fault("write", p)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            _fault("replace", p)
+            os.replace(tmp, p)
+            tmp = None
+            out.files.append((p, fd))
+            fd = -1
         except OSError as e:
-            raise StorageError(f"cannot write {cur}: {e.strerror or e}; nothing was changed") from e
-        for (p, _fd, _tmp), e in zip(files, fsync_all([f[1] for f in files]), strict=True):
-            if e is not None:
-                raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
-        for f in files:
-            os.close(f[1])
-            f[1] = -1
-        for f in files:
-            p = f[0]
-            try:
-                _fault("replace", p)
-                os.replace(f[2], p)
-            except OSError as e:
-                raise StorageError(f"cannot write {p}: {e.strerror or e}") from e
-            f[2] = None
-    finally:
-        for _p, fd, tmp in files:
+            out.close()
+            raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
+        finally:
             if fd >= 0:
                 os.close(fd)
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+    return out
 
 
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:

@@ -344,22 +344,23 @@ class IndexStorage(AtomicJSONStorage):
             return _row_order(table)
         return kept + added
 
-    def write(self, data, sync_first=(), sync_dir: bool = True) -> None:
+    def write(self, data, sync_first=(), sync_dir: bool = True, fsync_files=None) -> None:
         """Write ``data`` (the document of a transaction) atomically; afterwards it is the cached document.
-        ``sync_first``, ``sync_dir``: see ``fsutil.atomic_write`` (``sync_dir=False``: the caller makes the
-        replace durable before anything depends on it).
+        ``sync_first``, ``sync_dir``, ``fsync_files``: see ``fsutil.atomic_write`` (``sync_dir=False``: the caller
+        makes the replace durable before anything depends on it).
 
         Raises:
             StorageError: nothing was changed (the cache is dropped).
             NotDurableError: written and live, not synced (the cache is dropped: the next read parses it).
         """
         with self._mutex:
-            self._write(data, sync_first, sync_dir)
+            self._write(data, sync_first, sync_dir, fsync_files)
 
-    def _write(self, data, sync_first=(), sync_dir: bool = True) -> None:
+    def _write(self, data, sync_first=(), sync_dir: bool = True, fsync_files=None) -> None:
         raw, lines, order, changed = self._encode(data)
         try:
-            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first, sync_dir=sync_dir)
+            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first, sync_dir=sync_dir,
+                                     fsync_files=fsync_files)
         except NotDurableError:
             self.invalidate()  # live on disk; parse it again rather than guess
             raise

@@ -392,7 +392,7 @@ class Keystore:
 
     # ---- index transactions -------------------------------------------------------------------
     @contextlib.contextmanager
-    def _txn(self, sync_first=(), sync_dir: bool = True):
+    def _txn(self, sync_first=(), sync_dir: bool = True, fsync_files=None):
         """Read the whole index under the lock, let the caller mutate it, write it back in one replace (after the
         entries of ``sync_first`` are durable: see ``fsutil.atomic_write``). ``sync_dir=False``: the replace is
         not made durable here; the caller does it (``generate_key`` with the key file) before anything depends on
@@ -405,7 +405,7 @@ class Keystore:
             dropped = self._drop_destroyed(data)
             yield data
             try:
-                self._storage.write(data, sync_first, sync_dir)
+                self._storage.write(data, sync_first, sync_dir, fsync_files)
             except NotDurableError as e:
                 # Replaced, not synced: the change is live. Retry the sync once; if it still fails, remember it
                 # (``durable`` is False) so that nothing the previous index references is destroyed until a
@@ -1054,17 +1054,22 @@ class Keystore:
                 # The version's files and directory entries are durable before the index names them: each
                 # file fsynced, then each directory that gained an entry (the version directory; creds/<name>
                 # for the new version directory; creds/ and the root for new directories) once.
-                # Fsyncs with no order among them are issued together (fsutil.fsync_all): both files' temps; then
-                # the directories with the index's temp file, all before the index replace.
+                # Fsyncs with no order among them are issued together (fsutil.fsync_all): both files, the
+                # directories that gained their entries and the index's temp file, all before the index replace.
+                # The files are renamed into place before their fsync: nothing refers to the new version directory
+                # until that replace, so a file a power cut tears is garbage there (fsutil.write_new_files).
                 created = fsutil.make_dirs(vdir, self.root)
-                fsutil.atomic_write_all([(vdir / "chain.pem", pem(stored_chain)),
-                                         (vdir / "cert.pem", pem([certificate]))])
-                # Once the index replace succeeded this version is live and its files stay, even if the
-                # directory fsync after it failed (_txn retries it and reports; see ``durable``).
-                drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
-                                                meta, key_uri, pub, certificate, stored_chain, replaced,
-                                                claim is not None,
-                                                sync_first=[vdir / "chain.pem", vdir / "cert.pem", *created])
+                files = fsutil.write_new_files([(vdir / "chain.pem", pem(stored_chain)),
+                                                (vdir / "cert.pem", pem([certificate]))])
+                try:
+                    # Once the index replace succeeded this version is live and its files stay, even if the
+                    # directory fsync after it failed (_txn retries it and reports; see ``durable``).
+                    drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
+                                                    meta, key_uri, pub, certificate, stored_chain, replaced,
+                                                    claim is not None, fsync_files=files,
+                                                    sync_first=[vdir / "chain.pem", vdir / "cert.pem", *created])
+                finally:
+                    files.close()
             except BaseException:
                 # Not committed: the previous version is still live; remove what this attempt wrote.
                 if claim is not None:
@@ -1103,10 +1108,11 @@ class Keystore:
         return self._credential(rec, (certificate, stored_chain))
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
-                            pub, certificate, chain, replaced, destroying, sync_first=()) -> list[int]:
+                            pub, certificate, chain, replaced, destroying, sync_first=(),
+                            fsync_files=None) -> list[int]:
         """One atomic index write making ``version`` live (see module invariants); older versions beyond
         ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit."""
-        with self._txn(sync_first) as data:
+        with self._txn(sync_first, fsync_files=fsync_files) as data:
             now_s = _now().isoformat()
             doc_id, rec = self._find_cred(data, name)
             rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})

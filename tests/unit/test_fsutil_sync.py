@@ -1,4 +1,5 @@
-"""Concurrent fsyncs (``fsutil.fsync_all``, ``atomic_write_all``, ``atomic_write(sync_first=...)``): every fsync is
+"""Concurrent fsyncs (``fsutil.fsync_all``, ``write_new_files`` + ``atomic_write(sync_first=..., fsync_files=...)``):
+every fsync is
 still made, each failure is reported for its own descriptor or path, nothing is replaced before all of them are done,
 and a forked child gets its own threads."""
 from __future__ import annotations
@@ -44,23 +45,51 @@ def test_fsync_all_in_a_forked_child(tmp_path):
         os.close(fd)
 
 
-def test_atomic_write_all_changes_nothing_when_one_fsync_fails(tmp_path):
-    (tmp_path / "b").write_bytes(b"old")
+def test_new_files_are_fsynced_with_the_write_that_refers_to_them(tmp_path):
+    """A version directory's files are fsynced in the index write's batch; one failing fsync there leaves the index
+    as it was (the caller then removes the unreferenced directory)."""
+    d = tmp_path / "v"
+    d.mkdir()
+    (tmp_path / "index").write_bytes(b"old")
 
     def hook(stage, path):
         if stage == "fsync" and path.endswith("/b"):
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
 
+    files = fsutil.write_new_files([(d / "a", b"A"), (d / "b", b"B")])
+    assert sorted(p.name for p in d.iterdir()) == ["a", "b"]  # renamed, not yet synced
     fsutil._FAULT_HOOK = hook
     try:
-        with pytest.raises(StorageError, match=rf"cannot write {tmp_path}/b: .*nothing was changed"):
-            fsutil.atomic_write_all([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")])
+        with pytest.raises(StorageError, match=rf"cannot write {d}/b: .*nothing was changed"):
+            fsutil.atomic_write(tmp_path / "index", b"new", sync_first=[d / "a", d / "b"], fsync_files=files)
     finally:
         fsutil._FAULT_HOOK = None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (tmp_path / "b").read_bytes() == b"old"
-    fsutil.atomic_write_all([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")])
-    assert (tmp_path / "a").read_bytes() == b"A" and (tmp_path / "b").read_bytes() == b"B"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+        files.close()
+    assert (tmp_path / "index").read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["index", "v"]
+    files = fsutil.write_new_files([(d / "a", b"A2"), (d / "b", b"B2")])
+    before = fsutil.fsync_count
+    try:
+        fsutil.atomic_write(tmp_path / "index", b"new", sync_first=[d / "a", d / "b"], fsync_files=files)
+    finally:
+        files.close()
+    assert fsutil.fsync_count - before == 5  # a, b, v/ and the index's temp file together; then the directory
+    assert (tmp_path / "index").read_bytes() == b"new" and (d / "b").read_bytes() == b"B2"
+    assert sorted(p.name for p in d.iterdir()) == ["a", "b"]  # no temp file left
+    files.close()  # idempotent
+
+
+def test_a_failing_write_of_new_files_leaves_no_temp_file(tmp_path):
+    def hook(stage, path):
+        if stage == "replace" and path.endswith("/b"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        with pytest.raises(StorageError, match="/b: "):
+            fsutil.write_new_files([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")])
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # renamed before the failure: the caller's to remove
 
 
 def test_a_failing_directory_sync_first_leaves_the_target_unchanged(tmp_path):
