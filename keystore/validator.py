@@ -37,11 +37,20 @@ How a path is judged:
    outcome when a requireExplicitPolicy constraint applies, and then the valid_policy_tree is computed; a chain
    that requires an explicit policy *and* maps policies is refused (``policy``), not guessed at.
 
+Which engine judges (``_pyca_can_judge``) is decided in the same passes: step 1's one pass over the leaf's
+extensions also notes what the routing and step 3 need of the leaf, and one pass over each offered CA certificate
+does the rest (``_route``). The curve of an elliptic-curve CA key is the one thing left until pyca has run: pyca
+refuses a CA key on a curve it does not support, so only a certificate off the accepted path (or every one, when
+pyca refuses) needs its key parsed to tell whether the fallback must judge. Step 3 runs when a certificate offered
+carries what it looks at (a CA's extendedKeyUsage, policyConstraints), else it cannot refuse.
+
 A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded): validating the same chain again
 (a flow checks it at the protocol level, then before storing; every response of a CMP transaction) re-checks the
 validity of each certificate on it at the new time and runs steps 1 and 3 again, without a second path build.
-pyca's ``Store`` and policy builder are prepared once per set of anchors (``_ANCHOR_SETS``, bounded, keyed by the
-anchor certificates), with the check that pyca can judge those anchors; only the time is set per call.
+pyca's ``Store`` and policy builder are prepared once per set of anchors (``_ANCHOR_SETS``, bounded), with the
+check that pyca can judge those anchors; only the time is set per call. Both are looked up by the certificates'
+signature values (hashing bytes costs a tenth of hashing a certificate) and used only for the same certificates
+(compared by their DER), so a certificate that copies another's signature never matches its entry.
 
 Critical extensions devagent processes: basicConstraints, keyUsage, extendedKeyUsage, subjectAltName,
 nameConstraints, certificatePolicies, policyConstraints, inhibitAnyPolicy, policyMappings, the key identifiers.
@@ -432,51 +441,53 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         raise ValueError(f"engine must be one of {ENGINES}")
     untrusted = [c for c in untrusted if c is not leaf]
     anchors = list(anchors)
-    _check_leaf(leaf, policy, public_key, what)
+    leaf_form = _check_leaf(leaf, policy, public_key, what)
     if policy.pinned and _der(leaf) in policy.pinned:
         return (leaf,)
     if not anchors:
         raise VerificationError("untrusted", f"{what} {_name(leaf)}: no trust anchor is configured for this "
                                 f"purpose ({policy.purpose}); add one (--trust CA.pem, or 'devagent ca-update')")
     aset = _anchor_set(anchors)
+    route = None  # with engine="auto": what the one pass over the offered certificates found (_route)
     if engine == "auto":
-        engine = "pyca" if _pyca_can_judge(leaf, untrusted, anchors, policy, aset) else "fallback"
+        route = _route(leaf, leaf_form, untrusted, anchors, policy, aset)
+        engine = "pyca" if route is not None else "fallback"
     if engine == "fallback":
         return _fallback_path(leaf, untrusted, anchors, policy, what)
-    # Certificates hash and compare by their DER (in Rust), so they are their own exact key; the anchor set
-    # stands for its anchors (it is keyed by them), and the key's hash is computed once for the lookup and the store.
-    key = _MemoKey((leaf, tuple(untrusted), aset, policy.max_intermediates))
-    path = _PATH_MEMO.get(key)
-    if path is not None and all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
-        _check_path_extras(path, policy, what)
-        return path
+    # Looked up by the signature values (hashing bytes costs a tenth of hashing a certificate), used only for the
+    # same certificates (pyca compares them by their DER), the same anchor set and the same depth limit.
+    untrusted_t = tuple(untrusted)
+    key = (leaf.signature, *[c.signature for c in untrusted_t], id(aset), policy.max_intermediates)
+    hit = _PATH_MEMO.get(key)
+    if hit is not None and hit[0] is aset and hit[1] == leaf and hit[2] == untrusted_t:
+        path = hit[3]
+        if all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
+            _check_path_extras(path, policy, what)
+            return path
     try:
         path = _pyca_path(leaf, untrusted, anchors, policy, aset)
     except pv.VerificationError as e:
+        if route and route[1] and not all(_pyca_key_ok(c) for c in route[1]):
+            return _fallback_path(leaf, untrusted, anchors, policy, what)  # pyca cannot judge this input
         _fallback_path(leaf, untrusted, anchors, policy, what)  # names the precise reason when it refuses too
         raise VerificationError("untrusted", f"{what} {_name(leaf)} (issuer {dn(leaf.issuer)}) was refused by the "
                                 f"RFC 5280 path validator: {_pyca_text(e)}") from None
-    _check_path_extras(path, policy, what)
-    if len(_PATH_MEMO) >= _PATH_MEMO_MAX:
+    if route is None:  # engine="pyca" forced (tests): not remembered, as auto routing was not asked
+        _check_path_extras(path, policy, what)
+        return path
+    extras, lazy = route
+    # An elliptic-curve CA certificate's curve is checked only now: pyca refuses a CA key on a curve it does not
+    # support, so the certificates on the path it accepted have one; another offered certificate on such a curve
+    # makes the input one pyca cannot judge (_pyca_can_judge), and the fallback judges it.
+    for c in lazy:
+        if not any(c is p for p in path) and not _pyca_key_ok(c):
+            return _fallback_path(leaf, untrusted, anchors, policy, what)
+    if extras or aset.extras:  # else no certificate has what _check_path_extras looks at
+        _check_path_extras(path, policy, what)
+    if len(_PATH_MEMO) >= _PATH_MEMO_MAX and key not in _PATH_MEMO:
         _PATH_MEMO.pop(next(iter(_PATH_MEMO)))
-    _PATH_MEMO[key] = path
+    _PATH_MEMO[key] = (aset, leaf, untrusted_t, path)  # the entry holds aset, so its id is not reused meanwhile
     return path
-
-
-class _MemoKey:
-    """A ``_PATH_MEMO`` key that hashes its parts once."""
-
-    __slots__ = ("parts", "_hash")
-
-    def __init__(self, parts: tuple):
-        self.parts = parts
-        self._hash = hash(parts)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _MemoKey) and self.parts == other.parts
 
 
 def _pyca_text(e: Exception) -> str:
@@ -508,53 +519,122 @@ def _extensions(cert: x509.Certificate, role: str):
     return exts
 
 
-def _check_leaf(leaf, policy: Policy, public_key, what: str) -> None:
+def _leaf_rule(policy: Policy) -> tuple:
+    """What ``_check_leaf`` needs of ``policy``, worked out once per policy (kept in the instance's ``__dict__``,
+    so that the copies ``Policy.for_purpose`` makes of a preset share it; it is derived from the fields only)."""
+    rule = policy.__dict__.get("_leaf_rule")
+    if rule is None:
+        ku_bits = ku_text = None
+        if policy.leaf != "ca" and not policy.ignore_key_usage:
+            ku_bits = tuple(sorted(policy.key_usage))
+            ku_text = " or ".join(sorted(_KU_NAMES[b] for b in policy.key_usage))
+        eku_want = eku_text = None
+        if policy.eku and policy.leaf != "ca":
+            eku_want = frozenset(x509.ObjectIdentifier(o) for o in policy.eku)
+            if policy.any_eku_ok:
+                eku_want |= {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+            eku_text = _eku_text(policy.eku)
+        rule = (ku_bits, ku_text, eku_want, eku_text)
+        policy.__dict__["_leaf_rule"] = rule
+    return rule
+
+
+_CMP_SIGNER_EKUS = frozenset({OID_CMC_RA, OID_CMC_CA})
+_OID_BC = ExtensionOID.BASIC_CONSTRAINTS
+_OID_KU = ExtensionOID.KEY_USAGE
+_OID_EKU = ExtensionOID.EXTENDED_KEY_USAGE
+_OID_NC = ExtensionOID.NAME_CONSTRAINTS
+_OID_PC = ExtensionOID.POLICY_CONSTRAINTS
+# What the one pass over the leaf's extensions found, for validate's routing (_route).
+LEAF_PYCA_FORM = 1  # pyca can judge the leaf's extensions (no critical policyMappings, name constraints in DNS/IP)
+LEAF_EXTRAS = 2  # the leaf carries policyConstraints (certificate-policy processing may apply: _check_path_extras)
+
+
+def _check_leaf(leaf, policy: Policy, public_key, what: str) -> int:
+    """Step 1, one pass over the leaf's extensions. Returns ``LEAF_PYCA_FORM`` / ``LEAF_EXTRAS`` flags."""
     try:
         exts = leaf.extensions
     except ValueError as e:
         raise VerificationError("malformed", f"{what} {_name(leaf)}: malformed extension: {e}") from e
-    by_oid = {}
+    bc = ku = eku = None
+    form = LEAF_PYCA_FORM
     for e in exts:
-        oid = e.oid
-        if e.critical and oid not in KNOWN_EXTENSIONS:
-            _extensions(leaf, what)  # raises, naming the extension
-        by_oid[oid] = e.value
-    if public_key is not None and not _same_key(leaf.public_key(), public_key):
-        raise VerificationError("key-mismatch", f"{what} {_name(leaf)} is for another key: its public key does not "
-                                "match the key this request was made with (public key mismatch)")
-    _check_key_strength(leaf, policy, what)
-    bc = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
-    leaf_is_ca = bool(bc is not None and bc.ca)
-    eku = by_oid.get(ExtensionOID.EXTENDED_KEY_USAGE)
-    eku_oids = {o.dotted_string for o in eku} if eku is not None else None
-    pinned = bool(policy.pinned) and _der(leaf) in policy.pinned
-    if policy.leaf == "end-entity" and leaf_is_ca:
-        raise VerificationError("is-ca", f"{what} {_name(leaf)} is a CA certificate (basicConstraints cA), not an "
-                                "end-entity certificate")
-    if policy.leaf == "ca":
+        slot = _LEAF_SLOTS.get(e.oid, _SLOT_OTHER)
+        if slot == _SLOT_NOTHING:
+            continue
+        if slot == _SLOT_KU:
+            ku = e.value
+        elif slot == _SLOT_EKU:
+            eku = e.value
+        elif slot == _SLOT_BC:
+            bc = e.value
+        elif slot == _SLOT_NC:
+            if not _pyca_nc_forms(e.value):
+                form &= ~LEAF_PYCA_FORM
+        elif slot == _SLOT_PC:
+            form |= LEAF_EXTRAS
+        elif slot == _SLOT_PM:
+            if e.critical:
+                form &= ~LEAF_PYCA_FORM
+        elif e.critical:  # not an extension devagent processes
+            _extensions(leaf, what)  # raises, naming the first such extension
+    key = None
+    if public_key is not None:
+        key = leaf.public_key()
+        if not _same_key(key, public_key):
+            raise VerificationError("key-mismatch", f"{what} {_name(leaf)} is for another key: its public key does "
+                                    "not match the key this request was made with (public key mismatch)")
+    if leaf.public_key_algorithm_oid != _OID_EC:  # (an EC key has no size rule: _check_key_strength)
+        _check_key_strength(leaf, policy, what, key)
+    leaf_is_ca = bc is not None and bc.ca
+    role = policy.leaf
+    if role == "end-entity":
+        if leaf_is_ca:
+            raise VerificationError("is-ca", f"{what} {_name(leaf)} is a CA certificate (basicConstraints cA), not "
+                                    "an end-entity certificate")
+    elif role == "ca":
         _check_ca(leaf, policy, what)
-    if policy.leaf == "cmp-signer" and not leaf_is_ca and not pinned:
-        roles = {OID_CMC_RA.dotted_string, OID_CMC_CA.dotted_string}
-        if not eku_oids or not eku_oids & roles:
-            raise VerificationError("not-authorized", f"{what} {_name(leaf)} is neither a CA certificate nor an "
-                                    "RA/CA signer (no extendedKeyUsage id-kp-cmcRA or id-kp-cmcCA, RFC 9483 §3.1): "
-                                    "another entity's certificate cannot sign CMP responses; pin the server's "
-                                    "certificate with --cmp-server-cert if this one is really it")
-    if policy.leaf != "ca" and not policy.ignore_key_usage:
-        ku = by_oid.get(ExtensionOID.KEY_USAGE)
-        if ku is not None and not any(_ku_bit(ku, b) for b in policy.key_usage):
-            raise VerificationError("bad-key-usage", f"{what} {_name(leaf)}: keyUsage lacks "
-                                    f"{' or '.join(sorted(_KU_NAMES[b] for b in policy.key_usage))}")
-    if policy.eku and policy.leaf != "ca":
-        want = policy.eku
-        if eku_oids is None:
+    elif not leaf_is_ca and (eku is None or _CMP_SIGNER_EKUS.isdisjoint(eku)) and \
+            not (policy.pinned and _der(leaf) in policy.pinned):  # role "cmp-signer"
+        raise VerificationError("not-authorized", f"{what} {_name(leaf)} is neither a CA certificate nor an "
+                                "RA/CA signer (no extendedKeyUsage id-kp-cmcRA or id-kp-cmcCA, RFC 9483 §3.1): "
+                                "another entity's certificate cannot sign CMP responses; pin the server's "
+                                "certificate with --cmp-server-cert if this one is really it")
+    ku_bits, ku_text, eku_want, eku_text = policy.__dict__.get("_leaf_rule") or _leaf_rule(policy)
+    if ku is not None and ku_bits is not None:
+        for b in ku_bits:
+            if getattr(ku, b):
+                break
+        else:
+            raise VerificationError("bad-key-usage", f"{what} {_name(leaf)}: keyUsage lacks {ku_text}")
+    if eku_want is not None:
+        if eku is None:
             if policy.eku_required:
                 raise VerificationError("bad-eku", f"{what} {_name(leaf)} has no extendedKeyUsage; "
-                                        f"{_eku_text(want)} is required")
-        elif not (eku_oids & want or (policy.any_eku_ok and
-                                      ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string in eku_oids)):
-            raise VerificationError("bad-eku", f"{what} {_name(leaf)}: extendedKeyUsage lacks {_eku_text(want)}")
-    _check_time(leaf, policy, what)
+                                        f"{eku_text} is required")
+        elif eku_want.isdisjoint(eku):
+            raise VerificationError("bad-eku", f"{what} {_name(leaf)}: extendedKeyUsage lacks {eku_text}")
+    at = policy.at
+    if policy.uncertainty_s or not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
+        _check_time(leaf, policy, what)
+    return form
+
+
+# The leaf's extensions by what the pass above does with them; _SLOT_NOTHING: known, nothing to look at.
+(_SLOT_NOTHING, _SLOT_BC, _SLOT_KU, _SLOT_EKU, _SLOT_NC, _SLOT_PC, _SLOT_PM, _SLOT_OTHER) = range(8)
+_LEAF_SLOTS = {**dict.fromkeys(KNOWN_EXTENSIONS, _SLOT_NOTHING), ExtensionOID.BASIC_CONSTRAINTS: _SLOT_BC,
+               ExtensionOID.KEY_USAGE: _SLOT_KU, ExtensionOID.EXTENDED_KEY_USAGE: _SLOT_EKU,
+               ExtensionOID.NAME_CONSTRAINTS: _SLOT_NC, ExtensionOID.POLICY_CONSTRAINTS: _SLOT_PC,
+               OID_POLICY_MAPPINGS: _SLOT_PM}
+
+
+def _pyca_nc_forms(nc: x509.NameConstraints) -> bool:
+    """pyca checks name constraints on DNS and IP names only; any other form goes to the fallback."""
+    for t in (nc.permitted_subtrees or ()), (nc.excluded_subtrees or ()):
+        for g in t:
+            if not isinstance(g, _PYCA_NAME_FORMS):
+                return False
+    return True
 
 
 _KU_NAMES = {"digital_signature": "digitalSignature", "content_commitment": "nonRepudiation",
@@ -590,20 +670,22 @@ def _check_time(cert, policy: Policy, role: str) -> None:
         raise VerificationError("expired", f"{role} {_name(cert)} expired at {_fmt(na)} (checked at {at})")
 
 
-def _check_key_strength(cert, policy: Policy, role: str) -> None:
+def _check_key_strength(cert, policy: Policy, role: str, key=None) -> None:
+    """RSA at least ``policy.min_rsa_bits``, no DSA. ``key``: ``cert.public_key()`` when the caller has it."""
     try:
         alg = cert.public_key_algorithm_oid
         if alg == _OID_EC:
             return
-        key = cert.public_key()
+        if key is None:
+            key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
         raise VerificationError("malformed", f"{role} {_name(cert)}: unsupported or malformed public key: {e}") \
             from None
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < policy.min_rsa_bits:
+    if (alg == _OID_RSA or isinstance(key, rsa.RSAPublicKey)) and key.key_size < policy.min_rsa_bits:
         raise VerificationError("weak-key", f"{role} {_name(cert)} has an RSA-{key.key_size} key; at least "
                                 f"{policy.min_rsa_bits} bits are required" + (
                                     " (--allow-weak-keys accepts 1024)" if policy.min_rsa_bits > 1024 else ""))
-    if isinstance(key, dsa.DSAPublicKey):
+    if alg != _OID_RSA and isinstance(key, dsa.DSAPublicKey):
         raise VerificationError("weak-key", f"{role} {_name(cert)} has a DSA key, which is not accepted")
 
 
@@ -619,47 +701,97 @@ def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy, aset: "_AnchorSet 
     return all(_pyca_form(c, c is leaf, any(c is a for a in anchors)) for c in [leaf, *untrusted])
 
 
-def _pyca_form(c, is_leaf: bool, is_anchor: bool) -> bool:
+def _route(leaf, leaf_form: int, untrusted, anchors, policy: Policy, aset: "_AnchorSet"):
+    """``_pyca_can_judge`` for ``validate``, in one pass: None when the fallback judges, else ``(extras, lazy)``.
+
+    ``extras``: a certificate offered carries what ``_check_path_extras`` looks at (extendedKeyUsage on a CA,
+    policyConstraints). ``lazy``: the elliptic-curve CA certificates whose curve ``_pyca_can_judge`` would check
+    by parsing their public key; ``validate`` checks only those not on the path pyca accepted (pyca itself
+    refuses a CA key on a curve it does not support) and, when pyca refuses, all of them, so the verdict is the
+    one ``_pyca_can_judge`` routing gives."""
+    if not aset.pyca_ok:
+        return None
+    if not policy.clock_trusted:
+        at = policy.at
+        if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in [leaf, *untrusted, *anchors]):
+            return None
+    if not leaf_form & LEAF_PYCA_FORM:
+        return None
+    if leaf.signature_algorithm_oid not in _PYCA_SIGNATURES and not any(leaf is a for a in anchors):
+        return None
+    extras = bool(leaf_form & LEAF_EXTRAS)
+    lazy = []
+    for c in untrusted:
+        form = _pyca_form(c, False, any(c is a for a in anchors), keys=False)
+        if not form:
+            return None
+        if form & _FORM_EXTRAS:
+            extras = True
+        if c.public_key_algorithm_oid == _OID_EC:
+            lazy.append(c)
+    return extras, lazy
+
+
+_FORM_OK = 1
+_FORM_EXTRAS = 2  # carries extendedKeyUsage or policyConstraints (what _check_path_extras looks at)
+
+
+def _pyca_form(c, is_leaf: bool, is_anchor: bool, keys: bool = True) -> int:
     """``c`` is in a form pyca's WebPKI profile judges (signature algorithm, name-constraint forms, no critical
-    policyMappings; for a CA also the extension forms, the key type and size)."""
+    policyMappings; for a CA also the extension forms, the key type and size): 0 when not, else ``_FORM_OK``,
+    with ``_FORM_EXTRAS`` when it carries extendedKeyUsage or policyConstraints. ``keys=False``: the curve of an
+    elliptic-curve CA key is left to ``_pyca_key_ok`` (``_route``)."""
     # An anchor's own signature is never checked (it is trusted as it is), so its algorithm does not matter.
     if not is_anchor and c.signature_algorithm_oid not in _PYCA_SIGNATURES:
-        return False
+        return 0
     try:
         exts = c.extensions
     except ValueError:
-        return False
+        return 0
+    form = _FORM_OK
+    by_oid = {}
     for e in exts:
-        if e.oid == OID_POLICY_MAPPINGS and e.critical:
-            return False
-        if e.oid == ExtensionOID.NAME_CONSTRAINTS:
-            nc = e.value
-            for t in (nc.permitted_subtrees or ()), (nc.excluded_subtrees or ()):
-                if any(not isinstance(g, _PYCA_NAME_FORMS) for g in t):
-                    return False
+        oid = e.oid
+        by_oid[oid] = e
+        if oid == OID_POLICY_MAPPINGS:
+            if e.critical:
+                return 0
+        elif oid == _OID_NC:
+            if not _pyca_nc_forms(e.value):
+                return 0
+        elif oid == _OID_EKU or oid == _OID_PC:
+            form |= _FORM_EXTRAS
     if not is_leaf:
-        if not _webpki_ca_form(exts):
-            return False
+        if not _webpki_ca_form(by_oid):
+            return 0
         alg = c.public_key_algorithm_oid
         if alg == _OID_RSA:
             if c.public_key().key_size < MIN_RSA_BITS:
-                return False
-        elif alg != _OID_EC or c.public_key().curve.name not in _PYCA_CURVE_NAMES:
-            return False
-    return True
+                return 0
+        elif alg != _OID_EC or (keys and not _pyca_key_ok(c)):
+            return 0
+    return form
+
+
+def _pyca_key_ok(c) -> bool:
+    """An elliptic-curve key on a curve pyca supports (other key types: see ``_pyca_form``)."""
+    return c.public_key_algorithm_oid != _OID_EC or c.public_key().curve.name in _PYCA_CURVE_NAMES
 
 
 class _AnchorSet:
     """What a set of trust anchors costs to prepare once, not per validation: pyca's ``Store`` (it keeps each
-    anchor's parsed public key) and its policy builders, and whether pyca can judge the anchors at all. Keyed by
-    the anchors themselves (certificates hash and compare by their DER), so a trust store loaded again from disk
-    finds its entry."""
+    anchor's parsed public key) and its policy builders, whether pyca can judge the anchors at all, and whether
+    one carries what ``_check_path_extras`` looks at. Keyed by the anchors themselves (certificates compare by
+    their DER; looked up by their signatures, see ``_anchor_set``), so a trust store loaded again from disk finds
+    its entry."""
 
-    __slots__ = ("anchors", "pyca_ok", "_builders")
+    __slots__ = ("anchors", "pyca_ok", "extras", "_builders")
 
     def __init__(self, anchors: tuple):
         self.anchors = anchors
-        self.pyca_ok = all(_pyca_form(a, False, True) for a in anchors)
+        forms = [_pyca_form(a, False, True) for a in anchors]
+        self.pyca_ok = all(forms)
+        self.extras = any(f & _FORM_EXTRAS for f in forms) or not self.pyca_ok
         self._builders: dict = {}
 
     def builder(self, max_intermediates: int) -> "pv.PolicyBuilder":
@@ -677,13 +809,17 @@ _ANCHOR_SETS_MAX = 32
 
 
 def _anchor_set(anchors) -> _AnchorSet:
+    """The prepared set for these anchors. Looked up by the anchors' signature values (hashing bytes costs a
+    tenth of hashing a certificate), then compared certificate by certificate: an entry is only ever used for
+    the same certificates."""
     key = tuple(anchors)
-    aset = _ANCHOR_SETS.get(key)
-    if aset is None:
+    sigs = tuple([a.signature for a in key])
+    aset = _ANCHOR_SETS.get(sigs)
+    if aset is None or aset.anchors != key:
         aset = _AnchorSet(key)
-        if len(_ANCHOR_SETS) >= _ANCHOR_SETS_MAX:
+        if len(_ANCHOR_SETS) >= _ANCHOR_SETS_MAX and sigs not in _ANCHOR_SETS:
             _ANCHOR_SETS.pop(next(iter(_ANCHOR_SETS)))
-        _ANCHOR_SETS[key] = aset
+        _ANCHOR_SETS[sigs] = aset
     return aset
 
 
@@ -691,9 +827,9 @@ _CA_POLICY = None
 _EE_POLICY = None
 
 
-def _webpki_ca_form(exts) -> bool:
-    """The CA-extension forms pyca's WebPKI profile accepts (else the fallback's RFC 5280 rules judge)."""
-    by_oid = {e.oid: e for e in exts}
+def _webpki_ca_form(by_oid: dict) -> bool:
+    """The CA-extension forms pyca's WebPKI profile accepts (else the fallback's RFC 5280 rules judge), given a
+    certificate's extensions by OID."""
     bc = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
     if bc is not None and not bc.critical:
         return False

@@ -367,3 +367,70 @@ def test_root_update_link():
         check_root_update([stranger], new, nwo)
     with pytest.raises(VerificationError):
         check_root_update([old], new, nwo, nwo)  # oldWithNew must carry the old key
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", MATRIX, ids=[m[0] for m in MATRIX])
+def test_routing_pass_agrees_with_pyca_can_judge(case, kind):
+    """validate's one-pass routing (_route, fed by the leaf pass) sends a chain to pyca exactly when
+    _pyca_can_judge says pyca can judge it (the EC curve check it leaves to after pyca is moot on these curves)."""
+    from keystore import validator as V
+
+    cid, kw, purpose, expected, ossl_purpose = case
+    ch = chain(kind, **kw)
+    policy = _policy(purpose)
+    try:
+        leaf_form = V._check_leaf(ch.leaf, policy, None, "certificate")
+    except VerificationError:
+        return  # refused before any routing
+    aset = V._anchor_set([ch.root])
+    route = V._route(ch.leaf, leaf_form, ch.untrusted, [ch.root], policy, aset)
+    assert (route is not None) == _pyca_can_judge(ch.leaf, ch.untrusted, [ch.root], policy)
+
+
+def test_ca_key_on_a_curve_pyca_refuses_is_judged_by_the_fallback():
+    """An intermediate on secp256k1 (pyca's WebPKI profile refuses the curve): on the path, or only offered
+    alongside a good path, the verdict and path are the fallback's, as _pyca_can_judge routes them."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    k1 = ec.generate_private_key(ec.SECP256K1())
+    odd = chain(inters=[Spec(key=k1)])
+    policy = Policy.for_purpose("credential", NOW)
+    assert not _pyca_can_judge(odd.leaf, odd.untrusted, [odd.root], policy)
+    assert validate(odd.leaf, odd.untrusted, [odd.root], policy) == (odd.leaf, odd.inters[0], odd.root)
+    good = chain()
+    stray = chain(inters=[Spec(key=k1, subject=name("Stray CA"))]).inters[0]  # same root, not on the path
+    bag = [stray, *good.untrusted]
+    assert not _pyca_can_judge(good.leaf, bag, [good.root], policy)
+    assert validate(good.leaf, bag, [good.root], policy) == \
+        validate(good.leaf, bag, [good.root], policy, engine="fallback") == (good.leaf, good.inters[0], good.root)
+
+
+def _with_signature_of(cert: x509.Certificate, donor: x509.Certificate) -> x509.Certificate:
+    """``cert`` with ``donor``'s signature value (RSA-2048: the last 256 bytes of the DER): another certificate
+    whose signature bytes equal the donor's."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der, sig = cert.public_bytes(Encoding.DER), donor.signature
+    assert len(sig) == 256 and der.endswith(cert.signature)
+    forged = x509.load_der_x509_certificate(der[:-256] + sig)
+    assert forged.signature == donor.signature and forged != donor
+    return forged
+
+
+def test_memo_and_anchor_sets_only_ever_match_the_same_certificates():
+    """The path memo and the anchor sets are looked up by signature values: a certificate carrying another's
+    signature bytes lands in the same bucket but never matches it."""
+    ch = chain("rsa2048")
+    policy = Policy.for_purpose("credential", NOW)
+    assert validate(ch.leaf, ch.untrusted, [ch.root], policy)  # remembered
+    other = chain("rsa2048", leaf=Spec(subject=name("device 2"), key=key("rsa2048", 7)))
+    forged_leaf = _with_signature_of(other.leaf, ch.leaf)
+    with pytest.raises(VerificationError) as e:
+        validate(forged_leaf, ch.untrusted, [ch.root], policy)
+    assert e.value.reason in ("bad-signature", "untrusted")
+    stranger = chain("rsa2048", root=Spec(key=key("rsa2048", 5))).root
+    forged_root = _with_signature_of(stranger, ch.root)
+    with pytest.raises(VerificationError):
+        validate(ch.leaf, ch.untrusted, [forged_root], policy)
+    assert validate(ch.leaf, ch.untrusted, [ch.root], policy)[-1] == ch.root
