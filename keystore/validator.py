@@ -647,10 +647,6 @@ def _eku_text(oids) -> str:
     return " or ".join(sorted(_EKU_TEXT.get(o, o) for o in oids))
 
 
-def _ku_bit(ku: x509.KeyUsage, bit: str) -> bool:
-    return bool(getattr(ku, bit))
-
-
 def _check_time(cert, policy: Policy, role: str) -> None:
     lo, hi = policy._window()
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
