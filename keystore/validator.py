@@ -459,7 +459,7 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     untrusted_t = tuple(untrusted)
     key = (leaf.signature, *[c.signature for c in untrusted_t], id(aset), policy.max_intermediates)
     hit = _PATH_MEMO.get(key)
-    if hit is not None and hit[0] is aset and hit[1] == leaf and hit[2] == untrusted_t:
+    if hit is not None and hit[0] is aset and (hit[1] is leaf or hit[1] == leaf) and hit[2] == untrusted_t:
         path = hit[3]
         if all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
             _check_path_extras(path, policy, what)
