@@ -440,6 +440,25 @@ def remove_device(ctx, device):
     click.echo(f"removed {device}")
 
 
+def _tls_trust(files) -> tuple:
+    """--tls-trust files -> their CA certificates; a file that is not certificates or has no CA is a usage error."""
+    from keystore.certs import load_certificate_file
+    from keystore.errors import KeystoreError
+    from keystore.validator import is_ca
+
+    out = []
+    for f in files or ():
+        try:
+            certs = [c for c in load_certificate_file(str(f)) if is_ca(c)]
+        except KeystoreError as e:
+            raise click.BadParameter(str(e), param_hint="--tls-trust") from None
+        if not certs:
+            raise click.BadParameter(f"{f}: no CA certificate in it (the CA that issued the server's TLS "
+                                     "certificate)", param_hint="--tls-trust")
+        out += certs
+    return tuple(out)
+
+
 def upstream_options(f):
     opts = [
         click.option("--upstream", required=True,
@@ -451,6 +470,9 @@ def upstream_options(f):
                      help="CA root(s) issued certificates must chain to (pre-verification; sent to devices)."),
         click.option("--server-ca", "server_ca", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="Trust for the upstream server (TLS / CMP signer) [default: --trust]."),
+        click.option("--tls-trust", "tls_trust_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="CA of the upstream server's TLS certificate when it is another (a TLS front with a site "
+                          "PKI): EST TLS, CMP over https:// [EST: --server-ca; CMP: the system trust store]."),
         click.option("--credential", default=None, help="The CLM's own credential in its keystore (STATE_DIR)."),
         click.option("--opcua-credential", default=None, help="OPC UA devices: the CLM's application certificate "
                      "(a credential in its keystore with its applicationUri in the SAN; the devices give its subject "
@@ -477,7 +499,7 @@ def upstream_options(f):
 
 
 def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username, password,
-                   reference, secret, implicit_confirm=False, recipient=None, mac_alg=None):
+                   reference, secret, implicit_confirm=False, recipient=None, mac_alg=None, tls_trust_files=()):
     """Build the Upstream from CLI options (the CLM's own credential comes from its keystore)."""
     from agent.clm import EnrollClientUpstream, LabUpstream
     from keystore.certs import load_certificate_file
@@ -515,8 +537,14 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
                       reference=reference.encode() if reference else None, secret=resolve_secret(secret, "--secret"),
                       **auth_kw)
     server_anchors = tuple(c for f in server_ca for c in load_certificate_file(f)) or tuple(anchors)
+    tls = _tls_trust(tls_trust_files)
     # EST: the profile is the path segment (/.well-known/est/<profile>/...), as the EST client builds it.
     extra = {}
+    if tls and kind == "est":  # TLS by the front's CA; the issued chain by the server / domain anchors
+        server_anchors, extra["ca_anchors"] = tls, server_anchors
+    elif tls:  # CMP over https: these authenticate the TLS server; the response signer stays --server-ca/--trust
+        extra["tls_verify"] = tls
+        extra["tls_trust_source"] = f"--tls-trust {', '.join(map(str, tls_trust_files))}"
     if kind == "cmp" and mac_alg:
         from enroll_clients.cmp.algs import mac_hash_name
 
@@ -578,8 +606,9 @@ def _print_stages(device_id, stages, as_json):
 @click.argument("devices", nargs=-1, required=True)
 @upstream_options
 @click.pass_context
-def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential,
-           username, password, reference, secret, implicit_confirm, recipient, mac_alg, retries, notify, timeout):
+def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, server_ca, tls_trust_files, credential,
+           opcua_credential, username, password, reference, secret, implicit_confirm, recipient, mac_alg, retries,
+           notify, timeout):
     """Delegated enrollment of DEVICES now: /csr -> upstream -> pre-verification -> /verify.
 
     Each device is leased for the enrollment, so a 'clm run' worker on the same inventory leaves it alone."""
@@ -588,7 +617,7 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
     from coap_services.client import CoapClient
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
-                        password, reference, secret, implicit_confirm, recipient, mac_alg)
+                        password, reference, secret, implicit_confirm, recipient, mac_alg, tls_trust_files)
     inv = _inventory(ctx)
     try:
         for d in devices:
@@ -639,9 +668,9 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True,
               help="Write 'ready' here once the inventory is open (tests).")
 @click.pass_context
-def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, opcua_credential, username,
-        password, reference, secret, implicit_confirm, recipient, mac_alg, retries, notify, timeout, interval, parallel,
-        fraction, jitter, lease_s, worker_id, once, ready_file):
+def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, tls_trust_files, credential, opcua_credential,
+        username, password, reference, secret, implicit_confirm, recipient, mac_alg, retries, notify, timeout, interval,
+        parallel, fraction, jitter, lease_s, worker_id, once, ready_file):
     """Keep every device's certificate renewed before expiry (long-lived; SIGTERM stops it cleanly).
 
     Several workers (on one or more machines, with a postgresql:// inventory) share the fleet: each claims due
@@ -653,7 +682,7 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, creden
     from coap_services.client import CoapClient
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
-                        password, reference, secret, implicit_confirm, recipient, mac_alg)
+                        password, reference, secret, implicit_confirm, recipient, mac_alg, tls_trust_files)
     inv = _inventory(ctx)
 
     async def main():

@@ -191,3 +191,35 @@ def test_without_tls_client_auth_the_refusal_is_named_and_nothing_stored(mdev, m
              "--tls-client-auth", code=2)
     assert "needs a certificate to present" in r.output, r.output
     assert front.forwarded == forwarded and stored(mdev.state) == before
+
+
+# --- the CLM's CMP upstream over https (clm enroll/run --tls-trust) ----------------------------------------------
+def test_clm_cmp_upstream_over_https_with_tls_trust(front, pki, site, tmp_path):
+    import click
+    from cryptography import x509
+
+    from agent.cli_clm import build_upstream
+    from agent.clm import ClmError
+    from keystore.csr import build_csr
+
+    csr = build_csr(pki.device_key, x509.Name.from_rfc4514_string("CN=device-0001"), ())
+
+    def upstream(*tls):
+        return build_upstream(None, f"cmp:{front.url}", "plant", None, None, [pki.path("root.pem")], (), None, None,
+                              None, O.REF, f"pass:{O.SECRET}", tls_trust_files=tls)
+
+    def enroll(up):
+        return front.srv.run_async(lambda: up.enroll(csr, domain="plant"))
+
+    res = enroll(upstream(site.ca_file))
+    assert res.certificate == pki.device_cert
+    forwarded = front.forwarded
+    with pytest.raises(ClmError, match=r"certificate verify failed.*not trusted by the system trust store"):
+        enroll(upstream())
+    with pytest.raises(ClmError, match=r"not trusted by --tls-trust .*root\.pem"):
+        enroll(upstream(pki.path("root.pem")))
+    assert front.forwarded == forwarded
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(click.BadParameter, match="garbage.pem"):
+        upstream(str(garbage))
