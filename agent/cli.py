@@ -395,7 +395,8 @@ def keystore_purge(app: App, expired):
 @keystore.command("trust")
 @click.option("--domain", required=True)
 @click.option("--purpose", type=click.Choice(["pki", "tls", "cmp", "cmp-server"]), default=None,
-              help="Trust store: pki (domain CA, default for --add), tls (EST server TLS), cmp (CMP signer anchors), "
+              help="Trust store: pki (domain CA, default for --add), tls (server TLS: EST, CMP over https), cmp (CMP "
+              "signer anchors), "
               "cmp-server (pinned CMP server certificates). Listing: only this store.")
 @click.option("--add", "add_file", type=click.Path(exists=True, dir_okay=False), help="Add certificate(s) from this file.")
 @click.option("--remove", "remove_fp", metavar="FP", help="Remove the anchor with this sha256 fingerprint (or a unique "
