@@ -317,6 +317,15 @@ def _mkstemp(p: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(p.parent))
 
 
+def _fill(fd: int, p: Path, data: bytes, mode: int) -> None:
+    """Give the new temp file ``fd`` (for ``p``) its mode and write all of ``data`` (os.write may write less)."""
+    os.fchmod(fd, mode)
+    _fault("write", p)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
                  sync_dir: bool = True, sync_first=(), fsync_files: NewFiles | None = None) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
@@ -343,12 +352,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
     dfds: list[int] = []
     try:
         fd, tmp = _mkstemp(p)
-        os.fchmod(fd, mode)
-        _fault("write", p)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        _fill(fd, p, data, mode)
         _fault("fsync", p)
         files = list(fsync_files.files) if fsync_files is not None else []
         for fp, _ffd in files:
@@ -430,11 +434,7 @@ def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
         fd, tmp = -1, None
         try:
             fd, tmp = _mkstemp(p)
-            os.fchmod(fd, mode)
-            _fault("write", p)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _fill(fd, p, data, mode)
             _fault("replace", p)
             os.replace(tmp, p)
             tmp = None
