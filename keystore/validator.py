@@ -37,7 +37,7 @@ How a path is judged:
    outcome when a requireExplicitPolicy constraint applies, and then the valid_policy_tree is computed; a chain
    that requires an explicit policy *and* maps policies is refused (``policy``), not guessed at.
 
-Which engine judges (``_pyca_can_judge``) is decided in the same passes: step 1's one pass over the leaf's
+Which engine judges (pyca or the fallback) is decided in the same passes: step 1's one pass over the leaf's
 extensions also notes what the routing and step 3 need of the leaf, and one pass over each offered CA certificate
 does the rest (``_route``). The curve of an elliptic-curve CA key is the one thing left until pyca has run: pyca
 refuses a CA key on a curve it does not support, so only a certificate off the accepted path (or every one, when
@@ -478,7 +478,7 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     extras, lazy = route
     # An elliptic-curve CA certificate's curve is checked only now: pyca refuses a CA key on a curve it does not
     # support, so the certificates on the path it accepted have one; another offered certificate on such a curve
-    # makes the input one pyca cannot judge (_pyca_can_judge), and the fallback judges it.
+    # makes the input one pyca cannot judge, and the fallback judges it.
     for c in lazy:
         if not any(c is p for p in path) and not _pyca_key_ok(c):
             return _fallback_path(leaf, untrusted, anchors, policy, what)
@@ -686,25 +686,17 @@ def _check_key_strength(cert, policy: Policy, role: str, key=None) -> None:
 
 
 # ---- step 2a: pyca -----------------------------------------------------------------------------------------------
-def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy, aset: "_AnchorSet | None" = None) -> bool:
-    aset = aset or _anchor_set(anchors)
-    if not aset.pyca_ok:
-        return False
-    if not policy.clock_trusted:
-        at = policy.at
-        if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in [leaf, *untrusted, *anchors]):
-            return False
-    return all(_pyca_form(c, c is leaf, any(c is a for a in anchors)) for c in [leaf, *untrusted])
-
-
 def _route(leaf, leaf_form: int, untrusted, anchors, policy: Policy, aset: "_AnchorSet"):
-    """``_pyca_can_judge`` for ``validate``, in one pass: None when the fallback judges, else ``(extras, lazy)``.
+    """Which engine judges, for ``validate``, in one pass: None when the fallback judges, else ``(extras, lazy)``.
+    pyca judges when the anchors are in its form, every certificate is valid at an estimated time (a trusted
+    clock lets pyca refuse an invalid one itself), and the leaf and each offered CA are in its form
+    (``_pyca_form``; tests/unit/test_validator.py states the same rule certificate by certificate as a reference).
 
     ``extras``: a certificate offered carries what ``_check_path_extras`` looks at (extendedKeyUsage on a CA,
-    policyConstraints). ``lazy``: the elliptic-curve CA certificates whose curve ``_pyca_can_judge`` would check
+    policyConstraints). ``lazy``: the elliptic-curve CA certificates whose curve ``_pyca_form`` would check
     by parsing their public key; ``validate`` checks only those not on the path pyca accepted (pyca itself
     refuses a CA key on a curve it does not support) and, when pyca refuses, all of them, so the verdict is the
-    one ``_pyca_can_judge`` routing gives."""
+    one the reference rule gives."""
     if not aset.pyca_ok:
         return None
     if not policy.clock_trusted:
@@ -1010,7 +1002,7 @@ def _check_ca(cert, policy: Policy, role: str) -> None:
     Tolerated, as OpenSSL does without -x509_strict (and never security-relevant for a validator that
     processes the extensions): a non-critical basicConstraints (libest's example CA), a CA without keyUsage
     (no restriction, RFC 5280 §6.1.4 (n)), key identifier extensions in any form. pyca's WebPKI profile refuses
-    these, so chains with them are judged by the fallback engine (``_pyca_can_judge``)."""
+    these, so chains with them are judged by the fallback engine (``_route``)."""
     exts = _extensions(cert, role)
     by_oid = {e.oid: e for e in exts}
     bce = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)

@@ -15,12 +15,25 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.oid import NameOID
 
 from keystore.errors import VerificationError
-from keystore.validator import OID_CMC_CA, OID_CMC_RA, ClockReading, Policy, _pyca_can_judge, check_root_update, validate
+from keystore.validator import OID_CMC_CA, OID_CMC_RA, ClockReading, Policy, _anchor_set, _pyca_form, check_root_update, validate
 from tests.certfactory import DAY, NOW, Spec, chain, key, ku, name, openssl_verify
 
 PAST = dict(not_before=NOW - 30 * DAY, not_after=NOW - DAY)
 FUTURE = dict(not_before=NOW + DAY, not_after=NOW + 30 * DAY)
 UNKNOWN = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
+
+
+def _pyca_can_judge(leaf, untrusted, anchors, policy: Policy) -> bool:
+    """The routing rule stated certificate by certificate (the reference ``validator._route`` must agree with):
+    pyca judges when the anchors are in its form, every certificate is valid at an estimated time, and the leaf and
+    every offered certificate are in pyca's form."""
+    if not _anchor_set(anchors).pyca_ok:
+        return False
+    if not policy.clock_trusted:
+        at = policy.at
+        if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in [leaf, *untrusted, *anchors]):
+            return False
+    return all(_pyca_form(c, c is leaf, any(c is a for a in anchors)) for c in [leaf, *untrusted])
 
 
 def nc(permitted=None, excluded=None):
