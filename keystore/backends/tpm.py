@@ -29,6 +29,10 @@ Invariants:
   (encrypted by the TPM, valid until the next TPM reset) is cached in memory so that the next load is cheap.
 - One ESAPI context per backend, used under a lock (ESAPI is not thread-safe); blocking calls are the
   caller's to move off the event loop (``asyncio.to_thread``).
+- The backend owns its TPM connection (TCTI + ESAPI context, ``_Tpm``/``_Connection``) and closes it in
+  ``close`` (``Keystore.close``), after any operation in progress; a failed open or a connection lost mid-operation
+  is closed at once, and a backend dropped unclosed closes it when collected. No TPM connection (device fd, socket,
+  tabrmd connection, ``cmd`` child process) outlives the keystore that opened it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -188,15 +193,63 @@ def _retrying(fn, *args):
         pause = min(pause * 2, 0.2)
 
 
+class _Connection:
+    """The two C contexts of one TPM connection, owned together: the TCTI (``TCTILdr``: the open device, socket, or
+    ``cmd`` child process) and the ESAPI context on top of it. ``ESAPI.close`` finalizes only a TCTI it loaded
+    itself from a string, never one handed to it, so ``close`` finalizes both, ESAPI first. Idempotent.
+
+    In a forked child (the CLI's zygote, a hook) the inherited contexts are the parent's: finalizing them would
+    end the parent's TPM session (a socket TCTI sends its session-end command), so ``close`` only forgets them there.
+    """
+
+    def __init__(self, tcti_spec: str):
+        self.pid = os.getpid()
+        name, _, conf = tcti_spec.partition(":")
+        try:
+            self.tcti = TCTILdr(name, conf or None)
+        except TSS2_Exception as e:
+            hint = (" (unknown TCTI name or its library libtss2-tcti-<name> is not installed; known: "
+                    "device, tabrmd, swtpm, mssim)") if "not supported" in str(e) else ""
+            raise TpmUnavailableError(
+                f"TPM not reachable via TCTI {tcti_spec!r}: {e}{hint}. Check the 'tcti' backend option") from e
+        try:
+            self.ectx: ESAPI | None = ESAPI(self.tcti)
+        except TSS2_Exception as e:
+            self.ectx = None
+            self.close()  # a failed open leaks nothing: the TCTI is ours until an ESAPI context holds it
+            raise TpmUnavailableError(f"TPM not reachable via TCTI {tcti_spec!r}: {e}") from e
+
+    def close(self) -> None:
+        ectx, tcti, self.ectx, self.tcti = self.ectx, self.tcti, None, None
+        if os.getpid() != self.pid:
+            return
+        if ectx is not None:
+            with contextlib.suppress(Exception):
+                ectx.close()
+        if tcti is not None:
+            with contextlib.suppress(Exception):
+                tcti.close()
+
+
 class _Tpm:
-    """One ESAPI connection with error wrapping, shared by the key backend and the master-key sealing."""
+    """One TPM connection with error wrapping, shared by the key backend and the master-key sealing.
+
+    It is the only owner of its ``_Connection`` (opened on first use). Every use runs in ``session`` under
+    ``lock``, and ``close`` takes the same lock: closing waits for a key operation in progress, never cuts it
+    off. After ``close`` (``Backend.close``, hence ``Keystore.close``) the next use opens a new connection, and a
+    connection lost mid-operation is closed at once (``_wrap``) and reopened the same way. A ``_Tpm`` dropped
+    without ``close`` (a Keystore nobody closed) closes its connection when it is collected (``weakref.finalize``;
+    the keystore keeps no reference cycles, so that is when the last reference goes); at process exit the OS
+    closes whatever is left.
+    """
 
     def __init__(self, options: dict, lock_file: Path | None = None):
         self.tcti = str(options.get("tcti") or DEFAULT_TCTI)
         parent = options.get("parent", "owner")
         self.parent = _OWNER if parent in (None, "", "owner") else _parse_handle(parent, "TPM parent handle")
         self.lock = threading.RLock()
-        self._ectx: ESAPI | None = None
+        self._conn: _Connection | None = None
+        self._finalizer: weakref.finalize | None = None
         # devagent processes of one keystore take turns at the TPM (flock): a TPM holds only a few loaded objects,
         # and without a resource manager (a simulator; some boards) their loads would otherwise exhaust them.
         self._turns = TurnLock(lock_file) if lock_file is not None else contextlib.nullcontext()
@@ -213,20 +266,13 @@ class _Tpm:
         return TpmError(f"TPM error while {doing} (TCTI {self.tcti!r}): {text}")
 
     def esapi(self) -> ESAPI:
-        if self._ectx is None:
-            name, _, conf = self.tcti.partition(":")
-            try:
-                tcti = TCTILdr(name, conf or None)
-            except TSS2_Exception as e:
-                hint = (" (unknown TCTI name or its library libtss2-tcti-<name> is not installed; known: "
-                        "device, tabrmd, swtpm, mssim)") if "not supported" in str(e) else ""
-                raise TpmUnavailableError(
-                    f"TPM not reachable via TCTI {self.tcti!r}: {e}{hint}. Check the 'tcti' backend option") from e
-            try:
-                self._ectx = ESAPI(tcti)
-            except TSS2_Exception as e:
-                raise TpmUnavailableError(f"TPM not reachable via TCTI {self.tcti!r}: {e}") from e
-        return self._ectx
+        """The ESAPI context, connecting first if needed; call it only under ``lock`` (``session`` does)."""
+        if self._conn is None:
+            conn = _Connection(self.tcti)
+            self._conn = conn
+            self._finalizer = weakref.finalize(self, conn.close)
+            self._finalizer.atexit = False  # at exit the OS closes what is left; no C calls during teardown
+        return self._conn.ectx
 
     @contextlib.contextmanager
     def session(self, doing: str):
@@ -238,11 +284,11 @@ class _Tpm:
                 raise self._wrap(e, doing) from e
 
     def close(self) -> None:
+        """Finalize the connection (ESAPI context and TCTI), after any operation in progress; idempotent."""
         with self.lock:
-            if self._ectx is not None:
-                with contextlib.suppress(Exception):
-                    self._ectx.close()
-                self._ectx = None
+            if self._finalizer is not None:
+                self._finalizer()  # runs _Connection.close once and unregisters it
+            self._conn = self._finalizer = None
 
     def persistent_tr(self, ectx: ESAPI, handle: int):
         """ESYS_TR for a persistent handle, or TpmKeyNotFoundError naming it."""
@@ -493,8 +539,9 @@ class Backend(KeyBackend):
             return [int(h) for h in data.data.handles]
 
     def close(self) -> None:
-        self._saved.clear()
-        self._tpm.close()
+        with self._tpm.lock:  # after an operation in progress (its key's saved context goes too)
+            self._saved.clear()
+            self._tpm.close()
 
 
 # ---- keystore master key sealed to the TPM ---------------------------------------------------------

@@ -75,10 +75,11 @@ class SwtpmServer:
         return {"tcti": self.tcti}
 
     def esapi(self):
-        """A new ESAPI context on this simulator (caller closes it)."""
-        from tpm2_pytss import ESAPI, TCTILdr
+        """A new ESAPI context on this simulator (caller closes it; given the TCTI as a string, ESAPI loads the
+        TCTI itself and its ``close`` finalizes both)."""
+        from tpm2_pytss import ESAPI
 
-        return ESAPI(TCTILdr.parse(self.tcti))
+        return ESAPI(self.tcti)
 
     def flush_all(self) -> None:
         """Flush every loaded transient object and session so tests start with a free TPM."""
