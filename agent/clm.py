@@ -315,11 +315,12 @@ def _sans(obj) -> set:
         return set()
 
 
-def _weak_rsa_requested(csr) -> bool:
-    """The device asked for an RSA-1024 key: it runs with --allow-weak-keys (seed 003's Table 1)."""
+def _weak_rsa_requested(csr, key=None) -> bool:
+    """The device asked for an RSA-1024 key: it runs with --allow-weak-keys (seed 003's Table 1). ``key``: the
+    CSR's public key when the caller has it already."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = csr.public_key()
+    key = csr.public_key() if key is None else key
     return isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048
 
 
@@ -337,9 +338,10 @@ def pre_verify(csr: x509.CertificateSigningRequest, cert: x509.Certificate, chai
         raise PreVerificationError("untrusted", "no trust anchor for pre-verification: give the CLM the CA root "
                                    "(--trust) or use an upstream that knows it")
     try:
+        key = csr.public_key()  # parsed once: the RSA size rule and the key the certificate must carry
         policy = Policy.for_purpose("clm-preverify", now or datetime.datetime.now(datetime.timezone.utc),
-                                    min_rsa_bits=1024 if _weak_rsa_requested(csr) else 2048)
-        path = list(validate(cert, chain, anchors, policy, public_key=csr.public_key(), what="issued certificate"))
+                                    min_rsa_bits=1024 if _weak_rsa_requested(csr, key) else 2048)
+        path = list(validate(cert, chain, anchors, policy, public_key=key, what="issued certificate"))
     except VerificationError as e:
         raise PreVerificationError(e.reason, str(e)) from e
     if cert.subject != csr.subject:

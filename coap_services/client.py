@@ -6,6 +6,7 @@ Every request is bounded by a timeout: with a wrong DTLS PSK the device simply d
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from cryptography import x509
@@ -24,6 +25,55 @@ def _timing_s(msg) -> float | None:
         except Exception:
             return None
     return None
+
+
+# DTLS-PSK credentials, per (device base URI, context directory): (identity of dtls.json when it was read and
+# checked, the aiocoap credential built from it). See ``_dtls_credentials``.
+_DTLS_CACHE: dict[tuple[str, str], tuple[tuple, object]] = {}
+DTLS_CACHE_MAX = 4096
+
+
+def _file_identity(path: str) -> tuple | None:
+    """What ``read_private`` checks and reads, as ``lstat`` sees it without opening the file: inode, type and
+    mode, owner, size and the modification and status-change times. A replaced file (new inode), a chmod or
+    chown (ctime, mode, uid), a write (size, mtime, ctime) or a symlink planted in its place (lstat: a link)
+    all give a different identity. None if it cannot be stat'ed (the caller then reads it and reports why)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _dtls_credentials(uri: str, context_dir) -> dict:
+    """``{pattern: aiocoap DTLS credential}`` for ``uri``: ``client_credentials`` (read the PSK file with its
+    checks: O_NOFOLLOW, regular file, owner, mode, PSK length), built once per content of the file.
+
+    A CLM opens a fresh client context per renewal round and loads the device's PSK each time; reading, checking
+    and having aiocoap build the credential (its loader introspects constructor signatures) cost about 0.25 ms
+    per renewal. The result is kept keyed by the file's identity (``_file_identity``), checked on every call: a
+    changed file is read and checked again, so a PSK edited to an unsafe mode or length is refused exactly as
+    before. DTLS credentials are plain values (identity, key), safe to share between client contexts; OSCORE
+    contexts carry sequence numbers and a lock file and are never cached here."""
+    from aiocoap.credentials import CredentialsMap
+
+    ident = _file_identity(os.path.join(os.fspath(context_dir), "dtls.json")) if context_dir else None
+    key = (uri, os.fspath(context_dir) if context_dir else "")
+    hit = _DTLS_CACHE.get(key)
+    if hit is not None and ident is not None and hit[0] == ident:
+        return dict(hit[1])
+    creds = client_credentials(uri, "dtls-psk", context_dir)
+    built = CredentialsMap()
+    built.load_from_dict(creds)
+    items = dict(built)
+    if ident is not None and ident == _file_identity(os.path.join(os.fspath(context_dir), "dtls.json")):
+        # unchanged while it was read: the identity describes what was checked
+        if len(_DTLS_CACHE) >= DTLS_CACHE_MAX:
+            _DTLS_CACHE.pop(next(iter(_DTLS_CACHE)))
+        _DTLS_CACHE[key] = (ident, items)
+    else:
+        _DTLS_CACHE.pop(key, None)
+    return dict(items)
 
 
 def _device_key(uri: str) -> str:
@@ -99,9 +149,12 @@ class CoapClient:
         uri = uri.rstrip("/")
         key = f"{uri}|{method}|{context_dir}"
         if key not in self._loaded:
-            creds = client_credentials(uri, method, context_dir)
-            if creds:
-                self._ctx.client_credentials.load_from_dict(creds)
+            if method == "dtls-psk":
+                self._ctx.client_credentials.update(_dtls_credentials(uri, context_dir))
+            else:
+                creds = client_credentials(uri, method, context_dir)
+                if creds:
+                    self._ctx.client_credentials.load_from_dict(creds)
             self._loaded.add(key)
         return DeviceClient(self, uri)
 
@@ -143,8 +196,11 @@ class CoapClient:
         t0 = time.perf_counter()
         req = self._ctx.request(msg)
         try:
-            resp = await asyncio.wait_for(req.response, self.timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout around the response future itself: the task wakes in the loop iteration the response
+            # arrives in (wait_for in 3.11 relays it through a second future: one more iteration per request)
+            async with asyncio.timeout(self.timeout_s):
+                resp = await req.response
+        except TimeoutError:
             raise DeviceUnreachableError(f"{uri}: no answer within {self.timeout_s:.0f} s (device down, wrong "
                                          "address, or a wrong DTLS PSK: DTLS fails silently)") from None
         except coap_error.Error as e:

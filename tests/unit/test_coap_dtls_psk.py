@@ -68,3 +68,48 @@ def test_a_psk_file_without_the_psk_is_refused_on_the_clm_side_too(pair):
     _edit(ctx / "dtls.json", psk_ascii=None)
     with pytest.raises(SecurityConfigError, match=r"dtls.json needs 'identity' and 'psk_ascii'"):
         client_credentials("coaps://127.0.0.1:5684", "dtls-psk", ctx)
+
+
+# ---- the CLM's per-file cache of DTLS credentials (coap_services.client._dtls_credentials) ---------------------
+URI = "coaps://127.0.0.1:5684"
+
+
+def _psk_of(items: dict) -> bytes:
+    (item,) = items.values()
+    return item.as_dtls_psk()[1]
+
+
+def test_clm_builds_the_dtls_credential_once_per_file_content(pair):
+    from coap_services.client import _dtls_credentials
+
+    _dev, _dev_file, ctx = pair
+    first, again = _dtls_credentials(URI, ctx), _dtls_credentials(URI, ctx)
+    assert list(first) == [f"{URI}/*"] and first[f"{URI}/*"] is again[f"{URI}/*"]
+    assert _psk_of(first) == json.loads((ctx / "dtls.json").read_bytes())["psk_ascii"].encode()
+    _edit(ctx / "dtls.json", psk_ascii="n" * DTLS_PSK_MAX_BYTES)  # re-commissioned: the new PSK is used
+    assert _psk_of(_dtls_credentials(URI, ctx)) == b"n" * DTLS_PSK_MAX_BYTES
+
+
+@pytest.mark.parametrize("change", ["mode", "too-long", "symlink", "missing"])
+def test_a_cached_dtls_credential_is_checked_again_when_its_file_changes(pair, tmp_path, change):
+    from coap_services.client import _dtls_credentials
+
+    _dev, _dev_file, ctx = pair
+    p = ctx / "dtls.json"
+    _dtls_credentials(URI, ctx)
+    if change == "mode":
+        os.chmod(p, 0o644)
+        match = r"has mode 0644: group/others may access it"
+    elif change == "too-long":
+        _edit(p, psk_ascii="x" * (DTLS_PSK_MAX_BYTES + 1))
+        match = r"'psk_ascii' is 17 bytes"
+    elif change == "symlink":
+        real = tmp_path / "elsewhere.json"
+        os.replace(p, real)
+        os.symlink(real, p)
+        match = "symbolic link"
+    else:
+        p.unlink()
+        match = "missing"
+    with pytest.raises(SecurityConfigError, match=match):
+        _dtls_credentials(URI, ctx)
