@@ -27,6 +27,7 @@ from enroll_clients.base import ProtocolError, ServerError, TransportError
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
 RETRY_BASE_S = 0.5
+REFUSAL_PROBE_S = 2.0  # how long the refusal probe waits for a server to close a connection it was sent nothing on
 MAX_RESPONSE_BYTES = 1 << 20  # a CMP response larger than 1 MiB is not something a device should parse
 FILE_POLL_S = 0.05
 
@@ -71,7 +72,12 @@ class HttpTransport(Transport):
     that does not verify (default: described from ``verify``). ``use_client_credential(auth)`` presents a
     certificate as the TLS client certificate (``--tls-client-auth``, RFC 9483 6.1: TLS besides the CMP message
     protection). A server's TLS alert (it refused our client certificate, or wants one) is a final
-    ``TransportError`` naming it, never retried. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    ``TransportError`` naming it, never retried. Under TLS 1.3 the server judges our certificate after our side of
+    the handshake is done, and one that closes at once can lose its alert: the request then meets a closed or
+    reset connection. When that happens with a client certificate presented, one refusal probe (``_probe``) tells
+    a refusal from a drop: a new connection, the handshake, and no request; a server that accepted the certificate
+    waits for the request, one that refuses it sends its alert or closes. A refusal is a final ``TransportError``
+    (the alert, or the likely cause), a drop is retried as before. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
@@ -146,6 +152,7 @@ class HttpTransport(Transport):
         if self._lock is None:
             self._lock = asyncio.Lock()
         last = None
+        probed = False
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry_base_s * (2 ** (attempt - 1)))
@@ -165,17 +172,63 @@ class HttpTransport(Transport):
                                      f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by "
                                      f"{source}; {hint}") from None
             except ssl.SSLError as e:
-                if "ALERT" not in (e.reason or ""):  # EOF/reset in the middle of TLS: like a dropped connection
-                    last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
-                                          f"{self.retries + 1}")
-                    continue
-                raise self._alert_error(url, e) from None
+                if "ALERT" in (e.reason or ""):
+                    raise self._alert_error(url, e) from None
+                last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
+                                      f"{self.retries + 1}")  # EOF/reset in the middle of TLS: a dropped connection
+                error = e
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
-                continue
-            return self._check(status, reason, ctype, body, url, operation)
+                error = e
+            else:
+                return self._check(status, reason, ctype, body, url, operation)
+            if not probed and self._client_auth is not None and url.startswith("https:") and _closed_early(error):
+                probed = True  # once per message: a server that accepted the certificate then is not asked again
+                refusal = await _in_thread(self._probe, url)
+                if refusal is not None:
+                    raise self._refusal_error(url, error, refusal) from None
         raise last
+
+    def _probe(self, url: str):
+        """The refusal probe (see the class docstring), blocking: None if the server accepts our TLS client
+        certificate or cannot be asked now (a drop or an outage: retried as before), else its alert
+        (``ssl.SSLError``) or what ended the connection (``str``)."""
+        import ssl
+
+        conn = self._new_connection(url)
+        try:
+            try:
+                conn.connect()  # TCP (and a proxy's CONNECT), then the TLS handshake with our client certificate
+            except ssl.SSLCertVerificationError:
+                return None  # the server's certificate: the retry reports it
+            except ssl.SSLError as e:
+                return e if "ALERT" in (e.reason or "") else None
+            except OSError:
+                return None
+            conn.sock.settimeout(min(REFUSAL_PROBE_S, self.timeout_s))
+            try:
+                data = conn.sock.recv(1)
+            except TimeoutError:
+                return None  # it waits for our request: it accepted the certificate
+            except ssl.SSLError as e:
+                return e if "ALERT" in (e.reason or "") else f"{type(e).__name__}: {e}"
+            except OSError as e:
+                return f"{type(e).__name__}: {e}"
+            return "connection closed" if data == b"" else None
+        finally:
+            conn.close()
+
+    def _refusal_error(self, url: str, error: BaseException, refusal) -> TransportError:
+        if not isinstance(refusal, str):  # the probe read the alert the first connection lost
+            return self._alert_error(url, refusal)
+        subject = self._client_auth.certificate.subject.rfc4514_string()
+        return TransportError(
+            f"POST {url}: the CMP server probably refused our TLS client certificate {subject!r}: it ended the "
+            f"connection right after the TLS handshake in which we sent it, without an answer ({type(error).__name__}"
+            f": {error or 'connection closed'}), and ended a second connection the same way before we sent anything "
+            f"({refusal}); under TLS 1.3 a server that refuses a client certificate can close before its alert is "
+            "read. Check that the certificate is issued by a CA the server trusts for TLS clients and still valid")
 
     async def _post(self, url: str, request: bytes):
         """One POST in a daemon thread -> (status, reason, content type, body of at most MAX+1 bytes).
@@ -242,7 +295,6 @@ class HttpTransport(Transport):
 
     def _connection(self, url: str):
         """(connection for ``url`` (kept or new), request target (the path, or the URL via a proxy), headers)."""
-        import http.client
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
@@ -261,6 +313,21 @@ class HttpTransport(Transport):
                 return self._conn[1], target, headers
             old, self._conn = self._conn[1], None
             old.close()
+        conn = self._new_connection(url)
+        if self.keep_alive:
+            self._conn = (key, conn)
+        return conn, target, headers
+
+    def _new_connection(self, url: str):
+        """A new (not yet connected) http.client connection for ``url``: direct, or through the environment's
+        proxy (a CONNECT tunnel for https)."""
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        https = parts.scheme == "https"
+        host, port = parts.hostname, parts.port or (443 if https else 80)
+        proxy = _proxy_for(parts.scheme, host)
         if proxy is None:
             conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=self._context())
                     if https else http.client.HTTPConnection(host, port, timeout=self.timeout_s))
@@ -272,9 +339,7 @@ class HttpTransport(Transport):
                 conn.set_tunnel(host, port, headers=tunnel_headers)
             else:
                 conn = http.client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
-        if self.keep_alive:
-            self._conn = (key, conn)
-        return conn, target, headers
+        return conn
 
     def _drop(self, conn) -> None:
         if self._conn is not None and self._conn[1] is conn:
@@ -381,6 +446,42 @@ class HttpTransport(Transport):
         if self._conn is not None:
             conn, self._conn = self._conn[1], None
             conn.close()
+
+
+def _closed_early(e: BaseException) -> bool:
+    """Did the server end the connection before answering (EOF or reset), as a refusing TLS 1.3 server does?"""
+    import http.client
+    import ssl
+
+    return isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError,
+                          ConnectionAbortedError, http.client.RemoteDisconnected))
+
+
+async def _in_thread(fn, *args):
+    """``fn(*args)`` in a daemon thread (as ``_post``'s exchange: a cancelled caller never waits for it)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result, error):
+        if done.done():
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def worker():
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting task
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=worker, name="devagent-cmp-probe", daemon=True).start()
+    return await done
 
 
 def _abort(conn) -> None:

@@ -193,6 +193,38 @@ def test_without_tls_client_auth_the_refusal_is_named_and_nothing_stored(mdev, m
     assert front.forwarded == forwarded and stored(mdev.state) == before
 
 
+# --- TLS 1.3: a refused client certificate whose alert is lost, and a drop right after the handshake --------------
+@pytest.mark.parametrize("silent", [False, True], ids=["alert", "no-alert"])
+def test_tls13_refused_client_certificate_is_named_and_not_retried(mdev, mtls, pki, site, silent):
+    """A front that wants client certificates from another CA (the site CA issued neither the IDevID nor the
+    LDevID), at TLS 1.3: with its alert (which races the request on the closing connection), and closing without
+    it (the race lost: docs/cmp.md). Either way the error names the refused certificate, after at most one
+    refusal probe and no retry; nothing is stored."""
+    before = stored(mdev.state)
+    with TlsFront(site, mtls.srv.port, netns_pid=mtls.srv.pid, client_cas=site.ca_file,
+                  silent_refusal=silent) as front:
+        r = _zero_touch(mdev, front.url, pki, site, "--tls-client-auth", code=6)
+        refused = len(front.failed)
+    assert "refused our TLS client certificate 'CN=device-0001 IDevID,O=devagent test'" in r.output, r.output
+    assert "attempt" not in r.output, r.output
+    if silent:
+        assert "probably refused" in r.output and "before its alert is read" in r.output, r.output
+        assert refused == 2  # the request's connection and the probe's, no retry
+    else:
+        assert refused in (1, 2), front.failed
+    assert front.forwarded == 0 and stored(mdev.state) == before
+
+
+def test_drop_right_after_the_tls13_handshake_is_retried(mdev, mtls, pki, site):
+    """A front that accepts the client certificate but drops the first connection right after the handshake (a
+    restart, a load balancer): the probe finds the server waiting for a request, and the retry enrolls."""
+    with TlsFront(site, mtls.srv.port, netns_pid=mtls.srv.pid, client_cas=pki.path("trusted_clients.pem"),
+                  drop_after_handshake=1) as front:
+        _zero_touch(mdev, front.url, pki, site, "--tls-client-auth")
+        assert front.dropped == 1 and not front.failed
+    assert Keystore.open(mdev.state).get("ldevid-plant").certificate == pki.device_cert
+
+
 # --- the CLM's CMP upstream over https (clm enroll/run --tls-trust) ----------------------------------------------
 def test_clm_cmp_upstream_over_https_with_tls_trust(front, pki, site, tmp_path):
     import click

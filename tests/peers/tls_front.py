@@ -10,7 +10,13 @@ that is not the PKI domain's CA, relayed byte for byte to ``127.0.0.1:<backend_p
   ``failed`` the handshake errors (a client that refused our certificate). ``client_cas`` (PEM file): require a
   TLS client certificate issued by one of them (``client_subjects`` records the subjects seen); ``max_tls12``
   caps the version (a refused client certificate is then a handshake alert the client reads before it sends
-  anything, where TLS 1.3 would race the alert against the request on a closing socket).
+  anything, where TLS 1.3 would race the alert against the request on a closing socket). ``silent_refusal``: the
+  front runs the handshake over memory BIOs and, when it refuses the client certificate, closes the TCP connection
+  without sending its alert: the race above lost every time (under TLS 1.3 the client has finished its side of the
+  handshake by then and sends its request into a closed connection); this mode only refuses (a handshake that
+  succeeds is closed as well, counted in ``handshakes``). ``drop_after_handshake=N``: the first N connections
+  whose handshake succeeds are closed at once, before their request is read (a transient drop: a server restart,
+  a load balancer cutting connections); ``dropped`` counts them.
 
 Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread per connection, one
 ``select`` loop per thread (an SSLSocket is never used from two threads).
@@ -95,8 +101,12 @@ def make_site_pki(directory, *, cn: str = "Site TLS CA") -> SitePki:
 
 class TlsFront:
     def __init__(self, site: SitePki, backend_port: int, *, netns_pid: int | None = None, port: int = 0,
-                 client_cas: str | None = None, max_tls12: bool = False):
+                 client_cas: str | None = None, max_tls12: bool = False, silent_refusal: bool = False,
+                 drop_after_handshake: int = 0):
         self.site = site
+        self.silent_refusal = silent_refusal
+        self.drop_after_handshake = drop_after_handshake
+        self.dropped = 0
         self.backend_port = backend_port
         self.netns_pid = netns_pid
         self.port = port
@@ -173,9 +183,32 @@ class TlsFront:
                     continue
                 threading.Thread(target=self._relay, args=(conn, up), name="tls-front-relay", daemon=True).start()
 
+    def _silent_handshake(self, conn: socket.socket) -> None:
+        """The server's handshake over memory BIOs; what OpenSSL writes after a failure (its alert) is not sent."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self._ctx.wrap_bio(incoming, outgoing, server_side=True)
+        while True:
+            try:
+                obj.do_handshake()
+                conn.sendall(outgoing.read())
+                return
+            except ssl.SSLWantReadError:
+                conn.sendall(outgoing.read())
+                data = conn.recv(65536)
+                if not data:
+                    raise ConnectionError("client closed during the handshake") from None
+                incoming.write(data)
+
     def _relay(self, conn: socket.socket, up: socket.socket) -> None:
         conn.settimeout(10)
         try:
+            if self.silent_refusal:
+                self._silent_handshake(conn)
+                with self._lock:
+                    self.handshakes += 1
+                conn.close()
+                up.close()
+                return
             tls = self._ctx.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError) as e:
             with self._lock:
@@ -188,6 +221,13 @@ class TlsFront:
             peer = tls.getpeercert()
             if peer:
                 self.client_subjects.append(", ".join(f"{k}={v}" for rdn in peer["subject"] for k, v in rdn))
+            drop = self.dropped < self.drop_after_handshake
+            if drop:
+                self.dropped += 1
+        if drop:
+            tls.close()
+            up.close()
+            return
         sent = False
         try:
             tls.setblocking(False)
