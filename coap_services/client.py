@@ -16,6 +16,7 @@ from coap_services.errors import DeviceError, DeviceUnreachableError, PayloadErr
 from coap_services.security import client_credentials
 
 DEFAULT_TIMEOUT_S = 30.0
+TRANSPORTS = ("tinydtls", "oscore", "udp6")
 
 
 def _timing_s(msg) -> float | None:
@@ -98,7 +99,10 @@ class CoapClient:
     async def __aenter__(self) -> "CoapClient":
         import aiocoap
 
-        self._ctx = await aiocoap.Context.create_client_context(transports=["oscore", "udp6", "tinydtls"])
+        # Each request asks the transports in this order which one carries it. tinydtls takes only coaps://, so it
+        # goes first (a DTLS-PSK request is not looked up as an OSCORE candidate first); OSCORE must stay ahead
+        # of udp6, which would otherwise carry coap:// requests unprotected.
+        self._ctx = await aiocoap.Context.create_client_context(transports=list(TRANSPORTS))
         return self
 
     async def __aexit__(self, *exc) -> None:
