@@ -375,6 +375,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
                     raise StorageError(f"cannot sync directory {d}: {e.strerror or e}; nothing was changed") from e
             if errs[0] is not None:
                 raise errs[0]
+            if fsync_files is not None:
+                fsync_files.synced = True
         else:
             _fsync(fd)
         st = os.fstat(fd)
@@ -404,15 +406,93 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
 
 class NewFiles:
     """Files ``write_new_files`` wrote and renamed into a directory nothing refers to yet, still open and not yet
-    fsynced: ``atomic_write(..., fsync_files=it)`` fsyncs them together with what it writes, before its replace.
-    ``close()`` closes them (idempotent)."""
+    fsynced: ``atomic_write(..., fsync_files=it)`` fsyncs them together with what it writes, before its replace
+    (and then sets ``synced``). ``close()`` closes them (idempotent)."""
 
     def __init__(self) -> None:
         self.files: list[tuple[Path, int]] = []
+        self.synced = False
 
     def close(self) -> None:
         while self.files:
             os.close(self.files.pop()[1])
+
+
+class StagedFile(NewFiles):
+    """One file written under a temp name in its directory (``stage_file``), open and not yet fsynced, that gets
+    its name only in ``commit``. Pass it as ``atomic_write(..., fsync_files=it)`` to have its data fsynced in the
+    same batch as that write (the key of a new index record: see ``Keystore.generate_key``).
+
+    Until ``commit`` renames it, the file names nothing: a crash leaves a ``.NAME.*.tmp`` file that ``Keystore.gc``
+    securely deletes (and ``discard`` does the same when the write it waited for failed)."""
+
+    def __init__(self, path: Path, tmp: str, fd: int) -> None:
+        super().__init__()
+        self.path, self.tmp = path, tmp
+        self.files.append((path, fd))
+
+    def commit(self, sync_first=()) -> None:
+        """Make the directory entries of ``sync_first`` durable (``sync_entries``: the record naming this file),
+        then give the file its name and fsync its directory. Its data is fsynced first if the batch it was
+        passed to did not do it (``synced``).
+
+        Raises:
+            StorageError: nothing was renamed (the temp file stays: ``discard`` it).
+            NotDurableError: renamed, but the directory fsync failed.
+        """
+        p = self.path
+        if not self.synced:
+            for fp, fd in self.files:
+                try:
+                    _fault("fsync", fp)
+                    _fsync(fd)
+                except OSError as e:
+                    raise StorageError(f"cannot write {fp}: {e.strerror or e}; nothing was changed") from e
+            self.synced = True
+        if sync_first:
+            sync_entries(sync_first)
+        self.close()
+        try:
+            _fault("replace", p)
+            os.replace(self.tmp, p)
+        except OSError as e:
+            raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
+        self.tmp = None
+        try:
+            sync_parent(p)
+        except OSError as e:
+            raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is "
+                                  "in place but may not survive a power cut", str(p)) from e
+
+    def discard(self) -> None:
+        """Remove the temp file if ``commit`` did not rename it (securely: it may hold a secret). Idempotent."""
+        self.close()
+        if self.tmp is not None:
+            tmp, self.tmp = self.tmp, None
+            with contextlib.suppress(StorageError):
+                secure_delete(tmp, sync_dir=False)
+
+
+def stage_file(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> StagedFile:
+    """Write ``data`` to a new temp file next to ``path`` (0600 first, then ``mode``), leaving the fsync to the
+    write it is passed to (``atomic_write(..., fsync_files=...)``) and the rename to ``StagedFile.commit``.
+
+    Raises:
+        StorageError: nothing is left behind.
+    """
+    p = Path(path)
+    fd, tmp = -1, None
+    try:
+        fd, tmp = _mkstemp(p)
+        _fill(fd, p, data, mode)
+        return StagedFile(p, tmp, fd)
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
 
 
 def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:

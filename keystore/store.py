@@ -521,9 +521,10 @@ class Keystore:
         ``pending=False`` records a key that is in use without a credential of the keystore (an OPC UA server's
         self-signed bootstrap certificate): state ``active``, never discarded by ``gc``; its user discards it.
 
-        The record is written before the key is kept anywhere (``KeyBackend.prepare``): a crash at any point
-        leaves at most a pending record that ``gc`` cleans up through the backend — never a key file, TPM handle or
-        token object that nothing names.
+        The record is durable before the key is kept anywhere under its name (``KeyBackend.prepare``): a crash at
+        any point leaves at most a pending record that ``gc`` cleans up through the backend — never a key file, TPM
+        handle or token object that nothing names. (A software key's bytes are written and fsynced under a temp
+        name, which names no key, in one batch with the record's index write: docs/keystore.md "Generating a key".)
         """
         kt = parse_key_type(key_type, allow_weak=allow_weak)
         be = self.backend(backend)
@@ -535,16 +536,26 @@ class Keystore:
                    "owner": owner.current(), **self._public_fields(nk.public)}
             self._locks.create(uri)
             before = self._storage.read() if not self._destroyed else None
-            # A software key makes the record durable itself: the index's directory is fsynced together with the
-            # key's temp file, and the key file gets its name only after that (NewKey.syncs_first).
-            with self._txn(sync_dir=not nk.syncs_first) as data:
-                data["keys"][self._next_id(data["keys"])] = rec
+            # A software key is written first under a temp name, which names no key (NewKey.stage), and its data
+            # is fsynced in one batch with the index temp file that records it; after the index replace, the
+            # index's directory fsync makes the record durable and only then does the key file get its name and
+            # its directory fsync (NewKey.syncs_first). docs/keystore.md "Generating a key" gives the argument.
+            try:
+                staged = nk.stage()
+                with self._txn(sync_dir=not nk.syncs_first, fsync_files=staged) as data:
+                    data["keys"][self._next_id(data["keys"])] = rec
+            except BaseException:
+                nk.discard_staged()  # the record was not written: the temp file goes (securely), and the lock file
+                with contextlib.suppress(OSError):
+                    os.unlink(self._locks.path(uri))
+                raise
             try:
                 nk.keep(sync_first=(self.root / INDEX,))
             except BaseException:
                 # Not kept (or partly): destroy whatever exists under the URI, then forget the record (by writing
                 # back the index as it was, when this write changed nothing else: a failed key generation then
                 # leaves the keystore byte for byte as it found it).
+                nk.discard_staged()
                 with contextlib.suppress(KeystoreError, OSError):
                     be.delete(uri)
                 with contextlib.suppress(KeystoreError):

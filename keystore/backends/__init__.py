@@ -76,12 +76,28 @@ class NewKey:
 
     ``syncs_first``: ``keep(sync_first=paths)`` makes the directory entries of ``paths`` durable itself before the
     key gets its name, fsyncing them together with its own file (``fsutil.atomic_write(..., sync_first=...)``): the
-    keystore then leaves the index's directory fsync to it. Otherwise ``keep()`` takes no argument."""
+    keystore then leaves the index's directory fsync to it. Otherwise ``keep()`` takes no argument.
 
-    __slots__ = ("uri", "public", "_keep", "syncs_first")
+    ``stage``: an optional callable that writes the key's data under a temp name that names no key (a
+    ``fsutil.StagedFile``, returned) before the record is written; the keystore fsyncs it together with the record's
+    index write (``atomic_write(..., fsync_files=...)``), and ``keep`` then only renames it. ``discard_staged()``
+    securely removes the staged file when the record could not be written."""
 
-    def __init__(self, uri: str, public, keep, *, syncs_first: bool = False):
+    __slots__ = ("uri", "public", "_keep", "syncs_first", "_stage", "staged")
+
+    def __init__(self, uri: str, public, keep, *, syncs_first: bool = False, stage=None):
         self.uri, self.public, self._keep, self.syncs_first = uri, public, keep, syncs_first
+        self._stage, self.staged = stage, None
+
+    def stage(self):
+        """Write the key's data under a temp name (see the class docstring); None if the backend does not stage."""
+        if self._stage is not None and self.staged is None:
+            self.staged = self._stage()
+        return self.staged
+
+    def discard_staged(self) -> None:
+        if self.staged is not None:
+            self.staged.discard()
 
     def keep(self, sync_first=()):
         return self._keep(sync_first) if self.syncs_first else self._keep()

@@ -97,17 +97,28 @@ class Backend(KeyBackend):
 
     def _prepared(self, key) -> NewKey:
         uri = f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
+        nk: NewKey
+
+        def stage():
+            # The encrypted key under a temp name (.<id>.key.<random>.tmp), written before the record that names
+            # the key and fsynced in the same batch as the record's index write (Keystore.generate_key). A temp
+            # file names no key: a crash leaves garbage that gc securely deletes.
+            fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
+            return fsutil.stage_file(self._path(uri), self._encrypt(key))
 
         def keep(sync_first=()):
-            # sync_first (the index, whose record names this key): its directory is fsynced together with the
-            # key's temp file, and only then does the key file get its name (a temp file names no key; gc removes
-            # one that a crash leaves).
-            fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
-            fsutil.atomic_write(self._path(uri), self._encrypt(key), sync_first=sync_first)
+            # sync_first (the index, whose record names this key): its directory is fsynced before the key file
+            # gets its name — together with the key's temp file when it was not staged (fsynced) already.
+            if nk.staged is not None:
+                nk.staged.commit(sync_first=sync_first)
+            else:
+                fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
+                fsutil.atomic_write(self._path(uri), self._encrypt(key), sync_first=sync_first)
             self._keys[uri] = key
             return key.public_key()
 
-        return NewKey(uri, key.public_key(), keep, syncs_first=True)
+        nk = NewKey(uri, key.public_key(), keep, syncs_first=True, stage=stage)
+        return nk
 
     def prepare(self, key_type: str, label: str) -> NewKey:
         """The key exists in memory only until ``keep`` writes its encrypted file."""

@@ -67,6 +67,30 @@ def test_a_dead_owners_pending_key_is_discarded_through_the_backend(ks):
     assert line["key_uri"] == rec["uri"] and "is gone" in line["reason"] and line["owner"]["pid"] == pid
 
 
+def _kill_at(ks, at) -> None:
+    """Run generate_key in a forked child and SIGKILL it when the fault hook sees ``at(stage, path)``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+
+        def hook(stage, path):
+            if at(stage, path):
+                os.write(w, b"x")
+                signal.pause()  # the parent kills us here
+
+        fsutil._FAULT_HOOK = hook
+        try:
+            Keystore.open(ks.root).generate_key("p256")
+        finally:
+            os._exit(3)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(r)
+
+
 def test_killed_between_the_record_and_the_key_leaves_only_a_record_gc_finishes(ks):
     """generate_key records the key before keeping it: killed in between, there is a record and nothing else."""
     r, w = os.pipe()
@@ -75,7 +99,9 @@ def test_killed_between_the_record_and_the_key_leaves_only_a_record_gc_finishes(
         os.close(r)
 
         def hook(stage, path):
-            if stage == "write" and path.endswith(".key"):
+            # The key's data is written and fsynced under a temp name before the record (in one fsync batch with
+            # the index); the key file gets its name by the rename ("replace") after the record is durable.
+            if stage == "replace" and path.endswith(".key"):
                 os.write(w, b"x")
                 signal.pause()  # the parent kills us here: after the index write, before the key file
 
@@ -94,6 +120,29 @@ def test_killed_between_the_record_and_the_key_leaves_only_a_record_gc_finishes(
     removed = Keystore.open(ks.root).gc()
     assert f"pending key {rec['uri']}" in removed  # and the temp file the write had opened
     assert ks.pending_keys() == [] and _key_files(ks.root, hidden=True) == [] and Keystore.open(ks.root).check() == []
+
+
+@pytest.mark.parametrize("at", [
+    pytest.param(lambda stage, path: stage == "write" and path.endswith(".key"), id="key-temp-write"),
+    pytest.param(lambda stage, path: stage == "replace" and path.endswith("keystore.json"), id="index-replace"),
+])
+def test_killed_before_the_record_leaves_only_a_temp_file_gc_securely_deletes(ks, at, monkeypatch):
+    """The key's encrypted data is written (and fsynced, together with the index temp file) before the record that
+    names it: killed before the index replace, there is no record and no key file, only temp files that name
+    nothing; gc securely deletes them (overwritten, then unlinked) and the keystore checks clean."""
+    before = ks.pending_keys()
+    _kill_at(ks, at)
+    assert ks.pending_keys() == before == [] and _key_files(ks.root) == []
+    [tmp] = _key_files(ks.root, hidden=True)
+    assert tmp.startswith(".") and tmp.endswith(".tmp")
+    overwritten = []
+    real = fsutil.secure_delete
+    monkeypatch.setattr(fsutil, "secure_delete", lambda p, **kw: (overwritten.append(os.path.basename(p)),
+                                                                  real(p, **kw))[1])
+    removed = Keystore.open(ks.root).gc()
+    assert str(ks.root / "keys" / tmp) in removed and tmp in overwritten
+    assert _key_files(ks.root, hidden=True) == [] and list(ks.root.glob(".*.tmp")) == []
+    assert Keystore.open(ks.root).check() == [] and ks.pending_keys() == []
 
 
 def test_an_old_pending_key_goes_whoever_owns_it(ks, lab):
