@@ -525,9 +525,7 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
                                  param_hint="--trust")
     auth_kw = {}
     if credential:
-        from keystore.store import Keystore
-
-        ks = Keystore.open(_state(ctx))
+        ks = ctx.obj.keystore()  # the configured TPM TCTI / PKCS#11 module of the CLM's own key
         cred = ks.get(credential)
         auth_kw.update(certificate=cred.certificate, private_key=ks.private_key(cred.key_uri), chain=cred.chain)
         kf = ks.key_file(cred.key_uri)
@@ -573,10 +571,9 @@ def _opcua_identity(ctx, name):
     from agent.opcua.clm_push import identity_from_keystore
     from agent.opcua.errors import OpcuaError
     from keystore.errors import KeystoreError
-    from keystore.store import Keystore
 
     try:
-        return identity_from_keystore(Keystore.open(_state(ctx)), name)
+        return identity_from_keystore(ctx.obj.keystore(), name)
     except (KeystoreError, OpcuaError) as e:
         raise click.BadParameter(str(e), param_hint="--opcua-credential") from None
 

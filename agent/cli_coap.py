@@ -75,7 +75,6 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     from coap_services.device import DeviceConfig, DeviceService
     from coap_services.errors import SecurityConfigError
     from coap_services.security import load_server_security
-    from keystore.store import Keystore
 
     log = logging.getLogger("devagent.coap")
     if not getattr(ctx.obj, "verbose", False):  # Block1 "Continue" and similar per-request lines are noise
@@ -83,7 +82,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     if bind in ("0.0.0.0", "::", ""):
         raise click.BadParameter("bind one address (aiocoap's DTLS server cannot bind the any-address)",
                                  param_hint="--bind")
-    ks = Keystore.open(_state(ctx))
+    ks = ctx.obj.keystore()  # with the configured key backend options and pending-key max age, as every command
     methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
     try:
         layers = load_server_security(security_dir or _state(ctx) / "coap", methods)

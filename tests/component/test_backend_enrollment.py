@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
@@ -588,6 +589,54 @@ def test_cli_enroll_with_hardware_key_succeeds(cli_state, hw, lab, lab_cmp):
         probe = Hw(hw.backend, ks, hw.options, hw.peer)
         assert_key_is_backends(probe, cred.certificate, cred.key_uri)
         ks.delete("ldevid-plant")
+        assert not probe.key_exists(cred.key_uri)
+    finally:
+        ks.close()
+
+
+def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
+    """``devagent serve --key-backend X`` (a subprocess) generates the /csr key with the key backend options of the
+    effective configuration, as every other command: the TPM TCTI from the config file's ``[key] tcti``, the PKCS#11
+    module / token / PIN from ``DEVAGENT_KEY_PKCS11_*``. (It used to open its keystore with no
+    options: the default TCTI device:/dev/tpmrm0 and no PKCS#11 module, so /csr failed on a configured board.)"""
+    from coap_services import codec
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from tests.peers.coap import coap_call, device_env, serve_process
+
+    for var in list(os.environ):  # only the [key] configuration may point at the peer
+        if var.startswith(("DEVAGENT_TPM_", "DEVAGENT_PKCS11_", "DEVAGENT_KEY_")):
+            monkeypatch.delenv(var)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[key]\ntcti = "{hw.peer.tcti}"\n' if hw.backend == "tpm" else "")
+    monkeypatch.setenv("DEVAGENT_CONFIG", str(config))
+    if hw.backend == "pkcs11":
+        monkeypatch.setenv("DEVAGENT_KEY_PKCS11_MODULE", hw.peer.module)
+        monkeypatch.setenv("DEVAGENT_KEY_PKCS11_TOKEN", hw.peer.label)
+        monkeypatch.setenv("DEVAGENT_KEY_PKCS11_PIN", hw.options["pkcs11"]["pin"])
+    env = device_env(tmp_path / "coap", lab)
+    dom = lab.domain("plant")
+
+    async def flow(dev):
+        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject="CN=serve-hw"))
+        cert = lab.issue_from_csr("plant", csr)
+        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
+        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
+        return cert, answer
+
+    proc = serve_process(env, "--key-backend", hw.backend)
+    try:
+        cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
+    finally:
+        rc = proc.stop()
+    assert rc == 0 and answer["stored"] == "ldevid", proc.log()
+    ks = Keystore.open(env.state, backend_options=hw.options)
+    try:
+        cred = ks.get("ldevid")
+        assert cred.certificate == cert and ks.pending_keys() == []
+        probe = Hw(hw.backend, ks, hw.options, hw.peer)
+        assert_key_is_backends(probe, cert, cred.key_uri)
+        ks.delete("ldevid")
         assert not probe.key_exists(cred.key_uri)
     finally:
         ks.close()

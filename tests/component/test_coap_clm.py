@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import json
 import os
-import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.cli import App
 from agent.clm import Clm, ClmError, LabUpstream, UpstreamResult, open_inventory
 from coap_services.client import CoapClient
 from tests.peers.coap import DOMAIN, DeviceThread, device_env
@@ -156,7 +156,7 @@ def test_cli_add_list_enroll(tmp_path, lab, one_device):
     from agent.cli_clm import clm
 
     env, dev = one_device
-    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=False, verbose=False)
+    obj = App(state_dir_option=tmp_path / "edge", json=False)
     r = CliRunner()
     base = ["--clm-dir", str(env.clm_dir)]
     res = r.invoke(clm, base + ["add-device", "dev1", "--uri", dev.uri, "--domain", DOMAIN], obj=obj)
@@ -183,7 +183,7 @@ def test_cli_add_list_enroll(tmp_path, lab, one_device):
 def test_cli_provision_writes_private_files(tmp_path):
     from agent.cli_coap import coap
 
-    obj = types.SimpleNamespace(state_dir=tmp_path / "dev", json=True, verbose=False)
+    obj = App(state_dir_option=tmp_path / "dev", json=True)
     res = CliRunner().invoke(coap, ["provision", "devX", "--clm-dir", str(tmp_path / "clm")], obj=obj)
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -210,7 +210,7 @@ def test_serve_refuses_without_contexts(tmp_path):
     from keystore.store import Keystore
 
     Keystore.init(tmp_path / "dev")
-    obj = types.SimpleNamespace(state_dir=tmp_path / "dev", json=False, verbose=False)
+    obj = App(state_dir_option=tmp_path / "dev", json=False)
     res = CliRunner().invoke(serve, ["--port", "5999"], obj=obj)
     assert res.exit_code == 7 and "coap provision" in res.output
     res = CliRunner().invoke(serve, ["--bind", "0.0.0.0"], obj=obj)
@@ -227,7 +227,7 @@ def test_enroll_via_est_upstream(lab, one_device, tmp_path):
     env, dev = one_device
     root = tmp_path / "root.pem"
     root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
-    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    obj = App(state_dir_option=tmp_path / "edge", json=True)
     with start_est_server(lab, DOMAIN, users={"clm-edge": b"edge-password"}) as est:
         r = CliRunner()
         base = ["--clm-dir", str(env.clm_dir)]
@@ -257,7 +257,7 @@ def test_enroll_via_cmp_upstream(lab, one_device, tmp_path):
     env, dev = one_device
     root = tmp_path / "root.pem"
     root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
-    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    obj = App(state_dir_option=tmp_path / "edge", json=True)
     with start_cmp_server(lab, DOMAIN, secrets={b"clm-edge": b"edge-secret"}) as ca:
         r = CliRunner()
         base = ["--clm-dir", str(env.clm_dir)]
@@ -288,7 +288,7 @@ def test_cmp_upstream_mac_alg_implicit_confirm_recipient(lab, one_device, tmp_pa
     env, dev = one_device
     root = tmp_path / "root.pem"
     root.write_bytes(pem([lab.domain(DOMAIN).root_cert]))
-    obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=True, verbose=False)
+    obj = App(state_dir_option=tmp_path / "edge", json=True)
     with start_cmp_server(lab, DOMAIN, secrets={b"clm-edge": b"edge-secret"}, pbm_macs={"sha1"}) as ca:
         r = CliRunner()
         base = ["--clm-dir", str(env.clm_dir)]

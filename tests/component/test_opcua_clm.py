@@ -9,11 +9,11 @@ import pytest
 from cryptography import x509
 
 import json
-import types
 
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agent.cli import App
 from agent.clm import LabUpstream, PreVerificationError
 from agent.opcua.clm_push import desired_trustlist, enroll_once
 from keystore.certs import fingerprint, pem
@@ -94,7 +94,7 @@ def test_cli_clm_enrolls_and_renews_an_opcua_device(tmp_path, lab):
     (tmp_path / "root.pem").write_bytes(pem([lab.domain(DOMAIN).root_cert]))
     dev = CliDevice(w).start()
     try:
-        obj = types.SimpleNamespace(state_dir=tmp_path / "edge", json=False, verbose=False)
+        obj = App(state_dir_option=tmp_path / "edge", json=False)
         r = CliRunner()
         base = ["--clm-dir", str(tmp_path / "edge" / "clm")]
         res = r.invoke(clm, base + ["add-device", "dev1", "--uri", dev.url, "--opcua", "--server-fingerprint",

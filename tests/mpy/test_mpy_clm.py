@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import types
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent import cli_mpy
+from agent.cli import App
 from agent.clm import Clm, ClmError, HmacDevice, LabUpstream, open_inventory
 from coap_services.client import CoapClient
 from coap_services.errors import DeviceError
@@ -86,7 +86,7 @@ def board(tmp_path, lab):
 def _clm_cli(clm_dir, *args):
     from agent.cli_clm import clm
 
-    obj = types.SimpleNamespace(state_dir=clm_dir.parent / "edge-state", json=False, verbose=False)
+    obj = App(state_dir_option=clm_dir.parent / "edge-state", json=False)
     return CliRunner().invoke(clm, ["--clm-dir", str(clm_dir), *args], obj=obj)
 
 
