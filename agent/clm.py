@@ -614,8 +614,11 @@ class Clm:
             err = e
         except Exception as e:  # one broken device record must not stop the fleet's renewals
             from coap_services.errors import CoapServiceError
+            from keystore.errors import KeyBackendError
 
-            if not isinstance(e, CoapServiceError):
+            if isinstance(e, KeyBackendError):  # the CLM's own key (--credential): TPM/token unreachable, wrong PIN
+                e = ClmError(f"the CLM's credential key: {e}")
+            elif not isinstance(e, CoapServiceError):
                 log.exception("device %s: unexpected error", dev_id)
                 e = ClmError(f"internal error: {type(e).__name__}: {e}")
             err = e

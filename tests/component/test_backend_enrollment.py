@@ -45,7 +45,7 @@ from tests.conftest import snapshot
 from tests.peers import openssl_cmp as O
 from tests.peers.est import EST_PASSWORD, EST_USER, est_lab, est_server  # noqa: F401  (pytest fixtures)
 from tests.peers.pkcs11 import softhsm  # noqa: F401  (pytest fixture)
-from tests.peers.tpm import swtpm  # noqa: F401  (pytest fixture)
+from tests.peers.tpm import swtpm, tpm_options  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.peer
 
@@ -640,6 +640,49 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
         assert not probe.key_exists(cred.key_uri)
     finally:
         ks.close()
+
+
+def test_cli_clm_upstream_credential_in_tpm(cli_state, tpm_options, swtpm, lab, lab_cmp, tmp_path):  # noqa: F811
+    """``devagent clm enroll --upstream cmp:URL --credential NAME`` (a subprocess): the CLM's own credential, its key
+    in the TPM at the configured TCTI (``DEVAGENT_KEY_TCTI``), signs the CMP requests for a device. (The CLM used to
+    load that credential from a keystore opened with no backend options: the default TCTI device:/dev/tpmrm0.)"""
+    from tests.peers.coap import DeviceThread, device_env
+
+    tcti = {"DEVAGENT_KEY_TCTI": swtpm.tcti}
+    r = devagent(cli_state, "enroll", "--protocol", "cmp", "--server", lab_cmp.url, "--domain", "plant", "--ref",
+                 LAB_REF.decode(), "--secret", f"pass:{LAB_SECRET.decode()}", "--subject", "CN=clm-edge",
+                 "--name", "clm-edge", "--key-backend", "tpm", env=tcti)
+    assert r.returncode == 0, r.stdout + r.stderr
+    root = tmp_path / "root.pem"  # written by cli_state
+    env = device_env(tmp_path / "coap", lab)
+    with DeviceThread(env) as dev:
+        clm = ("clm", "--clm-dir", str(env.clm_dir))
+        r = devagent(cli_state, *clm, "add-device", "dev1", "--uri", dev.uri, "--domain", "plant")
+        assert r.returncode == 0, r.stdout + r.stderr
+        down = f"swtpm:host=127.0.0.1,port={_closed_port()}"  # the same command with the TCTI of no TPM: named
+        r = devagent(cli_state, "--json", *clm, "enroll", "dev1", "--upstream", f"cmp:{lab_cmp.url}", "--trust",
+                     str(root), "--credential", "clm-edge", "--retries", "1", "--timeout", "20",
+                     env={"DEVAGENT_KEY_TCTI": down})
+        assert r.returncode == 5, r.stdout + r.stderr
+        assert f"the CLM's credential key: TPM not reachable via TCTI {down!r}" in r.stdout, r.stdout
+        assert "internal error" not in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert env.keystore().list() == []  # nothing reached the device's store
+        r = devagent(cli_state, "--json", *clm, "enroll", "dev1", "--upstream", f"cmp:{lab_cmp.url}", "--trust",
+                     str(root), "--credential", "clm-edge", "--retries", "1", "--timeout", "20", env=tcti)
+        assert r.returncode == 0, r.stdout + r.stderr
+    ks = env.keystore()
+    try:
+        cert = ks.get("ldevid").certificate
+        cert.verify_directly_issued_by(lab.domain("plant").ca_cert)
+        assert cert.public_key() == ks.public_key(ks.get("ldevid").key_uri)
+    finally:
+        ks.close()
+    edge = Keystore.open(cli_state, backend_options={"tpm": tpm_options})
+    try:
+        assert edge.get("clm-edge").key_uri.startswith("tpm:")
+        edge.delete("clm-edge")
+    finally:
+        edge.close()
 
 
 # ---- blocking hardware calls stay off the event loop --------------------------------------------------------
