@@ -234,11 +234,12 @@ class DeviceService:
         """Supersede this context's earlier pending key for ``name`` and bound its pending keys; another context's
         pending keys are never touched."""
         pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
-        for k in pending:
-            if k["pending_for"].get("name") == name:
-                self.ks.discard_key(k["uri"])  # superseded by this new request
-                log.info("discarded superseded pending key for %s", name)
-        pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
+        superseded = [k for k in pending if k["pending_for"].get("name") == name]
+        for k in superseded:
+            self.ks.discard_key(k["uri"])  # superseded by this new request
+            log.info("discarded superseded pending key for %s", name)
+        if superseded:  # read again: the keystore is the truth after a change
+            pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
         while len(pending) >= self.config.max_pending:
             self.ks.discard_key(pending.pop(0)["uri"])
             log.info("discarded oldest pending key (bound %d)", self.config.max_pending)

@@ -229,9 +229,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def sync_parent(path: str | os.PathLike) -> None:
     """fsync the directory holding ``path`` (the "fsync-dir" step, fault-injectable). Raises OSError."""
-    p = Path(path)
+    p = os.fspath(path)
     _fault("fsync-dir", p)
-    fsync_dir(p.parent)
+    fsync_dir(os.path.dirname(p) or ".")
 
 
 def make_dirs(path: str | os.PathLike, top: str | os.PathLike, mode: int = DIR_MODE) -> list[Path]:
@@ -264,20 +264,21 @@ def make_dirs(path: str | os.PathLike, top: str | os.PathLike, mode: int = DIR_M
     return created
 
 
-def _entry_dirs(paths) -> dict[str, Path]:
+def _entry_dirs(paths) -> dict[str, str]:
     """The distinct directories holding ``paths`` (running each path's "fsync-dir" fault hook).
 
     Raises:
         StorageError: the hook failed (tests).
     """
-    parents: dict[str, Path] = {}
+    parents: dict[str, str] = {}
     for path in paths:
-        p = Path(path)
+        p = os.fspath(path)
         try:
             _fault("fsync-dir", p)
         except OSError as e:
             raise StorageError(f"cannot sync the directory of {p}: {e.strerror or e}") from e
-        parents.setdefault(str(p.parent), p.parent)
+        d = os.path.dirname(p) or "."
+        parents.setdefault(d, d)
     return parents
 
 
@@ -304,20 +305,21 @@ def sync_entries(paths) -> None:
             os.close(fd)
 
 
-def _mkstemp(p: Path) -> tuple[int, str]:
+def _mkstemp(p) -> tuple[int, str]:
     """``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp", dir=p.parent)`` (0600, O_EXCL, O_NOFOLLOW) without
     importing tempfile (and shutil, random) into every command."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    d, name = os.path.split(os.fspath(p))
     for _ in range(100):
-        tmp = str(p.parent / f".{p.name}.{os.urandom(6).hex()}.tmp")
+        tmp = os.path.join(d, f".{name}.{os.urandom(6).hex()}.tmp")
         try:
             return os.open(tmp, flags, FILE_MODE), tmp
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(p.parent))
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", d)
 
 
-def _fill(fd: int, p: Path, data: bytes, mode: int) -> None:
+def _fill(fd: int, p, data: bytes, mode: int) -> None:
     """Give the new temp file ``fd`` (for ``p``) its mode and write all of ``data`` (os.write may write less)."""
     os.fchmod(fd, mode)
     _fault("write", p)
@@ -327,7 +329,8 @@ def _fill(fd: int, p: Path, data: bytes, mode: int) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
-                 sync_dir: bool = True, sync_first=(), fsync_files: NewFiles | None = None) -> os.stat_result:
+                 sync_dir: bool = True, sync_first=(), fsync_files: NewFiles | None = None,
+                 keep_open: list | None = None) -> os.stat_result:
     """Write ``data`` to ``path`` atomically and durably (temp → fsync → replace → fsync dir).
 
     ``sync_dir=False`` leaves the directory fsync to the caller (``sync_entries``), for several files written into
@@ -339,6 +342,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
 
     ``fsync_files``: files ``write_new_files`` left unsynced, fsynced in the same batch (before the replace).
 
+    ``keep_open``: a list to which the written file's descriptor (read-write, close-on-exec) is appended once
+    everything succeeded, instead of closing it: a caller that keeps the file open anyway (the index cache) does
+    not open it again. The caller closes it.
+
     Returns:
         ``os.fstat`` of the written file (its inode, size and mtime identify this content: see storage.py).
     Raises:
@@ -346,7 +353,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
             not exist).
         NotDurableError: the replace succeeded (``path`` holds ``data``) but the directory fsync failed.
     """
-    p = Path(path)
+    p = os.fspath(path)
     fd, tmp = -1, None
     dirs = _entry_dirs(sync_first) if sync_first else {}
     dfds: list[int] = []
@@ -380,16 +387,18 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
         else:
             _fsync(fd)
         st = os.fstat(fd)
-        os.close(fd)
-        fd = -1
+        if keep_open is None:
+            os.close(fd)
+            fd = -1
         _fault("replace", p)
         os.replace(tmp, p)
         tmp = None
     except OSError as e:
         raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
     finally:
-        if fd >= 0:
+        if fd >= 0 and tmp is not None:  # failed: the kept descriptor goes too
             os.close(fd)
+            fd = -1
         for dfd in dfds:
             os.close(dfd)
         if tmp is not None:
@@ -399,8 +408,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
         try:
             sync_parent(p)
         except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is "
                                   "in place but may not survive a power cut", str(p)) from e
+    if fd >= 0:
+        keep_open.append(fd)
     return st
 
 

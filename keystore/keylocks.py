@@ -48,9 +48,11 @@ class KeyLocks:
     # ---- creation and destruction (under the keystore lock) ---------------------------------------------
     def create(self, uri: str) -> None:
         """Make the lock file of a new key (idempotent)."""
-        if not self.dir.is_dir():
+        try:
+            fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
+        except FileNotFoundError:  # no locks/ yet (or it was removed): make it, then the file
             fsutil.ensure_dir(self.dir)
-        fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
+            fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
         os.close(fd)
 
     def exists(self, uri: str) -> bool:

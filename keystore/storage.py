@@ -263,6 +263,10 @@ class IndexStorage(AtomicJSONStorage):
         with self._mutex:
             return self._read()
 
+    def cached(self):
+        """The cached document as it is, not re-validated against the file (None: nothing cached)."""
+        return self._doc
+
     def _read(self):
         try:
             st = os.stat(self.path)
@@ -358,25 +362,22 @@ class IndexStorage(AtomicJSONStorage):
 
     def _write(self, data, sync_first=(), sync_dir: bool = True, fsync_files=None) -> None:
         raw, lines, order, changed = self._encode(data)
+        kept: list[int] = []
         try:
-            st = fsutil.atomic_write(self.path, raw, sync_first=sync_first, sync_dir=sync_dir,
-                                     fsync_files=fsync_files)
+            # The descriptor the file was written through is the one the cache keeps (it names the replaced-in
+            # inode, which is what the path names now: we hold the keystore lock), not a second open of the path.
+            fsutil.atomic_write(self.path, raw, sync_first=sync_first, sync_dir=sync_dir, fsync_files=fsync_files,
+                                keep_open=kept)
         except NotDurableError:
             self.invalidate()  # live on disk; parse it again rather than guess
             raise
         except BaseException:
+            for fd in kept:
+                os.close(fd)
             self.invalidate()
             raise
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            self.invalidate()
-            return
-        cur = os.fstat(fd)
-        if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):  # cannot happen under the lock; be safe
-            os.close(fd)
-            self.invalidate()
-            return
+        [fd] = kept
+        cur = os.fstat(fd)  # after the replace: a rename changes the inode's ctime, which the cache's identity holds
         frozen = {}
         for name, table in data.items():
             if not isinstance(table, dict):
@@ -416,6 +417,12 @@ class KeystoreLock:
         self._fd = -1
         self._depth = 0
         self._tlock = threading.RLock()
+        self._owner: int | None = None  # the thread holding it (while _depth > 0)
+        self.epoch = 0  # counts outermost acquisitions: "since I took the lock" is (owned_by_me(), epoch)
+
+    def owned_by_me(self) -> bool:
+        """This thread holds the lock (flock and thread lock): no other process or thread writes meanwhile."""
+        return self._depth > 0 and self._owner == threading.get_ident()
 
     def __enter__(self):
         # Threads of one process (asyncio.to_thread around key generation and signing) exclude each other
@@ -448,12 +455,15 @@ class KeystoreLock:
                 time.sleep(0.01)
         self._fd = fd
         self._depth = 1
+        self._owner = threading.get_ident()
+        self.epoch += 1
         return self
 
     def __exit__(self, *exc):
         try:
             self._depth -= 1
             if self._depth == 0:
+                self._owner = None
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
                 self._fd = -1

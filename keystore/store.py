@@ -85,6 +85,7 @@ TRUST_PURPOSES = {"pki": "domain PKI: what issued certificates must chain to",
 PENDING_MAX_AGE_S = 24 * 3600.0  # [keystore] pending_max_age_s: a pending key older than this is discarded by gc
 _log = logging.getLogger("devagent.keystore")
 _USERS: dict[int, str] = {}  # euid -> user name for audit lines (one pwd lookup per process and uid)
+_AUDIT_JSON = json.JSONEncoder(sort_keys=True, default=str)  # = json.dumps(..., sort_keys=True, default=str), built once
 
 
 def _now() -> datetime.datetime:
@@ -262,6 +263,7 @@ class Keystore:
         storage = self._storage  # not self: no reference cycle keeps a dropped Keystore's files open
         self._db = TinyDB(storage=lambda *a, **k: storage)
         self._view_of: tuple[int, _View] | None = None
+        self._view_epoch = -1  # the lock epoch in which _view_of was last validated under the lock (see _view)
         self._backend_options = backend_options or {}
         self._backends: dict[str, KeyBackend] = {}
         self._master: bytes | None = None
@@ -341,11 +343,19 @@ class Keystore:
         self._view_of = None
 
     def _view(self) -> _View:
-        """Lookups over the cached index, re-validated against the file on every call (see storage.py)."""
+        """Lookups over the cached index, re-validated against the file on every call (see storage.py) — except
+        while this thread holds the keystore lock and has validated (or written) the cache since it took it: no
+        other process or thread can write the index meanwhile, so the file cannot have changed (a write of ours
+        changes ``generation``, which sends us back to the file)."""
+        lk, hit = self._lock, self._view_of
+        if hit is not None and hit[0] == self._storage.generation and hit[1].doc is self._storage.cached() \
+                and self._view_epoch == lk.epoch and lk.owned_by_me():
+            return hit[1]
         doc = self._storage.read() or {}
         gen = self._storage.generation
         if self._view_of is None or self._view_of[0] != gen or self._view_of[1].doc is not doc:
             self._view_of = (gen, _View(doc))
+        self._view_epoch = lk.epoch if lk.owned_by_me() else -1
         return self._view_of[1]
 
     def meta(self) -> dict:
@@ -496,8 +506,7 @@ class Keystore:
             _USERS[uid] = user
         entry = {"ts": _now().isoformat(), "uid": uid, "user": user, "pid": os.getpid(),
                  "action": action, **details}
-        fsutil.append_line(self.root / AUDIT_LOG, json.dumps(entry, sort_keys=True, default=str).encode(),
-                           sync=durable)
+        fsutil.append_line(self.root / AUDIT_LOG, _AUDIT_JSON.encode(entry).encode(), sync=durable)
 
     def audit_entries(self) -> list[dict]:
         out = []

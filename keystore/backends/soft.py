@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from keystore import fsutil
 from keystore.backends import KeyBackend, NewKey
 from keystore.certs import load_private_key
-from keystore.errors import CorruptFileError, KeyBackendError, NotFoundError
+from keystore.errors import CorruptFileError, KeyBackendError, NotFoundError, StorageError
 from keystore.keytypes import generate_software_key
 
 KEY_DIR = "keys"
@@ -79,6 +79,7 @@ class Backend(KeyBackend):
     def __init__(self, context):
         super().__init__(context)
         self._keys: dict[str, object] = {}  # uri -> private key object (see the module docstring)
+        self._keydir_ok = False  # keys/ was made or checked by this object (see _prepared)
 
     def _path(self, uri: str) -> Path:
         # Checked by name, not resolved: a symlink in keys/ is refused when opened (O_NOFOLLOW), never followed.
@@ -102,9 +103,19 @@ class Backend(KeyBackend):
         def stage():
             # The encrypted key under a temp name (.<id>.key.<random>.tmp), written before the record that names
             # the key and fsynced in the same batch as the record's index write (Keystore.generate_key). A temp
-            # file names no key: a crash leaves garbage that gc securely deletes.
+            # file names no key: a crash leaves garbage that gc securely deletes. keys/ is made (or its mode
+            # tightened) once per backend object, and again if it has gone since (a wipe).
+            data = self._encrypt(key)
+            if not self._keydir_ok:
+                fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
+                self._keydir_ok = True
+            try:
+                return fsutil.stage_file(self._path(uri), data)
+            except StorageError as e:
+                if not isinstance(e.__cause__, FileNotFoundError):
+                    raise
             fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
-            return fsutil.stage_file(self._path(uri), self._encrypt(key))
+            return fsutil.stage_file(self._path(uri), data)
 
         def keep(sync_first=()):
             # sync_first (the index, whose record names this key): its directory is fsynced before the key file
