@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from cryptography import x509
@@ -31,6 +32,7 @@ def _timing_s(msg) -> float | None:
 # DTLS-PSK credentials, per (device base URI, context directory): (identity of dtls.json when it was read and
 # checked, the aiocoap credential built from it). See ``_dtls_credentials``.
 _DTLS_CACHE: dict[tuple[str, str], tuple[tuple, object]] = {}
+_DTLS_CACHE_LOCK = threading.Lock()  # CLM clients may run on event loops in several threads
 DTLS_CACHE_MAX = 4096
 
 
@@ -67,13 +69,14 @@ def _dtls_credentials(uri: str, context_dir) -> dict:
     built = CredentialsMap()
     built.load_from_dict(creds)
     items = dict(built)
-    if ident is not None and ident == _file_identity(os.path.join(os.fspath(context_dir), "dtls.json")):
-        # unchanged while it was read: the identity describes what was checked
-        if len(_DTLS_CACHE) >= DTLS_CACHE_MAX:
-            _DTLS_CACHE.pop(next(iter(_DTLS_CACHE)))
-        _DTLS_CACHE[key] = (ident, items)
-    else:
-        _DTLS_CACHE.pop(key, None)
+    with _DTLS_CACHE_LOCK:
+        if ident is not None and ident == _file_identity(os.path.join(os.fspath(context_dir), "dtls.json")):
+            # unchanged while it was read: the identity describes what was checked
+            if key not in _DTLS_CACHE and len(_DTLS_CACHE) >= DTLS_CACHE_MAX:
+                _DTLS_CACHE.pop(next(iter(_DTLS_CACHE)))  # the oldest entry
+            _DTLS_CACHE[key] = (ident, items)
+        else:
+            _DTLS_CACHE.pop(key, None)
     return dict(items)
 
 
