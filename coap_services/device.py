@@ -18,6 +18,8 @@ Invariants:
 - At most one key generation runs at a time, /csr is rate limited, and at most ``max_pending`` keys made for the
   CLM are pending: a new /csr for a credential supersedes (destroys) the earlier pending key for that name.
 - Blocking work (key generation, keystore fsyncs) runs in a worker thread, one keystore operation at a time.
+- /csr answers only with a durable key: the CSR is signed while the key's last fsync is in flight
+  (``Keystore.generate_key(meanwhile=...)``), and returned after it.
 - /verify answers once the new version's commit and its audit line are durable; destroying the superseded key
   and pruning old versions (``Keystore.flush``) runs right after, as the next keystore operation (a crash in
   between is finished by the keystore's ``gc``: the commit lists the key in ``meta.destroying``). ``drain``
@@ -256,15 +258,17 @@ class DeviceService:
         pending_for = {"source": PENDING_SOURCE, "name": name, "domain": domain, "peer": peer, "kind": kind,
                        "subject": subject.rfc4514_string(), "ca_fps": [fingerprint(x) for x in cas],
                        "offered_roots": [x.public_bytes(serialization.Encoding.DER).hex() for x in offered_roots]}
-        uri = self.ks.generate_key(kt, backend=self.config.key_backend, label=name, pending_for=pending_for,
-                                   allow_weak=self.config.allow_weak_keys)
-        try:
+
+        def sign(uri: str) -> bytes:
+            # Built while the key's last fsync is in flight; generate_key returns (and /csr is answered) only once
+            # the key is durable. A failure here undoes the key generation.
             csr = build_csr(self.ks.private_key(uri), subject, sans, key_usage=default_key_usage(kt))
-        except Exception:
-            self.ks.discard_key(uri)
-            raise
-        der = csr.public_bytes(serialization.Encoding.DER)
-        return CsrResult(der, uri, name, domain, time.perf_counter() - t0)
+            made.append(csr.public_bytes(serialization.Encoding.DER))
+
+        made: list[bytes] = []
+        uri = self.ks.generate_key(kt, backend=self.config.key_backend, label=name, pending_for=pending_for,
+                                   allow_weak=self.config.allow_weak_keys, meanwhile=sign)
+        return CsrResult(made[0], uri, name, domain, time.perf_counter() - t0)
 
     async def csr(self, req: codec.CsrRequest, peer: str | None = None) -> CsrResult:
         """Generate a pending key and a CSR for it.

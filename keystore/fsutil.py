@@ -192,6 +192,32 @@ def fsync_all(fds: list[int]) -> list[OSError | None]:
     return out
 
 
+def fsync_while(fd: int, fn):
+    """fsync ``fd`` on a pool thread while ``fn()`` runs on this one; return ``fn()``'s result once both are done.
+    For work that must not be *answered* before the fsync returns but may be *done* meanwhile (the CSR of a key
+    whose directory entry is being synced). If ``fn`` raises, the fsync is still waited for, then ``fn``'s exception
+    propagates. Raises the fsync's ``OSError`` (after ``fn`` finished).
+
+    The pool thread needs the GIL to start its fsync: it gets it at ``fn``'s first blocking call (a file open,
+    a lock), or when ``fn`` returns. Worth it only for an ``fn`` that blocks early and then computes (the CSR:
+    the key's lock file is opened, then the CSR is signed); pure-Python work gains nothing from it."""
+    global fsync_count
+    fsync_count += 1
+    try:
+        fut = _SYNCER.executor().submit(os.fsync, fd)
+    except RuntimeError:  # interpreter shutting down: no new threads; one after the other
+        os.fsync(fd)
+        return fn()
+    try:
+        out = fn()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fut.result()
+        raise
+    fut.result()
+    return out
+
+
 def _fault(stage: str, path) -> None:
     hook = _FAULT_HOOK
     if hook is not None:
@@ -444,10 +470,13 @@ class StagedFile(NewFiles):
         self.path, self.tmp = path, tmp
         self.files.append((path, fd))
 
-    def commit(self, sync_first=()) -> None:
+    def commit(self, sync_first=(), meanwhile=None):
         """Make the directory entries of ``sync_first`` durable (``sync_entries``: the record naming this file),
         then give the file its name and fsync its directory. Its data is fsynced first if the batch it was
         passed to did not do it (``synced``).
+
+        ``meanwhile``: a callable run after the rename while the directory fsync is in flight (``fsync_while``);
+        its result is returned once both are done. If it raises, its exception propagates (after the fsync).
 
         Raises:
             StorageError: nothing was renamed (the temp file stays: ``discard`` it).
@@ -472,7 +501,15 @@ class StagedFile(NewFiles):
             raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
         self.tmp = None
         try:
-            sync_parent(p)
+            if meanwhile is None:
+                sync_parent(p)
+                return None
+            _fault("fsync-dir", p)
+            dfd = os.open(os.path.dirname(os.fspath(p)) or ".", os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+            try:
+                return fsync_while(dfd, meanwhile)
+            finally:
+                os.close(dfd)
         except OSError as e:
             raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is "
                                   "in place but may not survive a power cut", str(p)) from e

@@ -523,7 +523,7 @@ class Keystore:
 
     # ---- keys ---------------------------------------------------------------------------------
     def generate_key(self, key_type: str, *, backend: str = "soft", label: str = "", pending_for: dict | None = None,
-                     allow_weak: bool = False, pending: bool = True) -> str:
+                     allow_weak: bool = False, pending: bool = True, meanwhile=None) -> str:
         """Generate a key in ``backend`` and record it as pending (not yet certified), owned by this process (see
         keystore/owner.py: ``gc`` discards it once the owner is gone). Returns its URI.
 
@@ -534,6 +534,12 @@ class Keystore:
         any point leaves at most a pending record that ``gc`` cleans up through the backend — never a key file, TPM
         handle or token object that nothing names. (A software key's bytes are written and fsynced under a temp
         name, which names no key, in one batch with the record's index write: docs/keystore.md "Generating a key".)
+
+        ``meanwhile``: a callable ``meanwhile(uri)`` run once the key has its name (and is held by nothing yet),
+        while its last fsync (a software key's directory entry) is in flight; ``generate_key`` returns only after
+        both, so what the caller builds meanwhile (the device's CSR) is sent only for a durable key. If it raises,
+        the key generation is undone as if a write had failed (the key destroyed, the record removed) and its
+        exception propagates.
         """
         kt = parse_key_type(key_type, allow_weak=allow_weak)
         be = self.backend(backend)
@@ -559,11 +565,13 @@ class Keystore:
                     os.unlink(self._locks.path(uri))
                 raise
             try:
-                nk.keep(sync_first=(self.root / INDEX,))
+                nk.keep(sync_first=(self.root / INDEX,),
+                        meanwhile=(lambda: meanwhile(uri)) if meanwhile is not None else None)
             except BaseException:
-                # Not kept (or partly): destroy whatever exists under the URI, then forget the record (by writing
-                # back the index as it was, when this write changed nothing else: a failed key generation then
-                # leaves the keystore byte for byte as it found it).
+                # Not kept (or partly), or meanwhile failed: destroy whatever exists under the URI, then forget the
+                # record (by writing back the index as it was, when this write changed nothing else: a failed key
+                # generation then leaves the keystore byte for byte as it found it).
+                self._locks.release(uri, explicit=False, everything=True)  # a hold meanwhile took
                 nk.discard_staged()
                 with contextlib.suppress(KeystoreError, OSError):
                     be.delete(uri)

@@ -99,8 +99,14 @@ class NewKey:
         if self.staged is not None:
             self.staged.discard()
 
-    def keep(self, sync_first=()):
-        return self._keep(sync_first) if self.syncs_first else self._keep()
+    def keep(self, sync_first=(), meanwhile=None):
+        """Make the key persistent. ``meanwhile``: a callable run once the key has its name; a backend that stages
+        runs it while the key's last fsync is in flight (``fsutil.fsync_while``), others right after keeping.
+        Returns what ``meanwhile`` returned, or without it the public key."""
+        if self.syncs_first and self.staged is not None and meanwhile is not None:
+            return self._keep(sync_first, meanwhile)
+        pub = self._keep(sync_first) if self.syncs_first else self._keep()
+        return meanwhile() if meanwhile is not None else pub
 
 
 class HardwareKeyMixin:

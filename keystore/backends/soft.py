@@ -117,14 +117,20 @@ class Backend(KeyBackend):
             fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
             return fsutil.stage_file(self._path(uri), data)
 
-        def keep(sync_first=()):
+        def keep(sync_first=(), meanwhile=None):
             # sync_first (the index, whose record names this key): its directory is fsynced before the key file
             # gets its name — together with the key's temp file when it was not staged (fsynced) already.
+            # meanwhile (staged only: NewKey.keep): runs while keys/ is fsynced after the rename; it may load the
+            # key (from memory).
             if nk.staged is not None:
-                nk.staged.commit(sync_first=sync_first)
-            else:
-                fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
-                fsutil.atomic_write(self._path(uri), self._encrypt(key), sync_first=sync_first)
+                self._keys[uri] = key
+                try:
+                    return nk.staged.commit(sync_first=sync_first, meanwhile=meanwhile)
+                except BaseException:
+                    self._keys.pop(uri, None)
+                    raise
+            fsutil.ensure_dir(Path(self.ctx.root) / KEY_DIR)
+            fsutil.atomic_write(self._path(uri), self._encrypt(key), sync_first=sync_first)
             self._keys[uri] = key
             return key.public_key()
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from agent.cli import cli
 from keystore import fsutil, owner
 from keystore.csr import build_csr, parse_subject
-from keystore.errors import KeyGoneError
+from keystore.errors import KeyGoneError, StorageError
 from keystore.store import Keystore
 from tests.conftest import DOMAIN
 
@@ -143,6 +143,57 @@ def test_killed_before_the_record_leaves_only_a_temp_file_gc_securely_deletes(ks
     assert str(ks.root / "keys" / tmp) in removed and tmp in overwritten
     assert _key_files(ks.root, hidden=True) == [] and list(ks.root.glob(".*.tmp")) == []
     assert Keystore.open(ks.root).check() == [] and ks.pending_keys() == []
+
+
+def test_meanwhile_runs_once_the_key_has_its_name_and_generate_key_returns_after_its_fsync(ks):
+    """generate_key(meanwhile=...) runs the callable after the key file got its name, while keys/ is fsynced: the
+    key can be loaded and used there, and generate_key returns only after that fsync (the fsync-dir step of the key
+    comes before the callable)."""
+    steps = []
+    fsutil._FAULT_HOOK = lambda stage, path: steps.append((stage, os.path.basename(path)))
+    try:
+        def meanwhile(uri):
+            steps.append(("meanwhile", uri))
+            assert (ks.root / uri.split(":", 1)[1]).is_file() and [r["uri"] for r in ks.pending_keys()] == [uri]
+            return build_csr(ks.private_key(uri), parse_subject("CN=m"))
+
+        uri = ks.generate_key("p256", meanwhile=meanwhile)
+    finally:
+        fsutil._FAULT_HOOK = None
+    key = os.path.basename(uri.split(":", 1)[1])
+    assert steps.index(("replace", key)) < steps.index(("fsync-dir", key)) < steps.index(("meanwhile", uri))
+    assert [r["uri"] for r in Keystore.open(ks.root).pending_keys()] == [uri]
+
+
+@pytest.mark.parametrize("fail", ["meanwhile", "fsync-dir"])
+def test_a_failure_meanwhile_or_of_the_last_fsync_undoes_the_key_generation(ks, fail):
+    """The callable raising, or the key directory's fsync failing while it runs: the key is destroyed, its record
+    removed and no hold is left; the keystore is as it was (after gc)."""
+    from tests.conftest import snapshot
+
+    before = snapshot(ks.root)
+    seen = []
+
+    def meanwhile(uri):
+        seen.append(uri)
+        ks.private_key(uri)  # takes a hold that the undo must drop
+        if fail == "meanwhile":
+            raise RuntimeError("CSR failed")
+
+    def hook(stage, path):
+        if fail == "fsync-dir" and stage == "fsync-dir" and path.endswith(".key"):
+            raise OSError(5, "Input/output error")
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        with pytest.raises(RuntimeError if fail == "meanwhile" else StorageError):
+            ks.generate_key("p256", meanwhile=meanwhile)
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert seen or fail == "fsync-dir"
+    assert ks.pending_keys() == [] and not ks._locks._held
+    Keystore.open(ks.root).gc()
+    assert snapshot(ks.root) == before and _key_files(ks.root, hidden=True) == []
 
 
 def test_an_old_pending_key_goes_whoever_owns_it(ks, lab):
