@@ -71,6 +71,20 @@ class App:
         return Keystore.open(self.state_dir, self.backend_options(),
                              pending_max_age_s=self.config().keystore_pending_max_age_s)
 
+    def key_backend(self, option: str | None) -> str:
+        """Where new keys are generated: --key-backend, else ``key.backend`` of the effective config (agent.toml
+        [key] backend, DEVAGENT_KEY_BACKEND, board profile; default soft)."""
+        if option:
+            return option
+        backend = self.config().key.backend
+        if backend == "mpy":  # esp32 / picow: keys are made by the MicroPython agent on the board, not here
+            from agent.config import ConfigError
+
+            raise ConfigError(f"key.backend = 'mpy' (from {self.config().sources.get('key.backend', 'default')}) is "
+                              "the MicroPython agent's key backend; devagent generates soft, tpm or pkcs11 keys: "
+                              "give --key-backend or set key.backend")
+        return backend
+
     def backend_options(self) -> dict:
         """Key backend options from the effective config ([key] tcti/tpm_*/pkcs11_*, env DEVAGENT_KEY_*, profile).
 
@@ -609,7 +623,7 @@ def _key_options(f):
     opts = [
         click.option("--key-type", default=None, help="p256 (default), p384, rsa2048, rsa3072, rsa4096, ed25519."),
         click.option("--key-backend", type=click.Choice(["soft", "tpm", "pkcs11"]), default=None,
-                     help="Where to generate the key [board profile; soft]."),
+                     help="Where to generate the key [key.backend of the config / board profile; soft]."),
         click.option("--key", "key_ref", help="Use an existing key: a URI (tpm:/pkcs11:/file:) or a PEM file to import."),
         click.option("--server-keygen", is_flag=True, help="Let the server generate the key (EST serverkeygen, CMP central keygen)."),
         click.option("--allow-weak-keys", is_flag=True, help="Allow RSA-1024 (weak; benchmarks only)."),
@@ -676,6 +690,12 @@ def _remember(protocol, server, label, profile, mac, implicit_confirm, timeout_s
              csrattrs=csrattrs if protocol == "est" else None, tls_unique=tls_unique if protocol == "est" else None)
     d.update(cmp or {})
     return {k: v for k, v in d.items() if v is not None}
+
+
+def _new_key_backend(app: App, option, key_ref, server_keygen):
+    """The backend a generated key goes to (--key-backend, else key.backend of the config); irrelevant (and not
+    looked up) with --key or --server-keygen."""
+    return option if key_ref or server_keygen else app.key_backend(option)
 
 
 def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, label):
@@ -933,7 +953,8 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
                                              key_uri=key_uri, op="enroll", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, imported = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    spec, imported = _key_spec(ks, key_type, _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
+                               server_keygen, allow_weak_keys, name)
     cred = _issue_discarding_import(ks, spec, imported, lifecycle.enroll(
         ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
         profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))
@@ -1069,7 +1090,8 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
                                              key_uri=key_uri, op="request", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, imported = _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak_keys, name)
+    spec, imported = _key_spec(ks, key_type, _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
+                               server_keygen, allow_weak_keys, name)
     cred = _issue_discarding_import(ks, spec, imported, lifecycle.request(
         ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
         profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))

@@ -48,7 +48,8 @@ def _run(coro):
 @click.option("--san", multiple=True, help="Default SAN (dns:NAME, ip:ADDR, uri:URI, email:ADDR); repeatable.")
 @click.option("--key-type", default="p256", show_default=True, help="Default key type.")
 @click.option("--name", "cred_name", default="ldevid", show_default=True, help="Default credential name.")
-@click.option("--key-backend", default="soft", show_default=True, help="Key backend: soft, tpm, pkcs11.")
+@click.option("--key-backend", default=None,
+              help="Key backend: soft, tpm, pkcs11 [key.backend of the config / board profile; soft].")
 @click.option("--csr-rate", type=click.FloatRange(min=0.01), default=12.0, show_default=True,
               help="Key generations per minute (token bucket).")
 @click.option("--csr-burst", type=click.IntRange(1, 100), default=3, show_default=True)
@@ -82,6 +83,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     if bind in ("0.0.0.0", "::", ""):
         raise click.BadParameter("bind one address (aiocoap's DTLS server cannot bind the any-address)",
                                  param_hint="--bind")
+    key_backend = ctx.obj.key_backend(key_backend)  # --key-backend, else key.backend of the config
     ks = ctx.obj.keystore()  # with the configured key backend options and pending-key max age, as every command
     methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
     try:

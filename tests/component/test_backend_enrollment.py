@@ -594,11 +594,40 @@ def test_cli_enroll_with_hardware_key_succeeds(cli_state, hw, lab, lab_cmp):
         ks.close()
 
 
+@pytest.mark.parametrize("backend", ["tpm", "mpy"])
+def test_cli_enroll_key_backend_from_config(cli_state, tpm_options, swtpm, lab, lab_cmp, backend):  # noqa: F811
+    """Without --key-backend, ``devagent enroll`` generates the key where ``key.backend`` of the effective
+    configuration says (here DEVAGENT_KEY_BACKEND; a board profile such as cm4-tpm the same way): tpm -> the key is
+    in the TPM. ``mpy`` (the MicroPython boards' profiles) is refused naming the key and its source, nothing
+    stored. (It used to generate a software key whatever the configuration said.)"""
+    env = {"DEVAGENT_KEY_BACKEND": backend, "DEVAGENT_KEY_TCTI": swtpm.tcti}
+    before = snapshot(cli_state)
+    r = devagent(cli_state, "--json", "enroll", "--protocol", "cmp", "--server", lab_cmp.url, "--domain", "plant",
+                 "--ref", LAB_REF.decode(), "--secret", f"pass:{LAB_SECRET.decode()}", "--subject", "CN=cfg-hw",
+                 env=env)
+    if backend == "mpy":
+        assert r.returncode == 7, r.stdout + r.stderr
+        assert "key.backend = 'mpy' (from environment DEVAGENT_KEY_BACKEND)" in r.stderr, r.stderr
+        assert "--key-backend" in r.stderr and "Traceback" not in r.stderr
+        assert snapshot(cli_state) == before
+        return
+    assert r.returncode == 0, r.stdout + r.stderr
+    ks = Keystore.open(cli_state, backend_options={"tpm": tpm_options})
+    try:
+        cred = ks.get("ldevid-plant")
+        assert cred.key_uri.startswith("tpm:"), cred.key_uri
+        assert cred.certificate.public_key() == ks.public_key(cred.key_uri)
+        ks.delete("ldevid-plant")
+    finally:
+        ks.close()
+
+
 def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
-    """``devagent serve --key-backend X`` (a subprocess) generates the /csr key with the key backend options of the
-    effective configuration, as every other command: the TPM TCTI from the config file's ``[key] tcti``, the PKCS#11
-    module / token / PIN from ``DEVAGENT_KEY_PKCS11_*``. (It used to open its keystore with no
-    options: the default TCTI device:/dev/tpmrm0 and no PKCS#11 module, so /csr failed on a configured board.)"""
+    """``devagent serve`` (a subprocess) generates the /csr key with the key backend and its options from the
+    effective configuration, as every other command: TPM by the config file's ``[key] backend`` and ``tcti`` (no
+    --key-backend); PKCS#11 by ``--key-backend pkcs11`` with the module / token / PIN from ``DEVAGENT_KEY_PKCS11_*``.
+    (It used to open its keystore with no options, the default TCTI device:/dev/tpmrm0 and no PKCS#11 module, so
+    /csr failed on a configured board; and --key-backend defaulted to soft whatever the configuration said.)"""
     from coap_services import codec
     from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -608,7 +637,7 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
         if var.startswith(("DEVAGENT_TPM_", "DEVAGENT_PKCS11_", "DEVAGENT_KEY_")):
             monkeypatch.delenv(var)
     config = tmp_path / "agent.toml"
-    config.write_text(f'[key]\ntcti = "{hw.peer.tcti}"\n' if hw.backend == "tpm" else "")
+    config.write_text(f'[key]\nbackend = "tpm"\ntcti = "{hw.peer.tcti}"\n' if hw.backend == "tpm" else "")
     monkeypatch.setenv("DEVAGENT_CONFIG", str(config))
     if hw.backend == "pkcs11":
         monkeypatch.setenv("DEVAGENT_KEY_PKCS11_MODULE", hw.peer.module)
@@ -624,7 +653,7 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
         answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
         return cert, answer
 
-    proc = serve_process(env, "--key-backend", hw.backend)
+    proc = serve_process(env, *(("--key-backend", hw.backend) if hw.backend != "tpm" else ()))
     try:
         cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
     finally:
