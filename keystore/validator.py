@@ -39,9 +39,9 @@ How a path is judged:
 
 Which engine judges (pyca or the fallback) is decided in the same passes: step 1's one pass over the leaf's
 extensions also notes what the routing and step 3 need of the leaf, and one pass over each offered CA certificate
-does the rest (``_route``). The curve of an elliptic-curve CA key is the one thing left until pyca has run: pyca
-refuses a CA key on a curve it does not support, so only a certificate off the accepted path (or every one, when
-pyca refuses) needs its key parsed to tell whether the fallback must judge. Step 3 runs when a certificate offered
+does the rest (``_route``). A CA key's size (RSA) or curve (elliptic curve) is the one thing left until pyca has
+run: pyca refuses a CA key below 2048 bits or on a curve it does not support, so only a certificate off the
+accepted path (or every one, when pyca refuses) needs its key parsed to tell whether the fallback must judge. Step 3 runs when a certificate offered
 carries what it looks at (a CA's extendedKeyUsage, policyConstraints), else it cannot refuse.
 
 A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded): validating the same chain again
@@ -58,6 +58,7 @@ Any other critical extension is refused (``unknown-critical-extension``); nothin
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import ipaddress
@@ -112,7 +113,7 @@ _POLICY_TREE_MAX_NODES = 1000
 # Paths pyca accepted, by their exact inputs (DER of leaf, untrusted, anchors; max depth). pyca's verdict depends
 # on the time only through the certificates' validity, so a remembered path is reused after re-checking the
 # validity of each of its certificates at the new time; the per-purpose checks always run again.
-_PATH_MEMO: dict = {}
+_PATH_MEMO: collections.OrderedDict = collections.OrderedDict()  # oldest first: evicted in O(1)
 _PATH_MEMO_MAX = 256
 
 # What pyca's WebPKI profile verifies; anything else goes to the fallback engine.
@@ -476,16 +477,16 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         _check_path_extras(path, policy, what)
         return path
     extras, lazy = route
-    # An elliptic-curve CA certificate's curve is checked only now: pyca refuses a CA key on a curve it does not
-    # support, so the certificates on the path it accepted have one; another offered certificate on such a curve
-    # makes the input one pyca cannot judge, and the fallback judges it.
+    # A CA key's size (RSA) or curve (elliptic curve) is checked only now: pyca refuses an RSA CA key below 2048
+    # bits and one on a curve it does not support, so the certificates on the path it accepted are fine; another
+    # offered certificate with such a key makes the input one pyca cannot judge, and the fallback judges it.
     for c in lazy:
         if not any(c is p for p in path) and not _pyca_key_ok(c):
             return _fallback_path(leaf, untrusted, anchors, policy, what)
     if extras or aset.extras:  # else no certificate has what _check_path_extras looks at
         _check_path_extras(path, policy, what)
     if len(_PATH_MEMO) >= _PATH_MEMO_MAX and key not in _PATH_MEMO:
-        _PATH_MEMO.pop(next(iter(_PATH_MEMO)))
+        _PATH_MEMO.popitem(last=False)  # (a plain dict's next(iter()) walks the slots its evictions emptied)
     _PATH_MEMO[key] = (aset, leaf, untrusted_t, path)  # the entry holds aset, so its id is not reused meanwhile
     return path
 
@@ -693,10 +694,10 @@ def _route(leaf, leaf_form: int, untrusted, anchors, policy: Policy, aset: "_Anc
     (``_pyca_form``; tests/unit/test_validator.py states the same rule certificate by certificate as a reference).
 
     ``extras``: a certificate offered carries what ``_check_path_extras`` looks at (extendedKeyUsage on a CA,
-    policyConstraints). ``lazy``: the elliptic-curve CA certificates whose curve ``_pyca_form`` would check
-    by parsing their public key; ``validate`` checks only those not on the path pyca accepted (pyca itself
-    refuses a CA key on a curve it does not support) and, when pyca refuses, all of them, so the verdict is the
-    one the reference rule gives."""
+    policyConstraints). ``lazy``: the offered CA certificates whose key size (RSA) or curve ``_pyca_form``
+    would check by parsing their public key; ``validate`` checks only those not on the path pyca accepted (pyca
+    itself refuses an RSA CA key below 2048 bits or on a curve it does not support) and, when pyca refuses, all
+    of them, so the verdict is the one the reference rule gives."""
     if not aset.pyca_ok:
         return None
     if not policy.clock_trusted:
@@ -715,8 +716,7 @@ def _route(leaf, leaf_form: int, untrusted, anchors, policy: Policy, aset: "_Anc
             return None
         if form & _FORM_EXTRAS:
             extras = True
-        if c.public_key_algorithm_oid == _OID_EC:
-            lazy.append(c)
+        lazy.append(c)  # an RSA or elliptic-curve CA key (_pyca_form): its size or curve is _pyca_key_ok's
     return extras, lazy
 
 
@@ -727,8 +727,8 @@ _FORM_EXTRAS = 2  # carries extendedKeyUsage or policyConstraints (what _check_p
 def _pyca_form(c, is_leaf: bool, is_anchor: bool, keys: bool = True) -> int:
     """``c`` is in a form pyca's WebPKI profile judges (signature algorithm, name-constraint forms, no critical
     policyMappings; for a CA also the extension forms, the key type and size): 0 when not, else ``_FORM_OK``,
-    with ``_FORM_EXTRAS`` when it carries extendedKeyUsage or policyConstraints. ``keys=False``: the curve of an
-    elliptic-curve CA key is left to ``_pyca_key_ok`` (``_route``)."""
+    with ``_FORM_EXTRAS`` when it carries extendedKeyUsage or policyConstraints. ``keys=False``: a CA key's
+    size (RSA) or curve (elliptic curve) is left to ``_pyca_key_ok`` (``_route``)."""
     # An anchor's own signature is never checked (it is trusted as it is), so its algorithm does not matter.
     if not is_anchor and c.signature_algorithm_oid not in _PYCA_SIGNATURES:
         return 0
@@ -753,17 +753,20 @@ def _pyca_form(c, is_leaf: bool, is_anchor: bool, keys: bool = True) -> int:
         if not _webpki_ca_form(by_oid):
             return 0
         alg = c.public_key_algorithm_oid
-        if alg == _OID_RSA:
-            if c.public_key().key_size < MIN_RSA_BITS:
-                return 0
-        elif alg != _OID_EC or (keys and not _pyca_key_ok(c)):
+        if alg != _OID_RSA and alg != _OID_EC:
+            return 0
+        if keys and not _pyca_key_ok(c):
             return 0
     return form
 
 
 def _pyca_key_ok(c) -> bool:
-    """An elliptic-curve key on a curve pyca supports (other key types: see ``_pyca_form``)."""
-    return c.public_key_algorithm_oid != _OID_EC or c.public_key().curve.name in _PYCA_CURVE_NAMES
+    """A CA key pyca's WebPKI profile accepts: RSA of at least ``MIN_RSA_BITS`` (pyca's own minimum, 2048), or
+    elliptic-curve on a curve pyca supports (other key types: see ``_pyca_form``). Parses the public key."""
+    alg = c.public_key_algorithm_oid
+    if alg == _OID_RSA:
+        return c.public_key().key_size >= MIN_RSA_BITS
+    return alg != _OID_EC or c.public_key().curve.name in _PYCA_CURVE_NAMES
 
 
 class _AnchorSet:

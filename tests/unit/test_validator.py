@@ -419,6 +419,27 @@ def test_ca_key_on_a_curve_pyca_refuses_is_judged_by_the_fallback():
         validate(good.leaf, bag, [good.root], policy, engine="fallback") == (good.leaf, good.inters[0], good.root)
 
 
+def test_weak_rsa_ca_key_is_judged_by_the_fallback():
+    """An RSA-1024 intermediate (pyca refuses RSA CA keys below 2048 bits; its size is checked after pyca, as the
+    curve above): on the path, or only offered alongside a good path, the verdict, text and path are the
+    fallback's, as _pyca_can_judge routes them."""
+    weak = key("rsa1024", 3)
+    odd = chain("rsa2048", inters=[Spec(key=weak)])
+    strict, lax = Policy.for_purpose("credential", NOW), Policy.for_purpose("credential", NOW, min_rsa_bits=1024)
+    assert not _pyca_can_judge(odd.leaf, odd.untrusted, [odd.root], lax)
+    with pytest.raises(VerificationError) as auto:
+        validate(odd.leaf, odd.untrusted, [odd.root], strict)
+    with pytest.raises(VerificationError) as fallback:
+        validate(odd.leaf, odd.untrusted, [odd.root], strict, engine="fallback")
+    assert auto.value.reason == fallback.value.reason == "weak-key" and str(auto.value) == str(fallback.value)
+    assert validate(odd.leaf, odd.untrusted, [odd.root], lax) == (odd.leaf, odd.inters[0], odd.root)
+    good = chain("rsa2048")
+    stray = chain("rsa2048", inters=[Spec(key=weak, subject=name("Stray CA"))]).inters[0]  # not on the path
+    bag = [stray, *good.untrusted]
+    assert not _pyca_can_judge(good.leaf, bag, [good.root], strict)
+    assert validate(good.leaf, bag, [good.root], strict) == \
+        validate(good.leaf, bag, [good.root], strict, engine="fallback") == (good.leaf, good.inters[0], good.root)
+
 def _with_signature_of(cert: x509.Certificate, donor: x509.Certificate) -> x509.Certificate:
     """``cert`` with ``donor``'s signature value (RSA-2048: the last 256 bytes of the DER): another certificate
     whose signature bytes equal the donor's."""
