@@ -288,6 +288,7 @@ class Policy:
             fields = dict(PURPOSES[purpose])
             fields.update(overrides)
             template = cls(purpose=purpose, at=at, **fields)
+            _leaf_rule(template)  # worked out once per preset: the copies below share it (``_at`` copies __dict__)
             if key is not None and len(_PRESET_CACHE) < 256:
                 _PRESET_CACHE[key] = template
         return template._at(at)
@@ -521,8 +522,9 @@ def _extensions(cert: x509.Certificate, role: str):
 
 
 def _leaf_rule(policy: Policy) -> tuple:
-    """What ``_check_leaf`` needs of ``policy``, worked out once per policy (kept in the instance's ``__dict__``,
-    so that the copies ``Policy.for_purpose`` makes of a preset share it; it is derived from the fields only)."""
+    """What ``_check_leaf`` needs of ``policy``, worked out once per policy (kept in the instance's ``__dict__``;
+    ``Policy.for_purpose`` works it out on the preset it keeps, so that the copies it makes share it; it is
+    derived from the fields only, none of them the time or the clock)."""
     rule = policy.__dict__.get("_leaf_rule")
     if rule is None:
         ku_bits = ku_text = None
