@@ -363,6 +363,18 @@ def test_policy_is_frozen_and_checked():
         Policy.for_purpose("credential", NOW, eku={"bogus"})
 
 
+def test_preset_copies_share_the_leaf_rule():
+    """Policy.for_purpose works out a preset's leaf rule (keyUsage bits, EKU OIDs, texts) once: the copies it returns
+    at other times and clocks share it, and it is the rule the fields give."""
+    from keystore import validator as V
+
+    a = Policy.for_purpose("est-tls-server", NOW)
+    b = Policy.for_purpose("est-tls-server", ClockReading(NOW + DAY, "estimate", 5.0, "test"))
+    assert a.__dict__["_leaf_rule"] is b.__dict__["_leaf_rule"]
+    assert a.__dict__["_leaf_rule"] == V._leaf_rule(Policy("est-tls-server", NOW, **V.PURPOSES["est-tls-server"]))
+    c = Policy.for_purpose("credential", NOW, eku={"clientAuth"})
+    assert c.__dict__["_leaf_rule"][3] == "clientAuth" and a.__dict__["_leaf_rule"][3] == "serverAuth"
+
 def test_root_update_link():
     old = chain(root=Spec(key=key("p256", 1))).root
     new = chain(root=Spec(key=key("p256", 2), subject=name("Test Root G2"))).root
