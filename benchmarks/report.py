@@ -741,12 +741,27 @@ class Report:
     # -- validator (issue #13) --
     def validator(self, benches: list[dict]) -> None:
         cells: dict[tuple, dict] = {}
+        paired = False
         for b in benches:
             e = b.get("extra_info") or {}
-            med = (b.get("stats") or {}).get("median")
-            if med is None or "purpose" not in e:
+            if "purpose" not in e:
                 continue
-            cells.setdefault((e["purpose"], e["key_type"], e["depth"]), {})[e["impl"]] = med
+            cell = cells.setdefault((e["purpose"], e["key_type"], e["depth"]), {})
+            if e.get("mode") in ("first", "repeat"):  # paired: old and new timed alternately within the cell
+                try:
+                    old_s, new_s = [float(x) for x in e["old_s"]], [float(x) for x in e["new_s"]]
+                except (KeyError, TypeError, ValueError):
+                    self.notes.append(f"validator {b.get('name')}: no old_s / new_s samples")
+                    continue
+                if not old_s or not new_s:
+                    continue
+                paired = True
+                sfx = "" if e["mode"] == "first" else "-repeat"
+                cell["new" + sfx], cell["old" + sfx] = statistics.median(new_s), statistics.median(old_s)
+            else:  # data from before the pairing: one pytest-benchmark cell per impl
+                med = (b.get("stats") or {}).get("median")
+                if med is not None:
+                    cell[e["impl"]] = med
         kt = {"p256": "P-256", "rsa2048": "RSA-2048"}
         ratio = lambda o, n: f"{o / n:.2f}" if o and n else "–"  # noqa: E731
         out, slower = [], []
@@ -759,6 +774,9 @@ class Report:
                 slower.append(f"{purpose} {kt.get(key, key)} depth {depth} ({old / new:.2f})")
         if not out:
             return
+        pairing = ("Old and new are timed alternately within a cell (one old call, one new call, the order swapped "
+                   "every round, each on its own chain objects; every call timed on its own, median of all "
+                   "rounds), so both see the same host speed phase. ") if paired else ""
         self.w("## Validator: cost per purpose, next to the code it replaced", "")
         self.w("Median of one call as the callers make it (Policy construction included): new = "
                "`keystore.validator.validate` (pyca's path validator + devagent's per-purpose checks), old = the "
@@ -766,8 +784,8 @@ class Report:
                "*first* = a chain no one has validated (new leaf and intermediates, fresh certificate objects; the "
                "trust anchor is the domain's, already used once, as in a running agent); *repeat* = the same "
                "chain objects again, as a flow validates them (protocol check, then verify-before-store; each CMP "
-               "response). Depth 2 = root -> leaf, 3 = root -> intermediate -> leaf. Ratio = old / new: above 1 "
-               "the validator is faster. The old code checked less (no name constraints, policies, CMP signer "
+               "response). " + pairing + "Depth 2 = root -> leaf, 3 = root -> intermediate -> leaf. Ratio = "
+               "old / new: above 1 the validator is faster. The old code checked less (no name constraints, policies, CMP signer "
                "role, critical extensions on every certificate; EST `build_chain` checked signatures and the "
                "intermediates' validity only, not the leaf's extensions, key or validity).", "")
         self.w(*table(["purpose", "key", "depth", "first", "old, first", "old / new", "repeat", "old, repeat",

@@ -33,3 +33,26 @@ def test_report_from_committed_data_is_identical(tmp_path):
     text = (tmp_path / "b" / "REPORT.md").read_text()
     assert "Measured on commit `aaaaaaaaaaaa`" in text and rep.DATA_FILE in text
     assert json.loads(data.read_text())["benchmarks"][0]["stats"]["data"] == [0.001, 0.002, 0.003]
+
+
+def test_validator_section_from_paired_samples(tmp_path):
+    """The "Validator" section takes medians and old / new ratios from the paired samples in extra_info (old and
+    new timed alternately within one cell), not from pytest-benchmark's statistics (those of one old + new pair)."""
+    rep = _report()
+
+    def cell(mode, old_s, new_s):
+        return {"group": "validator", "name": f"test_validator[est-tls-server-p256-2-{mode}]",
+                "extra_info": {"purpose": "est-tls-server", "key_type": "p256", "depth": 2, "mode": mode,
+                               "paired": True, "old_s": old_s, "new_s": new_s},
+                "stats": {"min": 1.0, "max": 1.0, "mean": 1.0, "stddev": 0.0, "median": 1.0, "rounds": 3}}
+
+    raw = {"machine_info": {}, "commit_info": {}, "benchmarks": [
+        cell("first", [80e-6, 90e-6, 500e-6], [100e-6, 95e-6, 120e-6]),  # medians 90 / 100 µs: 0.90, slower
+        cell("repeat", [60e-6, 50e-6, 40e-6], [10e-6, 12e-6, 11e-6])]}   # medians 50 / 11 µs: 4.55
+    src = tmp_path / "ci.json"
+    src.write_text(json.dumps(raw))
+    assert rep.main([str(src), "--out", str(tmp_path / "REPORT.md")]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "timed alternately within a cell" in text
+    assert "| est-tls-server | P-256 | 2 | 100.0 µs | 90.0 µs | 0.90 | 11.0 µs | 50.0 µs | 4.55 |" in text
+    assert "First validation slower than the old code: est-tls-server P-256 depth 2 (0.90)." in text
