@@ -177,6 +177,7 @@ def test_keystore_concurrent(benchmark, load_lab, tmp_path, request, backend, n)
 
     lab, srv = load_lab
     world = make_world(tmp_path, lab, srv.url, backend, backend_peer(request, backend))
+    request.addfinalizer(world.clear)  # after close_zygotes (finalizers run last-in first-out)
     request.addfinalizer(close_zygotes)
     rounds = 1 if CI else 2
     out = {}

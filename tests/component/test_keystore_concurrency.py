@@ -69,6 +69,7 @@ def test_n_processes_over_est_tls_client_auth(tmp_path, lab, cmp_server, est_ser
 @pytest.mark.parametrize("backend,n,rounds", CASES, ids=[f"{b}-N{n}" for b, n, _ in CASES])
 def test_n_processes_on_one_keystore(tmp_path, lab, cmp_server, request, backend, n, rounds):
     world = make_world(tmp_path, lab, cmp_server.url, backend, backend_peer(request, backend))
+    request.addfinalizer(world.clear)  # after close_zygotes (finalizers run last-in first-out)
     request.addfinalizer(close_zygotes)
     out = run_concurrently(world, n, rounds, seed=n)
     results = out["results"]

@@ -7,6 +7,9 @@ KeyBackendError naming the token, and leave the keystore's files and the token's
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,6 +150,66 @@ def test_uri_round_trip():
     for bad in ("pkcs11:", "pkcs11:token=t", "pkcs11:object=k;type=public", "pkcs11:object"):
         with pytest.raises(KeyBackendError):
             p11.parse_uri(bad)
+
+
+# ---- one token per process, whichever test modules use it -----------------------------------------------
+_FIRST_MODULE = """
+from tests.peers.pkcs11 import softhsm  # noqa: F401
+
+
+def test_first_module_uses_the_token_in_this_process(softhsm):
+    assert softhsm.objects() == []  # loads and initialises SoftHSM2 here, with this token's SOFTHSM2_CONF
+"""
+_SECOND_MODULE = '''
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keystore.store import Keystore
+from tests.peers.pkcs11 import softhsm, softhsm_token  # noqa: F401
+
+CHILD = ("import json, sys\\nfrom keystore.store import Keystore\\n"
+         "ks = Keystore.init(sys.argv[1], backend_options={'pkcs11': json.loads(sys.argv[2])})\\n"
+         "print(ks.generate_key('p256', backend='pkcs11', label='from-child'))\\nks.close()\\n")
+
+
+def test_second_module_sees_what_a_child_process_stored(softhsm, tmp_path):
+    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ks"), json.dumps(softhsm.options)],
+                       capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr
+    assert softhsm.objects() == [("PRIVATE_KEY", "from-child"), ("PUBLIC_KEY", "from-child")]
+    ks = Keystore.open(tmp_path / "ks", backend_options={"pkcs11": softhsm.options})
+    try:
+        ks.backend("pkcs11").delete(r.stdout.strip())
+    finally:
+        ks.close()
+    assert softhsm.objects() == []
+
+
+def test_a_second_token_in_this_process_is_refused(softhsm):
+    with pytest.raises(RuntimeError, match="already active in this process"):
+        with softhsm_token():
+            pass
+'''
+
+
+def test_token_shared_by_test_modules(tmp_path):
+    """Regression (test_pkcs11_backend.py then test_backend_enrollment.py failed the CLI enroll with [pkcs11]): a
+    session fixture imported into two modules is set up once per module; each made its own token directory and
+    pointed SOFTHSM2_CONF at it, but SoftHSM2 in this process kept the first one, so what a child process (the
+    CLI) stored on the second token was invisible here. Two modules in that order, in a pytest run of their own."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_a_first.py").write_text(_FIRST_MODULE)
+    (tmp_path / "test_b_second.py").write_text(_SECOND_MODULE)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH")))))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        "test_a_first.py", "test_b_second.py"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout + r.stderr
 
 
 # ---- bad input ----------------------------------------------------------------------------------------

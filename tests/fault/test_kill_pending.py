@@ -63,6 +63,7 @@ def test_kill_9_at_random_points_leaves_nothing_behind(tmp_path, lab, cmp_server
     elif backend == "pkcs11":
         peer = request.getfixturevalue("softhsm")
     world = make_world(tmp_path, lab, cmp_server.url, backend, peer)
+    request.addfinalizer(world.clear)  # after close_zygotes (finalizers run last-in first-out)
     request.addfinalizer(close_zygotes)
     trials = TRIALS * 8 // 10 if backend == "soft" else max(10, TRIALS // 10)
     counts = run_trials(world, lab, trials, seed={"soft": 1, "tpm": 2, "pkcs11": 3}[backend])

@@ -51,6 +51,18 @@ class World:
 
         return Keystore.open(self.state, self.options)
 
+    def clear(self) -> None:
+        """Delete this world's credentials and pending keys with their token objects / TPM blobs (a finalizer:
+        the SoftHSM2 token and the swtpm are shared by all tests of the process, later ones expect them empty)."""
+        ks = self.keystore()
+        try:
+            for cred in ks.list():
+                ks.delete(cred.name, force=True)
+            for rec in ks.pending_keys():
+                ks.discard_key(rec["uri"])
+        finally:
+            ks.close()
+
 
 EST_USER, EST_PASSWORD = "load-user", "load-password-not-secret"
 

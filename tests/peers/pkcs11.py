@@ -7,11 +7,16 @@ Plain helper (usable outside pytest)::
         tok.objects()          # labels of the objects on the token (to check nothing was left behind)
 
 SoftHSM2 reads ``SOFTHSM2_CONF`` once, when the module is initialised in this process; the helper therefore
-sets it process-wide, and one session-scoped token serves all tests (each test cleans up its objects).
+sets it process-wide, and one token serves all tests of the process (each test cleans up its objects).
+Only one ``softhsm_token`` may be active per process: a second one would set ``SOFTHSM2_CONF`` to a new token
+directory that child processes (the ``devagent`` CLI) use while this process keeps using the first one, a token
+with the same label but other objects. It raises instead.
 
 Pytest fixtures (``from tests.peers.pkcs11 import softhsm, pkcs11_options``):
 
-- ``softhsm``         session-scoped ``SoftHsmToken``.
+- ``softhsm``         the process's one ``SoftHsmToken``. A session fixture imported into several test modules is a
+                      fixture of each module (pytest sets each up once), so the token is kept here, shared by all
+                      of them, and removed when the last of them is torn down (at the end of the session).
 - ``pkcs11_options``  backend options for ``Keystore(..., backend_options={"pkcs11": pkcs11_options})``.
 
 A missing ``softhsm2-util`` or module is a test *failure* naming the apt-get command, never a skip.
@@ -30,6 +35,8 @@ SOFTHSM_HINT = "apt-get install -y softhsm2"
 MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
                      "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so")
 PIN_ENV = "DEVAGENT_TEST_PKCS11_PIN"
+_active: list[str] = []  # token directory of the softhsm_token active in this process (at most one)
+_shared: dict = {}  # the softhsm fixture's token, its ExitStack and how many fixture instances use it
 
 
 def find_module() -> str | None:
@@ -81,6 +88,10 @@ def softhsm_token(label: str = "devagent-test", pin: str = "1234", so_pin: str =
     module = find_module()
     if module is None:
         raise FileNotFoundError(f"libsofthsm2.so not found in {', '.join(MODULE_CANDIDATES)}: {SOFTHSM_HINT}")
+    if _active:
+        raise RuntimeError(f"a SoftHSM2 token ({_active[0]}) is already active in this process: SoftHSM2 reads "
+                           "SOFTHSM2_CONF once per process, so a second token directory would be used by child "
+                           "processes only; use the first token (the softhsm fixture) instead")
     old = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", PIN_ENV)}
     with tempfile.TemporaryDirectory(prefix="softhsm-") as d:
         os.makedirs(os.path.join(d, "tokens"), mode=0o700)
@@ -90,6 +101,7 @@ def softhsm_token(label: str = "devagent-test", pin: str = "1234", so_pin: str =
                     "slots.removable = false\n")
         os.environ["SOFTHSM2_CONF"] = conf
         os.environ[PIN_ENV] = pin
+        _active.append(d)
         try:
             subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin,
                             "--so-pin", so_pin], check=True, capture_output=True)
@@ -104,14 +116,25 @@ def softhsm_token(label: str = "devagent-test", pin: str = "1234", so_pin: str =
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            _active.clear()
 
 
 @pytest.fixture(scope="session")
 def softhsm():
     if shutil.which("softhsm2-util") is None or find_module() is None:
         pytest.fail(f"SoftHSM2 is not installed; CI needs it: {SOFTHSM_HINT}", pytrace=False)
-    with softhsm_token() as tok:
-        yield tok
+    if not _shared:
+        stack = contextlib.ExitStack()
+        _shared.update(token=stack.enter_context(softhsm_token()), stack=stack, users=0)
+    _shared["users"] += 1
+    try:
+        yield _shared["token"]
+    finally:
+        _shared["users"] -= 1
+        if not _shared["users"]:
+            stack = _shared["stack"]
+            _shared.clear()
+            stack.close()
 
 
 @pytest.fixture
