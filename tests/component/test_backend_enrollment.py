@@ -211,6 +211,17 @@ def assert_key_is_backends(hw: Hw, cert: x509.Certificate, uri: str) -> None:
                                  padding.PKCS1v15(), hashes.SHA256())
 
 
+def assert_stored_in_backend_then_delete(hw: Hw, ks, cert: x509.Certificate, name: str = "ldevid") -> None:
+    """``name`` holds ``cert`` with no pending key left, its key is the backend's (``assert_key_is_backends``), and
+    deleting the credential removes the key from the backend."""
+    cred = ks.get(name)
+    assert cred.certificate == cert and ks.pending_keys() == []
+    probe = Hw(hw.backend, ks, hw.options, hw.peer)
+    assert_key_is_backends(probe, cert, cred.key_uri)
+    ks.delete(name)
+    assert not probe.key_exists(cred.key_uri)
+
+
 # ---- CMP against OpenSSL's mock server ----------------------------------------------------------------
 class NetnsLoop:
     """An event loop on a thread inside the mock server's network namespace.
@@ -465,14 +476,9 @@ def test_coap_csr_verify(hw, lab, tmp_path):
     assert answer["stored"] == "ldevid"
     ks = env.keystore()
     try:
-        cred = ks.get("ldevid")
-        assert cred.certificate == cert and ks.pending_keys() == []
         assert csr.public_key() == cert.public_key()
         openssl_verify(tmp_path, cert, dom.root_cert, [dom.ca_cert])
-        probe = Hw(hw.backend, ks, hw.options, hw.peer)
-        assert_key_is_backends(probe, cert, cred.key_uri)
-        ks.delete("ldevid")
-        assert not probe.key_exists(cred.key_uri)
+        assert_stored_in_backend_then_delete(hw, ks, cert)
     finally:
         ks.close()
 
@@ -661,12 +667,7 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
     assert rc == 0 and answer["stored"] == "ldevid", proc.log()
     ks = Keystore.open(env.state, backend_options=hw.options)
     try:
-        cred = ks.get("ldevid")
-        assert cred.certificate == cert and ks.pending_keys() == []
-        probe = Hw(hw.backend, ks, hw.options, hw.peer)
-        assert_key_is_backends(probe, cert, cred.key_uri)
-        ks.delete("ldevid")
-        assert not probe.key_exists(cred.key_uri)
+        assert_stored_in_backend_then_delete(hw, ks, cert)
     finally:
         ks.close()
 

@@ -93,28 +93,10 @@ def _kill_at(ks, at) -> None:
 
 def test_killed_between_the_record_and_the_key_leaves_only_a_record_gc_finishes(ks):
     """generate_key records the key before keeping it: killed in between, there is a record and nothing else."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-
-        def hook(stage, path):
-            # The key's data is written and fsynced under a temp name before the record (in one fsync batch with
-            # the index); the key file gets its name by the rename ("replace") after the record is durable.
-            if stage == "replace" and path.endswith(".key"):
-                os.write(w, b"x")
-                signal.pause()  # the parent kills us here: after the index write, before the key file
-
-        fsutil._FAULT_HOOK = hook
-        try:
-            Keystore.open(ks.root).generate_key("p256")
-        finally:
-            os._exit(3)
-    os.close(w)
-    assert os.read(r, 1) == b"x"
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(r)
+    # The key's data is written and fsynced under a temp name before the record (in one fsync batch with the
+    # index); the key file gets its name by the rename ("replace") after the record is durable: killed there,
+    # after the index write and before the key file.
+    _kill_at(ks, lambda stage, path: stage == "replace" and path.endswith(".key"))
     [rec] = ks.pending_keys()
     assert _key_files(ks.root) == []
     removed = Keystore.open(ks.root).gc()
