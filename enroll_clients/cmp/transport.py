@@ -250,13 +250,6 @@ class HttpTransport(Transport):
                 state["closed"] = True
             conn.close()
 
-        def settle(outcome, error):
-            if not done.done():
-                if error is None:
-                    done.set_result(outcome)
-                else:
-                    done.set_exception(error)
-
         def worker():
             try:
                 conn.request("POST", target, body=request, headers=headers)
@@ -274,7 +267,7 @@ class HttpTransport(Transport):
             if abandoned:  # a kept connection the cancelled caller dropped: nobody uses it any more
                 close_conn()
             try:
-                loop.call_soon_threadsafe(settle, outcome, error)
+                loop.call_soon_threadsafe(_settle, done, outcome, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
@@ -448,6 +441,17 @@ class HttpTransport(Transport):
             conn.close()
 
 
+def _settle(done, outcome, error) -> None:
+    """Hand a worker thread's outcome to the awaiting task (on the loop's thread), unless it is settled already
+    (cancelled, or timed out)."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(outcome)
+    else:
+        done.set_exception(error)
+
+
 def _closed_early(e: BaseException) -> bool:
     """Did the server end the connection before answering (EOF or reset), as a refusing TLS 1.3 server does?"""
     import http.client
@@ -462,21 +466,13 @@ async def _in_thread(fn, *args):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
-    def settle(result, error):
-        if done.done():
-            return
-        if error is None:
-            done.set_result(result)
-        else:
-            done.set_exception(error)
-
     def worker():
         try:
             result, error = fn(*args), None
         except BaseException as e:  # handed to the awaiting task
             result, error = None, e
         try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(_settle, done, result, error)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
