@@ -108,7 +108,7 @@ def test_killed_between_the_record_and_the_key_leaves_only_a_record_gc_finishes(
     pytest.param(lambda stage, path: stage == "write" and path.endswith(".key"), id="key-temp-write"),
     pytest.param(lambda stage, path: stage == "replace" and path.endswith("keystore.json"), id="index-replace"),
 ])
-def test_killed_before_the_record_leaves_only_a_temp_file_gc_securely_deletes(ks, at, monkeypatch):
+def test_killed_before_the_record_leaves_only_a_temp_file_gc_securely_deletes(ks, at):
     """The key's encrypted data is written (and fsynced, together with the index temp file) before the record that
     names it: killed before the index replace, there is no record and no key file, only temp files that name
     nothing; gc securely deletes them (overwritten, then unlinked) and the keystore checks clean."""
@@ -117,12 +117,22 @@ def test_killed_before_the_record_leaves_only_a_temp_file_gc_securely_deletes(ks
     assert ks.pending_keys() == before == [] and _key_files(ks.root) == []
     [tmp] = _key_files(ks.root, hidden=True)
     assert tmp.startswith(".") and tmp.endswith(".tmp")
-    overwritten = []
-    real = fsutil.secure_delete
-    monkeypatch.setattr(fsutil, "secure_delete", lambda p, **kw: (overwritten.append(os.path.basename(p)),
-                                                                  real(p, **kw))[1])
-    removed = Keystore.open(ks.root).gc()
-    assert str(ks.root / "keys" / tmp) in removed and tmp in overwritten
+    path = ks.root / "keys" / tmp
+    written = path.read_bytes()
+    at_unlink = []  # what the file holds when gc unlinks it: overwritten, so no longer the key's bytes
+
+    def hook(stage, p):
+        if stage == "unlink" and p == str(path):
+            at_unlink.append(path.read_bytes())
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        removed = Keystore.open(ks.root).gc()
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert str(path) in removed
+    # killed at the temp write, the file may still be empty: nothing to overwrite; else the bytes are random
+    assert len(at_unlink) == 1 and len(at_unlink[0]) == len(written) and (not written or at_unlink[0] != written)
     assert _key_files(ks.root, hidden=True) == [] and list(ks.root.glob(".*.tmp")) == []
     assert Keystore.open(ks.root).check() == [] and ks.pending_keys() == []
 
