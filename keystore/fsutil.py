@@ -539,9 +539,9 @@ def stage_file(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> S
     except OSError as e:
         if fd >= 0:
             os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if tmp is not None:  # it may hold part of a secret (a key): as StagedFile.discard, securely
+            with contextlib.suppress(StorageError, OSError):
+                secure_delete(tmp, sync_dir=False)
         raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
 
 
