@@ -89,8 +89,8 @@ bench: deps
 	@mkdir -p benchmarks/results
 	$(PYTEST) benchmarks -q --timeout=0 --benchmark-only --benchmark-save-data --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
 	@if [ -f benchmarks/report.py ]; then $(PY) benchmarks/report.py $(BENCH_JSON) --out benchmarks/REPORT.md \
-	  --data-out benchmarks/data/bench.json; fi
-	@echo "commit benchmarks/data/bench.json with REPORT.md: the report is generated from it"
+	  --data-out benchmarks/data/bench.json --readme README.md docs/performance.md; fi
+	@echo "commit benchmarks/data/bench.json with REPORT.md (and README's Table 1 block): they are generated from it"
 
 # --capture=sys: Python output is still captured, but file descriptor 2 stays the terminal's, so that a crash in C
 # code (glibc's "double free"/"corrupted size" line, a C library's assert) is in the log beside faulthandler's

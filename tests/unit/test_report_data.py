@@ -56,3 +56,35 @@ def test_validator_section_from_paired_samples(tmp_path):
     assert "timed alternately within a cell" in text
     assert "| est-tls-server | P-256 | 2 | 100.0 µs | 90.0 µs | 0.90 | 11.0 µs | 50.0 µs | 4.55 |" in text
     assert "First validation slower than the old code: est-tls-server P-256 depth 2 (0.90)." in text
+
+
+def test_readme_block_regenerated_from_the_data(tmp_path):
+    """--readme rewrites only the marked Table 1 block of a Markdown file, from the data: means in ms to three
+    significant digits, the total in bold, the paper's Pi 3 total for the RSA/PSK cells; text around it is kept."""
+    rep = _report()
+
+    def cfg(key_type, mean_s):
+        stages = {s: [mean_s, mean_s] for s, _ in rep.STAGES}
+        return {"group": "table1", "name": f"test_table1[{key_type}]",
+                "extra_info": {"config": {"key_type": key_type, "channel": "dtls-psk", "aes_bits": 128,
+                                          "backend": "soft", "upstream": "lab", "paper": True},
+                               "stages": stages},
+                "stats": {"min": 1.0, "max": 1.0, "mean": 1.0, "stddev": 0.0, "median": 1.0, "rounds": 2}}
+
+    raw = {"machine_info": {"devagent_host": {"devagent_commit": "abc1234", "cores": 2, "cpu_model": "CPU X",
+                                              "python": "3.11.7", "board_profile": "generic-x86_64"}},
+           "datetime": "2026-12-02T01:00:00", "benchmarks": [cfg("p256", 0.00223), cfg("rsa2048", 0.0529)]}
+    src = tmp_path / "latest.json"
+    src.write_text(json.dumps(raw))
+    md = tmp_path / "README.md"
+    md.write_text(f"before\n{rep.README_BEGIN}\nstale\n{rep.README_END}\nafter\n")
+    assert rep.main([str(src), "--out", str(tmp_path / "REPORT.md"), "--readme", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{rep.README_END}\nafter\n") and "stale" not in text
+    assert "Last full run (2026-12-02, commit abc1234): 2 cores, CPU X" in text
+    assert "| RSA-2048, DTLS-PSK, AES-128 | 52.9 | 52.9 | 52.9 | 52.9 | 52.9 | **52.9** | 9,516 |" in text
+    assert "| P-256, DTLS-PSK, AES-128 | 2.23 | 2.23 | 2.23 | 2.23 | 2.23 | **2.23** | – |" in text
+    assert text.index("RSA-2048") < text.index("P-256")  # README_ROWS order, not the data's
+    md.write_text("no markers\n")
+    assert rep.main([str(src), "--out", str(tmp_path / "REPORT.md"), "--readme", str(md)]) == 1
+    assert md.read_text() == "no markers\n"
