@@ -85,6 +85,12 @@ class App:
                               "give --key-backend or set key.backend")
         return backend
 
+    def key_type(self, option: str | None) -> str:
+        """The type of new keys: --key-type, else ``key.algorithm`` of the effective config (agent.toml [key]
+        algorithm, DEVAGENT_KEY_ALGORITHM, board profile; default p256). agent.config refuses a value that is not
+        a key type when it loads the file, naming the file and the key (exit 7)."""
+        return option or self.config().key.algorithm
+
     def backend_options(self) -> dict:
         """Key backend options from the effective config ([key] tcti/tpm_*/pkcs11_*, env DEVAGENT_KEY_*, profile).
 
@@ -621,7 +627,8 @@ def _cmp_extra(kw) -> dict:
 
 def _key_options(f):
     opts = [
-        click.option("--key-type", default=None, help="p256 (default), p384, rsa2048, rsa3072, rsa4096, ed25519."),
+        click.option("--key-type", default=None, help="p256, p384, rsa2048, rsa3072, rsa4096, ed25519 [key.algorithm "
+                     "of the config / board profile; p256]."),
         click.option("--key-backend", type=click.Choice(["soft", "tpm", "pkcs11"]), default=None,
                      help="Where to generate the key [key.backend of the config / board profile; soft]."),
         click.option("--key", "key_ref", help="Use an existing key: a URI (tpm:/pkcs11:/file:) or a PEM file to import."),
@@ -698,7 +705,15 @@ def _new_key_backend(app: App, option, key_ref, server_keygen):
     return option if key_ref or server_keygen else app.key_backend(option)
 
 
-def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, label):
+def _new_key_type(app: App, option, key_ref, server_keygen):
+    """The type of a generated key (--key-type, else key.algorithm of the config); with --key or --server-keygen
+    only what was given (the key exists, or the server's type applies)."""
+    return option if key_ref or server_keygen else app.key_type(option)
+
+
+def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, label, explicit=None):
+    """``explicit``: the operator chose ``key_type`` on the command line (default: ``key_type`` was given); a type
+    from the configuration is a default the EST server's /csrattrs may still change."""
     from agent.lifecycle import KeySpec
     from keystore.certs import load_private_key
 
@@ -712,7 +727,8 @@ def _key_spec(ks, key_type, key_backend, key_ref, server_keygen, allow_weak, lab
             with open(key_ref, "rb") as f:
                 key_uri, imported = ks.import_key(load_private_key(f.read(), key_ref), label=label), True
     return KeySpec(key_type=key_type or "p256", backend=key_backend or "soft", key_uri=key_uri,
-                   server_keygen=server_keygen, allow_weak=allow_weak, explicit=bool(key_type)), imported
+                   server_keygen=server_keygen, allow_weak=allow_weak,
+                   explicit=bool(key_type) if explicit is None else explicit), imported
 
 
 def _issue_discarding_import(ks, spec, imported: bool, coro):
@@ -953,8 +969,9 @@ def enroll(app: App, domain, name, idevid, protocol, server, ref, secret, userna
                                              key_uri=key_uri, op="enroll", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, imported = _key_spec(ks, key_type, _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
-                               server_keygen, allow_weak_keys, name)
+    spec, imported = _key_spec(ks, _new_key_type(app, key_type, key_ref, server_keygen),
+                               _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
+                               server_keygen, allow_weak_keys, name, explicit=bool(key_type))
     cred = _issue_discarding_import(ks, spec, imported, lifecycle.enroll(
         ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
         profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))
@@ -1090,8 +1107,9 @@ def request(app: App, name, domain, protocol, server, ref, secret, username, pas
                                              key_uri=key_uri, op="request", remember=remember))
         _finish_csr(app, res, certout, chainout)
         return
-    spec, imported = _key_spec(ks, key_type, _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
-                               server_keygen, allow_weak_keys, name)
+    spec, imported = _key_spec(ks, _new_key_type(app, key_type, key_ref, server_keygen),
+                               _new_key_backend(app, key_backend, key_ref, server_keygen), key_ref,
+                               server_keygen, allow_weak_keys, name, explicit=bool(key_type))
     cred = _issue_discarding_import(ks, spec, imported, lifecycle.request(
         ks, client, name=name, domain=domain, subject=subj, sans=san_list, key=spec, auth=auth,
         profile=kw.get("profile"), remember=remember, csrattrs=kw.get("csrattrs") or "use"))

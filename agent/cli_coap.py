@@ -46,7 +46,8 @@ def _run(coro):
 @click.option("--domain", default=None, help="Default domain (trust anchor) when the CLM sends none.")
 @click.option("--subject", default=None, help="Default subject DN [default: CN=DEVICE_ID].")
 @click.option("--san", multiple=True, help="Default SAN (dns:NAME, ip:ADDR, uri:URI, email:ADDR); repeatable.")
-@click.option("--key-type", default="p256", show_default=True, help="Default key type.")
+@click.option("--key-type", default=None,
+              help="Key type when the CLM's request names none [key.algorithm of the config / board profile; p256].")
 @click.option("--name", "cred_name", default="ldevid", show_default=True, help="Default credential name.")
 @click.option("--key-backend", default=None,
               help="Key backend: soft, tpm, pkcs11 [key.backend of the config / board profile; soft].")
@@ -84,6 +85,7 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
         raise click.BadParameter("bind one address (aiocoap's DTLS server cannot bind the any-address)",
                                  param_hint="--bind")
     key_backend = ctx.obj.key_backend(key_backend)  # --key-backend, else key.backend of the config
+    key_type = ctx.obj.key_type(key_type)  # --key-type, else key.algorithm of the config
     ks = ctx.obj.keystore()  # with the configured key backend options and pending-key max age, as every command
     methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
     try:

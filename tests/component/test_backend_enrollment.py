@@ -628,6 +628,78 @@ def test_cli_enroll_key_backend_from_config(cli_state, tpm_options, swtpm, lab, 
         ks.close()
 
 
+@pytest.mark.parametrize("case", ["config", "option-wins", "invalid"])
+def test_cli_enroll_key_algorithm_from_config(cli_state, lab, lab_cmp, case):
+    """Without --key-type, ``devagent enroll`` generates a key of the type ``key.algorithm`` of the effective
+    configuration says (here agent.toml ``[key] algorithm = "p384"``); --key-type still wins; a value that is no key
+    type is refused naming the config file and the key (exit 7, as every configuration error), nothing stored. (It
+    used to generate P-256 whatever the configuration said.)"""
+    config = cli_state.parent / "agent.toml"  # the file devagent() points DEVAGENT_CONFIG at
+    config.write_text(f'[key]\nalgorithm = "{"p999" if case == "invalid" else "p384"}"\n')
+    before = snapshot(cli_state)
+    r = devagent(cli_state, "--json", "enroll", "--protocol", "cmp", "--server", lab_cmp.url, "--domain", "plant",
+                 "--ref", LAB_REF.decode(), "--secret", f"pass:{LAB_SECRET.decode()}", "--subject", "CN=cfg-alg",
+                 *(("--key-type", "p256") if case == "option-wins" else ()))
+    if case == "invalid":
+        assert r.returncode == 7, r.stdout + r.stderr
+        assert f"{config}: [key]: key.algorithm = 'p999': must be one of p256, p384" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert snapshot(cli_state) == before
+        return
+    assert r.returncode == 0, r.stdout + r.stderr
+    ks = Keystore.open(cli_state)
+    try:
+        cred = ks.get("ldevid-plant")
+        assert cred.key_type == ("p256" if case == "option-wins" else "p384"), cred.key_type
+        key = cred.certificate.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        assert key.curve.name == ("secp256r1" if case == "option-wins" else "secp384r1")
+        assert key == ks.public_key(cred.key_uri)
+    finally:
+        ks.close()
+
+
+def test_cli_serve_uses_configured_key_algorithm(lab, tmp_path, monkeypatch):
+    """``devagent serve`` (a subprocess) generates the /csr key of a request that names no key type with
+    ``key.algorithm`` of the effective configuration (agent.toml ``[key] algorithm = "p384"``, no --key-type), as
+    enroll and request do; the CSR and the stored key are P-384. (Its --key-type defaulted to p256.)"""
+    from coap_services import codec
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from tests.peers.coap import coap_call, device_env, serve_process
+
+    for var in list(os.environ):
+        if var.startswith("DEVAGENT_KEY_"):
+            monkeypatch.delenv(var)
+    config = tmp_path / "agent.toml"
+    config.write_text('[key]\nalgorithm = "p384"\n')
+    monkeypatch.setenv("DEVAGENT_CONFIG", str(config))
+    env = device_env(tmp_path / "coap", lab)
+    dom = lab.domain("plant")
+
+    async def flow(dev):
+        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject="CN=serve-alg"))
+        cert = lab.issue_from_csr("plant", csr)
+        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
+        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
+        return csr, cert, answer
+
+    proc = serve_process(env)
+    try:
+        csr, cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
+    finally:
+        rc = proc.stop()
+    assert rc == 0 and answer["stored"] == "ldevid", proc.log()
+    assert csr.public_key().curve.name == "secp384r1"
+    ks = Keystore.open(env.state)
+    try:
+        cred = ks.get("ldevid")
+        assert cred.key_type == "p384" and cred.certificate == cert
+        assert ks.public_key(cred.key_uri) == cert.public_key()
+    finally:
+        ks.close()
+
+
 def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
     """``devagent serve`` (a subprocess) generates the /csr key with the key backend and its options from the
     effective configuration, as every other command: TPM by the config file's ``[key] backend`` and ``tcti`` (no
