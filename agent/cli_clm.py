@@ -17,6 +17,7 @@ import click
 from agent.cli_coap import EXIT_CONFIG, EXIT_SERVER, _fail, _run, _state
 
 EXIT_USAGE = 2
+EXIT_KEYSTORE = 3
 EXIT_NETWORK = 6
 
 
@@ -526,7 +527,7 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
     auth_kw = {}
     if credential:
         ks = ctx.obj.keystore()  # the configured TPM TCTI / PKCS#11 module of the CLM's own key
-        cred = ks.get(credential)
+        cred = _open_credential(ks, credential, "--credential")
         auth_kw.update(certificate=cred.certificate, private_key=ks.private_key(cred.key_uri), chain=cred.chain)
         kf = ks.key_file(cred.key_uri)
         if kf:
@@ -564,16 +565,29 @@ def build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server
     return EnrollClientUpstream(kind, opts, auth, anchors)
 
 
+def _open_credential(ks, name: str, option: str):
+    """The CLM's own credential with its key opened (agent.clm.open_credential); an unusable one ends the command
+    here, at start-up, before any device is leased (exit 3, naming the credential, its key URI and what failed)."""
+    from agent.clm import CredentialKeyError, open_credential
+
+    try:
+        return open_credential(ks, name, option)
+    except CredentialKeyError as e:
+        _fail(f"keystore error: {e}", EXIT_KEYSTORE)
+
+
 def _opcua_identity(ctx, name):
-    """The CLM's OPC UA client identity from its keystore (--opcua-credential), or None."""
+    """The CLM's OPC UA client identity from its keystore (--opcua-credential), its key opened; or None."""
     if not name:
         return None
     from agent.opcua.clm_push import identity_from_keystore
     from agent.opcua.errors import OpcuaError
     from keystore.errors import KeystoreError
 
+    ks = ctx.obj.keystore()
+    _open_credential(ks, name, "--opcua-credential")
     try:
-        return identity_from_keystore(ctx.obj.keystore(), name)
+        return identity_from_keystore(ks, name)
     except (KeystoreError, OpcuaError) as e:
         raise click.BadParameter(str(e), param_hint="--opcua-credential") from None
 
@@ -615,6 +629,7 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
                         password, reference, secret, implicit_confirm, recipient, mac_alg, tls_trust_files)
+    identity = _opcua_identity(ctx, opcua_credential)  # both credentials checked before any device is leased
     inv = _inventory(ctx)
     try:
         for d in devices:
@@ -626,7 +641,7 @@ def enroll(ctx, devices, upstream, domain, profile, lifetime, trust_files, serve
         out, failed = {}, {}
         async with CoapClient(timeout_s=timeout) as c:
             m = Clm(inv, up, c, retries=retries, notify=notify, default_domain=domain,
-                    opcua_identity=_opcua_identity(ctx, opcua_credential))
+                    opcua_identity=identity)
             try:
                 for d in devices:
                     try:
@@ -680,6 +695,7 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, tls_tr
 
     up = build_upstream(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, credential, username,
                         password, reference, secret, implicit_confirm, recipient, mac_alg, tls_trust_files)
+    identity = _opcua_identity(ctx, opcua_credential)  # both credentials checked before any device is leased
     inv = _inventory(ctx)
 
     async def main():
@@ -690,7 +706,7 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, tls_tr
         async with CoapClient(timeout_s=timeout) as c:
             m = Clm(inv, up, c, retries=retries, notify=notify, fraction=fraction, jitter=jitter,
                     default_domain=domain, worker_id=worker_id, lease_s=lease_s,
-                    opcua_identity=_opcua_identity(ctx, opcua_credential))
+                    opcua_identity=identity)
             if ready_file is not None:
                 from keystore import fsutil
 

@@ -71,6 +71,34 @@ class PreVerificationError(ClmError):
         self.reason = reason
 
 
+class CredentialKeyError(ClmError):
+    """The CLM's own credential (``--credential``, ``--opcua-credential``) is missing or its key cannot be used;
+    found once at start-up, before any device is leased."""
+
+
+def open_credential(ks, name: str, option: str):
+    """The CLM's own credential ``name`` of keystore ``ks`` (given as ``option``), its key opened once where it
+    lives (``Keystore.open_key``: decrypted, loaded into the TPM, the PKCS#11 token logged in to) and held by ``ks``.
+    Checked at start-up so that an unreachable TPM, a wrong PIN, a removed token or a missing key file ends the
+    command with one error instead of failing every device in turn.
+
+    Raises:
+        CredentialKeyError: naming the option, the credential, its key URI and what failed.
+    """
+    from keystore.errors import KeystoreError
+
+    try:
+        cred = ks.get(name)
+    except KeystoreError as e:
+        raise CredentialKeyError(f"{option} {name}: {e}") from e
+    try:
+        ks.open_key(cred.key_uri)
+    except KeystoreError as e:
+        raise CredentialKeyError(f"{option}: the key of credential {name} (key {cred.key_uri}) cannot be used: "
+                                 f"{e}") from e
+    return cred
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 

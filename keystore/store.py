@@ -646,6 +646,19 @@ class Keystore:
         self._hold(uri, explicit=False)
         return self._backend_for(uri).load(uri)
 
+    def open_key(self, uri: str) -> None:
+        """Open the key where it lives, as a signature would, and sign nothing: a software key is read and
+        decrypted, a TPM key loaded under its parent (or its persistent handle opened), a PKCS#11 token logged in
+        to and the private key object found. For a long-lived process to find an unusable key (TPM unreachable,
+        wrong PIN, token or key file gone) at its start, not at its first signature. Holds the key like
+        ``private_key``.
+
+        Raises:
+            KeystoreError: (KeyBackendError, NotFoundError, ...) naming what failed.
+        """
+        self._hold(uri, explicit=False)
+        self._backend_for(uri).open_key(uri)
+
     def hold_key(self, uri: str, *, credential: str | None = None) -> None:
         """Declare that a flow of this process uses ``uri`` (to sign, or through a TLS stack reading its file) until
         ``release_key``: no process destroys the key meanwhile — a renewal that supersedes it retires it, and it is

@@ -46,6 +46,12 @@ class KeyBackend(abc.ABC):
     def public_key(self, uri: str):
         return self.load(uri).public_key()
 
+    def open_key(self, uri: str) -> None:
+        """Open the key where it lives, as a signature would, and sign nothing (a start-up check of a key that a
+        long-lived process will sign with). Default: ``load`` (a software key is read and decrypted); hardware
+        backends reach the key itself. Raises KeyBackendError (or NotFoundError) naming what failed."""
+        self.load(uri)
+
     def cached_public_key(self, uri: str):
         """The public key if this backend object already knows it (generated or loaded here), else None: never
         touches the key itself."""

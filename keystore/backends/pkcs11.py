@@ -393,6 +393,16 @@ class Backend(KeyBackend):
     def cached_public_key(self, uri: str):
         return self._publics.get(uri)
 
+    def open_key(self, uri: str) -> None:
+        """A logged-in session on the key's token (the PIN is checked) and its private key object found."""
+        attrs = parse_uri(uri)
+
+        def find(s):
+            if self._find(s, attrs, ObjectClass.PRIVATE_KEY) is None:
+                raise Pkcs11KeyNotFoundError(f"no private key {uri} on PKCS#11 token {self._token_of(attrs)!r}")
+
+        self._call(attrs, "finding the private key", find)
+
     def load(self, uri: str):
         pub = self.public_key(uri)
         if isinstance(pub, ec.EllipticCurvePublicKey):

@@ -492,6 +492,11 @@ class Backend(KeyBackend):
         self._publics[uri] = pub
         return pub
 
+    def open_key(self, uri: str) -> None:
+        """The key loaded into the TPM under its parent (a blob) or its persistent handle opened, then flushed."""
+        with self._loaded(uri, "opening the key"):
+            pass
+
     def load(self, uri: str):
         pub = self._public(uri)
         if isinstance(pub, ec.EllipticCurvePublicKey):

@@ -747,7 +747,8 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
 def test_cli_clm_upstream_credential_in_tpm(cli_state, tpm_options, swtpm, lab, lab_cmp, tmp_path):  # noqa: F811
     """``devagent clm enroll --upstream cmp:URL --credential NAME`` (a subprocess): the CLM's own credential, its key
     in the TPM at the configured TCTI (``DEVAGENT_KEY_TCTI``), signs the CMP requests for a device. (The CLM used to
-    load that credential from a keystore opened with no backend options: the default TCTI device:/dev/tpmrm0.)"""
+    load that credential from a keystore opened with no backend options: the default TCTI device:/dev/tpmrm0.) With
+    the TCTI of no TPM the key cannot be opened: the command ends at start-up naming the credential and the TCTI."""
     from tests.peers.coap import DeviceThread, device_env
 
     tcti = {"DEVAGENT_KEY_TCTI": swtpm.tcti}
@@ -765,9 +766,16 @@ def test_cli_clm_upstream_credential_in_tpm(cli_state, tpm_options, swtpm, lab, 
         r = devagent(cli_state, "--json", *clm, "enroll", "dev1", "--upstream", f"cmp:{lab_cmp.url}", "--trust",
                      str(root), "--credential", "clm-edge", "--retries", "1", "--timeout", "20",
                      env={"DEVAGENT_KEY_TCTI": down})
-        assert r.returncode == 5, r.stdout + r.stderr
-        assert f"the CLM's credential key: TPM not reachable via TCTI {down!r}" in r.stdout, r.stdout
-        assert "internal error" not in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+        # The key is opened in the TPM once at start-up: the command ends there (exit 3, before the device is
+        # leased), naming the credential, its key URI and the TCTI; it used to fail the device (exit 5).
+        assert r.returncode == 3, r.stdout + r.stderr
+        edge = Keystore.open(cli_state, backend_options={"tpm": tpm_options})
+        uri = edge.get("clm-edge").key_uri
+        edge.close()
+        assert f"--credential: the key of credential clm-edge (key {uri}) cannot be used: " in r.stderr, r.stderr
+        assert f"TPM not reachable via TCTI {down!r}" in r.stderr, r.stderr
+        assert "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert r.stdout == ""  # no device was tried
         assert env.keystore().list() == []  # nothing reached the device's store
         r = devagent(cli_state, "--json", *clm, "enroll", "dev1", "--upstream", f"cmp:{lab_cmp.url}", "--trust",
                      str(root), "--credential", "clm-edge", "--retries", "1", "--timeout", "20", env=tcti)
@@ -785,6 +793,72 @@ def test_cli_clm_upstream_credential_in_tpm(cli_state, tpm_options, swtpm, lab, 
         edge.delete("clm-edge")
     finally:
         edge.close()
+
+
+@pytest.mark.parametrize("case", ["pkcs11-wrong-pin", "pkcs11-no-token", "soft-key-file-missing", "opcua-soft-missing"])
+def test_cli_clm_run_checks_credential_key_at_start(cli_state, softhsm, lab, lab_cmp, tmp_path, case):  # noqa: F811
+    """``devagent clm run --credential NAME`` (and ``--opcua-credential NAME``) whose key cannot be used (a PKCS#11
+    key with the wrong PIN, its token gone, a software key whose file is missing) ends at start-up with an error
+    naming the credential, its key URI and what failed (exit 3, a keystore error), before any device is leased:
+    the device's record is unchanged (no lease taken, no failure counted) and nothing reached the device. (The
+    key used to be found unusable per device, each device leased, failed and retried in turn.)"""
+    from agent.inventory import open_inventory
+    from tests.peers.coap import DeviceThread, device_env
+
+    p11 = {"DEVAGENT_KEY_PKCS11_MODULE": softhsm.module, "DEVAGENT_KEY_PKCS11_TOKEN": softhsm.label,
+           "DEVAGENT_KEY_PKCS11_PIN": softhsm.options["pin"]}
+    opcua = case.startswith("opcua")
+    make = ["--key-backend", "pkcs11"] if case.startswith("pkcs11") else []
+    r = devagent(cli_state, "enroll", "--protocol", "cmp", "--server", lab_cmp.url, "--domain", "plant", "--ref",
+                 LAB_REF.decode(), "--secret", f"pass:{LAB_SECRET.decode()}", "--subject", "CN=clm-edge",
+                 "--name", "clm-edge", *(("--san", "uri:urn:plant:clm") if opcua else ()), *make, env=p11)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ks = Keystore.open(cli_state, backend_options={"pkcs11": softhsm.options})
+    uri = ks.get("clm-edge").key_uri
+    ks.close()
+    env_run = dict(p11)
+    if case == "pkcs11-wrong-pin":
+        env_run.update(DEVAGENT_KEY_PKCS11_PIN="env:S8_WRONG_PIN", S8_WRONG_PIN="000000")
+        what = f"wrong PIN for PKCS#11 token {softhsm.label!r}"
+    elif case == "pkcs11-no-token":
+        empty = tmp_path / "no-tokens"
+        (empty / "tokens").mkdir(parents=True)
+        (empty / "softhsm2.conf").write_text(f"directories.tokendir = {empty}/tokens\nobjectstore.backend = file\n")
+        env_run["SOFTHSM2_CONF"] = str(empty / "softhsm2.conf")
+        what = f"no PKCS#11 token labelled {softhsm.label!r}"
+    else:
+        key_file = cli_state / uri.partition(":")[2]
+        assert key_file.is_file(), uri
+        key_file.unlink()
+        what = f"is missing ({key_file})"
+    root = tmp_path / "root.pem"  # written by cli_state
+    env = device_env(tmp_path / "coap", lab)
+    try:
+        with DeviceThread(env) as dev:
+            clm = ("clm", "--clm-dir", str(env.clm_dir))
+            r = devagent(cli_state, *clm, "add-device", "dev1", "--uri", dev.uri, "--domain", "plant")
+            assert r.returncode == 0, r.stdout + r.stderr
+            inv = open_inventory(None, env.clm_dir)
+            before = inv.get("dev1")
+            inv.close()
+            cred_opt = ("--opcua-credential", "clm-edge") if opcua else ("--credential", "clm-edge")
+            r = devagent(cli_state, "--json", *clm, "run", "--once", "--upstream", f"cmp:{lab_cmp.url}", "--trust",
+                         str(root), *cred_opt, "--retries", "1", "--timeout", "20", env=env_run)
+            assert r.returncode == 3, r.stdout + r.stderr
+            assert f"credential clm-edge (key {uri})" in r.stderr, r.stderr
+            assert what in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+            inv = open_inventory(None, env.clm_dir)
+            after = inv.get("dev1")
+            inv.close()
+            assert after == before  # never leased: no lease token taken, no attempt, no failure recorded
+            assert env.keystore().list() == [] and env.keystore().pending_keys() == []
+    finally:
+        ks = Keystore.open(cli_state, backend_options={"pkcs11": softhsm.options})
+        try:
+            ks.delete("clm-edge", force=True)
+        finally:
+            ks.close()
 
 
 # ---- blocking hardware calls stay off the event loop --------------------------------------------------------
