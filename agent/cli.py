@@ -280,8 +280,9 @@ def keystore_init(app: App):
     """Create the keystore (idempotent)."""
     from keystore.store import Keystore
 
-    ks = Keystore.init(app.state_dir, app.backend_options())
-    app.out({"state_dir": str(ks.root), "created": True}, f"keystore ready at {ks.root}")
+    with Keystore.init(app.state_dir, app.backend_options()) as ks:
+        root = ks.root
+    app.out({"state_dir": str(root), "created": True}, f"keystore ready at {root}")
 
 
 def _cred_line(s: dict) -> str:

@@ -65,11 +65,8 @@ def run(app, once, sets):
     cfg = _config(app, _parse_sets(sets))
     if not app.verbose:
         logging.getLogger("devagent").setLevel(cfg.log_level.upper())
-    ks = app.keystore()
-    try:
+    with app.keystore() as ks:
         code = asyncio.run(Daemon(ks, cfg).run(once=once))
-    finally:
-        ks.close()
     raise SystemExit(code)
 
 
@@ -205,16 +202,13 @@ def decommission(app, yes, include_idevid, no_revoke, reason):
         report["resumed"] = True
         _print_report(app, report, app.state_dir)
         return
-    ks = app.keystore()
-    cfg = _config(app, {})
-    names = [c.name for c in ks.list() if include_idevid or not c.readonly]
-    if not yes:
-        click.confirm(f"Revoke and delete {', '.join(names) or 'nothing'} in {app.state_dir}? This cannot be undone",
-                      abort=True)
-    try:
+    with app.keystore() as ks:  # closed also when the confirmation is declined or the configuration is bad
+        cfg = _config(app, {})
+        names = [c.name for c in ks.list() if include_idevid or not c.readonly]
+        if not yes:
+            click.confirm(f"Revoke and delete {', '.join(names) or 'nothing'} in {app.state_dir}? This cannot be "
+                          "undone", abort=True)
         report = asyncio.run(decommission_keystore(
             ks, cfg, client_factory=lambda cred: lifecycle.client_for_credential(ks, cred, {}),
             include_idevid=include_idevid, reason=reason, revoke=not no_revoke))
-    finally:
-        ks.close()
     _print_report(app, report, app.state_dir)

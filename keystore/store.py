@@ -333,7 +333,16 @@ class Keystore:
         except KeystoreError as e:  # e.g. locked by another process for long: try again next time
             _log.debug("index migration postponed: %s", e)
 
+    def __enter__(self) -> "Keystore":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """``with Keystore.open(root) as ks:`` closes ``ks`` however the block ends (an exception propagates)."""
+        self.close()
+
     def close(self) -> None:
+        """Finish deferred work (``flush``), release the holds on keys and the backends' sessions, close the index.
+        Also ``with Keystore.open(...) as ks:``."""
         self.flush()  # a superseded key whose destruction was deferred goes now (its claim is held until then)
         self._locks.release_all()
         for b in self._backends.values():

@@ -92,9 +92,8 @@ def _create_range(fleet_dir: Path, clm_dir: Path, lab_dir: Path, domain: str, lo
     anchor = LabCA(lab_dir).domain(domain).root_cert
     for i in range(lo, hi):
         d = fleet_dir / device_id(i)
-        ks = Keystore.init(d / "state")
-        ks.add_trust_anchors(domain, [anchor], source="fleet simulator")
-        ks.close()
+        with Keystore.init(d / "state") as ks:
+            ks.add_trust_anchors(domain, [anchor], source="fleet simulator")
         provision(device_id(i), d / "state" / "coap", clm_dir, methods=(SECURITY,))
 
 

@@ -206,3 +206,37 @@ def test_deleting_a_credential_destroys_its_key_even_if_this_process_holds_it(ks
     lifecycle.auth_for(ks, ks.get("dev"))  # held explicitly by this Keystore object
     ks.delete("dev")
     assert not _file(ks, v1.key_uri).exists()
+
+
+def test_with_block_closes_the_keystore_when_it_raises(ks, lab):
+    """``with Keystore.open(root) as ks:`` closes the keystore however the block ends: on an exception the error
+    propagates and the holds on keys are released, so another process's renewal destroys the superseded key at once
+    instead of retiring it (a keystore left open would keep its hold until the process exits)."""
+    v1 = _renew(ks, lab)
+    ks.close()
+    with pytest.raises(RuntimeError, match="in the block"):
+        with Keystore.open(ks.root) as user:
+            assert isinstance(user, Keystore)
+            user.private_key(v1.key_uri)  # holds the key from now on, until close
+            raise RuntimeError("in the block")
+    renewer = Keystore.open(ks.root)
+    try:
+        _renew(renewer, lab)
+        assert not _file(ks, v1.key_uri).exists(), "closed on the exception: nobody holds the old key any more"
+        assert renewer.key_record(v1.key_uri) is None
+    finally:
+        renewer.close()
+
+
+def test_with_block_closes_the_keystore_when_it_ends(ks, lab):
+    """The same on a normal end of the block: ``__exit__`` closes, the holds are gone."""
+    v1 = _renew(ks, lab)
+    ks.close()
+    with Keystore.open(ks.root) as user:
+        user.hold_key(v1.key_uri)
+    renewer = Keystore.open(ks.root)
+    try:
+        _renew(renewer, lab)
+        assert not _file(ks, v1.key_uri).exists()
+    finally:
+        renewer.close()
