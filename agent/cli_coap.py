@@ -87,6 +87,9 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
     key_backend = ctx.obj.key_backend(key_backend)  # --key-backend, else key.backend of the config
     key_type = ctx.obj.key_type(key_type)  # --key-type, else key.algorithm of the config
     ks = ctx.obj.keystore()  # with the configured key backend options and pending-key max age, as every command
+    removed = ks.gc()  # as `devagent run` starts: discards pending keys whose owner is gone (a killed service's)
+    if removed:
+        log.warning("start-up gc: removed %d leftover file(s) / orphaned pending key(s)", len(removed))
     methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
     try:
         layers = load_server_security(security_dir or _state(ctx) / "coap", methods)

@@ -18,6 +18,10 @@ Invariants:
 - At most one key generation runs at a time, /csr is rate limited, and at most ``max_pending`` keys made for the
   CLM are pending: a new /csr for a credential supersedes (destroys) the earlier pending key for that name.
 - Blocking work (key generation, keystore fsyncs) runs in a worker thread, one keystore operation at a time.
+- A pending key whose maker died is garbage (keystore/owner.py): ``devagent coap serve`` discards such keys at
+  start (``Keystore.gc``, as ``devagent run`` does), and ``_pending`` ignores one the gc has not discarded yet, so
+  a /verify for a key a killed service made gets 4.09 no-pending-key (the CLM starts again at /csr) whatever the
+  start order.
 - /csr answers only with a durable key: the CSR is signed while the key's last fsync is in flight
   (``Keystore.generate_key(meanwhile=...)``), and returned after it.
 - /verify answers once the new version's commit and its audit line are durable; destroying the superseded key
@@ -39,6 +43,7 @@ from coap_services.errors import (
     BAD_REQUEST, CONFLICT, FORBIDDEN, INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE, ServiceError,
 )
 from coap_services.ratelimit import TokenBucket
+from keystore import owner
 
 log = logging.getLogger("devagent.coap")
 
@@ -225,8 +230,13 @@ class DeviceService:
         return kt, subject, sans, name, domain, cas, offered_roots, kind
 
     def _pending(self, peer=_ANY_PEER) -> list[dict]:
-        """Pending keys made for a CLM (of security context ``peer``, when given)."""
-        out = [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE]
+        """Pending keys made for a CLM (of security context ``peer``, when given) by a process that still runs.
+
+        A pending key whose owner is gone (keystore/owner.py: pid, boot id and start time no longer match) is
+        garbage, as ``Keystore.orphaned_pending`` says: it is not offered to /verify (4.09 no-pending-key), not
+        counted in /status nor against the bound, whether or not the start-up gc has discarded it yet."""
+        out = [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE
+               and owner.alive(k.get("owner")) is not False]
         if peer is not _ANY_PEER:
             me = self._principal(peer)
             out = [k for k in out if self._principal(k["pending_for"].get("peer")) == me]
