@@ -315,3 +315,32 @@ def test_run_once_renews_each_device_once_even_if_due_again(lab, one_device):
     assert run_clm(inv, up, lambda m: m.run(once=True, parallel=1)) == {"dev1": "ok"}
     rec = inv.get("dev1")
     assert rec["enrollments"] == 1 and rec["lease_owner"] is None and inv.due() == ["dev1"]
+
+
+class LosingUpstream(LabUpstream):
+    """The lab CA; while it certifies the first CSR the device loses that pending key (as a crash of the device
+    between /csr and /verify does: the restarted service has no pending key for it)."""
+
+    def __init__(self, lab, device_keystore):
+        super().__init__(lab)
+        self.device_keystore, self.lost = device_keystore, []
+
+    async def enroll(self, csr, **kw):
+        if not self.lost:
+            [rec] = self.device_keystore.pending_keys()
+            self.device_keystore.discard_key(rec["uri"])
+            self.lost.append(rec["uri"])
+        return await super().enroll(csr, **kw)
+
+
+def test_enroll_starts_again_at_csr_when_verify_finds_no_pending_key(lab, one_device):
+    env, dev = one_device
+    inv = open_inventory(None, env.clm_dir)
+    inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN,
+            san=["dns:dev1.plant"], subject="CN=dev1,O=Plant")
+    up = LosingUpstream(lab, env.keystore())
+    stages = run_clm(inv, up, lambda m: m.enroll("dev1"), retries=3)
+    assert stages["attempts"] == 2 and len(up.lost) == 1
+    cred = env.keystore().get("ldevid")
+    assert cred.key_uri != up.lost[0]
+    assert format(cred.certificate.serial_number, "x") == inv.get("dev1")["serial"]

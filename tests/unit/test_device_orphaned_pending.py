@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from cryptography import x509
 from coap_services.device import DeviceConfig, DeviceService
 from coap_services.errors import CONFLICT, ServiceError
 from keystore import owner
+from keystore.store import Keystore
 from tests.conftest import DOMAIN
 
 CHILD = textwrap.dedent('''
@@ -61,8 +63,18 @@ def test_verify_after_the_maker_was_killed_gets_no_pending_key(ks, lab, tmp_path
 
 
 def test_coap_serve_start_discards_the_orphaned_pending_key(ks, tmp_path):
+    from click.testing import CliRunner
+
+    from agent.cli import App
+    from agent.cli_coap import serve
+
     killed_after_csr(ks, tmp_path)
     uri = ks.pending_keys()[0]["uri"]
-    removed = ks.gc()  # the start-up step of `devagent coap serve` (agent/cli_coap.py) and `devagent run`
-    assert f"pending key {uri}" in removed
-    assert ks.pending_keys() == []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:  # the service starts, then cannot listen
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(serve, ["--insecure", "--port", str(port)], obj=App(state_dir_option=ks.root,
+                                                                                      json=False))
+    assert res.exit_code == 6, res.output
+    assert Keystore.open(ks.root).pending_keys() == []
+    assert not (ks.root / uri.removeprefix("file:")).exists()
