@@ -480,3 +480,25 @@ def test_memo_and_anchor_sets_only_ever_match_the_same_certificates():
     with pytest.raises(VerificationError):
         validate(ch.leaf, ch.untrusted, [forged_root], policy)
     assert validate(ch.leaf, ch.untrusted, [ch.root], policy)[-1] == ch.root
+
+
+def test_weak_rsa_leaf_key_is_ours_to_refuse():
+    """Why the leaf's RSA size check stays on the accepted path (issue #13, docs/trust.md "Cost"): pyca checks the
+    key size of an issuer only, so it accepts an RSA-1024 leaf under RSA-2048 CAs; the validator refuses it with
+    its own text on both engines, and accepts it only when the policy allows weak keys."""
+    from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
+
+    ch = chain("rsa2048", leaf=Spec(key=key("rsa1024", 9)))
+    pyca = (PolicyBuilder().store(Store([ch.root])).time(NOW)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all())
+            .build_client_verifier())
+    assert pyca.verify(ch.leaf, ch.untrusted).chain[0] == ch.leaf
+    strict, lax = Policy.for_purpose("credential", NOW), Policy.for_purpose("credential", NOW, min_rsa_bits=1024)
+    errors = []
+    for engine in ("auto", "fallback"):
+        with pytest.raises(VerificationError) as e:
+            validate(ch.leaf, ch.untrusted, [ch.root], strict, engine=engine)
+        errors.append(e.value)
+    assert [e.reason for e in errors] == ["weak-key"] * 2 and str(errors[0]) == str(errors[1])
+    assert "RSA-1024 key; at least 2048 bits are required" in str(errors[0])
+    assert validate(ch.leaf, ch.untrusted, [ch.root], lax) == (ch.leaf, *ch.inters, ch.root)
