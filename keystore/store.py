@@ -197,6 +197,20 @@ class Credential:
         return d
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldKey:
+    """A software key generated in memory only (``Keystore.generate_held_key``): nothing names it and nothing is
+    written until ``store_certificate(..., key=held)`` writes its encrypted file in the certificate's commit. It
+    dies with the process that holds it, as a pending key whose owner is gone would be discarded anyway."""
+
+    uri: str
+    key_type: str
+    private_key: object = dataclasses.field(repr=False)
+    public_key: object = dataclasses.field(repr=False)
+    label: str
+    created: str
+
+
 @dataclasses.dataclass
 class _Cleanup:
     """What a durable commit leaves to do (``Keystore._cleanup``): the superseded key to destroy (claimed by the
@@ -602,6 +616,20 @@ class Keystore:
         # it was made, by whom and for what). A key in use without a credential (pending=False) is durable at once.
         self.audit("key-generate", key_uri=uri, key_type=kt, label=label, durable=not pending)
         return uri
+
+    def generate_held_key(self, key_type: str, *, label: str = "", allow_weak: bool = False) -> HeldKey:
+        """Generate a software key in memory: no record, no file, no fsync, no lock, no audit line yet. Its URI is
+        allocated (``file:keys/<id>.key``) and its file is written only by ``store_certificate(..., key=...)``, in
+        the certificate's commit batch, which records it ``active`` with the credential in one index write (and
+        writes its ``key-generate`` audit line then). A held key that is never stored leaves no trace.
+
+        Software backend only: a TPM handle or a token object exists the moment it is made, so it must be named by
+        a durable record first (``generate_key``)."""
+        from keystore.keytypes import generate_software_key
+
+        kt = parse_key_type(key_type, allow_weak=allow_weak)
+        key = generate_software_key(kt)
+        return HeldKey(self.backend("soft").new_uri(), kt, key, key.public_key(), label, _now().isoformat())
 
     def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
         """Store an externally generated private key (server-side keygen, IDevID import) as a software key."""
@@ -1027,7 +1055,8 @@ class Keystore:
         certificate: x509.Certificate,
         chain: Iterable[x509.Certificate] = (),
         *,
-        key_uri: str,
+        key_uri: str | None = None,
+        key: HeldKey | None = None,
         kind: str = "ldevid",
         domain: str | None = None,
         profile: str | None = None,
@@ -1052,11 +1081,22 @@ class Keystore:
         ``store_certificate``) finishes both. Until then this object keeps the key claimed (no process can use
         it), and every later write of this object, ``gc``, ``delete`` and ``close`` flush first.
 
+        ``key``: a ``HeldKey`` (``generate_held_key``) instead of ``key_uri``: its encrypted file is written under
+        its final name ``keys/<id>.key`` with the version's files (nothing names it until the index replace, as
+        ``fsutil.write_new_files``), its data and ``keys/`` directory fsyncs join the commit's one batch before the
+        index replace, and that replace records the key ``active`` with the credential. If the store fails at
+        any step, the key file is securely deleted and nothing stored changes; the caller still holds the key
+        (it may try again). A crash before the replace leaves an unnamed key file that ``gc`` securely deletes.
+
         Raises:
             VerificationError: rejected (nothing written).
             ReadOnlyError: ``name`` is an IDevID.
         """
         check_name(name, "credential name")
+        if (key is None) == (key_uri is None):
+            raise ValueError("give exactly one of key_uri or key (a HeldKey)")
+        if key is not None:
+            key_uri = key.uri
         if kind not in KINDS or kind == "idevid":
             raise ValueError(f"kind must be 'ldevid' or 'app' (IDevIDs are imported), not {kind!r}")
         if domain is None:
@@ -1065,9 +1105,9 @@ class Keystore:
         current = self._view().creds().get(name)
         if current is not None and current[1]["kind"] == "idevid":
             raise ReadOnlyError(f"credential {name} is an IDevID and read-only")
-        pub = self.public_key(key_uri)
+        pub = key.public_key if key is not None else self.public_key(key_uri)
         anchors = self.trust_anchors(domain)
-        krec = self.key_record(key_uri) or {}
+        krec = {"key_type": key.key_type} if key is not None else (self.key_record(key_uri) or {})
         policy = verification_policy(
             "credential", now, check_validity, eku={purpose} if purpose in EKU_NAMES else frozenset(),
             min_rsa_bits=1024 if krec.get("key_type") == "rsa1024" else 2048)  # rsa1024 exists only if allowed
@@ -1084,6 +1124,8 @@ class Keystore:
             if existing is None and not allow_new:
                 raise NotFoundError(f"no credential named {name!r}")
             krec = self._view().keys().get(key_uri)
+            if key is not None and krec is not None:
+                raise ValueError(f"held key {key_uri} is already stored")
             if krec is not None and krec[1].get("state") == "retired":
                 raise KeyGoneError(f"key {key_uri} was discarded before its certificate arrived (a pending key older "
                                    "than the keystore's bound, or one whose owner was taken for gone): nothing was "
@@ -1100,6 +1142,8 @@ class Keystore:
             # (the commit lists it in meta.destroying for a crash in between). Held: the commit retires it.
             claim = self._claim(replaced) if replaced else None
             created: list[Path] = []
+            key_file: Path | None = None
+            key_dirs: list[Path] = []
             try:
                 # The version's files and directory entries are durable before the index names them: each
                 # file fsynced, then each directory that gained an entry (the version directory; creds/<name>
@@ -1111,13 +1155,27 @@ class Keystore:
                 created = fsutil.make_dirs(vdir, self.root)
                 files = fsutil.write_new_files([(vdir / "chain.pem", pem(stored_chain)),
                                                 (vdir / "cert.pem", pem([certificate]))])
+                entries = [vdir / "chain.pem", vdir / "cert.pem", *created]
+                if key is not None:
+                    # A held key's file, under its final name: no record names it until the index replace
+                    # below, which records it active (a crash before: an unnamed keys/*.key, gc deletes it).
+                    try:
+                        path_, blob = self.backend("soft").held_file(key_uri, key.private_key)
+                        key_dirs = fsutil.make_dirs(path_.parent, self.root)
+                        self._locks.create(key_uri)
+                        key_file = path_
+                        kf = fsutil.write_new_files([(path_, blob)])
+                    except BaseException:
+                        files.close()
+                        raise
+                    files.files += kf.files
+                    entries += [path_, *key_dirs]
                 try:
                     # Once the index replace succeeded this version is live and its files stay, even if the
                     # directory fsync after it failed (_txn retries it and reports; see ``durable``).
                     drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
                                                     meta, key_uri, pub, certificate, stored_chain, replaced,
-                                                    claim is not None, fsync_files=files,
-                                                    sync_first=[vdir / "chain.pem", vdir / "cert.pem", *created])
+                                                    claim is not None, fsync_files=files, sync_first=entries)
                 finally:
                     files.close()
             except BaseException:
@@ -1129,7 +1187,17 @@ class Keystore:
                     for d in created[::-1]:
                         if d != vdir:
                             d.rmdir()
+                if key_file is not None:  # a held key's file: securely, it is (encrypted) key material
+                    with contextlib.suppress(OSError, KeystoreError):
+                        fsutil.secure_delete(key_file, sync_dir=False)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._locks.path(key_uri))
+                for d in key_dirs[::-1]:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
                 raise
+            if key is not None:
+                self.backend("soft").adopt(key_uri, key.private_key)
             # Committed. Destroy the superseded key and prune old versions (only once the commit is durable: a
             # power cut before the sync could bring back the previous index, which still needs both): now, or
             # with defer_cleanup after this call's audit line, when the caller flushes (see _cleanup).
@@ -1149,6 +1217,9 @@ class Keystore:
                        not_after=certificate.not_valid_after_utc.isoformat())
         if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
             details["checked_at"] = policy.reading.record()
+        if key is not None:  # made durable by the certificate-store line below
+            self.audit("key-generate", key_uri=key_uri, key_type=key.key_type, label=key.label, durable=False,
+                       held_since=key.created)
         if unsynced is not None:
             _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
                          "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)

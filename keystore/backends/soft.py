@@ -97,7 +97,7 @@ class Backend(KeyBackend):
         return nk.uri
 
     def _prepared(self, key) -> NewKey:
-        uri = f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
+        uri = self.new_uri()
         nk: NewKey
 
         def stage():
@@ -136,6 +136,18 @@ class Backend(KeyBackend):
 
         nk = NewKey(uri, key.public_key(), keep, syncs_first=True, stage=stage)
         return nk
+
+    def new_uri(self) -> str:
+        """A fresh key URI (``file:keys/<16 hex>.key``); nothing is written."""
+        return f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
+
+    def held_file(self, uri: str, key) -> tuple[Path, bytes]:
+        """The path and encrypted contents of a held key's file (``Keystore.store_certificate(key=HeldKey)``)."""
+        return self._path(uri), self._encrypt(key)
+
+    def adopt(self, uri: str, key) -> None:
+        """Keep ``key`` in memory under ``uri``: its file was just committed by the keystore."""
+        self._keys[uri] = key
 
     def prepare(self, key_type: str, label: str) -> NewKey:
         """The key exists in memory only until ``keep`` writes its encrypted file."""

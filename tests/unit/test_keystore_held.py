@@ -1,0 +1,163 @@
+"""Held software keys (Keystore.generate_held_key): generated in memory, written only in the certificate's commit
+(store_certificate(key=HeldKey)). Nothing is written before; a failed or killed commit leaves the keystore as it
+was (an unnamed keys/*.key a crash leaves is securely deleted by gc); the commit records the key active."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+
+from keystore import fsutil
+from keystore.csr import build_csr, parse_subject
+from keystore.errors import StorageError, VerificationError
+from keystore.store import Keystore
+from tests.conftest import DOMAIN, snapshot
+from tests.fault.test_keystore_sync import ERRNOS, STAGES, Fault
+
+
+def _issue(ks, lab, held=None):
+    if held is None:
+        uri = ks.generate_key("p256")
+        key = ks.private_key(uri)
+    else:
+        uri, key = held.uri, held.private_key
+    csr = build_csr(key, parse_subject("CN=dev"))
+    return uri, lab.issue(DOMAIN, csr.public_key(), csr.subject)
+
+
+def _first_version(ks, lab):
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    return uri1
+
+
+def _key_files(root):
+    d = root / "keys"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_a_held_key_writes_nothing_until_its_certificate_is_stored(ks, lab):
+    before = snapshot(ks.root)
+    held = ks.generate_held_key("p256", label="dev")
+    assert snapshot(ks.root) == before and ks.key_record(held.uri) is None and ks.pending_keys() == []
+    _, cert = _issue(ks, lab, held)
+    cred = ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    assert cred.key_uri == held.uri and ks.key_record(held.uri)["state"] == "active"
+    opened = Keystore.open(ks.root)  # from disk: the key file decrypts to the same key
+    assert opened.private_key(held.uri).private_numbers() == held.private_key.private_numbers()
+    assert opened.check() == [] and opened.gc() == []
+    assert os.stat(ks.root / held.uri.removeprefix("file:")).st_mode & 0o777 == 0o600
+    assert [e["action"] for e in ks.audit_entries()][-2:] == ["key-generate", "certificate-store"]
+    with pytest.raises(ValueError, match="already stored"):
+        ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+
+
+def test_a_rejected_certificate_for_a_held_key_changes_nothing_and_the_key_stays_usable(ks, lab):
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    other = ks.generate_held_key("p256")
+    _, cert_for_other = _issue(ks, lab, other)
+    before = snapshot(ks.root)
+    with pytest.raises(VerificationError):
+        ks.store_certificate("dev", cert_for_other, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    assert snapshot(ks.root) == before
+    _, cert = _issue(ks, lab, held)  # the caller still holds the key: it may try again
+    assert ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("target", ["cert.pem", "chain.pem", ".key", "keystore.json"])
+def test_store_with_a_held_key_fault_matrix(ks, lab, stage, target, err):
+    """A renewal with a held key, one write step failing: before the index replace nothing changes (the key file
+    written for it is gone, its lock file too) and the held key can be stored on a retry; after it (fsync-dir of
+    the index) the new version and its key are live. Every outcome opens and checks clean."""
+    uri1 = _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert2 = _issue(ks, lab, held)
+    before = snapshot(ks.root)
+    committed = stage == "fsync-dir" and target == "keystore.json"
+    with Fault(stage, target, err) as f:
+        if committed:
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+        else:
+            with pytest.raises(StorageError, match=os.strerror(err)):
+                ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    assert f.hits >= 1
+    opened = Keystore.open(ks.root)
+    assert opened.check() == []
+    if committed:
+        assert opened.get("dev").version == 2 and opened.get("dev").key_uri == held.uri
+    else:
+        assert snapshot(ks.root) == before, "a failed write must leave the keystore exactly as it was"
+        assert opened.get("dev").version == 1 and opened.get("dev").key_uri == uri1
+        assert ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
+
+
+def test_the_held_key_file_joins_the_commit_batch(ks, lab):
+    """The key file is renamed into keys/ before its fsync and the index replace comes after every fsync: the key's
+    data and keys/ are fsynced in the same batch as the version files (no serial wait of their own)."""
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    steps = []
+    fsutil._FAULT_HOOK = lambda stage, path: steps.append((stage, os.path.basename(path)))
+    try:
+        ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    finally:
+        fsutil._FAULT_HOOK = None
+    name = held.uri.rsplit("/", 1)[1]
+    index_replace = steps.index(("replace", "keystore.json"))
+    assert steps.index(("replace", name)) < steps.index(("fsync", name)) < index_replace
+    assert steps.index(("fsync-dir", name)) < index_replace
+    assert steps.count(("fsync", name)) == 1
+
+
+def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_it(ks, lab):
+    uri1 = _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    name = held.uri.rsplit("/", 1)[1]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+
+        def hook(stage, path):
+            if stage == "replace" and path.endswith("keystore.json"):  # the key file has its name, fsynced
+                os.write(w, b"x")
+                signal.pause()  # the parent kills us here
+
+        fsutil._FAULT_HOOK = hook
+        try:
+            ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+        finally:
+            os._exit(3)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(r)
+    path = ks.root / "keys" / name
+    assert name in _key_files(ks.root)
+    written = path.read_bytes()
+    at_unlink = []
+
+    def hook(stage, p):
+        if stage == "unlink" and p == str(path):
+            at_unlink.append(path.read_bytes())
+
+    opened = Keystore.open(ks.root)
+    assert opened.get("dev").version == 1 and opened.get("dev").key_uri == uri1  # the previous version loads
+    fsutil._FAULT_HOOK = hook
+    try:
+        removed = opened.gc()
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert str(path) in removed
+    assert len(at_unlink) == 1 and len(at_unlink[0]) == len(written) and at_unlink[0] != written
+    assert name not in _key_files(ks.root) and Keystore.open(ks.root).check() == []
+    assert Keystore.open(ks.root).get("dev").key_uri == uri1
+
