@@ -1,7 +1,10 @@
 """The device side of delegated enrollment (Astorga et al. 2021, §IV-B, §V-B), independent of CoAP.
 
-``DeviceService.csr`` is the CSR_generation_request service: a new key pair is generated in the keystore (state
-"pending", never leaving the device) and a PKCS#10 CSR signed with it is returned. ``DeviceService.verify`` is the
+``DeviceService.csr`` is the CSR_generation_request service: a new key pair is generated (never leaving the
+device) and a PKCS#10 CSR signed with it is returned. A software key is held in this service's memory until
+/verify (``Keystore.generate_held_key``: no record, no file, no fsync at /csr) and ``store_certificate(key=...)``
+writes its file in the certificate's commit; a TPM or PKCS#11 key exists in its device the moment it is made, so
+it is named first by a durable pending record (``Keystore.generate_key``). ``DeviceService.verify`` is the
 verify_certificate service: the certificate must carry one of our pending keys and pass the keystore's
 verify-before-store against the domain trust anchor; only then is it stored.
 
@@ -22,8 +25,10 @@ Invariants:
   start (``Keystore.gc``, as ``devagent run`` does), and ``_pending`` ignores one the gc has not discarded yet, so
   a /verify for a key a killed service made gets 4.09 no-pending-key (the CLM starts again at /csr) whatever the
   start order.
-- /csr answers only with a durable key: the CSR is signed while the key's last fsync is in flight
-  (``Keystore.generate_key(meanwhile=...)``), and returned after it.
+- A TPM or PKCS#11 /csr answers only with a durably recorded key: the CSR is signed while the key's last fsync is
+  in flight (``Keystore.generate_key(meanwhile=...)``), and returned after it. A held software key needs no
+  durability at /csr: it could not survive the death of this process anyway (the rule above).
+- A held key is dropped only when stored, superseded or pushed out by the bound; a failed /verify keeps it.
 - /verify answers once the new version's commit and its audit line are durable; destroying the superseded key
   and pruning old versions (``Keystore.flush``) runs right after, as the next keystore operation (a crash in
   between is finished by the keystore's ``gc``: the commit lists the key in ``meta.destroying``). ``drain``
@@ -113,6 +118,10 @@ class DeviceService:
         self._keygen = asyncio.Lock()
         self._store = asyncio.Lock()
         self._cleanup: asyncio.Task | None = None  # the flush after the last /verify answer (see verify)
+        # Software-backend pending keys, held in memory only (Keystore.generate_held_key): uri -> the same dict a
+        # pending record has (uri, created, pending_for) plus "held" (the HeldKey). Nothing is written until
+        # /verify stores the certificate with its key in one commit.
+        self._held: dict[str, dict] = {}
 
     # ---- CSR_generation_request ----------------------------------------------------------------------------
     # ---- authorization ------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ class DeviceService:
         garbage, as ``Keystore.orphaned_pending`` says: it is not offered to /verify (4.09 no-pending-key), not
         counted in /status nor against the bound, whether or not the start-up gc has discarded it yet."""
         out = [k for k in self.ks.pending_keys() if (k.get("pending_for") or {}).get("source") == PENDING_SOURCE
-               and owner.alive(k.get("owner")) is not False]
+               and owner.alive(k.get("owner")) is not False] + list(self._held.values())
         if peer is not _ANY_PEER:
             me = self._principal(peer)
             out = [k for k in out if self._principal(k["pending_for"].get("peer")) == me]
@@ -248,13 +257,22 @@ class DeviceService:
         pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
         superseded = [k for k in pending if k["pending_for"].get("name") == name]
         for k in superseded:
-            self.ks.discard_key(k["uri"])  # superseded by this new request
+            self._discard(k)  # superseded by this new request
             log.info("discarded superseded pending key for %s", name)
         if superseded:  # read again: the keystore is the truth after a change
             pending = sorted(self._pending(peer), key=lambda k: k.get("created", ""))
         while len(pending) >= self.config.max_pending:
-            self.ks.discard_key(pending.pop(0)["uri"])
+            self._discard(pending.pop(0))
             log.info("discarded oldest pending key (bound %d)", self.config.max_pending)
+
+    def _discard(self, rec: dict) -> None:
+        if "held" in rec:
+            self._held.pop(rec["uri"], None)  # never written: forgetting it is all there is
+        else:
+            self.ks.discard_key(rec["uri"])
+
+    def _public_key(self, rec: dict):
+        return rec["held"].public_key if "held" in rec else self.ks.public_key(rec["uri"])
 
     def _generate(self, plan, peer) -> CsrResult:
         from cryptography.hazmat.primitives import serialization
@@ -275,6 +293,15 @@ class DeviceService:
             csr = build_csr(self.ks.private_key(uri), subject, sans, key_usage=default_key_usage(kt))
             made.append(csr.public_bytes(serialization.Encoding.DER))
 
+        if self.config.key_backend == "soft":
+            # Held in memory until /verify (docs/coap.md): /csr writes nothing. A TPM or PKCS#11 key exists in
+            # its device the moment it is made, so it is named by a durable pending record first (below).
+            held = self.ks.generate_held_key(kt, label=name, allow_weak=self.config.allow_weak_keys)
+            csr = build_csr(held.private_key, subject, sans, key_usage=default_key_usage(kt))
+            self._held[held.uri] = {"uri": held.uri, "created": held.created, "pending_for": pending_for,
+                                    "held": held}
+            return CsrResult(csr.public_bytes(serialization.Encoding.DER), held.uri, name, domain,
+                             time.perf_counter() - t0)
         made: list[bytes] = []
         uri = self.ks.generate_key(kt, backend=self.config.key_backend, label=name, pending_for=pending_for,
                                    allow_weak=self.config.allow_weak_keys, meanwhile=sign)
@@ -319,7 +346,7 @@ class DeviceService:
         t0 = time.perf_counter()
         pending = self._pending(peer)
         others = [k for k in self._pending() if k not in pending]
-        if any(same_public_key(c.public_key(), self.ks.public_key(k["uri"])) for k in others for c in certs):
+        if any(same_public_key(c.public_key(), self._public_key(k)) for k in others for c in certs):
             raise _refuse(FORBIDDEN, "other-context", "the certificate is for a key that another security context "
                           "requested; /verify must come from the context that asked for the CSR")
         if not pending:
@@ -327,7 +354,7 @@ class DeviceService:
                           "request a CSR (POST /csr) first")
         match = None
         for rec in pending:
-            pub = self.ks.public_key(rec["uri"])
+            pub = self._public_key(rec)
             for cert in certs:
                 if same_public_key(cert.public_key(), pub):
                     match = (cert, rec, pub)
@@ -359,7 +386,8 @@ class DeviceService:
                               "certificate(s) announced in the CSR request")
             if adopt:
                 self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
-            cred = self.ks.store_certificate(name, cert, chain, key_uri=rec["uri"], kind=kind, domain=domain,
+            key = {"key": rec["held"]} if "held" in rec else {"key_uri": rec["uri"]}
+            cred = self.ks.store_certificate(name, cert, chain, **key, kind=kind, domain=domain,
                                              check_validity=self.config.check_validity, protocol=DELEGATED_PROTOCOL,
                                              server=peer, meta={"via": "clm", "coap_context": self._grant(peer).peer},
                                              defer_cleanup=True)  # flushed after the answer: see verify
@@ -370,6 +398,7 @@ class DeviceService:
             log.error("storing the certificate failed: %s", e)
             raise _refuse(INTERNAL_SERVER_ERROR, "store-failed", "the device could not store the certificate; see "
                           "its log") from e
+        self._held.pop(rec["uri"], None)  # stored: a key of the keystore now (on failure it stays held)
         return VerifyResult(cred.name, cred.version, cred.not_after, time.perf_counter() - t0)
 
     async def verify(self, certs, peer: str | None = None) -> VerifyResult:

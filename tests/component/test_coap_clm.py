@@ -321,14 +321,14 @@ class LosingUpstream(LabUpstream):
     """The lab CA; while it certifies the first CSR the device loses that pending key (as a crash of the device
     between /csr and /verify does: the restarted service has no pending key for it)."""
 
-    def __init__(self, lab, device_keystore):
+    def __init__(self, lab, device):
         super().__init__(lab)
-        self.device_keystore, self.lost = device_keystore, []
+        self.device, self.lost = device, []
 
     async def enroll(self, csr, **kw):
         if not self.lost:
-            [rec] = self.device_keystore.pending_keys()
-            self.device_keystore.discard_key(rec["uri"])
+            [rec] = self.device.service._pending()
+            self.device.service._discard(rec)
             self.lost.append(rec["uri"])
         return await super().enroll(csr, **kw)
 
@@ -338,7 +338,7 @@ def test_enroll_starts_again_at_csr_when_verify_finds_no_pending_key(lab, one_de
     inv = open_inventory(None, env.clm_dir)
     inv.add("dev1", dev.uri, security="oscore", context=str(env.context), domain=DOMAIN,
             san=["dns:dev1.plant"], subject="CN=dev1,O=Plant")
-    up = LosingUpstream(lab, env.keystore())
+    up = LosingUpstream(lab, dev)
     stages = run_clm(inv, up, lambda m: m.enroll("dev1"), retries=3)
     assert stages["attempts"] == 2 and len(up.lost) == 1
     cred = env.keystore().get("ldevid")

@@ -111,7 +111,7 @@ def test_duplicate_request_gets_the_same_answer_and_runs_once(insecure_env):
             c.send(m)  # the same datagram again: same message id from the same endpoint
             again, raw2 = c.answer(m)
             assert raw2 == raw1
-            assert len(dev.ks.pending_keys()) == 1
+            assert len(dev.service._pending()) == 1
             n = c.message(Code.GET, ("status",), mtype=NON)
             c.send(n)
             c.answer(n)

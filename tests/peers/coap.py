@@ -102,6 +102,7 @@ class DeviceThread:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"coap-{env.device_id}")
         self.server = None
         self.ks = None
+        self.service = None  # the DeviceService (its pending keys: service._pending())
 
     @property
     def uri(self) -> str:
@@ -124,7 +125,7 @@ class DeviceThread:
         layers = load_server_security(self.env.state / "coap", self.methods)
 
         async def start():
-            svc = DeviceService(self.ks, DeviceConfig(**self.config))
+            svc = self.service = DeviceService(self.ks, DeviceConfig(**self.config))
             return await DeviceServer.start(svc, layers, port=self.port, insecure=self.insecure, limits=self.limits)
 
         self.server = self.call(start())
