@@ -141,7 +141,10 @@ def drain_closes() -> None:
 # 0.6-0.9 ms together against 1.5-7 ms in sequence. Each fsync still happens, on its own descriptor; what changes is
 # only that the caller waits for all of them at once. The threads are created on first use (none for a command
 # that writes nothing) and a forked child starts without them.
-SYNC_THREADS = 4
+# The largest batch is a renewal with a held software key (Keystore.store_certificate(key=...)): its two version
+# files, the key file, the version dir, creds/<name>, keys/ and the index temp file, 7 descriptors, one of them
+# synced on the caller's thread; with fewer threads the rest would queue for a second round.
+SYNC_THREADS = 6
 
 
 class _Syncer:

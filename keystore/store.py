@@ -209,6 +209,7 @@ class HeldKey:
     public_key: object = dataclasses.field(repr=False)
     label: str
     created: str
+    encrypted: bytes = dataclasses.field(repr=False)  # the key file's contents, encrypted at generation (not at /verify)
 
 
 @dataclasses.dataclass
@@ -629,7 +630,9 @@ class Keystore:
 
         kt = parse_key_type(key_type, allow_weak=allow_weak)
         key = generate_software_key(kt)
-        return HeldKey(self.backend("soft").new_uri(), kt, key, key.public_key(), label, _now().isoformat())
+        be = self.backend("soft")
+        uri = be.new_uri()
+        return HeldKey(uri, kt, key, key.public_key(), label, _now().isoformat(), be.held_file(uri, key)[1])
 
     def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
         """Store an externally generated private key (server-side keygen, IDevID import) as a software key."""
@@ -1160,7 +1163,7 @@ class Keystore:
                     # A held key's file, under its final name: no record names it until the index replace
                     # below, which records it active (a crash before: an unnamed keys/*.key, gc deletes it).
                     try:
-                        path_, blob = self.backend("soft").held_file(key_uri, key.private_key)
+                        path_, blob = self.backend("soft").key_path(key_uri), key.encrypted
                         key_dirs = fsutil.make_dirs(path_.parent, self.root)
                         self._locks.create(key_uri)
                         key_file = path_

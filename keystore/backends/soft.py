@@ -145,6 +145,9 @@ class Backend(KeyBackend):
         """The path and encrypted contents of a held key's file (``Keystore.store_certificate(key=HeldKey)``)."""
         return self._path(uri), self._encrypt(key)
 
+    def key_path(self, uri: str) -> Path:
+        return self._path(uri)
+
     def adopt(self, uri: str, key) -> None:
         """Keep ``key`` in memory under ``uri``: its file was just committed by the keystore."""
         self._keys[uri] = key
