@@ -558,8 +558,8 @@ def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
     happens only after every fsync returned.
 
     Raises:
-        StorageError: a step failed; the temp file of the failing step is removed, files renamed before it stay
-            (the caller removes the directory).
+        StorageError: a step failed; the temp file of the failing step is removed securely (overwritten first:
+            it may hold part of an encrypted key), files renamed before it stay (the caller removes them).
     """
     out = NewFiles()
     for path, data in items:
@@ -579,9 +579,9 @@ def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
         finally:
             if fd >= 0:
                 os.close(fd)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            if tmp is not None:  # it may hold part of a secret (a held key's file): securely, as stage_file does
+                with contextlib.suppress(StorageError, OSError):
+                    secure_delete(tmp, sync_dir=False)
     return out
 
 

@@ -161,3 +161,36 @@ def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_
     assert name not in _key_files(ks.root) and Keystore.open(ks.root).check() == []
     assert Keystore.open(ks.root).get("dev").key_uri == uri1
 
+
+
+@pytest.mark.parametrize("stage", ["write", "replace"])
+def test_a_failed_key_file_write_overwrites_its_temp_file_before_the_unlink(ks, lab, stage):
+    """The held key's file fails at its write or rename: its temp file (which may hold the encrypted key or part of
+    it) is overwritten before it is unlinked, as stage_file does, and the held key can be stored on a retry."""
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert2 = _issue(ks, lab, held)
+    seen = {}
+
+    def hook(step, path):
+        name = os.path.basename(path)
+        if step == stage and path == str(ks.root / held.uri.partition(":")[2]):  # keys/<id>.key, via its temp
+            if step == "replace":
+                (tmp,) = [n for n in _key_files(ks.root) if n.endswith(".tmp")]
+                seen["bytes"] = (ks.root / "keys" / tmp).read_bytes()
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if step == "unlink" and ".key." in name and name.endswith(".tmp"):
+            seen["at_unlink"] = open(path, "rb").read()
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        with pytest.raises(StorageError, match=os.strerror(errno.EIO)):
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert "at_unlink" in seen, "the temp file was removed without the secure delete"
+    if stage == "replace":
+        assert seen["bytes"].startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        assert seen["at_unlink"] != seen["bytes"] and len(seen["at_unlink"]) == len(seen["bytes"])
+    assert not [n for n in _key_files(ks.root) if n.endswith(".tmp")]
+    assert ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
