@@ -22,12 +22,12 @@ import os
 import socket
 import threading
 
+from enroll_clients import tls_probe
 from enroll_clients.base import ProtocolError, ServerError, TransportError
 
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
 RETRY_BASE_S = 0.5
-REFUSAL_PROBE_S = 2.0  # how long the refusal probe waits for a server to close a connection it was sent nothing on
 MAX_RESPONSE_BYTES = 1 << 20  # a CMP response larger than 1 MiB is not something a device should parse
 FILE_POLL_S = 0.05
 
@@ -183,7 +183,7 @@ class HttpTransport(Transport):
                 error = e
             else:
                 return self._check(status, reason, ctype, body, url, operation)
-            if not probed and self._client_auth is not None and url.startswith("https:") and _closed_early(error):
+            if not probed and self._client_auth is not None and url.startswith("https:") and tls_probe.closed_early(error):
                 probed = True  # once per message: a server that accepted the certificate then is not asked again
                 refusal = await _in_thread(self._probe, url)
                 if refusal is not None:
@@ -191,44 +191,14 @@ class HttpTransport(Transport):
         raise last
 
     def _probe(self, url: str):
-        """The refusal probe (see the class docstring), blocking: None if the server accepts our TLS client
-        certificate or cannot be asked now (a drop or an outage: retried as before), else its alert
-        (``ssl.SSLError``) or what ended the connection (``str``)."""
-        import ssl
-
-        conn = self._new_connection(url)
-        try:
-            try:
-                conn.connect()  # TCP (and a proxy's CONNECT), then the TLS handshake with our client certificate
-            except ssl.SSLCertVerificationError:
-                return None  # the server's certificate: the retry reports it
-            except ssl.SSLError as e:
-                return e if "ALERT" in (e.reason or "") else None
-            except OSError:
-                return None
-            conn.sock.settimeout(min(REFUSAL_PROBE_S, self.timeout_s))
-            try:
-                data = conn.sock.recv(1)
-            except TimeoutError:
-                return None  # it waits for our request: it accepted the certificate
-            except ssl.SSLError as e:
-                return e if "ALERT" in (e.reason or "") else f"{type(e).__name__}: {e}"
-            except OSError as e:
-                return f"{type(e).__name__}: {e}"
-            return "connection closed" if data == b"" else None
-        finally:
-            conn.close()
+        """The refusal probe (see the class docstring and ``enroll_clients.tls_probe.probe``), blocking."""
+        return tls_probe.probe(self._new_connection(url), min(tls_probe.REFUSAL_PROBE_S, self.timeout_s))
 
     def _refusal_error(self, url: str, error: BaseException, refusal) -> TransportError:
         if not isinstance(refusal, str):  # the probe read the alert the first connection lost
             return self._alert_error(url, refusal)
         subject = self._client_auth.certificate.subject.rfc4514_string()
-        return TransportError(
-            f"POST {url}: the CMP server probably refused our TLS client certificate {subject!r}: it ended the "
-            f"connection right after the TLS handshake in which we sent it, without an answer ({type(error).__name__}"
-            f": {error or 'connection closed'}), and ended a second connection the same way before we sent anything "
-            f"({refusal}); under TLS 1.3 a server that refuses a client certificate can close before its alert is "
-            "read. Check that the certificate is issued by a CA the server trusts for TLS clients and still valid")
+        return TransportError(tls_probe.refusal_message(f"POST {url}", "CMP", subject, error, refusal))
 
     async def _post(self, url: str, request: bytes):
         """One POST in a daemon thread -> (status, reason, content type, body of at most MAX+1 bytes).
@@ -450,15 +420,6 @@ def _settle(done, outcome, error) -> None:
         done.set_result(outcome)
     else:
         done.set_exception(error)
-
-
-def _closed_early(e: BaseException) -> bool:
-    """Did the server end the connection before answering (EOF or reset), as a refusing TLS 1.3 server does?"""
-    import http.client
-    import ssl
-
-    return isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError,
-                          ConnectionAbortedError, http.client.RemoteDisconnected))
 
 
 async def _in_thread(fn, *args):
