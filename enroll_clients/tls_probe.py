@@ -6,6 +6,8 @@ looks like a dropped connection. After such an early close (``closed_early``) wi
 presented, one probe (``probe``) tells a refusal from a drop: a new connection, the handshake, and no request; a
 server that accepted the certificate waits for the request, one that refuses it sends its alert or closes.
 ``refusal_message`` is the error text of a refusal without an alert, one shape for every protocol.
+``in_daemon_thread`` runs the blocking probe off the event loop in a daemon thread, so a cancelled caller never
+waits for it (nor does the interpreter's exit).
 """
 from __future__ import annotations
 
@@ -61,3 +63,33 @@ def refusal_message(what: str, server: str, subject: str, error: BaseException, 
             f": {error or 'connection closed'}), and ended a second connection the same way before we sent anything "
             f"({refusal}); under TLS 1.3 a server that refuses a client certificate can close before its alert is "
             "read. Check that the certificate is issued by a CA the server trusts for TLS clients and still valid")
+
+
+async def in_daemon_thread(fn, *args, name: str = "devagent-tls-probe"):
+    """``fn(*args)`` in a daemon thread, awaited: a cancelled caller returns at once and never waits for it."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result, error) -> None:
+        if done.done():  # cancelled meanwhile
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def worker():
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting task
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=worker, name=name, daemon=True).start()
+    return await done

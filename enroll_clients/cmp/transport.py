@@ -185,7 +185,7 @@ class HttpTransport(Transport):
                 return self._check(status, reason, ctype, body, url, operation)
             if not probed and self._client_auth is not None and url.startswith("https:") and tls_probe.closed_early(error):
                 probed = True  # once per message: a server that accepted the certificate then is not asked again
-                refusal = await _in_thread(self._probe, url)
+                refusal = await tls_probe.in_daemon_thread(self._probe, url, name="devagent-cmp-probe")
                 if refusal is not None:
                     raise self._refusal_error(url, error, refusal) from None
         raise last
@@ -420,25 +420,6 @@ def _settle(done, outcome, error) -> None:
         done.set_result(outcome)
     else:
         done.set_exception(error)
-
-
-async def _in_thread(fn, *args):
-    """``fn(*args)`` in a daemon thread (as ``_post``'s exchange: a cancelled caller never waits for it)."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def worker():
-        try:
-            result, error = fn(*args), None
-        except BaseException as e:  # handed to the awaiting task
-            result, error = None, e
-        try:
-            loop.call_soon_threadsafe(_settle, done, result, error)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    threading.Thread(target=worker, name="devagent-cmp-probe", daemon=True).start()
-    return await done
 
 
 def _abort(conn) -> None:
