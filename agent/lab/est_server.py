@@ -115,6 +115,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.request.settimeout(10)
+        if self.server.ctx is None:  # plain HTTP behind a TLS front
+            super().setup()
+            return
         try:
             self.request = self.server.ctx.wrap_socket(self.request, server_side=True)
         except (ssl.SSLError, OSError) as e:
@@ -194,6 +197,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return op, profile
 
     def _client_cert(self) -> x509.Certificate | None:
+        if not isinstance(self.request, ssl.SSLSocket):  # plain HTTP: no client certificate reaches us
+            return None
         der = self.request.getpeercert(binary_form=True)
         if not der:
             return None
@@ -225,6 +230,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _pop_linked(self, csr) -> bool:
         """RFC 7030 §3.5: challengePassword == base64(tls-unique) of this connection (TLS 1.2)."""
+        if not isinstance(self.request, ssl.SSLSocket):
+            return False
         tls_unique = self.request.get_channel_binding("tls-unique")
         try:
             got = csr.attributes.get_attribute_for_oid(x509.oid.AttributeOID.CHALLENGE_PASSWORD).value
@@ -527,7 +534,7 @@ class EstServerHandle:
         self._server, self._thread, self.tls_certificate = server, thread, tls_cert
         self.port = server.server_address[1]
         self.host = "127.0.0.1"
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.url = f"{'https' if server.ctx is not None else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def config(self) -> EstServerConfig:
@@ -564,7 +571,8 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
                      pending_rounds: int = 0, retry_after_s: int = 1, csrattrs_der: bytes | None = DEFAULT_CSRATTRS_DER,
                      tls_names=("127.0.0.1", "localhost"), client_cas=(), lifetime_s: int | None = None,
                      fault: str | None = None, bad_credentials_status: int = 401, basic_on_reenroll: bool = False,
-                     tls_domain: str | None = None, require_pop: bool = False) -> EstServerHandle:
+                     tls_domain: str | None = None, require_pop: bool = False,
+                     plain_http: bool = False) -> EstServerHandle:
     """Start the lab EST server on 127.0.0.1:``port`` (0 = ephemeral) in a daemon thread.
 
     Args:
@@ -581,6 +589,8 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
             issuance and /cacerts stay with ``domain``.
         require_pop: every CSR must carry this TLS session's tls-unique as challengePassword (RFC 7030 §3.5, as
             libest ``estserver -t``); TLS is then limited to 1.2 (TLS 1.3 has no tls-unique).
+        plain_http: HTTP without TLS, the backend of a TLS front (``tests/peers/tls_front.py``): no client
+            certificate reaches the server (only Basic authenticates), and ``require_pop`` cannot be met.
 
     Returns:
         A handle with ``url``, ``port``, ``tls_certificate``, ``set_fault()``, ``stop()``.
@@ -596,7 +606,7 @@ def start_est_server(lab: LabCA, domain: str, *, port: int = 0, users: dict | No
                           basic_on_reenroll=basic_on_reenroll, tls_domain=tls_domain, require_pop=require_pop)
     if require_pop:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    server = _Server(("127.0.0.1", port), _Handler, lab, cfg, ctx)
+    server = _Server(("127.0.0.1", port), _Handler, lab, cfg, None if plain_http else ctx)
     t = threading.Thread(target=server.serve_forever, name=f"lab-est-{domain}", daemon=True)
     t.start()
     return EstServerHandle(server, t, cert)

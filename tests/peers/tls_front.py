@@ -16,7 +16,8 @@ that is not the PKI domain's CA, relayed byte for byte to ``127.0.0.1:<backend_p
   handshake by then and sends its request into a closed connection); this mode only refuses (a handshake that
   succeeds is closed as well, counted in ``handshakes``). ``drop_after_handshake=N``: the first N connections
   whose handshake succeeds are closed at once, before their request is read (a transient drop: a server restart,
-  a load balancer cutting connections); ``dropped`` counts them.
+  a load balancer cutting connections); ``dropped`` counts them. ``drop_handshakes``: the connections whose
+  handshake is the n-th to succeed (1-based, n in it) are dropped the same way (a drop after an accepted one).
 
 Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread per connection, one
 ``select`` loop per thread (an SSLSocket is never used from two threads).
@@ -102,10 +103,11 @@ def make_site_pki(directory, *, cn: str = "Site TLS CA") -> SitePki:
 class TlsFront:
     def __init__(self, site: SitePki, backend_port: int, *, netns_pid: int | None = None, port: int = 0,
                  client_cas: str | None = None, max_tls12: bool = False, silent_refusal: bool = False,
-                 drop_after_handshake: int = 0):
+                 drop_after_handshake: int = 0, drop_handshakes=()):
         self.site = site
         self.silent_refusal = silent_refusal
         self.drop_after_handshake = drop_after_handshake
+        self.drop_handshakes = frozenset(drop_handshakes)
         self.dropped = 0
         self.backend_port = backend_port
         self.netns_pid = netns_pid
@@ -221,7 +223,7 @@ class TlsFront:
             peer = tls.getpeercert()
             if peer:
                 self.client_subjects.append(", ".join(f"{k}={v}" for rdn in peer["subject"] for k, v in rdn))
-            drop = self.dropped < self.drop_after_handshake
+            drop = self.dropped < self.drop_after_handshake or self.handshakes in self.drop_handshakes
             if drop:
                 self.dropped += 1
         if drop:
