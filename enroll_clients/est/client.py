@@ -168,11 +168,15 @@ class EstClient(EnrollmentClient):
                 else:
                     resp = await self._transport.request(method, url, headers, body, tls, self.options.timeout_s,
                                                          basic)
-            except TransportError:
-                # POSTs are not repeated here (the agent's scheduler decides); GETs are idempotent.
+            except TransportError as e:
+                # POSTs are not repeated here: a CSR posted again can make the CA issue a second certificate,
+                # orphaned (the agent's scheduler decides). GETs are idempotent; a refusal of our TLS client
+                # certificate (``refused``, the transport's refusal probe) would meet the same refusal again.
                 attempts += 1
-                if method != "GET" or attempts > max(0, self.options.retries):
+                if method != "GET" or attempts > max(0, self.options.retries) or getattr(e, "refused", False):
                     raise
+                if getattr(e, "refusal_probed", False):  # the server accepted the certificate: not asked again
+                    tls = dataclasses.replace(tls, refusal_probe=False)
                 await self._sleep(GET_RETRY_BASE_S * 2 ** (attempts - 1))
                 continue
             if resp.status in (301, 302, 303, 307, 308):

@@ -9,17 +9,25 @@ Invariants:
   software key written encrypted under a random one-time passphrase to a 0600 file in a 0700 temp directory that
   is removed as soon as OpenSSL has read it.
 - Every foreign exception is wrapped once, here: ``TransportError`` (retryable) or ``ProtectionError`` (TLS trust).
+- A request that presented a TLS client certificate and met an early close (EOF or reset before any answer, as
+  a TLS 1.3 server that refuses the certificate and loses its alert) gets one refusal probe
+  (``enroll_clients.tls_probe``): the server's alert -> its ``ProtectionError``; closed again -> a
+  ``TransportError`` with ``refused = True`` (final: not worth a retry); accepted (it waits for a request) -> the
+  drop's ``TransportError`` with ``refusal_probed = True``, and a retry with ``TlsConfig.refusal_probe`` off is
+  not probed again.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 import ssl
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
 from enroll_clients.tls import load_client_credential
 
@@ -48,6 +56,7 @@ class TlsConfig:
     client_key: Any = None
     key_file: str | None = None
     key_password: bytes | None = dataclasses.field(default=None, repr=False)
+    refusal_probe: bool = True  # an early close with a client certificate gets one refusal probe (module doc)
 
 
 class Transport(Protocol):
@@ -188,7 +197,7 @@ class HttpxTransport:
         with _transport_errors(method, url, timeout_s, tls):
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
-                resp, _ = await _send(client, method, url, headers, body, tls, timeout_s, basic)
+                resp, _ = await _send(client, method, url, headers, body, tls, timeout_s, basic, ctx)
                 return resp
 
     async def bound_request(self, method: str, url: str, headers: dict, make_body, tls: TlsConfig, timeout_s: float,
@@ -212,14 +221,15 @@ class HttpxTransport:
             async with httpx.AsyncClient(verify=ctx, timeout=timeout_s, follow_redirects=False,
                                          trust_env=False, http2=False) as client:
                 _, stream = await _send(client, "GET", probe_url, {"Accept": "*/*", "User-Agent":
-                                        headers.get("User-Agent", "devagent-est/1")}, None, tls, timeout_s, None)
+                                        headers.get("User-Agent", "devagent-est/1")}, None, tls, timeout_s, None,
+                                        ctx)
                 sslobj = stream.get_extra_info("ssl_object") if stream is not None else None
                 tls_unique = sslobj.get_channel_binding("tls-unique") if sslobj is not None else None
                 if not tls_unique:
                     raise ProtocolError(f"{method} {url}: the TLS session has no tls-unique value (TLS "
                                         f"{sslobj.version() if sslobj else '?'}); the CSR cannot be bound to it")
                 resp, stream2 = await _send(client, method, url, headers, make_body(tls_unique), tls, timeout_s,
-                                            basic)
+                                            basic, ctx)
                 if stream2 is not stream:
                     raise ProtocolError(f"{method} {url}: the server closed the TLS connection after GET {probe_url}, "
                                         "so the request went over a new session and its binding (tls-unique) "
@@ -228,23 +238,49 @@ class HttpxTransport:
 
 
 async def _send(client, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig, timeout_s: float,
-                basic: tuple[str, bytes] | None):
-    """One request on ``client``: (HttpResponse with the body read and bounded, the connection's network stream)."""
+                basic: tuple[str, bytes] | None, ctx: ssl.SSLContext):
+    """One request on ``client``: (HttpResponse with the body read and bounded, the connection's network stream).
+
+    ``ctx``: the client's TLS context, for the refusal probe after an early close (module doc); every failure of
+    a request ends it, so a request is probed at most once."""
     import httpx
 
     auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
     req = client.build_request(method, url, headers=headers, content=body)
     try:
         resp = await client.send(req, auth=auth, stream=True)
-    except (httpx.ReadError, httpx.RemoteProtocolError) as e:
-        err = _tls_error(f"{method} {url}", e, timeout_s, tls.client_certificate)
-        if tls.client_certificate is not None and not isinstance(err, ProtectionError):
+    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
+        what = f"{method} {url}"
+        err = _tls_error(what, e, timeout_s, tls.client_certificate)
+        if tls.client_certificate is None or isinstance(err, ProtectionError):
+            raise err from e
+        if not _closed_early(e):
+            if isinstance(e, httpx.WriteError):
+                raise err from e
             # TLS 1.3 rejects a client certificate after the client's handshake finished: the
             # alert may arrive as a plain reset before any response.
-            err = TransportError(f"{err}; the connection closed before any response, which is how a "
+            raise TransportError(f"{err}; the connection closed before any response, which is how a "
                                  "server rejects a TLS client certificate under TLS 1.3 — check that "
-                                 "the certificate is issued by a CA the server trusts")
-        raise err from e
+                                 "the certificate is issued by a CA the server trusts") from e
+        if not tls.refusal_probe:  # a retry of an exchange whose probe found the certificate accepted
+            drop = TransportError(f"{err}; the server closed the connection before any response, and it accepted "
+                                  "our TLS client certificate earlier in this exchange (the refusal probe), so the "
+                                  "connection was dropped")
+            drop.refusal_probed = True
+            raise drop from e
+        refusal = await tls_probe.in_daemon_thread(_probe, url, ctx, timeout_s, name="devagent-est-probe")
+        if isinstance(refusal, str):
+            subject = tls.client_certificate.subject.rfc4514_string()
+            final = TransportError(tls_probe.refusal_message(what, "EST", subject, e, refusal))
+            final.refused = True
+            raise final from e
+        if refusal is not None:  # the probe read the alert the request's connection lost
+            raise _tls_error(what, refusal, timeout_s, tls.client_certificate) from e
+        drop = TransportError(f"{err}; the server closed the connection before any response, and a new connection "
+                              "with the same TLS client certificate was not refused (the refusal probe), so the "
+                              "connection was dropped")
+        drop.refusal_probed = True
+        raise drop from e
     try:
         peer = None
         stream = resp.extensions.get("network_stream")
@@ -262,3 +298,46 @@ async def _send(client, method: str, url: str, headers: dict, body: bytes | None
         await resp.aclose()
     return (HttpResponse(resp.status_code, resp.reason_phrase, {k.lower(): v for k, v in resp.headers.items()},
                          b"".join(chunks), url, peer), stream)
+
+
+def _closed_early(e: BaseException) -> bool:
+    """Did the server end the connection before any answer (``tls_probe.closed_early`` somewhere in the chain
+    of httpx's error, or httpcore's EOF before the response)?"""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if tls_probe.closed_early(e) or (type(e).__name__ == "RemoteProtocolError"
+                                         and "disconnected without sending a response" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _ProbeConnection:
+    """The refusal probe's connection (``tls_probe.probe``): TCP to the URL's host, the TLS handshake with the
+    request's context (server verified by name, our client certificate), no proxy (the transport uses none)."""
+
+    def __init__(self, url: str, ctx: ssl.SSLContext, timeout_s: float):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.ctx, self.timeout_s = ctx, timeout_s
+        self.sock = None
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+        try:
+            self.sock = self.ctx.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _probe(url: str, ctx: ssl.SSLContext, timeout_s: float):
+    """The refusal probe for ``url``, blocking (run in a thread): ``tls_probe.probe``'s answer."""
+    return tls_probe.probe(_ProbeConnection(url, ctx, timeout_s), min(tls_probe.REFUSAL_PROBE_S, timeout_s))

@@ -1,0 +1,139 @@
+"""EST with a TLS client certificate behind a TLS front that refuses it without its alert (``silent_refusal``:
+what a TLS 1.3 server that closes at once looks like) or drops a connection right after an accepted handshake
+(``drop_after_handshake``/``drop_handshakes``). The lab EST server is the front's plain-HTTP backend.
+
+The transport's one refusal probe (enroll_clients/tls_probe.py) names a refusal (exit 6, the certificate's
+subject, no retry); a drop stays a ``TransportError``, a POST is never sent again (a second CSR could be issued
+a second certificate), and a GET retried after an accepted probe is not probed again."""
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from agent.cli import EXIT_NETWORK, classify
+from agent.lab.est_server import start_est_server
+from enroll_clients.base import CertRequest, ClientAuth, TransportError
+from enroll_clients.est import client_from_options, fingerprint
+from tests.peers.est import Devagent, est_options, make_csr, name, new_key, run, stored
+from tests.peers.tls_front import TlsFront, make_site_pki
+
+USER, PASSWORD = "dev1", "s3cret"
+PEM = serialization.Encoding.PEM
+
+
+@pytest.fixture
+def site(tmp_path):
+    return make_site_pki(tmp_path / "site")
+
+
+@pytest.fixture
+def backend(lab):
+    with start_est_server(lab, "plant", users={USER: PASSWORD}, plain_http=True) as est:
+        yield est
+
+
+@pytest.fixture
+def plant_clients(lab, tmp_path):
+    """The CA file of a front that accepts certificates of the plant domain (the LDevID's issuer)."""
+    dom = lab.domain("plant")
+    path = tmp_path / "plant-clients.pem"
+    path.write_bytes(dom.root_cert.public_bytes(PEM) + dom.ca_cert.public_bytes(PEM))
+    return str(path)
+
+
+def _credential(lab, domain: str, cn: str):
+    key = new_key()
+    cert = lab.issue(domain, key.public_key(), name(cn), (), "ldevid")
+    return key, cert, ClientAuth(certificate=cert, private_key=key, chain=(lab.domain(domain).ca_cert,))
+
+
+def _client(lab, site, front, retries: int = 2):
+    return client_from_options(est_options(f"https://127.0.0.1:{front.port}", [site.ca], label="plant",
+                                           retries=retries, extra={"ca_anchors": (lab.domain("plant").root_cert,)}))
+
+
+@pytest.mark.parametrize("op", ["simpleenroll", "simplereenroll"])
+def test_silent_refusal_of_the_client_certificate_is_named(lab, site, backend, op):
+    """simpleenroll with the IDevID (another CA's) and simplereenroll with the LDevID: the front refuses either
+    and withholds its alert; one probe, the error names the certificate, exit 6, the CSR reaches no CA."""
+    if op == "simpleenroll":
+        key, cert, auth = _credential(lab, "other", "dev1 IDevID")
+        new = new_key()
+        csr = make_csr(new, "dev1")
+        call = lambda c: c.enroll(CertRequest(subject=csr.subject, private_key=new, csr=csr), auth)  # noqa: E731
+        subject = "CN=dev1 IDevID"
+    else:
+        key, cert, auth = _credential(lab, "plant", "dev1")
+        csr = make_csr(key, "dev1")
+        call = lambda c: c.renew(CertRequest(subject=csr.subject, private_key=key, csr=csr), auth)  # noqa: E731
+        subject = "CN=dev1"
+    with TlsFront(site, backend.port, client_cas=site.ca_file, silent_refusal=True) as front:
+        with pytest.raises(TransportError) as ei:
+            run(call(_client(lab, site, front)))
+        refused = len(front.failed)
+    msg = str(ei.value)
+    assert (f"POST https://127.0.0.1:{front.port}/.well-known/est/plant/{op}: the EST server probably refused our "
+            f"TLS client certificate '{subject}'") in msg, msg
+    assert "before its alert is read" in msg, msg
+    assert classify(ei.value)[0] == EXIT_NETWORK
+    assert refused == 2, front.failed  # the request's connection and the probe's: no second POST
+    assert front.handshakes == 0 and backend.requests == []
+
+
+def test_drop_after_an_accepted_handshake_is_a_drop_and_the_post_is_not_sent_again(lab, site, backend,
+                                                                                   plant_clients):
+    """The front accepts the LDevID and drops the first connection: the probe finds the server waiting, so the
+    error is the drop's TransportError (the scheduler retries later), not a refusal; the POST is not repeated."""
+    key, cert, auth = _credential(lab, "plant", "dev1")
+    csr = make_csr(new_key(), "dev1 app")
+    with TlsFront(site, backend.port, client_cas=plant_clients, drop_after_handshake=1) as front:
+        with pytest.raises(TransportError) as ei:
+            run(_client(lab, site, front).request(CertRequest(subject=csr.subject, csr=csr), auth))
+    msg = str(ei.value)
+    assert "probably refused" not in msg and not getattr(ei.value, "refused", False), msg
+    assert "was not refused (the refusal probe), so the connection was dropped" in msg, msg
+    assert front.handshakes == 2 and front.dropped == 1 and not front.failed  # the POST's and the probe's
+    assert backend.requests == []  # nothing reached the CA: the POST was not sent again
+
+
+def test_a_get_is_retried_after_a_drop_and_an_accepted_certificate_not_probed_again(lab, site, backend,
+                                                                                   plant_clients):
+    """GET /cacerts with the LDevID, the 1st and 3rd handshakes dropped: drop, probe (accepted), retry dropped
+    (no second probe), retry answered."""
+    key, cert, auth = _credential(lab, "plant", "dev1")
+    with TlsFront(site, backend.port, client_cas=plant_clients, drop_handshakes=(1, 3)) as front:
+        result = run(_client(lab, site, front, retries=2).ca_certs(auth))
+    assert lab.domain("plant").ca_cert in result.ca_certs
+    assert front.dropped == 2 and front.handshakes == 4, (front.dropped, front.handshakes)  # 3 GETs + 1 probe
+    assert backend.requests == [("GET", "/.well-known/est/plant/cacerts")]
+
+
+def test_a_get_refusal_is_named_and_not_retried(lab, site, backend):
+    key, cert, auth = _credential(lab, "plant", "dev1")
+    with TlsFront(site, backend.port, client_cas=site.ca_file, silent_refusal=True) as front:
+        with pytest.raises(TransportError) as ei:
+            run(_client(lab, site, front, retries=2).ca_certs(auth))
+        refused = len(front.failed)
+    assert (f"GET https://127.0.0.1:{front.port}/.well-known/est/plant/cacerts: the EST server probably refused our "
+            "TLS client certificate 'CN=dev1'") in str(ei.value), str(ei.value)
+    assert refused == 2, front.failed  # one GET and its probe, no retry of a refusal
+
+
+def test_cli_renew_refused_by_the_front_exits_6_naming_the_ldevid(lab, site, backend, tmp_path):
+    """Enrolled through an accepting front (Basic), then the front starts refusing the LDevID silently: `devagent
+    renew` exits 6 with the refusal naming the LDevID, and nothing stored changes."""
+    dev = Devagent(tmp_path / "state")
+    dev("keystore", "init")
+    root_fp = fingerprint(lab.domain("plant").root_cert)
+    with TlsFront(site, backend.port) as front:
+        port = front.port
+        dev("enroll", "--protocol", "est", "--server", f"https://127.0.0.1:{port}", "--label", "plant", "--domain",
+            "plant", "--username", USER, "--password", f"pass:{PASSWORD}", "--tls-trust", site.ca_file,
+            "--ca-fingerprint", root_fp, "--subject", "CN=dev1")
+    before = stored(dev.state)
+    with TlsFront(site, backend.port, port=port, client_cas=site.ca_file, silent_refusal=True) as front:
+        r = dev("renew", "ldevid-plant", code=EXIT_NETWORK)
+        refused = len(front.failed)
+    assert "the EST server probably refused our TLS client certificate 'CN=dev1'" in r.output, r.output
+    assert refused == 2, front.failed
+    assert stored(dev.state) == before
