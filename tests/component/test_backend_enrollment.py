@@ -659,14 +659,37 @@ def test_cli_enroll_key_algorithm_from_config(cli_state, lab, lab_cmp, case):
         ks.close()
 
 
+def _serve_delegated_enrollment(env, lab, subject: str, *serve_args):
+    """One delegated enrollment against a ``devagent serve`` subprocess (OSCORE, domain "plant", the lab CA):
+    /csr for ``subject``, the lab CA issues, /verify stores it as ``ldevid``; the server exits 0. -> (csr, cert)."""
+    from coap_services import codec
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from tests.peers.coap import coap_call, serve_process
+
+    dom = lab.domain("plant")
+
+    async def flow(dev):
+        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject=subject))
+        cert = lab.issue_from_csr("plant", csr)
+        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
+        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
+        return csr, cert, answer
+
+    proc = serve_process(env, *serve_args)
+    try:
+        csr, cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
+    finally:
+        rc = proc.stop()
+    assert rc == 0 and answer["stored"] == "ldevid", proc.log()
+    return csr, cert
+
+
 def test_cli_serve_uses_configured_key_algorithm(lab, tmp_path, monkeypatch):
     """``devagent serve`` (a subprocess) generates the /csr key of a request that names no key type with
     ``key.algorithm`` of the effective configuration (agent.toml ``[key] algorithm = "p384"``, no --key-type), as
     enroll and request do; the CSR and the stored key are P-384. (Its --key-type defaulted to p256.)"""
-    from coap_services import codec
-    from cryptography.hazmat.primitives.serialization import pkcs7
-
-    from tests.peers.coap import coap_call, device_env, serve_process
+    from tests.peers.coap import device_env
 
     for var in list(os.environ):
         if var.startswith("DEVAGENT_KEY_"):
@@ -675,21 +698,7 @@ def test_cli_serve_uses_configured_key_algorithm(lab, tmp_path, monkeypatch):
     config.write_text('[key]\nalgorithm = "p384"\n')
     monkeypatch.setenv("DEVAGENT_CONFIG", str(config))
     env = device_env(tmp_path / "coap", lab)
-    dom = lab.domain("plant")
-
-    async def flow(dev):
-        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject="CN=serve-alg"))
-        cert = lab.issue_from_csr("plant", csr)
-        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
-        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
-        return csr, cert, answer
-
-    proc = serve_process(env)
-    try:
-        csr, cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
-    finally:
-        rc = proc.stop()
-    assert rc == 0 and answer["stored"] == "ldevid", proc.log()
+    csr, cert = _serve_delegated_enrollment(env, lab, "CN=serve-alg")
     assert csr.public_key().curve.name == "secp384r1"
     ks = Keystore.open(env.state)
     try:
@@ -706,10 +715,7 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
     --key-backend); PKCS#11 by ``--key-backend pkcs11`` with the module / token / PIN from ``DEVAGENT_KEY_PKCS11_*``.
     (It used to open its keystore with no options, the default TCTI device:/dev/tpmrm0 and no PKCS#11 module, so
     /csr failed on a configured board; and --key-backend defaulted to soft whatever the configuration said.)"""
-    from coap_services import codec
-    from cryptography.hazmat.primitives.serialization import pkcs7
-
-    from tests.peers.coap import coap_call, device_env, serve_process
+    from tests.peers.coap import device_env
 
     for var in list(os.environ):  # only the [key] configuration may point at the peer
         if var.startswith(("DEVAGENT_TPM_", "DEVAGENT_PKCS11_", "DEVAGENT_KEY_")):
@@ -722,21 +728,8 @@ def test_cli_serve_uses_configured_key_backend(hw, lab, tmp_path, monkeypatch):
         monkeypatch.setenv("DEVAGENT_KEY_PKCS11_TOKEN", hw.peer.label)
         monkeypatch.setenv("DEVAGENT_KEY_PKCS11_PIN", hw.options["pkcs11"]["pin"])
     env = device_env(tmp_path / "coap", lab)
-    dom = lab.domain("plant")
-
-    async def flow(dev):
-        csr, _, _, _ = await dev.csr(codec.CsrRequest(subject="CN=serve-hw"))
-        cert = lab.issue_from_csr("plant", csr)
-        der = pkcs7.serialize_certificates([cert, dom.ca_cert], serialization.Encoding.DER)
-        answer, _, _ = await dev.verify(der, codec.CF_PKCS7_CERTS)
-        return cert, answer
-
-    proc = serve_process(env, *(("--key-backend", hw.backend) if hw.backend != "tpm" else ()))
-    try:
-        cert, answer = coap_call(proc.uri, "oscore", env.context)(flow)
-    finally:
-        rc = proc.stop()
-    assert rc == 0 and answer["stored"] == "ldevid", proc.log()
+    _, cert = _serve_delegated_enrollment(env, lab, "CN=serve-hw",
+                                          *(("--key-backend", hw.backend) if hw.backend != "tpm" else ()))
     ks = Keystore.open(env.state, backend_options=hw.options)
     try:
         assert_stored_in_backend_then_delete(hw, ks, cert)

@@ -104,14 +104,22 @@ def test_store_fault_matrix(ks, lab, stage, target, err):
     uri1, cert1 = _issue(ks, lab)
     ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
     uri2, cert2 = _issue(ks, lab)
+    check_store_fault(ks, stage, target, err, uri1, uri2,
+                      lambda: ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN))
+
+
+def check_store_fault(ks, stage, target, err, uri1, uri2, store) -> bool:
+    """Run ``store`` (a renewal of "dev" from key ``uri1`` to ``uri2``) with one write step failing: before the
+    index replace nothing changes; after it (fsync-dir of the index) the new version is live. Every outcome leaves
+    a keystore that opens and checks clean. Returns whether the renewal was committed."""
     before = snapshot(ks.root)
     committed = stage == "fsync-dir" and target == "keystore.json"
     with Fault(stage, target, err) as f:
         if committed:
-            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+            store()
         else:
             with pytest.raises(StorageError, match=os.strerror(err)):
-                ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+                store()
     assert f.hits >= 1
     opened = Keystore.open(ks.root)
     assert opened.check() == []
@@ -120,6 +128,7 @@ def test_store_fault_matrix(ks, lab, stage, target, err):
     else:
         assert snapshot(ks.root) == before, "a failed write must leave the keystore exactly as it was"
         assert opened.get("dev").version == 1 and opened.get("dev").key_uri == uri1
+    return committed
 
 
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)

@@ -14,7 +14,8 @@ from keystore.csr import build_csr, parse_subject
 from keystore.errors import StorageError, VerificationError
 from keystore.store import Keystore
 from tests.conftest import DOMAIN, snapshot
-from tests.fault.test_keystore_sync import ERRNOS, STAGES, Fault
+from tests.fault.test_keystore_sync import ERRNOS, STAGES, check_store_fault
+from tests.unit.test_keystore_pending import _kill_at
 
 
 def _issue(ks, lab, held=None):
@@ -77,22 +78,10 @@ def test_store_with_a_held_key_fault_matrix(ks, lab, stage, target, err):
     uri1 = _first_version(ks, lab)
     held = ks.generate_held_key("p256")
     _, cert2 = _issue(ks, lab, held)
-    before = snapshot(ks.root)
-    committed = stage == "fsync-dir" and target == "keystore.json"
-    with Fault(stage, target, err) as f:
-        if committed:
-            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
-        else:
-            with pytest.raises(StorageError, match=os.strerror(err)):
-                ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
-    assert f.hits >= 1
-    opened = Keystore.open(ks.root)
-    assert opened.check() == []
-    if committed:
-        assert opened.get("dev").version == 2 and opened.get("dev").key_uri == held.uri
-    else:
-        assert snapshot(ks.root) == before, "a failed write must leave the keystore exactly as it was"
-        assert opened.get("dev").version == 1 and opened.get("dev").key_uri == uri1
+    committed = check_store_fault(
+        ks, stage, target, err, uri1, held.uri,
+        lambda: ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN))
+    if not committed:  # the caller still holds the key: it may try again
         assert ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
 
 
@@ -120,26 +109,9 @@ def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_
     held = ks.generate_held_key("p256")
     _, cert = _issue(ks, lab, held)
     name = held.uri.rsplit("/", 1)[1]
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-
-        def hook(stage, path):
-            if stage == "replace" and path.endswith("keystore.json"):  # the key file has its name, fsynced
-                os.write(w, b"x")
-                signal.pause()  # the parent kills us here
-
-        fsutil._FAULT_HOOK = hook
-        try:
-            ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
-        finally:
-            os._exit(3)
-    os.close(w)
-    assert os.read(r, 1) == b"x"
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(r)
+    # killed at the index replace: the key file has its name and is fsynced, the index does not name it yet
+    _kill_at(ks, lambda stage, path: stage == "replace" and path.endswith("keystore.json"),
+             run=lambda: ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN))
     path = ks.root / "keys" / name
     assert name in _key_files(ks.root)
     written = path.read_bytes()

@@ -67,8 +67,9 @@ def test_a_dead_owners_pending_key_is_discarded_through_the_backend(ks):
     assert line["key_uri"] == rec["uri"] and "is gone" in line["reason"] and line["owner"]["pid"] == pid
 
 
-def _kill_at(ks, at) -> None:
-    """Run generate_key in a forked child and SIGKILL it when the fault hook sees ``at(stage, path)``."""
+def _kill_at(ks, at, run=None) -> None:
+    """Run ``run()`` (default: generate_key on a fresh Keystore object) in a forked child and SIGKILL it when the
+    fault hook sees ``at(stage, path)``."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -81,7 +82,7 @@ def _kill_at(ks, at) -> None:
 
         fsutil._FAULT_HOOK = hook
         try:
-            Keystore.open(ks.root).generate_key("p256")
+            run() if run is not None else Keystore.open(ks.root).generate_key("p256")
         finally:
             os._exit(3)
     os.close(w)
