@@ -632,7 +632,7 @@ class Keystore:
         key = generate_software_key(kt)
         be = self.backend("soft")
         uri = be.new_uri()
-        return HeldKey(uri, kt, key, key.public_key(), label, _now().isoformat(), be.held_file(uri, key)[1])
+        return HeldKey(uri, kt, key, key.public_key(), label, _now().isoformat(), be.encrypt(key))
 
     def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
         """Store an externally generated private key (server-side keygen, IDevID import) as a software key."""

@@ -141,9 +141,10 @@ class Backend(KeyBackend):
         """A fresh key URI (``file:keys/<16 hex>.key``); nothing is written."""
         return f"file:{KEY_DIR}/{secrets.token_hex(8)}.key"
 
-    def held_file(self, uri: str, key) -> tuple[Path, bytes]:
-        """The path and encrypted contents of a held key's file (``Keystore.store_certificate(key=HeldKey)``)."""
-        return self._path(uri), self._encrypt(key)
+    def encrypt(self, key) -> bytes:
+        """The encrypted contents of ``key``'s file, as ``keep`` writes it (a held key's, written later by
+        ``Keystore.store_certificate(key=HeldKey)``)."""
+        return self._encrypt(key)
 
     def key_path(self, uri: str) -> Path:
         return self._path(uri)
