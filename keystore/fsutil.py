@@ -263,6 +263,47 @@ def sync_parent(path: str | os.PathLike) -> None:
     fsync_dir(os.path.dirname(p) or ".")
 
 
+def sync_parent_with(path: str | os.PathLike, files=()) -> list[OSError | None]:
+    """fsync the directory holding ``path`` (as ``sync_parent``) together with the open files ``files``
+    (``(path, fd)`` pairs), all at once (``fsync_all``): for fsyncs after a replace that have no order among them
+    (``Keystore.store_certificate``: the index's directory and the audit line written after the replace). Never
+    raises for a failed fsync: returns the directory's error first, then one per file (None: synced). Each step
+    is fault-injectable ("fsync-dir" of ``path``, "fsync" of each file's path)."""
+    p = os.fspath(path)
+    out: list[OSError | None] = [None] * (1 + len(files))
+    fds, where = [], []
+    dfd = -1
+    try:
+        _fault("fsync-dir", p)
+        dfd = os.open(os.path.dirname(p) or ".", os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+        fds.append(dfd)
+        where.append(0)
+    except OSError as e:
+        out[0] = e
+    for i, (fp, fd) in enumerate(files, start=1):
+        try:
+            _fault("fsync", fp)
+        except OSError as e:
+            out[i] = e
+            continue
+        fds.append(fd)
+        where.append(i)
+    try:
+        for i, e in zip(where, fsync_all(fds), strict=True):
+            out[i] = e
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+    return out
+
+
+def not_durable(path: str | os.PathLike, e: OSError) -> NotDurableError:
+    """The ``NotDurableError`` for ``path``, replaced in place, whose directory fsync failed with ``e``."""
+    p = os.fspath(path)
+    return NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is in place "
+                           "but may not survive a power cut", str(p))
+
+
 def make_dirs(path: str | os.PathLike, top: str | os.PathLike, mode: int = DIR_MODE) -> list[Path]:
     """Create ``path`` and its missing parents below ``top`` with ``mode``; return the directories created, outermost
     first. Their entries are not synced: pass them to ``sync_entries`` before anything durable refers to them.
@@ -439,8 +480,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
         except OSError as e:
             if fd >= 0:
                 os.close(fd)
-            raise NotDurableError(f"wrote {p} but could not sync its directory ({e.strerror or e}): the change is "
-                                  "in place but may not survive a power cut", str(p)) from e
+            raise not_durable(p, e) from e
     if fd >= 0:
         keep_open.append(fd)
     return st
@@ -614,20 +654,29 @@ def atomic_symlink(target: str, path: str | os.PathLike) -> None:
                               "the link is in place but may not survive a power cut", str(p)) from e
 
 
-def append_line(path: str | os.PathLike, line: bytes, mode: int = FILE_MODE, *, sync: bool = True) -> None:
+def append_line(path: str | os.PathLike, line: bytes, mode: int = FILE_MODE, *, sync: bool = True,
+                keep_open: list | None = None) -> None:
     """Append one line durably (audit log). A torn last line is tolerated by readers.
 
     ``sync=False`` leaves the line to the next durable append to the same file (an fsync flushes every earlier
-    write of the file): for a line whose loss on a power cut loses nothing a later line does not record."""
+    write of the file): for a line whose loss on a power cut loses nothing a later line does not record.
+
+    ``keep_open``: a list to which the file's descriptor is appended, not synced and not closed, for the caller
+    to fsync together with something else (``sync_parent_with``) and close."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, mode)
         try:
             os.write(fd, line if line.endswith(b"\n") else line + b"\n")
-            if sync:
+            if sync and keep_open is None:
                 _fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        if keep_open is None:
+            os.close(fd)
+        else:
+            keep_open.append(fd)
     except OSError as e:
         raise StorageError(f"cannot append to {p}: {e.strerror or e}") from e
 

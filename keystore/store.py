@@ -441,16 +441,19 @@ class Keystore:
             try:
                 self._storage.write(data, sync_first, sync_dir, fsync_files)
             except NotDurableError as e:
-                # Replaced, not synced: the change is live. Retry the sync once; if it still fails, remember it
-                # (``durable`` is False) so that nothing the previous index references is destroyed until a
-                # later sync succeeds (every index write and ``gc`` syncs the directory again).
-                self.unsynced = self._retry_sync(e)
-                if self.unsynced is not None:
-                    _log.warning("%s; it is live and is synced again by the next keystore write or 'devagent "
-                                 "keystore check'", self.unsynced)
+                self._not_synced(e)
             else:
                 self.unsynced = None
             self._destroyed -= dropped
+
+    def _not_synced(self, e: NotDurableError) -> None:
+        """An index replace whose directory fsync failed: the change is live. Retry the sync once; if it still
+        fails, remember it (``durable`` is False) so that nothing the previous index references is destroyed until
+        a later sync succeeds (every index write and ``gc`` syncs the directory again)."""
+        self.unsynced = self._retry_sync(e)
+        if self.unsynced is not None:
+            _log.warning("%s; it is live and is synced again by the next keystore write or 'devagent keystore "
+                         "check'", self.unsynced)
 
     def _drop_destroyed(self, data: dict) -> set[str]:
         """Remove from a transaction what still names keys this object destroyed since its last write: their
@@ -520,6 +523,10 @@ class Keystore:
         ``durable=False``: the line is not fsynced on its own; the next durable line fsyncs the file and with it
         this one. Only for a line whose loss on a power cut loses nothing that survives it (see ``generate_key``).
         """
+        fsutil.append_line(self.root / AUDIT_LOG, self._audit_line(action, **details), sync=durable)
+
+    @staticmethod
+    def _audit_line(action: str, **details) -> bytes:
         uid = os.geteuid()
         user = _USERS.get(uid)
         if user is None:
@@ -530,7 +537,7 @@ class Keystore:
             _USERS[uid] = user
         entry = {"ts": _now().isoformat(), "uid": uid, "user": user, "pid": os.getpid(),
                  "action": action, **details}
-        fsutil.append_line(self.root / AUDIT_LOG, _AUDIT_JSON.encode(entry).encode(), sync=durable)
+        return _AUDIT_JSON.encode(entry).encode()
 
     def audit_entries(self) -> list[dict]:
         out = []
@@ -1175,10 +1182,11 @@ class Keystore:
                     entries += [path_, *key_dirs]
                 try:
                     # Once the index replace succeeded this version is live and its files stay, even if the
-                    # directory fsync after it failed (_txn retries it and reports; see ``durable``).
+                    # directory fsync after it fails (below: retried and reported; see ``durable``).
                     drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
                                                     meta, key_uri, pub, certificate, stored_chain, replaced,
-                                                    claim is not None, fsync_files=files, sync_first=entries)
+                                                    claim is not None, fsync_files=files, sync_first=entries,
+                                                    sync_dir=False)
                 finally:
                     files.close()
             except BaseException:
@@ -1201,6 +1209,15 @@ class Keystore:
                 raise
             if key is not None:
                 self.backend("soft").adopt(key_uri, key.private_key)
+            # Replaced. The audit lines are written now and fsynced together with the index's directory (the
+            # commit): the two fsyncs have no order between them, so the store waits once for both. The lines say
+            # only what is known before that sync; if it fails, a second (durable) line names the error below.
+            details = dict(name=name, kind=kind, domain=domain, version=version,
+                           serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
+                           not_after=certificate.not_valid_after_utc.isoformat())
+            if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
+                details["checked_at"] = policy.reading.record()
+            audit_error = self._audit_with_commit(key, details, rekeyed=bool(old_key and old_key != key_uri))
             # Committed. Destroy the superseded key and prune old versions (only once the commit is durable: a
             # power cut before the sync could bring back the previous index, which still needs both): now, or
             # with defer_cleanup after this call's audit line, when the caller flushes (see _cleanup).
@@ -1215,28 +1232,55 @@ class Keystore:
             elif cleanup is not None and (cleanup.key or cleanup.versions):
                 self._deferred.append(cleanup)
             rec = self._record(name)
-        details = dict(name=name, kind=kind, domain=domain, version=version,
-                       serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
-                       not_after=certificate.not_valid_after_utc.isoformat())
-        if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
-            details["checked_at"] = policy.reading.record()
-        if key is not None:  # made durable by the certificate-store line below
-            self.audit("key-generate", key_uri=key_uri, key_type=key.key_type, label=key.label, durable=False,
-                       held_since=key.created)
         if unsynced is not None:
             _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
                          "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)
-            self.audit("certificate-store", **details, sync_error=str(unsynced))
-        else:
-            self.audit("certificate-store", **details, rekeyed=bool(old_key and old_key != key_uri))
+            self.audit("certificate-store", **{k: details[k] for k in ("name", "version", "serial", "fingerprint")},
+                       sync_error=str(unsynced))
+        if audit_error is not None:
+            raise audit_error
         return self._credential(rec, (certificate, stored_chain))
+
+    def _audit_with_commit(self, key: HeldKey | None, details: dict, rekeyed: bool) -> StorageError | None:
+        """Under the lock, right after ``store_certificate``'s index replace (written with ``sync_dir=False``):
+        append its audit lines (a held key's ``key-generate``, then ``certificate-store``) and fsync the audit
+        file together with the index's directory (``fsutil.sync_parent_with``). A failed directory fsync is
+        handled as ``_txn`` handles it (``unsynced``); a failed audit append or fsync is returned (raised once
+        the store is finished: the version is live, and durable if the directory fsync succeeded)."""
+        lines = []
+        if key is not None:  # a held key's line, made durable with the certificate-store line
+            lines.append(self._audit_line("key-generate", key_uri=key.uri, key_type=key.key_type, label=key.label,
+                                          held_since=key.created))
+        lines.append(self._audit_line("certificate-store", **details, rekeyed=rekeyed))
+        log = self.root / AUDIT_LOG
+        kept: list[int] = []
+        audit_error = None
+        try:
+            fsutil.append_line(log, b"\n".join(lines), keep_open=kept)
+        except StorageError as e:
+            audit_error = e
+        try:
+            dir_err, *file_errs = fsutil.sync_parent_with(self.root / INDEX, [(str(log), fd) for fd in kept])
+        finally:
+            for fd in kept:
+                os.close(fd)
+        for e in file_errs:
+            if e is not None:
+                audit_error = StorageError(f"cannot append to {log}: {e.strerror or e}")
+                audit_error.__cause__ = e
+        if dir_err is not None:
+            self._not_synced(fsutil.not_durable(self.root / INDEX, dir_err))
+        else:
+            self.unsynced = None
+        return audit_error
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
                             pub, certificate, chain, replaced, destroying, sync_first=(),
-                            fsync_files=None) -> list[int]:
+                            fsync_files=None, sync_dir=True) -> list[int]:
         """One atomic index write making ``version`` live (see module invariants); older versions beyond
-        ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit."""
-        with self._txn(sync_first, fsync_files=fsync_files) as data:
+        ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit.
+        ``sync_dir=False``: the caller fsyncs the index's directory (``_audit_with_commit``)."""
+        with self._txn(sync_first, sync_dir=sync_dir, fsync_files=fsync_files) as data:
             now_s = _now().isoformat()
             doc_id, rec = self._find_cred(data, name)
             rec = dict(rec or {"name": name, "created": now_s, "versions": [], "meta": {}})

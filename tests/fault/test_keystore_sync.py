@@ -95,6 +95,90 @@ def test_gc_removes_nothing_while_the_directory_cannot_be_synced(ks, lab, err):
     assert snapshot(ks.root) == before
 
 
+class Faults:
+    """Several ``Fault``s at once (each fails its own step)."""
+
+    def __init__(self, *faults):
+        self.faults = faults
+
+    def __call__(self, s, path):
+        for f in self.faults:
+            f(s, path)
+
+    def __enter__(self):
+        fsutil._FAULT_HOOK = self
+        return self
+
+    def __exit__(self, *exc):
+        fsutil._FAULT_HOOK = None
+
+
+def _stores(ks, version):
+    return [e for e in ks.audit_entries() if e["action"] == "certificate-store" and e["version"] == version]
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+def test_failed_audit_fsync_in_the_commit_wait_reports_it_and_the_store_stands(ks, lab, err):
+    """The certificate-store line is fsynced together with the index's directory (one wait): its fsync failing
+    is the StorageError it always was (naming the audit log), raised once the store is done. The directory's
+    fsync succeeded, so the commit is durable: the new version is live and the superseded key destroyed; the line
+    itself is in the file (written, not known to be durable) and claims no more than it did before the sync."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    with Fault("fsync", "audit.log", err) as f:
+        with pytest.raises(StorageError, match=f"audit.log: {os.strerror(err)}"):
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    assert f.hits == 1
+    assert ks.durable
+    opened = Keystore.open(ks.root)
+    assert opened.check() == []
+    live = opened.get("dev")
+    assert live.version == 2 and live.key_uri == uri2 and live.certificate == cert2
+    assert not (ks.root / uri1.split(":", 1)[1]).exists(), "the commit is durable: the old key goes as usual"
+    [line] = _stores(opened, 2)
+    assert line["rekeyed"] is True and "sync_error" not in line
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+def test_failed_dir_and_audit_fsync_in_the_commit_wait_keep_the_old_key_and_say_why(ks, lab, err):
+    """Both fsyncs of the joint wait fail (the directory's persistently): the version is live but not durable,
+    so the superseded key stays; the second certificate-store line names the sync error, and the audit's own
+    failure is raised."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    with Faults(Fault("fsync-dir", "keystore.json", err), Fault("fsync", "audit.log", err, times=1)):
+        with pytest.raises(StorageError, match=f"audit.log: {os.strerror(err)}"):
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    assert not ks.durable
+    opened = Keystore.open(ks.root)
+    assert opened.check() == [] and opened.get("dev").version == 2 and opened.get("dev").key_uri == uri2
+    assert (ks.root / uri1.split(":", 1)[1]).exists(), "not durable: a power cut could bring back the old index"
+    first, second = _stores(opened, 2)
+    assert "sync_error" not in first and os.strerror(err) in second["sync_error"]
+    assert second["serial"] == first["serial"] and second["fingerprint"] == first["fingerprint"]
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+def test_a_failed_commit_sync_is_a_second_line_never_a_changed_first_one(ks, lab, err):
+    """The certificate-store line is written before the directory fsync it joins, so it cannot say how that
+    ended: it says what is known (stored, rekeyed), and a failed sync is a second, durable line naming the error
+    for the same version and serial."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    with Fault("fsync-dir", "keystore.json", err):
+        ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
+    first, second = _stores(Keystore.open(ks.root), 2)
+    assert first["rekeyed"] is True and "sync_error" not in first
+    assert "may not survive a power cut" in second["sync_error"] and second["serial"] == first["serial"]
+    uri3, cert3 = _issue(ks, lab)  # the next store syncs again: one line, as usual
+    ks.store_certificate("dev", cert3, lab.domain(DOMAIN).chain, key_uri=uri3, domain=DOMAIN)
+    [third] = _stores(Keystore.open(ks.root), 3)
+    assert "sync_error" not in third and ks.durable
+
+
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("target", ["cert.pem", "chain.pem", "keystore.json"])

@@ -104,6 +104,25 @@ def test_the_held_key_file_joins_the_commit_batch(ks, lab):
     assert steps.count(("fsync", name)) == 1
 
 
+def test_a_held_key_renewal_waits_twice(ks, lab, monkeypatch):
+    """/verify's store waits for two batches and nothing else: [the version's two files, the key file, their
+    directories and keys/, the index temp file], then [the index's directory, the audit file] (the audit lines are
+    written after the replace and fsynced with the commit); no fsync on its own."""
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    batches, singles = [], []
+    real_all, real_one = fsutil.fsync_all, fsutil._fsync
+    monkeypatch.setattr(fsutil, "fsync_all", lambda fds: batches.append(len(fds)) or real_all(fds))
+    monkeypatch.setattr(fsutil, "_fsync", lambda fd: singles.append(fd) or real_one(fd))
+    ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN, defer_cleanup=True)
+    assert batches == [7, 2] and singles == []
+    monkeypatch.undo()
+    assert [e["action"] for e in Keystore.open(ks.root).audit_entries()][-2:] == ["key-generate",
+                                                                                  "certificate-store"]
+    ks.flush()
+
+
 def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_it(ks, lab):
     uri1 = _first_version(ks, lab)
     held = ks.generate_held_key("p256")
