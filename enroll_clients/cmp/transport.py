@@ -23,7 +23,7 @@ import socket
 import threading
 
 from enroll_clients import tls_probe
-from enroll_clients.base import ProtocolError, ServerError, TransportError
+from enroll_clients.base import EnrollError, ProtectionError, ProtocolError, ServerError, TransportError
 
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
@@ -72,12 +72,14 @@ class HttpTransport(Transport):
     that does not verify (default: described from ``verify``). ``use_client_credential(auth)`` presents a
     certificate as the TLS client certificate (``--tls-client-auth``, RFC 9483 6.1: TLS besides the CMP message
     protection). A server's TLS alert (it refused our client certificate, or wants one) is a final
-    ``TransportError`` naming it, never retried. Under TLS 1.3 the server judges our certificate after our side of
-    the handshake is done, and one that closes at once can lose its alert: the request then meets a closed or
-    reset connection. When that happens with a client certificate presented, one refusal probe (``_probe``) tells
-    a refusal from a drop: a new connection, the handshake, and no request; a server that accepted the certificate
-    waits for the request, one that refuses it sends its alert or closes. A refusal is a final ``TransportError``
-    (the alert, or the likely cause), a drop is retried as before. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    ``ProtectionError`` naming it (an authentication refusal, as EST's: exit 5), never retried. Under TLS 1.3 the
+    server judges our certificate after our side of the handshake is done, and one that closes at once can lose
+    its alert: the request then meets a closed or reset connection. When that happens with a client certificate
+    presented, one refusal probe (``_probe``) tells a refusal from a drop: a new connection, the handshake, and no
+    request; a server that accepted the certificate waits for the request, one that refuses it sends its alert or
+    closes. A refusal is final: the alert's ``ProtectionError``, or a ``TransportError`` naming the likely cause
+    when it closes again without an alert (a silent close proves no refusal: a transport failure, exit 6); a drop
+    is retried as before. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
@@ -194,7 +196,7 @@ class HttpTransport(Transport):
         """The refusal probe (see the class docstring and ``enroll_clients.tls_probe.probe``), blocking."""
         return tls_probe.probe(self._new_connection(url), min(tls_probe.REFUSAL_PROBE_S, self.timeout_s))
 
-    def _refusal_error(self, url: str, error: BaseException, refusal) -> TransportError:
+    def _refusal_error(self, url: str, error: BaseException, refusal) -> EnrollError:
         if not isinstance(refusal, str):  # the probe read the alert the first connection lost
             return self._alert_error(url, refusal)
         subject = self._client_auth.certificate.subject.rfc4514_string()
@@ -334,20 +336,21 @@ class HttpTransport(Transport):
             self._ssl = ctx
         return self._ssl
 
-    def _alert_error(self, url: str, e) -> TransportError:
-        """A TLS alert from the server: final (the same credential meets the same refusal next time)."""
+    def _alert_error(self, url: str, e) -> ProtectionError:
+        """A TLS alert from the server: the server refused the connection on authentication grounds, which no
+        retry cures (the same credential meets the same refusal next time): final, exit 5 like EST's alert."""
         reason = e.reason or str(e)
         cert_alert = any(a in reason for a in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE"))
         a = self._client_auth
         if cert_alert and a is not None:
-            return TransportError(f"POST {url}: the CMP server refused our TLS client certificate "
-                                  f"{a.certificate.subject.rfc4514_string()!r} ({reason}): check that it is issued by "
-                                  "a CA the server trusts for TLS clients and still valid")
+            return ProtectionError(f"POST {url}: the CMP server refused our TLS client certificate "
+                                   f"{a.certificate.subject.rfc4514_string()!r} ({reason}): check that it is issued by "
+                                   "a CA the server trusts for TLS clients and still valid")
         if cert_alert:
-            return TransportError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it probably "
-                                  "requires a TLS client certificate; --tls-client-auth presents the IDevID "
-                                  "(enroll --idevid) or the LDevID (request, renew, revoke, ca-update)")
-        return TransportError(f"POST {url}: the CMP server ended the TLS handshake with an alert ({reason})")
+            return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it probably "
+                                   "requires a TLS client certificate; --tls-client-auth presents the IDevID "
+                                   "(enroll --idevid) or the LDevID (request, renew, revoke, ca-update)")
+        return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake with an alert ({reason})")
 
     def _trust_description(self) -> tuple[str, str]:
         """(where the TLS trust comes from, what to do) for the error of a server certificate that does not
