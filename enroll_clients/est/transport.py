@@ -302,12 +302,19 @@ async def _send(client, method: str, url: str, headers: dict, body: bytes | None
 
 def _closed_early(e: BaseException) -> bool:
     """Did the server end the connection before any answer (``tls_probe.closed_early`` somewhere in the chain
-    of httpx's error, or httpcore's EOF before the response)?"""
+    of httpx's error, httpcore's EOF before the response, or anyio's ``BrokenResourceError``)?
+
+    A server that refuses our certificate under TLS 1.3 and closes while we still send the request resets the
+    connection: the write fails (anyio: ``BrokenResourceError`` from the reset), httpcore drops that ``WriteError``
+    to read a response anyway, and the read meets the stream anyio has marked broken: a bare
+    ``BrokenResourceError`` whose cause, the reset, is gone. It is raised only for a stream that ended (EOF, reset,
+    a failed send); a TLS alert read is an ``ssl.SSLError`` instead (``_tls_error``)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if tls_probe.closed_early(e) or (type(e).__name__ == "RemoteProtocolError"
-                                         and "disconnected without sending a response" in str(e)):
+        name = type(e).__name__
+        if tls_probe.closed_early(e) or name == "BrokenResourceError" or (
+                name == "RemoteProtocolError" and "disconnected without sending a response" in str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -4,15 +4,16 @@ what a TLS 1.3 server that closes at once looks like) or drops a connection righ
 
 The transport's one refusal probe (enroll_clients/tls_probe.py) names a refusal (exit 6, the certificate's
 subject, no retry); a drop stays a ``TransportError``, a POST is never sent again (a second CSR could be issued
-a second certificate), and a GET retried after an accepted probe is not probed again."""
+a second certificate), and a GET retried after an accepted probe is not probed again. The same front sending its
+alert is an authentication refusal: ``ProtectionError``, exit 5, as over CMP (tests/interop/test_cmp_https.py)."""
 from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.cli import EXIT_NETWORK, classify
+from agent.cli import EXIT_NETWORK, EXIT_SERVER, classify
 from agent.lab.est_server import start_est_server
-from enroll_clients.base import CertRequest, ClientAuth, TransportError
+from enroll_clients.base import CertRequest, ClientAuth, ProtectionError, TransportError
 from enroll_clients.est import client_from_options, fingerprint
 from tests.peers.est import Devagent, est_options, make_csr, name, new_key, run, stored
 from tests.peers.tls_front import TlsFront, make_site_pki
@@ -80,6 +81,20 @@ def test_silent_refusal_of_the_client_certificate_is_named(lab, site, backend, o
     assert front.handshakes == 0 and backend.requests == []
 
 
+@pytest.mark.parametrize("tls12", [False, True], ids=["tls13", "tls12"])
+def test_a_refusal_with_its_alert_is_a_protection_error(lab, site, backend, tls12):
+    """The front refuses the certificate and sends its alert (at TLS 1.3 read by the request or by the probe, at
+    TLS 1.2 in the handshake): the server's explicit refusal of our credential, exit 5 (as CMP), not retried."""
+    key, cert, auth = _credential(lab, "other", "dev1 IDevID")
+    csr = make_csr(new_key(), "dev1")
+    with TlsFront(site, backend.port, client_cas=site.ca_file, max_tls12=tls12) as front:
+        with pytest.raises(ProtectionError) as ei:
+            run(_client(lab, site, front).enroll(CertRequest(subject=csr.subject, csr=csr), auth))
+    assert "the server rejected our TLS client certificate" in str(ei.value), str(ei.value)
+    assert classify(ei.value)[0] == EXIT_SERVER
+    assert front.handshakes == 0 and backend.requests == []  # no handshake accepted, nothing reached the CA
+
+
 def test_drop_after_an_accepted_handshake_is_a_drop_and_the_post_is_not_sent_again(lab, site, backend,
                                                                                    plant_clients):
     """The front accepts the LDevID and drops the first connection: the probe finds the server waiting, so the
@@ -121,7 +136,8 @@ def test_a_get_refusal_is_named_and_not_retried(lab, site, backend):
 
 def test_cli_renew_refused_by_the_front_exits_6_naming_the_ldevid(lab, site, backend, tmp_path):
     """Enrolled through an accepting front (Basic), then the front starts refusing the LDevID silently: `devagent
-    renew` exits 6 with the refusal naming the LDevID, and nothing stored changes."""
+    renew` exits 6 with the refusal naming the LDevID, and nothing stored changes; refusing it with its alert:
+    exit 5, nothing stored changes."""
     dev = Devagent(tmp_path / "state")
     dev("keystore", "init")
     root_fp = fingerprint(lab.domain("plant").root_cert)
@@ -136,4 +152,8 @@ def test_cli_renew_refused_by_the_front_exits_6_naming_the_ldevid(lab, site, bac
         refused = len(front.failed)
     assert "the EST server probably refused our TLS client certificate 'CN=dev1'" in r.output, r.output
     assert refused == 2, front.failed
+    assert stored(dev.state) == before
+    with TlsFront(site, backend.port, port=port, client_cas=site.ca_file) as front:  # its alert now
+        r = dev("renew", "ldevid-plant", code=EXIT_SERVER)
+    assert "the server rejected our TLS client certificate" in r.output, r.output
     assert stored(dev.state) == before
