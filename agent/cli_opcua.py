@@ -43,8 +43,10 @@ def opcua():
 @click.option("--admin-issuer", multiple=True, help="Issuer DN: every client certificate it issued has the "
               "SecurityAdmin role; repeatable.")
 @click.option("--key-backend", default=None, help="soft, tpm or pkcs11 [default: key.backend of the config].")
-@click.option("--rsa-key-type", default="rsa2048", show_default=True, type=click.Choice(["rsa2048", "rsa3072",
-                                                                                       "rsa4096"]))
+@click.option("--rsa-key-type", default=None, type=click.Choice(["rsa2048", "rsa3072", "rsa4096"]),
+              help="Key type of the RSA application certificate (RsaSha256ApplicationCertificateType, the secure "
+                   "channel's) [default: key.algorithm of the config when it is an RSA type, else rsa2048: the RSA "
+                   "security policies need an RSA key; the ECC certificate types always use p256 / p384 keys].")
 @click.option("--pki-dir", "pki_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="OPC UA PKI directory to deploy into at ApplyChanges (besides the opcua targets of "
                    "[credential.NAME] in agent.toml); repeatable.")
@@ -95,7 +97,7 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
     pol = cfg.policy_for(cred_name)
     dirs = [*pki_dirs, *(Path(t.pki_dir) for t in pol.deploy if t.type == "opcua")]
     pc = PushConfig(application_uri=application_uri or f"urn:{host}:devagent:opcua", domain=domain, name=cred_name,
-                    key_backend=key_backend or cfg.key.backend, rsa_key_type=rsa_key_type,
+                    key_backend=key_backend or cfg.key.backend, rsa_key_type=_rsa_key_type(app, rsa_key_type),
                     hostnames=tuple(hostnames) or tuple(dict.fromkeys((host, bind))), subject=subject,
                     admin_subjects=tuple(admin_subject), admin_issuers=tuple(admin_issuer),
                     max_trust_list_size=max_trust_list_size, check_validity=not no_clock,
@@ -135,6 +137,16 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
         _fail(f"network error: cannot listen on {bind}:{port}: {e.strerror or e}", EXIT_NETWORK)
     finally:
         ks.close()
+
+
+def _rsa_key_type(app, option: str | None) -> str:
+    """The RSA certificate's key type: --rsa-key-type, else ``key.algorithm`` (``App.key_type``, as enroll, request
+    and serve) when it is an RSA type, else rsa2048. An EC or Ed25519 ``key.algorithm`` (p256 is the default) is
+    not refused: it is for the device's other credentials, and OPC 10000-12 §7.8.4.9 wants this certificate RSA
+    (2048, 3072 or 4096 bits) in every application that offers Basic256Sha256, as this endpoint does (asyncua has
+    only the RSA policies, docs/opcua.md); the ECC certificate types have p256 / p384 keys of their own."""
+    configured = app.key_type(option)
+    return configured if configured.startswith("rsa") else "rsa2048"
 
 
 @opcua.command("status")

@@ -132,6 +132,30 @@ pki_dir = "{w.pki}"
     assert "opcua-csr" in audit and "opcua-apply" in audit and "certificate-store" in audit
 
 
+@pytest.mark.parametrize("algorithm, option, bits", [("rsa3072", None, 3072), ("rsa3072", "rsa2048", 2048),
+                                                     ("p384", None, 2048)],
+                         ids=["rsa-config", "option-wins", "ec-config"])
+def test_cli_serve_rsa_key_type_follows_an_rsa_key_algorithm(tmp_path, lab, algorithm, option, bits):
+    """`opcua serve --rsa-key-type` defaults to key.algorithm of agent.toml when it is an RSA type (as enroll's
+    --key-type), the option wins over it, and an EC key.algorithm leaves the RSA application certificate at
+    rsa2048 (the RSA security policies need an RSA key): the key of the endpoint's bootstrap certificate, seen by
+    a GDS over Basic256Sha256, and of the CSR CreateSigningRequest regenerates."""
+    w = make_world(tmp_path / "w", lab)
+    dev = CliDevice(w, *(["--rsa-key-type", option] if option else []), pki_dir_option=False,
+                    config=f'[key]\nalgorithm = "{algorithm}"\n').start()
+    try:
+        async def scenario():
+            async with gds_client(w, dev) as c:
+                assert c.server_certificate.subject == c.server_certificate.issuer  # the bootstrap certificate
+                served = c.server_certificate.public_key().key_size
+                csr = await c.create_signing_request("rsa", "CN=dev1,O=Plant", regenerate=True)
+            return served, csr.public_key().key_size
+
+        assert run(scenario()) == (bits, bits)
+    finally:
+        assert dev.stop() == 0
+
+
 # ---- in-process device: the same PushServer, one per test --------------------------------------------------
 def test_csr_with_and_without_regeneration_and_ecc_types(tmp_path, lab):
     w = make_world(tmp_path / "w", lab)
