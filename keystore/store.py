@@ -58,6 +58,7 @@ base64 = lazy.module("base64")
 getpass = lazy.module("getpass")
 _secrets = lazy.module("secrets")
 describe = lazy.attr("keystore.certs", "describe")
+dn = lazy.attr("keystore.certs", "dn")
 fingerprint = lazy.attr("keystore.certs", "fingerprint")
 load_certificates = lazy.attr("keystore.certs", "load_certificates")
 pem = lazy.attr("keystore.certs", "pem")
@@ -1125,6 +1126,7 @@ class Keystore:
         # Store the path the device presents: the chain as received minus anything not on the verified path
         # is dropped, so a peer cannot plant extra certificates.
         stored_chain = tuple(path[1:])
+        desc = describe(certificate)  # once: the record's fields and the audit line's (a fingerprint is a DER dump)
         with self._lock:
             self._run_deferred()
             hit = self._view().creds().get(name)
@@ -1184,7 +1186,7 @@ class Keystore:
                     # Once the index replace succeeded this version is live and its files stay, even if the
                     # directory fsync after it fails (below: retried and reported; see ``durable``).
                     drop = self._commit_certificate(name, version, kind, domain, profile, purpose, protocol, server,
-                                                    meta, key_uri, pub, certificate, stored_chain, replaced,
+                                                    meta, key_uri, pub, desc, stored_chain, replaced,
                                                     claim is not None, fsync_files=files, sync_first=entries,
                                                     sync_dir=False)
                 finally:
@@ -1212,9 +1214,8 @@ class Keystore:
             # Replaced. The audit lines are written now and fsynced together with the index's directory (the
             # commit): the two fsyncs have no order between them, so the store waits once for both. The lines say
             # only what is known before that sync; if it fails, a second (durable) line names the error below.
-            details = dict(name=name, kind=kind, domain=domain, version=version,
-                           serial=format(certificate.serial_number, "x"), fingerprint=fingerprint(certificate),
-                           not_after=certificate.not_valid_after_utc.isoformat())
+            details = dict(name=name, kind=kind, domain=domain, version=version, serial=desc["serial"],
+                           fingerprint=desc["fingerprint"], not_after=desc["not_after"])
             if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
                 details["checked_at"] = policy.reading.record()
             audit_error = self._audit_with_commit(key, details, rekeyed=bool(old_key and old_key != key_uri))
@@ -1275,10 +1276,11 @@ class Keystore:
         return audit_error
 
     def _commit_certificate(self, name, version, kind, domain, profile, purpose, protocol, server, meta, key_uri,
-                            pub, certificate, chain, replaced, destroying, sync_first=(),
+                            pub, desc, chain, replaced, destroying, sync_first=(),
                             fsync_files=None, sync_dir=True) -> list[int]:
         """One atomic index write making ``version`` live (see module invariants); older versions beyond
-        ``KEEP_VERSIONS`` leave the record in the same write. Returns the versions to remove after the commit.
+        ``KEEP_VERSIONS`` leave the record in the same write. ``desc``: ``describe`` of the new certificate.
+        Returns the versions to remove after the commit.
         ``sync_dir=False``: the caller fsyncs the index's directory (``_audit_with_commit``)."""
         with self._txn(sync_first, sync_dir=sync_dir, fsync_files=fsync_files) as data:
             now_s = _now().isoformat()
@@ -1290,8 +1292,7 @@ class Keystore:
                 kind=kind, domain=domain, profile=profile if profile is not None else rec.get("profile"),
                 key_uri=key_uri, key_type=key_type_of(pub), version=version, versions=versions,
                 updated=now_s, protocol=protocol or rec.get("protocol"), server=server or rec.get("server"),
-                purpose=purpose or rec.get("purpose"), **{k: v for k, v in describe(certificate).items()},
-                chain_subjects=[describe(c)["subject"] for c in chain])
+                purpose=purpose or rec.get("purpose"), **desc, chain_subjects=[dn(c.subject) for c in chain])
             m = dict(rec.get("meta") or {})
             m.update(meta or {})
             m.pop("last_error", None)
