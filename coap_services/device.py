@@ -344,8 +344,10 @@ class DeviceService:
         from keystore.validator import validate
 
         t0 = time.perf_counter()
-        pending = self._pending(peer)
-        others = [k for k in self._pending() if k not in pending]
+        everyone = self._pending()  # one read of the pending keys: this context's and the others'
+        me = self._principal(peer)
+        pending = [k for k in everyone if self._principal(k["pending_for"].get("peer")) == me]
+        others = [k for k in everyone if self._principal(k["pending_for"].get("peer")) != me]
         if any(same_public_key(c.public_key(), self._public_key(k)) for k in others for c in certs):
             raise _refuse(FORBIDDEN, "other-context", "the certificate is for a key that another security context "
                           "requested; /verify must come from the context that asked for the CSR")
