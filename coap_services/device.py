@@ -383,7 +383,8 @@ class DeviceService:
             policy = verification_policy("coap-verify", None, self.config.check_validity,
                              min_rsa_bits=1024 if self.config.allow_weak_keys else 2048)
             path = validate(cert, chain, anchors, policy, public_key=pub, what="certificate")
-            if pf.get("ca_fps") and not {fingerprint(p) for p in path[1:]} & set(pf["ca_fps"]):
+            # From the root down: the CLM announces its anchors, so the first fingerprint usually matches.
+            if pf.get("ca_fps") and not any(fingerprint(p) in pf["ca_fps"] for p in reversed(path[1:])):
                 raise _refuse(FORBIDDEN, "unexpected-ca", "the certificate does not chain through the CA "
                               "certificate(s) announced in the CSR request")
             if adopt:
