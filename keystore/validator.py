@@ -48,9 +48,10 @@ A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded)
 (a flow checks it at the protocol level, then before storing; every response of a CMP transaction) re-checks the
 validity of each certificate on it at the new time and runs steps 1 and 3 again, without a second path build.
 pyca's ``Store`` and policy builder are prepared once per set of anchors (``_ANCHOR_SETS``, bounded), with the
-check that pyca can judge those anchors; only the time is set per call. Both are looked up by the certificates'
-signature values (hashing bytes costs a tenth of hashing a certificate) and used only for the same certificates
-(compared by their DER), so a certificate that copies another's signature never matches its entry.
+check that pyca can judge those anchors, and so is pyca's verifier for the last second asked for (pyca checks
+validity at whole seconds, so the calls within one second share it). Memo and anchor sets are looked up by the
+certificates' signature values (hashing bytes costs a tenth of hashing a certificate) and used only for the same
+certificates (compared by their DER), so a certificate that copies another's signature never matches its entry.
 
 Critical extensions devagent processes: basicConstraints, keyUsage, extendedKeyUsage, subjectAltName,
 nameConstraints, certificatePolicies, policyConstraints, inhibitAnyPolicy, policyMappings, the key identifiers.
@@ -587,8 +588,9 @@ def _check_leaf(leaf, policy: Policy, public_key, what: str) -> int:
         if not _same_key(key, public_key):
             raise VerificationError("key-mismatch", f"{what} {_name(leaf)} is for another key: its public key does "
                                     "not match the key this request was made with (public key mismatch)")
-    if leaf.public_key_algorithm_oid != _OID_EC:  # (an EC key has no size rule: _check_key_strength)
-        _check_key_strength(leaf, policy, what, key)
+    alg = leaf.public_key_algorithm_oid
+    if alg != _OID_EC:  # (an EC key has no size rule: _check_key_strength)
+        _check_key_strength(leaf, policy, what, key, alg)
     leaf_is_ca = bc is not None and bc.ca
     role = policy.leaf
     if role == "end-entity":
@@ -669,10 +671,12 @@ def _check_time(cert, policy: Policy, role: str) -> None:
         raise VerificationError("expired", f"{role} {_name(cert)} expired at {_fmt(na)} (checked at {at})")
 
 
-def _check_key_strength(cert, policy: Policy, role: str, key=None) -> None:
-    """RSA at least ``policy.min_rsa_bits``, no DSA. ``key``: ``cert.public_key()`` when the caller has it."""
+def _check_key_strength(cert, policy: Policy, role: str, key=None, alg=None) -> None:
+    """RSA at least ``policy.min_rsa_bits``, no DSA. ``key``, ``alg``: ``cert.public_key()`` and
+    ``cert.public_key_algorithm_oid`` when the caller has them."""
     try:
-        alg = cert.public_key_algorithm_oid
+        if alg is None:
+            alg = cert.public_key_algorithm_oid
         if alg == _OID_EC:
             return
         if key is None:
@@ -778,7 +782,7 @@ class _AnchorSet:
     their DER; looked up by their signatures, see ``_anchor_set``), so a trust store loaded again from disk finds
     its entry."""
 
-    __slots__ = ("anchors", "pyca_ok", "extras", "_builders")
+    __slots__ = ("anchors", "pyca_ok", "extras", "_builders", "_verifier")
 
     def __init__(self, anchors: tuple):
         self.anchors = anchors
@@ -786,6 +790,19 @@ class _AnchorSet:
         self.pyca_ok = all(forms)
         self.extras = any(f & _FORM_EXTRAS for f in forms) or not self.pyca_ok
         self._builders: dict = {}
+        self._verifier = None  # (max_intermediates, second, next second, verifier): the last one built
+
+    def verifier(self, max_intermediates: int, at: datetime.datetime) -> "pv.ClientVerifier":
+        """pyca's verifier for ``at``. pyca checks validity at whole seconds (it drops the microseconds), so the
+        verifier built for one second is the one for every ``at`` within it: kept for the next call, which in a
+        batch (a fleet's pre-verification, ``keystore check``, a flow's checks) is usually in the same second."""
+        v = self._verifier
+        if v is not None and v[0] == max_intermediates and v[1] <= at < v[2]:
+            return v[3]
+        second = at.replace(microsecond=0)
+        verifier = self.builder(max_intermediates).time(second).build_client_verifier()
+        self._verifier = (max_intermediates, second, second + _ONE_SECOND, verifier)
+        return verifier
 
     def builder(self, max_intermediates: int) -> "pv.PolicyBuilder":
         b = self._builders.get(max_intermediates)
@@ -799,6 +816,7 @@ class _AnchorSet:
 
 _ANCHOR_SETS: dict = {}
 _ANCHOR_SETS_MAX = 32
+_ONE_SECOND = datetime.timedelta(seconds=1)
 
 
 def _anchor_set(anchors) -> _AnchorSet:
@@ -857,7 +875,7 @@ def _extension_policies():
 def _pyca_path(leaf, untrusted, anchors, policy: Policy, aset: _AnchorSet | None = None,
                ) -> tuple[x509.Certificate, ...]:
     aset = aset or _anchor_set(anchors)
-    verifier = aset.builder(policy.max_intermediates).time(policy.at).build_client_verifier()
+    verifier = aset.verifier(policy.max_intermediates, policy.at)
     # The path ends at the Store's anchor object (the same certificate as the caller's, its extensions parsed
     # once), as a remembered path holds the objects of the first validation.
     return tuple(verifier.verify(leaf, untrusted).chain)

@@ -502,3 +502,25 @@ def test_weak_rsa_leaf_key_is_ours_to_refuse():
     assert [e.reason for e in errors] == ["weak-key"] * 2 and str(errors[0]) == str(errors[1])
     assert "RSA-1024 key; at least 2048 bits are required" in str(errors[0])
     assert validate(ch.leaf, ch.untrusted, [ch.root], lax) == (ch.leaf, *ch.inters, ch.root)
+
+
+def test_pyca_verifier_is_reused_within_its_second_only():
+    """The anchor set keeps pyca's verifier for the last second it was asked for (pyca checks validity at whole
+    seconds): a later second gets its own, so an intermediate that expired in between is refused."""
+    from tests.certfactory import build
+
+    end = NOW + DAY  # the intermediate's notAfter (a whole second)
+    ch = chain("p256", inters=[Spec(not_after=end)])
+    other, _ = build(Spec(subject=name("device 2")), ch.inters[0].subject, key("p256", 1), "leaf", "p256", 8)
+
+    def at(s: float) -> Policy:
+        return Policy.for_purpose("credential", end + datetime.timedelta(seconds=s))
+
+    assert validate(ch.leaf, ch.untrusted, [ch.root], at(-0.9))[1] == ch.inters[0]
+    assert validate(other, ch.untrusted, [ch.root], at(-0.1))[1] == ch.inters[0]  # the same second's verifier
+    with pytest.raises(VerificationError) as e:
+        validate(other, ch.untrusted, [ch.root], at(1.5))
+    assert e.value.reason == "expired" and "Test CA 1" in str(e.value)
+    with pytest.raises(VerificationError) as e:
+        validate(ch.leaf, ch.untrusted, [ch.root], at(3600))
+    assert e.value.reason == "expired"
