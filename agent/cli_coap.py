@@ -86,47 +86,48 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
                                  param_hint="--bind")
     key_backend = ctx.obj.key_backend(key_backend)  # --key-backend, else key.backend of the config
     key_type = ctx.obj.key_type(key_type)  # --key-type, else key.algorithm of the config
-    ks = ctx.obj.keystore()  # with the configured key backend options and pending-key max age, as every command
-    removed = ks.gc()  # as `devagent run` starts: discards pending keys whose owner is gone (a killed service's)
-    if removed:
-        log.warning("start-up gc: removed %d leftover file(s) / orphaned pending key(s)", len(removed))
-    methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
-    try:
-        layers = load_server_security(security_dir or _state(ctx) / "coap", methods)
-        grants = load_grants(security_dir or _state(ctx) / "coap")
-    except SecurityConfigError as e:
-        _fail(f"configuration error: {e}", EXIT_CONFIG)
-    if insecure:
-        click.echo("WARNING: --insecure: /csr, /verify and /status accept UNAUTHENTICATED plain-CoAP requests; "
-                   "anyone who can reach this port can make the device generate keys and install certificates. "
-                   "Use only in a lab.", err=True)
-    elif not layers:
-        _fail("configuration error: no OSCORE or DTLS-PSK context is provisioned in "
-              f"{security_dir or _state(ctx) / 'coap'}; run 'devagent coap provision DEVICE_ID' (or --insecure "
-              "in a lab)", EXIT_CONFIG)
-    cfg = DeviceConfig(device_id=device_id or socket.gethostname(), default_subject=subject, default_san=tuple(san),
-                       default_key_type=key_type, default_name=cred_name, default_domain=domain,
-                       key_backend=key_backend, csr_rate_per_min=csr_rate, csr_burst=csr_burst,
-                       max_pending=max_pending, check_validity=not no_clock, accept_ca_from_clm=accept_ca_from_clm,
-                       allow_weak_keys=allow_weak_keys)
+    # The configured key backend options and pending-key max age, as every command; closed however the start or the
+    # service ends (a bad port or security context exits through _fail).
+    with ctx.obj.keystore() as ks:
+        removed = ks.gc()  # as `devagent run` starts: discards pending keys whose owner is gone (a killed service's)
+        if removed:
+            log.warning("start-up gc: removed %d leftover file(s) / orphaned pending key(s)", len(removed))
+        methods = tuple(m for m, off in (("oscore", no_oscore), ("dtls-psk", no_dtls)) if not off)
+        try:
+            layers = load_server_security(security_dir or _state(ctx) / "coap", methods)
+            grants = load_grants(security_dir or _state(ctx) / "coap")
+        except SecurityConfigError as e:
+            _fail(f"configuration error: {e}", EXIT_CONFIG)
+        if insecure:
+            click.echo("WARNING: --insecure: /csr, /verify and /status accept UNAUTHENTICATED plain-CoAP requests; "
+                       "anyone who can reach this port can make the device generate keys and install certificates. "
+                       "Use only in a lab.", err=True)
+        elif not layers:
+            _fail("configuration error: no OSCORE or DTLS-PSK context is provisioned in "
+                  f"{security_dir or _state(ctx) / 'coap'}; run 'devagent coap provision DEVICE_ID' (or --insecure "
+                  "in a lab)", EXIT_CONFIG)
+        cfg = DeviceConfig(device_id=device_id or socket.gethostname(), default_subject=subject,
+                           default_san=tuple(san), default_key_type=key_type, default_name=cred_name,
+                           default_domain=domain, key_backend=key_backend, csr_rate_per_min=csr_rate,
+                           csr_burst=csr_burst, max_pending=max_pending, check_validity=not no_clock,
+                           accept_ca_from_clm=accept_ca_from_clm, allow_weak_keys=allow_weak_keys)
 
-    async def main():
-        from coap_services.server import serve_forever
+        async def main():
+            from coap_services.server import serve_forever
 
-        def ready(server):
-            if ready_file is not None:
-                from keystore import fsutil
+            def ready(server):
+                if ready_file is not None:
+                    from keystore import fsutil
 
-                fsutil.atomic_write(ready_file, f"{server.uri}\n".encode())
+                    fsutil.atomic_write(ready_file, f"{server.uri}\n".encode())
 
-        await serve_forever(DeviceService(ks, cfg, grants=grants), layers, host=bind, port=port, insecure=insecure, ready=ready)
+            await serve_forever(DeviceService(ks, cfg, grants=grants), layers, host=bind, port=port,
+                                insecure=insecure, ready=ready)
 
-    try:
-        _run(main())
-    except OSError as e:
-        _fail(f"network error: cannot listen on {bind}:{port}/{port + 1}: {e.strerror or e}", 6)
-    finally:
-        ks.close()
+        try:
+            _run(main())
+        except OSError as e:
+            _fail(f"network error: cannot listen on {bind}:{port}/{port + 1}: {e.strerror or e}", 6)
     log.debug("serve exited")
 
 

@@ -102,9 +102,8 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
                     admin_subjects=tuple(admin_subject), admin_issuers=tuple(admin_issuer),
                     max_trust_list_size=max_trust_list_size, check_validity=not no_clock,
                     allow_lockout=allow_trust_lockout, bootstrap_credential=bootstrap_credential)
-    ks = app.keystore()
 
-    async def deployer(creds, tl):
+    async def deployer(creds, tl):  # deployer and main use the keystore opened below (``ks``)
         from agent.opcua.deploy import deploy
 
         await deploy(ks, creds, tl, dirs, pol.hooks, timeout_s=cfg.hooks_timeout_s)
@@ -131,12 +130,11 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
         finally:
             await srv.stop()
 
-    try:
-        asyncio.run(main())
-    except OSError as e:
-        _fail(f"network error: cannot listen on {bind}:{port}: {e.strerror or e}", EXIT_NETWORK)
-    finally:
-        ks.close()
+    with app.keystore() as ks:  # closed however the start (a busy port, a key backend failing) or the service ends
+        try:
+            asyncio.run(main())
+        except OSError as e:
+            _fail(f"network error: cannot listen on {bind}:{port}: {e.strerror or e}", EXIT_NETWORK)
 
 
 def _rsa_key_type(app, option: str | None) -> str:
