@@ -11,8 +11,9 @@ How a path is judged:
 1. ``_check_leaf`` (both engines): the leaf's extensions parse, it has no unknown critical extension, it carries
    the expected public key, its key is strong enough, it has the role the purpose needs (end entity, CA, or CMP
    response signer: CA flag or id-kp-cmcRA / id-kp-cmcCA, RFC 9483 §3.1 / RFC 6402 §2.10), its keyUsage and
-   extendedKeyUsage fit the purpose, and it is valid at the policy's time. A pinned leaf (``Policy.pinned``, as
-   OpenSSL's ``-srvcert``) is accepted here without a path.
+   extendedKeyUsage fit the purpose. Its validity at the policy's time is judged with the path (pyca's, or
+   ``_check_time`` where pyca does not judge it, for a pinned leaf, and to name the reason when pyca refuses).
+   A pinned leaf (``Policy.pinned``, as OpenSSL's ``-srvcert``) is accepted without a path.
 2. The path, by one of two engines that must reach the same verdict:
 
    - **pyca** (the default): ``cryptography.x509.verification`` builds and validates the RFC 5280 path (chain
@@ -29,6 +30,10 @@ How a path is judged:
      ``webpki_defaults_ca`` (v3, serial, non-empty issuer, validity, BC critical with cA, pathLen, KU with
      keyCertSign, AKI/SKI/AIA criticality, non-empty name constraints, the signature) plus RFC 5280 §4.2.1.10
      name constraints for DNS, IP, URI, rfc822Name and directoryName.
+
+   Validity is judged at the check time truncated to the second, by both engines: RFC 5280 times are whole
+   seconds and notAfter is inclusive, so a certificate is valid during the whole second of its notAfter (pyca's
+   rule; with an estimated clock, at some second of the window).
 
    When pyca refuses a path, the fallback is run on the same input to name the precise reason; if it would
    accept, the refusal stands with pyca's own text (reason ``untrusted``).
@@ -324,10 +329,18 @@ class Policy:
         return ClockReading(self.at, self.clock, self.uncertainty_s, self.clock_source)
 
     def _window(self) -> tuple[datetime.datetime, datetime.datetime]:
+        """The instants a certificate must be valid at one of, truncated to the second: RFC 5280 times are whole
+        seconds and notAfter is inclusive, so validity is judged at the check time's second (pyca's rule: a
+        certificate is still valid during the second of its notAfter, by both engines)."""
+        at = _second(self.at)
         if not self.uncertainty_s:
-            return self.at, self.at
+            return at, at
         d = datetime.timedelta(seconds=self.uncertainty_s)
-        return self.at - d, self.at + d
+        return _second(self.at - d), _second(self.at + d)
+
+
+def _second(t: datetime.datetime) -> datetime.datetime:
+    return t.replace(microsecond=0) if t.microsecond else t
 
 
 _PRESET_CACHE: dict = {}  # (purpose, overrides) -> a validated Policy to copy with another ``at``
@@ -446,8 +459,10 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     anchors = list(anchors)
     leaf_form = _check_leaf(leaf, policy, public_key, what)
     if policy.pinned and _der(leaf) in policy.pinned:
+        _check_time(leaf, policy, what)
         return (leaf,)
     if not anchors:
+        _check_time(leaf, policy, what)
         raise VerificationError("untrusted", f"{what} {_name(leaf)}: no trust anchor is configured for this "
                                 f"purpose ({policy.purpose}); add one (--trust CA.pem, or 'devagent ca-update')")
     aset = _anchor_set(anchors)
@@ -456,6 +471,7 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         route = _route(leaf, leaf_form, untrusted, anchors, policy, aset)
         engine = "pyca" if route is not None else "fallback"
     if engine == "fallback":
+        _check_time(leaf, policy, what)  # first, as on pyca's refusal below: the leaf's own validity is named
         return _fallback_path(leaf, untrusted, anchors, policy, what)
     # Looked up by the signature values (hashing bytes costs a tenth of hashing a certificate), used only for the
     # same certificates (pyca compares them by their DER), the same anchor set and the same depth limit.
@@ -464,12 +480,16 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     hit = _PATH_MEMO.get(key)
     if hit is not None and hit[0] is aset and (hit[1] is leaf or hit[1] == leaf) and hit[2] == untrusted_t:
         path = hit[3]
-        if all(c.not_valid_before_utc <= policy.at <= c.not_valid_after_utc for c in path):
+        at = _second(policy.at)  # pyca's rule and _check_time's: validity at the check time's second
+        if all(c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in path):
             _check_path_extras(path, policy, what)
             return path
     try:
         path = _pyca_path(leaf, untrusted, anchors, policy, aset)
     except pv.VerificationError as e:
+        # pyca judged the leaf's validity (at the second, as _check_time does); its text for an expired or not yet
+        # valid leaf does not name the times, so ours is built now, on the failure only.
+        _check_time(leaf, policy, what)
         if route and route[1] and not all(_pyca_key_ok(c) for c in route[1]):
             return _fallback_path(leaf, untrusted, anchors, policy, what)  # pyca cannot judge this input
         _fallback_path(leaf, untrusted, anchors, policy, what)  # names the precise reason when it refuses too
@@ -619,10 +639,7 @@ def _check_leaf(leaf, policy: Policy, public_key, what: str) -> int:
                                         f"{eku_text} is required")
         elif eku_want.isdisjoint(eku):
             raise VerificationError("bad-eku", f"{what} {_name(leaf)}: extendedKeyUsage lacks {eku_text}")
-    at = policy.at
-    if policy.uncertainty_s or not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
-        _check_time(leaf, policy, what)
-    return form
+    return form  # the leaf's validity: pyca's, or _check_time's where pyca does not judge the path (validate)
 
 
 # The leaf's extensions by what the pass above does with them; _SLOT_NOTHING: known, nothing to look at.
@@ -707,7 +724,7 @@ def _route(leaf, leaf_form: int, untrusted, anchors, policy: Policy, aset: "_Anc
     if not aset.pyca_ok:
         return None
     if not policy.clock_trusted:
-        at = policy.at
+        at = _second(policy.at)
         if any(not c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in [leaf, *untrusted, *anchors]):
             return None
     if not leaf_form & LEAF_PYCA_FORM:

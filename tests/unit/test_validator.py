@@ -524,3 +524,62 @@ def test_pyca_verifier_is_reused_within_its_second_only():
     with pytest.raises(VerificationError) as e:
         validate(ch.leaf, ch.untrusted, [ch.root], at(3600))
     assert e.value.reason == "expired"
+
+
+@pytest.mark.parametrize("where", ["leaf", "inter"])
+@pytest.mark.parametrize("engine", ["auto", "pyca", "fallback"])
+def test_validity_is_judged_at_the_second_notafter_inclusive(where, engine):
+    """RFC 5280 times are whole seconds and notAfter is inclusive: both engines judge validity at the check time
+    truncated to the second (pyca's rule), for the leaf and an intermediate, so a certificate is valid during the
+    whole second of its notAfter, refused from the next second, and not valid before its notBefore's second;
+    a path remembered from an earlier validation is re-checked by the same rule."""
+    start, end = NOW - DAY, NOW + DAY  # whole seconds
+    spec = Spec(not_before=start, not_after=end)
+
+    def fresh():
+        wide = Spec(not_before=NOW - 30 * DAY, not_after=NOW + 30 * DAY)
+        return chain("p256", **({"leaf": spec} if where == "leaf" else {"leaf": wide, "inters": [spec]}))
+
+    def check(ch, at: datetime.datetime):
+        return validate(ch.leaf, ch.untrusted, [ch.root], Policy.for_purpose("credential", at), engine=engine)
+
+    for at in (end, end + 0.999 * SEC, start, start + 0.5 * SEC):
+        ch = fresh()
+        assert check(ch, at)[0] == ch.leaf, at
+    for at, reason in ((end + SEC, "expired"), (end + 1.5 * SEC, "expired"), (start - 0.001 * SEC, "not-yet-valid")):
+        ch = fresh()
+        with pytest.raises(VerificationError) as e:
+            check(ch, at)
+        assert e.value.reason == reason, at
+        assert ("CN=device 1" if where == "leaf" else "Test CA 1") in str(e.value) and \
+            (f"expired at {end:%Y-%m-%dT%H:%M:%SZ}" if reason == "expired" else "is not valid before") in str(e.value)
+    ch = fresh()  # the same objects again: a remembered path (auto) is re-checked at the second too
+    assert check(ch, end - DAY)[0] == ch.leaf
+    assert check(ch, end + 0.5 * SEC)[0] == ch.leaf
+    with pytest.raises(VerificationError) as e:
+        check(ch, end + SEC)
+    assert e.value.reason == "expired"
+
+
+def test_pinned_leaf_validity_is_judged_at_the_second():
+    end = NOW + DAY
+    srv = chain(leaf=Spec(not_before=NOW - DAY, not_after=end, eku=[EKU.SERVER_AUTH])).leaf
+    for at, ok in ((end + 0.5 * SEC, True), (end + SEC, False)):
+        policy = Policy.for_purpose("cmp-signer", at, pinned=(srv,))
+        if ok:
+            assert validate(srv, [], [], policy) == (srv,)
+        else:
+            with pytest.raises(VerificationError) as e:
+                validate(srv, [], [], policy)
+            assert e.value.reason == "expired"
+
+
+def test_expired_leaf_is_named_before_a_missing_anchor_or_path():
+    """The leaf's validity is judged with the path now, but its error still comes first: an expired leaf with no
+    anchor configured, or offered without its intermediate, is refused as expired (not as untrusted)."""
+    ch = chain(leaf=Spec(**PAST))
+    for untrusted, anchors in (([], [ch.root]), (ch.untrusted, []), (ch.untrusted, [ch.root])):
+        for engine in ("auto", "pyca", "fallback"):
+            with pytest.raises(VerificationError) as e:
+                validate(ch.leaf, untrusted, anchors, Policy.for_purpose("credential", NOW), engine=engine)
+            assert e.value.reason == "expired", (len(untrusted), len(anchors), engine)
