@@ -51,7 +51,8 @@ carries what it looks at (a CA's extendedKeyUsage, policyConstraints), else it c
 
 A path pyca accepted is remembered by its exact inputs (``_PATH_MEMO``, bounded): validating the same chain again
 (a flow checks it at the protocol level, then before storing; every response of a CMP transaction) re-checks the
-validity of each certificate on it at the new time and runs steps 1 and 3 again, without a second path build.
+validity of the path at the new time (the window common to its certificates, worked out at the first repeat) and
+runs steps 1 and 3 again, without a second path build.
 pyca's ``Store`` and policy builder are prepared once per set of anchors (``_ANCHOR_SETS``, bounded), with the
 check that pyca can judge those anchors, and so is pyca's verifier for the last second asked for (pyca checks
 validity at whole seconds, so the calls within one second share it). Memo and anchor sets are looked up by the
@@ -479,9 +480,10 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
     key = (leaf.signature, *[c.signature for c in untrusted_t], id(aset), policy.max_intermediates)
     hit = _PATH_MEMO.get(key)
     if hit is not None and hit[0] is aset and (hit[1] is leaf or hit[1] == leaf) and hit[2] == untrusted_t:
-        path = hit[3]
-        at = _second(policy.at)  # pyca's rule and _check_time's: validity at the check time's second
-        if all(c.not_valid_before_utc <= at <= c.not_valid_after_utc for c in path):
+        path, window = hit[3], hit[4]
+        if window is None:  # worked out at the first repeat: the validity common to the path's certificates
+            window = hit[4] = _path_window(path)
+        if window[0] <= policy.at < window[1]:
             _check_path_extras(path, policy, what)
             return path
     try:
@@ -509,8 +511,17 @@ def validate(leaf: x509.Certificate, untrusted: Iterable[x509.Certificate], anch
         _check_path_extras(path, policy, what)
     if len(_PATH_MEMO) >= _PATH_MEMO_MAX and key not in _PATH_MEMO:
         _PATH_MEMO.popitem(last=False)  # (a plain dict's next(iter()) walks the slots its evictions emptied)
-    _PATH_MEMO[key] = (aset, leaf, untrusted_t, path)  # the entry holds aset, so its id is not reused meanwhile
+    _PATH_MEMO[key] = [aset, leaf, untrusted_t, path, None]  # the entry holds aset, so its id is not reused meanwhile
     return path
+
+
+def _path_window(path) -> tuple[datetime.datetime, datetime.datetime]:
+    """``(lo, hi)``: every certificate on ``path`` is valid at ``at``'s second (``_check_time``'s and pyca's rule:
+    notBefore <= the second <= notAfter) exactly when ``lo <= at < hi``."""
+    nb = max(c.not_valid_before_utc for c in path)
+    na = min(c.not_valid_after_utc for c in path)
+    lo = nb if not nb.microsecond else _second(nb) + _ONE_SECOND  # (certificate times are whole seconds)
+    return lo, _second(na) + _ONE_SECOND
 
 
 def _pyca_text(e: Exception) -> str:
