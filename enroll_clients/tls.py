@@ -6,6 +6,9 @@ a private 0700 directory for the ``load_cert_chain`` call and are removed right 
 encrypted copy of the keystore's own key file (read once, by descriptor) or, in memory only, re-encrypted with a
 random one-time password. TPM/PKCS#11 keys cannot be used this way (no OpenSSL provider in use): a clear
 ``EnrollError`` says so.
+
+``server_certificate_failure`` and ``NOT_TLS_REASONS`` sort the TLS failures both transports meet the same way, so
+EST and CMP name (and classify) a server that failed to authenticate alike: each is a ``ProtectionError`` (exit 5).
 """
 from __future__ import annotations
 
@@ -21,6 +24,33 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enroll_clients.base import EnrollError
+
+
+# OpenSSL's reasons for a first answer that is not TLS at all (our ClientHello met a plain HTTP server, or another
+# protocol): the server answered wrongly, which no retry cures.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL",
+                             "HTTPS_PROXY_REQUEST", "HTTP_REQUEST"})
+
+
+def not_tls(e: BaseException) -> bool:
+    """Did the server answer our TLS handshake with something that is not TLS (``NOT_TLS_REASONS``)?"""
+    return isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLCertVerificationError) and (
+        e.reason in NOT_TLS_REASONS)
+
+
+def server_certificate_failure(e: BaseException | None, text: str = "") -> tuple[str, str]:
+    """Why the server's TLS certificate did not verify: (kind, OpenSSL's reason). ``e``: the
+    ``ssl.SSLCertVerificationError`` (or None when only its ``text`` is known). ``kind``: ``"hostname"`` (not
+    issued for the URL's host), ``"not-yet-valid"`` or ``"expired"`` (X509_V_ERR_CERT_NOT_YET_VALID 9 /
+    X509_V_ERR_CERT_HAS_EXPIRED 10, by the local clock), else ``"untrusted"`` (no chain to the TLS trust anchors,
+    or a chain OpenSSL refuses)."""
+    detail = getattr(e, "verify_message", "") or text or str(e or "")
+    if "Hostname mismatch" in text or "hostname" in detail.lower() or "IP address mismatch" in text + detail:
+        return "hostname", detail
+    validity = {9: "not-yet-valid", 10: "expired"}.get(getattr(e, "verify_code", None))
+    if validity is None and ("not yet valid" in detail or "has expired" in detail):
+        validity = "not-yet-valid" if "not yet valid" in detail else "expired"
+    return validity or "untrusted", detail
 
 
 @contextlib.contextmanager

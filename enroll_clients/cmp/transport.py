@@ -24,6 +24,7 @@ import threading
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, ProtocolError, ServerError, TransportError
+from enroll_clients.tls import not_tls, server_certificate_failure
 
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
@@ -68,8 +69,11 @@ class HttpTransport(Transport):
     is a ``ServerError``). ``verify``: True = the system trust store (OpenSSL's default paths, which honour
     ``SSL_CERT_FILE``/``SSL_CERT_DIR``), False = no verification, a CA file or directory path, a sequence of
     ``x509.Certificate`` (the TLS trust anchors, e.g. the domain's ``tls`` store: ``--tls-trust``), or an
-    ``ssl.SSLContext``. ``trust_source`` names where that trust comes from in the error of a server certificate
-    that does not verify (default: described from ``verify``). ``use_client_credential(auth)`` presents a
+    ``ssl.SSLContext``. A server certificate that does not verify (not trusted, not for the URL's host, expired
+    or not yet valid) is a final ``ProtectionError`` naming why (the server failed to authenticate: exit 5, as
+    EST's), never retried; so is an answer that is not TLS (a plain HTTP server at an ``https://`` URL).
+    ``trust_source`` names where the trust comes from in the error of an untrusted server certificate (default:
+    described from ``verify``). ``use_client_credential(auth)`` presents a
     certificate as the TLS client certificate (``--tls-client-auth``, RFC 9483 6.1: TLS besides the CMP message
     protection). A server's TLS alert (it refused our client certificate, or wants one) is a final
     ``ProtectionError`` naming it (an authentication refusal, as EST's: exit 5), never retried. Under TLS 1.3 the
@@ -169,13 +173,13 @@ class HttpTransport(Transport):
                                       f"({type(e).__name__}); attempt {attempt + 1} of {self.retries + 1}")
                 continue
             except ssl.SSLCertVerificationError as e:  # the same certificate next time: retrying cannot help
-                source, hint = self._trust_description()
-                raise TransportError(f"POST {url}: {type(e).__name__}: certificate verify failed: "
-                                     f"{e.verify_message or e}: the CMP server's TLS certificate is not trusted by "
-                                     f"{source}; {hint}") from None
+                raise self._server_certificate_error(url, e) from None
             except ssl.SSLError as e:
                 if "ALERT" in (e.reason or ""):
                     raise self._alert_error(url, e) from None
+                if not_tls(e):  # the same answer next time
+                    raise ProtectionError(f"POST {url}: {type(e).__name__}: {e}: the server did not answer in TLS; "
+                                          "is it a plain HTTP endpoint (http://)?") from None
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
                                       f"{self.retries + 1}")  # EOF/reset in the middle of TLS: a dropped connection
                 error = e
@@ -351,6 +355,30 @@ class HttpTransport(Transport):
                                    "requires a TLS client certificate; --tls-client-auth presents the IDevID "
                                    "(enroll --idevid) or the LDevID (request, renew, revoke, ca-update)")
         return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake with an alert ({reason})")
+
+    def _server_certificate_error(self, url: str, e) -> ProtectionError:
+        """The server's TLS certificate did not verify: the server failed to authenticate, which no retry cures
+        (the same certificate next time): final, exit 5 like EST's. Named by why: not for the URL's host, outside
+        its validity period by this device's clock (``validity`` set, for the daemon's clock hint), or not
+        trusted by the TLS trust (where that came from, and what to do)."""
+        kind, detail = server_certificate_failure(e)
+        what = f"POST {url}: {type(e).__name__}: certificate verify failed: {detail}"
+        if kind == "hostname":
+            return ProtectionError(f"{what}: the CMP server's TLS certificate is not valid for this host name; check "
+                                   "the URL")
+        if kind != "untrusted":
+            import datetime
+
+            local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            state = kind.replace("-", " ")
+            err = ProtectionError(f"{what}: a certificate of the CMP server's TLS chain is {state} by this device's "
+                                  f"clock (it reads {local}): if the clock is wrong, fix NTP or the RTC; if it is "
+                                  f"right, the server's certificate is {state} (tell its operator); the TLS trust "
+                                  "anchors are not the cause")
+            err.validity = kind
+            return err
+        source, hint = self._trust_description()
+        return ProtectionError(f"{what}: the CMP server's TLS certificate is not trusted by {source}; {hint}")
 
     def _trust_description(self) -> tuple[str, str]:
         """(where the TLS trust comes from, what to do) for the error of a server certificate that does not

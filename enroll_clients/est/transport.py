@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
-from enroll_clients.tls import load_client_credential
+from enroll_clients.tls import load_client_credential, not_tls, server_certificate_failure
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -131,15 +131,13 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
     while chain is not None and not isinstance(chain, ssl.SSLError):
         chain = chain.__cause__ or chain.__context__
     if isinstance(chain, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
-        detail = getattr(chain, "verify_message", "") or text
-        if "Hostname mismatch" in text or "hostname" in detail.lower() or "IP address mismatch" in text:
+        kind, detail = server_certificate_failure(chain if isinstance(chain, ssl.SSLCertVerificationError) else None,
+                                                  text)
+        if kind == "hostname":
             return ProtectionError(f"TLS to {url}: the server certificate is not valid for this host name "
                                    f"({detail}); check the URL")
-        # X509_V_ERR_CERT_NOT_YET_VALID (9) / X509_V_ERR_CERT_HAS_EXPIRED (10): checked against the local clock
-        validity = {9: "not-yet-valid", 10: "expired"}.get(getattr(chain, "verify_code", None))
-        if validity is None and ("not yet valid" in detail or "has expired" in detail):
-            validity = "not-yet-valid" if "not yet valid" in detail else "expired"
-        if validity is not None:
+        if kind != "untrusted":  # its validity period, checked against the local clock
+            validity = kind
             import datetime
 
             local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -164,6 +162,9 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
                 f"certificate ({_key_name(client_certificate)} key): it does not accept that key type or curve "
                 "(libest offers only the P-256 curve); a credential that must authenticate to this server needs a "
                 f"key it supports ({chain.reason})")
+        if not_tls(chain):
+            return ProtectionError(f"TLS to {url} failed: {chain}: the server did not answer in TLS; is it a plain "
+                                   "HTTP endpoint (http://)?")
         return ProtectionError(f"TLS to {url} failed: {chain}")
     if name in ("ReadError", "RemoteProtocolError"):
         return TransportError(f"{url}: the connection broke while reading the response "

@@ -56,6 +56,20 @@ def test_wrong_host_server_certificate(est_lab, est_root):
             run(client_from_options(est_options(h.url, [est_root])).ca_certs())
 
 
+def test_https_to_a_plain_http_server_names_it(est_lab, est_root):
+    """An https:// URL whose server answers in plain HTTP: it answered wrongly (exit 5, as over CMP), and the
+    error says what the server spoke."""
+    from agent.cli import EXIT_SERVER, classify
+    from agent.lab.est_server import start_est_server
+
+    with start_est_server(est_lab, "plant", users={EST_USER: "x"}, plain_http=True) as h:
+        url = f"https://127.0.0.1:{h.port}/.well-known/est"
+        with pytest.raises(ProtectionError, match=r"WRONG_VERSION_NUMBER.*: the server did not answer in TLS; is it "
+                                                  r"a plain HTTP endpoint \(http://\)\?") as ei:
+            run(client_from_options(est_options(url, [est_root], retries=0)).ca_certs())
+    assert url in str(ei.value) and classify(ei.value)[0] == EXIT_SERVER
+
+
 def test_bootstrap_fingerprint_mismatch(est_server, est_lab):
     wrong = fingerprint(est_lab.domain("other").root_cert)
     c = client_from_options(est_options(est_server.url, [], ca_fingerprint=wrong))

@@ -1,8 +1,9 @@
 """`devagent` CMP over https:// against OpenSSL's CMP mock server behind a TLS front whose certificate comes from
 a site CA that is not the domain's CA (issue #13, trust stores by purpose): --tls-trust SITE-CA authenticates the
 server, is kept in the domain's tls store and serves kur, rr, genm and the daemon's renewals without the option;
-without it, or with the wrong CA, the enrollment fails with one clear TransportError and stores nothing (no
---trust anchor left behind); a missing or garbage --tls-trust file is a usage error naming it.
+without it, or with the wrong CA, the enrollment fails with one clear ProtectionError (the server failed to
+authenticate: exit 5, as over EST), not retried, and stores nothing (no --trust anchor left behind); a missing or
+garbage --tls-trust file is a usage error naming it.
 
 The mock server (``openssl cmp -port``, plain HTTP) and the front (Python ssl = OpenSSL) run in a private
 network namespace; the CLI runs in-process on a thread that joined it (tests/peers/openssl_cmp.py)."""
@@ -63,7 +64,7 @@ def test_tls_trust_enrolls_and_is_remembered_for_kur_rr_genm(dev, front, pki, si
     dev("renew", "ldevid-plant", "--no-rekey")
     assert Keystore.open(dev.state).get("ldevid-plant").version == 2
     # genm over TLS: OpenSSL 3.0's mock echoes caCerts without certificates (test_cmp_openssl), so the verified
-    # answer ends in "no CA certificate" (exit 4) -- not in a TLS error (exit 6)
+    # answer ends in "no CA certificate" (exit 4) -- not in a TLS error (exit 5)
     r = dev("ca-update", "--domain", "plant", code=4)
     assert "the server sent no CA certificate" in r.output, r.output
     # the daemon's renewal path: the client it builds from the record (lifecycle.client_for_credential)
@@ -82,8 +83,9 @@ def test_tls_trust_enrolls_and_is_remembered_for_kur_rr_genm(dev, front, pki, si
 def _refused(dev, front, pki, *extra):
     before = stored(dev.state)
     forwarded = front.forwarded
-    r = _enroll(dev, front, pki, *extra, code=6)
+    r = _enroll(dev, front, pki, *extra, code=5)
     assert "certificate verify failed" in r.output and "not trusted by" in r.output, r.output
+    assert "enrollment failed" in r.output, r.output
     assert "attempt" not in r.output, "a TLS verification failure is final, not retried"
     assert front.forwarded == forwarded, "no CMP request may reach the server"
     assert stored(dev.state) == before, "nothing stored, no --trust anchor left behind"
@@ -128,10 +130,10 @@ def test_renew_with_tls_trust_after_the_front_changed_ca(dev, front, pki, site, 
     ks.close()
     other = make_site_pki(tmp_path / "other", cn="Other Site CA")
     before = stored(dev.state)
-    r = dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", other.ca_file, code=6)
+    r = dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", other.ca_file, code=5)
     assert "certificate verify failed" in r.output and "domain plant's tls trust store" in r.output, r.output
     assert stored(dev.state) == before
-    r = dev("renew", "ldevid-plant", "--no-rekey", code=6)
+    r = dev("renew", "ldevid-plant", "--no-rekey", code=5)
     assert "the system trust store" in r.output, r.output
     dev("renew", "ldevid-plant", "--no-rekey", "--tls-trust", site.ca_file)
     dev("renew", "ldevid-plant", "--no-rekey")

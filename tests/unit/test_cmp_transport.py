@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from enroll_clients.base import EnrollOptions, ProtocolError, ServerError, TransportError
+from enroll_clients.base import EnrollOptions, ProtectionError, ProtocolError, ServerError, TransportError
 from enroll_clients.cmp import FileTransport, HttpTransport, client_from_options
 from enroll_clients.cmp.client import CmpClient
 
@@ -330,21 +330,164 @@ def test_https_with_ca_file(https_server):
     assert exchange(url + "/ok", b"tls", verify=ca) == b"slt"
 
 
-def test_https_untrusted_server_is_a_transport_error(https_server, monkeypatch):
+def test_https_untrusted_server_is_a_protection_error(https_server, monkeypatch):
+    """README's exit codes: an untrusted TLS server certificate is the server failing to authenticate (exit 5, as
+    over EST), not a network error."""
+    from agent.cli import EXIT_SERVER, classify
+
     url, _ = https_server
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    with pytest.raises(TransportError, match=r"POST https://127\.0\.0\.1:\d+/ok: SSLCertVerificationError: .*"
-                                             r"certificate verify failed"):
+    with pytest.raises(ProtectionError, match=r"POST https://127\.0\.0\.1:\d+/ok: SSLCertVerificationError: .*"
+                                              r"certificate verify failed") as e:
         exchange(url + "/ok", verify=True, retries=0)
+    assert classify(e.value)[0] == EXIT_SERVER
 
 
 def test_an_untrusted_server_certificate_is_not_retried(https_server, monkeypatch):
     url, _ = https_server
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    with pytest.raises(TransportError) as e:
+    with pytest.raises(ProtectionError) as e:
         exchange(url + "/ok", verify=True, retries=2)
     assert "certificate verify failed" in str(e.value) and "is not trusted" in str(e.value)
     assert "attempt" not in str(e.value), "a TLS verification failure is final: no retry"
+
+
+class _Counting:
+    """A listening socket that counts the connections it accepts (each attempt of the client is one), counted
+    before the TLS handshake (with ``ctx``), so a client that met the server's certificate was counted already."""
+
+    def __init__(self, sock, ctx=None):
+        self._sock, self._ctx, self.accepted = sock, ctx, 0
+
+    def accept(self):
+        conn, addr = self._sock.accept()
+        self.accepted += 1
+        return (conn if self._ctx is None else self._ctx.wrap_socket(conn, server_side=True)), addr
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@contextlib.contextmanager
+def _tls_server(leaf_spec):
+    """A TLS server (the Handler) with a leaf from ``leaf_spec``; yields (url, root, the counting socket)."""
+    import ssl
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.certfactory import chain
+
+    ch = chain("p256", 2, leaf=leaf_spec)
+    with tempfile.TemporaryDirectory() as d:
+        files = ch.write(__import__("pathlib").Path(d))
+        key_file = os.path.join(d, "key.pem")
+        with open(key_file, "wb") as f:
+            f.write(ch.leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(files["leaf"], key_file)
+    box = []
+
+    def wrap(sock):
+        box.append(_Counting(sock, ctx))
+        return box[0]
+
+    with serving(Handler, wrap) as port:
+        yield f"https://127.0.0.1:{port}/ok", ch.root, box[0]
+
+
+def _spec(case):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+
+    from tests.certfactory import Spec
+
+    ip = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    return {"untrusted": Spec(san=ip), "hostname": Spec(san=[x509.DNSName("ca.other.example")]),
+            "expired": Spec(san=ip, not_before=now - 10 * day, not_after=now - day),
+            "not-yet-valid": Spec(san=ip, not_before=now + day, not_after=now + 10 * day)}[case]
+
+
+@pytest.mark.parametrize("case", ["untrusted", "hostname", "expired", "not-yet-valid"])
+def test_a_server_certificate_that_does_not_verify_is_final_exit_5_naming_why(case):
+    """Not trusted, for another host, expired or not yet valid by our clock: the server failed to authenticate;
+    a ProtectionError (exit 5, as EST's) naming the URL and why, after one connection (no retry)."""
+    from agent.cli import EXIT_SERVER, classify
+    from tests.certfactory import Spec, chain, key
+
+    why = {"untrusted": r"unable to get local issuer certificate: the CMP server's TLS certificate is not trusted "
+                        r"by the 1 TLS trust anchor\(s\) given; give the CA",
+           "hostname": r"IP address mismatch.*: the CMP server's TLS certificate is not valid for this host name; "
+                       r"check the URL",
+           "expired": r"certificate has expired: a certificate of the CMP server's TLS chain is expired by this "
+                      r"device's clock .*the TLS trust anchors are not the cause",
+           "not-yet-valid": r"certificate is not yet valid: a certificate of the CMP server's TLS chain is not yet "
+                            r"valid by this device's clock"}[case]
+    with _tls_server(_spec(case)) as (url, root, listener):
+        anchor = chain(root=Spec(key=key("p256", 41), subject=None)).root if case == "untrusted" else root
+        with pytest.raises(ProtectionError, match=r"POST https://127\.0\.0\.1:\d+/ok: SSLCertVerificationError: "
+                                                  r"certificate verify failed: " + why) as e:
+            exchange(url, verify=[anchor], retries=2, retry_base_s=0.01)
+        assert listener.accepted == 1, "a server that failed to authenticate is not asked again"
+    assert "attempt" not in str(e.value)
+    assert classify(e.value)[0] == EXIT_SERVER
+    assert e.value.validity == (case if case in ("expired", "not-yet-valid") else None)
+
+
+def test_https_to_a_plain_http_server_is_final_exit_5():
+    """An https:// URL whose server answers the TLS handshake in plain HTTP: it answered wrongly, and will again
+    (exit 5, as EST's), after one connection."""
+    from agent.cli import EXIT_SERVER, classify
+
+    box = []
+
+    def wrap(sock):
+        box.append(_Counting(sock))
+        return box[0]
+
+    with serving(Handler, wrap) as port:
+        with pytest.raises(ProtectionError, match=rf"POST https://127\.0\.0\.1:{port}/ok: SSLError: .*"
+                                                  r"WRONG_VERSION_NUMBER.*: the server did not answer in TLS; is it "
+                                                  r"a plain HTTP endpoint \(http://\)\?") as e:
+            exchange(f"https://127.0.0.1:{port}/ok", verify=True, retries=2, retry_base_s=0.01)
+        assert box[0].accepted == 1
+    assert classify(e.value)[0] == EXIT_SERVER
+
+
+def test_a_close_in_the_tls_handshake_is_a_transport_error_retried():
+    """A server that reads our ClientHello and closes without an alert: a dropped connection, not a server that
+    failed to authenticate (exit 6, as over EST), tried again."""
+    import socket
+
+    from agent.cli import EXIT_NETWORK, classify
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(65536)  # the ClientHello
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(TransportError, match=r"attempt 2 of 2") as e:
+            exchange(f"https://127.0.0.1:{srv.getsockname()[1]}/ok", verify=True, retries=1, retry_base_s=0.01)
+    finally:
+        srv.close()
+    assert classify(e.value)[0] == EXIT_NETWORK and len(accepted) == 2
 
 
 def test_https_with_certificate_anchors(https_server):
@@ -365,20 +508,20 @@ def test_untrusted_server_error_names_where_trust_came_from(https_server, tmp_pa
 
     url, _ = https_server
     other = chain(root=Spec(key=key("p256", 41), subject=None)).root
-    with pytest.raises(TransportError, match=r"not trusted by domain plant's tls store; give the CA that issued "
+    with pytest.raises(ProtectionError, match=r"not trusted by domain plant's tls store; give the CA that issued "
                                              r"the server's TLS certificate with --tls-trust FILE"):
         exchange(url + "/ok", verify=[other], retries=0, trust_source="domain plant's tls store")
-    with pytest.raises(TransportError, match=r"not trusted by the 1 TLS trust anchor\(s\) given"):
+    with pytest.raises(ProtectionError, match=r"not trusted by the 1 TLS trust anchor\(s\) given"):
         exchange(url + "/ok", verify=[other], retries=0)
     f = tmp_path / "other.pem"
     from cryptography.hazmat.primitives.serialization import Encoding
 
     f.write_bytes(other.public_bytes(Encoding.PEM))
-    with pytest.raises(TransportError, match=f"not trusted by the CA file {f}"):
+    with pytest.raises(ProtectionError, match=f"not trusted by the CA file {f}"):
         exchange(url + "/ok", verify=str(f), retries=0)
     monkeypatch.setenv("SSL_CERT_FILE", str(f))
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    with pytest.raises(TransportError, match=rf"not trusted by the system trust store \(SSL_CERT_FILE={f}\); "
+    with pytest.raises(ProtectionError, match=rf"not trusted by the system trust store \(SSL_CERT_FILE={f}\); "
                                              r"give the CA .* with --tls-trust FILE \(it then replaces the system "
                                              r"store\)"):
         exchange(url + "/ok", verify=True, retries=0)
