@@ -8,7 +8,9 @@ Invariants:
   read once by descriptor, so a concurrent renewal replacing the keystore's file cannot break the handshake), or a
   software key written encrypted under a random one-time passphrase to a 0600 file in a 0700 temp directory that
   is removed as soon as OpenSSL has read it.
-- Every foreign exception is wrapped once, here: ``TransportError`` (retryable) or ``ProtectionError`` (TLS trust).
+- Every foreign exception is wrapped once, here: ``TransportError`` (retryable: connect, reset, timeout, a
+  connection closed without an alert, in the handshake too) or ``ProtectionError`` (TLS: the server's certificate
+  does not verify, an alert, an answer that is not TLS), as ``enroll_clients.cmp.transport`` sorts them.
 - A request that presented a TLS client certificate and met an early close (EOF or reset before any answer, as
   a TLS 1.3 server that refuses the certificate and loses its alert) gets one refusal probe
   (``enroll_clients.tls_probe``): the server's alert -> its ``ProtectionError``; closed again -> a
@@ -151,7 +153,14 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
                                f"({detail}); give the CA that issued the server's TLS certificate with --tls-trust "
                                "(--trust when it is the domain's CA), or bootstrap with --ca-fingerprint")
-    if isinstance(chain, ssl.SSLError):
+    eof = isinstance(chain, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+    if eof and name not in ("ReadError", "RemoteProtocolError", "WriteError"):
+        # Closed in the handshake without an alert: no proof of a refusal or of a server that failed to
+        # authenticate, a transport failure (exit 6), as over CMP; read/write failures are named below.
+        return TransportError(f"{url}: the server closed the connection in the TLS handshake, without an alert "
+                              f"({chain.reason or chain}); retry later, and if it persists check that the URL's port "
+                              "is the server's TLS port")
+    if isinstance(chain, ssl.SSLError) and not eof:
         if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
             return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "
@@ -170,6 +179,10 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
         return TransportError(f"{url}: the connection broke while reading the response "
                               f"({name}: {text or 'reset by peer'}); retry later")
     if name == "ConnectError":
+        cause = e.__cause__ or e.__context__
+        while not text and cause is not None:  # anyio's error over a reset: the reset's words, not "refused"
+            text = str(cause) and f"{type(cause).__name__}: {cause}"
+            cause = cause.__cause__ or cause.__context__
         return TransportError(f"{url}: cannot connect ({text or 'refused'}); is the EST server running?")
     return TransportError(f"{url}: {name}: {text or 'connection failed'}")
 

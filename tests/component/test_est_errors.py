@@ -150,6 +150,42 @@ def test_connection_refused_is_transport_error(est_root):
         run(c.ca_certs())
 
 
+def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(est_root):
+    """A server that reads our ClientHello and closes without an alert (a drop, or a front cutting connections):
+    it proves neither a refusal nor a server that failed to authenticate, so it is a network error (exit 6, as
+    over CMP), and a GET is tried again."""
+    import socket
+    import threading
+
+    from agent.cli import EXIT_NETWORK, classify
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(65536)  # the ClientHello
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        c = client_from_options(est_options(f"https://127.0.0.1:{srv.getsockname()[1]}", [est_root], retries=1))
+        with pytest.raises(TransportError, match=r"the server closed the connection in the TLS handshake, without "
+                                                 r"an alert \(UNEXPECTED_EOF_WHILE_READING\)") as ei:
+            run(c.ca_certs())
+    finally:
+        srv.close()
+    assert classify(ei.value)[0] == EXIT_NETWORK
+    assert len(accepted) == 2, "a GET met by a dropped connection is tried again"
+
+
 def test_bootstrap_never_sends_credentials(est_server):
     c = client_from_options(est_options(est_server.url, []))
     with pytest.raises(EnrollError, match="unauthenticated"):
