@@ -53,6 +53,23 @@ def server_certificate_failure(e: BaseException | None, text: str = "") -> tuple
     return validity or "untrusted", detail
 
 
+def validity_error(what: str, chain: str, kind: str, detail: str) -> EnrollError:
+    """The error of a server certificate outside its validity period by this device's clock: ``what`` the request
+    and where (``TLS to GET <url>``), ``chain`` whose chain (``server's``), ``kind`` "expired"/"not-yet-valid"
+    (set as ``validity``, for the daemon's clock hint), ``detail`` OpenSSL's reason. A ``ProtectionError``."""
+    import datetime
+
+    from enroll_clients.base import ProtectionError
+
+    local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    state = kind.replace("-", " ")
+    err = ProtectionError(f"{what}: a certificate of the {chain} chain is {state} by this device's clock ({detail}; "
+                          f"the clock reads {local}): if the clock is wrong, fix NTP or the RTC; if it is right, the "
+                          f"server's certificate is {state} (tell its operator); the trust anchors are not the cause")
+    err.validity = kind
+    return err
+
+
 @contextlib.contextmanager
 def private_tempdir():
     """A 0700 temporary directory (mkdtemp's mode) removed on exit, whatever happens."""

@@ -24,7 +24,7 @@ import threading
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, ProtocolError, ServerError, TransportError
-from enroll_clients.tls import not_tls, server_certificate_failure
+from enroll_clients.tls import not_tls, server_certificate_failure, validity_error
 
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
@@ -367,16 +367,8 @@ class HttpTransport(Transport):
             return ProtectionError(f"{what}: the CMP server's TLS certificate is not valid for this host name; check "
                                    "the URL")
         if kind != "untrusted":
-            import datetime
-
-            local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            state = kind.replace("-", " ")
-            err = ProtectionError(f"{what}: a certificate of the CMP server's TLS chain is {state} by this device's "
-                                  f"clock (it reads {local}): if the clock is wrong, fix NTP or the RTC; if it is "
-                                  f"right, the server's certificate is {state} (tell its operator); the TLS trust "
-                                  "anchors are not the cause")
-            err.validity = kind
-            return err
+            return validity_error(f"POST {url}: {type(e).__name__}: certificate verify failed", "CMP server's TLS",
+                                  kind, detail)
         source, hint = self._trust_description()
         return ProtectionError(f"{what}: the CMP server's TLS certificate is not trusted by {source}; {hint}")
 

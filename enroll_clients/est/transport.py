@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
-from enroll_clients.tls import load_client_credential, not_tls, server_certificate_failure
+from enroll_clients.tls import load_client_credential, not_tls, server_certificate_failure, validity_error
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -139,17 +139,7 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
             return ProtectionError(f"TLS to {url}: the server certificate is not valid for this host name "
                                    f"({detail}); check the URL")
         if kind != "untrusted":  # its validity period, checked against the local clock
-            validity = kind
-            import datetime
-
-            local = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            state = validity.replace("-", " ")
-            err = ProtectionError(f"TLS to {url}: a certificate of the server's chain is {state} by this device's "
-                                  f"clock ({detail}; the clock reads {local}): if the clock is wrong, fix NTP or the "
-                                  f"RTC; if it is right, the server's certificate is {state} (tell its operator); "
-                                  "the trust anchors are not the cause")
-            err.validity = validity
-            return err
+            return validity_error(f"TLS to {url}", "server's", kind, detail)
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
                                f"({detail}); give the CA that issued the server's TLS certificate with --tls-trust "
                                "(--trust when it is the domain's CA), or bootstrap with --ca-fingerprint")

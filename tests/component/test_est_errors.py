@@ -150,38 +150,21 @@ def test_connection_refused_is_transport_error(est_root):
         run(c.ca_certs())
 
 
-def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(est_root):
-    """A server that reads our ClientHello and closes without an alert (a drop, or a front cutting connections):
-    it proves neither a refusal nor a server that failed to authenticate, so it is a network error (exit 6, as
-    over CMP), and a GET is tried again."""
-    import socket
-    import threading
-
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(est_root, reset):
+    """A server that reads our ClientHello and closes (or resets) without an alert (a drop, or a front cutting
+    connections): it proves neither a refusal nor a server that failed to authenticate, so it is a network error
+    (exit 6, as over CMP) naming what happened, and a GET is tried again."""
     from agent.cli import EXIT_NETWORK, classify
+    from tests.peers.tls_front import handshake_dropper
 
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-            conn.recv(65536)  # the ClientHello
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        c = client_from_options(est_options(f"https://127.0.0.1:{srv.getsockname()[1]}", [est_root], retries=1))
-        with pytest.raises(TransportError, match=r"the server closed the connection in the TLS handshake, without "
-                                                 r"an alert \(UNEXPECTED_EOF_WHILE_READING\)") as ei:
+    with handshake_dropper(reset=reset) as (port, accepted):
+        c = client_from_options(est_options(f"https://127.0.0.1:{port}", [est_root], retries=1))
+        with pytest.raises(TransportError) as ei:
             run(c.ca_certs())
-    finally:
-        srv.close()
+    want = ("cannot connect (ConnectionResetError: [Errno 104] Connection reset by peer)" if reset else
+            "the server closed the connection in the TLS handshake, without an alert (UNEXPECTED_EOF_WHILE_READING)")
+    assert want in str(ei.value), str(ei.value)
     assert classify(ei.value)[0] == EXIT_NETWORK
     assert len(accepted) == 2, "a GET met by a dropped connection is tried again"
 

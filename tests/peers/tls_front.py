@@ -24,6 +24,7 @@ Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
@@ -31,6 +32,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 from pathlib import Path
 
@@ -272,3 +274,32 @@ class TlsFront:
 
 
 __all__ = ["SitePki", "make_site_pki", "TlsFront"]
+
+
+@contextlib.contextmanager
+def handshake_dropper(*, reset: bool = False):
+    """A TCP server on 127.0.0.1 that reads each connection's first bytes (a TLS ClientHello) and closes it without
+    an answer or alert (``reset``: with an RST), as a front cutting connections; yields (port, the accepted
+    connections, one per attempt of a client)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted: list = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(65536)
+            if reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=serve, name="handshake-dropper", daemon=True).start()
+    try:
+        yield srv.getsockname()[1], accepted
+    finally:
+        srv.close()
