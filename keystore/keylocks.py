@@ -1,15 +1,17 @@
 """Who may still be using a key: one lock file per key, shared-locked by every process that uses it.
 
 ``<keystore>/locks/<id>`` exists from a key's creation until it is destroyed (``id`` is derived from the key's
-URI). A process that uses a key (to sign, or to hand its file to a TLS stack) holds a shared ``flock`` on that file;
-a process that wants to destroy a key the index no longer needs takes an exclusive ``flock`` without waiting. If it
+URI; a held software key's is made just after the commit that stores it, ``Keystore.store_certificate``). A
+process that uses a key (to sign, or to hand its file to a TLS stack) holds a shared ``flock`` on that file; a
+process that wants to destroy a key the index no longer needs takes an exclusive ``flock`` without waiting. If it
 gets it, nobody can be using the key: it destroys the key, then unlinks the lock file. If not, the key is *retired*
 (recorded in the index) and destroyed later by whichever process finds it free (``Keystore.gc`` and every commit
 look). The kernel drops a killed process's locks, so a crash never pins a key.
 
 A holder that opened the lock file just before its key was destroyed notices on acquiring the lock: the path no
 longer names the file it locked (unlinked), and it gives up (``hold`` returns False). A missing lock file means the
-key was destroyed, or the keystore predates lock files (the caller decides, under the keystore lock).
+key was destroyed, a held key was just stored, a power cut lost the file, or the keystore predates lock files (the
+caller decides, under the keystore lock).
 
 Lock files carry no data and need no fsync: after a power cut no process holds anything.
 """

@@ -216,12 +216,14 @@ class HeldKey:
 @dataclasses.dataclass
 class _Cleanup:
     """What a durable commit leaves to do (``Keystore._cleanup``): the superseded key to destroy (claimed by the
-    exclusive lock ``claim``) and the version directories of credential ``name`` to remove."""
+    exclusive lock ``claim``), the version directories of credential ``name`` to remove, and the lock file to make
+    for a held key just stored (``lock``, its URI)."""
 
     name: str
     key: str | None
     claim: int | None
     versions: tuple[int, ...]
+    lock: str | None = None
 
 
 class _View:
@@ -1095,7 +1097,8 @@ class Keystore:
         ``key``: a ``HeldKey`` (``generate_held_key``) instead of ``key_uri``: its encrypted file is written under
         its final name ``keys/<id>.key`` with the version's files (nothing names it until the index replace, as
         ``fsutil.write_new_files``), its data and ``keys/`` directory fsyncs join the commit's one batch before the
-        index replace, and that replace records the key ``active`` with the credential. If the store fails at
+        index replace, and that replace records the key ``active`` with the credential; its lock file is made after the
+        commit (with ``defer_cleanup``, by ``flush``). If the store fails at
         any step, the key file is securely deleted and nothing stored changes; the caller still holds the key
         (it may try again). A crash before the replace leaves an unnamed key file that ``gc`` securely deletes.
 
@@ -1171,10 +1174,12 @@ class Keystore:
                 if key is not None:
                     # A held key's file, under its final name: no record names it until the index replace
                     # below, which records it active (a crash before: an unnamed keys/*.key, gc deletes it).
+                    # Its lock file is made after the commit (with defer_cleanup, after the answer): until then no
+                    # process holds the key, and one that wants to finds the file missing and makes it under the
+                    # keystore lock (Keystore._hold), as for a lock file a power cut lost.
                     try:
                         path_, blob = self.backend("soft").key_path(key_uri), key.encrypted
                         key_dirs = fsutil.make_dirs(path_.parent, self.root)
-                        self._locks.create(key_uri)
                         key_file = path_
                         kf = fsutil.write_new_files([(path_, blob)])
                     except BaseException:
@@ -1203,8 +1208,6 @@ class Keystore:
                 if key_file is not None:  # a held key's file: securely, it is (encrypted) key material
                     with contextlib.suppress(OSError, KeystoreError):
                         fsutil.secure_delete(key_file, sync_dir=False)
-                    with contextlib.suppress(OSError):
-                        os.unlink(self._locks.path(key_uri))
                 for d in key_dirs[::-1]:
                     with contextlib.suppress(OSError):
                         d.rmdir()
@@ -1225,12 +1228,16 @@ class Keystore:
             unsynced = self.unsynced
             cleanup = None
             if unsynced is None:
-                cleanup = _Cleanup(name, replaced if claim is not None else None, claim, tuple(drop))
-            elif claim is not None:
-                self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
+                cleanup = _Cleanup(name, replaced if claim is not None else None, claim, tuple(drop),
+                                   key_uri if key is not None else None)
+            else:
+                if claim is not None:
+                    self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
+                if key is not None:
+                    self._locks.create(key_uri)
             if cleanup is not None and not defer_cleanup:
                 self._cleanup(cleanup, deferred=False)
-            elif cleanup is not None and (cleanup.key or cleanup.versions):
+            elif cleanup is not None and (cleanup.key or cleanup.versions or cleanup.lock):
                 self._deferred.append(cleanup)
             rec = self._record(name)
         if unsynced is not None:
@@ -1367,10 +1374,17 @@ class Keystore:
     def _cleanup(self, job: "_Cleanup", *, deferred: bool) -> None:
         """Under the lock, after a durable commit: destroy the superseded key ``job.key`` (claimed by
         ``job.claim``) and remove the version directories ``job.versions`` of ``job.name`` — only those the index
-        does not reference now (a deferred prune may run after the credential was deleted and enrolled anew).
-        Neither step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
+        does not reference now (a deferred prune may run after the credential was deleted and enrolled anew); first,
+        make the lock file of a held key just stored (``job.lock``), unless another process destroyed it meanwhile.
+        No step needs an fsync of its own: the key's overwrite is fsynced by secure_delete; if a power cut
         undoes an unlink, what stays is garbage that gc removes. ``deferred=False``: errors propagate (as the
         synchronous store always did)."""
+        if job.lock is not None:
+            hit = self._view().keys().get(job.lock)
+            if hit is not None and hit[1].get("state") == "active":  # not destroyed meanwhile by another process
+                # A failure costs nothing: whoever holds the key next makes the file (Keystore._hold).
+                with contextlib.suppress(OSError):
+                    self._locks.create(job.lock)
         try:
             if job.key is not None:
                 self._finish_destroy(job.key, job.claim)

@@ -123,6 +123,45 @@ def test_a_held_key_renewal_waits_twice(ks, lab, monkeypatch):
     ks.flush()
 
 
+def test_a_held_key_gets_its_lock_file_after_the_answer_and_is_usable_before(ks, lab):
+    """The lock file of a stored held key is made by the deferred work after /verify's answer, not before it.
+    Meanwhile another process that uses the key makes the file itself (under the keystore lock) and holds it; the
+    flush leaves that alone."""
+    chain = lab.domain(DOMAIN).chain
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    ks.store_certificate("dev", cert, chain, key=held, domain=DOMAIN, defer_cleanup=True)
+    lock = ks._locks.path(held.uri)
+    assert not lock.exists() and ks.deferred
+    other = Keystore.open(ks.root)  # another process: its own flocks
+    assert other.private_key(held.uri).private_numbers() == held.private_key.private_numbers()
+    assert lock.exists()
+    ks.flush()
+    assert lock.exists() and not ks.deferred
+    other.close()
+    assert Keystore.open(ks.root).check() == []
+
+
+def test_a_held_key_destroyed_before_the_flush_gets_no_lock_file(ks, lab):
+    """Another process renews the credential between the answer and the flush and destroys the stored held key
+    (nobody held it): the flush makes no lock file for a key that is gone."""
+    chain = lab.domain(DOMAIN).chain
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    ks.store_certificate("dev", cert, chain, key=held, domain=DOMAIN, defer_cleanup=True)
+    other = Keystore.open(ks.root)
+    uri3, cert3 = _issue(other, lab)
+    other.store_certificate("dev", cert3, chain, key_uri=uri3, domain=DOMAIN)
+    assert not (ks.root / held.uri.removeprefix("file:")).exists()
+    ks.flush()
+    assert not ks._locks.path(held.uri).exists()
+    other.close()
+    ks.close()
+    assert Keystore.open(ks.root).check() == [] and Keystore.open(ks.root).get("dev").key_uri == uri3
+
+
 def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_it(ks, lab):
     uri1 = _first_version(ks, lab)
     held = ks.generate_held_key("p256")
