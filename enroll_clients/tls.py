@@ -9,6 +9,8 @@ random one-time password. TPM/PKCS#11 keys cannot be used this way (no OpenSSL p
 
 ``server_certificate_failure`` and ``NOT_TLS_REASONS`` sort the TLS failures both transports meet the same way, so
 EST and CMP name (and classify) a server that failed to authenticate alike: each is a ``ProtectionError`` (exit 5).
+``handshake_failure_causes`` and ``handshake_close_hint`` word the two TLS failures whose cause the client cannot
+know, alike for both: a handshake_failure alert, and a close in a handshake in which we sent a client certificate.
 """
 from __future__ import annotations
 
@@ -36,6 +38,35 @@ def not_tls(e: BaseException) -> bool:
     """Did the server answer our TLS handshake with something that is not TLS (``NOT_TLS_REASONS``)?"""
     return isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLCertVerificationError) and (
         e.reason in NOT_TLS_REASONS)
+
+
+def handshake_failure_causes(e: BaseException, subject: str | None) -> str:
+    """What a handshake_failure alert (40) ``e`` can mean, to follow "the server ended the TLS handshake with":
+    the alert as OpenSSL reports it, then its causes. A server sends it when it shares no TLS version or cipher
+    suite with us, and a TLS 1.2 server also when it requires a client certificate and got none (under TLS 1.3 that
+    is certificate_required, 116, unambiguous) or, for some servers, when it refuses the one we sent
+    (``subject``)."""
+    import re
+
+    reason = getattr(e, "reason", None) or "SSLV3_ALERT_HANDSHAKE_FAILURE"
+    description = re.sub(r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", str(e)) or "sslv3 alert handshake failure"
+    if subject is None:
+        first = "it requires a TLS client certificate and we sent none"
+    else:
+        first = f"it refused our TLS client certificate {subject!r} (some servers answer a refused certificate so)"
+    return (f"a handshake_failure alert (40; OpenSSL: {reason}, \"{description}\"): either {first}, or it shares "
+            "no TLS version or cipher suite with us (we offer TLS 1.2 or later, Python's default cipher suites); "
+            "the alert does not tell which")
+
+
+def handshake_close_hint(subject: str) -> str:
+    """The hint for a server that closed (or reset) the connection in a TLS handshake in which we presented the
+    client certificate ``subject``: a TLS 1.2 server that refuses it can close without sending its alert, which
+    looks like a drop; the close proves nothing, so the error stays a transport failure (exit 6)."""
+    return (f"we presented our TLS client certificate {subject!r} in that handshake, and the server may have "
+            "refused it: a TLS 1.2 server that refuses a client certificate can close without its alert (a close "
+            "alone proves no refusal). If it persists, check that the certificate is issued by a CA the server "
+            "trusts for TLS clients and still valid")
 
 
 def server_certificate_failure(e: BaseException | None, text: str = "") -> tuple[str, str]:

@@ -83,7 +83,9 @@ class HttpTransport(Transport):
     request; a server that accepted the certificate waits for the request, one that refuses it sends its alert or
     closes. A refusal is final: the alert's ``ProtectionError``, or a ``TransportError`` naming the likely cause
     when it closes again without an alert (a silent close proves no refusal: a transport failure, exit 6); a drop
-    is retried as before. An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    is retried as before. Under TLS 1.2 a refusal without its alert is a close in the handshake, which the probe
+    cannot tell from a drop: retried, and when the last attempt closed in the handshake in which we presented a
+    certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``). An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
@@ -159,9 +161,11 @@ class HttpTransport(Transport):
             self._lock = asyncio.Lock()
         last = None
         probed = False
+        closed_in_handshake = False  # the last attempt's connection closed (or reset) in the TLS handshake
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry_base_s * (2 ** (attempt - 1)))
+            closed_in_handshake = False
             try:
                 if self.keep_alive:  # one kept connection: one message at a time on it
                     async with self._lock:
@@ -183,10 +187,12 @@ class HttpTransport(Transport):
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
                                       f"{self.retries + 1}")  # EOF/reset in the middle of TLS: a dropped connection
                 error = e
+                closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
                 error = e
+                closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
             else:
                 return self._check(status, reason, ctype, body, url, operation)
             if not probed and self._client_auth is not None and url.startswith("https:") and tls_probe.closed_early(error):
@@ -194,6 +200,12 @@ class HttpTransport(Transport):
                 refusal = await tls_probe.in_daemon_thread(self._probe, url, name="devagent-cmp-probe")
                 if refusal is not None:
                     raise self._refusal_error(url, error, refusal) from None
+        if closed_in_handshake and self._client_auth is not None:  # still a transport failure: a close proves nothing
+            from enroll_clients.tls import handshake_close_hint
+
+            subject = self._client_auth.certificate.subject.rfc4514_string()
+            last = TransportError(f"{last}: the server closed the connection in the TLS handshake; "
+                                  f"{handshake_close_hint(subject)}")
         raise last
 
     def _probe(self, url: str):
@@ -235,6 +247,8 @@ class HttpTransport(Transport):
                 if not self.keep_alive or rsp.will_close or len(body) > MAX_RESPONSE_BYTES:
                     close_conn()
             except BaseException as e:  # handed to the awaiting task, which decides
+                if isinstance(e, OSError) and _in_tls_handshake(conn):
+                    e.in_tls_handshake = True  # before any answer: how a TLS 1.2 refusal without its alert looks
                 close_conn()
                 outcome, error = None, e
             with gate:
@@ -343,17 +357,27 @@ class HttpTransport(Transport):
     def _alert_error(self, url: str, e) -> ProtectionError:
         """A TLS alert from the server: the server refused the connection on authentication grounds, which no
         retry cures (the same credential meets the same refusal next time): final, exit 5 like EST's alert."""
+        from enroll_clients.tls import handshake_failure_causes
+
         reason = e.reason or str(e)
-        cert_alert = any(a in reason for a in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE"))
         a = self._client_auth
+        how = ("--tls-client-auth presents the IDevID (enroll --idevid) or the LDevID (request, renew, revoke, "
+               "ca-update)")
+        if "HANDSHAKE_FAILURE" in reason:  # alert 40: no client certificate, or no shared version/cipher suite
+            subject = a.certificate.subject.rfc4514_string() if a is not None else None
+            return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake with "
+                                   f"{handshake_failure_causes(e, subject)}" + ("" if a is not None else f"; {how}"))
+        cert_alert = any(x in reason for x in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED"))
         if cert_alert and a is not None:
             return ProtectionError(f"POST {url}: the CMP server refused our TLS client certificate "
                                    f"{a.certificate.subject.rfc4514_string()!r} ({reason}): check that it is issued by "
                                    "a CA the server trusts for TLS clients and still valid")
+        if "CERTIFICATE_REQUIRED" in reason:  # TLS 1.3's alert 116: it says what it wants
+            return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it requires a TLS "
+                                   f"client certificate and we sent none; {how}")
         if cert_alert:
             return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it probably "
-                                   "requires a TLS client certificate; --tls-client-auth presents the IDevID "
-                                   "(enroll --idevid) or the LDevID (request, renew, revoke, ca-update)")
+                                   f"requires a TLS client certificate; {how}")
         return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake with an alert ({reason})")
 
     def _server_certificate_error(self, url: str, e) -> ProtectionError:
@@ -432,6 +456,16 @@ class HttpTransport(Transport):
         if self._conn is not None:
             conn, self._conn = self._conn[1], None
             conn.close()
+
+
+def _in_tls_handshake(conn) -> bool:
+    """Did ``conn`` (an http.client connection whose request failed) fail in its TLS handshake: TCP connected, its
+    socket not yet an ``SSLSocket`` (http.client replaces the socket when the handshake has finished)?"""
+    import http.client
+    import ssl
+
+    return isinstance(conn, http.client.HTTPSConnection) and conn.sock is not None and (
+        not isinstance(conn.sock, ssl.SSLSocket))
 
 
 def _settle(done, outcome, error) -> None:

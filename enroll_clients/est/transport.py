@@ -9,8 +9,10 @@ Invariants:
   software key written encrypted under a random one-time passphrase to a 0600 file in a 0700 temp directory that
   is removed as soon as OpenSSL has read it.
 - Every foreign exception is wrapped once, here: ``TransportError`` (retryable: connect, reset, timeout, a
-  connection closed without an alert, in the handshake too) or ``ProtectionError`` (TLS: the server's certificate
-  does not verify, an alert, an answer that is not TLS), as ``enroll_clients.cmp.transport`` sorts them.
+  connection closed without an alert, in the handshake too: with a client certificate presented its text says
+  the server may have refused it, as a TLS 1.2 server refusing it without its alert looks) or
+  ``ProtectionError`` (TLS: the server's certificate does not verify, an alert, an answer that is not TLS), as
+  ``enroll_clients.cmp.transport`` sorts them.
 - A request that presented a TLS client certificate and met an early close (EOF or reset before any answer, as
   a TLS 1.3 server that refuses the certificate and loses its alert) gets one refusal probe
   (``enroll_clients.tls_probe``): the server's alert -> its ``ProtectionError``; closed again -> a
@@ -31,7 +33,14 @@ from cryptography.hazmat.primitives import serialization
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
-from enroll_clients.tls import load_client_credential, not_tls, server_certificate_failure, validity_error
+from enroll_clients.tls import (
+    handshake_close_hint,
+    handshake_failure_causes,
+    load_client_credential,
+    not_tls,
+    server_certificate_failure,
+    validity_error,
+)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
@@ -143,14 +152,30 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
         return ProtectionError(f"TLS to {url}: the server certificate is not trusted by the EST trust anchor "
                                f"({detail}); give the CA that issued the server's TLS certificate with --tls-trust "
                                "(--trust when it is the domain's CA), or bootstrap with --ca-fingerprint")
+    subject = client_certificate.subject.rfc4514_string() if client_certificate is not None else None
     eof = isinstance(chain, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
-    if eof and name not in ("ReadError", "RemoteProtocolError", "WriteError"):
-        # Closed in the handshake without an alert: no proof of a refusal or of a server that failed to
+    reset = None
+    if name == "ConnectError" and chain is None:  # a reset in the handshake (TCP's connect is refused, not reset)
+        cause = e
+        while cause is not None and not isinstance(cause, (ConnectionResetError, ConnectionAbortedError)):
+            cause = cause.__cause__ or cause.__context__
+        reset = cause
+    if (eof and name not in ("ReadError", "RemoteProtocolError", "WriteError")) or reset is not None:
+        # Closed (or reset) in the handshake without an alert: no proof of a refusal or of a server that failed to
         # authenticate, a transport failure (exit 6), as over CMP; read/write failures are named below.
-        return TransportError(f"{url}: the server closed the connection in the TLS handshake, without an alert "
-                              f"({chain.reason or chain}); retry later, and if it persists check that the URL's port "
-                              "is the server's TLS port")
+        how = (f"closed the connection in the TLS handshake, without an alert ({chain.reason or chain})" if eof else
+               f"ended the connection in the TLS handshake with a reset, without an alert ({type(reset).__name__}: "
+               f"{reset})")
+        after = (handshake_close_hint(subject) if subject is not None else
+                 "retry later, and if it persists check that the URL's port is the server's TLS port")
+        return TransportError(f"{url}: the server {how}; {after}")
     if isinstance(chain, ssl.SSLError) and not eof:
+        if "ALERT_HANDSHAKE_FAILURE" in text:  # alert 40: no client certificate, or no shared version/cipher suite
+            return ProtectionError(f"TLS to {url}: the server ended the TLS handshake with "
+                                   f"{handshake_failure_causes(chain, subject)}")
+        if "CERTIFICATE_REQUIRED" in text and subject is None:  # TLS 1.3's alert 116: it says what it wants
+            return ProtectionError(f"TLS to {url}: the server requires a TLS client certificate, and this request "
+                                   f"sent none ({chain.reason})")
         if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
             return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "

@@ -157,3 +157,49 @@ def test_cli_renew_refused_by_the_front_exits_6_naming_the_ldevid(lab, site, bac
         r = dev("renew", "ldevid-plant", code=EXIT_SERVER)
     assert "the server rejected our TLS client certificate" in r.output, r.output
     assert stored(dev.state) == before
+
+
+# --- TLS 1.2: a refusal without its alert is a close in the handshake; handshake_failure's two causes -------------
+@pytest.mark.parametrize("op", ["simpleenroll", "cacerts"])
+def test_tls12_silent_refusal_says_the_server_may_have_refused_the_certificate(lab, site, backend, op):
+    """At TLS 1.2 the front judges our certificate inside the handshake; refusing it without its alert, it closes
+    the handshake, as a drop would: a TransportError (exit 6, a close proves nothing) whose text says the server
+    may have refused the certificate, naming it. The POST is not sent again, a GET is retried as any drop."""
+    key, cert, auth = _credential(lab, "other", "dev1 IDevID")
+    csr = make_csr(new_key(), "dev1")
+    with TlsFront(site, backend.port, client_cas=site.ca_file, silent_refusal=True, max_tls12=True) as front:
+        client = _client(lab, site, front, retries=1)
+        with pytest.raises(TransportError) as ei:
+            run(client.enroll(CertRequest(subject=csr.subject, csr=csr), auth) if op == "simpleenroll" else
+                client.ca_certs(auth))
+        refused = len(front.failed)
+    msg = str(ei.value)
+    path = f"https://127.0.0.1:{front.port}/.well-known/est/plant/{op}"
+    assert (f"{path}: the server closed the connection in the TLS handshake, without an alert "
+            "(UNEXPECTED_EOF_WHILE_READING); we presented our TLS client certificate 'CN=dev1 IDevID' in that "
+            "handshake, and the server may have refused it") in msg, msg
+    assert classify(ei.value)[0] == EXIT_NETWORK
+    assert refused == (1 if op == "simpleenroll" else 2), front.failed
+    assert front.handshakes == 0 and backend.requests == []
+
+
+@pytest.mark.parametrize("case", ["no-client-certificate", "no-shared-cipher"])
+def test_a_handshake_failure_alert_names_both_likely_causes(lab, site, backend, case):
+    """Alert 40 (handshake_failure): a TLS 1.2 server requiring a client certificate that got none, or one that
+    shares no cipher suite with us (here with our certificate offered): the error names the alert as OpenSSL
+    reports it and both causes, as over CMP; exit 5, not retried."""
+    key, cert, auth = _credential(lab, "plant", "dev1")
+    kw = ({"client_cas": site.ca_file, "max_tls12": True} if case == "no-client-certificate" else
+          {"ciphers": "ECDHE-ECDSA-AES128-SHA"})  # a TLS 1.2 suite we do not offer
+    with TlsFront(site, backend.port, **kw) as front:
+        with pytest.raises(ProtectionError) as ei:
+            run(_client(lab, site, front).ca_certs(None if case == "no-client-certificate" else auth))
+        failed = len(front.failed)
+    first = ("it requires a TLS client certificate and we sent none" if case == "no-client-certificate" else
+             "it refused our TLS client certificate 'CN=dev1' (some servers answer a refused certificate so)")
+    msg = str(ei.value)
+    assert (f"TLS to GET https://127.0.0.1:{front.port}/.well-known/est/plant/cacerts: the server ended the TLS "
+            'handshake with a handshake_failure alert (40; OpenSSL: SSLV3_ALERT_HANDSHAKE_FAILURE, "sslv3 alert '
+            f'handshake failure"): either {first}, or it shares no TLS version or cipher suite with us') in msg, msg
+    assert classify(ei.value)[0] == EXIT_SERVER
+    assert failed == 1 and backend.requests == [], front.failed

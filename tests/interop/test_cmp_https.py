@@ -184,7 +184,9 @@ def test_without_tls_client_auth_the_refusal_is_named_and_nothing_stored(mdev, m
     front = mtls.tls12
     before, forwarded = stored(mdev.state), front.forwarded
     r = _zero_touch(mdev, front.url, pki, site, code=5)  # the server's alert: an authentication refusal
-    assert "requires a TLS client certificate" in r.output and "--tls-client-auth" in r.output, r.output
+    assert ("handshake_failure alert (40; OpenSSL: SSLV3_ALERT_HANDSHAKE_FAILURE, \"sslv3 alert handshake failure\"): "
+            "either it requires a TLS client certificate and we sent none, or it shares no TLS version or cipher "
+            "suite with us") in r.output and "--tls-client-auth" in r.output, r.output
     assert "attempt" not in r.output and front.forwarded == forwarded
     assert stored(mdev.state) == before
     # MAC-protected enroll asking for TLS client auth has no certificate to present: refused before sending
@@ -216,6 +218,22 @@ def test_tls13_refused_client_certificate_is_named_and_not_retried(mdev, mtls, p
     else:
         assert refused in (1, 2), front.failed
     assert front.forwarded == 0 and stored(mdev.state) == before
+
+
+def test_tls12_silent_refusal_says_the_server_may_have_refused_the_certificate(mdev, mtls, pki, site):
+    """At TLS 1.2 the front judges the IDevID inside the handshake; refusing it without its alert it closes the
+    handshake, which a drop looks like too: retried, exit 6 (a close proves nothing), and the final error says
+    the server may have refused the IDevID, naming it; nothing is stored."""
+    before = stored(mdev.state)
+    with TlsFront(site, mtls.srv.port, netns_pid=mtls.srv.pid, client_cas=site.ca_file, silent_refusal=True,
+                  max_tls12=True) as front:
+        r = _zero_touch(mdev, front.url, pki, site, "--tls-client-auth", code=6)
+        closed = len(front.failed)
+    assert ("the server closed the connection in the TLS handshake; we presented our TLS client certificate "
+            "'CN=device-0001 IDevID,O=devagent test' in that handshake, and the server may have refused it") in r.output, \
+        r.output
+    assert closed == 4 and front.handshakes == 0 and front.forwarded == 0, front.failed  # 3 attempts + 1 probe
+    assert stored(mdev.state) == before
 
 
 def test_drop_right_after_the_tls13_handshake_is_retried(mdev, mtls, pki, site):

@@ -18,6 +18,9 @@ that is not the PKI domain's CA, relayed byte for byte to ``127.0.0.1:<backend_p
   whose handshake succeeds are closed at once, before their request is read (a transient drop: a server restart,
   a load balancer cutting connections); ``dropped`` counts them. ``drop_handshakes``: the connections whose
   handshake is the n-th to succeed (1-based, n in it) are dropped the same way (a drop after an accepted one).
+  ``ciphers`` (an OpenSSL cipher string): the TLS 1.2 cipher suites the front accepts, and TLS 1.2 at most (TLS
+  1.3's suites are always shared): one the client does not offer makes the front answer with a handshake_failure
+  alert (no shared cipher).
 
 Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread per connection, one
 ``select`` loop per thread (an SSLSocket is never used from two threads).
@@ -105,7 +108,7 @@ def make_site_pki(directory, *, cn: str = "Site TLS CA") -> SitePki:
 class TlsFront:
     def __init__(self, site: SitePki, backend_port: int, *, netns_pid: int | None = None, port: int = 0,
                  client_cas: str | None = None, max_tls12: bool = False, silent_refusal: bool = False,
-                 drop_after_handshake: int = 0, drop_handshakes=()):
+                 drop_after_handshake: int = 0, drop_handshakes=(), ciphers: str | None = None):
         self.site = site
         self.silent_refusal = silent_refusal
         self.drop_after_handshake = drop_after_handshake
@@ -129,8 +132,10 @@ class TlsFront:
         if client_cas:
             self._ctx.load_verify_locations(cafile=client_cas)
             self._ctx.verify_mode = ssl.CERT_REQUIRED
-        if max_tls12:
+        if max_tls12 or ciphers:
             self._ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if ciphers:
+            self._ctx.set_ciphers(ciphers)
 
     @property
     def url(self) -> str:

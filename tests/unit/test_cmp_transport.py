@@ -470,6 +470,103 @@ def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(reset):
         with pytest.raises(TransportError, match=r"attempt 2 of 2") as e:
             exchange(f"https://127.0.0.1:{port}/ok", verify=True, retries=1, retry_base_s=0.01)
     assert classify(e.value)[0] == EXIT_NETWORK and len(accepted) == 2
+    assert "may have refused" not in str(e.value), "no client certificate was presented"
+
+
+@contextlib.contextmanager
+def _front(tmp_path, client_certificate_required=False, **kw):
+    """The repo's TLS front (tests/peers/tls_front.py, OpenSSL on both ends) before the Handler, requiring a client
+    certificate from its site CA if asked (``_client_auth``'s is not); yields it."""
+    from tests.peers.tls_front import TlsFront, make_site_pki
+
+    site = make_site_pki(tmp_path / "site")
+    if client_certificate_required:
+        kw["client_cas"] = site.ca_file
+    with serving(Handler) as port, TlsFront(site, port, **kw) as front:
+        front.ok_url = f"https://127.0.0.1:{front.port}/ok"
+        yield front
+
+
+def _client_auth(cn="device-0001 IDevID"):
+    """A TLS client credential from a CA no front trusts (the site CA issued the front's certificate only)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from enroll_clients.base import ClientAuth
+    from tests.certfactory import Spec, chain
+
+    ch = chain("p256", 2, leaf=Spec(subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])))
+    return ClientAuth(certificate=ch.leaf, private_key=ch.leaf_key)
+
+
+@pytest.mark.parametrize("case", ["no-client-certificate", "no-shared-cipher", "no-shared-cipher-certificate-sent"])
+def test_a_handshake_failure_alert_names_both_likely_causes(tmp_path, case):
+    """Alert 40 (handshake_failure) is what a TLS 1.2 server requiring a client certificate answers when it got
+    none, and what any server answers when it shares no cipher suite or version with us: the error names the alert
+    as OpenSSL reports it and both causes (as over EST), final (exit 5), after one connection."""
+    from agent.cli import EXIT_SERVER, classify
+
+    kw = ({"client_certificate_required": True, "max_tls12": True} if case == "no-client-certificate" else
+          {"ciphers": "ECDHE-ECDSA-AES128-SHA"})  # a TLS 1.2 suite without forward-secure AEAD: not offered by us
+    auth = _client_auth() if case.endswith("certificate-sent") else None
+
+    async def go(front):
+        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
+        t.use_client_credential(auth)
+        try:
+            return await t.exchange(b"\x30\x00")
+        finally:
+            await t.aclose()
+
+    with _front(tmp_path, **kw) as front:
+        with pytest.raises(ProtectionError) as e:
+            asyncio.run(go(front))
+        assert len(front.failed) == 1 and front.forwarded == 0, front.failed
+    msg = str(e.value)
+    first = ("either it refused our TLS client certificate 'CN=device-0001 IDevID' (some servers answer a refused "
+             "certificate so)" if auth else "either it requires a TLS client certificate and we sent none")
+    assert (f"POST {front.ok_url}: the CMP server ended the TLS handshake with a handshake_failure alert (40; "
+            f'OpenSSL: SSLV3_ALERT_HANDSHAKE_FAILURE, "sslv3 alert handshake failure"): {first}, or it shares no TLS '
+            "version or cipher suite with us") in msg, msg
+    assert ("--tls-client-auth presents" in msg) is (auth is None), msg
+    assert "probably" not in msg and "attempt" not in msg, msg
+    assert classify(e.value)[0] == EXIT_SERVER
+
+
+@pytest.mark.parametrize("silent", [True, False], ids=["refused-silently", "drop-in-handshake"])
+def test_a_tls12_close_in_the_handshake_with_a_client_certificate_names_it(tmp_path, silent):
+    """TLS 1.2: a server that refuses our client certificate without its alert closes in the handshake, which
+    looks like a drop (the refusal probe cannot tell either: its handshake is closed too). It stays a transport
+    failure, retried (exit 6: a close proves nothing), and the final error says the server may have refused the
+    certificate, naming it; the same for a front that reads the ClientHello and closes, as the client cannot
+    tell the two apart."""
+    from agent.cli import EXIT_NETWORK, classify
+    from tests.peers.tls_front import handshake_dropper
+
+    auth = _client_auth()
+
+    async def go(url, verify):
+        t = HttpTransport(url, verify=verify, retries=1, retry_base_s=0.01)
+        t.use_client_credential(auth)
+        try:
+            return await t.exchange(b"\x30\x00")
+        finally:
+            await t.aclose()
+
+    if silent:
+        with _front(tmp_path, client_certificate_required=True, max_tls12=True, silent_refusal=True) as front:
+            with pytest.raises(TransportError) as e:
+                asyncio.run(go(front.ok_url, front.site.ca_file))
+            assert len(front.failed) == 3 and front.handshakes == 0, front.failed  # 2 attempts + the probe
+    else:
+        with handshake_dropper() as (port, accepted):
+            with pytest.raises(TransportError) as e:
+                asyncio.run(go(f"https://127.0.0.1:{port}/ok", True))
+            assert len(accepted) == 3  # 2 attempts + the probe
+    msg = str(e.value)
+    assert "attempt 2 of 2: the server closed the connection in the TLS handshake; we presented our TLS client " \
+           "certificate 'CN=device-0001 IDevID' in that handshake, and the server may have refused it" in msg, msg
+    assert classify(e.value)[0] == EXIT_NETWORK
 
 
 def test_https_with_certificate_anchors(https_server):
