@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import stat
 import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -216,14 +217,16 @@ class HeldKey:
 @dataclasses.dataclass
 class _Cleanup:
     """What a durable commit leaves to do (``Keystore._cleanup``): the superseded key to destroy (claimed by the
-    exclusive lock ``claim``), the version directories of credential ``name`` to remove, and the lock file to make
-    for a held key just stored (``lock``, its URI)."""
+    exclusive lock ``claim``), the version directories of credential ``name`` to remove (``versions``, pruned by
+    the commit; with ``sweep``, every entry of ``creds/<name>`` the index does not reference), and the lock file to
+    make for a held key just stored (``lock``, its URI)."""
 
     name: str
     key: str | None
     claim: int | None
     versions: tuple[int, ...]
     lock: str | None = None
+    sweep: bool = False
 
 
 class _View:
@@ -1145,11 +1148,13 @@ class Keystore:
                 raise KeyGoneError(f"key {key_uri} was discarded before its certificate arrived (a pending key older "
                                    "than the keystore's bound, or one whose owner was taken for gone): nothing was "
                                    "stored; request a new certificate")
-            self._sweep_versions(name, existing)
             self._reap_retired(exclude=existing["key_uri"] if existing else None)
             version = (existing["version"] + 1) if existing else 1
             cdir = self.root / "creds" / name
             vdir = cdir / f"{version:04d}"
+            # What a crash before an earlier commit left under this version's name goes now; the other entries of
+            # creds/<name> the index does not reference go after the commit (_cleanup's sweep, after the answer).
+            self._clear_version_dir(vdir)
             old_key = existing["key_uri"] if existing else None
             replaced = old_key if old_key and old_key != key_uri and self._view().key_users().get(old_key) == [name] \
                 else None
@@ -1229,7 +1234,7 @@ class Keystore:
             cleanup = None
             if unsynced is None:
                 cleanup = _Cleanup(name, replaced if claim is not None else None, claim, tuple(drop),
-                                   key_uri if key is not None else None)
+                                   key_uri if key is not None else None, sweep=True)
             else:
                 if claim is not None:
                     self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
@@ -1237,7 +1242,7 @@ class Keystore:
                     self._locks.create(key_uri)
             if cleanup is not None and not defer_cleanup:
                 self._cleanup(cleanup, deferred=False)
-            elif cleanup is not None and (cleanup.key or cleanup.versions or cleanup.lock):
+            elif cleanup is not None:
                 self._deferred.append(cleanup)
             rec = self._record(name)
         if unsynced is not None:
@@ -1389,7 +1394,9 @@ class Keystore:
             if job.key is not None:
                 self._finish_destroy(job.key, job.claim)
                 self._destroyed.add(job.key)  # the next index write drops it from meta.destroying
-            if job.versions:
+            if job.sweep:
+                self._sweep_versions(job.name, (self._view().creds().get(job.name) or (None, None))[1])
+            elif job.versions:
                 hit = self._view().creds().get(job.name)
                 keep = (set(hit[1].get("versions", [])) | {hit[1]["version"]}) if hit is not None else set()
                 cdir = self.root / "creds" / job.name
@@ -1406,9 +1413,20 @@ class Keystore:
                 self.audit("deferred-cleanup-failed", name=job.name, key_uri=job.key, versions=list(job.versions),
                            error=str(e))
 
+    def _clear_version_dir(self, vdir: Path) -> None:
+        """Under the lock, before a commit writes the version directory ``vdir``: remove what a crash before an
+        earlier commit left under that name, so the version starts from a clean directory (one ``lstat`` when
+        nothing is there; the rest of ``creds/<name>`` is swept after the commit, ``_sweep_versions``)."""
+        try:
+            st = os.lstat(vdir)
+        except FileNotFoundError:
+            return
+        fsutil.remove_tree(vdir, secret=False) if stat.S_ISDIR(st.st_mode) else fsutil.secure_delete(vdir,
+                                                                                                     sync_dir=False)
+
     def _sweep_versions(self, name: str, rec: dict | None) -> None:
-        """Under the lock: remove version directories of ``name`` the index does not reference (left by a crash
-        before a commit), so the next version number starts from a clean directory."""
+        """Under the lock, after a commit (``_cleanup``): remove the version directories of ``name`` the index does
+        not reference (pruned by the commit, or left by a crash before an earlier one)."""
         d = self.root / "creds" / name
         if not d.is_dir():
             return
