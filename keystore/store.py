@@ -376,7 +376,8 @@ class Keystore:
         """Lookups over the cached index, re-validated against the file on every call (see storage.py) — except
         while this thread holds the keystore lock and has validated (or written) the cache since it took it: no
         other process or thread can write the index meanwhile, so the file cannot have changed (a write of ours
-        changes ``generation``, which sends us back to the file)."""
+        changes ``generation``; ``_txn`` then makes the view of what it wrote, which stays valid while we hold
+        the lock)."""
         lk, hit = self._lock, self._view_of
         if hit is not None and hit[0] == self._storage.generation and hit[1].doc is self._storage.cached() \
                 and self._view_epoch == lk.epoch and lk.owned_by_me():
@@ -439,7 +440,8 @@ class Keystore:
         it."""
         with self._lock:
             self._run_deferred()
-            data = IndexStorage.mutable(self._storage.read())
+            # _view: the index as validated under this hold of the lock (no second stat if it was already)
+            data = IndexStorage.mutable(self._view().doc)
             for t in ("credentials", "keys", "trust", "meta"):
                 data.setdefault(t, {})
             dropped = self._drop_destroyed(data)
@@ -450,6 +452,9 @@ class Keystore:
                 self._not_synced(e)
             else:
                 self.unsynced = None
+                # What we just wrote is the index while we hold the lock: views of it need no stat until released.
+                self._view_of = (self._storage.generation, _View(self._storage.cached() or {}))
+                self._view_epoch = self._lock.epoch
             self._destroyed -= dropped
 
     def _not_synced(self, e: NotDurableError) -> None:
