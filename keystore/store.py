@@ -1157,9 +1157,6 @@ class Keystore:
             version = (existing["version"] + 1) if existing else 1
             cdir = self.root / "creds" / name
             vdir = cdir / f"{version:04d}"
-            # What a crash before an earlier commit left under this version's name goes now; the other entries of
-            # creds/<name> the index does not reference go after the commit (_cleanup's sweep, after the answer).
-            self._clear_version_dir(vdir)
             old_key = existing["key_uri"] if existing else None
             replaced = old_key if old_key and old_key != key_uri and self._view().key_users().get(old_key) == [name] \
                 else None
@@ -1178,6 +1175,12 @@ class Keystore:
                 # The files are renamed into place before their fsync: nothing refers to the new version directory
                 # until that replace, so a file a power cut tears is garbage there (fsutil.write_new_files).
                 created = fsutil.make_dirs(vdir, self.root)
+                if vdir not in created:
+                    # Left by a crash before an earlier commit: this version starts from a clean directory. The
+                    # other entries of creds/<name> the index does not reference go after the commit (_cleanup's
+                    # sweep, after the answer).
+                    self._clear_version_dir(vdir)
+                    created = fsutil.make_dirs(vdir, self.root)
                 files = fsutil.write_new_files([(vdir / "chain.pem", pem(stored_chain)),
                                                 (vdir / "cert.pem", pem([certificate]))])
                 entries = [vdir / "chain.pem", vdir / "cert.pem", *created]
@@ -1420,8 +1423,8 @@ class Keystore:
 
     def _clear_version_dir(self, vdir: Path) -> None:
         """Under the lock, before a commit writes the version directory ``vdir``: remove what a crash before an
-        earlier commit left under that name, so the version starts from a clean directory (one ``lstat`` when
-        nothing is there; the rest of ``creds/<name>`` is swept after the commit, ``_sweep_versions``)."""
+        earlier commit left under that name (``make_dirs`` found it), so the version starts from a clean directory;
+        the rest of ``creds/<name>`` is swept after the commit (``_sweep_versions``)."""
         try:
             st = os.lstat(vdir)
         except FileNotFoundError:

@@ -159,3 +159,25 @@ def test_close_waits_for_a_flush_running_in_another_thread(ks, lab):
         fsutil._FAULT_HOOK = None
     assert not _file(ks, v1.key_uri).exists() and not ks.deferred
     assert Keystore.open(ks.root).check() == []
+
+
+def test_what_a_crash_left_in_creds_is_cleared_for_the_new_version_and_swept_after_the_answer(ks, lab):
+    """A version directory (and a stray entry) a crash before a commit left: the new version's directory starts
+    clean before the commit; the other unreferenced entries of creds/<name> go with the deferred cleanup."""
+    _renew(ks, lab)
+    cdir = ks.root / "creds" / "dev"
+    (cdir / "0002").mkdir()
+    (cdir / "0002" / "cert.pem").write_bytes(b"torn")
+    (cdir / "0002" / "junk").write_bytes(b"left by a crash")
+    (cdir / "0007").mkdir()
+    (cdir / "tmp123").write_bytes(b"stray")
+    held = ks.generate_held_key("p256")
+    csr = build_csr(held.private_key, parse_subject("CN=dev"))
+    cert = lab.issue(DOMAIN, csr.public_key(), csr.subject)
+    v2 = ks.store_certificate("dev", cert, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN, defer_cleanup=True)
+    assert v2.version == 2 and sorted(p.name for p in (cdir / "0002").iterdir()) == ["cert.pem", "chain.pem"]
+    assert Keystore.open(ks.root).get("dev").certificate == cert
+    assert (cdir / "0007").exists() and (cdir / "tmp123").exists()  # swept after the answer, not before
+    ks.flush()
+    assert _versions_on_disk(ks) == [1, 2]
+    assert ks.check() == []
