@@ -24,7 +24,6 @@ import threading
 
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, ProtocolError, ServerError, TransportError
-from enroll_clients.tls import not_tls, server_certificate_failure, validity_error
 
 CONTENT_TYPE = "application/pkixcmp"
 USER_AGENT = "devagent-cmp/1"
@@ -181,6 +180,8 @@ class HttpTransport(Transport):
             except ssl.SSLError as e:
                 if "ALERT" in (e.reason or ""):
                     raise self._alert_error(url, e) from None
+                from enroll_clients.tls import not_tls  # failure paths only: not on an enroll's start-up
+
                 if not_tls(e):  # the same answer next time
                     raise ProtectionError(f"POST {url}: {type(e).__name__}: {e}: the server did not answer in TLS; "
                                           "is it a plain HTTP endpoint (http://)?") from None
@@ -385,6 +386,8 @@ class HttpTransport(Transport):
         (the same certificate next time): final, exit 5 like EST's. Named by why: not for the URL's host, outside
         its validity period by this device's clock (``validity`` set, for the daemon's clock hint), or not
         trusted by the TLS trust (where that came from, and what to do)."""
+        from enroll_clients.tls import server_certificate_failure, validity_error
+
         kind, detail = server_certificate_failure(e)
         what = f"POST {url}: {type(e).__name__}: certificate verify failed: {detail}"
         if kind == "hostname":
