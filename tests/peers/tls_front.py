@@ -22,6 +22,10 @@ that is not the PKI domain's CA, relayed byte for byte to ``127.0.0.1:<backend_p
   1.3's suites are always shared): one the client does not offer makes the front answer with a handshake_failure
   alert (no shared cipher).
 
+Reading ``handshakes``, ``failed`` or ``dropped`` first waits (up to 5 s) until every connection accepted so far
+has an outcome of its handshake: a client that got the front's alert may return before the front's thread has
+recorded the failure that sent it (a race a loaded host loses).
+
 Python's ``ssl`` on both ends is OpenSSL: a real TLS stack, no mock. One thread per connection, one
 ``select`` loop per thread (an SSLSocket is never used from two threads).
 """
@@ -113,15 +117,18 @@ class TlsFront:
         self.silent_refusal = silent_refusal
         self.drop_after_handshake = drop_after_handshake
         self.drop_handshakes = frozenset(drop_handshakes)
-        self.dropped = 0
+        self._dropped = 0
         self.backend_port = backend_port
         self.netns_pid = netns_pid
         self.port = port
-        self.handshakes = 0
+        self._handshakes = 0
         self.forwarded = 0
-        self.failed: list[str] = []
+        self._failed: list[str] = []
         self.client_subjects: list[str] = []
         self._lock = threading.Lock()
+        self._decided = threading.Condition(self._lock)
+        self._accepted = 0  # connections accepted; each is decided once its handshake failed, succeeded or dropped
+        self._outcomes = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -136,6 +143,29 @@ class TlsFront:
             self._ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         if ciphers:
             self._ctx.set_ciphers(ciphers)
+
+    def _settled(self):
+        with self._decided:
+            self._decided.wait_for(lambda: self._outcomes >= self._accepted, timeout=5)
+
+    @property
+    def handshakes(self) -> int:
+        self._settled()
+        return self._handshakes
+
+    @property
+    def failed(self) -> list[str]:
+        self._settled()
+        return self._failed
+
+    @property
+    def dropped(self) -> int:
+        self._settled()
+        return self._dropped
+
+    def _decide(self) -> None:  # under self._lock
+        self._outcomes += 1
+        self._decided.notify_all()
 
     @property
     def url(self) -> str:
@@ -184,10 +214,14 @@ class TlsFront:
                     continue
                 except OSError:
                     break
+                with self._lock:
+                    self._accepted += 1
                 try:  # made here, in the namespace: the relay thread need not join it
                     up = socket.create_connection(("127.0.0.1", self.backend_port), timeout=10)
                 except OSError as e:
-                    self.failed.append(f"backend: {e}")
+                    with self._lock:
+                        self._failed.append(f"backend: {e}")
+                        self._decide()
                     conn.close()
                     continue
                 threading.Thread(target=self._relay, args=(conn, up), name="tls-front-relay", daemon=True).start()
@@ -214,25 +248,28 @@ class TlsFront:
             if self.silent_refusal:
                 self._silent_handshake(conn)
                 with self._lock:
-                    self.handshakes += 1
+                    self._handshakes += 1
+                    self._decide()
                 conn.close()
                 up.close()
                 return
             tls = self._ctx.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError) as e:
             with self._lock:
-                self.failed.append(str(e))
+                self._failed.append(str(e))
+                self._decide()
             conn.close()
             up.close()
             return
         with self._lock:
-            self.handshakes += 1
+            self._handshakes += 1
             peer = tls.getpeercert()
             if peer:
                 self.client_subjects.append(", ".join(f"{k}={v}" for rdn in peer["subject"] for k, v in rdn))
-            drop = self.dropped < self.drop_after_handshake or self.handshakes in self.drop_handshakes
+            drop = self._dropped < self.drop_after_handshake or self._handshakes in self.drop_handshakes
             if drop:
-                self.dropped += 1
+                self._dropped += 1
+            self._decide()
         if drop:
             tls.close()
             up.close()
