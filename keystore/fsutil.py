@@ -137,14 +137,26 @@ def drain_closes() -> None:
 # Several fsyncs that must all be done before one later step, with no order among them (the files of a new version
 # and the directories that gained their entries, all before the index names them), are issued together: the file
 # system commits them in one journal transaction (ext4's jbd2 joins fsyncs that arrive while a commit is being
-# prepared) instead of one after another. Measured on the loaded CI host: two new files and two directories
-# 0.6-0.9 ms together against 1.5-7 ms in sequence. Each fsync still happens, on its own descriptor; what changes is
-# only that the caller waits for all of them at once. The threads are created on first use (none for a command
-# that writes nothing) and a forked child starts without them.
+# prepared) instead of one after another. Each fsync still happens, on its own descriptor; what changes is only
+# that the caller waits for all of them at once.
+# How they are issued: on Linux, with one ``io_submit`` of IOCB_CMD_FSYNC requests (native AIO, see ``_Aio``): the
+# kernel runs each on a workqueue thread (since 4.18, for every file system with an fsync), all of them started at
+# once, and the caller waits in one ``io_getevents``. The fallback is a pool of threads, each calling ``os.fsync``:
+# a pool thread needs the GIL to start its fsync, so they start one hand-off apart (~0.05 ms each on the CI host),
+# and a batch of 7 costs ~3x one fsync there; through AIO it costs ~0.2 ms less (docs/performance.md). The pool is
+# used where AIO is not: another OS or machine, no ``syscall`` in libc, io_setup refused (ENOSYS, or EPERM under a
+# seccomp filter, EAGAIN: fs.aio-max-nr reached), and for the requests the kernel refuses at io_submit (a
+# descriptor without an fsync op, e.g. a pipe: EINVAL; a kernel before 4.18: every fsync) with those after them.
+# Neither AIO contexts nor threads exist before the first batch (a command that writes nothing imports no ctypes),
+# and a forked child starts without either.
 # The largest batch is a renewal with a held software key (Keystore.store_certificate(key=...)): its two version
-# files, the key file, the version dir, creds/<name>, keys/ and the index temp file, 7 descriptors, one of them
-# synced on the caller's thread; with fewer threads the rest would queue for a second round.
+# files, the key file, the version dir, creds/<name>, keys/ and the index temp file, 7 descriptors; on the pool one
+# is synced on the caller's thread, and with fewer threads the rest would queue for a second round.
 SYNC_THREADS = 6
+# Switch for tests (and for a host where AIO misbehaves): False sends every batch to the thread pool, as when the
+# kernel refuses io_setup. ``aio_fsyncs`` counts the fsyncs submitted through AIO (tests check it is really taken).
+USE_AIO = True
+aio_fsyncs = 0
 
 
 class _Syncer:
@@ -169,12 +181,188 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_SYNCER.after_fork_in_child)
 
 
-def fsync_all(fds: list[int]) -> list[OSError | None]:
-    """fsync every descriptor in ``fds``, concurrently when there are several; return once all are done, with
-    the error of each (None: synced). Never raises for an fsync's failure: the caller names what failed."""
-    global fsync_count
-    fsync_count += len(fds)
-    out: list[OSError | None] = [None] * len(fds)
+# Linux native AIO through libc's syscall(2) (no Python module wraps io_setup & co., and libaio is not installed
+# by default). Syscall numbers (io_setup, io_submit, io_getevents, io_destroy) from the kernel's tables:
+# arch/x86/entry/syscalls/syscall_64.tbl (206, 209, 208, 207; /usr/include/x86_64-linux-gnu/asm/unistd_64.h),
+# include/uapi/asm-generic/unistd.h for arm64 (0, 2, 4, 1), arch/arm/tools/syscall.tbl for 32-bit ARM EABI
+# (243, 246, 245, 244), which is also what a 32-bit userland (Raspberry Pi OS armhf) uses on an arm64 kernel, whose
+# uname says aarch64: the table is chosen by machine *and* pointer size. On 32-bit ARM io_getevents (245) is the
+# time32 one, absent from a kernel built without COMPAT_32BIT_TIME: io_setup probes it (and falls back) before
+# anything is submitted. struct iocb (64 bytes) and struct io_event (32) as in linux/aio_abi.h, little-endian.
+_AIO_NR = {("x86_64", 8): (206, 209, 208, 207), ("aarch64", 8): (0, 2, 4, 1), ("arm64", 8): (0, 2, 4, 1),
+           ("aarch64", 4): (243, 246, 245, 244), ("arm", 4): (243, 246, 245, 244)}
+_AIO_SLOTS = 16  # requests in flight per context; a larger batch is submitted in rounds of this many
+_IOCB_CMD_FSYNC = 2
+_AIO = None  # the ctypes bindings (_AioLib), made on first use; False: AIO is unavailable here
+
+
+class _AioLib:
+    def __init__(self, ctypes, nr) -> None:
+        self.ctypes = ctypes
+        self.setup_nr, self.submit_nr, self.getevents_nr, self.destroy_nr = nr
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.syscall = libc.syscall  # AttributeError: no syscall(2) in this libc
+        self.syscall.restype = ctypes.c_long
+        u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+
+        class Iocb(ctypes.Structure):
+            _fields_ = [("aio_data", u64), ("aio_key", u32), ("aio_rw_flags", ctypes.c_int32),
+                        ("aio_lio_opcode", ctypes.c_uint16), ("aio_reqprio", ctypes.c_int16), ("aio_fildes", u32),
+                        ("aio_buf", u64), ("aio_nbytes", u64), ("aio_offset", ctypes.c_int64),
+                        ("aio_reserved2", u64), ("aio_flags", u32), ("aio_resfd", u32)]
+
+        class Event(ctypes.Structure):
+            _fields_ = [("data", u64), ("obj", u64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+        if ctypes.sizeof(Iocb) != 64 or ctypes.sizeof(Event) != 32:
+            raise OSError(errno.ENOSYS, "unexpected struct iocb layout")
+        self.Iocb, self.Event = Iocb, Event
+
+
+def _aio_lib():
+    """The AIO bindings, or None where AIO is not available (then every batch goes to the pool)."""
+    global _AIO
+    if _AIO is None:
+        _AIO = False
+        if os.name == "posix" and os.uname().sysname == "Linux":
+            import ctypes
+
+            machine = os.uname().machine
+            key = (machine if not machine.startswith("arm") else "arm", ctypes.sizeof(ctypes.c_void_p))
+            if key in _AIO_NR:
+                with contextlib.suppress(OSError, AttributeError, ValueError):
+                    _AIO = _AioLib(ctypes, _AIO_NR[key])
+    return _AIO or None
+
+
+class _Aio:
+    """One AIO context of one thread, with its buffers (the kernel copies the iocbs at io_submit and writes the
+    events into ``events`` during io_getevents). What must never be left behind is a submitted request: the
+    caller's next step (a replace) waits for its fsync, and its event must not be reaped as a later batch's."""
+
+    def __init__(self, lib: _AioLib, gen: int) -> None:
+        c = lib.ctypes
+        self.lib, self.gen = lib, gen
+        self.ctx = c.c_ulong(0)
+        if lib.syscall(c.c_long(lib.setup_nr), c.c_long(_AIO_SLOTS), c.byref(self.ctx)) != 0:
+            e = c.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.iocbs = (lib.Iocb * _AIO_SLOTS)()
+        self.ptrs = (c.c_void_p * _AIO_SLOTS)(*(c.addressof(cb) for cb in self.iocbs))
+        self.events = (lib.Event * _AIO_SLOTS)()
+        for cb in self.iocbs:
+            cb.aio_lio_opcode = _IOCB_CMD_FSYNC
+        try:
+            self._getevents(0)  # the probe: ENOSYS where this io_getevents does not exist
+        except OSError:
+            self.destroy()
+            raise
+
+    def _getevents(self, n: int) -> int:
+        lib, c = self.lib, self.lib.ctypes
+        r = lib.syscall(c.c_long(lib.getevents_nr), self.ctx, c.c_long(n), c.c_long(n), self.events, None)
+        if r < 0:
+            e = c.get_errno()
+            raise OSError(e, os.strerror(e))
+        return r
+
+    def submit(self, fds) -> int:
+        """Submit an fsync of each of ``fds`` (at most _AIO_SLOTS); return how many the kernel took, from the first
+        (0: it refused the first one: EINVAL, EBADF, EAGAIN, ...). The caller must ``reap`` that many, and
+        ``abandon`` the context if anything interrupts it before it knows the count."""
+        lib, c = self.lib, self.lib.ctypes
+        for i, fd in enumerate(fds):
+            cb = self.iocbs[i]
+            cb.aio_fildes = fd
+            cb.aio_data = i
+        return max(lib.syscall(c.c_long(lib.submit_nr), self.ctx, c.c_long(len(fds)), self.ptrs), 0)
+
+    def reap(self, n: int, out: list, base: int) -> None:
+        """Wait for the ``n`` submitted requests; ``out[base + i]``: None or the OSError of request i. Returns or
+        raises only once all ``n`` are done: EINTR is retried; an exception raised meanwhile (KeyboardInterrupt)
+        or an error of io_getevents itself abandons the context, which waits for them (``abandon``)."""
+        got = 0
+        seen = [False] * n
+        try:
+            while got < n:
+                try:
+                    k = self._getevents(n - got)
+                except InterruptedError:
+                    continue
+                for ev in self.events[:k]:
+                    seen[ev.data] = True
+                    if ev.res < 0:
+                        out[base + ev.data] = OSError(-ev.res, os.strerror(-ev.res))
+                got += k
+        except OSError as e:  # not seen for a valid context; the fsyncs' outcome is unknown: report it as theirs
+            self.abandon()
+            for i in range(n):
+                if not seen[i]:
+                    out[base + i] = e
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Destroy this thread's context (io_destroy waits until every request submitted to it is done, so that
+        nothing of a batch is left in flight, nor its events for a later batch to reap); the next batch makes a
+        new one."""
+        if getattr(_AIO_LOCAL, "aio", None) is self:
+            _AIO_LOCAL.aio = None
+        self.destroy()
+
+    def destroy(self) -> None:
+        lib, c = self.lib, self.lib.ctypes
+        if self.ctx.value and self.gen == _AIO_GEN[0]:  # a context of the parent process is not ours to destroy
+            lib.syscall(c.c_long(lib.destroy_nr), self.ctx)
+        self.ctx.value = 0
+
+    def __del__(self) -> None:  # the thread that owned it ended (threading.local dropped it)
+        with contextlib.suppress(Exception):
+            self.destroy()
+
+
+# One context per thread (threading.local): a thread's batch waits for its own requests only, and threads writing
+# different keystores (or files) never wait for each other's fsyncs, as with the pool. A shared context would need
+# either a lock held across the wait (serialising every writer's batch) or a dispatcher of events to waiters; a
+# context costs one small ring mapping and _AIO_SLOTS of fs.aio-max-nr (65536 by default), and is destroyed when its
+# thread ends. _AIO_GEN changes at fork: the child's mm has no AIO contexts (the kernel does not copy them), so a
+# context made before the fork is dropped unused, never destroyed (its id may be a new context's in the child).
+_AIO_LOCAL = threading.local()
+_AIO_GEN = [0]
+
+
+def _aio_after_fork_in_child() -> None:
+    _AIO_GEN[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_aio_after_fork_in_child)
+
+
+def _aio_context() -> _Aio | None:
+    if not USE_AIO:
+        return None
+    a = getattr(_AIO_LOCAL, "aio", None)
+    if a is not None and a.gen == _AIO_GEN[0]:
+        return a
+    _AIO_LOCAL.aio = None
+    if getattr(_AIO_LOCAL, "refused", None) == _AIO_GEN[0]:
+        return None
+    lib = _aio_lib()
+    if lib is None:
+        return None
+    try:
+        a = _Aio(lib, _AIO_GEN[0])
+    except OSError:  # ENOSYS, EPERM (seccomp), EAGAIN (aio-max-nr), EINVAL: this thread uses the pool
+        _AIO_LOCAL.refused = _AIO_GEN[0]
+        return None
+    _AIO_LOCAL.aio = a
+    return a
+
+
+def _fsync_pool(fds: list[int], out: list, base: int) -> None:
+    """The fallback: fsync ``fds`` on the pool's threads and this one; ``out[base + i]``: None or the error."""
     futures = None
     if len(fds) > 1:
         try:
@@ -186,26 +374,73 @@ def fsync_all(fds: list[int]) -> list[OSError | None]:
         try:
             os.fsync(fd)
         except OSError as e:
-            out[i] = e
+            out[base + i] = e
     for i, f in enumerate(futures or (), start=1):
         try:
             f.result()
         except OSError as e:
-            out[i] = e
+            out[base + i] = e
+
+
+def fsync_all(fds: list[int]) -> list[OSError | None]:
+    """fsync every descriptor in ``fds``, concurrently when there are several; return once all are done, with
+    the error of each (None: synced). Never raises for an fsync's failure: the caller names what failed."""
+    global fsync_count, aio_fsyncs
+    fsync_count += len(fds)
+    out: list[OSError | None] = [None] * len(fds)
+    a = _aio_context() if len(fds) > 1 else None
+    start = 0
+    while a is not None and start < len(fds):
+        chunk = fds[start:start + _AIO_SLOTS]
+        try:
+            n = a.submit(chunk)
+        except BaseException:  # interrupted right after io_submit: how many went in is unknown; wait for them all
+            a.abandon()
+            raise
+        aio_fsyncs += n
+        try:
+            if n < len(chunk):  # refused from chunk[n] on: those go the old way while the submitted ones run
+                _fsync_pool(fds[start + n:], out, start + n)
+        finally:
+            a.reap(n, out, start)
+        if n < len(chunk):
+            return out
+        start += n
+    if start < len(fds):
+        _fsync_pool(fds[start:], out, start)
     return out
 
 
 def fsync_while(fd: int, fn):
-    """fsync ``fd`` on a pool thread while ``fn()`` runs on this one; return ``fn()``'s result once both are done.
+    """fsync ``fd`` while ``fn()`` runs on this thread; return ``fn()``'s result once both are done.
     For work that must not be *answered* before the fsync returns but may be *done* meanwhile (the CSR of a key
     whose directory entry is being synced). If ``fn`` raises, the fsync is still waited for, then ``fn``'s exception
     propagates. Raises the fsync's ``OSError`` (after ``fn`` finished).
 
-    The pool thread needs the GIL to start its fsync: it gets it at ``fn``'s first blocking call (a file open,
-    a lock), or when ``fn`` returns. Worth it only for an ``fn`` that blocks early and then computes (the CSR:
-    the key's lock file is opened, then the CSR is signed); pure-Python work gains nothing from it."""
-    global fsync_count
+    Through AIO (see above) the fsync starts at once on a kernel thread. On the pool, the pool thread needs the GIL
+    to start its fsync: it gets it at ``fn``'s first blocking call (a file open, a lock), or when ``fn`` returns;
+    worth it there only for an ``fn`` that blocks early and then computes (the CSR: the key's lock file is opened,
+    then the CSR is signed)."""
+    global fsync_count, aio_fsyncs
     fsync_count += 1
+    a = _aio_context()
+    try:
+        n = a.submit([fd]) if a is not None else 0
+    except BaseException:  # as in fsync_all
+        a.abandon()
+        raise
+    if n == 1:
+        aio_fsyncs += 1
+        err: list[OSError | None] = [None]
+        try:
+            out = fn()
+        except BaseException:
+            a.reap(1, err, 0)
+            raise
+        a.reap(1, err, 0)
+        if err[0] is not None:
+            raise err[0]
+        return out
     try:
         fut = _SYNCER.executor().submit(os.fsync, fd)
     except RuntimeError:  # interpreter shutting down: no new threads; one after the other
