@@ -397,8 +397,8 @@ def fsync_all(fds: list[int]) -> list[OSError | None]:
         except BaseException:  # interrupted right after io_submit: how many went in is unknown; wait for them all
             a.abandon()
             raise
-        aio_fsyncs += n
         try:
+            aio_fsyncs += n
             if n < len(chunk):  # refused from chunk[n] on: those go the old way while the submitted ones run
                 _fsync_pool(fds[start + n:], out, start + n)
         finally:
@@ -430,9 +430,9 @@ def fsync_while(fd: int, fn):
         a.abandon()
         raise
     if n == 1:
-        aio_fsyncs += 1
         err: list[OSError | None] = [None]
         try:
+            aio_fsyncs += 1
             out = fn()
         except BaseException:
             a.reap(1, err, 0)

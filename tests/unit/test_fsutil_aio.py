@@ -168,3 +168,17 @@ def test_fsync_while(files, aio, request):
         fsutil.fsync_while(pipe, lambda: ran.append(1))
     assert e.value.errno == errno.EINVAL and ran == [1]  # fn ran; the fsync's error is raised after it
     assert fsutil.fsync_all(fds) == [None] * 4
+
+
+@pytest.mark.skipif(not AIO_HERE, reason="no AIO here")
+def test_an_abandoned_context_waits_for_its_requests_and_is_replaced(files):
+    """What an interrupted wait does (a KeyboardInterrupt in io_getevents, or right after io_submit): io_destroy
+    returns once every submitted fsync is done; the thread's next batch makes a new context and reaps only its own."""
+    fds, _pipe = files
+    fsutil.fsync_all(fds)
+    a = fsutil._aio_context()
+    assert a is not None and a.submit(fds) == 4  # four fsyncs in flight, never reaped
+    a.abandon()
+    assert a.ctx.value == 0 and fsutil._aio_context() is not a
+    before = fsutil.aio_fsyncs
+    assert fsutil.fsync_all(fds) == [None] * 4 and fsutil.aio_fsyncs - before == 4
