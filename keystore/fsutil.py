@@ -5,6 +5,8 @@ Invariants:
   directory is fsynced; on any error before the replace the temp file is removed and the target is untouched
   (``StorageError``). A failure *after* the replace (the directory fsync) is ``NotDurableError``: the new content
   is live, and callers must treat it as written (never remove what it points at), report it, and retry the sync.
+  The exception: ``write_new_files`` creates new files under their final names in a place nothing refers to yet
+  (a torn one is garbage there), and the write that will refer to them fsyncs them before it does.
 - Files are created 0600 (or 0400), directories 0700. Nothing else in the project calls ``os.chmod`` or
   ``os.open`` for state files.
 - Secrets are read through ``read_private``: opened with ``O_NOFOLLOW`` and checked with ``fstat`` on the opened
@@ -722,8 +724,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE, *,
 
 
 class NewFiles:
-    """Files ``write_new_files`` wrote and renamed into a directory nothing refers to yet, still open and not yet
-    fsynced: ``atomic_write(..., fsync_files=it)`` fsyncs them together with what it writes, before its replace
+    """Files ``write_new_files`` wrote under their final names where nothing refers to them yet, still open and not
+    yet fsynced: ``atomic_write(..., fsync_files=it)`` fsyncs them together with what it writes, before its replace
     (and then sets ``synced``). ``close()`` closes them (idempotent)."""
 
     def __init__(self) -> None:
@@ -823,40 +825,72 @@ def stage_file(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> S
         raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
 
 
-def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
-    """Write each ``(path, data)`` of ``items`` (temp file, then renamed to ``path``) into a directory that nothing
-    refers to yet, and leave the fsyncs to the write that will refer to it (``atomic_write(..., fsync_files=...,
-    sync_first=...)``), so that they are issued together with its own.
-
-    Renaming before the fsync is safe only there: until something durable names the directory, a file that a power
-    cut leaves torn is garbage in an unreferenced directory (``Keystore.gc`` removes it), and the referring write
-    happens only after every fsync returned.
+def _create_new(p: Path) -> int:
+    """Create ``p`` (0600, ``O_EXCL``, ``O_NOFOLLOW``) for ``write_new_files``. A name already there is cleared
+    first (securely), then created afresh; see ``write_new_files`` for why that is safe and preferred to a temp
+    file renamed over it.
 
     Raises:
-        StorageError: a step failed; the temp file of the failing step is removed securely (overwritten first:
-            it may hold part of an encrypted key), files renamed before it stay (the caller removes them).
+        OSError: the create failed (nothing of ours to remove).
+        StorageError: what was there could not be removed.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    try:
+        return os.open(p, flags, FILE_MODE)
+    except FileExistsError:
+        pass
+    # A leftover under the final name (a symlink too: O_EXCL never follows one, and secure_delete removes the link,
+    # not its target). No directory fsync after the unlink: a power cut that undoes it brings back garbage in a
+    # place nothing refers to, and the referring write syncs this directory (with the new entry) before it names it.
+    secure_delete(p, sync_dir=False)
+    return os.open(p, flags, FILE_MODE)
+
+
+def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
+    """Write each ``(path, data)`` of ``items`` under its final name (a new file: ``O_CREAT|O_EXCL|O_NOFOLLOW``,
+    0600, then ``mode``) into a place nothing refers to yet, and leave the fsyncs to the write that will refer to
+    it (``atomic_write(..., fsync_files=..., sync_first=...)``), so that they are issued together with its own.
+
+    No temp file and rename: until something durable names the file (the index replace of
+    ``Keystore.store_certificate``, which happens only after every fsync of these files and their directories
+    returned), a file a crash or power cut leaves empty or torn is garbage in an unreferenced place -- a version
+    directory the index does not name (``gc`` removes it, and ``store_certificate`` clears one it reuses) or a
+    ``keys/ID.key`` no key record names (``gc`` securely deletes it). A rename would only give the same garbage
+    another name, at the cost of one more directory entry change per file.
+
+    A name already taken (a leftover of a failed or crashed attempt whose removal failed; under the caller's lock
+    nothing live can be there: the caller writes only where nothing refers to) is securely deleted first, then
+    created afresh, rather than keeping the old temp file + replace for it: a replace would free the leftover's
+    blocks without overwriting them, and a leftover ``keys/ID.key`` holds (encrypted) key material.
+
+    Raises:
+        StorageError: a step failed; the file of the failing step, if this call created it, is removed securely
+            (overwritten first: it may hold part of an encrypted key); files written before it stay (the caller
+            removes them). A name that could not be created or cleared is left as it was.
     """
     out = NewFiles()
     for path, data in items:
         p = Path(path)
-        fd, tmp = -1, None
+        fd = -1
+        made = False
         try:
-            fd, tmp = _mkstemp(p)
+            fd = _create_new(p)
+            made = True
             _fill(fd, p, data, mode)
-            _fault("replace", p)
-            os.replace(tmp, p)
-            tmp = None
             out.files.append((p, fd))
             fd = -1
-        except OSError as e:
+            made = False
+        except (OSError, StorageError) as e:
             out.close()
+            if isinstance(e, StorageError):
+                raise StorageError(f"cannot write {p}: {e}; nothing was changed") from e
             raise StorageError(f"cannot write {p}: {e.strerror or e}; nothing was changed") from e
         finally:
             if fd >= 0:
                 os.close(fd)
-            if tmp is not None:  # it may hold part of a secret (a held key's file): securely, as stage_file does
+            if made:  # created by us and not complete: it may hold part of a secret (a held key's file)
                 with contextlib.suppress(StorageError, OSError):
-                    secure_delete(tmp, sync_dir=False)
+                    secure_delete(p, sync_dir=False)
     return out
 
 

@@ -1172,8 +1172,10 @@ class Keystore:
                 # for the new version directory; creds/ and the root for new directories) once.
                 # Fsyncs with no order among them are issued together (fsutil.fsync_all): both files, the
                 # directories that gained their entries and the index's temp file, all before the index replace.
-                # The files are renamed into place before their fsync: nothing refers to the new version directory
-                # until that replace, so a file a power cut tears is garbage there (fsutil.write_new_files).
+                # The files are created under their final names (no temp file, no rename) and fsynced only in that
+                # batch: nothing refers to the new version directory until the replace, so a file a crash or power
+                # cut tears is garbage there (fsutil.write_new_files). The directory is new or cleared below, so
+                # the names are free.
                 created = fsutil.make_dirs(vdir, self.root)
                 if vdir not in created:
                     # Left by a crash before an earlier commit: this version starts from a clean directory. The
@@ -1185,8 +1187,10 @@ class Keystore:
                                                 (vdir / "cert.pem", pem([certificate]))])
                 entries = [vdir / "chain.pem", vdir / "cert.pem", *created]
                 if key is not None:
-                    # A held key's file, under its final name: no record names it until the index replace
-                    # below, which records it active (a crash before: an unnamed keys/*.key, gc deletes it).
+                    # A held key's file, created under its final name: no record names it until the index replace
+                    # below, which records it active (a crash before: an unnamed, maybe torn keys/*.key, which gc
+                    # securely deletes). The name is free unless a failed earlier try of this key could not delete
+                    # its file (no record names it: checked above, under the lock): write_new_files clears it first.
                     # Its lock file is made after the commit (with defer_cleanup, after the answer): until then no
                     # process holds the key, and one that wants to finds the file missing and makes it under the
                     # keystore lock (Keystore._hold), as for a lock file a power cut lost.

@@ -3,6 +3,11 @@
 ``fsutil._FAULT_HOOK`` fails one step (write, fsync, replace, fsync-dir) of one file with ENOSPC or EIO. Before
 the index replace nothing may change (file snapshot); once the index replace succeeded the new version is live
 and a failing directory fsync must neither remove it nor destroy what a power cut could bring back.
+
+A version's files and a held key's file are created under their final names (``fsutil.write_new_files``): they
+have no "replace" step, so the matrix does not list one for them (``STORE_STEPS``), and
+``test_the_store_matrix_lists_exactly_the_steps_a_store_makes`` fails if the code makes a step the matrix
+misses or the matrix lists one the code does not make.
 """
 from __future__ import annotations
 
@@ -19,6 +24,16 @@ from keystore.store import Keystore
 from tests.conftest import DOMAIN, snapshot
 
 STAGES = ["write", "fsync", "replace", "fsync-dir"]
+# The steps of each file store_certificate writes, as the code makes them: the index through a temp file renamed
+# over it; the version's files and a held key's file created under their final names (no rename).
+NEW_FILE_STAGES = ["write", "fsync", "fsync-dir"]
+STORE_STEPS = {"keystore.json": STAGES, "cert.pem": NEW_FILE_STAGES, "chain.pem": NEW_FILE_STAGES,
+               ".key": NEW_FILE_STAGES}
+
+
+def store_matrix(targets):
+    """``(target, stage)`` parameters for the targets' steps (``STORE_STEPS``)."""
+    return [pytest.param(t, s, id=f"{t}-{s}") for t in targets for s in STORE_STEPS[t]]
 ERRNOS = [errno.ENOSPC, errno.EIO]
 
 
@@ -179,9 +194,44 @@ def test_a_failed_commit_sync_is_a_second_line_never_a_changed_first_one(ks, lab
     assert "sync_error" not in third and ks.durable
 
 
+def store_steps(ks, store, key_file=None) -> dict[str, set[str]]:
+    """The fault-hook steps ``store`` makes for each ``STORE_STEPS`` target, by running it with a recording hook;
+    for ".key" only those of ``key_file`` (the held key's file; the superseded key's destruction is not a write)."""
+    seen: dict[str, set[str]] = {t: set() for t in STORE_STEPS}
+
+    def hook(stage, path):
+        for t in STORE_STEPS:
+            if path.endswith(t) and (t != ".key" or path == str(key_file)):
+                seen[t].add(stage)
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        store()
+    finally:
+        fsutil._FAULT_HOOK = None
+    return seen
+
+
+def test_the_store_matrix_lists_exactly_the_steps_a_store_makes(ks, lab):
+    """The fault matrices below fail one step per target; each listed step must be one the code makes (a fault at a
+    step that never fires would test nothing) and every step the code makes must be listed."""
+    uri1, cert1 = _issue(ks, lab)
+    ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
+    uri2, cert2 = _issue(ks, lab)
+    seen = store_steps(ks, lambda: ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2,
+                                                        domain=DOMAIN))
+    assert seen.pop(".key") == set()  # a key_uri store writes no key file
+    assert seen == {t: set(STORE_STEPS[t]) for t in seen}
+    held = ks.generate_held_key("p256")
+    csr = build_csr(held.private_key, parse_subject("CN=dev"))
+    cert3 = lab.issue(DOMAIN, csr.public_key(), csr.subject)
+    seen = store_steps(ks, lambda: ks.store_certificate("dev", cert3, lab.domain(DOMAIN).chain, key=held,
+                                                        domain=DOMAIN), key_file=ks.root / held.uri.partition(":")[2])
+    assert seen == {t: set(STORE_STEPS[t]) for t in STORE_STEPS}
+
+
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("target", ["cert.pem", "chain.pem", "keystore.json"])
+@pytest.mark.parametrize(("target", "stage"), store_matrix(["cert.pem", "chain.pem", "keystore.json"]))
 def test_store_fault_matrix(ks, lab, stage, target, err):
     """Renewal with one write step failing: before the index replace nothing changes; after it (fsync-dir of
     the index) the new version is live. Every outcome leaves a keystore that opens and checks clean."""

@@ -57,7 +57,7 @@ def test_new_files_are_fsynced_with_the_write_that_refers_to_them(tmp_path):
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
 
     files = fsutil.write_new_files([(d / "a", b"A"), (d / "b", b"B")])
-    assert sorted(p.name for p in d.iterdir()) == ["a", "b"]  # renamed, not yet synced
+    assert sorted(p.name for p in d.iterdir()) == ["a", "b"]  # under their final names, not yet synced
     fsutil._FAULT_HOOK = hook
     try:
         with pytest.raises(StorageError, match=rf"cannot write {d}/b: .*nothing was changed"):
@@ -78,18 +78,108 @@ def test_new_files_are_fsynced_with_the_write_that_refers_to_them(tmp_path):
     files.close()  # idempotent
 
 
-def test_a_failing_write_of_new_files_leaves_no_temp_file(tmp_path):
+def test_new_files_are_created_under_their_final_names(tmp_path):
+    """No temp file and no rename: each file is created (0600 first, then its mode) under its own name."""
+    steps = []
+    fsutil._FAULT_HOOK = lambda stage, path: steps.append((stage, os.path.basename(path)))
+    try:
+        files = fsutil.write_new_files([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")], mode=0o400)
+    finally:
+        fsutil._FAULT_HOOK = None
+        files.close()
+    assert steps == [("write", "a"), ("write", "b")]  # no "replace": nothing is renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in "ab"] == [0o400, 0o400]
+
+
+def test_a_failing_write_of_new_files_removes_only_its_own_file(tmp_path):
     def hook(stage, path):
-        if stage == "replace" and path.endswith("/b"):
+        if stage == "write" and path.endswith("/b"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     fsutil._FAULT_HOOK = hook
     try:
-        with pytest.raises(StorageError, match="/b: "):
+        with pytest.raises(StorageError, match=f"cannot write {tmp_path}/b: {os.strerror(errno.ENOSPC)}"):
             fsutil.write_new_files([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")])
     finally:
         fsutil._FAULT_HOOK = None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # renamed before the failure: the caller's to remove
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # written before the failure: the caller's to remove
+
+
+def _short_writes(limit: int):
+    """Make this process's writes past ``limit`` bytes of a file fail (RLIMIT_FSIZE: a real short write, then
+    EFBIG, as a disk filling up mid-file gives a short write, then ENOSPC). Returns the undo."""
+    import resource
+    import signal
+
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+
+    def undo():
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    return undo
+
+
+def test_a_file_torn_by_a_failing_write_is_overwritten_before_its_unlink(tmp_path):
+    """The disk fills up in the middle of a new file (it may hold part of an encrypted key): what was written of it
+    is overwritten with random bytes and the file unlinked; the file written before it stays."""
+    secret = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" + b"k" * 4000
+    seen = {}
+
+    def hook(stage, path):
+        if stage == "write" and path.endswith("/b"):
+            seen["undo"] = _short_writes(100)
+        if stage == "unlink" and path.endswith("/b"):
+            seen["undo"]()
+            seen["at_unlink"] = open(path, "rb").read()
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        with pytest.raises(StorageError, match=f"cannot write {tmp_path}/b: .*nothing was changed"):
+            fsutil.write_new_files([(tmp_path / "a", b"A"), (tmp_path / "b", secret)])
+    finally:
+        fsutil._FAULT_HOOK = None
+        if "at_unlink" not in seen and "undo" in seen:
+            seen["undo"]()
+    assert len(seen["at_unlink"]) == 100 and seen["at_unlink"] != secret[:100], "not overwritten before the unlink"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_a_name_left_by_an_earlier_attempt_is_securely_cleared_then_created_afresh(tmp_path):
+    """A leftover under a final name (a failed attempt whose removal failed too) is overwritten and unlinked, then
+    the file is created anew (O_EXCL): nothing is written through it or renamed over it. A symlink there is
+    removed, never followed."""
+    old = b"-----BEGIN ENCRYPTED PRIVATE KEY----- old"
+    (tmp_path / "a").write_bytes(old)
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    (tmp_path / "b").symlink_to(target)
+    seen = {}
+
+    def hook(stage, path):
+        if stage == "unlink" and path.endswith("/a"):
+            seen["at_unlink"] = open(path, "rb").read()
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        files = fsutil.write_new_files([(tmp_path / "a", b"A"), (tmp_path / "b", b"B")])
+    finally:
+        fsutil._FAULT_HOOK = None
+    files.close()
+    assert len(seen["at_unlink"]) == len(old) and seen["at_unlink"] != old
+    assert (tmp_path / "a").read_bytes() == b"A" and not (tmp_path / "b").is_symlink()
+    assert (tmp_path / "b").read_bytes() == b"B" and target.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "precious"]
+
+
+def test_a_name_that_cannot_be_cleared_is_an_error_naming_it_and_is_left_alone(tmp_path):
+    (tmp_path / "a").mkdir()  # not a file: it cannot be overwritten and unlinked
+    (tmp_path / "a" / "x").write_bytes(b"x")
+    with pytest.raises(StorageError, match=f"cannot write {tmp_path}/a: .*nothing was changed"):
+        fsutil.write_new_files([(tmp_path / "a", b"A")])
+    assert (tmp_path / "a" / "x").read_bytes() == b"x"
 
 
 def test_a_failing_directory_sync_first_leaves_the_target_unchanged(tmp_path):

@@ -14,7 +14,7 @@ from keystore.csr import build_csr, parse_subject
 from keystore.errors import StorageError, VerificationError
 from keystore.store import Keystore
 from tests.conftest import DOMAIN, snapshot
-from tests.fault.test_keystore_sync import ERRNOS, STAGES, check_store_fault
+from tests.fault.test_keystore_sync import ERRNOS, check_store_fault, store_matrix
 from tests.unit.test_keystore_pending import _kill_at
 
 
@@ -69,8 +69,7 @@ def test_a_rejected_certificate_for_a_held_key_changes_nothing_and_the_key_stays
 
 
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("target", ["cert.pem", "chain.pem", ".key", "keystore.json"])
+@pytest.mark.parametrize(("target", "stage"), store_matrix(["cert.pem", "chain.pem", ".key", "keystore.json"]))
 def test_store_with_a_held_key_fault_matrix(ks, lab, stage, target, err):
     """A renewal with a held key, one write step failing: before the index replace nothing changes (the key file
     written for it is gone, its lock file too) and the held key can be stored on a retry; after it (fsync-dir of
@@ -86,8 +85,9 @@ def test_store_with_a_held_key_fault_matrix(ks, lab, stage, target, err):
 
 
 def test_the_held_key_file_joins_the_commit_batch(ks, lab):
-    """The key file is renamed into keys/ before its fsync and the index replace comes after every fsync: the key's
-    data and keys/ are fsynced in the same batch as the version files (no serial wait of their own)."""
+    """The key file is created under its final name in keys/ (no temp file, no rename) before its fsync, and the
+    index replace comes after every fsync: the key's data and keys/ are fsynced in the same batch as the version
+    files (no serial wait of their own)."""
     _first_version(ks, lab)
     held = ks.generate_held_key("p256")
     _, cert = _issue(ks, lab, held)
@@ -99,7 +99,8 @@ def test_the_held_key_file_joins_the_commit_batch(ks, lab):
         fsutil._FAULT_HOOK = None
     name = held.uri.rsplit("/", 1)[1]
     index_replace = steps.index(("replace", "keystore.json"))
-    assert steps.index(("replace", name)) < steps.index(("fsync", name)) < index_replace
+    assert steps.index(("write", name)) < steps.index(("fsync", name)) < index_replace
+    assert ("replace", name) not in steps and not [n for n in _key_files(ks.root) if n.endswith(".tmp")]
     assert steps.index(("fsync-dir", name)) < index_replace
     assert steps.count(("fsync", name)) == 1
 
@@ -193,24 +194,59 @@ def test_killed_after_the_key_file_before_the_index_replace_gc_securely_deletes_
 
 
 
-@pytest.mark.parametrize("stage", ["write", "replace"])
-def test_a_failed_key_file_write_overwrites_its_temp_file_before_the_unlink(ks, lab, stage):
-    """The held key's file fails at its write or rename: its temp file (which may hold the encrypted key or part of
-    it) is overwritten before it is unlinked, as stage_file does, and the held key can be stored on a retry."""
+@pytest.mark.parametrize("torn", [False, True], ids=["before-data", "mid-file"])
+def test_a_failed_key_file_write_overwrites_the_file_before_the_unlink(ks, lab, torn):
+    """The held key's file fails at its write: before any data (EIO), or in the middle of the file (a real short
+    write, then EFBIG: RLIMIT_FSIZE, as a disk filling up mid-file): the file, created under its final name and
+    holding part of the encrypted key, is overwritten before it is unlinked, as stage_file does for its temp file,
+    nothing stored changes, and the held key can be stored on a retry."""
+    from tests.unit.test_fsutil_sync import _short_writes
+
     _first_version(ks, lab)
     held = ks.generate_held_key("p256")
     _, cert2 = _issue(ks, lab, held)
+    key_file = str(ks.root / held.uri.partition(":")[2])
+    before = snapshot(ks.root)
     seen = {}
 
     def hook(step, path):
-        name = os.path.basename(path)
-        if step == stage and path == str(ks.root / held.uri.partition(":")[2]):  # keys/<id>.key, via its temp
-            if step == "replace":
-                (tmp,) = [n for n in _key_files(ks.root) if n.endswith(".tmp")]
-                seen["bytes"] = (ks.root / "keys" / tmp).read_bytes()
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        if step == "unlink" and ".key." in name and name.endswith(".tmp"):
+        if step == "write" and path == key_file:
+            if not torn:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            seen["undo"] = _short_writes(40)
+        if step == "unlink" and path == key_file:
+            if "undo" in seen:
+                seen.pop("undo")()
             seen["at_unlink"] = open(path, "rb").read()
+
+    fsutil._FAULT_HOOK = hook
+    try:
+        with pytest.raises(StorageError, match=os.strerror(errno.EFBIG if torn else errno.EIO)):
+            ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    finally:
+        fsutil._FAULT_HOOK = None
+        if "undo" in seen:
+            seen.pop("undo")()
+    assert "at_unlink" in seen, "the key file was removed without the secure delete"
+    if torn:
+        assert held.encrypted.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") and len(held.encrypted) > 40
+        assert len(seen["at_unlink"]) == 40 and seen["at_unlink"] != held.encrypted[:40], "not overwritten"
+    assert snapshot(ks.root) == before and held.uri.rsplit("/", 1)[1] not in _key_files(ks.root)
+    assert ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
+
+
+def test_a_retry_clears_a_key_file_a_failed_try_could_not_delete(ks, lab):
+    """The one way a held key's final name can be taken when its store writes it: an earlier try of the same key
+    failed and could not delete the file it had written (its unlink failing too). No record names that file; the
+    retry securely deletes it and creates the key file afresh under the same name, and stores."""
+    uri1 = _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert2 = _issue(ks, lab, held)
+    key_file = str(ks.root / held.uri.partition(":")[2])
+
+    def hook(step, path):
+        if path == key_file and step in ("fsync", "unlink"):  # the commit's fsync fails, and so does the cleanup
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     fsutil._FAULT_HOOK = hook
     try:
@@ -218,9 +254,22 @@ def test_a_failed_key_file_write_overwrites_its_temp_file_before_the_unlink(ks, 
             ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
     finally:
         fsutil._FAULT_HOOK = None
-    assert "at_unlink" in seen, "the temp file was removed without the secure delete"
-    if stage == "replace":
-        assert seen["bytes"].startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-        assert seen["at_unlink"] != seen["bytes"] and len(seen["at_unlink"]) == len(seen["bytes"])
-    assert not [n for n in _key_files(ks.root) if n.endswith(".tmp")]
-    assert ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN).version == 2
+    leftover = open(key_file, "rb").read()  # overwritten (the secure delete got that far), not unlinked
+    assert len(leftover) == len(held.encrypted) and leftover != held.encrypted and ks.key_record(held.uri) is None
+    assert Keystore.open(ks.root).get("dev").key_uri == uri1
+    seen = {}
+
+    def at_unlink(step, path):
+        if step == "unlink" and path == key_file:
+            seen.setdefault("at_unlink", open(path, "rb").read())
+
+    fsutil._FAULT_HOOK = at_unlink
+    try:
+        cred = ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key=held, domain=DOMAIN)
+    finally:
+        fsutil._FAULT_HOOK = None
+    assert cred.version == 2 and cred.key_uri == held.uri
+    assert len(seen["at_unlink"]) == len(leftover) and seen["at_unlink"] != leftover, "cleared without overwriting"
+    opened = Keystore.open(ks.root)
+    assert opened.private_key(held.uri).private_numbers() == held.private_key.private_numbers()
+    assert opened.check() == [] and not [n for n in _key_files(ks.root) if n.endswith(".tmp")]
