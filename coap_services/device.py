@@ -33,13 +33,17 @@ Invariants:
   and pruning old versions (``Keystore.flush``) runs right after, as the next keystore operation (a crash in
   between is finished by the keystore's ``gc``: the commit lists the key in ``meta.destroying``). ``drain``
   waits for it.
+- The cyclic garbage collector is paused (``gc_pause``) from just before /verify's verify-and-store until the task
+  that runs after the answer has let its loop iterations pass; cancelled or not, that task's end resumes it.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import datetime
+import gc
 import logging
+import threading
 import time
 
 from coap_services import codec
@@ -53,7 +57,7 @@ from keystore import owner
 log = logging.getLogger("devagent.coap")
 
 PENDING_SOURCE = "coap"
-FLUSH_YIELDS = 5  # event-loop iterations the cleanup after a /verify answer lets pass before it starts (see _flush)
+FLUSH_YIELDS = 5  # event-loop iterations the cleanup after a /verify answer lets pass before it starts (see _after_answer)
 _ANY_PEER = object()
 # VerificationError reasons that mean "not acceptable" (4.03) rather than "not understood" (4.00).
 FORBIDDEN_REASONS = {"key-mismatch", "untrusted", "bad-signature", "expired", "not-yet-valid", "not-a-ca",
@@ -100,6 +104,69 @@ class VerifyResult:
         return codec.encode_map({"stored": self.name, "version": self.version,
                                  "not_after": int(self.not_after.timestamp()),
                                  "verify_us": codec.timing_us(self.elapsed_s)})
+
+
+class _GcPause:
+    """The cyclic collector paused across /verify's verify-and-store, resumed after the answer.
+
+    Why: the store is the device's allocation peak (certificate parsing, path validation, the commit), so in a real
+    serve about 1 /verify in 4-5 paid a young-generation collection of ~0.26 ms inside it and 1 in 50 a gen-1 of
+    1.3-2.1 ms (docs/performance.md "The cyclic garbage collector in stage (5)"). What the collector frees there is
+    cycles (aiocoap's, cryptography's): nothing stored or answered depends on when. Paused, the allocations it
+    counts carry over and the collection they trigger runs at the first allocation after the resume, after the
+    answer has left.
+
+    Why process-wide is harmless: ``gc.disable`` stops only the cycle collector; reference counting still frees
+    every object that is not in a cycle, at once, and the cycles made during one store wait a few milliseconds.
+    The pause is reentrant and thread-safe (a count under a lock: several services or loops in one process, or a
+    refused /verify's pause still open when the next one starts, keep it paused until the last resumes), and it
+    resumes the collector only if it was enabled when the first pause began (a process whose owner disabled it
+    stays so). Its bound: every pause is ended by the after-answer task, which ends it even when cancelled before
+    its first step (a done callback), so shutdown and a cancelled request leave the collector as they found it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._resume = False  # enable the collector when the count drops to 0
+
+    def begin(self) -> _GcPauseToken:
+        with self._lock:
+            if self._count == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._count += 1
+        return _GcPauseToken(self)
+
+    def _end(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0 and self._resume:
+                self._resume = False
+                gc.enable()
+
+    @property
+    def active(self) -> int:
+        return self._count
+
+
+class _GcPauseToken:
+    """One pause; ``end`` resumes it once, however often it is called."""
+
+    __slots__ = ("_pause", "_lock")
+
+    def __init__(self, pause: _GcPause) -> None:
+        self._pause = pause
+        self._lock = threading.Lock()
+
+    def end(self, *_args) -> None:  # *_args: usable as a task's done callback
+        with self._lock:
+            pause, self._pause = self._pause, None
+        if pause is not None:
+            pause._end()
+
+
+gc_pause = _GcPause()
 
 
 def _refuse(code, reason, message, **kw):
@@ -411,38 +478,48 @@ class DeviceService:
             ServiceError: 4.09 no pending key, 4.03 rejected (reason = keystore VerificationError reason).
         """
         async with self._store:
+            pause = gc_pause.begin()  # resumed by the after-answer task (see _GcPause)
             try:
                 res = await asyncio.to_thread(self._verify_and_store, certs, peer)
             finally:
-                # The superseded key's destruction and the pruning of old versions, deferred by the store: a task
-                # whose first step runs once this one yields, i.e. after the caller has sent the answer (aiocoap
-                # sends the rendered response in the same step). It queues on _store, ahead of the next request.
-                if self.ks.deferred:
-                    self._cleanup = asyncio.get_running_loop().create_task(self._flush(),
-                                                                           name="devagent-verify-flush")
+                # The work that no guarantee needs before the answer, in a task whose first step runs once this one
+                # yields, i.e. after the caller has sent the answer (aiocoap sends the rendered response in the same
+                # step): the collector's resume, then the superseded key's destruction and the pruning of old
+                # versions deferred by the store (queued on _store, ahead of the next request).
+                task = asyncio.get_running_loop().create_task(self._after_answer(pause, self.ks.deferred),
+                                                              name="devagent-verify-flush")
+                task.add_done_callback(pause.end)  # also when cancelled before its first step
+                self._cleanup = task
         log.info("stored certificate %s v%d (not after %s) from %s, verified in %.3f s", res.name, res.version,
                  res.not_after.isoformat(), peer or "-", res.elapsed_s)
         return res
 
-    async def _flush(self) -> None:
-        async with self._store:
-            # Background work: the store lock is held (a request arriving now queues behind it), and callbacks that
-            # are already due run first — a few loop iterations, so that the datagrams the answer just released are
-            # processed (in the benchmark's one-process rig, the CLM's own reading of the answer) before a worker
-            # thread starts competing for the interpreter.
-            for _ in range(FLUSH_YIELDS):
-                await asyncio.sleep(0)
-            try:
-                await asyncio.to_thread(self.ks.flush)  # logs and audits its own failures; gc finishes them
-            except Exception as e:  # noqa: BLE001 - e.g. the keystore lock timed out: gc finishes it
-                log.error("deferred keystore cleanup failed: %s: %s", type(e).__name__, e)
+    async def _after_answer(self, pause: _GcPauseToken, flush: bool) -> None:
+        # Callbacks that are already due run first — a few loop iterations, so that the datagrams the answer just
+        # released are processed (in the benchmark's one-process rig, the CLM's own reading of the answer) before
+        # the collector or a worker thread starts competing for the interpreter.
+        try:
+            if not flush:
+                for _ in range(FLUSH_YIELDS):
+                    await asyncio.sleep(0)
+                return
+            async with self._store:  # background work: a request arriving now queues behind it
+                for _ in range(FLUSH_YIELDS):
+                    await asyncio.sleep(0)
+                pause.end()
+                try:
+                    await asyncio.to_thread(self.ks.flush)  # logs and audits its own failures; gc finishes them
+                except Exception as e:  # noqa: BLE001 - e.g. the keystore lock timed out: gc finishes it
+                    log.error("deferred keystore cleanup failed: %s: %s", type(e).__name__, e)
+        finally:
+            pause.end()
 
     async def flush(self) -> None:
         """Wait until the work deferred by the last /verify (destroying the superseded key, pruning old
         versions) is done."""
         task = self._cleanup
         if task is not None:
-            await asyncio.shield(task)
+            await asyncio.wait({task})  # done, or cancelled (shutdown): the flush below does its work then
         async with self._store:
             if self.ks.deferred:
                 await asyncio.to_thread(self.ks.flush)
