@@ -67,5 +67,7 @@ def test_kill_9_at_random_points_leaves_nothing_behind(tmp_path, lab, cmp_server
     request.addfinalizer(close_zygotes)
     trials = TRIALS * 8 // 10 if backend == "soft" else max(10, TRIALS // 10)
     counts = run_trials(world, lab, trials, seed={"soft": 1, "tpm": 2, "pkcs11": 3}[backend])
+    if backend == "pkcs11":  # objects SoftHSM2 left half-created when a kill hit C_GenerateKeyPair (scan_objects)
+        counts["half_created_token_objects"] = peer.unreadable()
     print(f"{backend}: {counts}")
     assert counts["killed"] >= trials // 3, f"too few commands were killed mid-way to mean anything: {counts}"

@@ -5,6 +5,7 @@ Plain helper (usable outside pytest)::
     with softhsm_token(label="devagent", pin="1234") as tok:
         tok.options            # {"module": ..., "token_label": ..., "pin": "env:DEVAGENT_TEST_PKCS11_PIN"}
         tok.objects()          # labels of the objects on the token (to check nothing was left behind)
+        tok.unreadable()       # how many objects SoftHSM2 left half-created (see ``scan_objects``)
 
 SoftHSM2 reads ``SOFTHSM2_CONF`` once, when the module is initialised in this process; the helper therefore
 sets it process-wide, and one token serves all tests of the process (each test cleans up its objects).
@@ -39,6 +40,35 @@ _active: list[str] = []  # token directory of the softhsm_token active in this p
 _shared: dict = {}  # the softhsm fixture's token, its ExitStack and how many fixture instances use it
 
 
+def scan_objects(session, attrs: dict | None = None) -> tuple[list, int]:
+    """(objects, number of unreadable objects) of a search on ``session``, one object per ``C_FindObjects`` batch;
+    an object is readable when its class, CKA_ID and CKA_LABEL can be read.
+
+    SoftHSM2 (2.6.1 here; P11Objects.cpp) creates an object's file, rewrites it once for each default attribute
+    it gives the object (the key type, CKA_CLASS, ..., an empty CKA_ID and CKA_LABEL), and only then, in one
+    write (a transaction), with the template's CKA_ID and CKA_LABEL. A process SIGKILLed inside
+    ``C_GenerateKeyPair`` (tests/fault/test_kill_pending.py kills devagent at random points) can therefore leave
+    an object with some of the defaults and none of the template: one left by such a kill here held only
+    CKA_KEY_TYPE. C_FindObjects returns it, reading its class fails (CKR_ATTRIBUTE_VALUE_INVALID here; a helper
+    saw CKR_GENERAL_ERROR), and that ends python-pkcs11's ``get_objects()`` for every object after it. No label
+    or ID names such an object (devagent finds its keys by class and CKA_ID); it is counted here instead of
+    hiding the objects after it.
+    """
+    from pkcs11 import Attribute, PKCS11Error
+    from pkcs11._pkcs11 import SearchIter
+
+    out, unreadable = [], 0
+    with SearchIter(session, attrs or {}, 1) as op:
+        for batch in op:  # a batch of one object: a failure to read it ends only its batch
+            try:
+                for o in batch:
+                    o[Attribute.ID], o[Attribute.LABEL]  # noqa: B018  (what the callers read)
+                    out.append(o)
+            except PKCS11Error:
+                unreadable += 1
+    return out, unreadable
+
+
 def find_module() -> str | None:
     for p in MODULE_CANDIDATES:
         if os.path.exists(p):
@@ -63,8 +93,7 @@ class SoftHsmToken:
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin,
                         "--so-pin", so_pin], check=True, capture_output=True, env=os.environ.copy())
 
-    def objects(self) -> list[tuple[str, str]]:
-        """(class, label) of every object on the token, read through the module."""
+    def _scan(self) -> tuple[list[tuple[str, str]], int]:
         import pkcs11
         from pkcs11 import Attribute
 
@@ -74,10 +103,16 @@ class SoftHsmToken:
         except pkcs11.UserAlreadyLoggedIn:  # login state is per process: a backend's session holds it
             session = tok.open()
         with session as s:
-            out = []
-            for o in s.get_objects():
-                out.append((o.object_class.name, o[Attribute.LABEL]))
-            return sorted(out)
+            objs, unreadable = scan_objects(s)
+            return sorted((o.object_class.name, o[Attribute.LABEL]) for o in objs), unreadable
+
+    def objects(self) -> list[tuple[str, str]]:
+        """(class, label) of every readable object on the token, read through the module (``scan_objects``)."""
+        return self._scan()[0]
+
+    def unreadable(self) -> int:
+        """How many objects on the token cannot be read: SoftHSM2's half-created ones (``scan_objects``)."""
+        return self._scan()[1]
 
 
 @contextlib.contextmanager
