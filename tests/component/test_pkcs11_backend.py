@@ -267,6 +267,41 @@ def test_an_object_softhsm_left_half_created_is_counted_and_devagent_works_next_
     assert out["after"] == [[], 1], out
 
 
+
+_EMPTIED_CHILD = """
+import glob, json, os, subprocess, sys
+from tests.peers.pkcs11 import softhsm_token
+
+FRESH = "import pkcs11, sys; t = pkcs11.lib(sys.argv[1]).get_token(token_label='emptied'); t.open(user_pin='1234').close()"
+with softhsm_token(label="emptied") as tok:  # its own token
+    (path,) = glob.glob(os.path.join(tok.dir, "tokens", "*", "token.object"))
+    untouched = tok.restore_token_file()
+    os.truncate(path, 0)  # what a SIGKILL between SoftHSM2's truncate and write of it in C_Login leaves
+    r = subprocess.run([sys.executable, "-c", FRESH, tok.module], capture_output=True, text=True)
+    lost = r.stderr.strip().splitlines()[-1:]
+    restored = tok.restore_token_file()
+    r = subprocess.run([sys.executable, "-c", FRESH, tok.module], capture_output=True, text=True)
+    print(json.dumps({"untouched": untouched, "lost": lost, "restored": restored, "after": r.returncode,
+                      "count": tok.restored}))
+"""
+
+
+def test_a_token_file_a_kill_in_softhsm_login_emptied_is_restored(tmp_path):
+    """The other flake of tests/fault/test_kill_pending.py[pkcs11] (``cannot enumerate tokens: GeneralError``):
+    SoftHSM2 rewrites token.object in place on each C_Login, and a kill in between empties it; the token is then
+    gone. ``restore_token_file`` (called by the kill trials) puts back an emptied one, and only an emptied one."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH")))))
+    env.pop("SOFTHSM2_CONF", None)
+    r = subprocess.run([sys.executable, "-c", _EMPTIED_CHILD], env=env, cwd=repo, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["untouched"] is False and out["restored"] is True and out["count"] == 1, out
+    assert out["lost"] and "NoSuchToken" in out["lost"][0], out  # the token is gone while the file is empty
+    assert out["after"] == 0, out  # and logs in again once it is back
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 def _fails_cleanly(tmp_path, softhsm, options, exc, *needles):  # noqa: F811
     ks = Keystore.init(tmp_path / "ks", backend_options={"pkcs11": options})

@@ -69,5 +69,6 @@ def test_kill_9_at_random_points_leaves_nothing_behind(tmp_path, lab, cmp_server
     counts = run_trials(world, lab, trials, seed={"soft": 1, "tpm": 2, "pkcs11": 3}[backend])
     if backend == "pkcs11":  # objects SoftHSM2 left half-created when a kill hit C_GenerateKeyPair (scan_objects)
         counts["half_created_token_objects"] = peer.unreadable()
+        counts["softhsm_token_file_restored"] = peer.restored  # this process's token (restore_token_file)
     print(f"{backend}: {counts}")
     assert counts["killed"] >= trials // 3, f"too few commands were killed mid-way to mean anything: {counts}"

@@ -472,4 +472,7 @@ def kill_trial(world: World, op: str, delay_s: float, n: int, lab_dir: str = "")
         time.sleep(0.001)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
-    return wait_cli(world, pid, out)
+    result = wait_cli(world, pid, out)
+    if world.backend == "pkcs11":  # a kill inside SoftHSM2's C_Login empties its token file: the peer's defect
+        world.peer.restore_token_file()
+    return result

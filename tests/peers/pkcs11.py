@@ -25,10 +25,12 @@ A missing ``softhsm2-util`` or module is a test *failure* naming the apt-get com
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +85,26 @@ class SoftHsmToken:
         self.label = label
         self.pin = pin
         self.so_pin = so_pin
+        self.restored = 0  # how often restore_token_file() put the token's file back
+        found = glob.glob(os.path.join(directory, "tokens", "*", "token.object"))
+        self._token_file = found[0] if len(found) == 1 else None
+        self._token_saved = Path(self._token_file).read_bytes() if self._token_file else b""
+
+    def restore_token_file(self) -> bool:
+        """Put back the token's own file (``token.object``) as ``--init-token`` left it if it is empty: SoftHSM2
+        rewrites it in place (truncate, then write) on every successful C_Login, and a process SIGKILLed in
+        between (tests/fault/test_kill_pending.py kills devagent at random points) leaves it empty, which loses
+        the token (label, flags, the PIN blobs that unwrap every key): new processes find no token with the label
+        and this one gets CKR_GENERAL_ERROR. No caller can prevent that (docs/hardware-keys.md); what SoftHSM2
+        writes there after a successful login equals what init left, and only SoftHSM2 writes that file."""
+        if self._token_file is None or os.path.getsize(self._token_file) != 0:
+            return False
+        with open(self._token_file, "r+b") as f:
+            f.write(self._token_saved)
+            f.flush()
+            os.fsync(f.fileno())
+        self.restored += 1
+        return True
 
     @property
     def options(self) -> dict:
