@@ -18,9 +18,11 @@ import atexit
 import collections
 import contextlib
 import errno
+import logging
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 from keystore.errors import KeystorePermissionError, NotDurableError, StorageError
@@ -57,7 +59,15 @@ def _fsync(fd: int) -> None:
 # does not wait for it. Bounded: with ``CLOSE_MAX_PENDING`` descriptors already waiting, the caller closes its
 # own at once (never more open files than that). ``drain_closes`` waits until every handed descriptor is closed
 # (Keystore.close, and at interpreter exit); a forked child closes the descriptors it inherited from the queue.
+# A drain never waits on a closer thread that is gone (it closes the queue itself). At interpreter exit it waits at
+# most ``EXIT_DRAIN_S``: then it closes the queued descriptors itself and leaves the ones the thread is inside
+# close(2) of to the kernel's close at exit, counted in ``exit_left`` and logged (a close that slow is the device's,
+# and nothing depends on when the space comes back; see above). An exit never hangs on the closer.
 CLOSE_MAX_PENDING = 64
+EXIT_DRAIN_S = 10.0
+_DRAIN_POLL_S = 0.5  # how often a waiting drain checks that the closer thread is still alive
+exit_left = 0  # descriptors the exit drain left to the kernel (the closer thread was still closing them)
+_log = logging.getLogger("devagent.keystore")
 
 
 class _Closer:
@@ -99,15 +109,40 @@ class _Closer:
                     self.busy -= 1
                     self.cond.notify_all()
 
-    def drain(self) -> None:
+    def _close_queued(self) -> None:  # with self.cond held: what the worker has not taken is closed here
+        while self.fds:
+            with contextlib.suppress(OSError):
+                os.close(self.fds.popleft())
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Wait until every handed descriptor is closed; return how many are still being closed (0: all are).
+        Without a worker (none started, it ended, or this is it) the queue is closed here. After ``timeout``
+        seconds the queue is closed here too, and the descriptors the worker is inside close(2) of are left to it
+        (never closed twice: their numbers may be reused the moment that close returns)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            if self.thread is None or not self.thread.is_alive() or self.thread is threading.current_thread():
-                while self.fds:  # no worker (shutdown): close them here
-                    with contextlib.suppress(OSError):
-                        os.close(self.fds.popleft())
-                return
-            while self.fds or self.busy:
-                self.cond.wait()
+            while True:
+                t = self.thread
+                if t is None or not t.is_alive() or t is threading.current_thread():
+                    self._close_queued()
+                    return 0
+                if not self.fds and not self.busy:
+                    return 0
+                wait = _DRAIN_POLL_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        self._close_queued()
+                        return self.busy
+                self.cond.wait(wait)
+
+    def drain_at_exit(self) -> None:
+        global exit_left
+        left = self.drain(EXIT_DRAIN_S)
+        if left:
+            exit_left += left
+            _log.warning("exit: %d descriptor(s) still being closed by the devagent-close thread after %.0f s; "
+                         "left to the kernel", left, EXIT_DRAIN_S)
 
     def after_fork_in_child(self) -> None:
         # The worker does not exist in the child (and its lock may have been held at the fork): start afresh and
@@ -120,7 +155,7 @@ class _Closer:
 
 
 _CLOSER = _Closer()
-atexit.register(_CLOSER.drain)
+atexit.register(_CLOSER.drain_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_CLOSER.after_fork_in_child)
 

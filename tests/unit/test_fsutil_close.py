@@ -116,3 +116,100 @@ def test_the_closer_never_closes_a_descriptor_it_does_not_own(ks, lab, tmp_path)
         t.join()
     fsutil.drain_closes()
     assert checked[0] > 0 and not problems, problems[:5]
+
+
+def _in_thread(fn, *args):
+    """Run fn on a thread; (thread, result list): a call that hangs shows as a thread still alive after a join."""
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_the_exit_drain_returns_while_the_closer_is_stuck_in_a_close(monkeypatch, caplog):
+    """At interpreter exit the drain waits at most EXIT_DRAIN_S: a close(2) that never returns (a stuck device)
+    must not hang the process's exit. The queued descriptors are closed by the drain itself; the one the closer is
+    inside close(2) of is left to it (closing it here too could close a reused number), counted and logged."""
+    import threading
+
+    closer = fsutil._Closer()  # its own closer: the module's one keeps serving everything else
+    real_close = os.close
+    stuck, queued = os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_RDONLY)
+    inside, release = threading.Event(), threading.Event()
+
+    def close(fd):
+        if fd == stuck:
+            inside.set()
+            release.wait(60)
+        real_close(fd)
+
+    monkeypatch.setattr(fsutil.os, "close", close)
+    monkeypatch.setattr(fsutil, "EXIT_DRAIN_S", 0.2)
+    left_before = fsutil.exit_left
+    try:
+        closer.put(stuck)
+        assert inside.wait(10)
+        closer.put(queued)  # waits behind the stuck close
+        t, _ = _in_thread(closer.drain_at_exit)
+        t.join(30)
+        assert not t.is_alive(), "the exit drain waited for a close that does not return"
+        assert fsutil.exit_left == left_before + 1
+        assert "1 descriptor(s) still being closed" in caplog.text
+        assert _closed(queued) and not _closed(stuck)
+    finally:
+        release.set()
+    t, out = _in_thread(closer.drain)  # the close returns: a plain drain waits for it, as Keystore.close does
+    t.join(30)
+    assert out == [0] and _closed(stuck)
+
+
+def test_a_drain_does_not_wait_for_a_closer_thread_that_ended(tmp_path):
+    """A closer thread that ends while a drain waits (the drain saw it alive) leaves the queue to the drain, which
+    closes it instead of waiting for a notification that never comes."""
+    import threading
+
+    closer = fsutil._Closer()
+    end = threading.Event()
+    closer.thread = threading.Thread(target=end.wait, daemon=True)  # alive, but takes nothing off the queue
+    closer.thread.start()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    closer.fds.append(fd)
+    t, out = _in_thread(closer.drain)
+    t.join(2 * fsutil._DRAIN_POLL_S)
+    assert t.is_alive() and not _closed(fd)  # still waiting: the thread is alive and may yet take it
+    end.set()
+    t.join(30)
+    assert not t.is_alive(), "the drain waits for a closer thread that ended"
+    assert out == [0] and _closed(fd)
+
+
+_STUCK_AT_EXIT = """
+import os, threading
+from keystore import fsutil
+real_close, inside = os.close, threading.Event()
+stuck = os.open(os.devnull, os.O_RDONLY)
+def close(fd):
+    if fd == stuck:
+        inside.set()
+        threading.Event().wait()  # a close(2) that never returns
+    real_close(fd)
+os.close = close
+fsutil.EXIT_DRAIN_S = 0.2
+fsutil.close_later(stuck)
+inside.wait(10)
+"""
+
+
+def test_a_process_exits_while_its_closer_is_stuck():
+    """The real exit path (the atexit drain): the process ends, and says what it left to the kernel."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _STUCK_AT_EXIT], cwd=repo, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=repo))
+    assert r.returncode == 0, r.stderr
+    assert "1 descriptor(s) still being closed by the devagent-close thread" in r.stderr
