@@ -6,6 +6,7 @@ KeyBackendError naming the token, and leave the keystore's files and the token's
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from keystore.csr import build_csr, default_key_usage, parse_san, parse_subject
 from keystore.errors import ExportRefusedError, KeyBackendError, NotFoundError, UnsupportedKeyTypeError
 from keystore.store import Keystore
 from tests.peers.pkcs11 import pkcs11_options, softhsm  # noqa: F401  (pytest fixtures)
+from tests.watchdog import run_watched
 
 pytestmark = pytest.mark.peer
 
@@ -201,17 +203,33 @@ def test_token_shared_by_test_modules(tmp_path):
     """Regression (test_pkcs11_backend.py then test_backend_enrollment.py failed the CLI enroll with [pkcs11]): a
     session fixture imported into two modules is set up once per module; each made its own token directory and
     pointed SOFTHSM2_CONF at it, but SoftHSM2 in this process kept the first one, so what a child process (the
-    CLI) stored on the second token was invisible here. Two modules in that order, in a pytest run of their own."""
+    CLI) stored on the second token was invisible here. Two modules in that order, in a pytest run of their own.
+
+    The inner run has its own ``--basetemp`` (in this test's tmp_path). Without one it took a numbered directory in
+    the temp root every pytest run of this user shares (/tmp/pytest-of-<user>), and at its session end, after the
+    last test's "[100%]" and before the "3 passed" line, removed every unlocked numbered directory but the newest
+    three there, and every garbage-* one: whole trees of earlier sessions (the previous CI run's), work without a
+    bound (an old session of 5,000 4-KiB files added 0.56 s here, median of 3 alternated rounds, ext4 with discard).
+    That is the window in which a CI run once stopped until the 120 s timeout ("... [100%]", then nothing; not
+    reproduced since, docs/hardware-keys.md). The inner run is watched (tests/watchdog.py): a hang fails with every
+    thread's Python and native stacks and what its processes wait in, instead of "timed out"."""
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_a_first.py").write_text(_FIRST_MODULE)
     (tmp_path / "test_b_second.py").write_text(_SECOND_MODULE)
+    # A temp root of its own, with four earlier sessions' directories: the inner run must not remove the oldest.
+    root = tmp_path / "temproot"
+    shared = root / f"pytest-of-{getpass.getuser()}"
+    for n in range(4):
+        (shared / f"pytest-{n}").mkdir(parents=True)
+    (shared / "pytest-0" / "earlier-session").write_text("")
     repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH")))))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                        "test_a_first.py", "test_b_second.py"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH")))),
+               PYTEST_DEBUG_TEMPROOT=str(root))
+    r = run_watched([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                     f"--basetemp={tmp_path / 'basetemp'}", "test_a_first.py", "test_b_second.py"],
+                    cwd=tmp_path, env=env, timeout=120)
     assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout + r.stderr
-
+    assert (shared / "pytest-0" / "earlier-session").exists(), "the inner run cleaned the shared temp root"
 
 
 # ---- an object SoftHSM2 left half-created ---------------------------------------------------------------------
