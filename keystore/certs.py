@@ -13,7 +13,9 @@ builder or a protocol check.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -92,6 +94,30 @@ def check_certificate(cert: x509.Certificate, source: str = "certificate") -> x5
     return cert
 
 
+# Certificates that passed check_certificate, by their exact DER: the same bytes parse to the same certificate, so a
+# certificate seen again (the CA certificates a CLM sends with every /csr and /verify, a server's chain on every
+# renewal) is the object already checked, with every part it parsed, instead of a new one whose parts parse again
+# wherever they are read. Bounded (least recently used first out); only successes are kept; public data only.
+_SEEN_MAX = 32
+_seen: collections.OrderedDict[bytes, x509.Certificate] = collections.OrderedDict()
+_seen_lock = threading.Lock()
+
+
+def _checked(cert: x509.Certificate, der: bytes, source: str) -> x509.Certificate:
+    """``cert`` (parsed from ``der``) checked, or the certificate with the same DER checked before."""
+    with _seen_lock:
+        hit = _seen.get(der)
+        if hit is not None:
+            _seen.move_to_end(der)
+            return hit
+    check_certificate(cert, source)
+    with _seen_lock:
+        _seen[der] = cert
+        if len(_seen) > _SEEN_MAX:
+            _seen.popitem(last=False)
+    return cert
+
+
 def _der_header(buf: bytes, i: int) -> tuple[int, int, int]:
     """(tag, content start, content end) of the DER TLV at ``buf[i]`` (the certificate already parsed: trusted)."""
     tag, n = buf[i], buf[i + 1]
@@ -119,11 +145,17 @@ def load_der_certificate(der: bytes, source: str = "certificate") -> x509.Certif
     """
     if not isinstance(der, (bytes, bytearray, memoryview)):
         raise TypeError(f"{source}: certificate must be bytes, not {type(der).__name__}")
+    der = bytes(der)
+    with _seen_lock:
+        hit = _seen.get(der)
+        if hit is not None:
+            _seen.move_to_end(der)
+            return hit
     try:
-        cert = x509.load_der_x509_certificate(bytes(der))
+        cert = x509.load_der_x509_certificate(der)
     except PARSE_ERRORS as e:
         raise CorruptFileError(f"{source}: not a DER X.509 certificate: {_describe_error(e)}") from None
-    return check_certificate(cert, source)
+    return _checked(cert, der, source)
 
 
 def load_certificates(data: bytes, source: str = "input") -> list[x509.Certificate]:
@@ -165,9 +197,10 @@ def load_certificates(data: bytes, source: str = "input") -> list[x509.Certifica
                                f"(PEM or DER): {_describe_error(e)}") from None
     if not certs:
         raise CorruptFileError(f"{source}: contains no certificate")
+    der = serialization.Encoding.DER
     if len(certs) == 1:
-        return [check_certificate(certs[0], source)]
-    return [check_certificate(c, f"{source}: certificate {i}") for i, c in enumerate(certs)]
+        return [_checked(certs[0], certs[0].public_bytes(der), source)]
+    return [_checked(c, c.public_bytes(der), f"{source}: certificate {i}") for i, c in enumerate(certs)]
 
 
 def load_certificate_file(path: str) -> list[x509.Certificate]:

@@ -86,6 +86,32 @@ def test_signature_bit_string_with_unused_bits_is_refused():
         load_der_certificate(bad, "/verify payload")
 
 
+def test_a_certificate_seen_again_is_the_one_checked_before_and_a_bad_one_is_never_remembered():
+    """keystore.certs remembers certificates that passed the boundary by their exact DER (a CLM sends the same CA
+    certificates with every /csr and /verify): the same bytes give the same checked object, from DER or PKCS#7
+    alike; a different encoding or a refused certificate is parsed and judged again every time."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    from keystore import certs
+
+    der, other = _cert(), _cert()
+    first = load_der_certificate(der, "ca entry 0")
+    assert load_der_certificate(bytearray(der), "ca entry 0") is first
+    leaf = x509.load_der_x509_certificate(other)
+    bundle = pkcs7.serialize_certificates([leaf, first], Encoding.DER)
+    got = {c.public_bytes(Encoding.DER): c for c in load_certificates(bundle, "POST /verify payload")}  # a SET OF
+    assert got[der] is first and load_certificates(other, "x")[0] is got[other]
+    bad = _duplicate_extension(_cert_with_ext())
+    for _ in range(2):  # refused both times: only certificates that passed are remembered
+        with pytest.raises(CorruptFileError, match="duplicate extension"):
+            load_der_certificate(bad, "--cert")
+    assert bad not in certs._seen
+    for _ in range(certs._SEEN_MAX + 1):  # bounded: the least recently used goes first
+        load_der_certificate(_cert(), "x")
+    assert der not in certs._seen and len(certs._seen) == certs._SEEN_MAX
+    assert load_der_certificate(der, "ca entry 0") is not first  # parsed and checked again
+
+
 def test_csrattrs_with_a_huge_length_is_a_protocol_error():
     """Found by the fuzz suite (est_csrattrs): pyasn1 raised OverflowError for a length beyond an index."""
     from enroll_clients.est.messages import decode_csrattrs
