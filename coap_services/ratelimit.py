@@ -33,10 +33,6 @@ class TokenBucket:
             return 0.0
         return (1.0 - self._tokens) / self.rate_per_s
 
-    def give_back(self) -> None:
-        """Return a token taken for a request that was refused before doing the expensive work."""
-        self._tokens = min(self.burst, self._tokens + 1.0)
-
     @staticmethod
     def max_age(wait_s: float) -> int:
         return max(1, int(math.ceil(wait_s)))

@@ -103,13 +103,19 @@ _seen: collections.OrderedDict[bytes, x509.Certificate] = collections.OrderedDic
 _seen_lock = threading.Lock()
 
 
-def _checked(cert: x509.Certificate, der: bytes, source: str) -> x509.Certificate:
-    """``cert`` (parsed from ``der``) checked, or the certificate with the same DER checked before."""
+def _seen_before(der: bytes) -> x509.Certificate | None:
     with _seen_lock:
         hit = _seen.get(der)
         if hit is not None:
             _seen.move_to_end(der)
-            return hit
+        return hit
+
+
+def _checked(cert: x509.Certificate, der: bytes, source: str) -> x509.Certificate:
+    """``cert`` (parsed from ``der``) checked, or the certificate with the same DER checked before."""
+    hit = _seen_before(der)
+    if hit is not None:
+        return hit
     check_certificate(cert, source)
     with _seen_lock:
         _seen[der] = cert
@@ -146,11 +152,9 @@ def load_der_certificate(der: bytes, source: str = "certificate") -> x509.Certif
     if not isinstance(der, (bytes, bytearray, memoryview)):
         raise TypeError(f"{source}: certificate must be bytes, not {type(der).__name__}")
     der = bytes(der)
-    with _seen_lock:
-        hit = _seen.get(der)
-        if hit is not None:
-            _seen.move_to_end(der)
-            return hit
+    hit = _seen_before(der)  # before parsing: the bytes alone say it was checked
+    if hit is not None:
+        return hit
     try:
         cert = x509.load_der_x509_certificate(der)
     except PARSE_ERRORS as e:
