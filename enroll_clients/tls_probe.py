@@ -7,7 +7,8 @@ presented, one probe (``probe``) tells a refusal from a drop: a new connection, 
 server that accepted the certificate waits for the request, one that refuses it sends its alert or closes.
 ``refusal_message`` is the error text of a refusal without an alert, one shape for every protocol.
 ``in_daemon_thread`` runs the blocking probe off the event loop in a daemon thread, so a cancelled caller never
-waits for it (nor does the interpreter's exit).
+waits for it (nor does the interpreter's exit); ``settle`` hands a worker thread's outcome to the awaiting task
+(also the CMP HTTP transport's).
 """
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ def refusal_message(what: str, server: str, subject: str, error: BaseException, 
             "read. Check that the certificate is issued by a CA the server trusts for TLS clients and still valid")
 
 
+def settle(done, result, error) -> None:
+    """Hand a worker thread's outcome to the future ``done`` its caller awaits (call it on the loop's thread, by
+    ``call_soon_threadsafe``): ``error``, if not None, is raised there, else ``result`` returned; nothing if
+    ``done`` is settled already (cancelled, or timed out)."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
+
+
 async def in_daemon_thread(fn, *args, name: str = "devagent-tls-probe"):
     """``fn(*args)`` in a daemon thread, awaited: a cancelled caller returns at once and never waits for it."""
     import asyncio
@@ -73,21 +86,13 @@ async def in_daemon_thread(fn, *args, name: str = "devagent-tls-probe"):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
-    def settle(result, error) -> None:
-        if done.done():  # cancelled meanwhile
-            return
-        if error is None:
-            done.set_result(result)
-        else:
-            done.set_exception(error)
-
     def worker():
         try:
             result, error = fn(*args), None
         except BaseException as e:  # handed to the awaiting task
             result, error = None, e
         try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, done, result, error)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 

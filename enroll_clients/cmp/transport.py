@@ -258,7 +258,7 @@ class HttpTransport(Transport):
             if abandoned:  # a kept connection the cancelled caller dropped: nobody uses it any more
                 close_conn()
             try:
-                loop.call_soon_threadsafe(_settle, done, outcome, error)
+                loop.call_soon_threadsafe(tls_probe.settle, done, outcome, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
@@ -469,17 +469,6 @@ def _in_tls_handshake(conn) -> bool:
 
     return isinstance(conn, http.client.HTTPSConnection) and conn.sock is not None and (
         not isinstance(conn.sock, ssl.SSLSocket))
-
-
-def _settle(done, outcome, error) -> None:
-    """Hand a worker thread's outcome to the awaiting task (on the loop's thread), unless it is settled already
-    (cancelled, or timed out)."""
-    if done.done():
-        return
-    if error is None:
-        done.set_result(outcome)
-    else:
-        done.set_exception(error)
 
 
 def _abort(conn) -> None:
