@@ -1233,7 +1233,8 @@ class Keystore:
                 self.backend("soft").adopt(key_uri, key.private_key)
             # Replaced. The audit lines are written now and fsynced together with the index's directory (the
             # commit): the two fsyncs have no order between them, so the store waits once for both. The lines say
-            # only what is known before that sync; if it fails, a second (durable) line names the error below.
+            # only what is known before that sync; if it fails, a second (durable) line,
+            # certificate-store-unsynced, names the error below.
             details = dict(name=name, kind=kind, domain=domain, version=version, serial=desc["serial"],
                            fingerprint=desc["fingerprint"], not_after=desc["not_after"])
             if not policy.clock_trusted:  # validity was judged at an estimated time: say which, how sure, and why
@@ -1260,7 +1261,9 @@ class Keystore:
         if unsynced is not None:
             _log.warning("stored %s version %d (it is live), but %s; the next keystore write or 'devagent keystore "
                          "check' syncs it again, and the superseded key is kept until then", name, version, unsynced)
-            self.audit("certificate-store", **{k: details[k] for k in ("name", "version", "serial", "fingerprint")},
+            # Its own action: a reader counting certificate-store lines counts each store once.
+            self.audit("certificate-store-unsynced",
+                       **{k: details[k] for k in ("name", "version", "serial", "fingerprint")},
                        sync_error=str(unsynced))
         if audit_error is not None:
             raise audit_error

@@ -87,7 +87,8 @@ def test_failed_dir_sync_after_index_replace_keeps_the_new_version_live(ks, lab,
         # Not durable: a power cut could bring back the old index, which needs the old key. It stays until a
         # sync succeeds; the failure is in the audit log.
         assert old_key_file.exists()
-        assert any(e["action"] == "certificate-store" and e.get("sync_error") for e in opened.audit_entries())
+        assert [e["sync_error"] for e in _stores(opened, 2, UNSYNCED)]
+        assert [e.get("sync_error") for e in _stores(opened, 2)] == [None], "one store line, claiming no sync error"
     else:
         assert not old_key_file.exists(), "the retried sync succeeded: the superseded key is destroyed as usual"
     ks.close()  # the writer's process ends: it no longer holds the key it signed with
@@ -128,8 +129,12 @@ class Faults:
         fsutil._FAULT_HOOK = None
 
 
-def _stores(ks, version):
-    return [e for e in ks.audit_entries() if e["action"] == "certificate-store" and e["version"] == version]
+UNSYNCED = "certificate-store-unsynced"
+
+
+def _stores(ks, version, action="certificate-store"):
+    """The audit lines of ``action`` for ``version`` (by default the store's own line, not its unsynced one)."""
+    return [e for e in ks.audit_entries() if e["action"] == action and e.get("version") == version]
 
 
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
@@ -158,7 +163,7 @@ def test_failed_audit_fsync_in_the_commit_wait_reports_it_and_the_store_stands(k
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 def test_failed_dir_and_audit_fsync_in_the_commit_wait_keep_the_old_key_and_say_why(ks, lab, err):
     """Both fsyncs of the joint wait fail (the directory's persistently): the version is live but not durable,
-    so the superseded key stays; the second certificate-store line names the sync error, and the audit's own
+    so the superseded key stays; a certificate-store-unsynced line names the sync error, and the audit's own
     failure is raised."""
     uri1, cert1 = _issue(ks, lab)
     ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
@@ -170,7 +175,8 @@ def test_failed_dir_and_audit_fsync_in_the_commit_wait_keep_the_old_key_and_say_
     opened = Keystore.open(ks.root)
     assert opened.check() == [] and opened.get("dev").version == 2 and opened.get("dev").key_uri == uri2
     assert (ks.root / uri1.split(":", 1)[1]).exists(), "not durable: a power cut could bring back the old index"
-    first, second = _stores(opened, 2)
+    [first] = _stores(opened, 2)
+    [second] = _stores(opened, 2, UNSYNCED)
     assert "sync_error" not in first and os.strerror(err) in second["sync_error"]
     assert second["serial"] == first["serial"] and second["fingerprint"] == first["fingerprint"]
 
@@ -178,20 +184,27 @@ def test_failed_dir_and_audit_fsync_in_the_commit_wait_keep_the_old_key_and_say_
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 def test_a_failed_commit_sync_is_a_second_line_never_a_changed_first_one(ks, lab, err):
     """The certificate-store line is written before the directory fsync it joins, so it cannot say how that
-    ended: it says what is known (stored, rekeyed), and a failed sync is a second, durable line naming the error
-    for the same version and serial."""
+    ended: it says what is known (stored, rekeyed), and a failed sync is a second, durable line of its own action
+    (certificate-store-unsynced, so a reader counting stores counts one) naming the error for the same version,
+    serial and fingerprint."""
     uri1, cert1 = _issue(ks, lab)
     ks.store_certificate("dev", cert1, lab.domain(DOMAIN).chain, key_uri=uri1, domain=DOMAIN)
     uri2, cert2 = _issue(ks, lab)
     with Fault("fsync-dir", "keystore.json", err):
         ks.store_certificate("dev", cert2, lab.domain(DOMAIN).chain, key_uri=uri2, domain=DOMAIN)
-    first, second = _stores(Keystore.open(ks.root), 2)
+    opened = Keystore.open(ks.root)
+    [first] = _stores(opened, 2)  # exactly one store line for the version
+    [second] = _stores(opened, 2, UNSYNCED)
     assert first["rekeyed"] is True and "sync_error" not in first
-    assert "may not survive a power cut" in second["sync_error"] and second["serial"] == first["serial"]
+    assert "may not survive a power cut" in second["sync_error"]
+    assert {k: second[k] for k in ("name", "version", "serial", "fingerprint")} == \
+        {k: first[k] for k in ("name", "version", "serial", "fingerprint")}
+    assert [e["action"] for e in opened.audit_entries()][-2:] == ["certificate-store", UNSYNCED]
     uri3, cert3 = _issue(ks, lab)  # the next store syncs again: one line, as usual
     ks.store_certificate("dev", cert3, lab.domain(DOMAIN).chain, key_uri=uri3, domain=DOMAIN)
-    [third] = _stores(Keystore.open(ks.root), 3)
-    assert "sync_error" not in third and ks.durable
+    opened = Keystore.open(ks.root)
+    [third] = _stores(opened, 3)
+    assert "sync_error" not in third and ks.durable and _stores(opened, 3, UNSYNCED) == []
 
 
 def store_steps(ks, store, key_file=None) -> dict[str, set[str]]:
