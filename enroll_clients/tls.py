@@ -10,7 +10,7 @@ random one-time password. TPM/PKCS#11 keys cannot be used this way (no OpenSSL p
 ``server_certificate_failure`` and ``NOT_TLS_REASONS`` sort the TLS failures both transports meet the same way, so
 EST and CMP name (and classify) a server that failed to authenticate alike: each is a ``ProtectionError`` (exit 5).
 ``handshake_failure_causes`` and ``handshake_close_hint`` word the two TLS failures whose cause the client cannot
-know, alike for both: a handshake_failure alert, and a close in a handshake in which we sent a client certificate.
+know, alike for both: a handshake_failure alert, and a close in the handshake (with or without a client certificate).
 """
 from __future__ import annotations
 
@@ -59,10 +59,14 @@ def handshake_failure_causes(e: BaseException, subject: str | None) -> str:
             "the alert does not tell which")
 
 
-def handshake_close_hint(subject: str) -> str:
+def handshake_close_hint(subject: str | None) -> str:
     """The hint for a server that closed (or reset) the connection in a TLS handshake in which we presented the
     client certificate ``subject``: a TLS 1.2 server that refuses it can close without sending its alert, which
-    looks like a drop; the close proves nothing, so the error stays a transport failure (exit 6)."""
+    looks like a drop; the close proves nothing, so the error stays a transport failure (exit 6). With no client
+    certificate presented (``subject`` None) it is a drop, or a port that is not the server's TLS one (a server
+    there may close on a ClientHello it cannot read): retry later, then check the port."""
+    if subject is None:
+        return "retry later, and if it persists check that the URL's port is the server's TLS port"
     return (f"we presented our TLS client certificate {subject!r} in that handshake, and the server may have "
             "refused it: a TLS 1.2 server that refuses a client certificate can close without its alert (a close "
             "alone proves no refusal). If it persists, check that the certificate is issued by a CA the server "

@@ -84,7 +84,9 @@ class HttpTransport(Transport):
     when it closes again without an alert (a silent close proves no refusal: a transport failure, exit 6); a drop
     is retried as before. Under TLS 1.2 a refusal without its alert is a close in the handshake, which the probe
     cannot tell from a drop: retried, and when the last attempt closed in the handshake in which we presented a
-    certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``). An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
+    certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``);
+    with none presented, to retry later and then check that the URL's port is the server's TLS port (as over EST).
+    An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
@@ -201,10 +203,11 @@ class HttpTransport(Transport):
                 refusal = await tls_probe.in_daemon_thread(self._probe, url, name="devagent-cmp-probe")
                 if refusal is not None:
                     raise self._refusal_error(url, error, refusal) from None
-        if closed_in_handshake and self._client_auth is not None:  # still a transport failure: a close proves nothing
+        if closed_in_handshake:  # still a transport failure: a close proves nothing (as over EST)
             from enroll_clients.tls import handshake_close_hint
 
-            subject = self._client_auth.certificate.subject.rfc4514_string()
+            a = self._client_auth
+            subject = a.certificate.subject.rfc4514_string() if a is not None else None
             last = TransportError(f"{last}: the server closed the connection in the TLS handshake; "
                                   f"{handshake_close_hint(subject)}")
         raise last

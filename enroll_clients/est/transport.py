@@ -166,9 +166,7 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
         how = (f"closed the connection in the TLS handshake, without an alert ({chain.reason or chain})" if eof else
                f"ended the connection in the TLS handshake with a reset, without an alert ({type(reset).__name__}: "
                f"{reset})")
-        after = (handshake_close_hint(subject) if subject is not None else
-                 "retry later, and if it persists check that the URL's port is the server's TLS port")
-        return TransportError(f"{url}: the server {how}; {after}")
+        return TransportError(f"{url}: the server {how}; {handshake_close_hint(subject)}")
     if isinstance(chain, ssl.SSLError) and not eof:
         if "ALERT_HANDSHAKE_FAILURE" in text:  # alert 40: no client certificate, or no shared version/cipher suite
             return ProtectionError(f"TLS to {url}: the server ended the TLS handshake with "

@@ -462,7 +462,8 @@ def test_https_to_a_plain_http_server_is_final_exit_5():
 @pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
 def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(reset):
     """A server that reads our ClientHello and closes (or resets) without an alert: a dropped connection, not a
-    server that failed to authenticate (exit 6, as over EST), tried again."""
+    server that failed to authenticate (exit 6, as over EST), tried again; with no client certificate presented
+    the final error says so and what to check (as EST's: an https:// URL at a port that is not the TLS one)."""
     from agent.cli import EXIT_NETWORK, classify
     from tests.peers.tls_front import handshake_dropper
 
@@ -470,7 +471,11 @@ def test_a_close_in_the_tls_handshake_is_a_transport_error_retried(reset):
         with pytest.raises(TransportError, match=r"attempt 2 of 2") as e:
             exchange(f"https://127.0.0.1:{port}/ok", verify=True, retries=1, retry_base_s=0.01)
     assert classify(e.value)[0] == EXIT_NETWORK and len(accepted) == 2
-    assert "may have refused" not in str(e.value), "no client certificate was presented"
+    msg = str(e.value)
+    assert msg.startswith(f"POST https://127.0.0.1:{port}/ok: "), msg
+    assert msg.endswith("; attempt 2 of 2: the server closed the connection in the TLS handshake; retry later, and if "
+                        "it persists check that the URL's port is the server's TLS port"), msg
+    assert "may have refused" not in msg, "no client certificate was presented"
 
 
 @contextlib.contextmanager
