@@ -538,6 +538,34 @@ def test_a_handshake_failure_alert_names_both_likely_causes(tmp_path, case):
     assert classify(e.value)[0] == EXIT_SERVER
 
 
+def test_a_tls12_refusal_of_the_client_certificate_with_its_alert_names_it(tmp_path):
+    """A TLS 1.2-only server requiring client certificates from another CA (the front's site CA) refuses ours in
+    the handshake and sends its alert: the server's explicit refusal of our credential, final (exit 5, as EST's),
+    naming the certificate and the alert, after one connection; no refusal probe, nothing forwarded."""
+    from agent.cli import EXIT_SERVER, classify
+
+    auth = _client_auth()
+
+    async def go(front):
+        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
+        t.use_client_credential(auth)
+        try:
+            return await t.exchange(b"\x30\x00")
+        finally:
+            await t.aclose()
+
+    with _front(tmp_path, client_certificate_required=True, max_tls12=True) as front:
+        with pytest.raises(ProtectionError) as e:
+            asyncio.run(go(front))
+        assert len(front.failed) == 1 and front.forwarded == 0, front.failed
+    msg = str(e.value)
+    assert msg.startswith(f"POST {front.ok_url}: the CMP server refused our TLS client certificate "
+                          "'CN=device-0001 IDevID' (TLSV1_ALERT_UNKNOWN_CA): check that it is issued by a CA the "
+                          "server trusts for TLS clients and still valid"), msg
+    assert "attempt" not in msg and "probably" not in msg, msg
+    assert classify(e.value)[0] == EXIT_SERVER
+
+
 @pytest.mark.parametrize("silent", [True, False], ids=["refused-silently", "drop-in-handshake"])
 def test_a_tls12_close_in_the_handshake_with_a_client_certificate_names_it(tmp_path, silent):
     """TLS 1.2: a server that refuses our client certificate without its alert closes in the handshake, which
