@@ -10,7 +10,8 @@ random one-time password. TPM/PKCS#11 keys cannot be used this way (no OpenSSL p
 ``server_certificate_failure`` and ``NOT_TLS_REASONS`` sort the TLS failures both transports meet the same way, so
 EST and CMP name (and classify) a server that failed to authenticate alike: each is a ``ProtectionError`` (exit 5).
 ``handshake_failure_causes`` and ``handshake_close_hint`` word the two TLS failures whose cause the client cannot
-know, alike for both: a handshake_failure alert, and a close in the handshake (with or without a client certificate).
+know, alike for both: a handshake_failure alert, and a close in the handshake (with or without a client certificate);
+``client_certificate_refusal`` words the server's alert refusing our client certificate (unknown_ca and the like).
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def handshake_close_hint(subject: str | None) -> str:
     return (f"we presented our TLS client certificate {subject!r} in that handshake, and the server may have "
             "refused it: a TLS 1.2 server that refuses a client certificate can close without its alert (a close "
             "alone proves no refusal). If it persists, check that the certificate is issued by a CA the server "
+            "trusts for TLS clients and still valid")
+
+
+def client_certificate_refusal(subject: str | None, reason: str) -> str:
+    """The server's alert refusing our TLS client certificate ``subject`` (unknown_ca, bad_certificate, revoked,
+    expired...; OpenSSL's ``reason``), to follow "the server" (EST) or "the CMP server": the same words for both.
+    ``subject`` None (no certificate known to have been sent) leaves the subject out."""
+    named = "" if subject is None else f" {subject!r}"
+    return (f"refused our TLS client certificate{named} ({reason}): check that it is issued by a CA the server "
             "trusts for TLS clients and still valid")
 
 

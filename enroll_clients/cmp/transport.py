@@ -361,7 +361,7 @@ class HttpTransport(Transport):
     def _alert_error(self, url: str, e) -> ProtectionError:
         """A TLS alert from the server: the server refused the connection on authentication grounds, which no
         retry cures (the same credential meets the same refusal next time): final, exit 5 like EST's alert."""
-        from enroll_clients.tls import handshake_failure_causes
+        from enroll_clients.tls import client_certificate_refusal, handshake_failure_causes
 
         reason = e.reason or str(e)
         a = self._client_auth
@@ -373,9 +373,8 @@ class HttpTransport(Transport):
                                    f"{handshake_failure_causes(e, subject)}" + ("" if a is not None else f"; {how}"))
         cert_alert = any(x in reason for x in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED"))
         if cert_alert and a is not None:
-            return ProtectionError(f"POST {url}: the CMP server refused our TLS client certificate "
-                                   f"{a.certificate.subject.rfc4514_string()!r} ({reason}): check that it is issued by "
-                                   "a CA the server trusts for TLS clients and still valid")
+            return ProtectionError(f"POST {url}: the CMP server "
+                                   f"{client_certificate_refusal(a.certificate.subject.rfc4514_string(), reason)}")
         if "CERTIFICATE_REQUIRED" in reason:  # TLS 1.3's alert 116: it says what it wants
             return ProtectionError(f"POST {url}: the CMP server ended the TLS handshake ({reason}): it requires a TLS "
                                    f"client certificate and we sent none; {how}")

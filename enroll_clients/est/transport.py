@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from enroll_clients import tls_probe
 from enroll_clients.base import EnrollError, ProtectionError, TransportError
 from enroll_clients.tls import (
+    client_certificate_refusal,
     handshake_close_hint,
     handshake_failure_causes,
     load_client_credential,
@@ -176,8 +177,8 @@ def _tls_error(url: str, e: BaseException, timeout_s: float | None = None,
                                    f"sent none ({chain.reason})")
         if any(a in text for a in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED",
                                    "ALERT_CERTIFICATE_REVOKED", "ALERT_CERTIFICATE_EXPIRED")):
-            return ProtectionError(f"TLS to {url}: the server rejected our TLS client certificate ({chain.reason}); "
-                                   "check that it is issued by a CA the server trusts and still valid")
+            return ProtectionError(f"TLS to {url}: the server "
+                                   f"{client_certificate_refusal(subject, chain.reason or str(chain))}")
         if "ILLEGAL_PARAMETER" in text and client_certificate is not None:
             return ProtectionError(
                 f"TLS to {url}: the server ended the handshake with alert 47 (illegal parameter) after our TLS client "
