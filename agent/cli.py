@@ -447,7 +447,11 @@ def keystore_trust(app: App, domain, purpose, add_file, remove_fp):
 def keystore_audit(app: App, count):
     """Show the audit log (who/what/when)."""
     entries = app.keystore().audit_entries()[-count:]
-    app.out(entries, "\n".join(f"{e['ts']} {e['user']:<8} {e['action']:<18} "
+    # The user and action columns as wide as the longest shown (at least 8 and 18), so that every line's fields
+    # start in the same column: certificate-store-unsynced is 26 characters, pending-key-discard 19.
+    user_w = max([8] + [len(str(e['user'])) for e in entries])
+    action_w = max([18] + [len(str(e['action'])) for e in entries])
+    app.out(entries, "\n".join(f"{e['ts']} {str(e['user']):<{user_w}} {str(e['action']):<{action_w}} "
                                + " ".join(f"{k}={v}" for k, v in e.items()
                                           if k not in ("ts", "user", "action", "uid", "pid")) for e in entries))
 

@@ -240,6 +240,17 @@ def test_keystore_list_shows_pending_keys_with_age_and_owner(ks):
     r = CliRunner().invoke(cli, ["--state-dir", str(ks.root), "keystore", "check"])
     assert r.exit_code == 0 and "1 orphaned pending key(s) discarded" in r.output, r.output
     assert [p["for"] for p in (ks.pending_summary(k) for k in ks.pending_keys())] == ["ldevid"]
+    # The audit listing: the discard's action (19 characters) is longer than the others, and every line's fields
+    # still start in one column.
+    r = CliRunner().invoke(cli, ["--state-dir", str(ks.root), "keystore", "audit"])
+    assert r.exit_code == 0, r.output
+    import re
+
+    lines = r.output.splitlines()
+    assert any(" pending-key-discard " in line for line in lines), r.output
+    assert len(lines) >= 3 and all(len(line.split()) >= 4 for line in lines), r.output
+    columns = {len(re.match(r"\S+ +\S+ +\S+ +", line).group(0)) for line in lines}
+    assert len(columns) == 1, r.output
 
 
 def test_a_key_in_use_without_a_credential_is_not_pending_and_survives_its_owner(ks):
