@@ -566,6 +566,32 @@ def test_a_tls12_refusal_of_the_client_certificate_with_its_alert_names_it(tmp_p
     assert classify(e.value)[0] == EXIT_SERVER
 
 
+def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(tmp_path):
+    """TLS 1.3 (the front's default) requiring a client certificate, none sent: our handshake completes before the
+    server reads the empty Certificate, and its certificate_required alert (116) arrives on the first read after the
+    request. The error says the server requires a TLS client certificate and we sent none, with the option that
+    presents one; final (exit 5, as over EST and TLS 1.2's alert 40), after one connection, nothing forwarded."""
+    from agent.cli import EXIT_SERVER, classify
+
+    async def go(front):
+        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
+        try:
+            return await t.exchange(b"\x30\x00")
+        finally:
+            await t.aclose()
+
+    with _front(tmp_path, client_certificate_required=True) as front:
+        with pytest.raises(ProtectionError) as e:
+            asyncio.run(go(front))
+        assert len(front.failed) == 1 and front.forwarded == 0, front.failed
+    msg = str(e.value)
+    assert msg.startswith(f"POST {front.ok_url}: the CMP server ended the TLS handshake "
+                          "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we sent none; "
+                          "--tls-client-auth presents"), msg
+    assert "probably" not in msg and "attempt" not in msg, msg
+    assert classify(e.value)[0] == EXIT_SERVER
+
+
 @pytest.mark.parametrize("silent", [True, False], ids=["refused-silently", "drop-in-handshake"])
 def test_a_tls12_close_in_the_handshake_with_a_client_certificate_names_it(tmp_path, silent):
     """TLS 1.2: a server that refuses our client certificate without its alert closes in the handshake, which
