@@ -82,7 +82,10 @@ class HttpTransport(Transport):
     request; a server that accepted the certificate waits for the request, one that refuses it sends its alert or
     closes. A refusal is final: the alert's ``ProtectionError``, or a ``TransportError`` naming the likely cause
     when it closes again without an alert (a silent close proves no refusal: a transport failure, exit 6); a drop
-    is retried as before. Under TLS 1.2 a refusal without its alert is a close in the handshake, which the probe
+    is retried as before. With no client certificate presented, such a close is probed too, for TLS 1.3's
+    certificate_required alert (116) that a server requiring one sends after our request was written and can
+    lose with it: the alert read is final (it requires a TLS client certificate and we sent none); a silent close
+    or a waiting server is a drop, retried. Under TLS 1.2 a refusal without its alert is a close in the handshake, which the probe
     cannot tell from a drop: retried, and when the last attempt closed in the handshake in which we presented a
     certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``);
     with none presented, to retry later and then check that the URL's port is the server's TLS port (as over EST).
@@ -198,10 +201,15 @@ class HttpTransport(Transport):
                 closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
             else:
                 return self._check(status, reason, ctype, body, url, operation)
-            if not probed and self._client_auth is not None and url.startswith("https:") and tls_probe.closed_early(error):
+            # With no client certificate, a close after the handshake is probed too: a TLS 1.3 server requiring one
+            # sends certificate_required (116) after our request was written, and its close of our unread request
+            # can lose the alert; the probe reads it. Only an alert counts then (a silent close blames nothing).
+            anonymous = self._client_auth is None
+            if (not probed and url.startswith("https:") and tls_probe.closed_early(error)
+                    and not (anonymous and closed_in_handshake)):
                 probed = True  # once per message: a server that accepted the certificate then is not asked again
                 refusal = await tls_probe.in_daemon_thread(self._probe, url, name="devagent-cmp-probe")
-                if refusal is not None:
+                if refusal is not None and not (anonymous and isinstance(refusal, str)):
                     raise self._refusal_error(url, error, refusal) from None
         if closed_in_handshake:  # still a transport failure: a close proves nothing (as over EST)
             from enroll_clients.tls import handshake_close_hint

@@ -569,8 +569,10 @@ def test_a_tls12_refusal_of_the_client_certificate_with_its_alert_names_it(tmp_p
 def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(tmp_path):
     """TLS 1.3 (the front's default) requiring a client certificate, none sent: our handshake completes before the
     server reads the empty Certificate, and its certificate_required alert (116) arrives on the first read after the
-    request. The error says the server requires a TLS client certificate and we sent none, with the option that
-    presents one; final (exit 5, as over EST and TLS 1.2's alert 40), after one connection, nothing forwarded."""
+    request, or is lost with it (the server closes on our unread request: a reset or EOF, then one probe reads it).
+    The error says the server requires a TLS client certificate and we sent none, with the option that presents
+    one; final (exit 5, as over EST and TLS 1.2's alert 40), not retried, nothing forwarded. Repeated: the alert is
+    lost in about one run of three."""
     from agent.cli import EXIT_SERVER, classify
 
     async def go(front):
@@ -581,15 +583,17 @@ def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(t
             await t.aclose()
 
     with _front(tmp_path, client_certificate_required=True) as front:
-        with pytest.raises(ProtectionError) as e:
-            asyncio.run(go(front))
-        assert len(front.failed) == 1 and front.forwarded == 0, front.failed
-    msg = str(e.value)
-    assert msg.startswith(f"POST {front.ok_url}: the CMP server ended the TLS handshake "
-                          "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we sent none; "
-                          "--tls-client-auth presents"), msg
-    assert "probably" not in msg and "attempt" not in msg, msg
-    assert classify(e.value)[0] == EXIT_SERVER
+        for _ in range(6):
+            with pytest.raises(ProtectionError) as e:
+                asyncio.run(go(front))
+            msg = str(e.value)
+            assert msg.startswith(f"POST {front.ok_url}: the CMP server ended the TLS handshake "
+                                  "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we "
+                                  "sent none; --tls-client-auth presents"), msg
+            assert "probably" not in msg and "attempt" not in msg, msg
+            assert classify(e.value)[0] == EXIT_SERVER
+        # at most the request's connection and the probe's for each: none retried
+        assert len(front.failed) <= 12 and front.forwarded == 0, front.failed
 
 
 @pytest.mark.parametrize("silent", [True, False], ids=["refused-silently", "drop-in-handshake"])
