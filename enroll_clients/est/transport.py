@@ -18,7 +18,10 @@ Invariants:
   (``enroll_clients.tls_probe``): the server's alert -> its ``ProtectionError``; closed again -> a
   ``TransportError`` with ``refused = True`` (final: not worth a retry); accepted (it waits for a request) -> the
   drop's ``TransportError`` with ``refusal_probed = True``, and a retry with ``TlsConfig.refusal_probe`` off is
-  not probed again.
+  not probed again. With no client certificate presented, an early close is probed too, for TLS 1.3's
+  certificate_required alert (116) that a server requiring one sends after our request was written and can lose
+  with it: the alert read -> its ``ProtectionError`` (it requires a TLS client certificate and this request sent
+  none); anything else -> the close's ``TransportError`` with ``refusal_probed = True``.
 """
 from __future__ import annotations
 
@@ -280,7 +283,17 @@ async def _send(client, method: str, url: str, headers: dict, body: bytes | None
     except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
         what = f"{method} {url}"
         err = _tls_error(what, e, timeout_s, tls.client_certificate)
-        if tls.client_certificate is None or isinstance(err, ProtectionError):
+        if isinstance(err, ProtectionError):
+            raise err from e
+        if tls.client_certificate is None:
+            # A TLS 1.3 server requiring a client certificate sends certificate_required (116) after our request
+            # was written, and its close of our unread request can lose the alert (a reset): one probe reads it.
+            # Only an alert counts (a silent close blames nothing); a drop stays the drop, probed once.
+            if tls.refusal_probe and _closed_early(e):
+                alert = await tls_probe.in_daemon_thread(_probe, url, ctx, timeout_s, name="devagent-est-probe")
+                if isinstance(alert, ssl.SSLError):
+                    raise _tls_error(what, alert, timeout_s, None) from e
+                err.refusal_probed = True
             raise err from e
         if not _closed_early(e):
             if isinstance(e, httpx.WriteError):

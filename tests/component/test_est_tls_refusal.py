@@ -213,21 +213,24 @@ def test_a_handshake_failure_alert_names_both_likely_causes(lab, site, backend, 
 def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(lab, site, backend, op):
     """TLS 1.3 (the front's default) requiring a client certificate, none sent: our handshake completes before the
     server reads the empty Certificate, and its certificate_required alert (116) arrives on the first read after the
-    request (a GET, or a POST with Basic only). The error says the server requires a TLS client certificate and this
-    request sent none; final (exit 5, as TLS 1.2's alert 40), not retried (one connection), nothing reached the CA."""
+    request (a GET, or a POST with Basic only), or is lost with it (the server closes on our unread request: a
+    reset, then one probe reads it). The error says the server requires a TLS client certificate and this request
+    sent none; final (exit 5, as TLS 1.2's alert 40), not retried, nothing reached the CA. Repeated: the alert is
+    lost in about one run of three."""
     csr = make_csr(new_key(), "dev1")
+    method = "GET" if op == "cacerts" else "POST"
     with TlsFront(site, backend.port, client_cas=site.ca_file) as front:
         client = _client(lab, site, front)
-        with pytest.raises(ProtectionError) as ei:
-            run(client.ca_certs(None) if op == "cacerts" else
-                client.enroll(CertRequest(subject=csr.subject, csr=csr),
-                              ClientAuth(username=USER, password=PASSWORD)))
-        failed = len(front.failed)
-    msg = str(ei.value)
-    method = "GET" if op == "cacerts" else "POST"
-    assert msg.endswith(f"TLS to {method} https://127.0.0.1:{front.port}/.well-known/est/plant/{op}: the server "
-                        "requires a TLS client certificate, and this request sent none "
-                        "(TLSV13_ALERT_CERTIFICATE_REQUIRED)"), msg
-    assert "attempt" not in msg and "probably" not in msg, msg
-    assert classify(ei.value)[0] == EXIT_SERVER
-    assert failed == 1 and front.handshakes == 0 and backend.requests == [], front.failed
+        for _ in range(6):
+            with pytest.raises(ProtectionError) as ei:
+                run(client.ca_certs(None) if op == "cacerts" else
+                    client.enroll(CertRequest(subject=csr.subject, csr=csr),
+                                  ClientAuth(username=USER, password=PASSWORD)))
+            msg = str(ei.value)
+            assert msg.endswith(f"TLS to {method} https://127.0.0.1:{front.port}/.well-known/est/plant/{op}: the "
+                                "server requires a TLS client certificate, and this request sent none "
+                                "(TLSV13_ALERT_CERTIFICATE_REQUIRED)"), msg
+            assert "attempt" not in msg and "probably" not in msg, msg
+            assert classify(ei.value)[0] == EXIT_SERVER
+        failed = len(front.failed)  # at most the request's connection and the probe's for each: none retried
+    assert failed <= 12 and front.handshakes == 0 and backend.requests == [], front.failed
