@@ -492,6 +492,20 @@ def _front(tmp_path, client_certificate_required=False, **kw):
         yield front
 
 
+def _exchange_once(front, auth=None):
+    """One CMP exchange through ``front`` (two attempts at most), with ``auth`` as the TLS client credential."""
+
+    async def go():
+        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
+        t.use_client_credential(auth)
+        try:
+            return await t.exchange(b"\x30\x00")
+        finally:
+            await t.aclose()
+
+    return go()
+
+
 def _client_auth(cn="device-0001 IDevID"):
     """A TLS client credential from a CA no front trusts (the site CA issued the front's certificate only)."""
     from cryptography import x509
@@ -515,17 +529,9 @@ def test_a_handshake_failure_alert_names_both_likely_causes(tmp_path, case):
           {"ciphers": "ECDHE-ECDSA-AES128-SHA"})  # a TLS 1.2 suite without forward-secure AEAD: not offered by us
     auth = _client_auth() if case.endswith("certificate-sent") else None
 
-    async def go(front):
-        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
-        t.use_client_credential(auth)
-        try:
-            return await t.exchange(b"\x30\x00")
-        finally:
-            await t.aclose()
-
     with _front(tmp_path, **kw) as front:
         with pytest.raises(ProtectionError) as e:
-            asyncio.run(go(front))
+            asyncio.run(_exchange_once(front, auth))
         assert len(front.failed) == 1 and front.forwarded == 0, front.failed
     msg = str(e.value)
     first = ("either it refused our TLS client certificate 'CN=device-0001 IDevID' (some servers answer a refused "
@@ -546,17 +552,9 @@ def test_a_tls12_refusal_of_the_client_certificate_with_its_alert_names_it(tmp_p
 
     auth = _client_auth()
 
-    async def go(front):
-        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
-        t.use_client_credential(auth)
-        try:
-            return await t.exchange(b"\x30\x00")
-        finally:
-            await t.aclose()
-
     with _front(tmp_path, client_certificate_required=True, max_tls12=True) as front:
         with pytest.raises(ProtectionError) as e:
-            asyncio.run(go(front))
+            asyncio.run(_exchange_once(front, auth))
         assert len(front.failed) == 1 and front.forwarded == 0, front.failed
     msg = str(e.value)
     assert msg.startswith(f"POST {front.ok_url}: the CMP server refused our TLS client certificate "
@@ -575,17 +573,10 @@ def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(t
     lost in about one run of three."""
     from agent.cli import EXIT_SERVER, classify
 
-    async def go(front):
-        t = HttpTransport(front.ok_url, verify=front.site.ca_file, retries=2, retry_base_s=0.01)
-        try:
-            return await t.exchange(b"\x30\x00")
-        finally:
-            await t.aclose()
-
     with _front(tmp_path, client_certificate_required=True) as front:
         for _ in range(6):
             with pytest.raises(ProtectionError) as e:
-                asyncio.run(go(front))
+                asyncio.run(_exchange_once(front))
             msg = str(e.value)
             assert msg.startswith(f"POST {front.ok_url}: the CMP server ended the TLS handshake "
                                   "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we "
