@@ -85,9 +85,11 @@ class HttpTransport(Transport):
     is retried as before. With no client certificate presented, such a close is probed too, for TLS 1.3's
     certificate_required alert (116) that a server requiring one sends after our request was written and can
     lose with it: the alert read is final (it requires a TLS client certificate and we sent none); a silent close
-    or a waiting server is a drop, retried. Under TLS 1.2 a refusal without its alert is a close in the handshake, which the probe
-    cannot tell from a drop: retried, and when the last attempt closed in the handshake in which we presented a
-    certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``);
+    or a waiting server is a drop, retried. The close of a kept connection (``keep_alive``: one that served a
+    request already, which a server may close while we are idle) is never probed: a refusal can only end a
+    connection's first request; it is retried on a new connection as a drop. Under TLS 1.2 a refusal without its
+    alert is a close in the handshake, which the probe cannot tell from a drop: retried, and when the last attempt
+    closed in the handshake in which we presented a certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``);
     with none presented, to retry later and then check that the URL's port is the server's TLS port (as over EST).
     An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
     ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
@@ -194,18 +196,22 @@ class HttpTransport(Transport):
                                       f"{self.retries + 1}")  # EOF/reset in the middle of TLS: a dropped connection
                 error = e
                 closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
+                kept = getattr(e, "on_kept_connection", False)
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
                 error = e
                 closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
+                kept = getattr(e, "on_kept_connection", False)
             else:
                 return self._check(status, reason, ctype, body, url, operation)
             # With no client certificate, a close after the handshake is probed too: a TLS 1.3 server requiring one
             # sends certificate_required (116) after our request was written, and its close of our unread request
             # can lose the alert; the probe reads it. Only an alert counts then (a silent close blames nothing).
+            # Never for the close of a kept connection (keep_alive): it passed its handshake and served a request,
+            # and a refusal ends a connection's first request; the server closed it while idle: retried as is.
             anonymous = self._client_auth is None
-            if (not probed and url.startswith("https:") and tls_probe.closed_early(error)
+            if (not probed and not kept and url.startswith("https:") and tls_probe.closed_early(error)
                     and not (anonymous and closed_in_handshake)):
                 probed = True  # once per message: a server that accepted the certificate then is not asked again
                 refusal = await tls_probe.in_daemon_thread(self._probe, url, name="devagent-cmp-probe")
@@ -238,6 +244,7 @@ class HttpTransport(Transport):
         so a shutdown can never reach a descriptor number the kernel has meanwhile given to another socket or file
         of the process (the DTLS transport's, the event loop's self-pipe, a keystore file)."""
         conn, target, headers = self._connection(url)
+        kept = conn.sock is not None  # a kept connection, connected: it has served a request already
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         gate = threading.Lock()
@@ -261,6 +268,8 @@ class HttpTransport(Transport):
             except BaseException as e:  # handed to the awaiting task, which decides
                 if isinstance(e, OSError) and _in_tls_handshake(conn):
                     e.in_tls_handshake = True  # before any answer: how a TLS 1.2 refusal without its alert looks
+                if kept:
+                    e.on_kept_connection = True  # not a refusal: that can only end a connection's first request
                 close_conn()
                 outcome, error = None, e
             with gate:

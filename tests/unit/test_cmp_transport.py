@@ -53,6 +53,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.close_connection = False  # HTTP/1.1 keep-alive
             Handler.peers.append(self.client_address)
+        elif self.path == "/answer-then-close":  # a kept-alive answer (no "Connection: close"), then the server
+            self.protocol_version = "HTTP/1.1"  # closes the connection: its keep-alive timeout while we were idle
+            self._send(200, "application/pkixcmp", body[::-1])
+            self.close_connection = True
         elif self.path == "/html":
             self._send(200, "text/html; charset=utf-8", b"<!DOCTYPE html><html>login portal</html>")
         elif self.path == "/empty":
@@ -585,6 +589,45 @@ def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(t
             assert classify(e.value)[0] == EXIT_SERVER
         # at most the request's connection and the probe's for each: none retried
         assert len(front.failed) <= 12 and front.forwarded == 0, front.failed
+
+
+@pytest.mark.parametrize("certificate", [False, True], ids=["anonymous", "client-certificate"])
+def test_a_kept_connection_the_server_closed_is_retried_on_one_new_connection_without_a_probe(tmp_path, certificate):
+    """keep_alive: the server closes the kept connection while we are idle (its keep-alive timeout, e.g. while a
+    CMP client polls). The next message meets the close (an EOF or reset), which is not a refusal: a refusal ends a
+    connection's first request, and a kept one has passed its handshake and served a request. So no refusal probe
+    (a new connection and up to 2 s of waiting), with or without a client certificate: the retry goes through one
+    new connection, and the front sees two handshakes, the kept connection's and the retry's."""
+    import select
+
+    from enroll_clients.base import ClientAuth
+    from tests.certfactory import chain
+
+    kw, auth = {}, None
+    if certificate:  # a client certificate the front accepts: issued by the CA it trusts for TLS clients
+        ch = chain("p256", 2)
+        kw["client_cas"] = str(ch.write(tmp_path / "client")["root"])
+        auth = ClientAuth(certificate=ch.leaf, private_key=ch.leaf_key)
+
+    with _front(tmp_path, **kw) as front:
+        url = f"https://127.0.0.1:{front.port}/answer-then-close"
+
+        async def go():
+            t = HttpTransport(url, verify=front.site.ca_file, keep_alive=True, retries=1, retry_base_s=0.01)
+            t.use_client_credential(auth)
+            try:
+                first = await t.exchange(b"ab")
+                sock = t._conn[1].sock
+                assert sock is not None, "the answer did not say it closes: the connection is kept"
+                assert select.select([sock], [], [], 10)[0], "the server did not close the kept connection"
+                return first, await t.exchange(b"cd")
+            finally:
+                await t.aclose()
+
+        assert asyncio.run(go()) == (b"ba", b"dc")
+        assert front.handshakes == 2 and front.failed == [] and front.forwarded == 2, front.failed
+    if certificate:
+        assert front.client_subjects == ["commonName=device 1"] * 2
 
 
 @pytest.mark.parametrize("silent", [True, False], ids=["refused-silently", "drop-in-handshake"])
