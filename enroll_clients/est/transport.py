@@ -21,7 +21,9 @@ Invariants:
   not probed again. With no client certificate presented, an early close is probed too, for TLS 1.3's
   certificate_required alert (116) that a server requiring one sends after our request was written and can lose
   with it: the alert read -> its ``ProtectionError`` (it requires a TLS client certificate and this request sent
-  none); anything else -> the close's ``TransportError`` with ``refusal_probed = True``.
+  none); anything else -> the close's ``TransportError`` with ``refusal_probed = True``. Only a connection's first
+  request is probed: ``request`` opens one connection per request, and ``bound_request``'s second request, on the
+  connection that answered its first, is not (its close is the close's ``TransportError``).
 """
 from __future__ import annotations
 
@@ -260,7 +262,7 @@ class HttpxTransport:
                     raise ProtocolError(f"{method} {url}: the TLS session has no tls-unique value (TLS "
                                         f"{sslobj.version() if sslobj else '?'}); the CSR cannot be bound to it")
                 resp, stream2 = await _send(client, method, url, headers, make_body(tls_unique), tls, timeout_s,
-                                            basic, ctx)
+                                            basic, ctx, kept=True)
                 if stream2 is not stream:
                     raise ProtocolError(f"{method} {url}: the server closed the TLS connection after GET {probe_url}, "
                                         "so the request went over a new session and its binding (tls-unique) "
@@ -269,11 +271,13 @@ class HttpxTransport:
 
 
 async def _send(client, method: str, url: str, headers: dict, body: bytes | None, tls: TlsConfig, timeout_s: float,
-                basic: tuple[str, bytes] | None, ctx: ssl.SSLContext):
+                basic: tuple[str, bytes] | None, ctx: ssl.SSLContext, kept: bool = False):
     """One request on ``client``: (HttpResponse with the body read and bounded, the connection's network stream).
 
     ``ctx``: the client's TLS context, for the refusal probe after an early close (module doc); every failure of
-    a request ends it, so a request is probed at most once."""
+    a request ends it, so a request is probed at most once. ``kept``: the request is meant for a kept connection
+    that answered one already (``bound_request``'s second): its early close is not probed, since a refusal can
+    only end a connection's first request."""
     import httpx
 
     auth = httpx.BasicAuth(basic[0], basic[1]) if basic else None
@@ -284,6 +288,8 @@ async def _send(client, method: str, url: str, headers: dict, body: bytes | None
         what = f"{method} {url}"
         err = _tls_error(what, e, timeout_s, tls.client_certificate)
         if isinstance(err, ProtectionError):
+            raise err from e
+        if kept:  # a kept connection's close is no refusal (that ends a connection's first request): not probed
             raise err from e
         if tls.client_certificate is None:
             # A TLS 1.3 server requiring a client certificate sends certificate_required (116) after our request

@@ -234,3 +234,41 @@ def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(l
             assert classify(ei.value)[0] == EXIT_SERVER
         failed = len(front.failed)  # at most the request's connection and the probe's for each: none retried
     assert failed <= 12 and front.handshakes == 0 and backend.requests == [], front.failed
+
+
+def test_a_close_of_the_kept_connection_of_a_bound_request_is_not_probed(site):
+    """``bound_request`` (tls-unique, TLS 1.2) sends its POST on the kept connection that answered its GET: a server
+    that closes it on the POST without an answer has passed the handshake and served a request on it, so the close
+    is no refusal: the close's TransportError, with no refusal probe (one handshake in all, no second connection)."""
+    import asyncio
+    import http.server
+
+    from enroll_clients.est.transport import HttpxTransport, TlsConfig
+    from tests.unit.test_cmp_transport import serving
+
+    class AnswerThenClose(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # kept alive: no "Connection: close"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pkcs7-mime")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def do_POST(self):  # read, then close without an answer
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.close_connection = True
+
+    with serving(AnswerThenClose) as port, TlsFront(site, port, max_tls12=True) as front:
+        base = f"https://127.0.0.1:{front.port}/.well-known/est"
+        with pytest.raises(TransportError) as ei:
+            asyncio.run(HttpxTransport().bound_request(
+                "POST", f"{base}/simpleenroll", {"Content-Type": "application/pkcs10"}, lambda unique: b"csr",
+                TlsConfig(trust_anchors=(site.ca,)), 5.0, None, f"{base}/cacerts"))
+        assert front.handshakes == 1 and front.failed == [] and front.forwarded == 1, front.failed
+    assert f"POST {base}/simpleenroll" in str(ei.value), ei.value
+    assert classify(ei.value)[0] == EXIT_NETWORK
