@@ -7,7 +7,8 @@ presented, one probe (``probe``) tells a refusal from a drop: a new connection, 
 server that accepted the certificate waits for the request, one that refuses it sends its alert or closes.
 With no client certificate presented, both transports probe such a close too, for TLS 1.3's certificate_required
 alert (116), which a server requiring a certificate sends after our request was written and can lose the same way;
-then only an alert counts.
+then only an alert counts. Only a connection's first request is probed: a kept connection has passed the handshake
+and served a request, so its close is a drop (an idle timeout), retried without a probe.
 ``refusal_message`` is the error text of a refusal without an alert, one shape for every protocol.
 ``in_daemon_thread`` runs the blocking probe off the event loop in a daemon thread, so a cancelled caller never
 waits for it (nor does the interpreter's exit); ``settle`` hands a worker thread's outcome to the awaiting task
