@@ -548,24 +548,29 @@ def test_a_handshake_failure_alert_names_both_likely_causes(tmp_path, case):
     assert classify(e.value)[0] == EXIT_SERVER
 
 
+def _assert_final(error, start: str) -> None:
+    """``error`` is a final refusal (exit 5, no retry, no 'probably') whose text starts with ``start``."""
+    from agent.cli import EXIT_SERVER, classify
+
+    msg = str(error)
+    assert msg.startswith(start), msg
+    assert "attempt" not in msg and "probably" not in msg, msg
+    assert classify(error)[0] == EXIT_SERVER
+
+
 def test_a_tls12_refusal_of_the_client_certificate_with_its_alert_names_it(tmp_path):
     """A TLS 1.2-only server requiring client certificates from another CA (the front's site CA) refuses ours in
     the handshake and sends its alert: the server's explicit refusal of our credential, final (exit 5, as EST's),
     naming the certificate and the alert, after one connection; no refusal probe, nothing forwarded."""
-    from agent.cli import EXIT_SERVER, classify
-
     auth = _client_auth()
 
     with _front(tmp_path, client_certificate_required=True, max_tls12=True) as front:
         with pytest.raises(ProtectionError) as e:
             asyncio.run(_exchange_once(front, auth))
         assert len(front.failed) == 1 and front.forwarded == 0, front.failed
-    msg = str(e.value)
-    assert msg.startswith(f"POST {front.ok_url}: the CMP server refused our TLS client certificate "
-                          "'CN=device-0001 IDevID' (TLSV1_ALERT_UNKNOWN_CA): check that it is issued by a CA the "
-                          "server trusts for TLS clients and still valid"), msg
-    assert "attempt" not in msg and "probably" not in msg, msg
-    assert classify(e.value)[0] == EXIT_SERVER
+    _assert_final(e.value, f"POST {front.ok_url}: the CMP server refused our TLS client certificate "
+                  "'CN=device-0001 IDevID' (TLSV1_ALERT_UNKNOWN_CA): check that it is issued by a CA the server "
+                  "trusts for TLS clients and still valid")
 
 
 def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(tmp_path):
@@ -575,18 +580,13 @@ def test_a_tls13_server_requiring_a_client_certificate_we_did_not_send_says_so(t
     The error says the server requires a TLS client certificate and we sent none, with the option that presents
     one; final (exit 5, as over EST and TLS 1.2's alert 40), not retried, nothing forwarded. Repeated: the alert is
     lost in about one run of three."""
-    from agent.cli import EXIT_SERVER, classify
-
     with _front(tmp_path, client_certificate_required=True) as front:
         for _ in range(6):
             with pytest.raises(ProtectionError) as e:
                 asyncio.run(_exchange_once(front))
-            msg = str(e.value)
-            assert msg.startswith(f"POST {front.ok_url}: the CMP server ended the TLS handshake "
-                                  "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we "
-                                  "sent none; --tls-client-auth presents"), msg
-            assert "probably" not in msg and "attempt" not in msg, msg
-            assert classify(e.value)[0] == EXIT_SERVER
+            _assert_final(e.value, f"POST {front.ok_url}: the CMP server ended the TLS handshake "
+                          "(TLSV13_ALERT_CERTIFICATE_REQUIRED): it requires a TLS client certificate and we sent "
+                          "none; --tls-client-auth presents")
         # at most the request's connection and the probe's for each: none retried
         assert len(front.failed) <= 12 and front.forwarded == 0, front.failed
 
