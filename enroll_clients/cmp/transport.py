@@ -89,10 +89,11 @@ class HttpTransport(Transport):
     request already, which a server may close while we are idle) is never probed: a refusal can only end a
     connection's first request; it is retried on a new connection as a drop. Under TLS 1.2 a refusal without its
     alert is a close in the handshake, which the probe cannot tell from a drop: retried, and when the last attempt
-    closed in the handshake in which we presented a certificate, the final error says the server may have refused it (``enroll_clients.tls.handshake_close_hint``);
-    with none presented, to retry later and then check that the URL's port is the server's TLS port (as over EST).
-    An HTTP proxy from ``http_proxy``/``https_proxy``/``all_proxy`` is used unless
-    ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT tunnel)."""
+    closed in the handshake in which we presented a certificate, the final error says the server may have refused
+    it (``enroll_clients.tls.handshake_close_hint``); with none presented, to retry later and then check that the
+    URL's port is the server's TLS port (as over EST). An HTTP proxy from ``http_proxy``/``https_proxy``/
+    ``all_proxy`` is used unless ``no_proxy`` names the host (as curl and httpx do; https goes through a CONNECT
+    tunnel)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 2, verify=True,
                  retry_base_s: float = RETRY_BASE_S, headers: dict | None = None, keep_alive: bool = False,
