@@ -244,7 +244,7 @@ def test_a_close_of_the_kept_connection_of_a_bound_request_is_not_probed(site):
     import http.server
 
     from enroll_clients.est.transport import HttpxTransport, TlsConfig
-    from tests.unit.test_cmp_transport import serving
+    from tests.peers.http_server import serving
 
     class AnswerThenClose(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

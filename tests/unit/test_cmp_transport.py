@@ -15,6 +15,7 @@ import pytest
 from enroll_clients.base import EnrollOptions, ProtectionError, ProtocolError, ServerError, TransportError
 from enroll_clients.cmp import FileTransport, HttpTransport, client_from_options
 from enroll_clients.cmp.client import CmpClient
+from tests.peers.http_server import serving
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -79,21 +80,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-
-@contextlib.contextmanager
-def serving(handler, wrap=None):
-    """A threading HTTP server with ``handler`` on 127.0.0.1 (its socket wrapped by ``wrap``, e.g. TLS); yields its
-    port."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    if wrap is not None:
-        srv.socket = wrap(srv.socket)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture(scope="module")
