@@ -195,3 +195,41 @@ def test_asn1_layer_avoids_alt_modules():
             "assert not [m for m in sys.modules if m.startswith('pyasn1_alt_modules')]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# --- messageTime: parsed as pyasn1's asDateTime parses it, without datetime.strptime ------------------
+_GT_PARTS = st.tuples(
+    st.sampled_from(["2026", "1999", "0001", "9999"]), st.sampled_from(["12", "01", "13", "00"]),
+    st.sampled_from(["03", "31", "29", "00"]), st.sampled_from(["16", "00", "23", "24"]),
+    st.sampled_from(["", "40", "59", "60"]), st.sampled_from(["", "00", "59", "61"]),
+    st.sampled_from(["", ".5", ".123456789", ",25", ".", ".05"]),
+    st.sampled_from(["Z", "", "+0100", "-0530", "+01", "-2359", "+2400"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(_GT_PARTS)
+def test_generalized_time_matches_pyasn1(parts):
+    """Every form pyasn1 reads, read to the same instant (or refused by both: month 13, hour 24, ...)."""
+    if not parts[4] and parts[5]:
+        parts = parts[:5] + ("",) + parts[6:]  # seconds need minutes
+    value = A.GeneralizedTime("".join(parts))
+    try:
+        want = value.asDateTime.astimezone(datetime.timezone.utc)
+    except Exception:
+        want = None
+    assert M.parse_generalized_time(value) == want
+
+
+@pytest.mark.parametrize("text", ["20261031600Z", "2026120316.123Zx", "20261203164000.1x2Z", "20261203164000+1",
+                                  "20261203164000+01x0", "2026120316400Z", "2026-12-03T16:40:00Z", "", "Z"])
+def test_generalized_time_malformed_is_none(text):
+    """Malformed times are None (no skew check on them), including what strptime's lenient widths would take."""
+    assert M.parse_generalized_time(A.GeneralizedTime(text)) is None
+
+
+def test_generalized_time_does_not_load_strptime():
+    code = ("import sys; from enroll_clients.cmp import asn1 as A, messages as M; "
+            "t = M.parse_generalized_time(A.GeneralizedTime('20261203164000.25Z')); "
+            "assert t.isoformat() == '2026-12-03T16:40:00.250000+00:00', t; assert '_strptime' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
