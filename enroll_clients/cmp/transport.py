@@ -344,6 +344,7 @@ class HttpTransport(Transport):
                 conn.set_tunnel(host, port, headers=tunnel_headers)
             else:
                 conn = http.client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
+        conn._create_connection = _create_connection  # http.client's own hook for its socket.create_connection
         return conn
 
     def _drop(self, conn) -> None:
@@ -534,6 +535,16 @@ def _ssl_context(verify):
                         f"{type(verify).__name__}")
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _create_connection(address, *args, **kwargs):
+    """``socket.create_connection`` with an ASCII host name passed as bytes: ``getaddrinfo`` then takes it as it
+    is, where for a str it loads the ``idna`` codec (with ``unicodedata``, ~2 ms on a process's first
+    connection) to encode it. Only a non-ASCII (internationalized) name needs that codec."""
+    host, port = address
+    if isinstance(host, str) and host.isascii():
+        host = host.encode()
+    return socket.create_connection((host, port), *args, **kwargs)
 
 
 def _proxy_for(scheme: str, host: str):

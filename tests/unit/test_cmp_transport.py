@@ -773,3 +773,18 @@ def test_unsupported_proxy_scheme_is_named(http_server, monkeypatch):
     monkeypatch.setenv("http_proxy", "socks5://127.0.0.1:1080")
     with pytest.raises(TransportError, match=r"proxy 'socks5://127.0.0.1:1080'.*only http:// proxies"):
         exchange(http_server + "/ok")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_ascii_host_connects_without_the_idna_codec(http_server, host):
+    """An ASCII host name goes to getaddrinfo as bytes: the first connection loads no idna codec (~2 ms)."""
+    import subprocess
+    import sys
+
+    url = http_server.replace("127.0.0.1", host) + "/ok"
+    code = ("import asyncio, sys; from enroll_clients.cmp import HttpTransport\n"
+            "async def go():\n    t = HttpTransport(sys.argv[1])\n    try:\n        return await t.exchange(b'ab')\n"
+            "    finally:\n        await t.aclose()\n"
+            "assert asyncio.run(go()) == b'ba'; assert 'encodings.idna' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
