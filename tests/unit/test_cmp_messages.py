@@ -233,3 +233,17 @@ def test_generalized_time_does_not_load_strptime():
             "assert t.isoformat() == '2026-12-03T16:40:00.250000+00:00', t; assert '_strptime' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("owf", [hashes.SHA1, hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512,
+                                 hashes.SHA3_256])
+def test_pbm_key_is_the_iterated_owf(owf):
+    """RFC 4210 5.1.3.1 BASEKEY = OWF^n(secret || salt), stepped with cryptography's Hash as the reference (hashlib
+    runs the steps; SHA3-256 has no hashlib attribute of its name and takes the cryptography path)."""
+    k = b"secret" + b"salt0123456789ab"
+    for _ in range(7):
+        h = hashes.Hash(owf())
+        h.update(k)
+        k = h.finalize()
+    assert P.pbm_key(b"secret", b"salt0123456789ab", owf, 7) == k
+    assert P.pbm_key(b"secret", b"salt0123456789ab", owf, 6) != k
