@@ -929,6 +929,39 @@ def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
     return out
 
 
+def sync_new_files(files: NewFiles, entries) -> None:
+    """fsync the files ``write_new_files`` wrote (``files``) and the directories holding ``entries`` (the files'
+    paths and the directories ``make_dirs`` created for them) in one batch (``fsync_all``): for a file made
+    durable on its own, before anything names it (``Keystore.stage_held_key``). Each step is fault-injectable
+    ("fsync" of each file, "fsync-dir" of each entry). Sets ``files.synced``; the files stay open.
+
+    Raises:
+        StorageError: a step failed (naming the file or directory); the files stay as written (the caller removes
+            them).
+    """
+    for fp, _fd in files.files:
+        try:
+            _fault("fsync", fp)
+        except OSError as e:
+            raise StorageError(f"cannot write {fp}: {e.strerror or e}") from e
+    parents = list(_entry_dirs(entries).values())
+    dfds: list[int] = []
+    try:
+        for d in parents:
+            try:
+                dfds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
+            except OSError as e:
+                raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
+        what = [str(fp) for fp, _fd in files.files] + [f"directory {d}" for d in parents]
+        for w, e in zip(what, fsync_all([fd for _fp, fd in files.files] + dfds), strict=True):
+            if e is not None:
+                raise StorageError(f"cannot sync {w}: {e.strerror or e}") from e
+    finally:
+        for fd in dfds:
+            os.close(fd)
+    files.synced = True
+
+
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:
     """Make ``path`` a symlink to ``target`` atomically (``ln -sfn`` without its unlink window): a new symlink under
     a temp name in the same directory, renamed over ``path`` (rename(2) replaces a file or symlink in one step),

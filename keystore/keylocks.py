@@ -1,7 +1,8 @@
 """Who may still be using a key: one lock file per key, shared-locked by every process that uses it.
 
 ``<keystore>/locks/<id>`` exists from a key's creation until it is destroyed (``id`` is derived from the key's
-URI; a held software key's is made just after the commit that stores it, ``Keystore.store_certificate``). A
+URI; a held software key's is made when its file is staged, ``Keystore.stage_held_key``, or else just after the
+commit that stores it, ``Keystore.store_certificate``). A
 process that uses a key (to sign, or to hand its file to a TLS stack) holds a shared ``flock`` on that file; a
 process that wants to destroy a key the index no longer needs takes an exclusive ``flock`` without waiting. If it
 gets it, nobody can be using the key: it destroys the key, then unlinks the lock file. If not, the key is *retired*
@@ -12,6 +13,10 @@ A holder that opened the lock file just before its key was destroyed notices on 
 longer names the file it locked (unlinked), and it gives up (``hold`` returns False). A missing lock file means the
 key was destroyed, a held key was just stored, a power cut lost the file, or the keystore predates lock files (the
 caller decides, under the keystore lock).
+
+A staged held key (its file written before any index record names it) is held by its staging process: ``gc``
+skips an unnamed ``keys/*`` file, and a lock file the index does not name, while some process holds its lock; once
+that process is gone (killed: the kernel drops its locks) ``gc`` securely deletes the file as any other leftover.
 
 Lock files carry no data and need no fsync: after a power cut no process holds anything.
 """
@@ -87,6 +92,28 @@ class KeyLocks:
 
     def release_exclusive(self, fd: int) -> None:
         os.close(fd)
+
+    def remove_if_free(self, path: Path) -> bool:
+        """Unlink the lock file ``path`` of a key the index does not name, unless some process (this object
+        included: flock locks belong to open file descriptions) holds it: a held key staged before its commit
+        (``Keystore.stage_held_key``). Under the keystore lock. True: removed (or already gone)."""
+        try:
+            fd = os.open(path, _FLAGS)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+        return True
 
     # ---- holding ----------------------------------------------------------------------------------------
     def hold(self, uri: str, *, explicit: bool) -> bool:

@@ -294,6 +294,7 @@ class Keystore:
         self._destroyed: set[str] = set()  # keys destroyed here whose retired records the next _txn drops
         self._deferred: list[_Cleanup] = []  # store_certificate(defer_cleanup=True) work for flush(), under _lock
         self._flushing = 0  # a thread is running the deferred work (close() waits for it: see flush)
+        self._staged: dict[str, tuple[int, int]] = {}  # held key URI -> (st_dev, st_ino) of its staged file
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -651,6 +652,85 @@ class Keystore:
         be = self.backend("soft")
         uri = be.new_uri()
         return HeldKey(uri, kt, key, key.public_key(), label, _now().isoformat(), be.encrypt(key))
+
+    def stage_held_key(self, key: HeldKey) -> None:
+        """Write a held key's encrypted file under its final name ``keys/<id>.key`` now, fsynced with ``keys/``
+        (one batch), so that ``store_certificate(..., key=key)`` by this object later leaves it out of its commit
+        batch (the device stages it after its /csr answer, while the CLM is talking to the CA). Nothing names the
+        file until that commit: this object holds the key's lock (shared) meanwhile, and ``gc`` — of any process —
+        leaves an unnamed key file whose lock is held alone; once this process is gone (killed) its lock goes with
+        it and ``gc`` securely deletes the file. ``discard_held_key`` deletes it when the key is dropped unstored.
+        Idempotent.
+
+        Raises:
+            StorageError: a write or fsync failed; nothing stays (the file securely deleted, the hold and lock file
+                gone); ``store_certificate`` then writes the file itself, as for a key never staged.
+            ValueError: the key is stored already.
+        """
+        with self._lock:
+            if key.uri in self._staged:
+                return
+            if self._view().keys().get(key.uri) is not None:
+                raise ValueError(f"held key {key.uri} is already stored")
+            path = self.backend("soft").key_path(key.uri)
+            dirs: list[Path] = []
+            files = None
+            try:
+                dirs = fsutil.make_dirs(path.parent, self.root)
+                try:
+                    self._locks.create(key.uri)
+                except OSError as e:
+                    raise StorageError(f"cannot create the lock file {self._locks.path(key.uri)} of held key "
+                                       f"{key.uri}: {e.strerror or e}") from e
+                if not self._locks.hold(key.uri, explicit=False):
+                    raise StorageError(f"cannot lock {self._locks.path(key.uri)} to stage held key {key.uri}")
+                files = fsutil.write_new_files([(path, key.encrypted)])
+                st = os.fstat(files.files[0][1])
+                fsutil.sync_new_files(files, [path, *dirs])
+            except BaseException:
+                if files is not None:
+                    files.close()
+                    with contextlib.suppress(OSError, KeystoreError):
+                        fsutil.secure_delete(path, sync_dir=False)
+                self._locks.release(key.uri, explicit=False, everything=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(self._locks.path(key.uri))
+                for d in dirs[::-1]:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
+            files.close()
+            self._staged[key.uri] = (st.st_dev, st.st_ino)
+
+    def staged(self, key: HeldKey) -> bool:
+        """True while ``key``'s file is staged by this object (``stage_held_key``) and not yet stored or
+        discarded."""
+        return key.uri in self._staged
+
+    def discard_held_key(self, key: HeldKey) -> None:
+        """A held key dropped without being stored (superseded, pushed out by a bound, shutdown): a staged file
+        is securely deleted, its hold and lock file go. A key never staged here needs nothing (nothing was
+        written); a key stored meanwhile is left alone (the index names it)."""
+        with self._lock:
+            ident = self._staged.pop(key.uri, None)
+            if ident is None:
+                return
+            if self._view().keys().get(key.uri) is None:
+                path = self.backend("soft").key_path(key.uri)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    st = None
+                try:
+                    if st is not None and (st.st_dev, st.st_ino) == ident:
+                        # Not fsynced after the unlink: a power cut that undoes it leaves overwritten garbage (gc).
+                        fsutil.secure_delete(path, sync_dir=False)
+                finally:  # a failed delete: unheld, the file is an unnamed leftover that gc securely deletes
+                    self._locks.release(key.uri, explicit=False, everything=True)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._locks.path(key.uri))
+            else:
+                self._locks.release(key.uri, explicit=False)
 
     def import_key(self, private_key, *, label: str = "", state: str = "pending") -> str:
         """Store an externally generated private key (server-side keygen, IDevID import) as a software key."""
@@ -1166,6 +1246,7 @@ class Keystore:
             created: list[Path] = []
             key_file: Path | None = None
             key_dirs: list[Path] = []
+            staged = key is not None and self._staged_intact(key_uri)
             try:
                 # The version's files and directory entries are durable before the index names them: each
                 # file fsynced, then each directory that gained an entry (the version directory; creds/<name>
@@ -1186,7 +1267,7 @@ class Keystore:
                 files = fsutil.write_new_files([(vdir / "chain.pem", pem(stored_chain)),
                                                 (vdir / "cert.pem", pem([certificate]))])
                 entries = [vdir / "chain.pem", vdir / "cert.pem", *created]
-                if key is not None:
+                if key is not None and not staged:
                     # A held key's file, created under its final name: no record names it until the index replace
                     # below, which records it active (a crash before: an unnamed, maybe torn keys/*.key, which gc
                     # securely deletes). The name is free unless a failed earlier try of this key could not delete
@@ -1231,6 +1312,9 @@ class Keystore:
                 raise
             if key is not None:
                 self.backend("soft").adopt(key_uri, key.private_key)
+            if staged:  # named by the index now: the staging hold is no longer what keeps gc away
+                del self._staged[key_uri]
+                self._locks.release(key_uri, explicit=False)
             # Replaced. The audit lines are written now and fsynced together with the index's directory (the
             # commit): the two fsyncs have no order between them, so the store waits once for both. The lines say
             # only what is known before that sync; if it fails, a second (durable) line,
@@ -1247,11 +1331,11 @@ class Keystore:
             cleanup = None
             if unsynced is None:
                 cleanup = _Cleanup(name, replaced if claim is not None else None, claim, tuple(drop),
-                                   key_uri if key is not None else None, sweep=True)
+                                   key_uri if key is not None and not staged else None, sweep=True)
             else:
                 if claim is not None:
                     self._locks.release_exclusive(claim)  # gc destroys it once a sync succeeds
-                if key is not None:
+                if key is not None and not staged:
                     self._locks.create(key_uri)
             if cleanup is not None and not defer_cleanup:
                 self._cleanup(cleanup, deferred=False)
@@ -1268,6 +1352,23 @@ class Keystore:
         if audit_error is not None:
             raise audit_error
         return self._credential(rec, (certificate, stored_chain))
+
+    def _staged_intact(self, uri: str) -> bool:
+        """Under the lock: ``uri``'s file was staged by this object and is still the file written then (same
+        device and inode). If not (removed meanwhile, e.g. by a wipe), the staging is forgotten and the store
+        writes the file as for a key never staged."""
+        ident = self._staged.get(uri)
+        if ident is None:
+            return False
+        try:
+            st = os.lstat(self.backend("soft").key_path(uri))
+            if (st.st_dev, st.st_ino) == ident and stat.S_ISREG(st.st_mode):
+                return True
+        except OSError:
+            pass
+        del self._staged[uri]
+        self._locks.release(uri, explicit=False, everything=True)
+        return False
 
     def _audit_with_commit(self, key: HeldKey | None, details: dict, rekeyed: bool) -> StorageError | None:
         """Under the lock, right after ``store_certificate``'s index replace (written with ``sync_dir=False``):
@@ -1642,10 +1743,10 @@ class Keystore:
             key_uris = {k["uri"] for k in (data.get("keys") or {}).values()}
             key_uris |= {c["key_uri"] for c in creds.values()}
             live_locks = {lock_name(u) for u in key_uris}
-            for p in self._locks.files():  # lock files of keys that are gone (nobody can hold those)
+            for p in self._locks.files():  # lock files of keys that are gone, or of a staged held key (held)
                 if p.name not in live_locks:
                     with contextlib.suppress(OSError):
-                        p.unlink()
+                        self._locks.remove_if_free(p)
             keydir = self.root / "keys"
             if keydir.is_dir():
                 for p in keydir.iterdir():
@@ -1654,8 +1755,17 @@ class Keystore:
                             fsutil.secure_delete(p)
                             removed.append(str(p))
                         continue
-                    if f"file:keys/{p.name}" not in key_uris:
-                        fsutil.secure_delete(p)
+                    uri = f"file:keys/{p.name}"
+                    if uri not in key_uris:
+                        # Unnamed: left by a crash before its commit, or a held key staged by a live process
+                        # (stage_held_key), which holds its lock: that one stays.
+                        fd = self._locks.try_exclusive(uri)
+                        if fd is None:
+                            continue
+                        try:
+                            fsutil.secure_delete(p)
+                        finally:
+                            self._locks.remove(uri, fd)
                         removed.append(str(p))
             for p in self.root.glob(".*.tmp"):  # an index write killed before its rename
                 fsutil.secure_delete(p)
