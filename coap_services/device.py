@@ -185,6 +185,7 @@ class DeviceService:
         self._keygen = asyncio.Lock()
         self._store = asyncio.Lock()
         self._cleanup: asyncio.Task | None = None  # the flush after the last /verify answer (see verify)
+        self._staging: asyncio.Task | None = None  # the held key's file written after the last /csr answer (see csr)
         # Software-backend pending keys, held in memory only (Keystore.generate_held_key): uri -> the same dict a
         # pending record has (uri, created, pending_for) plus "held" (the HeldKey). Nothing is written until
         # /verify stores the certificate with its key in one commit.
@@ -333,8 +334,10 @@ class DeviceService:
             log.info("discarded oldest pending key (bound %d)", self.config.max_pending)
 
     def _discard(self, rec: dict) -> None:
+        """Drop a pending key (in a worker thread: a staged held key's file is securely deleted)."""
         if "held" in rec:
-            self._held.pop(rec["uri"], None)  # never written: forgetting it is all there is
+            self._held.pop(rec["uri"], None)
+            self.ks.discard_held_key(rec["held"])  # its staged file, if any (never staged: nothing was written)
         else:
             self.ks.discard_key(rec["uri"])
 
@@ -407,9 +410,27 @@ class DeviceService:
             raise _refuse(SERVICE_UNAVAILABLE, "busy", "a key is being generated; retry shortly", max_age=2)
         async with self._keygen, self._store:
             plan, res = await asyncio.to_thread(self._csr_in_worker, req, peer)
+            if res.key_uri in self._held:
+                # The held key's file is written after the answer, while the CLM talks to the CA: queued on _store
+                # now (its first step runs after the answer is sent), so a /verify that comes early waits for it.
+                self._staging = asyncio.get_running_loop().create_task(self._stage_after_answer(res.key_uri),
+                                                                       name="devagent-csr-stage")
         log.info("CSR for %s (domain %s, %s) issued to %s in %.3f s", res.name, res.domain, plan[0], peer or "-",
                  res.elapsed_s)
         return res
+
+    async def _stage_after_answer(self, uri: str) -> None:
+        async with self._store:
+            for _ in range(FLUSH_YIELDS):  # as _after_answer: let the answer's datagrams go first
+                await asyncio.sleep(0)
+            rec = self._held.get(uri)
+            if rec is None:  # stored or dropped meanwhile
+                return
+            try:
+                await asyncio.to_thread(self.ks.stage_held_key, rec["held"])
+            except Exception as e:  # noqa: BLE001 - e.g. ENOSPC: /verify writes the file in its commit instead
+                log.warning("could not write the held key %s before /verify (%s: %s); /verify writes it with the "
+                            "certificate", uri, type(e).__name__, e)
 
     # ---- verify_certificate ---------------------------------------------------------------------------------
     def _verify_and_store(self, certs, peer) -> VerifyResult:
@@ -488,6 +509,11 @@ class DeviceService:
             ServiceError: 4.09 no pending key, 4.03 rejected (reason = keystore VerificationError reason).
         """
         async with self._store:
+            staging = self._staging
+            if staging is not None and not staging.done():
+                # Came before the staging task after a /csr answer got the lock (it holds it while it runs): the
+                # store writes the key file itself, and the staging need not run after it.
+                staging.cancel()
             pause = gc_pause.begin()  # resumed by the after-answer task (see _GcPause)
             try:
                 res = await asyncio.to_thread(self._verify_and_store, certs, peer)
@@ -535,9 +561,26 @@ class DeviceService:
                 await asyncio.to_thread(self.ks.flush)
 
     async def drain(self) -> None:
-        """Wait until a key generation or store in progress, and the cleanup after a /verify, has finished
-        (clean shutdown)."""
+        """Wait until a key generation or store in progress, the held key's file written after a /csr answer, and
+        the cleanup after a /verify, have finished (clean shutdown)."""
+        task = self._staging
+        if task is not None:
+            await asyncio.wait({task})
         await self.flush()
+
+    async def close(self) -> None:
+        """Shutdown: ``drain``, then drop the held keys (a staged key's file is securely deleted: no /verify
+        will come for it)."""
+        await self.drain()
+        async with self._store:
+            held = list(self._held.values())
+            self._held.clear()
+            for rec in held:
+                try:
+                    await asyncio.to_thread(self.ks.discard_held_key, rec["held"])
+                except Exception as e:  # noqa: BLE001 - gc deletes an unnamed key file once this process is gone
+                    log.error("could not delete the staged file of held key %s: %s: %s", rec["uri"],
+                              type(e).__name__, e)
 
     # ---- status -------------------------------------------------------------------------------------------
     def _status(self) -> dict:

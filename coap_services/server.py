@@ -488,7 +488,7 @@ async def serve_forever(service: DeviceService, layers, *, host: str, port: int,
     try:
         await stop.wait()
         log.info("shutting down")
-        await service.drain()  # let a keystore write in progress complete
+        await service.close()  # let a keystore write in progress complete; drop the held keys
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -182,7 +182,7 @@ async def _serve_shard(fleet_dir: Path, indices: range, ready_file: Path | None,
 
             fsutil.atomic_write(ready_file, f"{len(servers)}\n".encode())
         await stop.wait()
-        await asyncio.gather(*(svc.drain() for svc in services))
+        await asyncio.gather(*(svc.close() for svc in services))
     finally:
         await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
         for ks in stores:
