@@ -2,9 +2,11 @@
 
 ``DeviceService.csr`` is the CSR_generation_request service: a new key pair is generated (never leaving the
 device) and a PKCS#10 CSR signed with it is returned. A software key is held in this service's memory until
-/verify (``Keystore.generate_held_key``: no record, no file, no fsync at /csr) and ``store_certificate(key=...)``
-writes its file in the certificate's commit; a TPM or PKCS#11 key exists in its device the moment it is made, so
-it is named first by a durable pending record (``Keystore.generate_key``). ``DeviceService.verify`` is the
+/verify (``Keystore.generate_held_key``: no record, no file, no fsync before the /csr answer); after the answer,
+while the CLM talks to the CA, a task queued on the store lock writes its file (``Keystore.stage_held_key``: named
+by nothing, kept from ``gc`` by this process's hold), and ``store_certificate(key=...)`` at /verify commits it with
+the certificate without writing it again (if the staging failed, the commit writes it); a TPM or PKCS#11 key exists
+in its device the moment it is made, so it is named first by a durable pending record (``Keystore.generate_key``). ``DeviceService.verify`` is the
 verify_certificate service: the certificate must carry one of our pending keys and pass the keystore's
 verify-before-store against the domain trust anchor; only then is it stored.
 
@@ -28,7 +30,10 @@ Invariants:
 - A TPM or PKCS#11 /csr answers only with a durably recorded key: the CSR is signed while the key's last fsync is
   in flight (``Keystore.generate_key(meanwhile=...)``), and returned after it. A held software key needs no
   durability at /csr: it could not survive the death of this process anyway (the rule above).
-- A held key is dropped only when stored, superseded or pushed out by the bound; a failed /verify keeps it.
+- A held key is dropped only when stored, superseded, pushed out by the bound or at shutdown (``close``): a staged
+  file is then securely deleted (``Keystore.discard_held_key``, in a worker thread); a failed /verify keeps it and
+  its staged file. A /verify that takes the store lock before the staging task cancels it (the store writes the
+  file itself).
 - /verify answers once the new version's commit and its audit line are durable; destroying the superseded key
   and pruning old versions (``Keystore.flush``) runs right after, as the next keystore operation (a crash in
   between is finished by the keystore's ``gc``: the commit lists the key in ``meta.destroying``). ``drain``

@@ -202,7 +202,8 @@ class Credential:
 @dataclasses.dataclass(frozen=True)
 class HeldKey:
     """A software key generated in memory only (``Keystore.generate_held_key``): nothing names it and nothing is
-    written until ``store_certificate(..., key=held)`` writes its encrypted file in the certificate's commit. It
+    written until ``store_certificate(..., key=held)`` writes its encrypted file in the certificate's commit, or
+    ``Keystore.stage_held_key`` writes it earlier (unnamed, held by that Keystore object until the commit). It
     dies with the process that holds it, as a pending key whose owner is gone would be discarded anyway."""
 
     uri: str
@@ -641,7 +642,9 @@ class Keystore:
         """Generate a software key in memory: no record, no file, no fsync, no lock, no audit line yet. Its URI is
         allocated (``file:keys/<id>.key``) and its file is written only by ``store_certificate(..., key=...)``, in
         the certificate's commit batch, which records it ``active`` with the credential in one index write (and
-        writes its ``key-generate`` audit line then). A held key that is never stored leaves no trace.
+        writes its ``key-generate`` audit line then), unless ``stage_held_key`` wrote it before (the commit then
+        leaves it out of its batch). A held key that is never stored leaves no trace (a staged one's file is
+        deleted by ``discard_held_key``, or by ``gc`` once its process is gone).
 
         Software backend only: a TPM handle or a token object exists the moment it is made, so it must be named by
         a durable record first (``generate_key``)."""
@@ -1182,7 +1185,10 @@ class Keystore:
         ``store_certificate``) finishes both. Until then this object keeps the key claimed (no process can use
         it), and every later write of this object, ``gc``, ``delete`` and ``close`` flush first.
 
-        ``key``: a ``HeldKey`` (``generate_held_key``) instead of ``key_uri``: its encrypted file is written under
+        ``key``: a ``HeldKey`` (``generate_held_key``) instead of ``key_uri``. Staged by this object
+        (``stage_held_key``) and its file still the one written: the file is left out of the batch (it is durable
+        already), the commit names it, and the staging hold is released after it; a failed store keeps the staged
+        file. Otherwise its encrypted file is written under
         its final name ``keys/<id>.key`` with the version's files (nothing names it until the index replace, as
         ``fsutil.write_new_files``), its data and ``keys/`` directory fsyncs join the commit's one batch before the
         index replace, and that replace records the key ``active`` with the credential; its lock file is made after the
