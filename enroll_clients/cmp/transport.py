@@ -195,15 +195,11 @@ class HttpTransport(Transport):
                                           "is it a plain HTTP endpoint (http://)?") from None
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e}; attempt {attempt + 1} of "
                                       f"{self.retries + 1}")  # EOF/reset in the middle of TLS: a dropped connection
-                error = e
-                closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
-                kept = getattr(e, "on_kept_connection", False)
+                error, closed_in_handshake, kept = _drop_facts(e)
             except (OSError, http.client.HTTPException) as e:
                 last = TransportError(f"POST {url}: {type(e).__name__}: {e or 'connection failed'}; "
                                       f"attempt {attempt + 1} of {self.retries + 1}")
-                error = e
-                closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
-                kept = getattr(e, "on_kept_connection", False)
+                error, closed_in_handshake, kept = _drop_facts(e)
             else:
                 return self._check(status, reason, ctype, body, url, operation)
             # With no client certificate, a close after the handshake is probed too: a TLS 1.3 server requiring one
@@ -480,6 +476,16 @@ class HttpTransport(Transport):
         if self._conn is not None:
             conn, self._conn = self._conn[1], None
             conn.close()
+
+
+def _drop_facts(e: BaseException) -> tuple[BaseException, bool, bool]:
+    """What ``HttpTransport.exchange`` keeps of a dropped connection's error ``e`` (an ``ssl.SSLError`` that is no
+    alert and not ``not_tls``, or an ``OSError``/``http.client.HTTPException``): ``(error, closed_in_handshake,
+    kept)``. ``error`` is ``e``; ``closed_in_handshake``: it closed early (``tls_probe.closed_early``) in the TLS
+    handshake (``e.in_tls_handshake``, set by ``_post``); ``kept``: it was a kept connection's (``e.on_kept_connection``,
+    set by ``_post``), which is never probed."""
+    closed_in_handshake = tls_probe.closed_early(e) and getattr(e, "in_tls_handshake", False)
+    return e, closed_in_handshake, getattr(e, "on_kept_connection", False)
 
 
 def _in_tls_handshake(conn) -> bool:
