@@ -41,6 +41,19 @@ def lock_name(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 
+def _lock_exclusive_or_close(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting. False: some process holds a lock on the file, and
+    ``fd`` is closed; any other error is raised (``fd`` closed too)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 class KeyLocks:
     """The lock files of one keystore, and the shared locks this object holds (one descriptor per key)."""
 
@@ -73,14 +86,7 @@ class KeyLocks:
         if not self.dir.is_dir():
             fsutil.ensure_dir(self.dir)
         fd = os.open(self.path(uri), _FLAGS | os.O_CREAT, fsutil.FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        return fd
+        return fd if _lock_exclusive_or_close(fd) else None
 
     def remove(self, uri: str, fd: int) -> None:
         """After the key is destroyed: unlink its lock file (still locked, so nobody can take it meanwhile)."""
@@ -101,13 +107,8 @@ class KeyLocks:
             fd = os.open(path, _FLAGS)
         except FileNotFoundError:
             return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
+        if not _lock_exclusive_or_close(fd):
+            return False
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
