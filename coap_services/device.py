@@ -349,6 +349,9 @@ class DeviceService:
     def _public_key(self, rec: dict):
         return rec["held"].public_key if "held" in rec else self.ks.public_key(rec["uri"])
 
+    def _key_type(self, rec: dict) -> str | None:
+        return rec["held"].key_type if "held" in rec else (self.ks.key_record(rec["uri"]) or {}).get("key_type")
+
     def _generate(self, plan, peer) -> CsrResult:
         from cryptography.hazmat.primitives import serialization
 
@@ -477,26 +480,38 @@ class DeviceService:
         if pf.get("subject") and cert.subject.rfc4514_string() != pf["subject"]:
             raise _refuse(FORBIDDEN, "subject-mismatch", f"certificate subject {cert.subject.rfc4514_string()} is "
                           f"not the requested {pf['subject']}")
-        try:
-            anchors = self.ks.trust_anchors(domain)
-            adopt = []
-            if not anchors and pf.get("offered_roots"):
-                adopt = [x509.load_der_x509_certificate(bytes.fromhex(h)) for h in pf["offered_roots"]]
-                anchors = adopt
-            policy = verification_policy("coap-verify", None, self.config.check_validity,
-                             min_rsa_bits=1024 if self.config.allow_weak_keys else 2048)
-            path = validate(cert, chain, anchors, policy, public_key=pub, what="certificate")
+        ca_fps = pf.get("ca_fps")
+
+        def announced_ca(path) -> None:
             # From the root down: the CLM announces its anchors, so the first fingerprint usually matches.
-            if pf.get("ca_fps") and not any(fingerprint(p) in pf["ca_fps"] for p in reversed(path[1:])):
+            if ca_fps and not any(fingerprint(p) in ca_fps for p in reversed(path[1:])):
                 raise _refuse(FORBIDDEN, "unexpected-ca", "the certificate does not chain through the CA "
                               "certificate(s) announced in the CSR request")
-            if adopt:
-                self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
+
+        try:
+            # One validation per /verify, the keystore's: store_certificate runs announced_ca on its verified path
+            # before it locks or writes anything. The device validates the chain itself only to adopt an offered
+            # root (judged before add_trust_anchors), or where its key-size rule is stricter than the store's: an
+            # rsa1024 pending key (made under --allow-weak-keys) once weak keys are no longer allowed. Otherwise the
+            # rules agree: the store accepts RSA-1024 only for an rsa1024 key, which exists only if weak keys were
+            # allowed (and with weak keys allowed but another key type, the store refused an RSA-1024 CA before too).
+            adopt = []
+            if pf.get("offered_roots") and not self.ks.trust_anchors(domain):  # offered only if none at /csr
+                adopt = [x509.load_der_x509_certificate(bytes.fromhex(h)) for h in pf["offered_roots"]]
+            if adopt or (not self.config.allow_weak_keys and self._key_type(rec) == "rsa1024"):
+                policy = verification_policy("coap-verify", None, self.config.check_validity,
+                                             min_rsa_bits=1024 if self.config.allow_weak_keys else 2048)
+                path = validate(cert, chain, adopt or self.ks.trust_anchors(domain), policy, public_key=pub,
+                                what="certificate")
+                announced_ca(path)
+                if adopt:
+                    self.ks.add_trust_anchors(domain, [path[-1]], source=f"coap {peer or 'insecure'} (CSR request)")
             key = {"key": rec["held"]} if "held" in rec else {"key_uri": rec["uri"]}
             cred = self.ks.store_certificate(name, cert, chain, **key, kind=kind, domain=domain,
                                              check_validity=self.config.check_validity, protocol=DELEGATED_PROTOCOL,
                                              server=peer, meta={"via": "clm", "coap_context": self._grant(peer).peer},
-                                             defer_cleanup=True)  # flushed after the answer: see verify
+                                             defer_cleanup=True,  # flushed after the answer: see verify
+                                             path_check=announced_ca)
         except VerificationError as e:
             code = FORBIDDEN if e.reason in FORBIDDEN_REASONS else BAD_REQUEST
             raise _refuse(code, e.reason, str(e)) from None

@@ -30,7 +30,7 @@ import re
 import stat
 import weakref
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from tinydb import Query, TinyDB
 
@@ -1172,6 +1172,7 @@ class Keystore:
         check_validity: bool = True,
         allow_new: bool = True,
         defer_cleanup: bool = False,
+        path_check: Callable[[tuple[x509.Certificate, ...]], None] | None = None,
     ) -> Credential:
         """Verify ``certificate`` against our key and the domain's anchors, then make it the live version.
 
@@ -1184,6 +1185,11 @@ class Keystore:
         ``meta.destroying`` and the pruned versions are unreferenced, so after a crash ``gc`` (or the next
         ``store_certificate``) finishes both. Until then this object keeps the key claimed (no process can use
         it), and every later write of this object, ``gc``, ``delete`` and ``close`` flush first.
+
+        ``path_check``: called with the verified path ``(leaf, intermediates..., anchor)`` right after the
+        validation, before anything is locked or written; whatever it raises propagates and nothing stored
+        changes (the device's /verify passes its check of the CA certificates announced in the CSR request, so
+        that this validation is the only one).
 
         ``key``: a ``HeldKey`` (``generate_held_key``) instead of ``key_uri``. Staged by this object
         (``stage_held_key``) and its file still the one written: the file is left out of the batch (it is durable
@@ -1199,6 +1205,7 @@ class Keystore:
         Raises:
             VerificationError: rejected (nothing written).
             ReadOnlyError: ``name`` is an IDevID.
+            whatever ``path_check`` raises (nothing written).
         """
         check_name(name, "credential name")
         if (key is None) == (key_uri is None):
@@ -1220,6 +1227,8 @@ class Keystore:
             "credential", now, check_validity, eku={purpose} if purpose in EKU_NAMES else frozenset(),
             min_rsa_bits=1024 if krec.get("key_type") == "rsa1024" else 2048)  # rsa1024 exists only if allowed
         path = validate(certificate, chain, anchors, policy, public_key=pub, what=f"certificate for {name}")
+        if path_check is not None:
+            path_check(path)  # before the lock and any write: a refusal here changes nothing stored
         # Store the path the device presents: the chain as received minus anything not on the verified path
         # is dropped, so a peer cannot plant extra certificates.
         stored_chain = tuple(path[1:])

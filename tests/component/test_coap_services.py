@@ -312,3 +312,41 @@ def test_accept_ca_from_clm_refuses_foreign_chain(tmp_path, lab):
             coap_call(dev.uri, "oscore", env.context)(flow)
         assert ei.value.code == "4.03" and ei.value.reason == "untrusted"
         assert env.keystore().trust_anchors(DOMAIN) == []
+
+
+def test_a_certificate_not_through_the_announced_ca_is_refused_and_nothing_stored(lab, device):
+    """The device has its domain anchor; the CSR request announced another CA: a certificate that chains to the
+    anchor but not through the announced CA is refused by the store's path check before anything is written."""
+    other_root = lab.domain("other").root_cert
+    req = codec.CsrRequest(name="picky", subject="CN=picky", ca=(other_root.public_bytes(DER),))
+    csr, *_ = coap_call(*via(device, "oscore"))(lambda d: d.csr(req))
+    before = ks_snapshot(device.env.state)
+    good_chain = p7([lab.issue_from_csr(DOMAIN, csr), lab.domain(DOMAIN).ca_cert])
+    resp = raw_request(device.uri + "/verify", "POST", good_chain, codec.CF_PKCS7_CERTS, method="oscore",
+                       context=device.env.context)
+    assert (resp.code.dotted, _diag(resp)["error"]) == ("4.03", "unexpected-ca")
+    assert "announced in the CSR request" in _diag(resp)["message"]
+    assert ks_snapshot(device.env.state) == before and not device.env.keystore().exists("picky")
+
+
+def test_verify_validates_the_certificate_once(lab, device, monkeypatch):
+    """The common case (the domain has anchors, nothing to adopt): the keystore's validation is the only one."""
+    import keystore.store
+    import keystore.validator
+
+    real = keystore.validator.validate
+    calls = []
+
+    def counting(leaf, *a, **kw):
+        calls.append(kw.get("what"))
+        return real(leaf, *a, **kw)
+
+    monkeypatch.setattr(keystore.validator, "validate", counting)
+    monkeypatch.setattr(keystore.store, "validate", counting)
+    root = lab.domain(DOMAIN).root_cert
+    req = codec.CsrRequest(name="once", subject="CN=once", ca=(root.public_bytes(DER),))  # ca_fps to check
+    csr, *_ = coap_call(*via(device, "oscore"))(lambda d: d.csr(req))
+    answer, _, _ = coap_call(*via(device, "oscore"))(
+        lambda d: d.verify(p7([lab.issue_from_csr(DOMAIN, csr), lab.domain(DOMAIN).ca_cert]), codec.CF_PKCS7_CERTS))
+    assert answer["stored"] == "once"
+    assert calls == ["certificate for once"]

@@ -273,3 +273,24 @@ def test_a_retry_clears_a_key_file_a_failed_try_could_not_delete(ks, lab):
     opened = Keystore.open(ks.root)
     assert opened.private_key(held.uri).private_numbers() == held.private_key.private_numbers()
     assert opened.check() == [] and not [n for n in _key_files(ks.root) if n.endswith(".tmp")]
+
+
+def test_a_path_check_refusal_changes_nothing_stored_and_sees_the_verified_path(ks, lab):
+    _first_version(ks, lab)
+    held = ks.generate_held_key("p256")
+    _, cert = _issue(ks, lab, held)
+    chain = lab.domain(DOMAIN).chain
+    seen = []
+
+    def wrong_ca(path):
+        seen.append(path)
+        raise PermissionError("not the announced CA")
+
+    before = snapshot(ks.root)
+    with pytest.raises(PermissionError, match="not the announced CA"):
+        ks.store_certificate("dev", cert, chain, key=held, domain=DOMAIN, path_check=wrong_ca)
+    assert snapshot(ks.root) == before and ks.get("dev").version == 1 and ks.key_record(held.uri) is None
+    (path,) = seen
+    assert path[0] == cert and path[-1] in ks.trust_anchors(DOMAIN)
+    cred = ks.store_certificate("dev", cert, chain, key=held, domain=DOMAIN, path_check=seen.append)
+    assert cred.version == 2 and seen[1] == path
