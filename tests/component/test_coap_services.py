@@ -350,3 +350,21 @@ def test_verify_validates_the_certificate_once(lab, device, monkeypatch):
         lambda d: d.verify(p7([lab.issue_from_csr(DOMAIN, csr), lab.domain(DOMAIN).ca_cert]), codec.CF_PKCS7_CERTS))
     assert answer["stored"] == "once"
     assert calls == ["certificate for once"]
+
+
+def test_an_rsa1024_pending_key_is_refused_once_weak_keys_are_off(tmp_path, lab):
+    """The store accepts RSA-1024 for an rsa1024 key; a device whose rule is stricter (weak keys not allowed, e.g.
+    a second service on the keystore) still judges the chain itself: 4.03 weak-key, nothing stored."""
+    import dataclasses
+
+    env = device_env(tmp_path, lab, "weak")
+    with DeviceThread(env, allow_weak_keys=True) as dev:
+        req = codec.CsrRequest(name="weak", subject="CN=weak", key_type="rsa1024")
+        csr, *_ = coap_call(*via(dev, "oscore"))(lambda d: d.csr(req))
+        dev.service.config = dataclasses.replace(dev.service.config, allow_weak_keys=False)
+        before = ks_snapshot(env.state)
+        resp = raw_request(dev.uri + "/verify", "POST", p7([lab.issue_from_csr(DOMAIN, csr),
+                                                            lab.domain(DOMAIN).ca_cert]),
+                           codec.CF_PKCS7_CERTS, method="oscore", context=env.context)
+        assert (resp.code.dotted, _diag(resp)["error"]) == ("4.03", "weak-key")
+        assert ks_snapshot(env.state) == before and not env.keystore().exists("weak")
