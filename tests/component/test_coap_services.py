@@ -314,12 +314,24 @@ def test_accept_ca_from_clm_refuses_foreign_chain(tmp_path, lab):
         assert env.keystore().trust_anchors(DOMAIN) == []
 
 
+def _staged(dev) -> None:
+    """Wait until the held key's file that the last /csr staged after its answer is written (or dropped)."""
+    import asyncio
+
+    async def wait():
+        if dev.service._staging is not None:
+            await asyncio.wait({dev.service._staging})
+
+    dev.call(wait())
+
+
 def test_a_certificate_not_through_the_announced_ca_is_refused_and_nothing_stored(lab, device):
     """The device has its domain anchor; the CSR request announced another CA: a certificate that chains to the
     anchor but not through the announced CA is refused by the store's path check before anything is written."""
     other_root = lab.domain("other").root_cert
     req = codec.CsrRequest(name="picky", subject="CN=picky", ca=(other_root.public_bytes(DER),))
     csr, *_ = coap_call(*via(device, "oscore"))(lambda d: d.csr(req))
+    _staged(device)
     before = ks_snapshot(device.env.state)
     good_chain = p7([lab.issue_from_csr(DOMAIN, csr), lab.domain(DOMAIN).ca_cert])
     resp = raw_request(device.uri + "/verify", "POST", good_chain, codec.CF_PKCS7_CERTS, method="oscore",
@@ -362,6 +374,7 @@ def test_an_rsa1024_pending_key_is_refused_once_weak_keys_are_off(tmp_path, lab)
         req = codec.CsrRequest(name="weak", subject="CN=weak", key_type="rsa1024")
         csr, *_ = coap_call(*via(dev, "oscore"))(lambda d: d.csr(req))
         dev.service.config = dataclasses.replace(dev.service.config, allow_weak_keys=False)
+        _staged(dev)
         before = ks_snapshot(env.state)
         resp = raw_request(dev.uri + "/verify", "POST", p7([lab.issue_from_csr(DOMAIN, csr),
                                                             lab.domain(DOMAIN).ca_cert]),
