@@ -624,13 +624,23 @@ def _entry_dirs(paths) -> dict[str, str]:
     return parents
 
 
-def sync_entries(paths) -> None:
+def sync_entries(paths, files: "NewFiles | None" = None) -> None:
     """Make the directory entries of ``paths`` durable: one fsync per distinct parent directory (the "fsync-dir"
     step of each path, fault-injectable). Use after writing files with ``atomic_write(..., sync_dir=False)``.
 
+    ``files``: files ``write_new_files`` wrote, fsynced in the same batch (the "fsync" step of each, run first) and
+    marked ``synced``; they stay open. For a file made durable on its own before anything names it
+    (``Keystore.stage_held_key``: the key file and ``keys/``).
+
     Raises:
-        StorageError: a directory fsync failed.
+        StorageError: a directory or file fsync failed (the files stay as written: the caller removes them).
     """
+    new = files.files if files is not None else []
+    for fp, _fd in new:
+        try:
+            _fault("fsync", fp)
+        except OSError as e:
+            raise StorageError(f"cannot write {fp}: {e.strerror or e}") from e
     parents = _entry_dirs(paths)
     fds: list[int] = []
     try:
@@ -639,12 +649,16 @@ def sync_entries(paths) -> None:
                 fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
             except OSError as e:
                 raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
-        for d, e in zip(parents.values(), fsync_all(fds), strict=True):  # together: no order among them (see fsync_all)
+        what = [str(fp) for fp, _fd in new] + [f"directory {d}" for d in parents.values()]
+        # together: no order among them (see fsync_all)
+        for w, e in zip(what, fsync_all([fd for _fp, fd in new] + fds), strict=True):
             if e is not None:
-                raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
+                raise StorageError(f"cannot sync {w}: {e.strerror or e}") from e
     finally:
         for fd in fds:
             os.close(fd)
+    if files is not None:
+        files.synced = True
 
 
 def _mkstemp(p) -> tuple[int, str]:
@@ -927,39 +941,6 @@ def write_new_files(items, mode: int = FILE_MODE) -> NewFiles:
                 with contextlib.suppress(StorageError, OSError):
                     secure_delete(p, sync_dir=False)
     return out
-
-
-def sync_new_files(files: NewFiles, entries) -> None:
-    """fsync the files ``write_new_files`` wrote (``files``) and the directories holding ``entries`` (the files'
-    paths and the directories ``make_dirs`` created for them) in one batch (``fsync_all``): for a file made
-    durable on its own, before anything names it (``Keystore.stage_held_key``). Each step is fault-injectable
-    ("fsync" of each file, "fsync-dir" of each entry). Sets ``files.synced``; the files stay open.
-
-    Raises:
-        StorageError: a step failed (naming the file or directory); the files stay as written (the caller removes
-            them).
-    """
-    for fp, _fd in files.files:
-        try:
-            _fault("fsync", fp)
-        except OSError as e:
-            raise StorageError(f"cannot write {fp}: {e.strerror or e}") from e
-    parents = list(_entry_dirs(entries).values())
-    dfds: list[int] = []
-    try:
-        for d in parents:
-            try:
-                dfds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC))
-            except OSError as e:
-                raise StorageError(f"cannot sync directory {d}: {e.strerror or e}") from e
-        what = [str(fp) for fp, _fd in files.files] + [f"directory {d}" for d in parents]
-        for w, e in zip(what, fsync_all([fd for _fp, fd in files.files] + dfds), strict=True):
-            if e is not None:
-                raise StorageError(f"cannot sync {w}: {e.strerror or e}") from e
-    finally:
-        for fd in dfds:
-            os.close(fd)
-    files.synced = True
 
 
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:

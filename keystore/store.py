@@ -689,7 +689,7 @@ class Keystore:
                     raise StorageError(f"cannot lock {self._locks.path(key.uri)} to stage held key {key.uri}")
                 files = fsutil.write_new_files([(path, key.encrypted)])
                 st = os.fstat(files.files[0][1])
-                fsutil.sync_new_files(files, [path, *dirs])
+                fsutil.sync_entries([path, *dirs], files)
             except BaseException:
                 if files is not None:
                     files.close()
