@@ -111,6 +111,14 @@ def _seen_before(der: bytes) -> x509.Certificate | None:
         return hit
 
 
+def forget_checked() -> None:
+    """Empty the cache of checked certificates, so the next load of each certificate parses and checks it as a new
+    process would (the keystore benchmark's load rounds: at 10 credentials every certificate would stay cached, at
+    1,000 almost none would, and the two figures would not measure the same work)."""
+    with _seen_lock:
+        _seen.clear()
+
+
 def _checked(cert: x509.Certificate, der: bytes, source: str) -> x509.Certificate:
     """``cert`` (parsed from ``der``) checked, or the certificate with the same DER checked before."""
     hit = _seen_before(der)
