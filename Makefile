@@ -14,6 +14,7 @@ APT_PACKAGES := openssl curl iproute2 util-linux python3-venv \
 
 APT_STAMP := $(VENV)/.apt-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
+EXTRAS := test,tpm,pkcs11,dtls,mpy,postgres,opcua
 
 .PHONY: all deps apt venv test test-fast soak lint fuzz bench bench-ci demo clean help
 
@@ -47,7 +48,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 $(DEPS_STAMP): setup.cfg pyproject.toml $(APT_STAMP) | $(PY)
-	$(PIP) install -q -e ".[test,tpm,pkcs11,dtls,mpy,postgres,opcua]"
+	$(PIP) install -q -e ".[$(EXTRAS)]" --config-settings editable_mode=compat 2>/dev/null || $(PIP) install -q -e ".[$(EXTRAS)]"
 	@touch $@
 
 venv: $(DEPS_STAMP)
