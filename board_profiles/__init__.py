@@ -17,7 +17,7 @@ import os
 import platform as _platform
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PROFILE_DIR = Path(__file__).resolve().parent
 PLATFORMS = ("linux", "micropython")
@@ -200,6 +200,47 @@ def load_all(directory: str | os.PathLike = PROFILE_DIR) -> list[BoardProfile]:
     return [load(n, directory) for n in names(directory)]
 
 
+class MatchEntry(NamedTuple):
+    """What ``detect`` ranks a profile by: its [profile] platform, match_model, tpm (None: no condition) and machine."""
+
+    name: str
+    platform: str
+    match_model: tuple[str, ...] = ()
+    tpm: bool | None = None
+    machine: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, p: BoardProfile) -> "MatchEntry":
+        return cls(p.name, p.platform, p.match_model, p.get("profile", "tpm"), tuple(p.get("profile", "machine", ())))
+
+
+# The shipped profiles' match keys, in file-name order, so that detection (on every command that loads the
+# configuration) parses and validates only the profile it picks instead of all ten files (~3 ms of a command's
+# start-up). tests/unit/test_profiles.py checks this against the files: a profile added, removed or with changed
+# [profile] keys needs its entry here.
+MATCH_INDEX: tuple[MatchEntry, ...] = (
+    MatchEntry("cm4", "linux", ("Raspberry Pi Compute Module 4",), tpm=False),
+    MatchEntry("cm4-tpm", "linux", ("Raspberry Pi Compute Module 4",), tpm=True),
+    MatchEntry("esp32", "micropython"),
+    MatchEntry("generic-arm64", "linux", machine=("aarch64", "arm64")),
+    MatchEntry("generic-x86_64", "linux", machine=("x86_64", "amd64")),
+    MatchEntry("picow", "micropython"),
+    MatchEntry("rpi3b", "linux", ("Raspberry Pi 3 Model B",)),
+    MatchEntry("rpi4b", "linux", ("Raspberry Pi 4 Model B",)),
+    MatchEntry("rpi5", "linux", ("Raspberry Pi 5",)),
+    MatchEntry("rpizero2w", "linux", ("Raspberry Pi Zero 2 W",)),
+)
+
+
+def match_index(directory: str | os.PathLike = PROFILE_DIR) -> tuple[MatchEntry, ...]:
+    """The match keys of every profile in ``directory``, in name order: ``MATCH_INDEX`` for the shipped directory
+    while it holds exactly the indexed files; otherwise (another directory, a profile file added or removed) read
+    from the files, each loaded and validated."""
+    if Path(directory) == PROFILE_DIR and names(directory) == [e.name for e in MATCH_INDEX]:
+        return MATCH_INDEX
+    return tuple(MatchEntry.of(p) for p in load_all(directory))
+
+
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """What ``detect`` found: the profile, the evidence, and notes for the operator."""
@@ -231,37 +272,36 @@ def detect(root: str | os.PathLike = "/", machine: str | None = None,
 
     Match order: a Linux profile whose ``match_model`` prefix matches the device-tree model, preferring the one
     whose ``tpm`` condition holds over one without a condition (longest prefix first); otherwise the generic
-    profile for the CPU architecture (``machine``, default ``platform.machine()``).
+    profile for the CPU architecture (``machine``, default ``platform.machine()``). The candidates' match keys come
+    from ``match_index``; only the profile picked is read and validated.
 
     Raises:
-        BoardProfileError: nothing fits (e.g. an unknown architecture without a device tree).
+        BoardProfileError: nothing fits (e.g. an unknown architecture without a device tree), or the picked
+            profile is invalid.
     """
     model = read_model(root)
     tpm = (Path(root) / TPM_DEVICE).exists()
     machine = machine or _platform.machine()
-    profiles = [p for p in load_all(directory) if p.platform == "linux"]
+    entries = [e for e in match_index(directory) if e.platform == "linux"]
     notes = []
-    best, best_rank = None, None
+    pick, best_rank = None, None
     if model:
-        for p in profiles:
-            cond = p.get("profile", "tpm")
-            if cond is not None and cond != tpm:
+        for e in entries:
+            if e.tpm is not None and e.tpm != tpm:
                 continue
-            for prefix in p.match_model:
+            for prefix in e.match_model:
                 if model.startswith(prefix):
-                    rank = (len(prefix), cond is not None)
+                    rank = (len(prefix), e.tpm is not None)
                     if best_rank is None or rank > best_rank:
-                        best, best_rank = p, rank
-    if best is None:
-        for p in profiles:
-            if machine in p.get("profile", "machine", ()):
-                best = p
-                break
-        if best is None:
+                        pick, best_rank = e, rank
+    if pick is None:
+        pick = next((e for e in entries if machine in e.machine), None)
+        if pick is None:
             raise BoardProfileError(f"no board profile fits model {model!r}, machine {machine!r}; choose one with "
                                     "--profile (see 'devagent profile list')")
         if model:
-            notes.append(f"device-tree model {model!r} has no profile of its own; using {best.name}")
+            notes.append(f"device-tree model {model!r} has no profile of its own; using {pick.name}")
+    best = load(pick.name, directory)
     if tpm and best.get("key", "backend") != "tpm":
         notes.append(f"a TPM is present ({'/' + TPM_DEVICE}) but profile {best.name} uses "
                      f"{best.get('key', 'backend')} keys; set key.backend = \"tpm\" to use it")

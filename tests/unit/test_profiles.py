@@ -30,6 +30,36 @@ def test_all_shipped_profiles_validate():
     assert profs["picow"].get("coap", "max_retransmit") > 4
 
 
+def test_match_index_is_what_the_files_say():
+    """detect() ranks the shipped profiles by MATCH_INDEX without reading them: it must hold every shipped file's
+    [profile] match keys (edit it with the files)."""
+    assert bp.MATCH_INDEX == tuple(bp.MatchEntry.of(p) for p in bp.load_all())
+    assert bp.match_index() is bp.MATCH_INDEX
+
+
+def test_detect_reads_only_the_profile_it_picks(tmp_path, monkeypatch):
+    read = []
+    real = bp.load_file
+    monkeypatch.setattr(bp, "load_file", lambda path: read.append(path) or real(path))
+    assert bp.detect(tmp_path, machine="x86_64").profile.name == "generic-x86_64"
+    assert [p.name for p in read] == ["generic-x86_64.toml"]
+
+
+def test_detect_in_another_directory_reads_its_files(tmp_path):
+    """A directory other than the shipped one (or the shipped one with a file added) is ranked from its files."""
+    d = tmp_path / "profiles"
+    d.mkdir()
+    for name in ("generic-x86_64", "rpi4b"):
+        shutil.copy(bp.PROFILE_DIR / f"{name}.toml", d)
+    text = (d / "rpi4b.toml").read_text().replace('match_model = ["Raspberry Pi 4 Model B"]',
+                                                  'match_model = ["Pine64 RockPro64"]')
+    (d / "rpi4b.toml").write_text(text)
+    (tmp_path / "root").mkdir()
+    board = fake_board(tmp_path / "root", "Pine64 RockPro64 v2.1")
+    assert bp.detect(board, machine="aarch64", directory=d).profile.name == "rpi4b"
+    assert [e.name for e in bp.match_index(d)] == ["generic-x86_64", "rpi4b"]
+
+
 def fake_board(root, model: str | None, tpm: bool = False):
     """Fake the board (not the code): the files detect() reads."""
     if model is not None:
