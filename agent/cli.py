@@ -50,6 +50,8 @@ LAZY_HELP = {
 
 @dataclasses.dataclass
 class App:
+    """The global options of one ``devagent`` invocation; the configuration is loaded when a command first needs it."""
+
     state_dir_option: Path | None = None  # --state-dir as given (None: not given); see ``state_dir``
     json: bool = False
     verbose: bool = False

@@ -113,6 +113,8 @@ from agent.inventory import (  # noqa: E402, F401
 # ---- upstream -------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class UpstreamResult:
+    """A certificate an upstream CA issued for a device's CSR, with its chain."""
+
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
 
@@ -415,6 +417,8 @@ def _chain_pem(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> byt
 
 @dataclasses.dataclass
 class _InFlight:
+    """A renewal a worker is running: its task, lease token and deadline, and which phase it is in."""
+
     task: asyncio.Task
     token: int
     deadline: float  # loop.time() by which the lease must have been confirmed again

@@ -33,6 +33,8 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Key:
+    """One setting of ``KEYS``: dotted name, type, default, help text, bounds and allowed values."""
+
     name: str
     type: type
     default: Any
@@ -116,6 +118,8 @@ class DeployTarget:
 
 @dataclasses.dataclass(frozen=True)
 class CredentialPolicy:
+    """``[credential.<name>]``: per-credential overrides (None: the global setting), deploy targets and hooks."""
+
     name: str
     enabled: bool = True
     rekey: bool | None = None  # None: renewal.rekey
@@ -126,6 +130,8 @@ class CredentialPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class KeyConfig:
+    """``[key]``: where new keys are generated (backend, TPM/PKCS#11 settings) and their algorithm."""
+
     backend: str
     tcti: str
     algorithm: str
@@ -139,6 +145,8 @@ class KeyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CoapConfig:
+    """``[coap]``: the device service's bind address, security and RFC 7252 transmission parameters."""
+
     bind: str
     security: str
     ack_timeout_s: float
@@ -148,6 +156,8 @@ class CoapConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RenewalConfig:
+    """``[renewal]``: when and how credentials are renewed (fraction of life, jitter, retry back-off, rekey)."""
+
     fraction: float
     jitter: float
     retry_base_s: float
@@ -161,6 +171,8 @@ class RenewalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The agent's whole configuration: board profile defaults, the config file and the environment, checked."""
+
     profile: str
     keystore_path: Path
     serial_port: str

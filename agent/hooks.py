@@ -60,6 +60,8 @@ class DeployError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class FileOut:
+    """One file a deploy target writes: path, content, mode and its role in the target."""
+
     path: Path
     data: bytes
     mode: int

@@ -91,6 +91,8 @@ class DeviceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CsrResult:
+    """A CSR made on the device for a delegated enrollment, with its pending key."""
+
     csr_der: bytes
     key_uri: str
     name: str
@@ -100,6 +102,8 @@ class CsrResult:
 
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
+    """A certificate verified and stored on the device: credential, version, expiry."""
+
     name: str
     version: int
     not_after: datetime.datetime

@@ -320,6 +320,8 @@ class _WellKnownCore(resource.WKCResource):
 
 @dataclasses.dataclass
 class DeviceApp:
+    """The device's CoAP application: its service, security layers and limits."""
+
     service: DeviceService
     layers: list[ServerSecurity]
     insecure: bool = False

@@ -100,6 +100,8 @@ class CertRequest:
 
 @dataclasses.dataclass(frozen=True)
 class EnrollResult:
+    """What an enrollment returned: certificate, chain, CA certificates and what the server said."""
+
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
     ca_certs: tuple[x509.Certificate, ...] = ()
@@ -110,6 +112,8 @@ class EnrollResult:
 
 @dataclasses.dataclass(frozen=True)
 class CaCertsResult:
+    """The CA certificates a server returned, with root CA key update links when there are any."""
+
     ca_certs: tuple[x509.Certificate, ...]
     # Root CA key update (CMP rootCaCert genp, or derived from EST /cacerts): verified links.
     new_root: x509.Certificate | None = None

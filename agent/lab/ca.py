@@ -84,6 +84,8 @@ def _ku(digital_signature=False, content_commitment=False, key_encipherment=Fals
 
 @dataclasses.dataclass
 class LabDomain:
+    """One domain of the lab CA: root and issuing CA certificates and keys (and rollover links)."""
+
     name: str
     root_cert: x509.Certificate
     root_key: object

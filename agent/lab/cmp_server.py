@@ -61,6 +61,8 @@ class Refusal(Exception):
 
 @dataclasses.dataclass
 class _Pending:
+    """An issued certificate waiting for the client's certConf."""
+
     cert: x509.Certificate
     cert_req_id: int
 

@@ -75,6 +75,8 @@ EMPTY_CERTS_ONLY_DER = bytes.fromhex(  # SignedData v1, no digestAlgorithms, no 
 
 @dataclasses.dataclass
 class EstServerConfig:
+    """Settings of the lab EST server: domain, users, pending rounds, csrattrs."""
+
     domain: str
     users: dict = dataclasses.field(default_factory=dict)  # username -> password (str or bytes)
     one_time: set = dataclasses.field(default_factory=set)  # usernames whose password works once

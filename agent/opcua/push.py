@@ -74,6 +74,8 @@ def slots_for(name: str, rsa_key_type: str = "rsa2048") -> tuple[CertSlot, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class PushConfig:
+    """Settings of the OPC UA Part 12 push server: application, domain, credential name and key."""
+
     application_uri: str
     domain: str
     name: str = "opcua"
@@ -109,6 +111,8 @@ class Caller:
 
 @dataclasses.dataclass
 class Staged:
+    """A certificate written by UpdateCertificate, applied at ApplyChanges."""
+
     slot: CertSlot
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
@@ -117,6 +121,8 @@ class Staged:
 
 @dataclasses.dataclass
 class Transaction:
+    """The changes one session has staged since its last ApplyChanges."""
+
     session: str
     who: str
     started: float
@@ -126,6 +132,8 @@ class Transaction:
 
 @dataclasses.dataclass
 class OpenFile:
+    """A TrustList file opened through the FileType methods."""
+
     session: str
     mode: int
     data: bytearray

@@ -44,6 +44,8 @@ def thumbprint(der: bytes) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TrustList:
+    """An OPC UA TrustList (Part 12): trusted and issuer certificates and CRLs, as DER."""
+
     trusted_certificates: tuple[bytes, ...] = ()
     trusted_crls: tuple[bytes, ...] = ()
     issuer_certificates: tuple[bytes, ...] = ()

@@ -270,6 +270,8 @@ def encode_message(pr: Protector, body_type: str, body_value, *, pvno: int = PVN
 # --- responses ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Response:
+    """A decoded CMP response: message, body type and body, and how its protection was checked."""
+
     msg: object  # pyasn1 PKIMessage
     body_type: str
     body: object

@@ -27,6 +27,8 @@ class TemplateMismatchError(EnrollError):
 
 @dataclasses.dataclass(frozen=True)
 class Template:
+    """A certificate request template (CRMF CertTemplate from a genp or a profile): what the CA asks for."""
+
     subject: tuple[tuple[str, str | None], ...] | None  # (oid, value or None = to be filled by us)
     extensions: tuple[tuple[str, bool, bytes | None], ...]  # (oid, critical, DER value or None = fill)
     key_alg: tuple[str, bytes | None] | None  # (algorithm oid, DER parameters)

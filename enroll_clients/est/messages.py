@@ -387,6 +387,8 @@ def verified_chain(cert: x509.Certificate, pool: Iterable[x509.Certificate], anc
 
 @dataclasses.dataclass(frozen=True)
 class RolloverLinks:
+    """Root CA key update certificates found in an EST /cacerts answer."""
+
     new_root: x509.Certificate | None = None
     new_with_old: x509.Certificate | None = None
     old_with_new: x509.Certificate | None = None
@@ -433,6 +435,8 @@ def decode_csr(body: bytes) -> x509.CertificateSigningRequest:
 # ---- /serverkeygen multipart/mixed (RFC 7030 §4.4.2) -----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ServerKeygenResponse:
+    """A decoded /serverkeygen answer: the private key and its certificates."""
+
     private_key: Any
     certificates: tuple[x509.Certificate, ...]
     key_der: bytes = dataclasses.field(repr=False, default=b"")

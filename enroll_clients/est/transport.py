@@ -53,6 +53,8 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class HttpResponse:
+    """One HTTP response of the EST transport: status, headers, body and the server's certificate."""
+
     status: int
     reason: str
     headers: dict  # lower-case names
