@@ -11,7 +11,8 @@ Figures only, no pass/fail on time. Run::
   also contains the parent side of spawning the openssl carrier (vfork/exec, a few hundred µs).
   ``extra_info["client_cpu_ms"]`` holds the per-run samples.
 - ``test_import_cost``: fresh interpreters importing the package (must stay cheap), our ASN.1 layer
-  (pyasn1-modules rfc4210 + local RFC 9480/9481 additions), and for comparison pyasn1-alt-modules' rfc9480.
+  (own pyasn1 types, enroll_clients/cmp/asn1.py), and for comparison pyasn1-modules' rfc4210 (used until session
+  17) and pyasn1-alt-modules' rfc9480.
 - ``test_enroll_wall_vs_openssl``: the same MAC-protected ir + certConf against the same HTTP mock server (in
   a network namespace), ``openssl cmp -keep_alive 0`` vs a fresh ``python`` process running our client
   (cold: interpreter start + imports + enroll) and vs our client warm in-process; ratios in extra_info.
@@ -85,7 +86,7 @@ IMPORTS = {
         "import enroll_clients.cmp as c; from enroll_clients.base import EnrollOptions; "
         "c.client_from_options(EnrollOptions(server='http://127.0.0.1:1/'))",
     "asn1 layer (enroll_clients.cmp.messages)": "import enroll_clients.cmp.messages",
-    "pyasn1_modules.rfc4210": "from pyasn1_modules import rfc4210",
+    "pyasn1_modules.rfc4210 (the types used until session 17)": "from pyasn1_modules import rfc4210",
     "pyasn1_alt_modules.rfc9480 (not used)": "from pyasn1_alt_modules import rfc9480",
     "http.client (the CMP HTTP transport, first HTTP request)": "import http.client",
     "httpx (EST's transport; CMP's until session 5)": "import httpx",

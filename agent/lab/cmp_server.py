@@ -402,7 +402,7 @@ def _load_san(value: bytes):
     import ipaddress
 
     try:
-        names = A.der_decode(value, A.rfc2459.SubjectAltName())
+        names = A.der_decode(value, A.GeneralNames())
     except ValueError:
         raise Refusal("badCertTemplate", "malformed subjectAltName") from None
     out = []
