@@ -697,6 +697,10 @@ def run(ctx, upstream, domain, profile, lifetime, trust_files, server_ca, tls_tr
                         password, reference, secret, implicit_confirm, recipient, mac_alg, tls_trust_files)
     identity = _opcua_identity(ctx, opcua_credential)  # both credentials checked before any device is leased
     inv = _inventory(ctx)
+    if not once:
+        from agent.cli import long_lived
+
+        long_lived()
 
     async def main():
         stop = asyncio.Event()

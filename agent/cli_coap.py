@@ -124,6 +124,9 @@ def serve(ctx, bind, port, security_dir, no_oscore, no_dtls, insecure, device_id
             await serve_forever(DeviceService(ks, cfg, grants=grants), layers, host=bind, port=port,
                                 insecure=insecure, ready=ready)
 
+        from agent.cli import long_lived
+
+        long_lived()
         try:
             _run(main())
         except OSError as e:

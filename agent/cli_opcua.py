@@ -130,6 +130,9 @@ def serve(ctx, bind, port, url_path, application_uri, domain, cred_name, hostnam
         finally:
             await srv.stop()
 
+    from agent.cli import long_lived
+
+    long_lived()
     with app.keystore() as ks:  # closed however the start (a busy port, a key backend failing) or the service ends
         try:
             asyncio.run(main())

@@ -13,6 +13,7 @@ import logging
 import click
 
 import board_profiles
+from agent.cli import long_lived
 
 log = logging.getLogger("devagent.ops")
 
@@ -65,6 +66,8 @@ def run(app, once, sets):
     cfg = _config(app, _parse_sets(sets))
     if not app.verbose:
         logging.getLogger("devagent").setLevel(cfg.log_level.upper())
+    if not once:
+        long_lived()
     with app.keystore() as ks:
         code = asyncio.run(Daemon(ks, cfg).run(once=once))
     raise SystemExit(code)
