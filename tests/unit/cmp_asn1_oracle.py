@@ -7,9 +7,10 @@ names its parts the same with both. Nothing outside that test imports this modul
 """
 from __future__ import annotations
 
-from pyasn1.codec.der import decoder as _der_decoder
-from pyasn1.codec.der import encoder as _der_encoder
-from pyasn1.type import char, constraint, namedtype, namedval, tag, univ, useful
+from pyasn1.type import char, constraint, namedtype, namedval, tag, univ
+
+# The codec is the product's: what this module stands for is the types.
+from enroll_clients.cmp.asn1 import der_decode, der_encode  # noqa: F401
 
 
 def _short_repr(self):
@@ -69,38 +70,6 @@ class _NamedTypes(namedtype.NamedTypes):
 
 def _ctx(n: int, constructed: bool = True) -> tag.Tag:
     return tag.Tag(tag.tagClassContext, tag.tagFormatConstructed if constructed else tag.tagFormatSimple, n)
-
-
-# --- OIDs -------------------------------------------------------------------------------------------
-id_PasswordBasedMac = univ.ObjectIdentifier("1.2.840.113533.7.66.13")
-id_PBMAC1 = univ.ObjectIdentifier("1.2.840.113549.1.5.14")
-id_PBKDF2 = univ.ObjectIdentifier("1.2.840.113549.1.5.12")
-id_hmacWithSHA1 = univ.ObjectIdentifier("1.2.840.113549.2.7")
-id_hmacWithSHA224 = univ.ObjectIdentifier("1.2.840.113549.2.8")
-id_hmacWithSHA256 = univ.ObjectIdentifier("1.2.840.113549.2.9")
-id_hmacWithSHA384 = univ.ObjectIdentifier("1.2.840.113549.2.10")
-id_hmacWithSHA512 = univ.ObjectIdentifier("1.2.840.113549.2.11")
-id_hmac_sha1 = univ.ObjectIdentifier("1.3.6.1.5.5.8.1.2")  # RFC 2104 / OpenSSL's default PBM MAC
-id_sha1 = univ.ObjectIdentifier("1.3.14.3.2.26")
-id_sha224 = univ.ObjectIdentifier("2.16.840.1.101.3.4.2.4")
-id_sha256 = univ.ObjectIdentifier("2.16.840.1.101.3.4.2.1")
-id_sha384 = univ.ObjectIdentifier("2.16.840.1.101.3.4.2.2")
-id_sha512 = univ.ObjectIdentifier("2.16.840.1.101.3.4.2.3")
-
-id_it = "1.3.6.1.5.5.7.4."
-id_it_caKeyUpdateInfo = univ.ObjectIdentifier(id_it + "5")
-id_it_implicitConfirm = univ.ObjectIdentifier(id_it + "13")
-id_it_confirmWaitTime = univ.ObjectIdentifier(id_it + "14")
-id_it_caCerts = univ.ObjectIdentifier(id_it + "17")
-id_it_rootCaKeyUpdate = univ.ObjectIdentifier(id_it + "18")
-id_it_certReqTemplate = univ.ObjectIdentifier(id_it + "19")
-id_it_rootCaCert = univ.ObjectIdentifier(id_it + "20")
-id_it_certProfile = univ.ObjectIdentifier(id_it + "21")
-
-id_regCtrl_oldCertID = rfc2511.id_regCtrl_oldCertID
-id_regCtrl_algId = univ.ObjectIdentifier("1.3.6.1.5.5.7.5.1.11")  # RFC 9480 section 2.14
-id_regCtrl_rsaKeyLen = univ.ObjectIdentifier("1.3.6.1.5.5.7.5.1.12")
-id_ce_cRLReasons = univ.ObjectIdentifier("2.5.29.21")
 
 
 # --- Fixed / added types --------------------------------------------------------------------------
@@ -230,33 +199,3 @@ class ReasonFlags(univ.Enumerated):  # CRLReason, for rr crlEntryDetails
         ("superseded", 4), ("cessationOfOperation", 5), ("certificateHold", 6), ("removeFromCRL", 8),
         ("privilegeWithdrawn", 9), ("aACompromise", 10))
 
-
-GeneralizedTime = useful.GeneralizedTime
-OctetString = univ.OctetString
-Integer = univ.Integer
-BitString = univ.BitString
-Null = univ.Null
-Any = univ.Any
-ObjectIdentifier = univ.ObjectIdentifier
-UTF8String = char.UTF8String
-
-
-# --- Codec ------------------------------------------------------------------------------------------
-def der_encode(value) -> bytes:
-    return _der_encoder.encode(value)
-
-
-def der_decode(data: bytes, spec):
-    """Decode DER ``data`` against ``spec``; raises ValueError (with pyasn1's reason) on any problem."""
-    try:
-        value, rest = _der_decoder.decode(data, asn1Spec=spec)
-    except Exception as e:  # pyasn1 raises PyAsn1Error and, on some garbage, IndexError/TypeError
-        raise ValueError(f"not a valid DER {type(spec).__name__}: {e}") from None
-    if rest:
-        raise ValueError(f"{len(rest)} trailing byte(s) after the {type(spec).__name__}")
-    return value
-
-
-def from_crypto(der: bytes, spec):
-    """A pyasn1 value from the DER of a ``cryptography`` object (certificate, name, SPKI, CSR)."""
-    return der_decode(der, spec)
