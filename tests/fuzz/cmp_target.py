@@ -263,10 +263,11 @@ def _csr(key, subject):
     return build_csr(key, subject, [])
 
 
-def cmp_client(data: bytes) -> None:
+def cmp_client(data: bytes, observe=None) -> None:
     """One client operation (``OPS[data[0] & 63]``, in context ``data[0] >> 6``) against a server that answers
     with the framed responses in ``data``, re-bound and re-protected. Property: a certificate returned is for
-    the key we asked for."""
+    the key we asked for. ``observe(request, answer)``, if given, sees each exchange (tests/unit/test_cmp_asn1.py
+    collects the client's requests with it)."""
     from enroll_clients.base import CertRequest, ClientAuth
     from enroll_clients.cmp.client import CmpClient
     from enroll_clients.cmp.transport import CallableTransport
@@ -282,7 +283,10 @@ def cmp_client(data: bytes) -> None:
     def server(request: bytes) -> bytes:
         n = state["i"]
         state["i"] += 1
-        return _reprotect(ctx, responses[n], request, n) if n < len(responses) else b""
+        answer = _reprotect(ctx, responses[n], request, n) if n < len(responses) else b""
+        if observe is not None:
+            observe(request, answer)
+        return answer
 
     async def nosleep(_s):
         return None

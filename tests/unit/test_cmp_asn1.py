@@ -77,36 +77,22 @@ def _responses() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def messages(monkeypatch_module) -> dict[str, bytes]:
+def messages() -> dict[str, bytes]:
     """The recorded responses, plus each request the client sends (and the re-protected response it gets) while
-    every cmp_client seed replays. The spy on ``_reprotect`` records its arguments and calls it unchanged."""
+    every cmp_client seed replays (``cmp_target.cmp_client``'s ``observe``)."""
     out = _responses()
-    seen: list[tuple[str, bytes]] = []
-    real = cmp_target._reprotect
-
-    def spy(ctx, rsp, request, index):
-        answer = real(ctx, rsp, request, index)
-        seen.append(("request", request))
-        seen.append(("reprotected", answer))
-        return answer
-
-    monkeypatch_module.setattr(cmp_target, "_reprotect", spy)
     for f in sorted((CORPUS / "cmp_client").iterdir()):
-        del seen[:]
+        seen: list[tuple[bytes, bytes]] = []
         try:
-            cmp_target.cmp_client(f.read_bytes())
+            cmp_target.cmp_client(f.read_bytes(), observe=lambda req, ans, seen=seen: seen.append((req, ans)))
         except Exception:  # noqa: BLE001 - some seeds end in an error on purpose; their messages still count
             pass
-        for i, (kind, der) in enumerate(seen):
-            out[f"cmp_client/{f.name} {kind} #{i // 2}"] = der
+        for i, (req, ans) in enumerate(seen):
+            out[f"cmp_client/{f.name} request #{i}"] = req
+            if ans:
+                out[f"cmp_client/{f.name} reprotected #{i}"] = ans
     cmp_target.close()
     return out
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 def test_corpus_is_broad(messages):
