@@ -230,18 +230,26 @@ def cli(ctx, state_dir, as_json, verbose, config_path, board_profile):
     from keystore import owner  # the owner recorded with the pending keys this command makes (no arguments)
 
     owner.COMMAND = f"devagent {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "devagent"
-    from keystore import fsutil
+    if _one_shot_process:  # a command run by ``main``: no AIO context, whose teardown at exit costs ~40 ms (fsutil)
+        from keystore import fsutil
 
-    fsutil.USE_AIO = False  # a one-shot command: no AIO context, whose teardown at exit costs ~40 ms (see fsutil)
+        fsutil.USE_AIO = False
+
+
+# Set by ``main`` (the console script: one command per process); a command invoked in-process (click's CliRunner, an
+# embedding program) leaves the process's fsutil.USE_AIO as it is.
+_one_shot_process = False
 
 
 def long_lived() -> None:
     """Called by the commands that run for long (``serve``, ``run`` without ``--once``, ``clm run``, ``opcua
     serve``): the keystore's concurrent fsyncs go through native AIO again (``keystore.fsutil.USE_AIO``), which
-    saves ~0.2 ms per batch; a one-shot command uses the thread pool, as an AIO context costs ~40 ms at exit."""
-    from keystore import fsutil
+    saves ~0.2 ms per batch; a one-shot command uses the thread pool, as an AIO context costs ~40 ms at exit. Only in a
+    process ``main`` runs (see ``_one_shot_process``)."""
+    if _one_shot_process:
+        from keystore import fsutil
 
-    fsutil.USE_AIO = True
+        fsutil.USE_AIO = True
 
 
 pass_app = click.make_pass_decorator(App)
@@ -1358,6 +1366,8 @@ def main(argv=None):
     import gc
     import threading
 
+    global _one_shot_process
+    _one_shot_process = True
     pause_gc()
     timer = threading.Timer(GC_PAUSE_MAX_S, resume_gc)
     timer.daemon = True

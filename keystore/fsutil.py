@@ -195,7 +195,8 @@ SYNC_THREADS = 6
 # host (a process that only calls io_setup exits in 52 ms instead of 12), against ~0.2 ms saved per batch. So the
 # ``devagent`` CLI sets False for its one-shot commands (``enroll``, ``renew``, ``keystore ...``: one to a few
 # batches each) and back to True for the long-lived ones (``serve``, ``run``, ``clm run``, ``opcua serve``:
-# agent.cli.long_lived); a library user or a test keeps the default. ``aio_fsyncs`` counts the fsyncs submitted
+# agent.cli.long_lived), in a process its console script (agent.cli.main) runs; a library user, a test and a command
+# invoked in-process (click's CliRunner) keep the process's setting. ``aio_fsyncs`` counts the fsyncs submitted
 # through AIO (tests check it is really taken).
 USE_AIO = True
 aio_fsyncs = 0
