@@ -15,9 +15,9 @@ GeneralName). Those are defined below with the names, tags and field names of py
   crlann, nested; EncryptedValue/EncryptedKey, PKIPublicationInfo; x400Address, ediPartyName) are single
   opaque values (``_Opaque``) under their tag. They still decode (a message carrying one is a valid
   PKIMessage) and re-encode byte for byte, so protection over them verifies.
-- **Fixes over pyasn1-modules** (each checked against OpenSSL's messages in tests/interop):
-  ``CertId.issuer`` is a GeneralName (RFC 4211; pyasn1-modules has an OCTET STRING), and so is
-  ``POPOSigningKeyInput``'s ``sender [0]``; ``CertStatus`` has the CMPv3 ``hashAlg [0]`` (RFC 9480 2.10);
+- **Fixes over pyasn1-modules** (all but the second checked against OpenSSL's messages in tests/interop; the client
+  never sends poposkInput and the lab server refuses it): ``CertId.issuer`` is a GeneralName (RFC 4211;
+  pyasn1-modules has an OCTET STRING), and so is ``POPOSigningKeyInput``'s ``sender [0]``; ``CertStatus`` has the CMPv3 ``hashAlg [0]`` (RFC 9480 2.10);
   ``PKIBody`` names ``genp`` correctly (pyasn1-modules: ``gen``); ``ProtectedPart`` names its second field
   ``body`` (pyasn1-modules: ``infoValue``).
 - RFC 9480/9481 additions: the id-it OIDs, ``RootCaKeyUpdateContent``, ``CertReqTemplateContent``,

@@ -122,7 +122,7 @@ def test_mutants_decode_at_least_as_the_oracle(messages):
     """A mutant the oracle decodes decodes here to the same parts. A mutant only we decode must differ from a
     message the oracle decodes only inside an opaque part (a certificate, CSR or unused body), which
     ``cryptography`` or the body-type check refuses later: that is checked by decoding it with the oracle after
-    restoring the original bytes of every opaque part (the result must decode)."""
+    putting a valid certificate, CSR or CRL in place of every opaque one (the result must decode)."""
     pool = list(messages.values())
     both = ours_only = 0
     for n, (where, der) in enumerate(messages.items()):
